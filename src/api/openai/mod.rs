@@ -1,0 +1,1 @@
+//! The OpenAI-compatible API: types, handlers, SSE, tool-call parsing.

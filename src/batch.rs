@@ -1,0 +1,1 @@
+//! `run-batch`: OpenAI batch files through the engine.

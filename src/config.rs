@@ -1,0 +1,1 @@
+//! Environment → typed, validated settings, all at start-up.

@@ -1,0 +1,27 @@
+//! The inference engine: a library with a small surface (`generate`, `embed`, `tokenizer`,
+//! `render_chat`, `info`). The scheduler thread owns the model and the KV cache; this handle only
+//! sends it requests and hands back streams of events.
+
+pub mod block_allocator;
+pub mod detokenize;
+pub mod error;
+pub mod kv_cache;
+pub mod layers;
+pub mod loader;
+pub mod models;
+pub mod prefix_cache;
+pub mod quant;
+pub mod runner;
+pub mod sampling;
+pub mod scheduler;
+pub mod settings;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+pub mod types;
+pub mod validate;
+
+pub use error::EngineError;
+pub use runner::{Engine, GenerationStream, ModelInfo};
+pub use settings::EngineSettings;
+pub use types::*;

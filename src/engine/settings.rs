@@ -1,0 +1,92 @@
+//! Everything the engine needs to start, already parsed and validated (see `crate::config`, which
+//! builds this from the environment). Nothing in the engine reads the environment.
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// float32 on CPU, the checkpoint's dtype on GPU.
+    #[default]
+    Auto,
+    F32,
+    BF16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// `QUANTIZATION`: what the weights are or should become.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Quantization {
+    #[default]
+    None,
+    /// A llama.cpp GGUF file (`GGUF_FILE` picks one in a folder with several).
+    Gguf,
+    /// In-situ quantization at load: `q8_0`, `q4_0`, `q4k`, `q6k`, ...
+    InSitu(String),
+    /// Checkpoints quantized by AWQ / GPTQ (`quantization_config` in config.json).
+    Awq,
+    Gptq,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// A local model folder or a `.gguf` file (hub ids are resolved to folders before this point).
+    pub model_path: PathBuf,
+    /// The name the model answers to (`OPENAI_SERVED_MODEL_NAME_OVERRIDE`, else `MODEL_NAME`).
+    pub served_model_name: String,
+    /// A separate tokenizer folder (`TOKENIZER_NAME`), else the model folder.
+    pub tokenizer_path: Option<PathBuf>,
+    pub gguf_file: Option<String>,
+    pub dtype: DTypeChoice,
+    pub device: DeviceChoice,
+    pub quantization: Quantization,
+    /// `MAX_MODEL_LENGTH`; `None` = the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+    /// KV cache budget in bytes (`KV_CACHE_MEMORY`); `None` = a default derived from the device.
+    pub kv_cache_memory: Option<u64>,
+    /// On GPU: fraction of device memory the engine may use (`GPU_MEMORY_UTILIZATION`).
+    pub gpu_memory_utilization: f32,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// `MAX_NUM_SEQS`: sequences per step.
+    pub max_num_seqs: usize,
+    /// `MAX_NUM_BATCHED_TOKENS`: tokens (prompt chunks + decodes) per step.
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    /// `CUSTOM_CHAT_TEMPLATE`: overrides the model's template.
+    pub custom_chat_template: Option<String>,
+    /// Compute threads on CPU; `None` = what the process may use (cgroup quota).
+    pub threads: Option<usize>,
+}
+
+impl EngineSettings {
+    /// Settings for a local model folder with every other knob at its default.
+    pub fn for_model(path: impl Into<PathBuf>) -> Self {
+        let model_path = path.into();
+        Self {
+            served_model_name: model_path.display().to_string(),
+            model_path,
+            tokenizer_path: None,
+            gguf_file: None,
+            dtype: DTypeChoice::Auto,
+            device: DeviceChoice::Auto,
+            quantization: Quantization::None,
+            max_model_len: None,
+            kv_cache_memory: None,
+            gpu_memory_utilization: 0.9,
+            block_size: 16,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            enable_prefix_caching: true,
+            custom_chat_template: None,
+            threads: None,
+        }
+    }
+}

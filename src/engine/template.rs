@@ -1,0 +1,4 @@
+//! Chat templates rendered with minijinja, compatibly with Hugging Face transformers.
+
+#[derive(Clone)]
+pub struct ChatTemplate {}

@@ -1,0 +1,4 @@
+//! The tokenizer wrapper: encode, decode, special tokens, EOS ids.
+
+#[derive(Clone)]
+pub struct Tokenizer {}

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("worker-candle: not implemented yet");
+    std::process::exit(2);
+}

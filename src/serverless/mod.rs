@@ -1,0 +1,2 @@
+//! The RunPod serverless runtime: the queue protocol, the job loop, the dynamic stream batching and the
+//! local endpoint.
