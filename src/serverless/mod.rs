@@ -3,3 +3,5 @@
 
 pub mod job;
 pub mod stream_batch;
+pub mod protocol;
+pub mod worker;
