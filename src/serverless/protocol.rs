@@ -66,13 +66,12 @@ pub struct QueueUrls {
 
 impl QueueUrls {
     pub fn from_config(cfg: &RunpodConfig, worker_id: &str) -> Result<Self, ProtocolError> {
-        let take = cfg.webhook_get_job.as_ref().ok_or_else(|| {
-            ProtocolError("RUNPOD_WEBHOOK_GET_JOB is not set".into())
-        })?;
+        let take = cfg
+            .webhook_get_job
+            .as_ref()
+            .ok_or_else(|| ProtocolError("RUNPOD_WEBHOOK_GET_JOB is not set".into()))?;
         let done = cfg.webhook_post_output.as_ref().ok_or_else(|| {
-            ProtocolError(
-                "RUNPOD_WEBHOOK_POST_OUTPUT is not set (needed to return results)".into(),
-            )
+            ProtocolError("RUNPOD_WEBHOOK_POST_OUTPUT is not set (needed to return results)".into())
         })?;
         let take = take.replace("$ID", worker_id);
         let stop = take
@@ -245,7 +244,9 @@ impl QueueClient {
                 Err(e) => format!("{what} for job {job_id} failed: {e}"),
             };
             if attempt > self.timings.retries {
-                return Err(ProtocolError(format!("{error} (gave up after {attempt} attempts)")));
+                return Err(ProtocolError(format!(
+                    "{error} (gave up after {attempt} attempts)"
+                )));
             }
             tracing::warn!(job_id, attempt, "{error}; retrying");
             tokio::time::sleep(delays.next().unwrap_or(self.timings.retry_base)).await;
@@ -391,7 +392,10 @@ mod tests {
         };
         let urls = QueueUrls::from_config(&cfg, "w1").unwrap();
         assert_eq!(urls.take, "http://q/v2/job-take/w1?gpu=A100");
-        assert_eq!(urls.stop.as_deref(), Some("http://q/v2/job-stop/w1?gpu=A100"));
+        assert_eq!(
+            urls.stop.as_deref(),
+            Some("http://q/v2/job-stop/w1?gpu=A100")
+        );
         assert_eq!(urls.done, "http://q/v2/job-done/w1/$ID?gpu=A100");
         assert_eq!(urls.ping.as_deref(), Some("http://q/v2/ping/w1?gpu=A100"));
         assert_eq!(with_param("http://a/b", "x", "1"), "http://a/b?x=1");

@@ -94,7 +94,11 @@ impl Worker {
             while let Ok(p) = slots.clone().try_acquire_owned() {
                 permits.push(p);
             }
-            let in_progress = !self.running.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+            let in_progress = !self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
             let taken = tokio::select! {
                 _ = &mut shutdown => break,
                 taken = self.client.take(permits.len(), in_progress) => taken,
@@ -177,7 +181,10 @@ impl Worker {
             }
             running.keys().cloned().collect()
         };
-        tracing::warn!(?stopped, "shutdown deadline passed; reporting unfinished jobs as errors");
+        tracing::warn!(
+            ?stopped,
+            "shutdown deadline passed; reporting unfinished jobs as errors"
+        );
         // Each stopped job now posts its error; the posts have their own timeouts and retries.
         while jobs.join_next().await.is_some() {}
     }
