@@ -3,6 +3,7 @@
 
 pub mod handler;
 pub mod job;
+pub mod local;
 pub mod metrics;
 pub mod openai_bridge;
 pub mod protocol;
