@@ -282,19 +282,12 @@ fn new_job_id() -> String {
 }
 
 /// The RunPod body `{"input": {...}}` (other fields, such as `webhook`, are accepted and ignored).
-fn job_input(body: &Bytes) -> Result<Value, Response> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+fn job_input(body: &Bytes) -> Result<Value, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
     match value.get("input") {
         Some(input) if !input.is_null() => Ok(input.clone()),
-        _ => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "the body must be {\"input\": {...}}",
-        )),
+        _ => Err("the body must be {\"input\": {...}}".to_string()),
     }
 }
 
@@ -339,7 +332,7 @@ async fn authorize(
 async fn run(State(endpoint): State<Arc<LocalEndpoint>>, body: Bytes) -> Response {
     let input = match job_input(&body) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
     };
     let job = endpoint.submit(input, "/run");
     Json(describe(&job, false)).into_response()
@@ -348,7 +341,7 @@ async fn run(State(endpoint): State<Arc<LocalEndpoint>>, body: Bytes) -> Respons
 async fn runsync(State(endpoint): State<Arc<LocalEndpoint>>, body: Bytes) -> Response {
     let input = match job_input(&body) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
     };
     let job = endpoint.submit(input, "/runsync");
     wait_final(&job).await;
