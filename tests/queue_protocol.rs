@@ -5,59 +5,16 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::emulator::{Emulator, Endpoint, Fault};
-use futures::StreamExt;
+use common::scripted::{Handler, Scripted};
 use serde_json::{json, Value};
 use worker_candle::config::Config;
-use worker_candle::serverless::job::{Job, JobError, JobHandler, PieceStream};
 use worker_candle::serverless::protocol::{QueueClient, QueueUrls, Timings};
 use worker_candle::serverless::worker::Worker;
-
-/// Yields `pieces` strings `"p0"`, `"p1"`, ... with `delay_ms` between them; `forever` never ends;
-/// `fail` ends with that error. Counts how many jobs run at once.
-#[derive(Default)]
-struct Scripted {
-    running: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-struct Guard(Arc<Scripted>);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-struct Handler(Arc<Scripted>);
-
-impl JobHandler for Handler {
-    fn handle(&self, job: &Job) -> PieceStream {
-        let input = job.input.clone();
-        let counters = self.0.clone();
-        async_stream::stream! {
-            let now = counters.running.fetch_add(1, Ordering::SeqCst) + 1;
-            counters.peak.fetch_max(now, Ordering::SeqCst);
-            let _guard = Guard(counters.clone());
-            let pieces = input["pieces"].as_u64().unwrap_or(1);
-            let delay = Duration::from_millis(input["delay_ms"].as_u64().unwrap_or(0));
-            for i in 0..pieces {
-                tokio::time::sleep(delay).await;
-                yield Ok(json!(format!("p{i}")));
-            }
-            if input["forever"] == json!(true) {
-                futures::future::pending::<()>().await;
-            }
-            if let Some(message) = input["fail"].as_str() {
-                yield Err(JobError::bad_request(message));
-            }
-        }
-        .boxed()
-    }
-}
 
 struct Setup {
     emulator: Emulator,

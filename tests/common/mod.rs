@@ -4,3 +4,4 @@
 
 pub mod emulator;
 pub mod process;
+pub mod scripted;
