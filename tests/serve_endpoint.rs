@@ -241,3 +241,56 @@ async fn metrics_count_requests_by_route_and_outcome() {
     assert!(text.contains("worker_candle_request_duration_seconds_count 3"));
     assert!(text.contains("worker_candle_queue_depth 0"));
 }
+
+#[tokio::test]
+async fn execution_timeout_policy_and_runsync_wait() {
+    let s = start(&[]).await;
+    let (_, timed_out) = s
+        .post(
+            "/runsync",
+            json!({"input": {"pieces": 1, "forever": true}, "policy": {"executionTimeout": 100}}),
+        )
+        .await;
+    assert_eq!(timed_out["status"], "TIMED_OUT", "{timed_out}");
+
+    let (_, pending) = s
+        .post(
+            "/runsync?wait=50",
+            json!({"input": {"pieces": 3, "delay_ms": 100}}),
+        )
+        .await;
+    assert_eq!(pending["status"], "IN_PROGRESS");
+    let id = pending["id"].as_str().unwrap();
+    let done = s.wait_status(id, "COMPLETED").await;
+    assert!(done["executionTime"].as_u64().unwrap() >= 250, "{done}");
+    assert!(done["delayTime"].as_u64().is_some());
+}
+
+#[tokio::test]
+async fn a_webhook_receives_the_finished_job() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+
+    let s = start(&[]).await;
+    let (_, run) = s
+        .post("/run", json!({"input": {"pieces": 2}, "webhook": url}))
+        .await;
+    let received = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(received["id"], run["id"]);
+    assert_eq!(received["status"], "COMPLETED");
+    assert_eq!(received["output"], json!(["p0", "p1"]));
+}
