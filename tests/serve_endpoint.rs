@@ -294,3 +294,50 @@ async fn a_webhook_receives_the_finished_job() {
     assert_eq!(received["status"], "COMPLETED");
     assert_eq!(received["output"], json!(["p0", "p1"]));
 }
+
+#[tokio::test]
+async fn openai_routes_run_as_jobs_and_a_hang_up_cancels() {
+    let s = start(&[]).await;
+    let (code, object) = s
+        .post("/openai/v1/chat/completions", json!({"pieces": 1}))
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        object,
+        json!("p0"),
+        "the job's single piece is the response object"
+    );
+
+    let (code, error) = s
+        .post(
+            "/v1/completions",
+            json!({"pieces": 0, "fail": "bad temperature"}),
+        )
+        .await;
+    assert_eq!(code, 400);
+    assert_eq!(error["error"]["message"], "bad temperature");
+
+    let mut response = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&json!({"stream": true, "pieces": 1, "forever": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let first = response.chunk().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"p0");
+    drop(response);
+    for _ in 0..500 {
+        let (_, health) = s.get("/health").await;
+        if health["jobs"]["failed"] == 2 {
+            assert_eq!(health["jobs"]["inProgress"], 0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the abandoned stream was not cancelled");
+}

@@ -547,8 +547,11 @@ async fn openai_job(
         input["method"] = json!("GET");
     }
     let job = endpoint.submit(input, Map::new(), route);
+    // A client that hangs up cancels its request, so it stops using the engine.
+    let guard = CancelOnDrop(job.clone());
     if !streamed {
         wait_final(&job).await;
+        drop(guard);
         let state = job.lock();
         return match &state.result {
             Some(JobResult::Output(pieces)) => match pieces.first() {
@@ -561,6 +564,7 @@ async fn openai_job(
     }
     // Streamed: relay the raw SSE pieces as they are posted.
     let events = async_stream::stream! {
+        let _guard = guard;
         let mut sent = 0;
         loop {
             let changed = job.changed.notified();
@@ -592,6 +596,17 @@ async fn openai_job(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(events.boxed()))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Cancels a job that is still running when the HTTP request holding this is dropped.
+struct CancelOnDrop(Arc<LocalJob>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.0.lock().status.is_final() {
+            let _ = self.0.stop.send(Some(StopReason::Cancelled));
+        }
+    }
 }
 
 /// A streamed OpenAI piece as SSE text: raw pieces already are; object lists are rendered.

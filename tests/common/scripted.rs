@@ -28,7 +28,11 @@ pub struct Handler(pub Arc<Scripted>);
 
 impl JobHandler for Handler {
     fn handle(&self, job: &Job) -> PieceStream {
-        let input = job.input.clone();
+        // OpenAI-shaped jobs carry the script in their body.
+        let input = match job.input.get("openai_input") {
+            Some(body) => body.clone(),
+            None => job.input.clone(),
+        };
         let counters = self.0.clone();
         async_stream::stream! {
             let now = counters.running.fetch_add(1, Ordering::SeqCst) + 1;
