@@ -32,6 +32,8 @@ async fn setup(extra: &[(&str, &str)], shutdown_timeout: Duration) -> Setup {
     let mut timings = Timings::new(config.runpod.ping_interval);
     timings.retry_base = Duration::from_millis(50);
     timings.post = Duration::from_secs(2);
+    timings.too_many_requests = Duration::from_millis(400);
+    timings.error_backoff = Duration::from_millis(100);
     let client = QueueClient::new(urls, config.runpod.api_key.as_ref(), timings).expect("client");
     let scripted = Arc::new(Scripted::default());
     let worker = Worker::new(
@@ -292,6 +294,28 @@ async fn a_job_without_an_id_is_skipped_and_the_rest_are_served() {
     s.emulator.push_job("ok", json!({"pieces": 1}));
     s.emulator.wait_answered(1, LONG).await;
     assert_eq!(s.emulator.result("ok"), json!({"output": ["p0"]}));
+    s.shutdown.send(()).unwrap();
+    s.worker.await.unwrap();
+}
+
+#[tokio::test]
+async fn take_answers_429_back_off_and_400_means_no_job() {
+    let s = setup(&[("MAX_CONCURRENCY", "1")], LONG).await;
+    s.emulator.fault(Endpoint::Take, Fault::Status(429));
+    s.emulator.fault(Endpoint::Take, Fault::Status(400));
+    s.emulator.push_job("after", json!({"pieces": 1}));
+    s.emulator.wait_answered(1, LONG).await;
+    assert_eq!(s.emulator.result("after"), json!({"output": ["p0"]}));
+    let takes = s.emulator.calls_to(Endpoint::Take);
+    assert_eq!(takes[0].fault, Some(Fault::Status(429)));
+    assert_eq!(takes[1].fault, Some(Fault::Status(400)));
+    let gap = takes[1].at.duration_since(takes[0].at);
+    assert!(gap >= Duration::from_millis(400), "429 backs off: {gap:?}");
+    let quick = takes[2].at.duration_since(takes[1].at);
+    assert!(
+        quick < Duration::from_millis(400),
+        "400 is just 'no job': {quick:?}"
+    );
     s.shutdown.send(()).unwrap();
     s.worker.await.unwrap();
 }

@@ -49,6 +49,8 @@ pub struct Call {
     pub content_type: Option<String>,
     pub body: String,
     pub fault: Option<Fault>,
+    /// When the call arrived.
+    pub at: std::time::Instant,
 }
 
 impl Call {
@@ -308,6 +310,7 @@ async fn handle(
         content_type,
         body: body.clone(),
         fault,
+        at: std::time::Instant::now(),
     });
     changed.notify_waiters();
     match fault {
