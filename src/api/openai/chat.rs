@@ -337,6 +337,9 @@ pub async fn handle(
         .collect();
     let mut body = reply.object("chat.completion", choices);
     body["usage"] = shapes::usage(&outcome.usage);
+    if let Some(lps) = &outcome.prompt_logprobs {
+        body["prompt_logprobs"] = shapes::prompt_logprobs(&outcome.prompt_token_ids, lps);
+    }
     Ok(OpenAiResponse::Json { status: 200, body })
 }
 

@@ -231,13 +231,17 @@ fn response(
                 }
                 l.to_json()
             });
-            choices.push(json!({
+            let mut value = json!({
                 "index": p * request.params.n + i,
                 "text": format!("{echo}{}", choice.text),
                 "logprobs": logprobs,
                 "finish_reason": shapes::finish_reason(choice.finish.as_ref()),
                 "stop_reason": shapes::stop_reason(choice.finish.as_ref()),
-            }));
+            });
+            if let Some(lps) = &outcome.prompt_logprobs {
+                value["prompt_logprobs"] = shapes::prompt_logprobs(&outcome.prompt_token_ids, lps);
+            }
+            choices.push(value);
         }
     }
     let mut body = header.object(Value::Array(choices));

@@ -122,6 +122,30 @@ pub fn chat_logprobs(lps: &[TokenLogprob], top_n: usize) -> Value {
     json!({ "content": lps.iter().map(|lp| chat_logprob(lp, top_n)).collect::<Vec<_>>() })
 }
 
+/// vLLM's `prompt_logprobs`: per prompt token `null` (the first) or `{token_id: {logprob, rank,
+/// decoded_token}}` for the token and its alternatives (rank: 1 = most likely; null when unknown).
+pub fn prompt_logprobs(ids: &[u32], logprobs: &[Option<TokenLogprob>]) -> Value {
+    let entries = ids.iter().enumerate().map(|(i, id)| {
+        let Some(Some(lp)) = logprobs.get(i) else {
+            return Value::Null;
+        };
+        let mut map = Map::new();
+        for (rank, (alt, text, alt_lp)) in lp.top.iter().enumerate() {
+            map.insert(
+                alt.to_string(),
+                json!({"logprob": finite(*alt_lp), "rank": rank + 1, "decoded_token": text}),
+            );
+        }
+        let rank = lp.top.iter().position(|(alt, ..)| alt == id).map(|r| r + 1);
+        map.insert(
+            id.to_string(),
+            json!({"logprob": finite(lp.logprob), "rank": rank, "decoded_token": lp.token}),
+        );
+        Value::Object(map)
+    });
+    Value::Array(entries.collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +188,15 @@ mod tests {
             v,
             json!({"content": [{"token": "é", "logprob": -1.0, "bytes": [195, 169],
                 "top_logprobs": [{"token": "a", "logprob": -0.5, "bytes": [97]}]}]})
+        );
+    }
+
+    #[test]
+    fn prompt_logprobs_are_keyed_by_token_id() {
+        let v = prompt_logprobs(&[5, 1], &[None, Some(lp("x", -0.5, &[]))]);
+        assert_eq!(
+            v,
+            json!([null, {"1": {"logprob": -0.5, "rank": null, "decoded_token": "x"}}])
         );
     }
 
