@@ -201,6 +201,17 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
+    /// Sends the newest running sequence back to the waiting queue (to break a stall).
+    pub fn preempt_newest(&mut self) -> Option<SeqId> {
+        let id = *self.running.last()?;
+        self.preempt(id);
+        Some(id)
+    }
+
+    pub fn first_waiting(&self) -> Option<SeqId> {
+        self.waiting.front().copied()
+    }
+
     /// Plans one step. The caller runs it and then calls `commit`.
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
