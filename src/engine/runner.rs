@@ -4,6 +4,7 @@
 //! caller's side so client errors come back at once.
 
 mod beam;
+mod load;
 mod request;
 
 use std::collections::HashMap;
@@ -451,16 +452,6 @@ fn rows_of(want: LogitsWanted, num_new: usize) -> usize {
         LogitsWanted::None => 0,
         LogitsWanted::Last => 1,
         LogitsWanted::All => num_new,
-    }
-}
-
-mod load {
-    //! Model loading and the KV budget (filled in with the models work).
-    use super::EngineParts;
-    use crate::engine::settings::EngineSettings;
-
-    pub fn load(_settings: &EngineSettings) -> anyhow::Result<EngineParts> {
-        anyhow::bail!("model loading is not wired yet")
     }
 }
 
