@@ -1,1 +1,13 @@
 //! Layers shared by every architecture: written once, so a model file holds only what differs.
+
+pub mod attention;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+pub use attention::{AttentionImpl, AttentionParams, BatchPlan};
+pub use linear::Linear;
+pub use mlp::{Activation, GatedMlp, Mlp};
+pub use norm::Norm;
+pub use rope::{Rope, RopeConfig};

@@ -1,0 +1,350 @@
+//! The one attention every architecture uses: a packed ragged batch over the paged KV cache. Each
+//! sequence attends causally to its cached context plus its own new tokens; grouped-query heads,
+//! optional sliding window, logit soft-capping and scale override are parameters.
+//!
+//! Two interchangeable paths: a per-sequence loop of matmul/softmax (any device, any dtype) and candle's
+//! packed CPU flash attention (`flash_attn_varlen_cpu`). Tests hold them to the same results.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::engine::kv_cache::{Gather, KvCache, SlotRun};
+use crate::engine::models::{ForwardBatch, LogitsWanted};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionImpl {
+    /// The varlen CPU kernel where it applies (CPU, f32/f16, no soft-capping), else the loop.
+    #[default]
+    Auto,
+    /// Always the per-sequence loop.
+    Loop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·k (usually `1/sqrt(head_dim)`).
+    pub scale: f64,
+    /// `cap * tanh(scores / cap)` before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+    /// Keys further back than this many positions (the query's own included) are masked.
+    pub sliding_window: Option<usize>,
+}
+
+/// One sequence's place in the packed batch.
+#[derive(Debug, Clone)]
+pub struct SeqPlan {
+    pub token_start: usize,
+    pub num_new: usize,
+    pub context_len: usize,
+    pub gather: Gather,
+    /// Additive causal mask `[num_new, context_len + num_new]`, `None` where nothing is masked (decode).
+    mask_full: Option<Tensor>,
+    mask_window: Option<Tensor>,
+}
+
+/// Everything about a batch that every layer shares, computed once per forward.
+#[derive(Debug, Clone)]
+pub struct BatchPlan {
+    pub positions: Tensor,
+    pub runs: Vec<SlotRun>,
+    pub seqs: Vec<SeqPlan>,
+    /// Rows of the packed batch whose logits are wanted, in batch order (u32), and how many.
+    pub rows: Tensor,
+    pub num_rows: usize,
+    pub num_tokens: usize,
+    window: Option<usize>,
+    seqlens: Option<(Tensor, Tensor)>,
+    imp: AttentionImpl,
+}
+
+impl BatchPlan {
+    /// Checks the batch against the cache and lays it out. `window` is the model's sliding window, if
+    /// any layer has one; `max_positions` the longest position the model handles.
+    pub fn new(
+        batch: &ForwardBatch,
+        cache: &KvCache,
+        window: Option<usize>,
+        max_positions: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let bs = cache.block_size();
+        let total: usize = batch.seqs.iter().map(|s| s.num_new).sum();
+        if total != batch.tokens.len() {
+            bail!(
+                "batch has {} tokens but its sequences claim {total}",
+                batch.tokens.len()
+            )
+        }
+        let mut positions = Vec::with_capacity(total);
+        let mut runs = Vec::new();
+        let mut seqs = Vec::with_capacity(batch.seqs.len());
+        let mut rows = Vec::new();
+        let mut token_start = 0;
+        for (i, s) in batch.seqs.iter().enumerate() {
+            let len = s.context_len + s.num_new;
+            if s.num_new == 0 {
+                bail!("sequence {i} of the batch has no new tokens")
+            }
+            if len > max_positions {
+                bail!("sequence {i} reaches position {len}, beyond the model's {max_positions}")
+            }
+            if s.block_table.len() * bs < len {
+                bail!(
+                    "sequence {i}: {} blocks cannot hold {len} tokens",
+                    s.block_table.len()
+                )
+            }
+            if let Some(b) = s
+                .block_table
+                .iter()
+                .take(len.div_ceil(bs))
+                .find(|b| **b as usize >= cache.num_blocks())
+            {
+                bail!(
+                    "sequence {i}: block {b} outside a cache of {} blocks",
+                    cache.num_blocks()
+                )
+            }
+            let slot = |pos: usize| s.block_table[pos / bs] as usize * bs + pos % bs;
+            let mut pos = s.context_len;
+            while pos < len {
+                let run = (bs - pos % bs).min(len - pos);
+                runs.push(SlotRun {
+                    token_start: token_start + pos - s.context_len,
+                    slot_start: slot(pos),
+                    len: run,
+                });
+                pos += run;
+            }
+            positions.extend((s.context_len..len).map(|p| p as u32));
+            let first = slot(0);
+            let consecutive =
+                (0..len.div_ceil(bs)).all(|b| s.block_table[b] as usize == first / bs + b);
+            let gather = if consecutive {
+                Gather::Range { start: first, len }
+            } else {
+                let slots: Vec<u32> = (0..len).map(|p| slot(p) as u32).collect();
+                Gather::Slots(Tensor::new(slots, device)?)
+            };
+            let mask_full = causal_mask(s.context_len, s.num_new, None, device, dtype)?;
+            let mask_window = match window {
+                Some(w) => causal_mask(s.context_len, s.num_new, Some(w), device, dtype)?,
+                None => None,
+            };
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => rows.push((token_start + s.num_new - 1) as u32),
+                LogitsWanted::All => {
+                    rows.extend((token_start..token_start + s.num_new).map(|r| r as u32))
+                }
+            }
+            seqs.push(SeqPlan {
+                token_start,
+                num_new: s.num_new,
+                context_len: s.context_len,
+                gather,
+                mask_full,
+                mask_window,
+            });
+            token_start += s.num_new;
+        }
+        let num_rows = rows.len();
+        Ok(Self {
+            positions: Tensor::new(positions, device)?,
+            runs,
+            seqs,
+            rows: Tensor::new(rows, device)?,
+            num_rows,
+            num_tokens: total,
+            window,
+            seqlens: None,
+            imp: AttentionImpl::Auto,
+        })
+    }
+
+    /// Chooses the attention path (tests compare them).
+    pub fn with_impl(mut self, imp: AttentionImpl) -> Self {
+        self.imp = imp;
+        self
+    }
+
+    /// The rows of `x` `[tokens, ..]` whose logits are wanted.
+    pub fn select_rows(&self, x: &Tensor) -> Result<Tensor> {
+        if self.num_rows == self.num_tokens {
+            return Ok(x.clone());
+        }
+        x.index_select(&self.rows, 0)
+    }
+
+    /// Writes this layer's new keys/values into the cache, then attends. `q` `[tokens, heads, head_dim]`,
+    /// `k`/`v` `[tokens, kv_heads, head_dim]`; returns `[tokens, heads * head_dim]`.
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        p: &AttentionParams,
+    ) -> Result<Tensor> {
+        if p.sliding_window.is_some() && p.sliding_window != self.window {
+            bail!(
+                "attention window {:?} differs from the batch plan's {:?}",
+                p.sliding_window,
+                self.window
+            )
+        }
+        cache.write(layer, k, v, &self.runs)?;
+        if self.varlen_applies(q, p) {
+            self.attend_varlen(layer, q, cache, p)
+        } else {
+            self.attend_loop(layer, q, cache, p)
+        }
+    }
+
+    fn varlen_applies(&self, q: &Tensor, p: &AttentionParams) -> bool {
+        self.imp == AttentionImpl::Auto
+            && q.device().is_cpu()
+            && matches!(q.dtype(), DType::F32 | DType::F16)
+            && p.softcap.is_none()
+            // one decode token gains nothing from the fused kernel over two small matmuls
+            && self.num_tokens > self.seqs.len()
+    }
+
+    fn attend_loop(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        cache: &KvCache,
+        p: &AttentionParams,
+    ) -> Result<Tensor> {
+        let (h, kvh, d) = (p.num_heads, p.num_kv_heads, p.head_dim);
+        let g = h / kvh;
+        let mut outs = Vec::with_capacity(self.seqs.len());
+        for s in &self.seqs {
+            let n = s.num_new;
+            let l = s.context_len + n;
+            let (k, v) = cache.gather(layer, &s.gather)?;
+            // [n, kvh*g, d] -> [kvh, g*n, d]: the heads sharing one kv head become rows of one matmul
+            let qs = q
+                .narrow(0, s.token_start, n)?
+                .reshape((n, kvh, g, d))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?
+                .reshape((kvh, g * n, d))?;
+            let mut scores = (qs.matmul(&k.t()?)? * p.scale)?;
+            if scores.dtype() != DType::F32 {
+                scores = scores.to_dtype(DType::F32)?;
+            }
+            if let Some(cap) = p.softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let mask = if p.sliding_window.is_some() {
+                &s.mask_window
+            } else {
+                &s.mask_full
+            };
+            if let Some(m) = mask {
+                scores = scores
+                    .reshape((kvh, g, n, l))?
+                    .broadcast_add(&m.to_dtype(DType::F32)?)?
+                    .reshape((kvh, g * n, l))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            let o = probs.matmul(&v.contiguous()?)?; // [kvh, g*n, d]
+            outs.push(
+                o.reshape((kvh, g, n, d))?
+                    .permute((2, 0, 1, 3))?
+                    .reshape((n, h * d))?,
+            );
+        }
+        if outs.len() == 1 {
+            return outs
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("empty batch".into()));
+        }
+        Tensor::cat(&outs, 0)
+    }
+
+    fn attend_varlen(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        cache: &KvCache,
+        p: &AttentionParams,
+    ) -> Result<Tensor> {
+        let (t, h, d) = q.dims3()?;
+        let mut ks = Vec::with_capacity(self.seqs.len());
+        let mut vs = Vec::with_capacity(self.seqs.len());
+        for s in &self.seqs {
+            let (k, v) = cache.gather(layer, &s.gather)?;
+            ks.push(k.transpose(0, 1)?);
+            vs.push(v.transpose(0, 1)?);
+        }
+        let k = Tensor::cat(&ks, 0)?.contiguous()?;
+        let v = Tensor::cat(&vs, 0)?.contiguous()?;
+        if self.seqlens.is_none() {
+            let lq: Vec<u32> = self.seqs.iter().map(|s| s.num_new as u32).collect();
+            let lk: Vec<u32> = self
+                .seqs
+                .iter()
+                .map(|s| (s.context_len + s.num_new) as u32)
+                .collect();
+            self.seqlens = Some((Tensor::new(lq, q.device())?, Tensor::new(lk, q.device())?));
+        }
+        let Some((lq, lk)) = &self.seqlens else {
+            bail!("sequence lengths missing")
+        };
+        let max_q = self.seqs.iter().map(|s| s.num_new).max().unwrap_or(0);
+        let max_k = self
+            .seqs
+            .iter()
+            .map(|s| s.context_len + s.num_new)
+            .max()
+            .unwrap_or(0);
+        let out = candle_nn::attention::flash_attn_varlen_cpu(
+            &q.contiguous()?,
+            &k,
+            &v,
+            None,
+            lq,
+            lk,
+            max_q,
+            max_k,
+            p.scale as f32,
+            true,
+            p.sliding_window.map(|w| w.saturating_sub(1)),
+            None,
+        )?;
+        out.reshape((t, h * d))
+    }
+}
+
+/// Additive mask for `n` new tokens after `ctx` cached ones: query `i` (position `ctx+i`) sees keys
+/// `j <= ctx+i` and, with a window `w`, `j > ctx+i-w`. `None` when nothing would be masked.
+fn causal_mask(
+    ctx: usize,
+    n: usize,
+    window: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let l = ctx + n;
+    let masked = |i: usize, j: usize| j > ctx + i || window.is_some_and(|w| j + w <= ctx + i);
+    if !(0..n).any(|i| (0..l).any(|j| masked(i, j))) {
+        return Ok(None);
+    }
+    let mut m = Vec::with_capacity(n * l);
+    for i in 0..n {
+        m.extend((0..l).map(|j| if masked(i, j) { f32::NEG_INFINITY } else { 0.0 }));
+    }
+    Ok(Some(Tensor::from_vec(m, (n, l), device)?.to_dtype(dtype)?))
+}
+
+/// `cap * tanh(x / cap)`.
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
