@@ -326,3 +326,35 @@ async fn seeded_sampling_repeats_and_n_siblings_differ() {
     assert_eq!(a, b);
     assert!(a[0] != a[1] || a[1] != a[2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_prompt_is_tokenized_like_the_reference() {
+    let engine = start("llama", |_| {});
+    let text = std::fs::read_to_string(fixture("llama").join("reference.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let case = &v["cases"][0];
+    let mut req = greedy(vec![], 24, None);
+    req.prompt = Prompt::Text(case["prompt"].as_str().unwrap().to_string());
+    req.add_special_tokens = true;
+    let mut stream = engine.generate(req).unwrap();
+    let Some(GenerationEvent::Prompt {
+        prompt_token_ids, ..
+    }) = stream.next().await
+    else {
+        panic!("prompt event first");
+    };
+    let want: Vec<u32> = case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(prompt_token_ids, want);
+    let mut ids = Vec::new();
+    while let Some(ev) = stream.next().await {
+        if let GenerationEvent::Delta(d) = ev {
+            ids.extend(d.token_ids);
+        }
+    }
+    assert_eq!(ids, cases("llama")[0].greedy_ids);
+}
