@@ -105,3 +105,30 @@ fn published_templates_render_as_transformers_does() {
         }
     }
 }
+
+#[test]
+fn a_template_can_report_the_tools_it_received() {
+    // The e2e suite's probe: raise_exception carries what the template saw back to the client.
+    let template = ChatTemplate::new(
+        "{{ raise_exception('tools: ' + (tools | map(attribute='function') | map(attribute='name') | join(',') if tools else 'none')) }}",
+        None,
+        None,
+    )
+    .unwrap();
+    let tools = vec![
+        serde_json::json!({"type": "function", "function": {"name": "a"}}),
+        serde_json::json!({"type": "function", "function": {"name": "b"}}),
+    ];
+    let with = RenderOptions {
+        tools: Some(&tools),
+        ..Default::default()
+    };
+    assert_eq!(
+        template.render(&[], &with),
+        Err(EngineError::Template("tools: a,b".into()))
+    );
+    assert_eq!(
+        template.render(&[], &RenderOptions::default()),
+        Err(EngineError::Template("tools: none".into()))
+    );
+}
