@@ -52,6 +52,8 @@ pub struct HubConfig {
     pub concurrency: usize,
     /// Draw progress bars on a terminal (else log lines); `false` keeps tests quiet.
     pub progress: bool,
+    /// Where to look and download when `BASE_PATH` is not writable.
+    pub fallback_cache: PathBuf,
 }
 
 impl HubConfig {
@@ -72,6 +74,7 @@ impl HubConfig {
             backoff: Duration::from_millis(500),
             concurrency: 4,
             progress: true,
+            fallback_cache: fallback_cache_dir(),
         }
     }
 }
@@ -534,7 +537,7 @@ impl Hub {
         validate_revision(revision)?;
 
         let primary = cache_dir(base_path);
-        let fallback = fallback_cache_dir();
+        let fallback = self.config.fallback_cache.clone();
         for cache in [&primary, &fallback] {
             if let Some(dir) = cached_snapshot(cache, name, revision, set) {
                 tracing::info!(repo = name, revision, path = %dir.display(), "using cached snapshot");
