@@ -138,10 +138,13 @@ async fn serve_answers_runpod_and_openai_routes() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("worker_candle_prompt_tokens_total"),
-        "{metrics}"
-    );
+    let generated: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("worker_candle_generation_tokens_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a generated-token counter");
+    // 4 tokens of /runsync, at least 1 of the chat completion (OpenAI usage counts too).
+    assert!(generated >= 5, "{metrics}");
     assert!(
         metrics.contains("route=\"/runsync\",outcome=\"completed\"} 1"),
         "{metrics}"
