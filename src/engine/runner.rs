@@ -4,7 +4,7 @@
 //! caller's side so client errors come back at once.
 
 mod beam;
-mod load;
+pub mod load;
 mod request;
 
 use std::collections::HashMap;
@@ -271,7 +271,10 @@ impl Core {
             while let Ok(sub) = rx.try_recv() {
                 self.add(sub);
             }
-            self.step();
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if stepped.is_err() {
+                self.recover_from_panic();
+            }
             self.publish_stats();
         }
     }
@@ -290,6 +293,21 @@ impl Core {
             self.owner.insert(s, key);
         }
         self.requests.insert(key, req);
+    }
+
+    /// A bug must not take the engine down with every later request: fail what is in flight and
+    /// start over with an empty scheduler.
+    fn recover_from_panic(&mut self) {
+        tracing::error!("engine step panicked; failing the requests in flight");
+        let cfg = self.sched.config().clone();
+        for (_, mut r) in self.requests.drain() {
+            r.fail(
+                EngineError::Internal("engine step failed".into()),
+                &mut self.sched,
+            );
+        }
+        self.owner.clear();
+        self.sched = Scheduler::new(cfg);
     }
 
     fn publish_stats(&self) {
