@@ -2,6 +2,7 @@
 //! function of (tokens, positions, KV cache): it owns no cache and no sequence state, so the scheduler can
 //! pack any mix of prefill chunks and decodes into one forward pass.
 
+pub mod bert;
 pub mod build;
 pub mod config;
 pub mod gemma2;
