@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     let p: usize = args.get(2).map_or(Ok(128), |s| s.parse())?;
     let n: usize = args.get(3).map_or(Ok(128), |s| s.parse())?;
     let loaded = load_causal(&EngineSettings::for_model(dir))?;
-    let model = &loaded.model;
+    let model = loaded.model.as_ref();
     let vocab = model.spec().vocab_size as u32;
     let prompt: Vec<u32> = (0..p as u32).map(|i| (i * 7919 + 100) % vocab).collect();
     let blocks = (p + n).div_ceil(BLOCK) + 1;

@@ -22,7 +22,11 @@ struct Server {
 }
 
 async fn start(role: &str) -> Server {
-    let mut settings = EngineSettings::for_model(fixture("llama"));
+    start_model("llama", role).await
+}
+
+async fn start_model(model: &str, role: &str) -> Server {
+    let mut settings = EngineSettings::for_model(fixture(model));
     settings.device = DeviceChoice::Cpu;
     settings.kv_cache_memory = Some(64 << 20);
     let engine = Engine::start(settings).expect("the llama fixture loads");
@@ -164,4 +168,35 @@ async fn errors_have_openai_bodies() {
     let models: Value = r.json().await.unwrap();
     assert_eq!(models["data"][0]["id"], json!("m"));
     assert_eq!(models["data"][0]["max_model_len"], json!(512));
+}
+
+#[tokio::test]
+async fn every_fixture_generates_the_reference_text_through_the_api() {
+    for model in ["llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2"] {
+        let server = start_model(model, "assistant").await;
+        let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+        let reference: Value = serde_json::from_str(&text).unwrap();
+        for case in reference["cases"].as_array().unwrap() {
+            let greedy = json!({"temperature": 0, "max_tokens": 24});
+            let (route, mut body) = match case["messages"].as_array() {
+                Some(messages) => ("/chat/completions", json!({"messages": messages})),
+                None => ("/completions", json!({"prompt": case["prompt"]})),
+            };
+            body.as_object_mut()
+                .unwrap()
+                .extend(greedy.as_object().unwrap().clone());
+            let (status, r) = server.post_json(route, body).await;
+            assert_eq!(status, 200, "{model}: {r}");
+            let choice = &r["choices"][0];
+            let got = choice["text"]
+                .as_str()
+                .or(choice["message"]["content"].as_str());
+            assert_eq!(got, case["greedy_text"].as_str(), "{model} {route}");
+            assert_eq!(
+                r["usage"]["prompt_tokens"],
+                json!(case["input_ids"].as_array().unwrap().len()),
+                "{model} {route}"
+            );
+        }
+    }
 }

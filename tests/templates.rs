@@ -105,3 +105,57 @@ fn published_templates_render_as_transformers_does() {
         }
     }
 }
+
+#[test]
+fn a_template_can_report_the_tools_it_received() {
+    // The e2e suite's probe: raise_exception carries what the template saw back to the client.
+    let template = ChatTemplate::new(
+        "{{ raise_exception('tools: ' + (tools | map(attribute='function') | map(attribute='name') | join(',') if tools else 'none')) }}",
+        None,
+        None,
+    )
+    .unwrap();
+    let tools = vec![
+        serde_json::json!({"type": "function", "function": {"name": "a"}}),
+        serde_json::json!({"type": "function", "function": {"name": "b"}}),
+    ];
+    let with = RenderOptions {
+        tools: Some(&tools),
+        ..Default::default()
+    };
+    assert_eq!(
+        template.render(&[], &with),
+        Err(EngineError::Template("tools: a,b".into()))
+    );
+    assert_eq!(
+        template.render(&[], &RenderOptions::default()),
+        Err(EngineError::Template("tools: none".into()))
+    );
+}
+
+#[test]
+fn named_templates_pick_tool_use_when_tools_are_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "bos_token": {"content": "<s>", "special": true},
+        "eos_token": "</s>",
+        "chat_template": [
+            {"name": "default", "template": "{{ bos_token }}plain"},
+            {"name": "tool_use", "template": "{{ bos_token }}tools:{{ tools | length }}{{ eos_token }}"}
+        ]
+    });
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let template = ChatTemplate::from_model_dir(dir.path(), None)
+        .unwrap()
+        .unwrap();
+    let tools = vec![serde_json::json!({"type": "function", "function": {"name": "f"}})];
+    let with_tools = RenderOptions {
+        tools: Some(&tools),
+        ..Default::default()
+    };
+    assert_eq!(template.render(&[], &with_tools).unwrap(), "<s>tools:1</s>");
+    assert_eq!(
+        template.render(&[], &RenderOptions::default()).unwrap(),
+        "<s>plain"
+    );
+}

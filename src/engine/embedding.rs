@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use candle_core::Tensor;
@@ -11,12 +12,20 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::error::EngineError;
-use super::loader::{read_json, select_device, select_dtype};
+use super::loader::{read_config, resolve_device, resolve_dtype, safetensors_files};
 use super::models::bert::{BertConfig, BertModel, ENCODER_ARCHITECTURES};
-use super::models::config::HfConfig;
-use super::models::weights::safetensors_files;
+use super::models::ForwardBatch;
+use super::runner::{Embedder, EngineParts, Executor, ModelInfo};
+use super::scheduler::SchedulerConfig;
 use super::settings::EngineSettings;
+use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest};
+
+fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
 
 /// How token states become one vector (sentence-transformers' `pooling_mode_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,11 +235,11 @@ impl EncoderEmbedder {
     /// Loads the encoder and pooling of a sentence-transformers (or bare BERT) folder.
     pub fn load(settings: &EngineSettings) -> anyhow::Result<Self> {
         let dir = &settings.model_path;
-        let raw = read_json(&dir.join("config.json"))?;
+        let raw = read_config(dir)?;
         let cfg: BertConfig = serde_json::from_value(raw.clone())
             .with_context(|| format!("{}/config.json is not a BERT config", dir.display()))?;
-        let device = select_device(settings.device)?;
-        let dtype = select_dtype(settings.dtype, &device, &HfConfig::new(raw));
+        let device = resolve_device(settings.device)?;
+        let dtype = resolve_dtype(settings.dtype, &device, &raw)?;
         let files = safetensors_files(dir)?;
         // SAFETY: the files are mapped read-only and not modified while the model is loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device)? };
@@ -255,7 +264,8 @@ impl EncoderEmbedder {
         self.model.config().vocab_size
     }
 
-    pub fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
+    /// Embeds every input (see `Embedder::embed`).
+    pub fn embed_inputs(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
         validate_inputs(&request.inputs, self.max_input_len())?;
         let vocab = self.vocab_size();
         for (i, input) in request.inputs.iter().enumerate() {
@@ -292,9 +302,15 @@ impl EncoderEmbedder {
     }
 }
 
+impl Embedder for EncoderEmbedder {
+    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
+        self.embed_inputs(request)
+    }
+}
+
 /// Whether a model folder holds an encoder this engine serves as an embedder.
 pub fn is_encoder_model(dir: &Path) -> bool {
-    let Ok(cfg) = read_json(&dir.join("config.json")) else {
+    let Ok(cfg) = read_config(dir) else {
         return false;
     };
     let named = cfg
@@ -322,7 +338,7 @@ pub struct LoadedEmbedder {
 /// Loads the encoder at `settings.model_path` (see `is_encoder_model`).
 pub fn load_encoder(settings: &EngineSettings) -> anyhow::Result<LoadedEmbedder> {
     let embedder = EncoderEmbedder::load(settings)?;
-    let cfg = read_json(&settings.model_path.join("config.json"))?;
+    let cfg = read_config(&settings.model_path)?;
     let architecture = cfg
         .get("architectures")
         .and_then(Value::as_array)
@@ -340,6 +356,59 @@ pub fn load_encoder(settings: &EngineSettings) -> anyhow::Result<LoadedEmbedder>
         max_model_len,
         vocab_size: embedder.vocab_size(),
         embedder: Arc::new(embedder),
+    })
+}
+
+/// An encoder has no causal model: the engine never schedules a step for it (`can_generate` is
+/// false), so this executor only explains itself if ever called.
+struct NoExecutor;
+
+impl Executor for NoExecutor {
+    fn execute(&mut self, _: &[(u32, u32)], _: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
+        bail!("an embedding model cannot generate")
+    }
+}
+
+/// The engine's parts for an encoder model: the embedder, the tokenizer, no generation.
+pub fn encoder_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
+    let tok_dir = settings
+        .tokenizer_path
+        .clone()
+        .unwrap_or_else(|| settings.model_path.clone());
+    let tokenizer = Tokenizer::from_dir(&tok_dir)
+        .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
+    let loaded = load_encoder(settings)?;
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    tracing::info!(
+        architecture = %loaded.architecture,
+        dimensions = loaded.embedder.dimensions(),
+        pooling = ?loaded.embedder.spec(),
+        "embedding model loaded"
+    );
+    Ok(EngineParts {
+        executor: Box::new(NoExecutor),
+        info: ModelInfo {
+            served_model_name: settings.served_model_name.clone(),
+            architecture: loaded.architecture,
+            max_model_len: loaded.max_model_len,
+            vocab_size: loaded.vocab_size.max(tokenizer.vocab_size()),
+            can_generate: false,
+            can_embed: true,
+            created,
+        },
+        tokenizer,
+        eos_token_ids: Vec::new(),
+        scheduler: SchedulerConfig {
+            block_size: settings.block_size.max(1),
+            num_blocks: 0,
+            max_num_seqs: settings.max_num_seqs.max(1),
+            max_num_batched_tokens: settings.max_num_batched_tokens.max(1),
+            enable_prefix_caching: false,
+        },
+        template: None,
+        embedder: Some(loaded.embedder),
     })
 }
 

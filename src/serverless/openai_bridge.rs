@@ -9,6 +9,8 @@ use super::handler::EngineHandler;
 use super::job::{JobError, PieceStream};
 use super::routing::Method;
 use super::stream_batch::BatchPolicy;
+use crate::api::openai::{self, OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::engine::template::RenderOptions;
 use crate::engine::{Engine, EngineError};
 
 /// One streamed chunk of the OpenAI front door: an object, or the end marker.
@@ -28,24 +30,67 @@ impl Chunk {
 }
 
 pub fn pieces(
-    _handler: &EngineHandler,
+    handler: &EngineHandler,
     _job_id: &str,
     route: &str,
-    _method: Method,
-    _body: Option<Value>,
+    method: Method,
+    body: Option<Value>,
 ) -> PieceStream {
-    let e = JobError {
-        message: format!("`{route}` is not available in this build yet"),
-        kind: "NotImplementedError".into(),
-        code: 501,
+    let engine = handler.engine().clone();
+    let settings = OpenAiSettings {
+        served_model_name: engine.info().served_model_name.clone(),
+        response_role: handler.settings().response_role.clone(),
     };
-    futures::stream::once(async move { Err(e) }).boxed()
+    let raw = handler.settings().raw_openai_output;
+    let policy = handler.settings().batch_defaults;
+    let method = match method {
+        Method::Get => axum::http::Method::GET,
+        Method::Post => axum::http::Method::POST,
+    };
+    let route = route.to_string();
+    async_stream::stream! {
+        match openai::handle(&engine, &settings, &route, method, body).await {
+            OpenAiResponse::Json { status, body } if status < 400 => yield Ok(body),
+            OpenAiResponse::Json { status, body } => yield Err(job_error(status, &body)),
+            OpenAiResponse::Stream(events) => {
+                let chunks = events.map(|event| match event {
+                    StreamEvent::Data(v) => Ok(Chunk::Data(v)),
+                    StreamEvent::Done => Ok(Chunk::Done),
+                    StreamEvent::Error(e) => Err(job_error(e.status, &e.body())),
+                });
+                let mut posts = batch_chunks(chunks, raw, policy);
+                while let Some(post) = posts.next().await {
+                    yield post;
+                }
+            }
+        }
+    }
+    .boxed()
 }
 
-pub fn render_chat(_engine: &Engine, _messages: &[Value]) -> Result<String, EngineError> {
-    Err(EngineError::Unsupported(
-        "chat templates are not available in this build yet".into(),
-    ))
+/// An OpenAI error body (`{"error": {message, type, code}}`) as the job's error.
+fn job_error(status: u16, body: &Value) -> JobError {
+    let error = &body["error"];
+    JobError {
+        message: error["message"]
+            .as_str()
+            .unwrap_or("request failed")
+            .to_string(),
+        kind: error["type"]
+            .as_str()
+            .unwrap_or("InternalServerError")
+            .to_string(),
+        code: status,
+    }
+}
+
+pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
+    let template = engine.chat_template().ok_or(EngineError::NoChatTemplate)?;
+    let options = RenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    template.render(messages, &options)
 }
 
 /// Groups chunks into posts of 1, 3, 9, ... chunks (worker-vllm counts each SSE event, `[DONE]`

@@ -248,3 +248,26 @@ def test_unknown_routes_are_404(base_url):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(base_url + "/v1/no/such/route", timeout=30)
     assert e.value.code == 404
+
+
+def test_streamed_prompt_lists_interleave_choices(client, model, text_cases):
+    prompts = [text_cases[0]["prompt"], text_cases[1]["prompt"]]
+    chunks = list(client.completions.create(model=model, prompt=prompts, n=2, stream=True, **GREEDY))
+    texts, finishes = {}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert sorted(texts) == [0, 1, 2, 3] and sorted(finishes) == [0, 1, 2, 3]
+    assert texts[1] == text_cases[0]["greedy_text"] and texts[2] == text_cases[1]["greedy_text"]
+
+
+def test_streamed_chat_with_tools_still_streams_plain_text(client, model, chat_cases):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    case = chat_cases[0]
+    chunks = list(client.chat.completions.create(model=model, messages=case["messages"], tools=tools, stream=True, **GREEDY))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    plain = client.chat.completions.create(model=model, messages=case["messages"], tools=tools, **GREEDY)
+    assert content == (plain.choices[0].message.content or "")
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason

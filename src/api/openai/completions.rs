@@ -122,7 +122,14 @@ fn submit(
                     add_special_tokens: true,
                     params: request.params.clone(),
                 })
-                .map_err(OpenAiError::from)
+                .map_err(|e| {
+                    let mut e = OpenAiError::from(e);
+                    // The engine names `messages` for an over-long prompt; here it is `prompt`.
+                    if e.param.as_deref() == Some("messages") {
+                        e.param = Some("prompt".into());
+                    }
+                    e
+                })
         })
         .collect()
 }
