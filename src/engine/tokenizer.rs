@@ -64,7 +64,11 @@ impl Tokenizer {
         Ok(Self::new(tok, config))
     }
 
-    pub fn new(tok: tokenizers::Tokenizer, config: Value) -> Self {
+    pub fn new(mut tok: tokenizers::Tokenizer, config: Value) -> Self {
+        // Some tokenizer.json files (all-MiniLM) preset padding/truncation to 128; the engine counts,
+        // rejects or truncates tokens itself, so both are off.
+        tok.with_padding(None);
+        let _ = tok.with_truncation(None);
         let added = tok.get_added_tokens_decoder();
         let special = added
             .iter()

@@ -28,6 +28,7 @@ pub fn router(state: OpenAiState) -> Router {
         .route("/models", get(serve))
         .route("/completions", post(serve))
         .route("/chat/completions", post(serve))
+        .route("/embeddings", post(serve))
         .fallback(not_found)
         .with_state(state)
 }
@@ -53,6 +54,8 @@ async fn serve(State(state): State<OpenAiState>, request: Request) -> Response {
         "/v1/chat/completions"
     } else if path.ends_with("/completions") {
         "/v1/completions"
+    } else if path.ends_with("/embeddings") {
+        "/v1/embeddings"
     } else {
         "/v1/models"
     };

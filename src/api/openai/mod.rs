@@ -6,6 +6,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod error;
 pub mod http;
 pub mod outcome;
@@ -162,9 +163,15 @@ async fn dispatch(
             check_model(&body, settings)?;
             chat::handle(engine, settings, &body).await
         }
+        "/v1/embeddings" => {
+            post(route)?;
+            let body = Body::from_value(body)?;
+            check_model(&body, settings)?;
+            embeddings::handle(engine, settings, &body).await
+        }
         _ => Err(OpenAiError::not_found(
             None,
-            format!("no OpenAI route {route} (served: /v1/models, /v1/completions, /v1/chat/completions)"),
+            format!("no OpenAI route {route} (served: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings)"),
         )),
     }
 }
