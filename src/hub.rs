@@ -127,6 +127,46 @@ pub async fn resolve_tokenizer(
         .await
 }
 
+/// Everything that names the model (and tokenizer) to resolve: `MODEL_NAME`, `MODEL_REVISION`,
+/// `BASE_PATH`, `HF_TOKEN`, `TOKENIZER_NAME`, `TOKENIZER_REVISION`, `GGUF_FILE`.
+#[derive(Clone, Default)]
+pub struct ModelSource {
+    pub name: String,
+    pub revision: Option<String>,
+    pub base_path: PathBuf,
+    pub token: Option<String>,
+    pub tokenizer_name: Option<String>,
+    pub tokenizer_revision: Option<String>,
+    pub gguf_file: Option<String>,
+}
+
+impl std::fmt::Debug for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSource")
+            .field("name", &self.name)
+            .field("revision", &self.revision)
+            .field("base_path", &self.base_path)
+            .field("token", &redacted(&self.token))
+            .field("tokenizer_name", &self.tokenizer_name)
+            .field("tokenizer_revision", &self.tokenizer_revision)
+            .field("gguf_file", &self.gguf_file)
+            .finish()
+    }
+}
+
+/// Local folders for the model and, when `TOKENIZER_NAME` is set, the tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub model: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// The cold start and `worker-candle download` alike: model, then tokenizer.
+pub async fn resolve_source(source: &ModelSource) -> Result<Resolved> {
+    let hub = Hub::new(HubConfig::from_env(source.token.clone()))?;
+    hub.resolve_source(source).await
+}
+
 /// `worker-candle download`: what the image build runs to bake a model in.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DownloadArgs {
@@ -149,22 +189,19 @@ pub struct DownloadArgs {
 /// Downloads the model (and tokenizer) snapshot; prints the resolved paths on stdout. The token
 /// comes from the environment only (`HF_TOKEN`), never from the command line.
 pub async fn download_cli(args: DownloadArgs) -> Result<()> {
-    let token = env_token();
-    let hub = Hub::new(HubConfig::from_env(token))?;
-    let revision = non_empty(args.revision.as_deref());
-    let set = FileSet::Model {
-        gguf_file: non_empty(args.gguf_file.as_deref()).map(str::to_string),
+    let source = ModelSource {
+        name: args.model,
+        revision: args.revision,
+        base_path: args.base_path,
+        token: env_token(),
+        tokenizer_name: args.tokenizer,
+        tokenizer_revision: args.tokenizer_revision,
+        gguf_file: args.gguf_file,
     };
-    let model = hub
-        .resolve(&args.model, revision, &args.base_path, &set)
-        .await?;
-    println!("{}", model.display());
-    if let Some(tok) = non_empty(args.tokenizer.as_deref()) {
-        let rev = non_empty(args.tokenizer_revision.as_deref());
-        let path = hub
-            .resolve(tok, rev, &args.base_path, &FileSet::Tokenizer)
-            .await?;
-        println!("{}", path.display());
+    let resolved = resolve_source(&source).await?;
+    println!("{}", resolved.model.display());
+    if let Some(tokenizer) = resolved.tokenizer {
+        println!("{}", tokenizer.display());
     }
     Ok(())
 }
@@ -509,6 +546,29 @@ impl Hub {
             .build()
             .context("building the HTTP client")?;
         Ok(Self { config, client })
+    }
+
+    /// Resolves the model and, if named, the tokenizer.
+    pub async fn resolve_source(&self, source: &ModelSource) -> Result<Resolved> {
+        let set = FileSet::Model {
+            gguf_file: non_empty(source.gguf_file.as_deref()).map(str::to_string),
+        };
+        let revision = non_empty(source.revision.as_deref());
+        let model = self
+            .resolve(&source.name, revision, &source.base_path, &set)
+            .await?;
+        let tokenizer = match non_empty(source.tokenizer_name.as_deref()) {
+            None => None,
+            Some(name) => {
+                let rev = non_empty(source.tokenizer_revision.as_deref());
+                let path = self
+                    .resolve(name, rev, &source.base_path, &FileSet::Tokenizer)
+                    .await
+                    .with_context(|| format!("resolving TOKENIZER_NAME `{name}`"))?;
+                Some(path)
+            }
+        };
+        Ok(Resolved { model, tokenizer })
     }
 
     /// Local path → itself; repo id → a cached snapshot or a fresh download.

@@ -169,26 +169,28 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// `MODEL_NAME` → a local folder (or file) and an optional tokenizer folder.
-///
-/// Hook for the hub resolver (`worker_candle::hub`): today only local paths are accepted.
-fn resolve_model(config: &Config, name: &str) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let path = PathBuf::from(name);
-    if !path.exists() {
-        anyhow::bail!(
-            "MODEL_NAME `{name}` is not a local folder or file, and this build cannot download from the hub"
-        );
+/// `MODEL_NAME` → a local folder (or file) and an optional tokenizer folder: the hub resolver
+/// (a local path as is; a repo id from the cache under `BASE_PATH`, downloaded when missing).
+async fn resolve_model(config: &Config, name: &str) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let resolved = worker_candle::hub::resolve_source(&model_source(config, name)).await?;
+    Ok((resolved.model, resolved.tokenizer))
+}
+
+fn model_source(config: &Config, name: &str) -> worker_candle::hub::ModelSource {
+    let m = &config.model;
+    worker_candle::hub::ModelSource {
+        name: name.to_string(),
+        revision: m.revision.clone(),
+        base_path: m.base_path.clone(),
+        token: m.hf_token.as_ref().map(|t| t.expose().to_string()),
+        tokenizer_name: m.tokenizer_name.clone(),
+        tokenizer_revision: m.tokenizer_revision.clone(),
+        gguf_file: m.gguf_file.clone(),
     }
-    let tokenizer = match &config.model.tokenizer_name {
-        None => None,
-        Some(t) if Path::new(t).exists() => Some(PathBuf::from(t)),
-        Some(t) => anyhow::bail!("TOKENIZER_NAME `{t}` is not a local folder"),
-    };
-    Ok((path, tokenizer))
 }
 
 async fn start_engine(config: &Config, model_name: &str) -> anyhow::Result<Engine> {
-    let (model_path, tokenizer_path) = resolve_model(config, model_name)?;
+    let (model_path, tokenizer_path) = resolve_model(config, model_name).await?;
     let mut settings = config.engine_settings(model_path, tokenizer_path);
     if config.openai.served_model_name_override.is_none() {
         settings.served_model_name = model_name.to_string();
@@ -315,9 +317,18 @@ async fn test_input(config: &Config, text: &str) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Hook for the hub downloader (`worker_candle::hub`).
-async fn download(_config: &Config) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`download` is not available in this build yet")
+/// Downloads MODEL_NAME (and TOKENIZER_NAME) into the cache under BASE_PATH and prints the
+/// resolved folders: the image build's step, on the cold start's code path.
+async fn download(config: &Config) -> anyhow::Result<ExitCode> {
+    let Some(name) = config.model.name.as_deref() else {
+        anyhow::bail!("`download` needs MODEL_NAME");
+    };
+    let (model, tokenizer) = resolve_model(config, name).await?;
+    println!("{}", model.display());
+    if let Some(tokenizer) = tokenizer {
+        println!("{}", tokenizer.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Hook for `run-batch` (`worker_candle::batch`).

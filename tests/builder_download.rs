@@ -593,3 +593,112 @@ async fn local_folder_resolves_to_itself_and_a_missing_path_is_an_error() {
         .expect_err("missing path");
     assert!(format!("{err:#}").contains("/no/such/model"));
 }
+
+fn worker_command(server: &Server, base: &Path) -> std::process::Command {
+    command(env!("CARGO_BIN_EXE_worker-candle"), server, base)
+}
+
+fn command(
+    program: impl AsRef<std::ffi::OsStr>,
+    server: &Server,
+    base: &Path,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", base)
+        .env("HF_ENDPOINT", format!("http://{}", server.addr))
+        .env("MODEL_NAME", REPO)
+        .env("BASE_PATH", base)
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+#[tokio::test]
+async fn image_build_step_bakes_the_model_with_the_secret_token() {
+    let mut repo = llama_repo();
+    repo.token = Some(TOKEN.into());
+    let server = Server::start(repo).await;
+    let base = tempfile::tempdir().expect("tmp");
+    let secret = base.path().join("HF_TOKEN");
+    std::fs::write(&secret, TOKEN).expect("secret");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("builder/download-model.sh");
+
+    let mut cmd = command("sh", &server, base.path());
+    cmd.arg(&script)
+        .env("HF_TOKEN_SECRET_FILE", &secret)
+        .env("WORKER_BIN", env!("CARGO_BIN_EXE_worker-candle"));
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("run builder");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "builder failed: {stdout}\n{stderr}");
+    let snapshot = snapshot_dir(base.path());
+    assert!(stdout.contains(&snapshot.display().to_string()), "{stdout}");
+    assert_eq!(
+        std::fs::read(snapshot.join("model.safetensors")).expect("weights"),
+        fixture("model.safetensors")
+    );
+    assert!(
+        !stdout.contains(TOKEN) && !stderr.contains(TOKEN),
+        "the token leaked into the build log"
+    );
+    assert!(server.log().iter().all(|s| !s.uri.contains(TOKEN)));
+}
+
+#[tokio::test]
+async fn image_build_step_without_model_name_builds_the_generic_worker() {
+    let base = tempfile::tempdir().expect("tmp");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("builder/download-model.sh");
+    let out = std::process::Command::new("sh")
+        .arg(&script)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("BASE_PATH", base.path())
+        // Never run: the step must not call the worker at all.
+        .env("WORKER_BIN", "/nonexistent/worker-candle")
+        .output()
+        .expect("run builder");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("generic worker"));
+    assert_eq!(
+        std::fs::read_dir(base.path()).expect("dir").count(),
+        0,
+        "nothing downloaded"
+    );
+}
+
+/// The cold start resolves MODEL_NAME through the same downloader before the engine starts. (The
+/// job's own outcome belongs to the engine's and serving tests.)
+#[tokio::test]
+async fn cold_start_downloads_the_repo_before_loading_the_model() {
+    let server = Server::start(llama_repo()).await;
+    let base = tempfile::tempdir().expect("tmp");
+    let mut cmd = worker_command(&server, base.path());
+    cmd.env("LOG_FORMAT", "json").arg("--test-input").arg(
+        r#"{"input": {"prompt": "Hello", "sampling_params": {"max_tokens": 3, "temperature": 0}}}"#,
+    );
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("run worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let snapshot = snapshot_dir(base.path());
+    assert_eq!(
+        std::fs::read(snapshot.join("model.safetensors")).expect("downloaded weights"),
+        fixture("model.safetensors")
+    );
+    assert!(server.requested("pytorch_model.bin").is_empty());
+    let ready = stderr
+        .find("model snapshot ready")
+        .expect("download logged");
+    let loading = stderr
+        .find("loading the model")
+        .expect("engine start logged");
+    assert!(
+        ready < loading,
+        "the model must be resolved before it loads:\n{stderr}"
+    );
+}

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::handler::EngineHandler;
 use super::job::{JobError, PieceStream};
+use super::metrics::Metrics;
 use super::routing::Method;
 use super::stream_batch::BatchPolicy;
 use crate::api::openai::{self, OpenAiResponse, OpenAiSettings, StreamEvent};
@@ -48,13 +49,21 @@ pub fn pieces(
         Method::Post => axum::http::Method::POST,
     };
     let route = route.to_string();
+    let metrics = handler.metrics().clone();
     async_stream::stream! {
         match openai::handle(&engine, &settings, &route, method, body).await {
-            OpenAiResponse::Json { status, body } if status < 400 => yield Ok(body),
+            OpenAiResponse::Json { status, body } if status < 400 => {
+                record_usage(&metrics, &body);
+                yield Ok(body)
+            }
             OpenAiResponse::Json { status, body } => yield Err(job_error(status, &body)),
             OpenAiResponse::Stream(events) => {
-                let chunks = events.map(|event| match event {
-                    StreamEvent::Data(v) => Ok(Chunk::Data(v)),
+                let metrics = metrics.clone();
+                let chunks = events.map(move |event| match event {
+                    StreamEvent::Data(v) => {
+                        record_usage(&metrics, &v);
+                        Ok(Chunk::Data(v))
+                    }
                     StreamEvent::Done => Ok(Chunk::Done),
                     StreamEvent::Error(e) => Err(job_error(e.status, &e.body())),
                 });
@@ -66,6 +75,17 @@ pub fn pieces(
         }
     }
     .boxed()
+}
+
+/// Counts the tokens of a response (or of the usage chunk of a stream) in the metrics.
+fn record_usage(metrics: &Metrics, body: &Value) {
+    let usage = &body["usage"];
+    if let (Some(prompt), Some(completion)) = (
+        usage["prompt_tokens"].as_u64(),
+        usage["completion_tokens"].as_u64(),
+    ) {
+        metrics.record_generation(prompt as usize, completion as usize, None);
+    }
 }
 
 /// An OpenAI error body (`{"error": {message, type, code}}`) as the job's error.

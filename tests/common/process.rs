@@ -84,7 +84,10 @@ impl Running {
     /// Panics with the worker's log if it has exited (so a test does not wait for a dead worker).
     pub fn assert_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("worker-candle exited early ({status}); stderr:\n{}", self.stderr());
+            panic!(
+                "worker-candle exited early ({status}); stderr:\n{}",
+                self.stderr()
+            );
         }
     }
 
