@@ -177,3 +177,26 @@ fn over_long_and_bad_inputs_are_client_errors() {
     // The longest allowed input runs.
     assert_eq!(embed(&e, vec![vec![5; 128]], None)[0].len(), 64);
 }
+
+/// all-MiniLM's tokenizer.json presets padding and truncation to 128; the engine must see the real
+/// tokens (it counts, rejects or truncates itself).
+#[test]
+fn preset_padding_and_truncation_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer_config.json", "config.json"] {
+        std::fs::copy(fixture().join(f), dir.path().join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(fixture().join("tokenizer.json")).unwrap();
+    let mut tok: Value = serde_json::from_str(&text).unwrap();
+    tok["padding"] = serde_json::json!({
+        "strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": null,
+        "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"
+    });
+    tok["truncation"] = serde_json::json!({
+        "direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0
+    });
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    let c = &cases()[0];
+    assert_eq!(tok.encode(&c.input, true).unwrap(), c.ids);
+}

@@ -12,9 +12,11 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::error::EngineError;
+use super::kv_cache::KvCache;
+use super::loader::load_causal;
 use super::loader::{read_config, resolve_device, resolve_dtype, safetensors_files};
 use super::models::bert::{BertConfig, BertModel, ENCODER_ARCHITECTURES};
-use super::models::ForwardBatch;
+use super::models::{causal_architecture, CausalLM, ForwardBatch, LogitsWanted, SeqInput};
 use super::runner::{Embedder, EngineParts, Executor, ModelInfo};
 use super::scheduler::SchedulerConfig;
 use super::settings::EngineSettings;
@@ -327,6 +329,146 @@ pub fn is_encoder_model(dir: &Path) -> bool {
     }
 }
 
+/// KV blocks a decoder embedder keeps for its forward passes (one batch at a time).
+const DECODER_CACHE_TOKENS: usize = 8 * 1024;
+
+/// A decoder model used as an embedder (Qwen3-Embedding style): one prefill pass over each input,
+/// the final normed hidden states pooled (last token, normally). The model and a small KV cache of
+/// its own sit behind a lock: embedding requests run one batch at a time.
+pub struct DecoderEmbedder {
+    state: std::sync::Mutex<(Box<dyn CausalLM>, KvCache)>,
+    spec: PoolingSpec,
+    max_len: usize,
+    block_size: usize,
+}
+
+impl DecoderEmbedder {
+    pub fn new(
+        model: Box<dyn CausalLM>,
+        spec: PoolingSpec,
+        max_len: usize,
+    ) -> anyhow::Result<Self> {
+        let block_size = 16;
+        let tokens = DECODER_CACHE_TOKENS.max(max_len);
+        let cache = KvCache::new(model.spec(), tokens.div_ceil(block_size), block_size)?;
+        Ok(Self {
+            state: std::sync::Mutex::new((model, cache)),
+            spec,
+            max_len,
+            block_size,
+        })
+    }
+
+    /// Loads the causal model of a sentence-transformers folder (`modules.json` present).
+    pub fn load(settings: &EngineSettings) -> anyhow::Result<Self> {
+        let loaded = load_causal(settings)?;
+        let spec = PoolingSpec::from_dir(&settings.model_path, Pooling::LastToken)?;
+        Self::new(loaded.model, spec, loaded.meta.max_model_len)
+    }
+
+    pub fn spec(&self) -> PoolingSpec {
+        self.spec
+    }
+
+    /// Splits inputs (in order) into runs whose blocks fit the cache.
+    fn plan(&self, lens: &[usize], num_blocks: usize) -> Vec<Vec<usize>> {
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        let mut used = 0;
+        for (i, len) in lens.iter().enumerate() {
+            let blocks = len.div_ceil(self.block_size);
+            if used + blocks > num_blocks || batches.is_empty() {
+                batches.push(Vec::new());
+                used = 0;
+            }
+            used += blocks;
+            if let Some(b) = batches.last_mut() {
+                b.push(i);
+            }
+        }
+        batches
+    }
+
+    fn embed_inputs(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
+        validate_inputs(&request.inputs, self.max_len)?;
+        let state = self.state.lock();
+        let mut state =
+            state.map_err(|_| EngineError::Internal("the embedder's lock is poisoned".into()))?;
+        let (model, cache) = &mut *state;
+        let model_spec = model.spec().clone();
+        let vocab = model_spec.vocab_size;
+        for (i, input) in request.inputs.iter().enumerate() {
+            if let Some(bad) = input.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::invalid(
+                    "input",
+                    format!(
+                        "input {i}: token id {bad} is out of range for a vocabulary of {vocab}"
+                    ),
+                ));
+            }
+        }
+        let dims = check_dimensions(request.dimensions, model_spec.hidden_size)?;
+        let lens: Vec<usize> = request.inputs.iter().map(Vec::len).collect();
+        let wanted = match self.spec.pooling {
+            Pooling::LastToken => LogitsWanted::Last,
+            _ => LogitsWanted::All,
+        };
+        let mut out = Vec::with_capacity(lens.len());
+        for batch in self.plan(&lens, cache.num_blocks()) {
+            let mut next_block = 0u32;
+            let mut tokens = Vec::new();
+            let mut seqs = Vec::new();
+            for &i in &batch {
+                let blocks = lens[i].div_ceil(self.block_size) as u32;
+                tokens.extend_from_slice(&request.inputs[i]);
+                seqs.push(SeqInput {
+                    context_len: 0,
+                    num_new: lens[i],
+                    block_table: (next_block..next_block + blocks).collect(),
+                    logits: wanted,
+                });
+                next_block += blocks;
+            }
+            let hidden = model.hidden_states(&ForwardBatch { tokens, seqs }, cache)?;
+            let mut row = 0;
+            for &i in &batch {
+                let rows = if wanted == LogitsWanted::Last {
+                    1
+                } else {
+                    lens[i]
+                };
+                let states = hidden.narrow(0, row, rows)?;
+                row += rows;
+                let pooled = pool(&states, self.spec.pooling)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?;
+                out.push(finish_vector(pooled, self.spec.normalize, dims));
+            }
+        }
+        Ok(EmbedOutput {
+            embeddings: out,
+            prompt_tokens: lens.iter().sum(),
+        })
+    }
+}
+
+impl Embedder for DecoderEmbedder {
+    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
+        self.embed_inputs(request)
+    }
+}
+
+/// Whether a folder holds a decoder packaged as a sentence-transformers embedder (`modules.json`
+/// next to a supported causal architecture).
+pub fn is_decoder_embedder(dir: &Path) -> bool {
+    dir.join("modules.json").is_file()
+        && read_config(dir).is_ok_and(|c| causal_architecture(&c).is_ok())
+}
+
+/// Whether the engine should serve this folder as an embedding model.
+pub fn is_embedding_model(dir: &Path) -> bool {
+    is_encoder_model(dir) || is_decoder_embedder(dir)
+}
+
 /// An encoder loaded for the engine, with the facts `ModelInfo` needs.
 pub struct LoadedEmbedder {
     pub embedder: Arc<EncoderEmbedder>,
@@ -359,8 +501,17 @@ pub fn load_encoder(settings: &EngineSettings) -> anyhow::Result<LoadedEmbedder>
     })
 }
 
-/// An encoder has no causal model: the engine never schedules a step for it (`can_generate` is
-/// false), so this executor only explains itself if ever called.
+struct LoadedAny {
+    embedder: Arc<dyn Embedder>,
+    spec: PoolingSpec,
+    dimensions: usize,
+    architecture: String,
+    max_model_len: usize,
+    vocab_size: usize,
+}
+
+/// An embedding model is never scheduled (`can_generate` is false), so this executor only explains
+/// itself if ever called.
 struct NoExecutor;
 
 impl Executor for NoExecutor {
@@ -369,22 +520,49 @@ impl Executor for NoExecutor {
     }
 }
 
-/// The engine's parts for an encoder model: the embedder, the tokenizer, no generation.
-pub fn encoder_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
+/// The engine's parts for an embedding model (encoder, or decoder in sentence-transformers layout):
+/// the embedder, the tokenizer, no generation.
+pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     let tok_dir = settings
         .tokenizer_path
         .clone()
         .unwrap_or_else(|| settings.model_path.clone());
     let tokenizer = Tokenizer::from_dir(&tok_dir)
         .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
-    let loaded = load_encoder(settings)?;
+    let loaded = if is_encoder_model(&settings.model_path) {
+        let e = load_encoder(settings)?;
+        LoadedAny {
+            dimensions: e.embedder.dimensions(),
+            spec: e.embedder.spec(),
+            architecture: e.architecture,
+            max_model_len: e.max_model_len,
+            vocab_size: e.vocab_size,
+            embedder: e.embedder,
+        }
+    } else {
+        let arch = causal_architecture(&read_config(&settings.model_path)?)?.to_string();
+        let d = DecoderEmbedder::load(settings)?;
+        let (dimensions, vocab_size, max_model_len) = {
+            let state = d.state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let spec = state.0.spec();
+            (spec.hidden_size, spec.vocab_size, d.max_len)
+        };
+        LoadedAny {
+            dimensions,
+            spec: d.spec(),
+            architecture: arch,
+            max_model_len,
+            vocab_size,
+            embedder: Arc::new(d),
+        }
+    };
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     tracing::info!(
         architecture = %loaded.architecture,
-        dimensions = loaded.embedder.dimensions(),
-        pooling = ?loaded.embedder.spec(),
+        dimensions = loaded.dimensions,
+        pooling = ?loaded.spec,
         "embedding model loaded"
     );
     Ok(EngineParts {

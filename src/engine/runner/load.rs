@@ -64,8 +64,8 @@ impl Executor for CausalExecutor {
 
 /// Loads tokenizer, model, chat template and a KV cache sized by the budget.
 pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
-    if crate::engine::embedding::is_encoder_model(&settings.model_path) {
-        return crate::engine::embedding::encoder_parts(settings);
+    if crate::engine::embedding::is_embedding_model(&settings.model_path) {
+        return crate::engine::embedding::embedding_parts(settings);
     }
     let tok_dir = settings
         .tokenizer_path
