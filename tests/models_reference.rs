@@ -310,12 +310,25 @@ fn chunked_prefill_equals_one_go() {
     }
 }
 
-/// The packed CPU flash-attention path and the portable per-sequence loop agree, on prefill (with
-/// cached context) and on mixed steps.
+/// Every attention path (the portable loop, candle's packed CPU flash attention, the fused paged CPU
+/// kernel, the automatic choice) computes the same, on chunks with cached context and on decodes.
 #[test]
-fn varlen_and_loop_attention_agree() {
+fn attention_paths_agree() {
     for name in CAUSAL {
-        let fast = load(&fixture(name)).model;
+        for imp in [
+            AttentionImpl::Varlen,
+            AttentionImpl::Fused,
+            AttentionImpl::Auto,
+        ] {
+            attention_paths_agree_on(name, imp);
+        }
+    }
+}
+
+fn attention_paths_agree_on(name: &str, imp: AttentionImpl) {
+    {
+        let mut fast = load(&fixture(name)).model;
+        fast.set_attention_impl(imp);
         let mut slow = load(&fixture(name)).model;
         slow.set_attention_impl(AttentionImpl::Loop);
         let ps: Vec<Vec<u32>> = prompts(name).into_iter().take(3).collect();
