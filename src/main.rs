@@ -44,6 +44,16 @@ struct Cli {
         global = true
     )]
     test_input: Option<String>,
+    /// The SDK's spelling of `serve` (`--rp_serve_api [--rp_api_host H] [--rp_api_port P]`).
+    #[arg(long = "rp_serve_api", hide = true)]
+    rp_serve_api: bool,
+    #[arg(long = "rp_api_host", hide = true, default_value = "127.0.0.1")]
+    rp_api_host: String,
+    #[arg(long = "rp_api_port", hide = true, default_value_t = 8000)]
+    rp_api_port: u16,
+    /// Accepted for the SDK's sake; `MAX_CONCURRENCY` sets the concurrency.
+    #[arg(long = "rp_api_concurrency", hide = true)]
+    rp_api_concurrency: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -119,6 +129,13 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     if let Some(text) = &cli.test_input {
         return test_input(&config, text).await;
+    }
+    if cli.rp_serve_api {
+        let args = ServeArgs {
+            host: cli.rp_api_host.clone(),
+            port: cli.rp_api_port,
+        };
+        return serve(&config, &args).await;
     }
     match cli.command {
         Some(Command::Serve(args)) => serve(&config, &args).await,
