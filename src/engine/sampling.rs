@@ -18,10 +18,6 @@ mod kernels;
 /// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`).
 pub const GREEDY_EPS: f32 = 1e-5;
 
-/// Candidates examined first when looking for the top-p nucleus without a top-k; doubled until the
-/// nucleus fits, so a peaked distribution never pays for a full sort.
-const NUCLEUS_FIRST_GUESS: usize = 256;
-
 /// One sampling step's result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
@@ -307,7 +303,7 @@ pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     top
 }
 
-const SMALL_TOP_N: usize = 64;
+const SMALL_TOP_N: usize = 256;
 
 fn descending(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
@@ -334,16 +330,24 @@ impl Ord for Weakest {
 }
 
 fn top_n_heap(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    const BLOCK: usize = 64;
     let mut heap = std::collections::BinaryHeap::with_capacity(n + 1);
-    for (i, v) in enumerate(values) {
-        if heap.len() < n {
-            heap.push(Weakest(i, v));
-        } else if heap
-            .peek()
-            .is_some_and(|w: &Weakest| v.total_cmp(&w.1).is_gt())
-        {
-            heap.pop();
-            heap.push(Weakest(i, v));
+    for (i, v) in enumerate(&values[..n]) {
+        heap.push(Weakest(i, v));
+    }
+    // The weakest kept value: later entries must beat it strictly (a tie keeps the lower id). Whole
+    // blocks below it are skipped with the vectorised max, which is most of a vocabulary.
+    let mut floor = heap.peek().map_or(f32::NEG_INFINITY, |w: &Weakest| w.1);
+    for (b, block) in values[n..].chunks(BLOCK).enumerate() {
+        if kernels::max(block) <= floor {
+            continue;
+        }
+        for (j, v) in block.iter().enumerate() {
+            if *v > floor {
+                heap.pop();
+                heap.push(Weakest((n + b * BLOCK + j) as u32, *v));
+                floor = heap.peek().map_or(f32::NEG_INFINITY, |w| w.1);
+            }
         }
     }
     heap.into_iter().map(|Weakest(i, v)| (i, v)).collect()
@@ -355,21 +359,44 @@ fn to_weights(row: &mut [f32], inv_t: f32) -> f64 {
     kernels::exp_in_place(row, max, inv_t)
 }
 
-/// The smallest set of heaviest tokens whose weight reaches `top_p` of `total` (at least one token).
-/// Looks at a few hundred candidates first and widens only when the nucleus is larger, so a peaked
-/// distribution never pays for a sort of the whole vocabulary.
+/// The smallest set of heaviest tokens whose weight reaches `top_p` of `total` (at least one token),
+/// in no particular order. Sorting the vocabulary is what makes top-p slow, so the weights are first
+/// binned by their float bits (monotonic for non-negative floats; 8 bins per octave): the bins above
+/// the one where the mass crosses `top_p` are kept whole, and only that one bin is sorted.
 fn nucleus(weights: &[f32], total: f64, top_p: f32) -> Vec<(u32, f32)> {
-    let mut guess = NUCLEUS_FIRST_GUESS;
-    loop {
-        let whole = guess * 8 >= weights.len();
-        let sorted = top_n(weights, if whole { weights.len() } else { guess });
-        let reached = cut_at_mass(&sorted, top_p as f64 * total);
-        match reached {
-            Some(len) => return truncated(sorted, len),
-            None if whole => return sorted,
-            None => guess *= 8,
+    const BINS: usize = 1 << 11;
+    let bin = |w: f32| (w.to_bits() >> 20) as usize & (BINS - 1);
+    let mut mass = vec![0f64; BINS];
+    for w in weights {
+        mass[bin(*w)] += *w as f64;
+    }
+    let target = top_p as f64 * total;
+    let mut above = 0.0;
+    let mut cut = None;
+    for b in (0..BINS).rev() {
+        if above + mass[b] >= target {
+            cut = Some(b);
+            break;
+        }
+        above += mass[b];
+    }
+    // Rounding kept the bins' sum below the target: everything is in the nucleus.
+    let Some(cut) = cut else {
+        return enumerate(weights).filter(|(_, w)| *w > 0.0).collect();
+    };
+    let mut kept = Vec::new();
+    let mut edge = Vec::new();
+    for (i, w) in enumerate(weights) {
+        match bin(w).cmp(&cut) {
+            std::cmp::Ordering::Greater => kept.push((i, w)),
+            std::cmp::Ordering::Equal => edge.push((i, w)),
+            std::cmp::Ordering::Less => {}
         }
     }
+    edge.sort_unstable_by(descending);
+    let need = cut_at_mass(&edge, target - above).unwrap_or(edge.len());
+    kept.extend_from_slice(&edge[..need.max(1)]);
+    kept
 }
 
 /// `nucleus` over already sorted candidates (top-k's), renormalised to their own `total`.
@@ -608,14 +635,25 @@ mod tests {
     }
 
     #[test]
-    fn nucleus_grows_past_the_first_guess() {
-        // A flat 100k vocabulary: top_p 0.5 needs 50k tokens, far beyond the first guess of 256.
+    fn nucleus_is_the_smallest_top_set_reaching_top_p() {
+        // A flat vocabulary: half the mass is half the tokens.
         let weights = vec![1.0f32; 100_000];
         assert_eq!(nucleus(&weights, 100_000.0, 0.5).len(), 50_000);
-        // A steep one stops at the first guess.
-        let steep: Vec<f32> = (0..100_000).map(|i| 0.5f32.powi(i % 4000)).collect();
-        let kept = nucleus(&steep, steep.iter().map(|w| *w as f64).sum(), 0.9);
-        assert!(kept.len() < 256 && kept.len() >= 25, "{}", kept.len());
+        // Against a full sort on an irregular row.
+        let row: Vec<f32> = (0..50_000u64)
+            .map(|i| ((i * 2_654_435_761) % 10_007) as f32 / 10_007.0)
+            .map(|x| (12.0 * x * x * x).exp() / 12.0f32.exp())
+            .collect();
+        let total: f64 = row.iter().map(|w| *w as f64).sum();
+        for top_p in [0.01, 0.3, 0.9, 0.999] {
+            let mut got: Vec<u32> = nucleus(&row, total, top_p).iter().map(|c| c.0).collect();
+            got.sort_unstable();
+            let sorted = top_n(&row, row.len());
+            let len = cut_at_mass(&sorted, top_p as f64 * total).unwrap();
+            let mut want: Vec<u32> = sorted[..len].iter().map(|c| c.0).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "top_p {top_p}");
+        }
     }
 
     #[test]
