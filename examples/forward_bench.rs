@@ -1,38 +1,48 @@
-//! Single-stream model speed without the scheduler: prefill of P tokens, then N greedy decode steps,
-//! median of 3 runs. `cargo run --release --example forward_bench -- MODEL_DIR [P] [N]`
+//! Single-stream model speed, without the engine around it: prefill of a prompt in one forward, then
+//! greedy decode one token per forward, through the paged KV cache.
+//!
+//! `cargo run --release --example forward_bench -- MODEL_DIR [PROMPT_TOKENS=128] [NEW_TOKENS=128] [RUNS=3]`
+//!
+//! Prints the median prefill and decode tokens/s over the runs. `DTYPE=f32|bf16|f16` overrides the dtype
+//! (default: the loader's auto choice); `RAYON_NUM_THREADS` the thread count.
 
 use std::time::Instant;
 
+use anyhow::{bail, Context, Result};
 use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::loader::load_causal;
 use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
-use worker_candle::engine::EngineSettings;
+use worker_candle::engine::settings::{DTypeChoice, EngineSettings};
 
 const BLOCK: usize = 16;
 
-fn run(
+fn arg(args: &[String], i: usize, default: usize) -> Result<usize> {
+    match args.get(i) {
+        Some(s) => s
+            .parse()
+            .with_context(|| format!("argument {i} `{s}` is not a number")),
+        None => Ok(default),
+    }
+}
+
+fn step(
     model: &dyn CausalLM,
     cache: &mut KvCache,
     tokens: Vec<u32>,
-    context_len: usize,
-) -> anyhow::Result<u32> {
-    let total = context_len + tokens.len();
+    ctx: usize,
+    blocks: &[u32],
+) -> Result<u32> {
     let batch = ForwardBatch {
         seqs: vec![SeqInput {
-            context_len,
+            context_len: ctx,
             num_new: tokens.len(),
-            block_table: (0..total.div_ceil(BLOCK) as u32).collect(),
+            block_table: blocks.to_vec(),
             logits: LogitsWanted::Last,
         }],
         tokens,
     };
-    let logits: Vec<f32> = model.forward(&batch, cache)?.squeeze(0)?.to_vec1()?;
-    Ok(logits
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .unwrap_or(0))
+    let logits = model.forward(&batch, cache)?.squeeze(0)?;
+    Ok(logits.argmax(0)?.to_scalar::<u32>()?)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -40,32 +50,65 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = args
-        .get(1)
-        .expect("usage: forward_bench MODEL_DIR [PROMPT] [NEW]");
-    let p: usize = args.get(2).map_or(Ok(128), |s| s.parse())?;
-    let n: usize = args.get(3).map_or(Ok(128), |s| s.parse())?;
-    let loaded = load_causal(&EngineSettings::for_model(dir))?;
+    let Some(dir) = args.get(1) else {
+        bail!("usage: forward_bench MODEL_DIR [PROMPT_TOKENS] [NEW_TOKENS] [RUNS]")
+    };
+    let (p, n, runs) = (
+        arg(&args, 2, 128)?,
+        arg(&args, 3, 128)?,
+        arg(&args, 4, 3)?.max(1),
+    );
+    let mut settings = EngineSettings::for_model(dir);
+    settings.dtype = match std::env::var("DTYPE").as_deref() {
+        Ok("f32") | Ok("float32") => DTypeChoice::F32,
+        Ok("bf16") | Ok("bfloat16") => DTypeChoice::BF16,
+        Ok("f16") | Ok("float16") => DTypeChoice::F16,
+        _ => DTypeChoice::Auto,
+    };
+    let t = Instant::now();
+    let loaded = load_causal(&settings)?;
     let model = loaded.model.as_ref();
-    let vocab = model.spec().vocab_size as u32;
-    let prompt: Vec<u32> = (0..p as u32).map(|i| (i * 7919 + 100) % vocab).collect();
-    let blocks = (p + n).div_ceil(BLOCK) + 1;
+    let spec = model.spec().clone();
+    eprintln!(
+        "loaded {} ({:?} on {:?}) in {:.2}s, {} threads",
+        loaded.meta.architecture,
+        spec.dtype,
+        spec.device,
+        t.elapsed().as_secs_f64(),
+        candle_core::utils::get_num_threads()
+    );
+    let vocab = spec.vocab_size as u64;
+    // a fixed pseudo-random prompt (xorshift), the same every run
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let prompt: Vec<u32> = (0..p)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab) as u32
+        })
+        .collect();
+    let nblocks = (p + n).div_ceil(BLOCK);
+    let blocks: Vec<u32> = (0..nblocks as u32).collect();
+    let mut cache = KvCache::new(&spec, nblocks, BLOCK)?;
+    // warm-up: first touches of the weights and allocator
+    step(model, &mut cache, prompt[..8.min(p)].to_vec(), 0, &blocks)?;
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let mut cache = KvCache::new(model.spec(), blocks, BLOCK)?;
+    for _ in 0..runs {
         let t = Instant::now();
-        let mut tok = run(model, &mut cache, prompt.clone(), 0)?;
+        let mut tok = step(model, &mut cache, prompt.clone(), 0, &blocks)?;
         pre.push(p as f64 / t.elapsed().as_secs_f64());
         let t = Instant::now();
         for i in 0..n {
-            tok = run(model, &mut cache, vec![tok], p + i)?;
+            tok = step(model, &mut cache, vec![tok], p + i, &blocks)?;
         }
         dec.push(n as f64 / t.elapsed().as_secs_f64());
     }
     println!(
-        "prefill {:.1} tok/s, decode {:.1} tok/s (prompt {p}, new {n}, median of 3)",
+        "{}: prompt {p} tokens, {n} new tokens, median of {runs}: prefill {:.1} tok/s, decode {:.1} tok/s",
+        loaded.meta.architecture,
         median(pre),
         median(dec)
     );

@@ -12,7 +12,17 @@ use worker_candle::engine::loader::{load_causal, LoadedModel};
 use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::EngineSettings;
 
-const CAUSAL: &[&str] = &["llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2"];
+const CAUSAL: &[&str] = &[
+    "llama",
+    "qwen2",
+    "mistral",
+    "phi3",
+    "gemma2",
+    "gpt2",
+    "qwen3",
+    "llama31",
+    "mistral_sw",
+];
 const TOL: f32 = 1e-4;
 const BLOCK: usize = 4;
 
@@ -206,6 +216,76 @@ fn gpt2_matches_reference() {
     check_reference("gpt2");
 }
 
+/// Made by `tests/fixtures/gen_extra.py`: q/k norms.
+#[test]
+fn qwen3_matches_reference() {
+    check_reference("qwen3");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: `llama3` RoPE scaling (original context 32, so the prompts
+/// reach the scaled band) and tied embeddings.
+#[test]
+fn llama31_matches_reference() {
+    check_reference("llama31");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: a sliding window of 5, shorter than every prompt.
+#[test]
+fn mistral_sliding_window_matches_reference() {
+    check_reference("mistral_sw");
+}
+
+/// Every attention path masks the same keys out of the window, and the window changes the result.
+#[test]
+fn sliding_window_masks_the_same_keys_on_every_path() {
+    let dir = fixture("mistral_sw");
+    let p = prompts("mistral_sw")
+        .into_iter()
+        .max_by_key(Vec::len)
+        .expect("prompt");
+    let run = |imp: AttentionImpl| {
+        let mut model = load(&dir).model;
+        model.set_attention_impl(imp);
+        let mut cache = new_cache(model.as_ref(), 40);
+        let mut s = Seq::new(p.clone(), (0..40).rev().collect());
+        let mut out = forward(
+            model.as_ref(),
+            &mut cache,
+            vec![s.input(p.len() - 1, LogitsWanted::All)],
+        );
+        s.cached = p.len() - 1;
+        out.extend(forward(
+            model.as_ref(),
+            &mut cache,
+            vec![s.input(1, LogitsWanted::Last)],
+        ));
+        out
+    };
+    let base = run(AttentionImpl::Loop);
+    for imp in [
+        AttentionImpl::Varlen,
+        AttentionImpl::Fused,
+        AttentionImpl::Auto,
+    ] {
+        for (i, (a, b)) in base.iter().zip(&run(imp)).enumerate() {
+            let d = max_diff(a, b);
+            assert!(d < TOL, "{imp:?}: row {i} differs by {d}");
+        }
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_fixture("mistral_sw", tmp.path(), false);
+    let path = tmp.path().join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    cfg["sliding_window"] = Value::Null;
+    std::fs::write(&path, cfg.to_string()).expect("write");
+    let unwindowed = last_logits_of(tmp.path(), &p);
+    assert!(
+        max_diff(&unwindowed, base.last().expect("row")) > 1e-3,
+        "the window changed nothing"
+    );
+}
+
 fn prompts(name: &str) -> Vec<Vec<u32>> {
     reference(name)["cases"]
         .as_array()
@@ -310,12 +390,25 @@ fn chunked_prefill_equals_one_go() {
     }
 }
 
-/// The packed CPU flash-attention path and the portable per-sequence loop agree, on prefill (with
-/// cached context) and on mixed steps.
+/// Every attention path (the portable loop, candle's packed CPU flash attention, the fused paged CPU
+/// kernel, the automatic choice) computes the same, on chunks with cached context and on decodes.
 #[test]
-fn varlen_and_loop_attention_agree() {
+fn attention_paths_agree() {
     for name in CAUSAL {
-        let fast = load(&fixture(name)).model;
+        for imp in [
+            AttentionImpl::Varlen,
+            AttentionImpl::Fused,
+            AttentionImpl::Auto,
+        ] {
+            attention_paths_agree_on(name, imp);
+        }
+    }
+}
+
+fn attention_paths_agree_on(name: &str, imp: AttentionImpl) {
+    {
+        let mut fast = load(&fixture(name)).model;
+        fast.set_attention_impl(imp);
         let mut slow = load(&fixture(name)).model;
         slow.set_attention_impl(AttentionImpl::Loop);
         let ps: Vec<Vec<u32>> = prompts(name).into_iter().take(3).collect();
@@ -370,8 +463,9 @@ fn copy_fixture(name: &str, to: &Path, skip_weights: bool) {
 
 fn last_logits_of(dir: &Path, prompt: &[u32]) -> Vec<f32> {
     let model = load(dir).model;
-    let mut cache = new_cache(model.as_ref(), 16);
-    let s = Seq::new(prompt.to_vec(), (0..16).collect());
+    let nb = prompt.len().div_ceil(BLOCK);
+    let mut cache = new_cache(model.as_ref(), nb);
+    let s = Seq::new(prompt.to_vec(), (0..nb as u32).collect());
     forward(
         model.as_ref(),
         &mut cache,

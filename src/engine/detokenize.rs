@@ -61,7 +61,13 @@ impl Detokenizer {
     /// continuation's leading space or a character split across the prompt boundary comes out as it
     /// does in the whole text (vLLM's behaviour).
     pub fn with_context(tokenizer: Tokenizer, opts: DecodeOptions, prompt_ids: &[u32]) -> Self {
-        let context = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_CONTEXT)..];
+        let mut context = &prompt_ids[prompt_ids.len().saturating_sub(PROMPT_CONTEXT)..];
+        if !opts.skip_special_tokens && opts.spaces_between_special_tokens {
+            // A special token in the context would put a space before the first generated token.
+            if let Some(last) = context.iter().rposition(|id| tokenizer.is_special(*id)) {
+                context = &context[last + 1..];
+            }
+        }
         Self {
             tokenizer,
             opts,
@@ -210,5 +216,25 @@ mod tests {
         text.push_str(&d.finish().unwrap());
         assert_eq!(text, " is 世界");
         assert_eq!(d.output_ids(), &out[..]);
+    }
+
+    #[test]
+    fn special_prompt_end_adds_no_space_to_the_output() {
+        let tok = fixture();
+        let prompt = tok
+            .encode("<|im_start|>assistant<|im_end|>", false)
+            .unwrap();
+        let out = tok.encode("Hi<|im_end|>", false).unwrap();
+        let opts = DecodeOptions {
+            skip_special_tokens: false,
+            spaces_between_special_tokens: true,
+        };
+        let mut d = Detokenizer::with_context(tok.clone(), opts, &prompt);
+        let mut text = String::new();
+        for id in &out {
+            text.push_str(&d.push(*id).unwrap());
+        }
+        text.push_str(&d.finish().unwrap());
+        assert_eq!(text, "Hi <|im_end|>");
     }
 }

@@ -138,6 +138,11 @@ impl KvCache {
         }
     }
 
+    /// A layer's whole key and value tensors, `[kv_heads, slots, head_dim]`.
+    pub fn layer_tensors(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        self.layer(layer)
+    }
+
     fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
         match self.layers.get(layer) {
             Some((k, v)) => Ok((k, v)),

@@ -13,12 +13,10 @@ use rand::{Rng, SeedableRng};
 
 use super::types::SamplingParams;
 
+mod kernels;
+
 /// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`).
 pub const GREEDY_EPS: f32 = 1e-5;
-
-/// Candidates examined first when looking for the top-p nucleus without a top-k; doubled until the
-/// nucleus fits, so a peaked distribution never pays for a full sort.
-const NUCLEUS_FIRST_GUESS: usize = 256;
 
 /// One sampling step's result.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,34 +173,42 @@ impl Sampler {
         }
     }
 
-    /// Temperature, then top-k, top-p and min-p, then a draw from what is left.
-    fn sample_filtered(&mut self, logits: &mut [f32]) -> u32 {
-        let inv_t = 1.0 / self.temperature;
-        for l in logits.iter_mut() {
-            *l *= inv_t;
-        }
-        let vocab = logits.len();
+    /// Temperature, then top-k, top-p and min-p, then a draw from what is left. The row is turned
+    /// into unnormalised probabilities once (`exp((l - max) / T)`, so the best token weighs 1); every
+    /// filter works on those weights, whose order is the logits' order.
+    fn sample_filtered(&mut self, row: &mut [f32]) -> u32 {
+        let total = to_weights(row, 1.0 / self.temperature);
+        let vocab = row.len();
         let k = if self.top_k == 0 {
             vocab
         } else {
             self.top_k.min(vocab)
         };
-        let mut candidates: Option<Vec<(u32, f32)>> = (k < vocab).then(|| top_n(logits, k));
+        let mut candidates: Option<Vec<(u32, f32)>> = (k < vocab).then(|| top_n(row, k));
         if self.top_p < 1.0 {
-            candidates = Some(nucleus(logits, candidates, self.top_p));
+            candidates = Some(match candidates {
+                Some(c) => {
+                    let total = c.iter().map(|(_, w)| *w as f64).sum();
+                    nucleus_prefix(c, total, self.top_p)
+                }
+                None => nucleus(row, total, self.top_p),
+            });
         }
         if self.min_p > 0.0 {
-            let floor = max_value(logits) + self.min_p.ln();
-            let kept = match candidates {
-                Some(c) => c.into_iter().filter(|(_, l)| *l >= floor).collect(),
-                None => enumerate(logits).filter(|(_, l)| *l >= floor).collect(),
-            };
-            candidates = Some(kept);
+            // Weights are relative to the best token already: min_p is the floor itself.
+            let floor = self.min_p;
+            candidates = Some(match candidates {
+                Some(c) => c.into_iter().filter(|(_, w)| *w >= floor).collect(),
+                None => enumerate(row).filter(|(_, w)| *w >= floor).collect(),
+            });
         }
         let u: f64 = self.rng.random();
         match candidates {
-            Some(c) => draw(c.iter().copied(), u),
-            None => draw(enumerate(logits), u),
+            Some(c) => {
+                let total = c.iter().map(|(_, w)| *w as f64).sum();
+                draw(c.iter().copied(), total, u)
+            }
+            None => kernels::position_of_mass(row, u * total).unwrap_or(0) as u32,
         }
     }
 
@@ -251,21 +257,14 @@ fn enumerate(values: &[f32]) -> impl Iterator<Item = (u32, f32)> + Clone + '_ {
     values.iter().enumerate().map(|(i, v)| (i as u32, *v))
 }
 
-/// Index of the largest value (the first on a tie; NaN never wins).
+/// Index of the largest value (the first on a tie; NaN never wins; 0 for a row of `-inf`).
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, v) in values.iter().enumerate() {
-        if *v > best_v {
-            best_v = *v;
-            best = i;
-        }
-    }
-    best as u32
+    let max = kernels::max(values);
+    kernels::position_of_max(values, max).unwrap_or(0) as u32
 }
 
 fn max_value(values: &[f32]) -> f32 {
-    values.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    kernels::max(values)
 }
 
 /// `log(sum(exp(values)))`, stable for large values.
@@ -274,8 +273,7 @@ pub fn logsumexp(values: &[f32]) -> f32 {
     if max == f32::NEG_INFINITY {
         return max;
     }
-    let sum: f64 = values.iter().map(|v| ((v - max) as f64).exp()).sum();
-    max + sum.ln() as f32
+    max + kernels::sum_exp(values, max).ln() as f32
 }
 
 /// Log-probabilities of a logits row.
@@ -284,78 +282,157 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|l| l - lse).collect()
 }
 
-/// The `n` largest values with their indices, largest first (a partial selection, then a sort of `n`).
+/// The `n` largest values with their indices, largest first (ties: lower id first). Small `n` keeps
+/// a bounded heap (one comparison for most entries); large `n` selects, then sorts only the `n`.
 pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     let n = n.min(values.len());
     if n == 0 {
         return Vec::new();
     }
-    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut all: Vec<(u32, f32)> = enumerate(values).collect();
-    if n < all.len() {
-        all.select_nth_unstable_by(n - 1, desc);
-        all.truncate(n);
-    }
-    all.sort_unstable_by(desc);
-    all
+    let mut top = if n <= SMALL_TOP_N {
+        top_n_heap(values, n)
+    } else {
+        let mut all: Vec<(u32, f32)> = enumerate(values).collect();
+        if n < all.len() {
+            all.select_nth_unstable_by(n - 1, descending);
+            all.truncate(n);
+        }
+        all
+    };
+    top.sort_unstable_by(descending);
+    top
 }
 
-/// The smallest set of most likely tokens whose probability reaches `top_p` (at least one token).
-/// `candidates` (sorted, from top-k) restricts and renormalises the distribution when given.
-fn nucleus(logits: &[f32], candidates: Option<Vec<(u32, f32)>>, top_p: f32) -> Vec<(u32, f32)> {
-    let (total, mut guess) = match &candidates {
-        Some(c) => (mass(c.iter().map(|(_, l)| *l), c[0].1), c.len()),
-        None => (
-            mass(logits.iter().copied(), max_value(logits)),
-            NUCLEUS_FIRST_GUESS,
-        ),
-    };
-    let target = top_p as f64 * total;
-    loop {
-        let sorted = match &candidates {
-            Some(c) => c.clone(),
-            None => top_n(logits, guess),
-        };
-        let max = sorted[0].1;
-        let mut cum = 0.0;
-        for (i, (_, l)) in sorted.iter().enumerate() {
-            cum += ((l - max) as f64).exp();
-            if cum >= target {
-                return sorted[..=i].to_vec();
+const SMALL_TOP_N: usize = 256;
+
+fn descending(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Heap entry ordered so that the heap's top is the weakest kept candidate.
+struct Weakest(u32, f32);
+
+impl PartialEq for Weakest {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for Weakest {}
+impl PartialOrd for Weakest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Weakest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        descending(&(self.0, self.1), &(other.0, other.1))
+    }
+}
+
+fn top_n_heap(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    const BLOCK: usize = 64;
+    let mut heap = std::collections::BinaryHeap::with_capacity(n + 1);
+    for (i, v) in enumerate(&values[..n]) {
+        heap.push(Weakest(i, v));
+    }
+    // The weakest kept value: later entries must beat it strictly (a tie keeps the lower id). Whole
+    // blocks below it are skipped with the vectorised max, which is most of a vocabulary.
+    let mut floor = heap.peek().map_or(f32::NEG_INFINITY, |w: &Weakest| w.1);
+    for (b, block) in values[n..].chunks(BLOCK).enumerate() {
+        if kernels::max(block) <= floor {
+            continue;
+        }
+        for (j, v) in block.iter().enumerate() {
+            if *v > floor {
+                heap.pop();
+                heap.push(Weakest((n + b * BLOCK + j) as u32, *v));
+                floor = heap.peek().map_or(f32::NEG_INFINITY, |w| w.1);
             }
         }
-        if sorted.len() >= logits.len() || candidates.is_some() {
-            return sorted;
-        }
-        guess *= 4;
     }
+    heap.into_iter().map(|Weakest(i, v)| (i, v)).collect()
 }
 
-/// Sum of `exp(l - max)`.
-fn mass(values: impl Iterator<Item = f32>, max: f32) -> f64 {
-    values.map(|l| ((l - max) as f64).exp()).sum()
+/// Replaces logits by `exp((l - max) * inv_t)` in place; returns their sum.
+fn to_weights(row: &mut [f32], inv_t: f32) -> f64 {
+    let max = max_value(row);
+    kernels::exp_in_place(row, max, inv_t)
 }
 
-/// Draws from the softmax of `candidates` with `u` uniform in [0, 1).
-fn draw<I>(candidates: I, u: f64) -> u32
-where
-    I: Iterator<Item = (u32, f32)> + Clone,
-{
-    let max = candidates
-        .clone()
-        .map(|(_, l)| l)
-        .fold(f32::NEG_INFINITY, f32::max);
-    let total = mass(candidates.clone().map(|(_, l)| l), max);
+/// The smallest set of heaviest tokens whose weight reaches `top_p` of `total` (at least one token),
+/// in no particular order. Sorting the vocabulary is what makes top-p slow, so the weights are first
+/// binned by their float bits (monotonic for non-negative floats; 8 bins per octave): the bins above
+/// the one where the mass crosses `top_p` are kept whole, and only that one bin is sorted.
+fn nucleus(weights: &[f32], total: f64, top_p: f32) -> Vec<(u32, f32)> {
+    const BINS: usize = 1 << 11;
+    let bin = |w: f32| (w.to_bits() >> 20) as usize & (BINS - 1);
+    let mut mass = vec![0f64; BINS];
+    for w in weights {
+        mass[bin(*w)] += *w as f64;
+    }
+    let target = top_p as f64 * total;
+    let mut above = 0.0;
+    let mut cut = None;
+    for b in (0..BINS).rev() {
+        if above + mass[b] >= target {
+            cut = Some(b);
+            break;
+        }
+        above += mass[b];
+    }
+    // Rounding kept the bins' sum below the target: everything is in the nucleus.
+    let Some(cut) = cut else {
+        return enumerate(weights).filter(|(_, w)| *w > 0.0).collect();
+    };
+    let mut kept = Vec::new();
+    let mut edge = Vec::new();
+    for (i, w) in enumerate(weights) {
+        match bin(w).cmp(&cut) {
+            std::cmp::Ordering::Greater => kept.push((i, w)),
+            std::cmp::Ordering::Equal => edge.push((i, w)),
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    edge.sort_unstable_by(descending);
+    let need = cut_at_mass(&edge, target - above).unwrap_or(edge.len());
+    kept.extend_from_slice(&edge[..need.max(1)]);
+    kept
+}
+
+/// `nucleus` over already sorted candidates (top-k's), renormalised to their own `total`.
+fn nucleus_prefix(sorted: Vec<(u32, f32)>, total: f64, top_p: f32) -> Vec<(u32, f32)> {
+    let len = cut_at_mass(&sorted, top_p as f64 * total).unwrap_or(sorted.len());
+    truncated(sorted, len)
+}
+
+fn truncated(mut v: Vec<(u32, f32)>, len: usize) -> Vec<(u32, f32)> {
+    v.truncate(len.max(1));
+    v
+}
+
+/// How many of the `sorted` weights it takes to reach `target`, if they do.
+fn cut_at_mass(sorted: &[(u32, f32)], target: f64) -> Option<usize> {
+    let mut cum = 0.0f64;
+    for (i, (_, w)) in sorted.iter().enumerate() {
+        cum += *w as f64;
+        if cum >= target {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Draws from `candidates` in proportion to their weights (`total` their sum), `u` uniform in [0, 1).
+fn draw(candidates: impl Iterator<Item = (u32, f32)>, total: f64, u: f64) -> u32 {
     let mut threshold = u * total;
     let mut last = None;
-    for (id, l) in candidates {
-        let w = ((l - max) as f64).exp();
+    for (id, w) in candidates {
         if w > 0.0 {
             last = Some(id);
-            if threshold < w {
+            if threshold < w as f64 {
                 return id;
             }
-            threshold -= w;
+            threshold -= w as f64;
         }
     }
     // Rounding left a sliver past the last token.
@@ -558,10 +635,40 @@ mod tests {
     }
 
     #[test]
-    fn nucleus_grows_past_the_first_guess() {
-        // A flat 10k vocabulary: top_p 0.5 needs 5000 tokens, beyond the first guess of 256.
-        let logits = vec![0.0f32; 10_000];
-        let kept = nucleus(&logits, None, 0.5);
-        assert_eq!(kept.len(), 5000);
+    fn nucleus_is_the_smallest_top_set_reaching_top_p() {
+        // A flat vocabulary: half the mass is half the tokens.
+        let weights = vec![1.0f32; 100_000];
+        assert_eq!(nucleus(&weights, 100_000.0, 0.5).len(), 50_000);
+        // Against a full sort on an irregular row.
+        let row: Vec<f32> = (0..50_000u64)
+            .map(|i| ((i * 2_654_435_761) % 10_007) as f32 / 10_007.0)
+            .map(|x| (12.0 * x * x * x).exp() / 12.0f32.exp())
+            .collect();
+        let total: f64 = row.iter().map(|w| *w as f64).sum();
+        for top_p in [0.01, 0.3, 0.9, 0.999] {
+            let mut got: Vec<u32> = nucleus(&row, total, top_p).iter().map(|c| c.0).collect();
+            got.sort_unstable();
+            let sorted = top_n(&row, row.len());
+            let len = cut_at_mass(&sorted, top_p as f64 * total).unwrap();
+            let mut want: Vec<u32> = sorted[..len].iter().map(|c| c.0).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "top_p {top_p}");
+        }
+    }
+
+    #[test]
+    fn top_n_paths_agree() {
+        let values: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 1000) as f32).collect();
+        let small = top_n(&values, 40);
+        let large = top_n(&values, 400);
+        assert_eq!(&large[..40], &small[..]);
+        assert!(large.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert_eq!(
+            small[0],
+            (
+                values.iter().position(|v| *v == 999.0).unwrap() as u32,
+                999.0
+            )
+        );
     }
 }

@@ -10,6 +10,10 @@ use super::types::{EarlyStopping, SamplingParams};
 /// vLLM's default cap on `logprobs` and `prompt_logprobs`.
 pub const MAX_LOGPROBS: usize = 20;
 
+/// Most sequences one request may ask for (`n`, `best_of`): OpenAI's cap on `n`. Each one costs a
+/// sampler and KV blocks, so an unbounded value would let one request exhaust the engine.
+pub const MAX_SEQUENCES: usize = 128;
+
 /// `logit_bias` values are clamped by OpenAI to this range; vLLM rejects values outside it.
 const MAX_LOGIT_BIAS: f32 = 100.0;
 
@@ -19,6 +23,8 @@ pub struct ValidationLimits {
     /// Token ids (`logit_bias`, `stop_token_ids`) must be below this: the model's vocabulary size.
     pub vocab_size: usize,
     pub max_logprobs: usize,
+    /// Cap on `n` and `best_of`.
+    pub max_sequences: usize,
 }
 
 impl ValidationLimits {
@@ -26,6 +32,7 @@ impl ValidationLimits {
         Self {
             vocab_size,
             max_logprobs: MAX_LOGPROBS,
+            max_sequences: MAX_SEQUENCES,
         }
     }
 }
@@ -38,7 +45,7 @@ impl SamplingParams {
     /// Rejects out-of-range values, vLLM's rules (`top_k` 0 is accepted and means "all tokens", as
     /// in recent vLLM).
     pub fn validate(&self, limits: &ValidationLimits) -> Result<(), EngineError> {
-        self.validate_counts()?;
+        self.validate_counts(limits.max_sequences)?;
         self.validate_floats()?;
         self.validate_token_ids(limits.vocab_size)?;
         for (param, value) in [
@@ -62,12 +69,20 @@ impl SamplingParams {
         }
     }
 
-    fn validate_counts(&self) -> Result<(), EngineError> {
+    fn validate_counts(&self, max_sequences: usize) -> Result<(), EngineError> {
         if self.n < 1 {
             return Err(invalid(
                 "n",
                 format!("n must be at least 1, got {}", self.n),
             ));
+        }
+        for (param, value) in [("n", Some(self.n)), ("best_of", self.best_of)] {
+            if let Some(v) = value.filter(|v| *v > max_sequences) {
+                return Err(invalid(
+                    param,
+                    format!("{param} must be at most {max_sequences}, got {v}"),
+                ));
+            }
         }
         if let Some(best_of) = self.best_of {
             if best_of < self.n {
@@ -484,6 +499,8 @@ mod tests {
         let cases: Vec<(Value, &str)> = vec![
             (json!({"n": 0}), "n"),
             (json!({"n": 3, "best_of": 2}), "best_of"),
+            (json!({"n": 129}), "n"),
+            (json!({"n": 2, "best_of": 1000}), "best_of"),
             (json!({"presence_penalty": 2.5}), "presence_penalty"),
             (json!({"frequency_penalty": -3}), "frequency_penalty"),
             (json!({"repetition_penalty": 0}), "repetition_penalty"),

@@ -7,17 +7,27 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+use super::cpu_attention::{PagedAttention, SeqSlots};
 use crate::engine::kv_cache::{Gather, KvCache, SlotRun};
 use crate::engine::models::{ForwardBatch, LogitsWanted};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionImpl {
-    /// The varlen CPU kernel where it applies (CPU, f32/f16, no soft-capping), else the loop.
+    /// On CPU in f32, the fused paged kernel for decode steps and short chunks, matmuls for long
+    /// chunks; elsewhere the loop.
     #[default]
     Auto,
-    /// Always the per-sequence loop.
+    /// The per-sequence loop of matmul/softmax (any device, any dtype).
     Loop,
+    /// candle's packed CPU flash attention where it applies (CPU, f32/f16, no soft-capping), else the loop.
+    Varlen,
+    /// The fused paged CPU kernel where it applies (CPU, f32), else the loop.
+    Fused,
 }
+
+/// Up to this many new tokens per sequence, `Auto` uses the fused CPU kernel: beyond, the per-query
+/// dot products lose to gemm.
+const FUSED_MAX_NEW: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AttentionParams {
@@ -57,6 +67,8 @@ pub struct BatchPlan {
     window: Option<usize>,
     seqlens: Option<(Tensor, Tensor)>,
     imp: AttentionImpl,
+    /// Every sequence's slot per position, for the fused CPU kernel (empty elsewhere).
+    slots: Vec<SeqSlots>,
 }
 
 impl BatchPlan {
@@ -82,6 +94,7 @@ impl BatchPlan {
         let mut runs = Vec::new();
         let mut seqs = Vec::with_capacity(batch.seqs.len());
         let mut rows = Vec::new();
+        let mut slots = Vec::new();
         let mut token_start = 0;
         for (i, s) in batch.seqs.iter().enumerate() {
             let len = s.context_len + s.num_new;
@@ -129,6 +142,14 @@ impl BatchPlan {
                 let slots: Vec<u32> = (0..len).map(|p| slot(p) as u32).collect();
                 Gather::Slots(Tensor::new(slots, device)?)
             };
+            if device.is_cpu() && dtype == DType::F32 {
+                slots.push(SeqSlots {
+                    token_start,
+                    num_new: s.num_new,
+                    context_len: s.context_len,
+                    slots: (0..len).map(|p| slot(p) as u32).collect(),
+                });
+            }
             let mask_full = causal_mask(s.context_len, s.num_new, None, device, dtype)?;
             let mask_window = match window {
                 Some(w) => causal_mask(s.context_len, s.num_new, Some(w), device, dtype)?,
@@ -162,6 +183,7 @@ impl BatchPlan {
             window,
             seqlens: None,
             imp: AttentionImpl::Auto,
+            slots,
         })
     }
 
@@ -198,20 +220,32 @@ impl BatchPlan {
             )
         }
         cache.write(layer, k, v, &self.runs)?;
-        if self.varlen_applies(q, p) {
-            self.attend_varlen(layer, q, cache, p)
-        } else {
-            self.attend_loop(layer, q, cache, p)
+        let fused_ok = !self.slots.is_empty() && q.dtype() == DType::F32;
+        let varlen_ok = q.device().is_cpu()
+            && matches!(q.dtype(), DType::F32 | DType::F16)
+            && p.softcap.is_none();
+        let short = self.seqs.iter().all(|s| s.num_new <= FUSED_MAX_NEW);
+        match self.imp {
+            AttentionImpl::Fused if fused_ok => self.attend_fused(layer, q, cache, p),
+            AttentionImpl::Auto if fused_ok && short => self.attend_fused(layer, q, cache, p),
+            AttentionImpl::Varlen if varlen_ok => self.attend_varlen(layer, q, cache, p),
+            _ => self.attend_loop(layer, q, cache, p),
         }
     }
 
-    fn varlen_applies(&self, q: &Tensor, p: &AttentionParams) -> bool {
-        self.imp == AttentionImpl::Auto
-            && q.device().is_cpu()
-            && matches!(q.dtype(), DType::F32 | DType::F16)
-            && p.softcap.is_none()
-            // one decode token gains nothing from the fused kernel over two small matmuls
-            && self.num_tokens > self.seqs.len()
+    fn attend_fused(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        cache: &KvCache,
+        p: &AttentionParams,
+    ) -> Result<Tensor> {
+        let (k, v) = cache.layer_tensors(layer)?;
+        PagedAttention {
+            seqs: &self.slots,
+            params: *p,
+        }
+        .forward(q, k, v)
     }
 
     fn attend_loop(

@@ -112,6 +112,9 @@ impl Linear {
     /// `x`: `[rows, in]` → `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
+            LinearWeight::Dense(w) if super::gemv::applies(x, w) => {
+                super::gemv::small_matmul(x, w)?
+            }
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quantized(q) => q.forward(x)?,
         };

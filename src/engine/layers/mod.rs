@@ -1,10 +1,13 @@
 //! Layers shared by every architecture: written once, so a model file holds only what differs.
 
 pub mod attention;
+pub mod cpu_attention;
+pub mod gemv;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod rope;
+pub mod simd;
 
 pub use attention::{AttentionImpl, AttentionParams, BatchPlan};
 pub use linear::Linear;

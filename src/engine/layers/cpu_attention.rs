@@ -1,0 +1,127 @@
+//! Attention read straight out of the paged cache on CPU, in float32: one fused op for the whole packed
+//! batch instead of a gather, two matmuls, a softmax and their reshapes per sequence. It serves decode
+//! steps and short chunks, where per-op overhead dominates; long prefills go to the matmul paths.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::attention::AttentionParams;
+use super::simd;
+
+/// One sequence: its rows in the batch and the cache slot of each of its positions.
+#[derive(Debug, Clone)]
+pub struct SeqSlots {
+    pub token_start: usize,
+    pub num_new: usize,
+    pub context_len: usize,
+    /// `slots[p]` holds position `p`, for `p < context_len + num_new`.
+    pub slots: Vec<u32>,
+}
+
+pub struct PagedAttention<'a> {
+    pub seqs: &'a [SeqSlots],
+    pub params: AttentionParams,
+}
+
+impl PagedAttention<'_> {
+    /// `q` `[tokens, heads, head_dim]`; `k_cache`/`v_cache` `[kv_heads, slots, head_dim]` already holding
+    /// this step's keys and values. Returns `[tokens, heads * head_dim]`.
+    pub fn forward(&self, q: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<Tensor> {
+        q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, self)
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("paged attention: {what} is not contiguous")
+    };
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+impl CustomOp3 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "paged-attention-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = &self.params;
+        let (t, h, d) = l1.shape().dims3()?;
+        let (kvh, num_slots, d2) = l2.shape().dims3()?;
+        if h != p.num_heads
+            || kvh != p.num_kv_heads
+            || d != p.head_dim
+            || d2 != d
+            || l3.shape() != l2.shape()
+        {
+            bail!(
+                "paged attention: q {:?} / cache {:?} do not match the layer",
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        let (q, kc, vc) = (
+            slice(s1, l1, "q")?,
+            slice(s2, l2, "k")?,
+            slice(s3, l3, "v")?,
+        );
+        let group = h / kvh;
+        // one work item per (token, head): its output row of `d`
+        let mut out = vec![0f32; t * h * d];
+        let mut items: Vec<(usize, usize, &SeqSlots)> = Vec::with_capacity(t);
+        for s in self.seqs {
+            if s.slots.iter().any(|x| *x as usize >= num_slots) {
+                bail!("paged attention: slot outside the cache")
+            }
+            for i in 0..s.num_new {
+                items.push((s.token_start + i, s.context_len + i, s));
+            }
+        }
+        if items.len() != t {
+            bail!(
+                "paged attention: the sequences cover {} of {t} tokens",
+                items.len()
+            )
+        }
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (row, o)| {
+                let (tok, head) = (row / h, row % h);
+                let (token, pos, s) = items[tok];
+                debug_assert_eq!(token, tok);
+                let kv = head / group;
+                let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let qv = &q[(tok * h + head) * d..][..d];
+                let base = kv * num_slots;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in lo..=pos {
+                    let slot = base + s.slots[j] as usize;
+                    let mut x = simd::dot(qv, &kc[slot * d..][..d]) * p.scale as f32;
+                    if let Some(cap) = p.softcap {
+                        x = (x / cap as f32).tanh() * cap as f32;
+                    }
+                    max = max.max(x);
+                    scores.push(x);
+                }
+                let mut sum = 0f32;
+                for x in scores.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                o.fill(0.0);
+                for (j, w) in (lo..=pos).zip(scores.iter()) {
+                    let slot = base + s.slots[j] as usize;
+                    simd::axpy(*w / sum, &vc[slot * d..][..d], o);
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((t, h * d))))
+    }
+}

@@ -1,0 +1,233 @@
+//! `x · Wᵀ` for a few rows of `x` on CPU in float32: the decode-time matmul. General gemm kernels pack
+//! their operands for large products; with one to a few rows that packing costs more than the product,
+//! and decode is bound by streaming the weights from memory once. This kernel streams each weight row
+//! once, dots it with every row of `x` (held in L1), and splits the weight rows across threads.
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::simd;
+
+/// Up to this many rows of `x` use the kernel; more go to gemm, which wins once there is reuse.
+pub const MAX_ROWS: usize = 8;
+
+/// Weight rows per unit of work handed to a thread (and per register block of the kernel).
+const ROW_BLOCK: usize = 4;
+
+struct SmallMatmul;
+
+/// `x` `[m, k]` times `w` `[n, k]` transposed, `[m, n]`; both f32, contiguous, on CPU, `m <= MAX_ROWS`.
+pub fn small_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &SmallMatmul)
+}
+
+/// Whether [`small_matmul`] serves this product.
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && w.dtype() == candle_core::DType::F32
+        && x.rank() == 2
+        && x.dim(0).is_ok_and(|m| m <= MAX_ROWS)
+        && x.is_contiguous()
+        && w.is_contiguous()
+}
+
+impl CustomOp2 for SmallMatmul {
+    fn name(&self) -> &'static str {
+        "small-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            bail!("small-matmul: x is [{m}, {k}] but w is [{n}, {k2}]")
+        }
+        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            bail!("small-matmul needs contiguous operands")
+        };
+        let x = &s1.as_slice::<f32>()?[x0..x1];
+        let w = &s2.as_slice::<f32>()?[w0..w1];
+        // results are computed weight-row-major, `[n, m]`, so each thread owns one contiguous run
+        let mut yt = vec![0f32; n * m];
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per_task = n.div_ceil(threads).div_ceil(ROW_BLOCK).max(1) * ROW_BLOCK;
+        if threads == 1 || n < 2 * ROW_BLOCK {
+            kernel(x, w, &mut yt, m, k);
+        } else {
+            yt.par_chunks_mut(rows_per_task * m)
+                .zip(w.par_chunks(rows_per_task * k))
+                .for_each(|(y, w)| kernel(x, w, y, m, k));
+        }
+        let y = if m == 1 {
+            yt
+        } else {
+            let mut y = vec![0f32; m * n];
+            for (j, row) in yt.chunks_exact(m).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    y[i * n + j] = *v;
+                }
+            }
+            y
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// `yt[j*m + i] = dot(w[j], x[i])` for the weight rows in `w`.
+fn kernel(x: &[f32], w: &[f32], yt: &mut [f32], m: usize, k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            unsafe { x86::kernel(x, w, yt, m, k) };
+            return;
+        }
+    }
+    portable(x, w, yt, m, k);
+}
+
+fn portable(x: &[f32], w: &[f32], yt: &mut [f32], m: usize, k: usize) {
+    for (wr, y) in w.chunks_exact(k).zip(yt.chunks_exact_mut(m)) {
+        for (i, yi) in y.iter_mut().enumerate() {
+            let xr = &x[i * k..(i + 1) * k];
+            // eight partial sums so the compiler can vectorise without reassociating
+            let mut acc = [0f32; 8];
+            let mut xc = xr.chunks_exact(8);
+            let mut wc = wr.chunks_exact(8);
+            for (a, b) in (&mut xc).zip(&mut wc) {
+                for l in 0..8 {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let tail: f32 = xc
+                .remainder()
+                .iter()
+                .zip(wc.remainder())
+                .map(|(a, b)| a * b)
+                .sum();
+            *yi = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::simd::x86::hsum;
+    use std::arch::x86_64::*;
+
+    /// Four weight rows at a time against each row of `x`: each weight vector loaded from memory once
+    /// per `x` row while the block (4 rows) stays in L1.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel(x: &[f32], w: &[f32], yt: &mut [f32], m: usize, k: usize) {
+        let rows = w.len() / k;
+        let kv = k / 8 * 8;
+        let mut j = 0;
+        while j + 4 <= rows {
+            let wp = w.as_ptr().add(j * k);
+            for i in 0..m {
+                let xp = x.as_ptr().add(i * k);
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let mut c = 0;
+                while c < kv {
+                    let xv = _mm256_loadu_ps(xp.add(c));
+                    a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(c)), a0);
+                    a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(k + c)), a1);
+                    a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(2 * k + c)), a2);
+                    a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(3 * k + c)), a3);
+                    c += 8;
+                }
+                let mut s = [hsum(a0), hsum(a1), hsum(a2), hsum(a3)];
+                for c in kv..k {
+                    let xv = *xp.add(c);
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        *sr += xv * *wp.add(r * k + c);
+                    }
+                }
+                for (r, sr) in s.iter().enumerate() {
+                    yt[(j + r) * m + i] = *sr;
+                }
+            }
+            j += 4;
+        }
+        while j < rows {
+            let wp = w.as_ptr().add(j * k);
+            for i in 0..m {
+                let xp = x.as_ptr().add(i * k);
+                let mut a = _mm256_setzero_ps();
+                let mut c = 0;
+                while c < kv {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(c)), _mm256_loadu_ps(wp.add(c)), a);
+                    c += 8;
+                }
+                let mut s = hsum(a);
+                for c in kv..k {
+                    s += *xp.add(c) * *wp.add(c);
+                }
+                yt[j * m + i] = s;
+            }
+            j += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn check(m: usize, k: usize, n: usize) -> Result<()> {
+        let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu)?;
+        let want = x.matmul(&w.t()?)?;
+        let got = small_matmul(&x, &w)?;
+        let d = (want - got)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-3, "m={m} k={k} n={n}: differs by {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn matches_matmul_on_odd_shapes() -> Result<()> {
+        for (m, k, n) in [
+            (1, 64, 128),
+            (1, 13, 7),
+            (3, 576, 1030),
+            (8, 40, 9),
+            (2, 7, 1),
+        ] {
+            check(m, k, n)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn portable_path_matches_too() {
+        let (m, k, n) = (2, 19, 5);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut yt = vec![0f32; n * m];
+        portable(&x, &w, &mut yt, m, k);
+        for j in 0..n {
+            for i in 0..m {
+                let want: f32 = (0..k).map(|c| x[i * k + c] * w[j * k + c]).sum();
+                assert!((yt[j * m + i] - want).abs() < 1e-4);
+            }
+        }
+    }
+}
