@@ -1,4 +1,384 @@
-fn main() {
-    eprintln!("worker-candle: not implemented yet");
-    std::process::exit(2);
+//! worker-candle's command line: the queue worker (default), `serve` (a local endpoint),
+//! `--test-input` (one job), `download` and `run-batch`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use worker_candle::config::{Config, LogFormat, DEFAULT_SERVE_MODEL};
+use worker_candle::engine::Engine;
+use worker_candle::serverless::handler::{EngineHandler, HandlerSettings};
+use worker_candle::serverless::job::{run_job, Job, JobHandler, JobResult, ResultSink};
+use worker_candle::serverless::local::LocalEndpoint;
+use worker_candle::serverless::metrics::Metrics;
+use worker_candle::serverless::protocol::{QueueClient, QueueUrls, Timings};
+use worker_candle::serverless::worker::Worker;
+
+const HOW_TO_START: &str = "\
+worker-candle: nothing to do.
+
+This is a RunPod serverless worker; it takes jobs from the queue named by RUNPOD_WEBHOOK_GET_JOB, which
+the platform sets. To try it locally:
+  worker-candle serve --port 8000                       a local endpoint (/run, /runsync, /openai/v1/...)
+  worker-candle --test-input '{\"input\": {\"prompt\": \"Hello\"}}'   run one job and print its output
+  (or put a test_input.json in the working directory)
+Set MODEL_NAME to a local model folder or a Hugging Face repository id.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "worker-candle",
+    version,
+    about = "A serverless LLM worker on candle"
+)]
+struct Cli {
+    /// Run this one job (`{"input": {...}}`, or just the input) and print its output.
+    #[arg(
+        long = "test-input",
+        alias = "test_input",
+        value_name = "JSON",
+        global = true
+    )]
+    test_input: Option<String>,
+    /// The SDK's spelling of `serve` (`--rp_serve_api [--rp_api_host H] [--rp_api_port P]`).
+    #[arg(long = "rp_serve_api", hide = true)]
+    rp_serve_api: bool,
+    #[arg(long = "rp_api_host", hide = true, default_value = "127.0.0.1")]
+    rp_api_host: String,
+    #[arg(long = "rp_api_port", hide = true, default_value_t = 8000)]
+    rp_api_port: u16,
+    /// Accepted for the SDK's sake; `MAX_CONCURRENCY` sets the concurrency.
+    #[arg(long = "rp_api_concurrency", hide = true)]
+    rp_api_concurrency: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Take jobs from the RunPod queue (the default when RUNPOD_WEBHOOK_GET_JOB is set).
+    Worker,
+    /// A local endpoint: /run, /runsync, /stream, /status, /cancel, /health, /metrics, /openai/v1.
+    Serve(ServeArgs),
+    /// Download MODEL_NAME (and TOKENIZER_NAME) into BASE_PATH and exit.
+    Download,
+    /// Run an OpenAI batch file (JSON lines) through the engine.
+    RunBatch(RunBatchArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+}
+
+#[derive(Args, Debug)]
+pub struct RunBatchArgs {
+    /// Input file of requests (JSON lines), `-` for stdin, or an http(s) URL (GET).
+    #[arg(short = 'i', long = "input")]
+    input: PathBuf,
+    /// Output file of results (JSON lines), `-` for stdout, or an http(s) URL (PUT).
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// The model (overrides MODEL_NAME).
+    #[arg(long)]
+    model: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("worker-candle: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    for name in &config.ignored {
+        tracing::info!(
+            "{name} is a worker-vllm setting that means nothing to this engine; ignored"
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("worker-candle: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("worker-candle: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
+    if let Some(text) = &cli.test_input {
+        return test_input(&config, text).await;
+    }
+    if cli.rp_serve_api {
+        let args = ServeArgs {
+            host: cli.rp_api_host.clone(),
+            port: cli.rp_api_port,
+        };
+        return serve(&config, &args).await;
+    }
+    match cli.command {
+        Some(Command::Serve(args)) => serve(&config, &args).await,
+        Some(Command::Worker) => queue_worker(&config).await,
+        Some(Command::Download) => download(&config).await,
+        Some(Command::RunBatch(args)) => run_batch(&config, args).await,
+        None => {
+            if config.runpod.has_queue() {
+                return queue_worker(&config).await;
+            }
+            let local = Path::new("test_input.json");
+            if local.is_file() {
+                let text = std::fs::read_to_string(local).context("reading test_input.json")?;
+                return test_input(&config, &text).await;
+            }
+            eprintln!("{HOW_TO_START}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+/// `MODEL_NAME` → a local folder (or file) and an optional tokenizer folder: the hub resolver
+/// (a local path as is; a repo id from the cache under `BASE_PATH`, downloaded when missing).
+async fn resolve_model(config: &Config, name: &str) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let resolved = worker_candle::hub::resolve_source(&model_source(config, name)).await?;
+    Ok((resolved.model, resolved.tokenizer))
+}
+
+fn model_source(config: &Config, name: &str) -> worker_candle::hub::ModelSource {
+    let m = &config.model;
+    worker_candle::hub::ModelSource {
+        name: name.to_string(),
+        revision: m.revision.clone(),
+        base_path: m.base_path.clone(),
+        token: m.hf_token.as_ref().map(|t| t.expose().to_string()),
+        tokenizer_name: m.tokenizer_name.clone(),
+        tokenizer_revision: m.tokenizer_revision.clone(),
+        gguf_file: m.gguf_file.clone(),
+    }
+}
+
+async fn start_engine(config: &Config, model_name: &str) -> anyhow::Result<Engine> {
+    let (model_path, tokenizer_path) = resolve_model(config, model_name).await?;
+    let mut settings = config.engine_settings(model_path, tokenizer_path);
+    if config.openai.served_model_name_override.is_none() {
+        settings.served_model_name = model_name.to_string();
+    }
+    tracing::info!(model = %model_name, "loading the model");
+    let engine = tokio::task::spawn_blocking(move || Engine::start(settings))
+        .await
+        .context("the engine start-up task failed")??;
+    tracing::info!(
+        model = %engine.info().served_model_name,
+        max_model_len = engine.info().max_model_len,
+        "model ready"
+    );
+    Ok(engine)
+}
+
+fn handler(config: &Config, engine: Engine, metrics: Arc<Metrics>) -> Arc<dyn JobHandler> {
+    Arc::new(EngineHandler::new(
+        engine,
+        HandlerSettings::from_config(config),
+        metrics,
+    ))
+}
+
+async fn queue_worker(config: &Config) -> anyhow::Result<ExitCode> {
+    let Some(model) = config.model.name.clone() else {
+        anyhow::bail!(
+            "MODEL_NAME is required: a Hugging Face repository id or a local model folder"
+        );
+    };
+    let worker_id = config
+        .runpod
+        .pod_id
+        .clone()
+        .unwrap_or_else(|| format!("worker-{:016x}", rand::random::<u64>()));
+    let urls = QueueUrls::from_config(&config.runpod, &worker_id)?;
+    let client = QueueClient::new(
+        urls,
+        config.runpod.api_key.as_ref(),
+        Timings::new(config.runpod.ping_interval),
+    )?;
+    let engine = start_engine(config, &model).await?;
+    let worker = Worker::new(
+        client,
+        handler(config, engine, Arc::default()),
+        config.max_concurrency,
+        config.shutdown_timeout,
+    );
+    tracing::info!(
+        worker_id,
+        max_concurrency = config.max_concurrency,
+        "taking jobs"
+    );
+    worker.run(shutdown_signal()).await;
+    tracing::info!("worker stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let model = config
+        .model
+        .name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SERVE_MODEL.to_string());
+    let metrics = Arc::new(Metrics::default());
+    let engine = start_engine(config, &model).await?;
+    let endpoint = LocalEndpoint::new(
+        handler(config, engine, metrics.clone()),
+        config.max_concurrency,
+        metrics,
+        config.api_key.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let address = listener.local_addr()?;
+    tracing::info!("serving on http://{address}");
+    // A line on stdout that scripts (and tests) can wait for.
+    println!("listening on http://{address}");
+    axum::serve(listener, endpoint.router())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the server failed")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the job-done body of a local job.
+struct PrintSink;
+
+impl ResultSink for PrintSink {
+    async fn piece(&self, _job_id: &str, piece: &Value) {
+        tracing::debug!("stream: {piece}");
+    }
+
+    async fn done(&self, _job_id: &str, result: &JobResult) {
+        println!("{}", result.to_body());
+    }
+}
+
+/// `--test-input`: `{"input": {...}}` (the SDK's shape) or the bare input.
+async fn test_input(config: &Config, text: &str) -> anyhow::Result<ExitCode> {
+    let value: Value = serde_json::from_str(text).context("the test input is not valid JSON")?;
+    let input = match value {
+        Value::Object(mut o) if o.contains_key("input") => o.remove("input").unwrap_or_default(),
+        other => other,
+    };
+    let model = config.model.name.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "MODEL_NAME is required: a Hugging Face repository id or a local model folder"
+        )
+    })?;
+    let engine = start_engine(config, &model).await?;
+    let handler = handler(config, engine, Arc::default());
+    let job = Job {
+        id: "test-input".into(),
+        input,
+        extra: Default::default(),
+    };
+    let (_stop, stop_rx) = watch::channel(None);
+    let outcome = run_job(&*handler, &job, &PrintSink, stop_rx).await;
+    Ok(match outcome {
+        worker_candle::serverless::job::Outcome::Completed => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+/// Downloads MODEL_NAME (and TOKENIZER_NAME) into the cache under BASE_PATH and prints the
+/// resolved folders: the image build's step, on the cold start's code path.
+async fn download(config: &Config) -> anyhow::Result<ExitCode> {
+    let Some(name) = config.model.name.as_deref() else {
+        anyhow::bail!("`download` needs MODEL_NAME");
+    };
+    let (model, tokenizer) = resolve_model(config, name).await?;
+    println!("{}", model.display());
+    if let Some(tokenizer) = tokenizer {
+        println!("{}", tokenizer.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Hook for `run-batch` (`worker_candle::batch`).
+async fn run_batch(config: &Config, args: RunBatchArgs) -> anyhow::Result<ExitCode> {
+    let model = args
+        .model
+        .clone()
+        .or_else(|| config.model.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("run-batch needs --model or MODEL_NAME"))?;
+    let engine = start_engine(config, &model).await?;
+    let settings = worker_candle::api::openai::OpenAiSettings {
+        served_model_name: engine.info().served_model_name.clone(),
+        response_role: config.openai.response_role.clone(),
+    };
+    let args = worker_candle::batch::BatchArgs {
+        input: args.input.display().to_string(),
+        output: args.output.display().to_string(),
+        model: Some(model),
+    };
+    let summary = worker_candle::batch::run(&engine, &settings, &args).await?;
+    tracing::info!(
+        lines = summary.lines,
+        failed = summary.failed,
+        "batch written to {}",
+        args.output
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot listen for SIGTERM: {e}");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
 }

@@ -1,1 +1,403 @@
-//! worker-vllm's native input and output.
+//! worker-vllm's native input and output (seed `003`, "Non-OpenAI Usage"; protocol spec §6.3, §7).
+//!
+//! Input: `prompt` or `messages` (which wins), `apply_chat_template`, `sampling_params`, `stream` and
+//! the batch-size knobs. Output pieces: `{"choices": [{"tokens": [..]}, ..], "usage": {"input",
+//! "output"}}`, batched by the dynamic policy when streaming, one piece with the whole text otherwise.
+
+use serde_json::{json, Map, Value};
+
+use crate::engine::{EngineError, GenerationEvent, SamplingParams};
+use crate::serverless::stream_batch::{BatchPolicy, BatchSizer};
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NativePrompt {
+    /// A raw prompt; `chat` = render it through the chat template as one user message.
+    Text { prompt: String, chat: bool },
+    /// Chat messages, rendered through the chat template.
+    Messages(Vec<Value>),
+}
+
+#[derive(Debug, Clone)]
+pub struct NativeInput {
+    pub prompt: NativePrompt,
+    pub sampling_params: SamplingParams,
+    pub stream: bool,
+    pub batch: BatchPolicy,
+}
+
+/// Parses a native job input; `defaults` are the `DEFAULT_*BATCH_SIZE*` settings.
+pub fn parse_input(
+    input: &Map<String, Value>,
+    defaults: BatchPolicy,
+) -> Result<NativeInput, EngineError> {
+    let prompt = match (input.get("messages"), input.get("prompt")) {
+        (Some(Value::Array(messages)), _) => {
+            if messages.is_empty() {
+                return Err(EngineError::invalid(
+                    "messages",
+                    "`messages` must not be empty",
+                ));
+            }
+            if let Some(bad) = messages.iter().position(|m| !m.is_object()) {
+                return Err(EngineError::invalid(
+                    "messages",
+                    format!("`messages[{bad}]` must be an object with `role` and `content`"),
+                ));
+            }
+            NativePrompt::Messages(messages.clone())
+        }
+        (Some(Value::Null) | None, Some(Value::String(prompt))) => NativePrompt::Text {
+            prompt: prompt.clone(),
+            chat: bool_field(input, "apply_chat_template", false)?,
+        },
+        (Some(Value::Null) | None, Some(Value::Null) | None) => {
+            return Err(EngineError::invalid(
+                "prompt",
+                "the input needs a `prompt` (string) or `messages` (list of chat messages)",
+            ))
+        }
+        (Some(Value::Null) | None, Some(other)) => {
+            return Err(EngineError::invalid(
+                "prompt",
+                format!("`prompt` must be a string, got {}", type_name(other)),
+            ))
+        }
+        (Some(other), _) => {
+            return Err(EngineError::invalid(
+                "messages",
+                format!(
+                    "`messages` must be a list of chat messages, got {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    let sampling_params = match input.get("sampling_params") {
+        None | Some(Value::Null) => SamplingParams::default(),
+        Some(v) => parse_sampling_params(v)?,
+    };
+    let batch = BatchPolicy {
+        max_batch_size: count_field(input, "max_batch_size", defaults.max_batch_size)?,
+        min_batch_size: count_field(input, "min_batch_size", defaults.min_batch_size)?,
+        growth_factor: match input.get("batch_size_growth_factor") {
+            None | Some(Value::Null) => defaults.growth_factor,
+            Some(v) => v
+                .as_f64()
+                .filter(|g| g.is_finite() && *g >= 1.0)
+                .ok_or_else(|| {
+                    EngineError::invalid(
+                        "batch_size_growth_factor",
+                        format!("`batch_size_growth_factor` must be a number >= 1, got {v}"),
+                    )
+                })?,
+        },
+    };
+    Ok(NativeInput {
+        prompt,
+        sampling_params,
+        stream: bool_field(input, "stream", false)?,
+        batch,
+    })
+}
+
+/// `sampling_params` in vLLM's names, strictly (unknown or mistyped fields are errors).
+pub fn parse_sampling_params(value: &Value) -> Result<SamplingParams, EngineError> {
+    SamplingParams::from_json(value)
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn bool_field(input: &Map<String, Value>, name: &str, default: bool) -> Result<bool, EngineError> {
+    match input.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(EngineError::invalid(
+            name,
+            format!("`{name}` must be a boolean, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn count_field(
+    input: &Map<String, Value>,
+    name: &str,
+    default: usize,
+) -> Result<usize, EngineError> {
+    match input.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                EngineError::invalid(
+                    name,
+                    format!("`{name}` must be a positive integer, got {v}"),
+                )
+            }),
+    }
+}
+
+/// Turns the engine's events into native output pieces.
+#[derive(Debug)]
+pub struct NativeOutput {
+    stream: bool,
+    sizer: BatchSizer,
+    input_tokens: usize,
+    output_tokens: usize,
+    /// Streaming: pieces not yet posted, per choice. Not streaming: the whole text, per choice.
+    pending: Vec<Vec<String>>,
+    pending_count: usize,
+    finished: bool,
+}
+
+impl NativeOutput {
+    pub fn new(n: usize, stream: bool, policy: BatchPolicy) -> Self {
+        Self {
+            stream,
+            sizer: policy.sizer(),
+            input_tokens: 0,
+            output_tokens: 0,
+            pending: vec![Vec::new(); n.max(1)],
+            pending_count: 0,
+            finished: false,
+        }
+    }
+
+    /// Whether `Done` (or an error) was seen.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Feeds one event; returns the pieces it completes (at most one).
+    pub fn on_event(&mut self, event: GenerationEvent) -> Result<Option<Value>, EngineError> {
+        match event {
+            GenerationEvent::Prompt {
+                prompt_token_ids, ..
+            } => {
+                self.input_tokens = prompt_token_ids.len();
+                Ok(None)
+            }
+            GenerationEvent::Delta(delta) => {
+                if delta.token_ids.is_empty() && delta.text.is_empty() {
+                    return Ok(None);
+                }
+                self.output_tokens += delta.token_ids.len();
+                if delta.index >= self.pending.len() {
+                    self.pending.resize(delta.index + 1, Vec::new());
+                }
+                self.pending[delta.index].push(delta.text);
+                self.pending_count += 1;
+                if self.stream && self.sizer.is_full(self.pending_count) {
+                    self.sizer.advance();
+                    return Ok(Some(self.take_piece()));
+                }
+                Ok(None)
+            }
+            GenerationEvent::Done { usage, .. } => {
+                self.finished = true;
+                self.input_tokens = usage.prompt_tokens;
+                self.output_tokens = usage.completion_tokens;
+                if !self.stream {
+                    for texts in &mut self.pending {
+                        let whole = texts.concat();
+                        *texts = vec![whole];
+                    }
+                    return Ok(Some(self.take_piece()));
+                }
+                Ok((self.pending_count > 0).then(|| self.take_piece()))
+            }
+            GenerationEvent::Error(e) => {
+                self.finished = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn take_piece(&mut self) -> Value {
+        let choices: Vec<Value> = self
+            .pending
+            .iter_mut()
+            .map(|tokens| json!({ "tokens": std::mem::take(tokens) }))
+            .collect();
+        self.pending_count = 0;
+        json!({
+            "choices": choices,
+            "usage": {"input": self.input_tokens, "output": self.output_tokens},
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ChoiceDelta, Finish, FinishReason, RequestMetrics, Usage};
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn delta(index: usize, text: &str, id: u32) -> GenerationEvent {
+        GenerationEvent::Delta(ChoiceDelta {
+            index,
+            text: text.into(),
+            token_ids: vec![id],
+            logprobs: Vec::new(),
+            finish: None,
+        })
+    }
+
+    fn done(prompt: usize, completion: usize) -> GenerationEvent {
+        GenerationEvent::Done {
+            usage: Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+            },
+            metrics: RequestMetrics::default(),
+        }
+    }
+
+    #[test]
+    fn messages_win_over_prompt() {
+        let input = parse_input(
+            &obj(json!({"prompt": "p", "messages": [{"role": "user", "content": "hi"}]})),
+            BatchPolicy::default(),
+        )
+        .unwrap();
+        assert!(matches!(input.prompt, NativePrompt::Messages(ref m) if m.len() == 1));
+        let text = parse_input(
+            &obj(json!({"prompt": "p", "apply_chat_template": true, "stream": true, "max_batch_size": 5})),
+            BatchPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            text.prompt,
+            NativePrompt::Text {
+                prompt: "p".into(),
+                chat: true
+            }
+        );
+        assert!(text.stream);
+        assert_eq!(text.batch.max_batch_size, 5);
+        assert_eq!(text.batch.min_batch_size, 1);
+    }
+
+    #[test]
+    fn bad_inputs_are_named() {
+        let cases = [
+            (json!({}), "prompt"),
+            (json!({"prompt": 3}), "prompt"),
+            (json!({"messages": "hi"}), "messages"),
+            (json!({"messages": []}), "messages"),
+            (json!({"messages": ["hi"]}), "messages"),
+            (json!({"prompt": "p", "stream": "yes"}), "stream"),
+            (
+                json!({"prompt": "p", "max_batch_size": 0}),
+                "max_batch_size",
+            ),
+            (
+                json!({"prompt": "p", "batch_size_growth_factor": "x"}),
+                "batch_size_growth_factor",
+            ),
+            (
+                json!({"prompt": "p", "sampling_params": []}),
+                "sampling_params",
+            ),
+            (
+                json!({"prompt": "p", "sampling_params": {"max_tokens": "ten"}}),
+                "max_tokens",
+            ),
+            (
+                json!({"prompt": "p", "sampling_params": {"temprature": 0}}),
+                "temprature",
+            ),
+        ];
+        for (input, param) in cases {
+            let err = parse_input(&obj(input.clone()), BatchPolicy::default()).unwrap_err();
+            assert_eq!(err.param(), Some(param), "{input}: {err}");
+            assert!(err.is_client_error());
+        }
+    }
+
+    #[test]
+    fn streamed_pieces_follow_the_batch_policy_and_flush_the_rest() {
+        let mut out = NativeOutput::new(1, true, BatchPolicy::default());
+        let mut pieces = Vec::new();
+        let prompt = GenerationEvent::Prompt {
+            prompt_token_ids: vec![1, 2, 3],
+            prompt_logprobs: None,
+        };
+        assert!(out.on_event(prompt).unwrap().is_none());
+        for i in 0..20u32 {
+            if let Some(p) = out.on_event(delta(0, &format!("t{i} "), i)).unwrap() {
+                pieces.push(p);
+            }
+        }
+        pieces.extend(out.on_event(done(3, 20)).unwrap());
+        let sizes: Vec<usize> = pieces
+            .iter()
+            .map(|p| p["choices"][0]["tokens"].as_array().unwrap().len())
+            .collect();
+        assert_eq!(sizes, vec![1, 3, 9, 7]);
+        assert_eq!(pieces[0]["usage"], json!({"input": 3, "output": 1}));
+        assert_eq!(pieces[3]["usage"], json!({"input": 3, "output": 20}));
+        let text: String = pieces
+            .iter()
+            .flat_map(|p| p["choices"][0]["tokens"].as_array().unwrap().clone())
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(text, (0..20).map(|i| format!("t{i} ")).collect::<String>());
+    }
+
+    #[test]
+    fn unstreamed_output_is_one_piece_per_choice_with_the_whole_text() {
+        let mut out = NativeOutput::new(2, false, BatchPolicy::default());
+        for (i, e) in [
+            delta(0, "a", 1),
+            delta(1, "x", 2),
+            delta(0, "b", 3),
+            delta(1, "y", 4),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(out.on_event(e).unwrap().is_none(), "event {i}");
+        }
+        let last = GenerationEvent::Delta(ChoiceDelta {
+            index: 1,
+            text: "z".into(),
+            token_ids: vec![5],
+            logprobs: Vec::new(),
+            finish: Some(Finish {
+                reason: FinishReason::Stop,
+                stop_reason: None,
+            }),
+        });
+        assert!(out.on_event(last).unwrap().is_none());
+        let piece = out.on_event(done(4, 5)).unwrap().unwrap();
+        assert_eq!(
+            piece,
+            json!({"choices": [{"tokens": ["ab"]}, {"tokens": ["xyz"]}], "usage": {"input": 4, "output": 5}})
+        );
+        assert!(out.is_finished());
+    }
+
+    #[test]
+    fn engine_errors_pass_through() {
+        let mut out = NativeOutput::new(1, true, BatchPolicy::default());
+        let err = out
+            .on_event(GenerationEvent::Error(EngineError::Internal("boom".into())))
+            .unwrap_err();
+        assert_eq!(err, EngineError::Internal("boom".into()));
+    }
+}

@@ -1,2 +1,12 @@
 //! The RunPod serverless runtime: the queue protocol, the job loop, the dynamic stream batching and the
 //! local endpoint.
+
+pub mod handler;
+pub mod job;
+pub mod local;
+pub mod metrics;
+pub mod openai_bridge;
+pub mod protocol;
+pub mod routing;
+pub mod stream_batch;
+pub mod worker;

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::kv_cache::KvCache;
 use super::layers::AttentionImpl;
 
+pub mod bert;
 pub mod decoder;
 pub mod gemma2;
 pub mod gpt2;

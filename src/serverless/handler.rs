@@ -1,0 +1,155 @@
+//! The job handler on the real engine: routes a job (`routing.rs`) to the native front door or the
+//! OpenAI one and turns the engine's events into the job's output pieces (spec §7).
+
+use std::sync::Arc;
+
+use async_stream::stream;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::job::{Job, JobError, JobHandler, PieceStream};
+use super::metrics::Metrics;
+use super::openai_bridge;
+use super::routing::{self, JobRequest};
+use super::stream_batch::BatchPolicy;
+use crate::api::native::{self, NativeOutput, NativePrompt};
+use crate::config::Config;
+use crate::engine::{Engine, EngineError, GenerateRequest, GenerationEvent, Prompt};
+
+/// What the handler needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct HandlerSettings {
+    pub batch_defaults: BatchPolicy,
+    /// `RAW_OPENAI_OUTPUT`.
+    pub raw_openai_output: bool,
+    pub response_role: String,
+    pub log_requests: bool,
+}
+
+impl HandlerSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            batch_defaults: config.stream_batch,
+            raw_openai_output: config.openai.raw_output,
+            response_role: config.openai.response_role.clone(),
+            log_requests: !config.disable_log_requests,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EngineHandler {
+    engine: Engine,
+    settings: Arc<HandlerSettings>,
+    metrics: Arc<Metrics>,
+}
+
+impl EngineHandler {
+    pub fn new(engine: Engine, settings: HandlerSettings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            engine,
+            settings: Arc::new(settings),
+            metrics,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn settings(&self) -> &HandlerSettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+impl JobHandler for EngineHandler {
+    fn handle(&self, job: &Job) -> PieceStream {
+        if self.settings.log_requests {
+            tracing::debug!(job_id = %job.id, input = %job.input, "job input");
+        }
+        match routing::parse(&job.input) {
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            Ok(JobRequest::Native(input)) => self.native(&job.id, &input),
+            Ok(JobRequest::OpenAi {
+                route,
+                method,
+                body,
+            }) => openai_bridge::pieces(self, &job.id, &route, method, body),
+        }
+    }
+}
+
+/// The job's view of an engine error: the client's mistakes are 400s, the rest the server's.
+pub fn job_error(e: EngineError) -> JobError {
+    match &e {
+        EngineError::Cancelled => JobError::cancelled(),
+        EngineError::Unavailable(_) => JobError {
+            message: e.to_string(),
+            kind: "ServiceUnavailableError".into(),
+            code: 503,
+        },
+        _ if e.is_client_error() => JobError::bad_request(e.to_string()),
+        _ => JobError::internal(e.to_string()),
+    }
+}
+
+impl EngineHandler {
+    fn native(&self, job_id: &str, input: &serde_json::Map<String, Value>) -> PieceStream {
+        let prepared = native::parse_input(input, self.settings.batch_defaults).and_then(|input| {
+            let (text, add_special_tokens) = match &input.prompt {
+                NativePrompt::Text {
+                    prompt,
+                    chat: false,
+                } => (prompt.clone(), true),
+                NativePrompt::Text { prompt, chat: true } => (
+                    render_chat(&self.engine, &[json!({"role": "user", "content": prompt})])?,
+                    false,
+                ),
+                NativePrompt::Messages(messages) => (render_chat(&self.engine, messages)?, false),
+            };
+            let n = input.sampling_params.n;
+            let request = GenerateRequest {
+                request_id: job_id.to_string(),
+                prompt: Prompt::Text(text),
+                add_special_tokens,
+                params: input.sampling_params.clone(),
+            };
+            let events = self.engine.generate(request)?;
+            Ok((events, NativeOutput::new(n, input.stream, input.batch)))
+        });
+        let (mut events, mut output) = match prepared {
+            Ok(p) => p,
+            Err(e) => return futures::stream::once(async move { Err(job_error(e)) }).boxed(),
+        };
+        let metrics = self.metrics.clone();
+        stream! {
+            while let Some(event) = events.next().await {
+                if let GenerationEvent::Done { usage, metrics: m } = &event {
+                    metrics.record_generation(usage.prompt_tokens, usage.completion_tokens, Some(m.time_to_first_token));
+                }
+                match output.on_event(event) {
+                    Ok(Some(piece)) => yield Ok(piece),
+                    Ok(None) => {}
+                    Err(e) => {
+                        yield Err(job_error(e));
+                        return;
+                    }
+                }
+                if output.is_finished() {
+                    return;
+                }
+            }
+            yield Err(JobError::internal("the engine ended the request without finishing it"));
+        }
+        .boxed()
+    }
+}
+
+/// Renders chat messages through the model's chat template (or `CUSTOM_CHAT_TEMPLATE`).
+pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
+    openai_bridge::render_chat(engine, messages)
+}

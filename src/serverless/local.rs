@@ -1,0 +1,652 @@
+//! `serve`: a local HTTP endpoint that behaves like a RunPod endpoint from the client's side
+//! (`/run`, `/runsync`, `/stream/{id}`, `/status/{id}`, `/cancel/{id}`, `/health`), plus the
+//! OpenAI routes under `/openai/v1` and `/v1` (run as OpenAI jobs, as the platform does) and
+//! Prometheus `/metrics`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::job::{run_job, Job, JobError, JobHandler, JobResult, Outcome, ResultSink, StopReason};
+use super::metrics::Metrics;
+use super::routing::Method;
+use crate::config::Secret;
+
+/// Finished jobs kept for `/status` and `/stream` before the oldest are forgotten.
+const KEPT_FINISHED: usize = 10_000;
+/// How long `/stream/{id}` waits for new output before answering with none.
+const STREAM_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    InQueue,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl Status {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::InQueue => "IN_QUEUE",
+            Self::InProgress => "IN_PROGRESS",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+            Self::TimedOut => "TIMED_OUT",
+        }
+    }
+
+    fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::TimedOut
+        )
+    }
+}
+
+#[derive(Debug)]
+struct JobState {
+    status: Status,
+    /// Every streamed piece; `/stream` hands out those after `stream_cursor`.
+    stream: Vec<Value>,
+    stream_cursor: usize,
+    result: Option<JobResult>,
+    submitted: Instant,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+}
+
+struct LocalJob {
+    id: String,
+    state: Mutex<JobState>,
+    changed: Notify,
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+impl LocalJob {
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Collects one job's pieces and result in its record.
+struct LocalSink(Arc<LocalJob>);
+
+impl ResultSink for LocalSink {
+    async fn piece(&self, _job_id: &str, piece: &Value) {
+        self.0.lock().stream.push(piece.clone());
+        self.0.changed.notify_waiters();
+    }
+
+    async fn done(&self, _job_id: &str, result: &JobResult) {
+        {
+            let mut state = self.0.lock();
+            state.status = match result.outcome() {
+                Outcome::Completed => Status::Completed,
+                Outcome::Cancelled => Status::Cancelled,
+                Outcome::TimedOut => Status::TimedOut,
+                Outcome::Failed => Status::Failed,
+            };
+            state.result = Some(result.clone());
+            state.finished = Some(Instant::now());
+        }
+        self.0.changed.notify_waiters();
+    }
+}
+
+pub struct LocalEndpoint {
+    handler: Arc<dyn JobHandler>,
+    jobs: Mutex<HashMap<String, Arc<LocalJob>>>,
+    finished: Mutex<VecDeque<String>>,
+    slots: Arc<Semaphore>,
+    max_concurrency: usize,
+    metrics: Arc<Metrics>,
+    api_key: Option<Secret>,
+    /// Posts finished jobs to their `webhook`.
+    http: reqwest::Client,
+}
+
+impl LocalEndpoint {
+    pub fn new(
+        handler: Arc<dyn JobHandler>,
+        max_concurrency: usize,
+        metrics: Arc<Metrics>,
+        api_key: Option<Secret>,
+    ) -> Arc<Self> {
+        let max_concurrency = max_concurrency.max(1);
+        Arc::new(Self {
+            handler,
+            jobs: Mutex::default(),
+            finished: Mutex::default(),
+            slots: Arc::new(Semaphore::new(max_concurrency)),
+            max_concurrency,
+            metrics,
+            api_key,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        let openai = Router::new()
+            .route("/models", get(openai_get))
+            .route("/chat/completions", post(openai_post))
+            .route("/completions", post(openai_post))
+            .route("/embeddings", post(openai_post));
+        Router::new()
+            .route("/run", post(run))
+            .route("/runsync", post(runsync))
+            .route("/stream/{id}", get(stream))
+            .route("/status/{id}", get(status).post(status))
+            .route("/cancel/{id}", post(cancel))
+            .route("/metrics", get(metrics))
+            .nest("/openai/v1", openai.clone())
+            .nest("/v1", openai)
+            .layer(middleware::from_fn_with_state(self.clone(), authorize))
+            .route("/health", get(health))
+            .fallback(not_found)
+            .with_state(self.clone())
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LocalJob>>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn find(&self, id: &str) -> Option<Arc<LocalJob>> {
+        self.jobs().get(id).cloned()
+    }
+
+    fn update_load(&self) {
+        let (queued, running) =
+            self.jobs()
+                .values()
+                .fold((0, 0), |(q, r), j| match j.lock().status {
+                    Status::InQueue => (q + 1, r),
+                    Status::InProgress => (q, r + 1),
+                    _ => (q, r),
+                });
+        self.metrics.set_load(queued, running);
+    }
+
+    /// Registers a job and starts it (as soon as a slot is free).
+    fn submit(
+        self: &Arc<Self>,
+        input: Value,
+        extra: Map<String, Value>,
+        route: &str,
+    ) -> Arc<LocalJob> {
+        let id = new_job_id();
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        let (stop, stop_rx) = watch::channel(None);
+        let job = Arc::new(LocalJob {
+            id: id.clone(),
+            state: Mutex::new(JobState {
+                status: if permit.is_some() {
+                    Status::InProgress
+                } else {
+                    Status::InQueue
+                },
+                stream: Vec::new(),
+                stream_cursor: 0,
+                result: None,
+                submitted: Instant::now(),
+                started: permit.is_some().then(Instant::now),
+                finished: None,
+            }),
+            changed: Notify::new(),
+            stop,
+        });
+        self.jobs().insert(id.clone(), job.clone());
+        self.update_load();
+        let endpoint = self.clone();
+        let record = job.clone();
+        let route = route.to_string();
+        tokio::spawn(async move {
+            endpoint
+                .execute(record, Job { id, input, extra }, permit, stop_rx, &route)
+                .await;
+        });
+        job
+    }
+
+    async fn execute(
+        self: Arc<Self>,
+        record: Arc<LocalJob>,
+        job: Job,
+        permit: Option<OwnedSemaphorePermit>,
+        mut stop_rx: watch::Receiver<Option<StopReason>>,
+        route: &str,
+    ) {
+        let started = Instant::now();
+        let sink = LocalSink(record.clone());
+        let permit = match permit {
+            Some(p) => Some(p),
+            None => tokio::select! {
+                p = self.slots.clone().acquire_owned() => p.ok(),
+                _ = stop_rx.wait_for(|s| s.is_some()) => None,
+            },
+        };
+        let outcome = if permit.is_none() {
+            // Cancelled while waiting for a slot.
+            sink.done(&job.id, &JobResult::Error(JobError::cancelled()))
+                .await;
+            super::job::Outcome::Cancelled
+        } else {
+            {
+                let mut state = record.lock();
+                state.status = Status::InProgress;
+                state.started.get_or_insert_with(Instant::now);
+            }
+            self.update_load();
+            run_job(&*self.handler, &job, &sink, stop_rx).await
+        };
+        drop(permit);
+        self.metrics
+            .record_request(route, outcome.as_str(), started.elapsed());
+        if let Some(url) = job.extra.get("webhook").and_then(Value::as_str) {
+            tokio::spawn(notify_webhook(
+                self.http.clone(),
+                url.to_string(),
+                describe(&record, true),
+            ));
+        }
+        self.retire(&record.id);
+        self.update_load();
+    }
+
+    fn retire(&self, id: &str) {
+        let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        finished.push_back(id.to_string());
+        while finished.len() > KEPT_FINISHED {
+            if let Some(old) = finished.pop_front() {
+                self.jobs().remove(&old);
+            }
+        }
+    }
+
+    fn counts(&self) -> Value {
+        let mut counts: HashMap<&'static str, usize> = HashMap::new();
+        for job in self.jobs().values() {
+            *counts.entry(job.lock().status.as_str()).or_default() += 1;
+        }
+        let running = counts.get("IN_PROGRESS").copied().unwrap_or(0);
+        json!({
+            "jobs": {
+                "completed": counts.get("COMPLETED").copied().unwrap_or(0),
+                "failed": counts.get("FAILED").copied().unwrap_or(0) + counts.get("CANCELLED").copied().unwrap_or(0),
+                "inProgress": running,
+                "inQueue": counts.get("IN_QUEUE").copied().unwrap_or(0),
+                "retried": 0,
+            },
+            "workers": {
+                "idle": self.max_concurrency.saturating_sub(running),
+                "running": running,
+            }
+        })
+    }
+}
+
+/// RunPod's webhook: the finished job's status object, POSTed once (retried on failure).
+async fn notify_webhook(http: reqwest::Client, url: String, body: Value) {
+    for attempt in 1..=3u32 {
+        match http
+            .post(&url)
+            .timeout(Duration::from_secs(10))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => tracing::warn!(url, attempt, "webhook answered {}", r.status()),
+            Err(e) => tracing::warn!(url, attempt, "webhook failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+    }
+}
+
+fn new_job_id() -> String {
+    format!("local-{:032x}", rand::random::<u128>())
+}
+
+/// The RunPod body `{"input": {...}}` (other fields, such as `webhook`, are accepted and ignored).
+/// The RunPod body `{"input": {...}, "policy": {...}, "webhook": "..."}`: the input and the rest.
+fn job_input(body: &Bytes) -> Result<(Value, Map<String, Value>), String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    let Value::Object(mut fields) = value else {
+        return Err("the body must be {\"input\": {...}}".to_string());
+    };
+    match fields.remove("input") {
+        Some(input) if !input.is_null() => Ok((input, fields)),
+        _ => Err("the body must be {\"input\": {...}}".to_string()),
+    }
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn describe(job: &LocalJob, with_output: bool) -> Value {
+    let state = job.lock();
+    let mut body = json!({"id": job.id, "status": state.status.as_str()});
+    if let Some(started) = state.started {
+        body["delayTime"] = json!(started.duration_since(state.submitted).as_millis() as u64);
+        if let Some(finished) = state.finished {
+            body["executionTime"] = json!(finished.duration_since(started).as_millis() as u64);
+        }
+    }
+    match &state.result {
+        Some(JobResult::Output(pieces)) if with_output => body["output"] = json!(pieces),
+        Some(JobResult::Error(e)) => body["error"] = json!(e.to_result_text()),
+        _ => {}
+    }
+    body
+}
+
+async fn authorize(
+    State(endpoint): State<Arc<LocalEndpoint>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &endpoint.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.expose()) {
+            let body = json!({"error": {
+                "message": "missing or wrong API key: send `Authorization: Bearer <API_KEY>`",
+                "type": "AuthenticationError",
+                "code": 401,
+            }});
+            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn run(State(endpoint): State<Arc<LocalEndpoint>>, body: Bytes) -> Response {
+    let (input, extra) = match job_input(&body) {
+        Ok(i) => i,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
+    };
+    let job = endpoint.submit(input, extra, "/run");
+    Json(describe(&job, false)).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct WaitQuery {
+    /// Milliseconds `/runsync` waits before answering with the job's current status.
+    wait: Option<u64>,
+}
+
+/// RunPod's `/runsync` waits up to 90 s by default before handing back an id to poll.
+const RUNSYNC_WAIT: Duration = Duration::from_secs(90);
+
+async fn runsync(
+    State(endpoint): State<Arc<LocalEndpoint>>,
+    Query(query): Query<WaitQuery>,
+    body: Bytes,
+) -> Response {
+    let (input, extra) = match job_input(&body) {
+        Ok(i) => i,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
+    };
+    let job = endpoint.submit(input, extra, "/runsync");
+    let wait = query
+        .wait
+        .map(Duration::from_millis)
+        .unwrap_or(RUNSYNC_WAIT);
+    let _ = tokio::time::timeout(wait, wait_final(&job)).await;
+    Json(describe(&job, true)).into_response()
+}
+
+async fn wait_final(job: &LocalJob) {
+    loop {
+        let changed = job.changed.notified();
+        if job.lock().status.is_final() {
+            return;
+        }
+        changed.await;
+    }
+}
+
+async fn stream(State(endpoint): State<Arc<LocalEndpoint>>, Path(id): Path<String>) -> Response {
+    let Some(job) = endpoint.find(&id) else {
+        return error_response(StatusCode::NOT_FOUND, &format!("no job `{id}`"));
+    };
+    let deadline = tokio::time::Instant::now() + STREAM_WAIT;
+    loop {
+        let changed = job.changed.notified();
+        {
+            let mut state = job.lock();
+            if state.stream.len() > state.stream_cursor || state.status.is_final() {
+                let new: Vec<Value> = state.stream[state.stream_cursor..]
+                    .iter()
+                    .map(|piece| json!({ "output": piece }))
+                    .collect();
+                state.stream_cursor = state.stream.len();
+                let mut body = json!({"id": id, "status": state.status.as_str(), "stream": new});
+                if let Some(JobResult::Error(e)) = &state.result {
+                    body["error"] = json!(e.to_result_text());
+                }
+                return Json(body).into_response();
+            }
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let status = job.lock().status.as_str();
+            return Json(json!({"id": id, "status": status, "stream": []})).into_response();
+        }
+    }
+}
+
+async fn status(State(endpoint): State<Arc<LocalEndpoint>>, Path(id): Path<String>) -> Response {
+    match endpoint.find(&id) {
+        Some(job) => Json(describe(&job, true)).into_response(),
+        None => error_response(StatusCode::NOT_FOUND, &format!("no job `{id}`")),
+    }
+}
+
+async fn cancel(State(endpoint): State<Arc<LocalEndpoint>>, Path(id): Path<String>) -> Response {
+    let Some(job) = endpoint.find(&id) else {
+        return error_response(StatusCode::NOT_FOUND, &format!("no job `{id}`"));
+    };
+    if !job.lock().status.is_final() {
+        let _ = job.stop.send(Some(StopReason::Cancelled));
+        wait_final(&job).await;
+    }
+    Json(describe(&job, false)).into_response()
+}
+
+async fn health(State(endpoint): State<Arc<LocalEndpoint>>) -> Response {
+    Json(endpoint.counts()).into_response()
+}
+
+async fn metrics(State(endpoint): State<Arc<LocalEndpoint>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        endpoint.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn openai_get(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) -> Response {
+    let route = openai_route(request.uri().path());
+    openai_job(&endpoint, &route, Method::Get, None, &HeaderMap::new()).await
+}
+
+async fn openai_post(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) -> Response {
+    let route = openai_route(request.uri().path());
+    let headers = request.headers().clone();
+    let body = match axum::body::to_bytes(request.into_body(), 64 << 20).await {
+        Ok(b) => b,
+        Err(e) => {
+            return openai_error(&JobError::bad_request(format!("cannot read the body: {e}")))
+        }
+    };
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return openai_error(&JobError::bad_request(format!(
+                "the body is not valid JSON: {e}"
+            )))
+        }
+    };
+    openai_job(&endpoint, &route, Method::Post, Some(body), &headers).await
+}
+
+/// `/openai/v1/x` and `/v1/x` → `/v1/x` (nesting strips the prefix, so rebuild it).
+fn openai_route(path: &str) -> String {
+    let tail = path
+        .strip_prefix("/openai/v1")
+        .or_else(|| path.strip_prefix("/v1"))
+        .unwrap_or(path);
+    format!("/v1{tail}")
+}
+
+/// Runs an OpenAI request as a job, the way the platform turns `/openai/v1/...` into one, and
+/// answers with the response object or, for streams, the SSE events as they come.
+async fn openai_job(
+    endpoint: &Arc<LocalEndpoint>,
+    route: &str,
+    method: Method,
+    body: Option<Value>,
+    _headers: &HeaderMap,
+) -> Response {
+    let streamed = body
+        .as_ref()
+        .and_then(|b| b.get("stream"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut input = json!({ "openai_route": route });
+    if let Some(body) = body {
+        input["openai_input"] = body;
+    }
+    if method == Method::Get {
+        input["method"] = json!("GET");
+    }
+    let job = endpoint.submit(input, Map::new(), route);
+    // A client that hangs up cancels its request, so it stops using the engine.
+    let guard = CancelOnDrop(job.clone());
+    if !streamed {
+        wait_final(&job).await;
+        drop(guard);
+        let state = job.lock();
+        return match &state.result {
+            Some(JobResult::Output(pieces)) => match pieces.first() {
+                Some(object) => Json(object.clone()).into_response(),
+                None => openai_error(&JobError::internal("the request produced no output")),
+            },
+            Some(JobResult::Error(e)) => openai_error(e),
+            None => openai_error(&JobError::internal("the request ended without a result")),
+        };
+    }
+    // Streamed: relay the raw SSE pieces as they are posted.
+    let events = async_stream::stream! {
+        let _guard = guard;
+        let mut sent = 0;
+        loop {
+            let changed = job.changed.notified();
+            let (new, done, error) = {
+                let state = job.lock();
+                let new: Vec<Value> = state.stream[sent..].to_vec();
+                let error = match &state.result {
+                    Some(JobResult::Error(e)) => Some(e.clone()),
+                    _ => None,
+                };
+                (new, state.status.is_final(), error)
+            };
+            sent += new.len();
+            for piece in new {
+                yield Ok::<Bytes, std::convert::Infallible>(Bytes::from(sse_text(&piece)));
+            }
+            if done {
+                if let Some(e) = error {
+                    let event = json!({"error": e.to_value()});
+                    yield Ok(Bytes::from(format!("data: {event}\n\n")));
+                }
+                return;
+            }
+            changed.await;
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(events.boxed()))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Cancels a job that is still running when the HTTP request holding this is dropped.
+struct CancelOnDrop(Arc<LocalJob>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.0.lock().status.is_final() {
+            let _ = self.0.stop.send(Some(StopReason::Cancelled));
+        }
+    }
+}
+
+/// A streamed OpenAI piece as SSE text: raw pieces already are; object lists are rendered.
+fn sse_text(piece: &Value) -> String {
+    match piece {
+        Value::String(s) => s.clone(),
+        Value::Array(chunks) => chunks.iter().map(|c| format!("data: {c}\n\n")).collect(),
+        other => format!("data: {other}\n\n"),
+    }
+}
+
+fn openai_error(e: &JobError) -> Response {
+    let status = StatusCode::from_u16(e.code)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = if e.code == 499 {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    (status, Json(json!({ "error": e.to_value() }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_paths_map_to_v1_routes() {
+        assert_eq!(
+            openai_route("/openai/v1/chat/completions"),
+            "/v1/chat/completions"
+        );
+        assert_eq!(openai_route("/v1/models"), "/v1/models");
+    }
+
+    #[test]
+    fn sse_text_of_each_piece_shape() {
+        assert_eq!(sse_text(&json!("data: x\n\n")), "data: x\n\n");
+        assert_eq!(sse_text(&json!([{"a": 1}])), "data: {\"a\":1}\n\n");
+    }
+}

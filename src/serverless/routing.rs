@@ -1,0 +1,229 @@
+//! Which front door a job goes to (protocol spec §6): the OpenAI passthrough (`openai_route` +
+//! `openai_input`), the generic route (`route` + `body` + `method`), or a native worker-vllm input.
+
+use serde_json::{Map, Value};
+
+use super::job::JobError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+impl Method {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::Post => "POST",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobRequest {
+    /// An OpenAI route, `/v1/...`.
+    OpenAi {
+        route: String,
+        method: Method,
+        body: Option<Value>,
+    },
+    Native(Map<String, Value>),
+}
+
+/// The OpenAI routes a job may name.
+pub const OPENAI_ROUTES: &[(&str, Method)] = &[
+    ("/v1/chat/completions", Method::Post),
+    ("/v1/completions", Method::Post),
+    ("/v1/models", Method::Get),
+    ("/v1/embeddings", Method::Post),
+];
+
+pub fn parse(input: &Value) -> Result<JobRequest, JobError> {
+    let fields = match input {
+        Value::Object(fields) => fields,
+        Value::Null => return Err(JobError::bad_request("the job has no `input`")),
+        other => {
+            return Err(JobError::bad_request(format!(
+                "the job's `input` must be a JSON object, got {other}"
+            )))
+        }
+    };
+    if let Some(route) = non_null(fields.get("openai_route")) {
+        let body = non_null(fields.get("openai_input"));
+        return openai(route, "openai_route", body, "openai_input", None);
+    }
+    if let Some(route) = non_null(fields.get("route")) {
+        let body = non_null(fields.get("body"));
+        return openai(route, "route", body, "body", non_null(fields.get("method")));
+    }
+    Ok(JobRequest::Native(fields.clone()))
+}
+
+fn non_null(v: Option<&Value>) -> Option<&Value> {
+    v.filter(|v| !v.is_null())
+}
+
+fn openai(
+    route: &Value,
+    route_field: &str,
+    body: Option<&Value>,
+    body_field: &str,
+    method: Option<&Value>,
+) -> Result<JobRequest, JobError> {
+    let Value::String(route) = route else {
+        return Err(JobError::bad_request(format!(
+            "`{route_field}` must be a string such as \"/v1/chat/completions\", got {route}"
+        )));
+    };
+    let path = normalize_route(route);
+    if let Some(body) = body {
+        if !body.is_object() {
+            return Err(JobError::bad_request(format!(
+                "`{body_field}` must be a JSON object, got {body}"
+            )));
+        }
+    }
+    let method = match method {
+        None => {
+            if body.is_some() {
+                Method::Post
+            } else {
+                Method::Get
+            }
+        }
+        Some(Value::String(m)) if m.eq_ignore_ascii_case("GET") => Method::Get,
+        Some(Value::String(m)) if m.eq_ignore_ascii_case("POST") => Method::Post,
+        Some(other) => {
+            return Err(JobError::bad_request(format!(
+                "`method` must be \"GET\" or \"POST\", got {other}"
+            )))
+        }
+    };
+    let Some((_, expected)) = OPENAI_ROUTES.iter().find(|(r, _)| *r == path) else {
+        let known: Vec<&str> = OPENAI_ROUTES.iter().map(|(r, _)| *r).collect();
+        return Err(JobError::not_found(format!(
+            "unknown route `{route}`; this worker serves {}",
+            known.join(", ")
+        )));
+    };
+    if *expected != method {
+        let hint = if *expected == Method::Post {
+            format!(" (send the request body in `{body_field}`)")
+        } else {
+            String::new()
+        };
+        return Err(JobError {
+            message: format!(
+                "`{path}` takes {}, not {}{hint}",
+                expected.as_str(),
+                method.as_str()
+            ),
+            kind: "MethodNotAllowedError".into(),
+            code: 405,
+        });
+    }
+    Ok(JobRequest::OpenAi {
+        route: path,
+        method,
+        body: body.cloned(),
+    })
+}
+
+/// `/openai/v1/x`, `v1/x` and `/v1/x/` all mean `/v1/x`.
+fn normalize_route(route: &str) -> String {
+    let trimmed = route.trim().trim_end_matches('/');
+    let trimmed = trimmed.strip_prefix("/openai").unwrap_or(trimmed);
+    if trimmed.starts_with('/') {
+        trimmed.to_string()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn openai_passthrough() {
+        let r = parse(
+            &json!({"openai_route": "/v1/chat/completions", "openai_input": {"messages": []}}),
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            JobRequest::OpenAi {
+                route: "/v1/chat/completions".into(),
+                method: Method::Post,
+                body: Some(json!({"messages": []}))
+            }
+        );
+        let models = parse(&json!({"openai_route": "/v1/models"})).unwrap();
+        assert_eq!(
+            models,
+            JobRequest::OpenAi {
+                route: "/v1/models".into(),
+                method: Method::Get,
+                body: None
+            }
+        );
+        let prefixed = parse(&json!({"openai_route": "/openai/v1/models/"})).unwrap();
+        assert_eq!(prefixed, models);
+    }
+
+    #[test]
+    fn generic_route() {
+        let r =
+            parse(&json!({"route": "/v1/completions", "body": {"prompt": "x"}, "method": "post"}))
+                .unwrap();
+        assert!(matches!(
+            r,
+            JobRequest::OpenAi {
+                method: Method::Post,
+                ..
+            }
+        ));
+        let g = parse(&json!({"route": "/v1/models", "method": "GET"})).unwrap();
+        assert!(matches!(
+            g,
+            JobRequest::OpenAi {
+                method: Method::Get,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn native_otherwise() {
+        let r = parse(&json!({"prompt": "hello"})).unwrap();
+        assert!(matches!(r, JobRequest::Native(ref m) if m["prompt"] == "hello"));
+    }
+
+    #[test]
+    fn bad_jobs_get_clear_errors() {
+        let missing = parse(&Value::Null).unwrap_err();
+        assert!(missing.message.contains("no `input`"));
+        assert_eq!(parse(&json!("text")).unwrap_err().code, 400);
+        let unknown = parse(&json!({"openai_route": "/v1/images"})).unwrap_err();
+        assert_eq!(unknown.code, 404);
+        assert!(unknown.message.contains("/v1/images"));
+        assert_eq!(parse(&json!({"openai_route": 5})).unwrap_err().code, 400);
+        assert_eq!(
+            parse(&json!({"openai_route": "/v1/chat/completions", "openai_input": "hi"}))
+                .unwrap_err()
+                .code,
+            400
+        );
+        let no_body = parse(&json!({"openai_route": "/v1/chat/completions"})).unwrap_err();
+        assert_eq!(no_body.code, 405);
+        assert!(no_body.message.contains("openai_input"));
+        assert_eq!(
+            parse(&json!({"route": "/v1/models", "method": "DELETE"}))
+                .unwrap_err()
+                .code,
+            400
+        );
+    }
+}
