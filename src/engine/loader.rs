@@ -212,6 +212,28 @@ pub fn read_chat_template(model_dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// Sets the compute thread count once, before the first kernel runs: `threads`, else `RAYON_NUM_THREADS`
+/// when set, else what the process may use (the cgroup CPU quota and affinity, which
+/// `available_parallelism` honours). candle's kernels and ours read the same setting. Returns it.
+pub fn configure_threads(threads: Option<usize>) -> usize {
+    let from_env = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    let n = threads
+        .filter(|n| *n > 0)
+        .or(from_env)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if from_env != Some(n) {
+        // candle reads the variable on each call; rayon's global pool below is built once
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    n
+}
+
 fn max_position_embeddings(config: &Value) -> usize {
     ["max_position_embeddings", "n_positions", "n_ctx"]
         .iter()
@@ -235,6 +257,9 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
     let config = read_config(dir)?;
     let architecture = causal_architecture(&config)?.to_string();
     let device = resolve_device(settings.device)?;
+    if device.is_cpu() {
+        configure_threads(settings.threads);
+    }
     let dtype = resolve_dtype(settings.dtype, &device, &config)?;
     let model_max = max_position_embeddings(&config);
     let max_model_len = settings.max_model_len.unwrap_or(model_max);

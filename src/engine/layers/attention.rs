@@ -262,6 +262,12 @@ impl BatchPlan {
             let n = s.num_new;
             let l = s.context_len + n;
             let (k, v) = cache.gather(layer, &s.gather)?;
+            // cuBLAS wants unit-stride batches; the CPU gemm takes the strided view as is
+            let k = if k.device().is_cpu() {
+                k
+            } else {
+                k.contiguous()?
+            };
             // [n, kvh*g, d] -> [kvh, g*n, d]: the heads sharing one kv head become rows of one matmul
             let qs = q
                 .narrow(0, s.token_start, n)?

@@ -179,17 +179,19 @@ impl Layer {
             self.attn.head_dim,
         );
         let qkv = self.qkv.forward(&self.input_norm.forward(x)?)?;
-        let mut q = qkv.narrow(1, 0, h * d)?.reshape((t, h, d))?;
-        let mut k = qkv.narrow(1, h * d, kvh * d)?.reshape((t, kvh, d))?;
         let v = qkv
             .narrow(1, (h + kvh) * d, kvh * d)?
             .reshape((t, kvh, d))?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        let q = rope.apply(&q, cos, sin)?;
-        let k = rope.apply(&k, cos, sin)?;
+        let (q, k) = if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            let q = qn.forward(&qkv.narrow(1, 0, h * d)?.reshape((t, h, d))?)?;
+            let k = kn.forward(&qkv.narrow(1, h * d, kvh * d)?.reshape((t, kvh, d))?)?;
+            (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
+        } else {
+            // q and k heads rotated by one op
+            let qk = qkv.narrow(1, 0, (h + kvh) * d)?.reshape((t, h + kvh, d))?;
+            let qk = rope.apply(&qk, cos, sin)?;
+            (qk.narrow(1, 0, h)?, qk.narrow(1, h, kvh)?)
+        };
         let a = plan.attend(idx, &q, &k, &v, cache, &self.attn)?;
         let mut a = self.o_proj.forward(&a)?;
         if let Some(n) = &self.post_attn_norm {
