@@ -44,6 +44,16 @@ struct Cli {
         global = true
     )]
     test_input: Option<String>,
+    /// The SDK's spelling of `serve` (`--rp_serve_api [--rp_api_host H] [--rp_api_port P]`).
+    #[arg(long = "rp_serve_api", hide = true)]
+    rp_serve_api: bool,
+    #[arg(long = "rp_api_host", hide = true, default_value = "127.0.0.1")]
+    rp_api_host: String,
+    #[arg(long = "rp_api_port", hide = true, default_value_t = 8000)]
+    rp_api_port: u16,
+    /// Accepted for the SDK's sake; `MAX_CONCURRENCY` sets the concurrency.
+    #[arg(long = "rp_api_concurrency", hide = true)]
+    rp_api_concurrency: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -70,10 +80,10 @@ struct ServeArgs {
 
 #[derive(Args, Debug)]
 pub struct RunBatchArgs {
-    /// Input file of requests (JSON lines), or `-` for stdin.
+    /// Input file of requests (JSON lines), `-` for stdin, or an http(s) URL (GET).
     #[arg(short = 'i', long = "input")]
     input: PathBuf,
-    /// Output file of results (JSON lines), or `-` for stdout.
+    /// Output file of results (JSON lines), `-` for stdout, or an http(s) URL (PUT).
     #[arg(short = 'o', long = "output")]
     output: PathBuf,
     /// The model (overrides MODEL_NAME).
@@ -119,6 +129,13 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     if let Some(text) = &cli.test_input {
         return test_input(&config, text).await;
+    }
+    if cli.rp_serve_api {
+        let args = ServeArgs {
+            host: cli.rp_api_host.clone(),
+            port: cli.rp_api_port,
+        };
+        return serve(&config, &args).await;
     }
     match cli.command {
         Some(Command::Serve(args)) => serve(&config, &args).await,
@@ -315,9 +332,30 @@ async fn download(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Hook for `run-batch` (`worker_candle::batch`).
-async fn run_batch(_config: &Config, args: RunBatchArgs) -> anyhow::Result<ExitCode> {
-    let _ = (&args.input, &args.output, &args.model);
-    anyhow::bail!("`run-batch` is not available in this build yet")
+async fn run_batch(config: &Config, args: RunBatchArgs) -> anyhow::Result<ExitCode> {
+    let model = args
+        .model
+        .clone()
+        .or_else(|| config.model.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("run-batch needs --model or MODEL_NAME"))?;
+    let engine = start_engine(config, &model).await?;
+    let settings = worker_candle::api::openai::OpenAiSettings {
+        served_model_name: engine.info().served_model_name.clone(),
+        response_role: config.openai.response_role.clone(),
+    };
+    let args = worker_candle::batch::BatchArgs {
+        input: args.input.display().to_string(),
+        output: args.output.display().to_string(),
+        model: Some(model),
+    };
+    let summary = worker_candle::batch::run(&engine, &settings, &args).await?;
+    tracing::info!(
+        lines = summary.lines,
+        failed = summary.failed,
+        "batch written to {}",
+        args.output
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// SIGTERM or SIGINT.

@@ -1,249 +1,530 @@
-//! Every causal fixture computes what transformers computes: last-position logits within 1e-4, identical
-//! greedy ids, top-5 logprobs within 1e-4; packed batches, chunked prefill and both attention kernels
-//! agree with one sequence at a time.
+//! Every causal fixture computes what transformers computed for it (`reference.json`): last-position
+//! logits, greedy continuations and top-5 log-probabilities, through the paged KV cache. Plus the
+//! batching invariants the scheduler relies on (packed = alone, chunked = whole, both attention paths
+//! agree) and the loader's layouts (sharded weights, both RoPE config layouts, unsupported architecture).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use serde_json::Value;
 use worker_candle::engine::kv_cache::KvCache;
-use worker_candle::engine::layers::attention::AttentionKernel;
-use worker_candle::engine::layers::DecoderModel;
-use worker_candle::engine::loader::load_causal;
+use worker_candle::engine::layers::AttentionImpl;
+use worker_candle::engine::loader::{load_causal, LoadedModel};
 use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::EngineSettings;
 
 const CAUSAL: &[&str] = &["llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2"];
-const BLOCK: usize = 16;
+const TOL: f32 = 1e-4;
+const BLOCK: usize = 4;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
 }
 
-fn load(name: &str) -> DecoderModel {
-    load_causal(&EngineSettings::for_model(fixture(name)))
-        .unwrap_or_else(|e| panic!("{name}: {e:#}"))
-        .model
+fn load(dir: &Path) -> LoadedModel {
+    load_causal(&EngineSettings::for_model(dir))
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
 }
 
-fn reference(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["cases"].as_array().unwrap().clone()
+fn reference(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json parses")
 }
 
-fn ids(v: &Value) -> Vec<u32> {
+fn u32s(v: &Value) -> Vec<u32> {
     v.as_array()
-        .unwrap()
+        .expect("array")
         .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
+        .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
 
-/// One sequence's blocks, far apart so neighbours' slots never overlap.
-fn blocks(seq: usize, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|b| seq as u32 * 64 + b).collect()
-}
-
-fn cache(model: &DecoderModel) -> KvCache {
-    KvCache::new(model.spec(), 64 * 12, BLOCK).unwrap()
-}
-
-fn step(
-    model: &DecoderModel,
-    cache: &mut KvCache,
-    seqs: Vec<(Vec<u32>, usize, usize, LogitsWanted)>,
-) -> Tensor {
-    let mut tokens = Vec::new();
-    let mut inputs = Vec::new();
-    for (new, context_len, seq, logits) in seqs {
-        let total = context_len + new.len();
-        inputs.push(SeqInput {
-            context_len,
-            num_new: new.len(),
-            block_table: blocks(seq, total.div_ceil(BLOCK)),
-            logits,
-        });
-        tokens.extend(new);
-    }
-    model
-        .forward(
-            &ForwardBatch {
-                tokens,
-                seqs: inputs,
-            },
-            cache,
-        )
-        .unwrap()
-}
-
-fn log_softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = row
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
         .iter()
-        .map(|x| ((x - max) as f64).exp())
-        .sum::<f64>()
-        .ln() as f32
-        + max;
-    row.iter().map(|x| x - lse).collect()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .unwrap()
+/// One sequence's state in these tests: its tokens so far and its blocks.
+struct Seq {
+    tokens: Vec<u32>,
+    cached: usize,
+    blocks: Vec<u32>,
+}
+
+impl Seq {
+    /// `blocks` is taken as the block table; scattered tables exercise the gather path.
+    fn new(tokens: Vec<u32>, blocks: Vec<u32>) -> Self {
+        Self {
+            tokens,
+            cached: 0,
+            blocks,
+        }
+    }
+
+    /// The next `n` uncached tokens as a batch entry.
+    fn input(&self, n: usize, logits: LogitsWanted) -> (Vec<u32>, SeqInput) {
+        let new = self.tokens[self.cached..self.cached + n].to_vec();
+        let input = SeqInput {
+            context_len: self.cached,
+            num_new: n,
+            block_table: self.blocks.clone(),
+            logits,
+        };
+        (new, input)
+    }
+}
+
+fn forward(
+    model: &dyn CausalLM,
+    cache: &mut KvCache,
+    parts: Vec<(Vec<u32>, SeqInput)>,
+) -> Vec<Vec<f32>> {
+    let mut batch = ForwardBatch {
+        tokens: Vec::new(),
+        seqs: Vec::new(),
+    };
+    for (t, s) in parts {
+        batch.tokens.extend(t);
+        batch.seqs.push(s);
+    }
+    let logits = model.forward(&batch, cache).expect("forward");
+    logits.to_vec2::<f32>().expect("logits to vec")
+}
+
+fn new_cache(model: &dyn CausalLM, blocks: usize) -> KvCache {
+    KvCache::new(model.spec(), blocks, BLOCK).expect("cache")
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn every_fixture_matches_transformers() {
-    for name in CAUSAL {
-        let model = load(name);
-        for (ci, case) in reference(name).iter().enumerate() {
-            let prompt = ids(&case["input_ids"]);
-            let mut cache = cache(&model);
-            let logits = step(
-                &model,
-                &mut cache,
-                vec![(prompt.clone(), 0, 0, LogitsWanted::Last)],
-            );
-            let row: Vec<f32> = logits.squeeze(0).unwrap().to_vec1().unwrap();
-            let want: Vec<f32> = case["last_logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            let diff = max_diff(&row, &want);
-            assert!(diff < 1e-4, "{name} case {ci}: logits differ by {diff}");
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
 
-            let greedy = ids(&case["greedy_ids"]);
-            let top5 = case["top5_logprobs_first_steps"].as_array().unwrap();
-            let mut row = row;
-            let mut got = Vec::new();
-            let mut len = prompt.len();
-            for (i, want_id) in greedy.iter().enumerate() {
-                let lp = log_softmax(&row);
-                if let Some(expected) = top5.get(i) {
-                    for pair in expected.as_array().unwrap() {
-                        let (id, want_lp) = (
-                            pair[0].as_u64().unwrap() as usize,
-                            pair[1].as_f64().unwrap() as f32,
-                        );
-                        assert!(
-                            (lp[id] - want_lp).abs() < 1e-4,
-                            "{name} case {ci} step {i}: logprob of {id}"
-                        );
-                    }
+fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = v.iter().map(|x| ((x - m) as f64).exp()).sum::<f64>().ln() as f32 + m;
+    v.iter().map(|x| x - lse).collect()
+}
+
+fn check_reference(name: &str) {
+    let loaded = load(&fixture(name));
+    let model = loaded.model.as_ref();
+    let r = reference(name);
+    for (ci, case) in r["cases"].as_array().expect("cases").iter().enumerate() {
+        let prompt = u32s(&case["input_ids"]);
+        let want_ids = u32s(&case["greedy_ids"]);
+        let total = prompt.len() + want_ids.len();
+        let nblocks = total.div_ceil(BLOCK) + 1;
+        let mut cache = new_cache(model, nblocks + 2);
+        // scattered, descending blocks: the gather path, not the contiguous fast path
+        let blocks: Vec<u32> = (0..nblocks as u32).rev().collect();
+        let mut seq = Seq::new(prompt.clone(), blocks);
+        let mut logits = forward(
+            model,
+            &mut cache,
+            vec![seq.input(prompt.len(), LogitsWanted::Last)],
+        )
+        .remove(0);
+        seq.cached = prompt.len();
+        let d = max_diff(&logits, &f32s(&case["last_logits"]));
+        assert!(d < TOL, "{name} case {ci}: last logits differ by {d}");
+        let top5 = case["top5_logprobs_first_steps"].as_array().expect("top5");
+        let mut got_ids = Vec::new();
+        for step in 0..want_ids.len() {
+            if let Some(want) = top5.get(step) {
+                let lp = log_softmax(&logits);
+                let mut order: Vec<usize> = (0..lp.len()).collect();
+                order.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]));
+                for (k, pair) in want.as_array().expect("pairs").iter().enumerate() {
+                    let id = pair[0].as_u64().expect("id") as usize;
+                    let want_lp = pair[1].as_f64().expect("lp") as f32;
+                    assert_eq!(order[k], id, "{name} case {ci} step {step}: top-{k} token");
+                    assert!(
+                        (lp[id] - want_lp).abs() < TOL,
+                        "{name} case {ci} step {step}: logprob of {id}"
+                    );
                 }
-                let next = argmax(&row);
-                got.push(next);
-                assert_eq!(next, *want_id, "{name} case {ci}: greedy step {i}");
-                let logits = step(
-                    &model,
-                    &mut cache,
-                    vec![(vec![next], len, 0, LogitsWanted::Last)],
-                );
-                len += 1;
-                row = logits.squeeze(0).unwrap().to_vec1().unwrap();
             }
-            assert_eq!(got, greedy, "{name} case {ci}");
+            let next = argmax(&logits);
+            got_ids.push(next);
+            if step + 1 == want_ids.len() {
+                break;
+            }
+            seq.tokens.push(next);
+            logits = forward(model, &mut cache, vec![seq.input(1, LogitsWanted::Last)]).remove(0);
+            seq.cached += 1;
+        }
+        assert_eq!(got_ids, want_ids, "{name} case {ci}: greedy ids");
+    }
+}
+
+#[test]
+fn llama_matches_reference() {
+    check_reference("llama");
+}
+
+#[test]
+fn qwen2_matches_reference() {
+    check_reference("qwen2");
+}
+
+#[test]
+fn mistral_matches_reference() {
+    check_reference("mistral");
+}
+
+#[test]
+fn phi3_matches_reference() {
+    check_reference("phi3");
+}
+
+#[test]
+fn gemma2_matches_reference() {
+    check_reference("gemma2");
+}
+
+#[test]
+fn gpt2_matches_reference() {
+    check_reference("gpt2");
+}
+
+fn prompts(name: &str) -> Vec<Vec<u32>> {
+    reference(name)["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| u32s(&c["input_ids"]))
+        .collect()
+}
+
+/// Several different prompts in one forward give each the logits it gets alone, and so does a mixed
+/// step of decodes and a prefill.
+#[test]
+fn packed_batch_equals_each_alone() {
+    for name in CAUSAL {
+        let model = load(&fixture(name)).model;
+        let ps: Vec<Vec<u32>> = prompts(name).into_iter().take(3).collect();
+        let per = 16;
+        let alone: Vec<Vec<f32>> = ps
+            .iter()
+            .map(|p| {
+                let mut cache = new_cache(model.as_ref(), per);
+                let s = Seq::new(p.clone(), (0..per as u32).collect());
+                forward(
+                    model.as_ref(),
+                    &mut cache,
+                    vec![s.input(p.len(), LogitsWanted::Last)],
+                )
+                .remove(0)
+            })
+            .collect();
+        let mut cache = new_cache(model.as_ref(), per * ps.len());
+        let seqs: Vec<Seq> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Seq::new(
+                    p.clone(),
+                    (0..per as u32)
+                        .map(|b| b * ps.len() as u32 + i as u32)
+                        .collect(),
+                )
+            })
+            .collect();
+        let parts = seqs
+            .iter()
+            .map(|s| s.input(s.tokens.len(), LogitsWanted::Last))
+            .collect();
+        let packed = forward(model.as_ref(), &mut cache, parts);
+        assert_eq!(packed.len(), ps.len());
+        for (i, (a, b)) in alone.iter().zip(&packed).enumerate() {
+            let d = max_diff(a, b);
+            assert!(d < TOL, "{name}: prompt {i} packed differs by {d}");
         }
     }
 }
 
-/// All cases of a fixture in one packed forward give each case's own logits; so do chunked prefill
-/// and the per-sequence attention kernel.
+/// A prompt prefilled in chunks (odd sizes, across block boundaries) ends with the same logits as in
+/// one go, and `LogitsWanted::All` rows equal the last-row logits of each prefix.
 #[test]
-fn packed_chunked_and_loop_kernel_agree() {
+fn chunked_prefill_equals_one_go() {
     for name in CAUSAL {
-        let mut model = load(name);
-        let prompts: Vec<Vec<u32>> = reference(name)
-            .iter()
-            .map(|c| ids(&c["input_ids"]))
-            .collect();
-        let alone: Vec<Vec<f32>> = prompts
-            .iter()
-            .map(|p| {
-                let mut c = cache(&model);
-                step(&model, &mut c, vec![(p.clone(), 0, 0, LogitsWanted::Last)])
-                    .squeeze(0)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            })
-            .collect();
-
-        for kernel in [AttentionKernel::Auto, AttentionKernel::Loop] {
-            model.kernel = kernel;
-            let mut c = cache(&model);
-            let seqs = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.clone(), 0, i, LogitsWanted::Last))
-                .collect();
-            let packed: Vec<Vec<f32>> = step(&model, &mut c, seqs).to_vec2().unwrap();
-            for (i, (a, b)) in alone.iter().zip(&packed).enumerate() {
-                assert!(max_diff(a, b) < 1e-4, "{name} {kernel:?}: packed case {i}");
+        let model = load(&fixture(name)).model;
+        let p = prompts(name)
+            .into_iter()
+            .max_by_key(Vec::len)
+            .expect("prompt");
+        let nb = p.len().div_ceil(BLOCK) + 1;
+        let mut cache = new_cache(model.as_ref(), nb);
+        let mut whole = Seq::new(p.clone(), (0..nb as u32).collect());
+        let all = forward(
+            model.as_ref(),
+            &mut cache,
+            vec![whole.input(p.len(), LogitsWanted::All)],
+        );
+        whole.cached = p.len();
+        assert_eq!(all.len(), p.len());
+        let mut cache = new_cache(model.as_ref(), nb);
+        let mut chunked = Seq::new(p.clone(), (0..nb as u32).rev().collect());
+        let mut last = Vec::new();
+        for size in [3, 1, 5, 2].iter().cycle() {
+            let n = (*size).min(p.len() - chunked.cached);
+            let wanted = if chunked.cached + n == p.len() {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            let out = forward(model.as_ref(), &mut cache, vec![chunked.input(n, wanted)]);
+            if wanted == LogitsWanted::None {
+                assert!(
+                    out.is_empty(),
+                    "{name}: logits for a chunk that asked for none"
+                );
             }
+            chunked.cached += n;
+            if chunked.cached == p.len() {
+                last = out.into_iter().next().expect("last logits");
+                break;
+            }
+        }
+        let d = max_diff(&last, &all[p.len() - 1]);
+        assert!(d < TOL, "{name}: chunked prefill differs by {d}");
+    }
+}
 
-            // Chunked: first half of every prompt, then the rest, in two packed steps.
-            let mut c = cache(&model);
-            let first: Vec<_> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p[..p.len() / 2].to_vec(), 0, i, LogitsWanted::None))
-                .collect();
-            let none = step(&model, &mut c, first);
-            assert_eq!(none.dim(0).unwrap(), 0);
-            let rest: Vec<_> = prompts
+/// The packed CPU flash-attention path and the portable per-sequence loop agree, on prefill (with
+/// cached context) and on mixed steps.
+#[test]
+fn varlen_and_loop_attention_agree() {
+    for name in CAUSAL {
+        let fast = load(&fixture(name)).model;
+        let mut slow = load(&fixture(name)).model;
+        slow.set_attention_impl(AttentionImpl::Loop);
+        let ps: Vec<Vec<u32>> = prompts(name).into_iter().take(3).collect();
+        let per = 16;
+        let run = |m: &dyn CausalLM| {
+            let mut cache = new_cache(m, per * ps.len());
+            let mut seqs: Vec<Seq> = ps
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
-                    (
-                        p[p.len() / 2..].to_vec(),
-                        p.len() / 2,
-                        i,
-                        LogitsWanted::Last,
+                    Seq::new(
+                        p.clone(),
+                        (0..per as u32).map(|b| b * 3 + i as u32).collect(),
                     )
                 })
                 .collect();
-            let chunked: Vec<Vec<f32>> = step(&model, &mut c, rest).to_vec2().unwrap();
-            for (i, (a, b)) in alone.iter().zip(&chunked).enumerate() {
-                assert!(max_diff(a, b) < 1e-4, "{name} {kernel:?}: chunked case {i}");
+            // first half of each prompt, then the rest with all rows' logits
+            let parts = seqs
+                .iter()
+                .map(|s| s.input(s.tokens.len() / 2, LogitsWanted::None))
+                .collect();
+            forward(m, &mut cache, parts);
+            for s in &mut seqs {
+                s.cached = s.tokens.len() / 2;
             }
+            let parts = seqs
+                .iter()
+                .map(|s| s.input(s.tokens.len() - s.cached, LogitsWanted::All))
+                .collect();
+            forward(m, &mut cache, parts)
+        };
+        let (a, b) = (run(fast.as_ref()), run(slow.as_ref()));
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            let d = max_diff(x, y);
+            assert!(
+                d < TOL,
+                "{name}: row {i} differs by {d} between attention paths"
+            );
         }
     }
+}
+
+fn copy_fixture(name: &str, to: &Path, skip_weights: bool) {
+    for e in std::fs::read_dir(fixture(name)).expect("fixture dir") {
+        let p = e.expect("entry").path();
+        if p.is_file() && !(skip_weights && p.extension().is_some_and(|x| x == "safetensors")) {
+            std::fs::copy(&p, to.join(p.file_name().expect("name"))).expect("copy");
+        }
+    }
+}
+
+fn last_logits_of(dir: &Path, prompt: &[u32]) -> Vec<f32> {
+    let model = load(dir).model;
+    let mut cache = new_cache(model.as_ref(), 16);
+    let s = Seq::new(prompt.to_vec(), (0..16).collect());
+    forward(
+        model.as_ref(),
+        &mut cache,
+        vec![s.input(prompt.len(), LogitsWanted::Last)],
+    )
+    .remove(0)
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_fixture("llama", tmp.path(), true);
+    let bytes = std::fs::read(fixture("llama").join("model.safetensors")).expect("weights");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = chunk
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).expect("tensor")))
+            .collect();
+        safetensors::serialize_to_file(views, None, &tmp.path().join(&file)).expect("write shard");
+        for n in chunk {
+            weight_map.insert(n.clone(), Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .expect("index");
+    let p = &prompts("llama")[0];
+    let d = max_diff(
+        &last_logits_of(tmp.path(), p),
+        &last_logits_of(&fixture("llama"), p),
+    );
+    assert_eq!(d, 0.0, "sharded weights give other logits");
+    // a shard the index names but the folder lacks is a clear error
+    std::fs::remove_file(tmp.path().join("model-00002-of-00002.safetensors")).expect("rm");
+    let err = load_causal(&EngineSettings::for_model(tmp.path()))
+        .err()
+        .expect("must fail");
+    assert!(format!("{err:#}").contains("missing"), "{err:#}");
+}
+
+/// The mistral fixture uses `rope_parameters`; the same model described with top-level `rope_theta`
+/// computes the same function, and a different theta a different one.
+#[test]
+fn rope_parameters_and_top_level_layouts_agree() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_fixture("mistral", tmp.path(), false);
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("mistral").join("config.json")).expect("config"),
+    )
+    .expect("json");
+    let theta = cfg["rope_parameters"]["rope_theta"].clone();
+    let obj = cfg.as_object_mut().expect("object");
+    obj.remove("rope_parameters");
+    obj.insert("rope_theta".into(), theta);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).expect("write");
+    let p = &prompts("mistral")[1];
+    let d = max_diff(
+        &last_logits_of(tmp.path(), p),
+        &last_logits_of(&fixture("mistral"), p),
+    );
+    assert!(d < 1e-6, "layouts differ by {d}");
+    cfg["rope_theta"] = serde_json::json!(500.0);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).expect("write");
+    let d = max_diff(
+        &last_logits_of(tmp.path(), p),
+        &last_logits_of(&fixture("mistral"), p),
+    );
+    assert!(d > 1e-3, "rope_theta had no effect");
 }
 
 #[test]
 fn unsupported_architecture_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture("llama").join(f), dir.path().join(f)).unwrap();
-    }
-    let mut cfg: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("llama").join("config.json")).unwrap(),
-    )
-    .unwrap();
-    cfg["architectures"] = serde_json::json!(["FalconForCausalLM"]);
-    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    let err = load_causal(&EngineSettings::for_model(dir.path()))
-        .err()
-        .unwrap();
-    let msg = format!("{err:#}");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    copy_fixture("llama", tmp.path(), false);
+    let cfg = r#"{"architectures": ["MambaForCausalLM"], "model_type": "mamba"}"#;
+    std::fs::write(tmp.path().join("config.json"), cfg).expect("write");
+    let err = format!(
+        "{:#}",
+        load_causal(&EngineSettings::for_model(tmp.path()))
+            .err()
+            .expect("must fail")
+    );
+    assert!(err.contains("MambaForCausalLM"), "{err}");
     assert!(
-        msg.contains("FalconForCausalLM") && msg.contains("LlamaForCausalLM"),
-        "{msg}"
+        err.contains("LlamaForCausalLM") && err.contains("GPT2LMHeadModel"),
+        "{err}"
+    );
+}
+
+#[test]
+fn loader_reports_ids_template_and_limits() {
+    let llama = load(&fixture("llama")).meta;
+    assert_eq!(llama.architecture, "LlamaForCausalLM");
+    assert_eq!(llama.eos_token_ids, vec![6]);
+    assert_eq!(llama.bos_token_id, Some(3));
+    assert_eq!(llama.max_position_embeddings, 512);
+    assert!(llama
+        .chat_template
+        .as_deref()
+        .is_some_and(|t| t.contains("bos_token")));
+    let mistral = load(&fixture("mistral")).meta;
+    let jinja =
+        std::fs::read_to_string(fixture("mistral").join("chat_template.jinja")).expect("jinja");
+    assert_eq!(mistral.chat_template.as_deref(), Some(jinja.as_str()));
+    let gpt2 = load(&fixture("gpt2")).meta;
+    assert_eq!(gpt2.max_position_embeddings, 512);
+}
+
+/// Bad batches are errors, not panics.
+#[test]
+fn malformed_batches_are_errors() {
+    let model = load(&fixture("llama")).model;
+    let mut cache = new_cache(model.as_ref(), 4);
+    let seq = |tokens: Vec<u32>, blocks: Vec<u32>| ForwardBatch {
+        seqs: vec![SeqInput {
+            context_len: 0,
+            num_new: tokens.len(),
+            block_table: blocks,
+            logits: LogitsWanted::Last,
+        }],
+        tokens,
+    };
+    assert!(model.forward(&seq(vec![1, 2], vec![0]), &mut cache).is_ok());
+    assert!(
+        model
+            .forward(&seq(vec![1, 5000], vec![0]), &mut cache)
+            .is_err(),
+        "token outside vocab"
+    );
+    assert!(
+        model
+            .forward(&seq(vec![1; 9], vec![0, 1]), &mut cache)
+            .is_err(),
+        "too few blocks"
+    );
+    assert!(
+        model
+            .forward(&seq(vec![1, 2], vec![7]), &mut cache)
+            .is_err(),
+        "block outside cache"
+    );
+    let mut b = seq(vec![1, 2], vec![0]);
+    b.tokens.push(3);
+    assert!(
+        model.forward(&b, &mut cache).is_err(),
+        "token count mismatch"
     );
 }

@@ -103,53 +103,7 @@ pub fn parse_input(
 
 /// `sampling_params` in vLLM's names, strictly (unknown or mistyped fields are errors).
 pub fn parse_sampling_params(value: &Value) -> Result<SamplingParams, EngineError> {
-    let Value::Object(fields) = value else {
-        return Err(EngineError::invalid(
-            "sampling_params",
-            format!(
-                "`sampling_params` must be an object, got {}",
-                type_name(value)
-            ),
-        ));
-    };
-    // Until the sampling parameters' own deserializer lands (validate.rs), only the defaults and
-    // `max_tokens` are understood; everything else is refused rather than silently dropped.
-    let mut params = SamplingParams::default();
-    for (key, v) in fields {
-        match key.as_str() {
-            "max_tokens" => {
-                params.max_tokens = Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-                    EngineError::invalid(
-                        "max_tokens",
-                        format!("`max_tokens` must be a positive integer, got {v}"),
-                    )
-                })? as usize)
-            }
-            "temperature" => {
-                params.temperature = v.as_f64().filter(|t| *t >= 0.0).ok_or_else(|| {
-                    EngineError::invalid(
-                        "temperature",
-                        format!("`temperature` must be a number >= 0, got {v}"),
-                    )
-                })? as f32
-            }
-            "ignore_eos" => {
-                params.ignore_eos = v.as_bool().ok_or_else(|| {
-                    EngineError::invalid(
-                        "ignore_eos",
-                        format!("`ignore_eos` must be a boolean, got {v}"),
-                    )
-                })?
-            }
-            other => {
-                return Err(EngineError::invalid(
-                    other,
-                    format!("unknown sampling parameter `{other}`"),
-                ))
-            }
-        }
-    }
-    Ok(params)
+    SamplingParams::from_json(value)
 }
 
 fn type_name(v: &Value) -> &'static str {

@@ -1,61 +1,70 @@
-//! A model folder → a runnable model and the facts around it: dtype and device choice, EOS/BOS ids
-//! (`generation_config.json` and `config.json`), the chat template (`tokenizer_config.json` or
-//! `chat_template.jinja`), the context length.
+//! Loads a causal LM from a local Hugging Face folder: config.json, generation_config.json, the chat
+//! template and (single or sharded) safetensors, memory-mapped. Tokenizer files are the tokenizer
+//! module's; this reports the ids and paths the engine needs around the model.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use serde_json::Value;
 
-use super::layers::DecoderModel;
-use super::models::config::HfConfig;
-use super::models::weights::{safetensors_files, Weights};
-use super::models::{architecture_of, load_decoder};
-use super::settings::{DTypeChoice, DeviceChoice, EngineSettings};
+use super::models::{causal_architecture, load_causal_model, CausalLM};
+use super::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
 
-/// What the engine needs to know about a checkpoint besides its weights.
+/// What the engine needs to know about a loaded model besides the model itself.
 #[derive(Debug, Clone)]
 pub struct ModelMeta {
-    pub model_dir: PathBuf,
+    /// The config.json architecture, e.g. `LlamaForCausalLM`.
     pub architecture: String,
+    pub model_type: Option<String>,
+    /// Every id that ends generation: generation_config.json's and config.json's, deduplicated.
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    /// The model's own limit (`max_position_embeddings`, `n_positions` for GPT-2).
     pub max_position_embeddings: usize,
+    /// The context the engine may use: `MAX_MODEL_LENGTH` when set, else the model's limit.
+    pub max_model_len: usize,
+    /// `tokenizer_config.json`'s `chat_template` (the `default` one of a list) or `chat_template.jinja`.
     pub chat_template: Option<String>,
+    pub model_dir: PathBuf,
+    pub dtype: DType,
+    pub device: Device,
 }
 
 pub struct LoadedModel {
-    pub model: DecoderModel,
+    pub model: Box<dyn CausalLM>,
     pub meta: ModelMeta,
 }
 
-pub fn read_json(path: &Path) -> anyhow::Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+/// Reads a folder's config.json.
+pub fn read_config(model_dir: &Path) -> Result<Value> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-fn read_json_opt(path: &Path) -> anyhow::Result<Option<Value>> {
-    if path.exists() {
-        read_json(path).map(Some)
-    } else {
-        Ok(None)
+/// The first `architectures` entry of config.json (else its `model_type`), so the engine can tell an
+/// embedder (BERT) from a causal LM before loading anything.
+pub fn read_architecture(model_dir: &Path) -> Result<String> {
+    let config = read_config(model_dir)?;
+    let arch = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+        .or_else(|| config.get("model_type").and_then(Value::as_str));
+    match arch {
+        Some(a) => Ok(a.to_string()),
+        None => bail!("{}/config.json names no architecture", model_dir.display()),
     }
 }
 
-pub fn read_config(dir: &Path) -> anyhow::Result<HfConfig> {
-    let path = dir.join("config.json");
-    if !path.exists() {
-        bail!(
-            "{} has no config.json: is MODEL_NAME a Hugging Face model folder?",
-            dir.display()
-        );
-    }
-    Ok(HfConfig::new(read_json(&path)?))
-}
-
-pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
+/// The device `DEVICE` asks for. `cuda` in a build without the `cuda` feature is an error.
+pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => cuda_device(),
@@ -64,99 +73,257 @@ pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_device() -> anyhow::Result<Device> {
+fn cuda_device() -> Result<Device> {
     Device::new_cuda(0).context("DEVICE=cuda but no CUDA device could be opened")
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device() -> anyhow::Result<Device> {
-    bail!(
-        "DEVICE=cuda needs a build with the `cuda` feature (cargo build --release --features cuda)"
-    )
+fn cuda_device() -> Result<Device> {
+    bail!("DEVICE=cuda but this build has no CUDA support (build with `--features cuda`)")
 }
 
-/// `auto` = float32 on CPU (candle has no fast bf16 CPU matmul), the checkpoint's own dtype on GPU.
-pub fn select_dtype(choice: DTypeChoice, device: &Device, cfg: &HfConfig) -> DType {
-    match choice {
+/// The compute dtype: `auto` is float32 on CPU (bf16 matmuls are emulated there) and the checkpoint's
+/// own dtype on GPU.
+pub fn resolve_dtype(choice: DTypeChoice, device: &Device, config: &Value) -> Result<DType> {
+    Ok(match choice {
         DTypeChoice::F32 => DType::F32,
         DTypeChoice::BF16 => DType::BF16,
         DTypeChoice::F16 => DType::F16,
         DTypeChoice::Auto if device.is_cpu() => DType::F32,
-        DTypeChoice::Auto => match cfg.str(&["torch_dtype", "dtype"]) {
-            Some("float16") => DType::F16,
-            Some("float32") => DType::F32,
-            _ => DType::BF16,
-        },
-    }
+        DTypeChoice::Auto => {
+            let name = config
+                .get("torch_dtype")
+                .or_else(|| config.get("dtype"))
+                .and_then(Value::as_str)
+                .unwrap_or("float32");
+            match name {
+                "bfloat16" => DType::BF16,
+                "float16" | "half" => DType::F16,
+                _ => DType::F32,
+            }
+        }
+    })
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
+/// The safetensors files of a folder: the shards `model.safetensors.index.json` lists, else
+/// `model.safetensors`, else every `*.safetensors` there.
+pub fn safetensors_files(model_dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = model_dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let Some(map) = v.get("weight_map").and_then(Value::as_object) else {
+            bail!("{} has no weight_map", index.display())
+        };
+        let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        let files: Vec<PathBuf> = shards.iter().map(|s| model_dir.join(s)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            bail!("shard {} listed in the index is missing", missing.display())
+        }
+        return Ok(files);
+    }
+    let single = model_dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(model_dir)
+        .with_context(|| format!("cannot list {}", model_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no .safetensors weights in {}", model_dir.display())
+    }
+    Ok(files)
+}
+
+/// Token ids that may be a single integer or a list.
+fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a
             .iter()
-            .filter_map(|x| x.as_u64())
+            .filter_map(Value::as_u64)
             .map(|n| n as u32)
             .collect(),
         _ => Vec::new(),
     }
 }
 
-/// The chat template: `chat_template.jinja` (new layout) or `tokenizer_config.json`'s `chat_template`,
-/// a string or a list of named templates of which "default" is taken.
-pub fn chat_template(dir: &Path) -> anyhow::Result<Option<String>> {
-    let jinja = dir.join("chat_template.jinja");
-    if jinja.exists() {
-        return Ok(Some(std::fs::read_to_string(jinja)?));
-    }
-    let Some(tc) = read_json_opt(&dir.join("tokenizer_config.json"))? else {
+fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
         return Ok(None);
-    };
-    Ok(match tc.get("chat_template") {
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .or_else(|| list.first())
-            .and_then(|t| t.get("template"))
-            .and_then(|t| t.as_str())
-            .map(str::to_string),
-        _ => None,
-    })
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| {
+        format!("{} is not valid JSON", path.display())
+    })?))
 }
 
-pub fn read_meta(dir: &Path, cfg: &HfConfig) -> anyhow::Result<ModelMeta> {
-    let gen = read_json_opt(&dir.join("generation_config.json"))?;
-    let mut eos = token_ids(gen.as_ref().and_then(|g| g.get("eos_token_id")));
-    for id in token_ids(cfg.raw().get("eos_token_id")) {
+/// EOS ids from generation_config.json then config.json (union, first-seen order), and the BOS id.
+pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option<u32>)> {
+    let gen = read_json_opt(&model_dir.join("generation_config.json"))?;
+    let mut eos = Vec::new();
+    for id in ids(gen.as_ref().and_then(|g| g.get("eos_token_id")))
+        .into_iter()
+        .chain(ids(config.get("eos_token_id")))
+    {
         if !eos.contains(&id) {
             eos.push(id);
         }
     }
-    let bos = token_ids(gen.as_ref().and_then(|g| g.get("bos_token_id")))
+    let bos = ids(gen.as_ref().and_then(|g| g.get("bos_token_id")))
         .first()
-        .copied()
-        .or_else(|| token_ids(cfg.raw().get("bos_token_id")).first().copied());
-    Ok(ModelMeta {
-        model_dir: dir.to_path_buf(),
-        architecture: architecture_of(cfg).unwrap_or_default(),
-        eos_token_ids: eos,
-        bos_token_id: bos,
-        max_position_embeddings: cfg.max_position_embeddings()?,
-        chat_template: chat_template(dir)?,
-    })
+        .or(ids(config.get("bos_token_id")).first())
+        .copied();
+    Ok((eos, bos))
 }
 
-/// Loads a causal LM from the settings' model folder.
-pub fn load_causal(settings: &EngineSettings) -> anyhow::Result<LoadedModel> {
-    let dir = &settings.model_path;
-    let cfg = read_config(dir)?;
-    let device = select_device(settings.device)?;
-    let dtype = select_dtype(settings.dtype, &device, &cfg);
-    let weights = Weights::open(&safetensors_files(dir)?, dtype, &device)?;
-    let model = load_decoder(&cfg, &weights)?;
-    Ok(LoadedModel {
-        model,
-        meta: read_meta(dir, &cfg)?,
-    })
+/// The model's chat template: `tokenizer_config.json`'s `chat_template` (a string, or a list of
+/// `{name, template}` of which `default` is taken), else `chat_template.jinja`.
+pub fn read_chat_template(model_dir: &Path) -> Result<Option<String>> {
+    if let Some(tc) = read_json_opt(&model_dir.join("tokenizer_config.json"))? {
+        match tc.get("chat_template") {
+            Some(Value::String(s)) => return Ok(Some(s.clone())),
+            Some(Value::Array(list)) => {
+                let named = |n: &str| {
+                    list.iter()
+                        .find(|e| e.get("name").and_then(Value::as_str) == Some(n))
+                        .and_then(|e| e.get("template"))
+                        .and_then(Value::as_str)
+                };
+                if let Some(t) = named("default") {
+                    return Ok(Some(t.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    let jinja = model_dir.join("chat_template.jinja");
+    if jinja.exists() {
+        return Ok(Some(
+            std::fs::read_to_string(&jinja)
+                .with_context(|| format!("cannot read {}", jinja.display()))?,
+        ));
+    }
+    Ok(None)
+}
+
+fn max_position_embeddings(config: &Value) -> usize {
+    ["max_position_embeddings", "n_positions", "n_ctx"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(Value::as_u64))
+        .map(|n| n as usize)
+        .unwrap_or(2048)
+}
+
+/// Loads the causal LM in `settings.model_path` with the dtype and device the settings ask for.
+pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
+    let dir = settings.model_path.as_path();
+    if !dir.is_dir() {
+        bail!("model path {} is not a folder", dir.display())
+    }
+    if settings.quantization != Quantization::None {
+        bail!(
+            "QUANTIZATION={:?} is not supported by this build yet",
+            settings.quantization
+        )
+    }
+    let config = read_config(dir)?;
+    let architecture = causal_architecture(&config)?.to_string();
+    let device = resolve_device(settings.device)?;
+    let dtype = resolve_dtype(settings.dtype, &device, &config)?;
+    let model_max = max_position_embeddings(&config);
+    let max_model_len = settings.max_model_len.unwrap_or(model_max);
+    if max_model_len == 0 {
+        bail!("MAX_MODEL_LENGTH must be at least 1")
+    }
+    let files = safetensors_files(dir)?;
+    // SAFETY: the files are memory-mapped read-only; like every mmap loader we rely on nobody
+    // truncating them while the worker runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device)? };
+    let model = load_causal_model(&config, vb, max_model_len)
+        .with_context(|| format!("cannot load the {architecture} model in {}", dir.display()))?;
+    let (eos_token_ids, bos_token_id) = special_ids(dir, &config)?;
+    let meta = ModelMeta {
+        architecture,
+        model_type: config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        eos_token_ids,
+        bos_token_id,
+        pad_token_id: ids(config.get("pad_token_id")).first().copied(),
+        max_position_embeddings: model_max,
+        max_model_len,
+        chat_template: read_chat_template(dir)?,
+        model_dir: dir.to_path_buf(),
+        dtype,
+        device,
+    };
+    Ok(LoadedModel { model, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn eos_ids_merge_lists_and_ints() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [7, 9], "bos_token_id": 1}"#,
+        )?;
+        let (eos, bos) = special_ids(dir.path(), &json!({"eos_token_id": 9, "bos_token_id": 2}))?;
+        assert_eq!(eos, vec![7, 9]);
+        assert_eq!(bos, Some(1));
+        let (eos, bos) = special_ids(
+            tempfile::tempdir()?.path(),
+            &json!({"eos_token_id": [3, 4]}),
+        )?;
+        assert_eq!((eos, bos), (vec![3, 4], None));
+        Ok(())
+    }
+
+    #[test]
+    fn chat_template_list_takes_default_then_jinja_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
+        )?;
+        assert_eq!(read_chat_template(dir.path())?.as_deref(), Some("D"));
+        std::fs::write(dir.path().join("tokenizer_config.json"), "{}")?;
+        assert_eq!(read_chat_template(dir.path())?, None);
+        std::fs::write(dir.path().join("chat_template.jinja"), "J")?;
+        assert_eq!(read_chat_template(dir.path())?.as_deref(), Some("J"));
+        Ok(())
+    }
+
+    #[test]
+    fn auto_dtype_is_f32_on_cpu() -> Result<()> {
+        let cfg = json!({"torch_dtype": "bfloat16"});
+        assert_eq!(
+            resolve_dtype(DTypeChoice::Auto, &Device::Cpu, &cfg)?,
+            DType::F32
+        );
+        assert_eq!(
+            resolve_dtype(DTypeChoice::BF16, &Device::Cpu, &cfg)?,
+            DType::BF16
+        );
+        Ok(())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_in_a_cpu_build_is_a_clear_error() {
+        let err = resolve_device(DeviceChoice::Cuda).unwrap_err().to_string();
+        assert!(err.contains("cuda"), "{err}");
+        assert!(resolve_device(DeviceChoice::Auto).is_ok_and(|d| d.is_cpu()));
+    }
 }

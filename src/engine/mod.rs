@@ -4,6 +4,7 @@
 
 pub mod block_allocator;
 pub mod detokenize;
+pub mod embedding;
 pub mod error;
 pub mod kv_cache;
 pub mod layers;

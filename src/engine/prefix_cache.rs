@@ -1,1 +1,132 @@
-//! TODO
+//! `ENABLE_PREFIX_CACHING`: full KV blocks are named by a chain hash (the parent block's hash and the
+//! block's own tokens), so two prompts that start alike find the same blocks. Only full blocks are
+//! shared: a partially filled block is still being written. A block keeps its name after its last owner
+//! frees it and is forgotten only when the allocator hands it out again (LRU eviction).
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// The name of a full block given the name of the block before it.
+pub fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// Names of the full blocks of `tokens`, in order.
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut parent = None;
+    tokens
+        .chunks_exact(block_size)
+        .map(|chunk| {
+            let h = chain_hash(parent, chunk);
+            parent = Some(h);
+            h
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct PrefixCache {
+    by_hash: HashMap<u64, u32>,
+    hash_of: Vec<Option<u64>>,
+}
+
+impl PrefixCache {
+    pub fn new(num_blocks: usize) -> Self {
+        Self {
+            by_hash: HashMap::new(),
+            hash_of: vec![None; num_blocks],
+        }
+    }
+
+    pub fn lookup(&self, hash: u64) -> Option<u32> {
+        self.by_hash.get(&hash).copied()
+    }
+
+    /// The longest run of cached blocks that starts `tokens`, leaving at least one token uncached (the
+    /// model must compute the last position to produce logits).
+    pub fn longest_prefix(&self, tokens: &[u32], block_size: usize) -> Vec<u32> {
+        let usable = tokens.len().saturating_sub(1);
+        block_hashes(&tokens[..usable], block_size)
+            .into_iter()
+            .map_while(|h| self.lookup(h))
+            .collect()
+    }
+
+    /// Names `block`. Returns false (and changes nothing) when another block already has this name:
+    /// two sequences computed the same prefix at once; the first one stays the shared copy.
+    pub fn insert(&mut self, hash: u64, block: u32) -> bool {
+        if self.by_hash.contains_key(&hash) || self.hash_of[block as usize].is_some() {
+            return false;
+        }
+        self.by_hash.insert(hash, block);
+        self.hash_of[block as usize] = Some(hash);
+        true
+    }
+
+    pub fn is_cached(&self, block: u32) -> bool {
+        self.hash_of[block as usize].is_some()
+    }
+
+    /// Forgets `block`'s contents (it is about to be overwritten).
+    pub fn evict(&mut self, block: u32) {
+        if let Some(h) = self.hash_of[block as usize].take() {
+            self.by_hash.remove(&h);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_depends_on_the_whole_prefix() {
+        let a = block_hashes(&[1, 2, 3, 4], 2);
+        let b = block_hashes(&[9, 9, 3, 4], 2);
+        assert_eq!(a.len(), 2);
+        assert_ne!(a[1], b[1], "same block tokens after a different prefix");
+        assert_eq!(
+            block_hashes(&[1, 2, 3, 4, 5], 2),
+            a,
+            "partial block has no name"
+        );
+    }
+
+    #[test]
+    fn longest_prefix_leaves_one_token_to_compute() {
+        let mut c = PrefixCache::new(8);
+        let toks = [1, 2, 3, 4, 5, 6];
+        for (i, h) in block_hashes(&toks, 2).into_iter().enumerate() {
+            assert!(c.insert(h, i as u32));
+        }
+        assert_eq!(c.longest_prefix(&toks, 2), vec![0, 1]);
+        assert_eq!(c.longest_prefix(&[1, 2, 3, 4, 5, 6, 7], 2), vec![0, 1, 2]);
+        assert_eq!(c.longest_prefix(&[1, 2, 0, 0, 5, 6, 7], 2), vec![0]);
+        assert!(c.longest_prefix(&[7, 2, 3], 2).is_empty());
+    }
+
+    #[test]
+    fn evicted_blocks_are_forgotten_and_duplicates_refused() {
+        let mut c = PrefixCache::new(4);
+        let h = chain_hash(None, &[1, 2]);
+        assert!(c.insert(h, 3));
+        assert!(!c.insert(h, 2));
+        assert!(c.is_cached(3) && !c.is_cached(2));
+        c.evict(3);
+        assert_eq!(c.lookup(h), None);
+        assert!(c.is_empty());
+        assert!(c.insert(h, 2));
+        assert_eq!(c.len(), 1);
+    }
+}

@@ -1,17 +1,30 @@
-//! The `Engine` handle and the thread that owns the model: it loads the model, then loops over
-//! scheduler steps. (Skeleton: the scheduler work fills this in.)
+//! The `Engine` handle and the thread that owns the model: requests arrive on a channel; the thread
+//! loops over scheduler steps (one forward pass for every running sequence plus prompt chunks), feeds
+//! each request its logits rows and streams events back. The handle validates and tokenizes on the
+//! caller's side so client errors come back at once.
 
+mod beam;
+pub mod load;
+mod request;
+
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures::Stream;
 use tokio::sync::mpsc;
 
+use self::request::{Ctx, RequestState, Submission};
 use super::error::EngineError;
+use super::models::{ForwardBatch, LogitsWanted, SeqInput};
+use super::scheduler::{Scheduler, SchedulerConfig, SeqId, StepPlan};
 use super::settings::EngineSettings;
 use super::tokenizer::Tokenizer;
-use super::types::{EmbedOutput, EmbedRequest, GenerateRequest, GenerationEvent};
+use super::types::{EmbedOutput, EmbedRequest, GenerateRequest, GenerationEvent, Prompt};
+use super::validate::ValidationLimits;
 
 /// Facts about the served model that front doors need.
 #[derive(Debug, Clone)]
@@ -29,6 +42,40 @@ pub struct ModelInfo {
     pub created: u64,
 }
 
+/// Runs one planned step on the model: copies blocks (copy-on-write), then the forward pass. Returns
+/// float32 logits, `rows × vocab` flattened, the rows each sequence asked for, in batch order.
+pub trait Executor: Send {
+    fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>>;
+}
+
+/// Embeddings, for the embeddings work to plug in (`Engine::embed` calls it off the async runtime).
+pub trait Embedder: Send + Sync {
+    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError>;
+}
+
+/// Everything a generating engine is made of, once loaded.
+pub struct EngineParts {
+    pub executor: Box<dyn Executor>,
+    pub tokenizer: Tokenizer,
+    pub info: ModelInfo,
+    /// EOS ids of the tokenizer and `generation_config.json`.
+    pub eos_token_ids: Vec<u32>,
+    pub scheduler: SchedulerConfig,
+    pub template: Option<super::template::ChatTemplate>,
+    pub embedder: Option<Arc<dyn Embedder>>,
+}
+
+/// Live counters of the engine thread (KV blocks, sequences), for metrics and tests.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub total_blocks: AtomicUsize,
+    pub free_blocks: AtomicUsize,
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub steps: AtomicUsize,
+    pub preemptions: AtomicUsize,
+}
+
 /// A cheap, cloneable handle to the engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -39,12 +86,64 @@ struct EngineInner {
     info: ModelInfo,
     tokenizer: Tokenizer,
     template: Option<super::template::ChatTemplate>,
+    embedder: Option<Arc<dyn Embedder>>,
+    submit: Option<std_mpsc::Sender<Submission>>,
+    stats: Arc<EngineStats>,
 }
 
 impl Engine {
     /// Loads the model and starts the engine thread.
-    pub fn start(_settings: EngineSettings) -> anyhow::Result<Engine> {
-        anyhow::bail!("engine not implemented yet")
+    pub fn start(settings: EngineSettings) -> anyhow::Result<Engine> {
+        Ok(Self::launch(load::load(&settings)?))
+    }
+
+    /// Starts the engine thread over already loaded parts (tests and benchmarks use it with their
+    /// own executor; `start` with the real model).
+    pub fn launch(parts: EngineParts) -> Engine {
+        let EngineParts {
+            executor,
+            tokenizer,
+            info,
+            eos_token_ids,
+            scheduler,
+            template,
+            embedder,
+        } = parts;
+        let stats = Arc::new(EngineStats::default());
+        stats
+            .total_blocks
+            .store(scheduler.num_blocks, Ordering::Relaxed);
+        let submit = if info.can_generate {
+            let (tx, rx) = std_mpsc::channel();
+            let core = Core {
+                executor,
+                sched: Scheduler::new(scheduler),
+                tokenizer: tokenizer.clone(),
+                eos: eos_token_ids,
+                max_model_len: info.max_model_len,
+                requests: HashMap::new(),
+                owner: HashMap::new(),
+                next_key: 0,
+                stats: stats.clone(),
+            };
+            std::thread::Builder::new()
+                .name("engine".into())
+                .spawn(move || core.run(rx))
+                .map(|_| tx)
+                .ok()
+        } else {
+            None
+        };
+        Engine {
+            inner: Arc::new(EngineInner {
+                info,
+                tokenizer,
+                template,
+                embedder,
+                submit,
+                stats,
+            }),
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -60,18 +159,71 @@ impl Engine {
         self.inner.template.as_ref()
     }
 
-    /// Validates and tokenizes the request, then queues it. Errors here are the client's (bad
-    /// parameters, prompt too long); later errors arrive as `GenerationEvent::Error`.
-    pub fn generate(&self, _request: GenerateRequest) -> Result<GenerationStream, EngineError> {
-        Err(EngineError::Unavailable(
-            "engine not implemented yet".into(),
-        ))
+    pub fn stats(&self) -> &EngineStats {
+        &self.inner.stats
     }
 
-    pub async fn embed(&self, _request: EmbedRequest) -> Result<EmbedOutput, EngineError> {
-        Err(EngineError::Unavailable(
-            "engine not implemented yet".into(),
-        ))
+    /// Validates and tokenizes the request, then queues it. Errors here are the client's (bad
+    /// parameters, prompt too long); later errors arrive as `GenerationEvent::Error`.
+    pub fn generate(&self, request: GenerateRequest) -> Result<GenerationStream, EngineError> {
+        let info = &self.inner.info;
+        let Some(submit) = &self.inner.submit else {
+            return Err(EngineError::Unsupported(format!(
+                "the model {} cannot generate text",
+                info.served_model_name
+            )));
+        };
+        request
+            .params
+            .validate(&ValidationLimits::new(info.vocab_size))?;
+        let prompt = match request.prompt {
+            Prompt::Text(text) => self
+                .inner
+                .tokenizer
+                .encode(&text, request.add_special_tokens)?,
+            Prompt::Tokens(ids) => ids,
+        };
+        if prompt.is_empty() {
+            return Err(EngineError::invalid("prompt", "the prompt is empty"));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(EngineError::invalid(
+                "prompt",
+                format!(
+                    "token id {bad} is out of range for a vocabulary of {}",
+                    info.vocab_size
+                ),
+            ));
+        }
+        if prompt.len() >= info.max_model_len {
+            return Err(EngineError::PromptTooLong {
+                prompt_tokens: prompt.len(),
+                max_model_len: info.max_model_len,
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        submit
+            .send(Submission {
+                request_id: request.request_id,
+                prompt,
+                params: request.params,
+                tx,
+                arrival: Instant::now(),
+            })
+            .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
+        Ok(GenerationStream::new(rx))
+    }
+
+    pub async fn embed(&self, request: EmbedRequest) -> Result<EmbedOutput, EngineError> {
+        let Some(embedder) = self.inner.embedder.clone() else {
+            return Err(EngineError::Unsupported(format!(
+                "the model {} does not serve embeddings",
+                self.inner.info.served_model_name
+            )));
+        };
+        tokio::task::spawn_blocking(move || embedder.embed(&request))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
     }
 }
 
@@ -93,3 +245,233 @@ impl Stream for GenerationStream {
         self.rx.poll_recv(cx)
     }
 }
+
+/// The engine thread's state.
+struct Core {
+    executor: Box<dyn Executor>,
+    sched: Scheduler,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    max_model_len: usize,
+    requests: HashMap<u64, RequestState>,
+    owner: HashMap<SeqId, u64>,
+    next_key: u64,
+    stats: Arc<EngineStats>,
+}
+
+impl Core {
+    fn run(mut self, rx: std_mpsc::Receiver<Submission>) {
+        loop {
+            if self.requests.is_empty() {
+                match rx.recv() {
+                    Ok(sub) => self.add(sub),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(sub) = rx.try_recv() {
+                self.add(sub);
+            }
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if stepped.is_err() {
+                self.recover_from_panic();
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn add(&mut self, sub: Submission) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let req = RequestState::new(
+            sub,
+            &mut self.sched,
+            &self.tokenizer,
+            &self.eos,
+            self.max_model_len,
+        );
+        for s in req.live_seqs() {
+            self.owner.insert(s, key);
+        }
+        self.requests.insert(key, req);
+    }
+
+    /// A bug must not take the engine down with every later request: fail what is in flight and
+    /// start over with an empty scheduler.
+    fn recover_from_panic(&mut self) {
+        tracing::error!("engine step panicked; failing the requests in flight");
+        let cfg = self.sched.config().clone();
+        for (_, mut r) in self.requests.drain() {
+            r.fail(
+                EngineError::Internal("engine step failed".into()),
+                &mut self.sched,
+            );
+        }
+        self.owner.clear();
+        self.sched = Scheduler::new(cfg);
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.free_blocks
+            .store(self.sched.num_free_blocks(), Ordering::Relaxed);
+        s.running.store(self.sched.num_running(), Ordering::Relaxed);
+        s.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
+    }
+
+    fn drop_cancelled(&mut self) {
+        let cancelled: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.is_cancelled())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in cancelled {
+            if let Some(mut r) = self.requests.remove(&key) {
+                tracing::info!(request_id = %r.request_id, "request cancelled");
+                r.abandon(&mut self.sched);
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        self.drop_cancelled();
+        let plan = self.sched.schedule();
+        self.stats
+            .preemptions
+            .fetch_add(plan.preempted.len(), Ordering::Relaxed);
+        if plan.is_empty() {
+            self.unstick();
+            return;
+        }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let (batch, wants) = self.build_batch(&plan);
+        let logits = match self.executor.execute(&plan.copies, &batch) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed");
+                self.fail_plan(&plan, EngineError::Internal(e.to_string()));
+                return;
+            }
+        };
+        self.sched.commit(&plan);
+        let rows: usize = plan
+            .seqs
+            .iter()
+            .zip(&wants)
+            .map(|(sc, w)| rows_of(*w, sc.num_new))
+            .sum();
+        if rows == 0 || logits.len() % rows != 0 {
+            if rows > 0 {
+                let msg = format!("model returned {} logits for {rows} rows", logits.len());
+                self.fail_plan(&plan, EngineError::Internal(msg));
+            }
+            return;
+        }
+        let vocab = logits.len() / rows;
+        let mut at = 0;
+        for (sc, want) in plan.seqs.iter().zip(wants) {
+            let n = rows_of(want, sc.num_new) * vocab;
+            let chunk = &logits[at..at + n];
+            at += n;
+            let Some(&key) = self.owner.get(&sc.id) else {
+                continue;
+            };
+            let Some(req) = self.requests.get_mut(&key) else {
+                continue;
+            };
+            if want == LogitsWanted::All {
+                req.collect_prompt_logprobs(sc, chunk, &self.tokenizer);
+            }
+            if sc.completes && n > 0 {
+                let mut ctx = Ctx {
+                    sched: &mut self.sched,
+                    tokenizer: &self.tokenizer,
+                };
+                req.on_logits(sc.id, &chunk[n - vocab..], &mut ctx);
+                for s in req.live_seqs() {
+                    self.owner.insert(s, key);
+                }
+            }
+            if req.is_finished() {
+                self.requests.remove(&key);
+                self.owner.retain(|_, k| *k != key);
+            }
+        }
+    }
+
+    /// Nothing could be scheduled although sequences exist: sequences holding blocks while they wait
+    /// for a sibling (beam search) can starve a preempted one. Make room; if nothing runs at all, the
+    /// oldest waiting request cannot fit the cache and fails.
+    fn unstick(&mut self) {
+        if self.sched.is_idle() {
+            return;
+        }
+        if self.sched.preempt_newest().is_some() {
+            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(seq) = self.sched.first_waiting() {
+            if let Some(&key) = self.owner.get(&seq) {
+                if let Some(mut r) = self.requests.remove(&key) {
+                    let msg = "the request does not fit the KV cache".to_string();
+                    r.fail(EngineError::Internal(msg), &mut self.sched);
+                }
+                self.owner.retain(|_, k| *k != key);
+            } else {
+                self.sched.remove(seq);
+            }
+        }
+    }
+
+    fn fail_plan(&mut self, plan: &StepPlan, error: EngineError) {
+        for sc in &plan.seqs {
+            let Some(key) = self.owner.get(&sc.id).copied() else {
+                continue;
+            };
+            if let Some(mut r) = self.requests.remove(&key) {
+                r.fail(error.clone(), &mut self.sched);
+            }
+            self.owner.retain(|_, k| *k != key);
+        }
+    }
+
+    fn build_batch(&mut self, plan: &StepPlan) -> (ForwardBatch, Vec<LogitsWanted>) {
+        let mut tokens = Vec::with_capacity(plan.num_tokens());
+        let mut seqs = Vec::with_capacity(plan.seqs.len());
+        let mut wants = Vec::with_capacity(plan.seqs.len());
+        for sc in &plan.seqs {
+            let want = match self
+                .owner
+                .get(&sc.id)
+                .and_then(|k| self.requests.get_mut(k))
+            {
+                Some(req) => {
+                    req.on_scheduled(sc, &self.sched);
+                    req.logits_wanted(sc)
+                }
+                None => LogitsWanted::None,
+            };
+            let all = self.sched.tokens(sc.id).unwrap_or_default();
+            tokens.extend_from_slice(&all[sc.context_len..sc.context_len + sc.num_new]);
+            seqs.push(SeqInput {
+                context_len: sc.context_len,
+                num_new: sc.num_new,
+                block_table: sc.block_table.clone(),
+                logits: want,
+            });
+            wants.push(want);
+        }
+        (ForwardBatch { tokens, seqs }, wants)
+    }
+}
+
+fn rows_of(want: LogitsWanted, num_new: usize) -> usize {
+    match want {
+        LogitsWanted::None => 0,
+        LogitsWanted::Last => 1,
+        LogitsWanted::All => num_new,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,567 @@
-//! TODO
+//! Choosing the next token of one sequence from its logits row (on the CPU), and the log-probability
+//! helpers the engine shares (prompt logprobs, beam search).
+//!
+//! Logits processors run in vLLM's order: `logit_bias`, `min_tokens` (EOS and stop ids masked),
+//! repetition penalty (prompt and output tokens), frequency and presence penalties (output tokens),
+//! then temperature (0 = greedy), top-k, top-p and min-p. Reported logprobs come from the raw model
+//! distribution (log-softmax of the logits before any processing), as vLLM reports them by default.
+
+use std::collections::{HashMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::types::SamplingParams;
+
+/// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`).
+pub const GREEDY_EPS: f32 = 1e-5;
+
+/// Candidates examined first when looking for the top-p nucleus without a top-k; doubled until the
+/// nucleus fits, so a peaked distribution never pays for a full sort.
+const NUCLEUS_FIRST_GUESS: usize = 256;
+
+/// One sampling step's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token_id: u32,
+    /// Raw-distribution log-probability of the chosen token; computed when logprobs were asked for or
+    /// `best_of > n` needs cumulative logprobs (else `None`, which keeps greedy decoding cheap).
+    pub logprob: Option<f32>,
+    /// The `logprobs` most likely tokens of the raw distribution, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The per-sequence sampler: its parameters, its random stream and the token counts its penalties need.
+/// Clone it to fork a sequence (the clone continues the same random stream).
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    repetition_penalty: f32,
+    logit_bias: Vec<(u32, f32)>,
+    min_tokens: usize,
+    suppress_until_min: Vec<u32>,
+    num_logprobs: Option<usize>,
+    want_logprob: bool,
+    rng: StdRng,
+    /// Prompt and output tokens (repetition penalty); empty when that penalty is off.
+    seen: HashSet<u32>,
+    output_counts: HashMap<u32, u32>,
+    num_output: usize,
+    scratch: Vec<f32>,
+}
+
+impl Sampler {
+    /// `min_tokens_suppressed`: ids masked while fewer than `min_tokens` tokens exist (see
+    /// `StopConditions::min_tokens_suppressed`). `choice_index` separates the random streams of the
+    /// `n`/`best_of` siblings of one request: with a `seed`, each sibling gets its own derived seed, so
+    /// they differ from each other yet repeat across identical requests.
+    pub fn new(
+        params: &SamplingParams,
+        prompt_ids: &[u32],
+        min_tokens_suppressed: &[u32],
+        choice_index: usize,
+    ) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(choice_seed(seed, choice_index)),
+            None => StdRng::from_os_rng(),
+        };
+        let penalise_repeats = params.repetition_penalty != 1.0;
+        let mut logit_bias: Vec<(u32, f32)> =
+            params.logit_bias.iter().map(|(k, v)| (*k, *v)).collect();
+        logit_bias.sort_unstable_by_key(|(id, _)| *id);
+        Self {
+            temperature: params.temperature,
+            top_k: usize::try_from(params.top_k).unwrap_or(0),
+            top_p: params.top_p,
+            min_p: params.min_p,
+            presence_penalty: params.presence_penalty,
+            frequency_penalty: params.frequency_penalty,
+            repetition_penalty: params.repetition_penalty,
+            logit_bias,
+            min_tokens: params.min_tokens,
+            suppress_until_min: min_tokens_suppressed.to_vec(),
+            num_logprobs: params.logprobs,
+            want_logprob: params.logprobs.is_some() || params.best_of.is_some_and(|b| b > params.n),
+            rng,
+            seen: if penalise_repeats {
+                prompt_ids.iter().copied().collect()
+            } else {
+                HashSet::new()
+            },
+            output_counts: HashMap::new(),
+            num_output: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_EPS || self.top_k == 1
+    }
+
+    /// Tokens this sampler has chosen so far.
+    pub fn num_output_tokens(&self) -> usize {
+        self.num_output
+    }
+
+    /// Picks the next token from one logits row and records it as generated.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let token_id = self.choose(logits);
+        let (logprob, top) = self.raw_logprobs(logits, token_id);
+        self.record(token_id);
+        Sampled {
+            token_id,
+            logprob,
+            top,
+        }
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
+        if !self.has_processors() && self.is_greedy() {
+            return argmax(logits);
+        }
+        let mut work = std::mem::take(&mut self.scratch);
+        work.clear();
+        work.extend_from_slice(logits);
+        self.apply_processors(&mut work);
+        let token = if self.is_greedy() || work.iter().all(|v| *v == f32::NEG_INFINITY) {
+            argmax(&work)
+        } else {
+            self.sample_filtered(&mut work)
+        };
+        self.scratch = work;
+        token
+    }
+
+    fn has_processors(&self) -> bool {
+        !self.logit_bias.is_empty()
+            || self.num_output < self.min_tokens
+            || self.repetition_penalty != 1.0
+            || (!self.output_counts.is_empty()
+                && (self.presence_penalty != 0.0 || self.frequency_penalty != 0.0))
+    }
+
+    fn apply_processors(&self, logits: &mut [f32]) {
+        for (id, bias) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(*id as usize) {
+                *l += bias;
+            }
+        }
+        if self.num_output < self.min_tokens {
+            for id in &self.suppress_until_min {
+                if let Some(l) = logits.get_mut(*id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if self.repetition_penalty != 1.0 {
+            let p = self.repetition_penalty;
+            for id in &self.seen {
+                if let Some(l) = logits.get_mut(*id as usize) {
+                    *l = if *l > 0.0 { *l / p } else { *l * p };
+                }
+            }
+        }
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            for (id, count) in &self.output_counts {
+                if let Some(l) = logits.get_mut(*id as usize) {
+                    *l -= self.frequency_penalty * *count as f32 + self.presence_penalty;
+                }
+            }
+        }
+    }
+
+    /// Temperature, then top-k, top-p and min-p, then a draw from what is left.
+    fn sample_filtered(&mut self, logits: &mut [f32]) -> u32 {
+        let inv_t = 1.0 / self.temperature;
+        for l in logits.iter_mut() {
+            *l *= inv_t;
+        }
+        let vocab = logits.len();
+        let k = if self.top_k == 0 {
+            vocab
+        } else {
+            self.top_k.min(vocab)
+        };
+        let mut candidates: Option<Vec<(u32, f32)>> = (k < vocab).then(|| top_n(logits, k));
+        if self.top_p < 1.0 {
+            candidates = Some(nucleus(logits, candidates, self.top_p));
+        }
+        if self.min_p > 0.0 {
+            let floor = max_value(logits) + self.min_p.ln();
+            let kept = match candidates {
+                Some(c) => c.into_iter().filter(|(_, l)| *l >= floor).collect(),
+                None => enumerate(logits).filter(|(_, l)| *l >= floor).collect(),
+            };
+            candidates = Some(kept);
+        }
+        let u: f64 = self.rng.random();
+        match candidates {
+            Some(c) => draw(c.iter().copied(), u),
+            None => draw(enumerate(logits), u),
+        }
+    }
+
+    fn raw_logprobs(&self, logits: &[f32], token: u32) -> (Option<f32>, Vec<(u32, f32)>) {
+        if !self.want_logprob {
+            return (None, Vec::new());
+        }
+        let lse = logsumexp(logits);
+        let chosen = logits.get(token as usize).map(|l| l - lse);
+        let top = match self.num_logprobs {
+            Some(n) if n > 0 => top_n(logits, n)
+                .into_iter()
+                .map(|(id, l)| (id, l - lse))
+                .collect(),
+            _ => Vec::new(),
+        };
+        (chosen, top)
+    }
+
+    fn record(&mut self, token: u32) {
+        self.num_output += 1;
+        *self.output_counts.entry(token).or_insert(0) += 1;
+        if self.repetition_penalty != 1.0 {
+            self.seen.insert(token);
+        }
+    }
+}
+
+/// The seed of sibling `index`: the request's seed itself for the first, decorrelated ones after.
+pub fn choice_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        seed
+    } else {
+        splitmix64(seed ^ splitmix64(index as u64))
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn enumerate(values: &[f32]) -> impl Iterator<Item = (u32, f32)> + Clone + '_ {
+    values.iter().enumerate().map(|(i, v)| (i as u32, *v))
+}
+
+/// Index of the largest value (the first on a tie; NaN never wins).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, v) in values.iter().enumerate() {
+        if *v > best_v {
+            best_v = *v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn max_value(values: &[f32]) -> f32 {
+    values.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `log(sum(exp(values)))`, stable for large values.
+pub fn logsumexp(values: &[f32]) -> f32 {
+    let max = max_value(values);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let sum: f64 = values.iter().map(|v| ((v - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// Log-probabilities of a logits row.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let lse = logsumexp(logits);
+    logits.iter().map(|l| l - lse).collect()
+}
+
+/// The `n` largest values with their indices, largest first (a partial selection, then a sort of `n`).
+pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let n = n.min(values.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut all: Vec<(u32, f32)> = enumerate(values).collect();
+    if n < all.len() {
+        all.select_nth_unstable_by(n - 1, desc);
+        all.truncate(n);
+    }
+    all.sort_unstable_by(desc);
+    all
+}
+
+/// The smallest set of most likely tokens whose probability reaches `top_p` (at least one token).
+/// `candidates` (sorted, from top-k) restricts and renormalises the distribution when given.
+fn nucleus(logits: &[f32], candidates: Option<Vec<(u32, f32)>>, top_p: f32) -> Vec<(u32, f32)> {
+    let (total, mut guess) = match &candidates {
+        Some(c) => (mass(c.iter().map(|(_, l)| *l), c[0].1), c.len()),
+        None => (
+            mass(logits.iter().copied(), max_value(logits)),
+            NUCLEUS_FIRST_GUESS,
+        ),
+    };
+    let target = top_p as f64 * total;
+    loop {
+        let sorted = match &candidates {
+            Some(c) => c.clone(),
+            None => top_n(logits, guess),
+        };
+        let max = sorted[0].1;
+        let mut cum = 0.0;
+        for (i, (_, l)) in sorted.iter().enumerate() {
+            cum += ((l - max) as f64).exp();
+            if cum >= target {
+                return sorted[..=i].to_vec();
+            }
+        }
+        if sorted.len() >= logits.len() || candidates.is_some() {
+            return sorted;
+        }
+        guess *= 4;
+    }
+}
+
+/// Sum of `exp(l - max)`.
+fn mass(values: impl Iterator<Item = f32>, max: f32) -> f64 {
+    values.map(|l| ((l - max) as f64).exp()).sum()
+}
+
+/// Draws from the softmax of `candidates` with `u` uniform in [0, 1).
+fn draw<I>(candidates: I, u: f64) -> u32
+where
+    I: Iterator<Item = (u32, f32)> + Clone,
+{
+    let max = candidates
+        .clone()
+        .map(|(_, l)| l)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let total = mass(candidates.clone().map(|(_, l)| l), max);
+    let mut threshold = u * total;
+    let mut last = None;
+    for (id, l) in candidates {
+        let w = ((l - max) as f64).exp();
+        if w > 0.0 {
+            last = Some(id);
+            if threshold < w {
+                return id;
+            }
+            threshold -= w;
+        }
+    }
+    // Rounding left a sliver past the last token.
+    last.unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed: Some(7),
+            ..Default::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    fn counts(p: &SamplingParams, logits: &[f32], draws: usize) -> Vec<usize> {
+        let mut s = Sampler::new(p, &[], &[], 0);
+        let mut c = vec![0; logits.len()];
+        for _ in 0..draws {
+            // A fresh row each time, penalties off: the distribution stays the same.
+            c[s.choose(logits) as usize] += 1;
+        }
+        c
+    }
+
+    const LOGITS: [f32; 5] = [1.0, 3.0, 2.5, 0.5, -1.0];
+
+    #[test]
+    fn greedy_picks_argmax() {
+        let p = params(|p| p.temperature = 0.0);
+        let mut s = Sampler::new(&p, &[], &[], 0);
+        assert_eq!(s.sample(&LOGITS).token_id, 1);
+        assert_eq!(s.sample(&LOGITS).logprob, None);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let p = params(|p| p.top_k = 1);
+        assert_eq!(counts(&p, &LOGITS, 200)[1], 200);
+    }
+
+    #[test]
+    fn top_k_limits_candidates() {
+        let c = counts(&params(|p| p.top_k = 2), &LOGITS, 2000);
+        assert_eq!(c[0] + c[3] + c[4], 0);
+        assert!(c[1] > c[2] && c[2] > 0);
+    }
+
+    #[test]
+    fn top_p_prunes_the_tail() {
+        // Probabilities ~ [0.07, 0.54, 0.33, 0.05, 0.01]: 0.8 needs the top two tokens, 0.5 one.
+        let c = counts(&params(|p| p.top_p = 0.8), &LOGITS, 2000);
+        assert_eq!(c[0] + c[3] + c[4], 0);
+        assert!(c[1] > 0 && c[2] > 0);
+        let c = counts(&params(|p| p.top_p = 0.5), &LOGITS, 500);
+        assert_eq!(c[1], 500);
+    }
+
+    #[test]
+    fn min_p_prunes_relative_to_the_best() {
+        // p/p_max: [0.14, 1, 0.61, 0.08, 0.02]; min_p 0.1 drops tokens 3 and 4.
+        let c = counts(&params(|p| p.min_p = 0.1), &LOGITS, 3000);
+        assert_eq!(c[3] + c[4], 0);
+        assert!(c[0] > 0 && c[1] > 0 && c[2] > 0);
+    }
+
+    #[test]
+    fn temperature_sharpens_and_flattens() {
+        let cold = counts(&params(|p| p.temperature = 0.1), &LOGITS, 2000);
+        let hot = counts(&params(|p| p.temperature = 5.0), &LOGITS, 2000);
+        assert!(cold[1] > 1950, "{cold:?}");
+        assert!(hot[4] > 100, "{hot:?}");
+    }
+
+    #[test]
+    fn default_sampling_follows_softmax() {
+        let c = counts(&params(|_| {}), &LOGITS, 20000);
+        let probs: Vec<f32> = log_softmax(&LOGITS).iter().map(|l| l.exp()).collect();
+        for (n, p) in c.iter().zip(&probs) {
+            let freq = *n as f32 / 20000.0;
+            assert!((freq - p).abs() < 0.02, "{c:?} vs {probs:?}");
+        }
+    }
+
+    #[test]
+    fn logit_bias_forces_a_token() {
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.logit_bias.insert(4, 100.0);
+        });
+        let mut s = Sampler::new(&p, &[], &[], 0);
+        let out = s.sample(&LOGITS);
+        assert_eq!(out.token_id, 4);
+        let p = params(|p| {
+            p.logit_bias.insert(1, -100.0);
+            p.logit_bias.insert(2, -100.0);
+            p.temperature = 0.0;
+        });
+        assert_eq!(Sampler::new(&p, &[], &[], 0).sample(&LOGITS).token_id, 0);
+    }
+
+    #[test]
+    fn min_tokens_masks_eos_until_reached() {
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.min_tokens = 2;
+        });
+        let mut s = Sampler::new(&p, &[], &[1], 0);
+        assert_eq!(s.sample(&LOGITS).token_id, 2);
+        assert_eq!(s.sample(&LOGITS).token_id, 2);
+        assert_eq!(s.sample(&LOGITS).token_id, 1);
+    }
+
+    #[test]
+    fn repetition_penalty_covers_prompt_and_output() {
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 2.0;
+        });
+        // Token 1 in the prompt: 3.0 / 2 = 1.5 < 2.5.
+        let mut s = Sampler::new(&p, &[1], &[], 0);
+        assert_eq!(s.sample(&LOGITS).token_id, 2);
+        // Then token 2 too (2.5 / 2 = 1.25): token 1 at 1.5 wins again.
+        assert_eq!(s.sample(&LOGITS).token_id, 1);
+        // Negative logits are multiplied: more negative.
+        let neg = [-1.0f32, -1.5];
+        let mut s = Sampler::new(&p, &[0], &[], 0);
+        assert_eq!(s.sample(&neg).token_id, 1);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalise_output_only() {
+        let freq = params(|p| {
+            p.temperature = 0.0;
+            p.frequency_penalty = 0.3;
+        });
+        let mut s = Sampler::new(&freq, &[1, 1, 1], &[], 0);
+        let ids: Vec<u32> = (0..4).map(|_| s.sample(&LOGITS).token_id).collect();
+        // 3.0 -> 2.7 after one use (still best), 2.4 after two: then 2.5 wins.
+        assert_eq!(ids, vec![1, 1, 2, 1]);
+        let presence = params(|p| {
+            p.temperature = 0.0;
+            p.presence_penalty = 1.0;
+        });
+        let mut s = Sampler::new(&presence, &[], &[], 0);
+        let ids: Vec<u32> = (0..3).map(|_| s.sample(&LOGITS).token_id).collect();
+        // 3.0 -> 2.0 once used: 2 (2.5) wins, then drops to 1.5 and 1 (2.0) is back.
+        assert_eq!(ids, vec![1, 2, 1]);
+    }
+
+    #[test]
+    fn seed_repeats_and_siblings_differ() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 50.0).collect();
+        let p = params(|p| p.seed = Some(1234));
+        let run = |index| {
+            let mut s = Sampler::new(&p, &[], &[], index);
+            (0..32)
+                .map(|_| s.sample(&logits).token_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(0), run(0));
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(0), run(1));
+        let other = params(|p| p.seed = Some(1235));
+        let mut s = Sampler::new(&other, &[], &[], 0);
+        let o: Vec<u32> = (0..32).map(|_| s.sample(&logits).token_id).collect();
+        assert_ne!(o, run(0));
+    }
+
+    #[test]
+    fn logprobs_come_from_the_raw_distribution() {
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.logprobs = Some(2);
+            p.logit_bias.insert(4, 100.0);
+        });
+        let mut s = Sampler::new(&p, &[], &[], 0);
+        let out = s.sample(&LOGITS);
+        let raw = log_softmax(&LOGITS);
+        assert_eq!(out.token_id, 4);
+        assert!((out.logprob.unwrap() - raw[4]).abs() < 1e-6);
+        assert_eq!(out.top.len(), 2);
+        assert_eq!((out.top[0].0, out.top[1].0), (1, 2));
+        assert!((out.top[0].1 - raw[1]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn helpers() {
+        let ls = log_softmax(&LOGITS);
+        let total: f32 = ls.iter().map(|l| l.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert_eq!(top_n(&LOGITS, 3), vec![(1, 3.0), (2, 2.5), (0, 1.0)]);
+        assert_eq!(top_n(&LOGITS, 10).len(), 5);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), 2);
+        assert_eq!(logsumexp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn nucleus_grows_past_the_first_guess() {
+        // A flat 10k vocabulary: top_p 0.5 needs 5000 tokens, beyond the first guess of 256.
+        let logits = vec![0.0f32; 10_000];
+        let kept = nucleus(&logits, None, 0.5);
+        assert_eq!(kept.len(), 5000);
+    }
+}

@@ -1,1 +1,639 @@
-//! TODO
+//! Continuous-batching policy (pure: no model, no tensors).
+//!
+//! Sequences wait in FCFS order, then run. Every step decodes each running sequence (one token) and
+//! spends the rest of the `max_num_batched_tokens` budget on chunks of prompts (chunked prefill), admitting
+//! waiting sequences while `max_num_seqs` and the KV blocks allow. When a decode finds no free block, the
+//! newest running sequence is preempted: its blocks are freed and it goes back to the waiting queue with
+//! all its tokens (prompt and generated), to be recomputed later. Nothing is dropped.
+//!
+//! The plan a step produces names, per sequence, the KV positions to compute and the block table that
+//! covers them; the runner turns it into a `ForwardBatch`, runs it and calls `commit`.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::block_allocator::BlockAllocator;
+use super::prefix_cache::{chain_hash, PrefixCache};
+
+pub type SeqId = u64;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Seq {
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    num_computed: usize,
+    blocks: Vec<u32>,
+    /// Names of the leading full, computed blocks (for chaining the next one's name).
+    hashes: Vec<u64>,
+    /// Admission order; siblings forked from a sequence share it.
+    arrival: u64,
+    use_prefix_cache: bool,
+    cached_tokens: usize,
+    running: bool,
+}
+
+impl Seq {
+    fn remaining(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduled {
+    pub id: SeqId,
+    /// Tokens already in the cache; the new ones sit at positions `context_len..context_len + num_new`.
+    pub context_len: usize,
+    pub num_new: usize,
+    pub block_table: Vec<u32>,
+    /// Whether this chunk reaches the sequence's last token (its logits predict the next token).
+    pub completes: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepPlan {
+    pub seqs: Vec<Scheduled>,
+    /// Copy-on-write: (source, destination) blocks to copy before the forward pass.
+    pub copies: Vec<(u32, u32)>,
+    /// Sequences sent back to the waiting queue this step.
+    pub preempted: Vec<SeqId>,
+}
+
+impl StepPlan {
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.num_new).sum()
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    alloc: BlockAllocator,
+    prefix: PrefixCache,
+    seqs: HashMap<SeqId, Seq>,
+    /// Both ordered by (arrival, id).
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+    next_id: SeqId,
+    next_arrival: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        assert!(cfg.block_size > 0 && cfg.max_num_batched_tokens > 0 && cfg.max_num_seqs > 0);
+        Self {
+            alloc: BlockAllocator::new(cfg.num_blocks),
+            prefix: PrefixCache::new(cfg.num_blocks),
+            cfg,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+            next_arrival: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queues a new sequence. `use_prefix_cache = false` forces every prompt position to be computed
+    /// (needed for prompt logprobs).
+    pub fn add(&mut self, tokens: Vec<u32>, use_prefix_cache: bool) -> SeqId {
+        assert!(!tokens.is_empty(), "a sequence needs at least one token");
+        let id = self.new_id();
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.seqs.insert(
+            id,
+            Seq {
+                tokens,
+                num_computed: 0,
+                blocks: Vec::new(),
+                hashes: Vec::new(),
+                arrival,
+                use_prefix_cache: use_prefix_cache && self.cfg.enable_prefix_caching,
+                cached_tokens: 0,
+                running: false,
+            },
+        );
+        self.waiting.push_back(id);
+        id
+    }
+
+    /// A copy of `parent` that shares its blocks (copy-on-write for the partially filled last one).
+    pub fn fork(&mut self, parent: SeqId) -> Option<SeqId> {
+        let mut child = self.seqs.get(&parent)?.clone();
+        for &b in &child.blocks {
+            self.alloc.acquire(b);
+        }
+        child.cached_tokens = 0;
+        let id = self.new_id();
+        let running = child.running;
+        self.seqs.insert(id, child);
+        if running {
+            let pos = self.sorted_pos(&self.running, id);
+            self.running.insert(pos, id);
+        } else {
+            let pos = self.sorted_pos_deque(id);
+            self.waiting.insert(pos, id);
+        }
+        Some(id)
+    }
+
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.tokens.push(token);
+        }
+    }
+
+    /// Removes a finished or cancelled sequence and frees its blocks.
+    pub fn remove(&mut self, id: SeqId) {
+        self.free_blocks_of(id);
+        self.running.retain(|&x| x != id);
+        self.waiting.retain(|&x| x != id);
+        self.seqs.remove(&id);
+    }
+
+    pub fn contains(&self, id: SeqId) -> bool {
+        self.seqs.contains_key(&id)
+    }
+
+    pub fn tokens(&self, id: SeqId) -> Option<&[u32]> {
+        self.seqs.get(&id).map(|s| s.tokens.as_slice())
+    }
+
+    /// Prompt tokens served from the prefix cache at the sequence's first admission.
+    pub fn cached_tokens(&self, id: SeqId) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.cached_tokens)
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.alloc.num_free()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.alloc.num_blocks()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Sends the newest running sequence back to the waiting queue (to break a stall).
+    pub fn preempt_newest(&mut self) -> Option<SeqId> {
+        let id = *self.running.last()?;
+        self.preempt(id);
+        Some(id)
+    }
+
+    pub fn first_waiting(&self) -> Option<SeqId> {
+        self.waiting.front().copied()
+    }
+
+    /// Plans one step. The caller runs it and then calls `commit`.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        self.schedule_decodes(&mut plan, &mut budget);
+        let blocked = self.schedule_running_prefills(&mut plan, &mut budget);
+        // After a preemption the cache is full: admitting now would only preempt again next step.
+        if !blocked && plan.preempted.is_empty() {
+            self.admit_waiting(&mut plan, &mut budget);
+        }
+        plan
+    }
+
+    /// Records that the plan ran: its positions are now in the cache; newly full blocks get their names.
+    pub fn commit(&mut self, plan: &StepPlan) {
+        let bs = self.cfg.block_size;
+        for s in &plan.seqs {
+            let Some(seq) = self.seqs.get_mut(&s.id) else {
+                continue;
+            };
+            seq.num_computed = (s.context_len + s.num_new).min(seq.tokens.len());
+            while seq.hashes.len() < seq.num_computed / bs {
+                let i = seq.hashes.len();
+                let h = chain_hash(
+                    seq.hashes.last().copied(),
+                    &seq.tokens[i * bs..(i + 1) * bs],
+                );
+                seq.hashes.push(h);
+                if self.cfg.enable_prefix_caching {
+                    self.prefix.insert(h, seq.blocks[i]);
+                }
+            }
+        }
+    }
+
+    fn schedule_decodes(&mut self, plan: &mut StepPlan, budget: &mut usize) {
+        let mut i = 0;
+        while i < self.running.len() && *budget > 0 {
+            let id = self.running[i];
+            if self.seqs[&id].remaining() != 1 {
+                i += 1;
+                continue;
+            }
+            if self.reserve(id, 1, &mut plan.copies) {
+                plan.seqs.push(self.scheduled(id, 1));
+                *budget -= 1;
+                i += 1;
+                continue;
+            }
+            // Out of blocks: the newest running sequence (never one already scheduled, which are older)
+            // makes room, possibly this one.
+            let victim = *self.running.last().expect("running is not empty");
+            self.preempt(victim);
+            plan.preempted.push(victim);
+        }
+    }
+
+    /// Continues prompts already running. Returns true when the cache is too full to admit anything.
+    fn schedule_running_prefills(&mut self, plan: &mut StepPlan, budget: &mut usize) -> bool {
+        let mut i = 0;
+        while i < self.running.len() && *budget > 0 {
+            let id = self.running[i];
+            let rem = self.seqs[&id].remaining();
+            if rem <= 1 {
+                i += 1;
+                continue;
+            }
+            let n = rem.min(*budget).min(self.tokens_that_fit(id));
+            if n > 0 && self.reserve(id, n, &mut plan.copies) {
+                plan.seqs.push(self.scheduled(id, n));
+                *budget -= n;
+                i += 1;
+                continue;
+            }
+            // Make room from newer sequences that are not in this step; none: wait for decodes to end.
+            let scheduled: Vec<SeqId> = plan.seqs.iter().map(|s| s.id).collect();
+            let victim = self.running[i + 1..]
+                .iter()
+                .rev()
+                .find(|v| !scheduled.contains(v))
+                .copied();
+            match victim {
+                Some(v) => {
+                    self.preempt(v);
+                    plan.preempted.push(v);
+                }
+                None => return true,
+            }
+        }
+        false
+    }
+
+    fn admit_waiting(&mut self, plan: &mut StepPlan, budget: &mut usize) {
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            let hits = self.take_cached_prefix(id);
+            let rem = self.seqs[&id].remaining();
+            let n = rem.min(*budget).min(self.tokens_that_fit(id));
+            if n == 0 || !self.reserve(id, n, &mut plan.copies) {
+                self.undo_cached_prefix(id, hits);
+                break;
+            }
+            self.waiting.pop_front();
+            let pos = self.sorted_pos(&self.running, id);
+            self.running.insert(pos, id);
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.running = true;
+            }
+            plan.seqs.push(self.scheduled(id, n));
+            *budget -= n;
+        }
+    }
+
+    /// Prefix-cache hits for a sequence with nothing computed yet; returns how many blocks it took.
+    fn take_cached_prefix(&mut self, id: SeqId) -> usize {
+        let bs = self.cfg.block_size;
+        let seq = &self.seqs[&id];
+        if !seq.use_prefix_cache || seq.num_computed > 0 || !seq.blocks.is_empty() {
+            return 0;
+        }
+        let hits = self.prefix.longest_prefix(&seq.tokens, bs);
+        for &b in &hits {
+            self.alloc.acquire(b);
+        }
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        seq.hashes = super::prefix_cache::block_hashes(&seq.tokens[..hits.len() * bs], bs);
+        seq.num_computed = hits.len() * bs;
+        if seq.cached_tokens == 0 {
+            seq.cached_tokens = seq.num_computed;
+        }
+        let n = hits.len();
+        seq.blocks = hits;
+        n
+    }
+
+    fn undo_cached_prefix(&mut self, id: SeqId, hits: usize) {
+        if hits > 0 {
+            self.free_blocks_of(id);
+        }
+    }
+
+    /// How many more tokens of `id` the free blocks could hold.
+    fn tokens_that_fit(&self, id: SeqId) -> usize {
+        let bs = self.cfg.block_size;
+        let seq = &self.seqs[&id];
+        let cow = self.needs_cow(seq) as usize;
+        let Some(free) = self.alloc.num_free().checked_sub(cow) else {
+            return 0;
+        };
+        ((seq.blocks.len() + free) * bs).saturating_sub(seq.num_computed)
+    }
+
+    fn needs_cow(&self, seq: &Seq) -> bool {
+        seq.num_computed % self.cfg.block_size != 0
+            && seq
+                .blocks
+                .last()
+                .is_some_and(|&b| self.alloc.ref_count(b) > 1)
+    }
+
+    /// Gives `id` the blocks to compute `n` more tokens (copying a shared partial last block first).
+    /// Changes nothing and returns false when the free blocks are too few.
+    fn reserve(&mut self, id: SeqId, n: usize, copies: &mut Vec<(u32, u32)>) -> bool {
+        let bs = self.cfg.block_size;
+        let seq = &self.seqs[&id];
+        let cow = self.needs_cow(seq);
+        let new_blocks = (seq.num_computed + n)
+            .div_ceil(bs)
+            .saturating_sub(seq.blocks.len());
+        if new_blocks + cow as usize > self.alloc.num_free() {
+            return false;
+        }
+        if cow {
+            let old = *seq.blocks.last().expect("cow needs a block");
+            let fresh = self.take_block();
+            copies.push((old, fresh));
+            self.release_block(old);
+            let seq = self.seqs.get_mut(&id).expect("present");
+            *seq.blocks.last_mut().expect("present") = fresh;
+        }
+        for _ in 0..new_blocks {
+            let b = self.take_block();
+            self.seqs.get_mut(&id).expect("present").blocks.push(b);
+        }
+        true
+    }
+
+    fn take_block(&mut self) -> u32 {
+        let b = self.alloc.peek_free().expect("caller checked free blocks");
+        self.prefix.evict(b);
+        self.alloc.allocate().expect("caller checked free blocks")
+    }
+
+    fn release_block(&mut self, b: u32) {
+        let keep = self.prefix.is_cached(b);
+        self.alloc.release(b, keep);
+    }
+
+    fn free_blocks_of(&mut self, id: SeqId) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let blocks = std::mem::take(&mut seq.blocks);
+        seq.hashes.clear();
+        seq.num_computed = 0;
+        // The tail of a sequence is the least likely to be shared: free it first so it is evicted first.
+        for b in blocks.into_iter().rev() {
+            self.release_block(b);
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        self.free_blocks_of(id);
+        self.running.retain(|&x| x != id);
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.running = false;
+        }
+        let pos = self.sorted_pos_deque(id);
+        self.waiting.insert(pos, id);
+    }
+
+    fn scheduled(&self, id: SeqId, n: usize) -> Scheduled {
+        let seq = &self.seqs[&id];
+        Scheduled {
+            id,
+            context_len: seq.num_computed,
+            num_new: n,
+            block_table: seq.blocks.clone(),
+            completes: seq.num_computed + n == seq.tokens.len(),
+        }
+    }
+
+    fn key(&self, id: SeqId) -> (u64, SeqId) {
+        (self.seqs[&id].arrival, id)
+    }
+
+    fn sorted_pos(&self, list: &[SeqId], id: SeqId) -> usize {
+        let k = self.key(id);
+        list.partition_point(|&x| self.key(x) < k)
+    }
+
+    fn sorted_pos_deque(&self, id: SeqId) -> usize {
+        let k = self.key(id);
+        self.waiting.partition_point(|&x| self.key(x) < k)
+    }
+
+    fn new_id(&mut self) -> SeqId {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(num_blocks: usize, budget: usize, max_seqs: usize, prefix: bool) -> SchedulerConfig {
+        SchedulerConfig {
+            block_size: 4,
+            num_blocks,
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: budget,
+            enable_prefix_caching: prefix,
+        }
+    }
+
+    /// Runs a step as a model would: commit, then give every completed sequence a next token.
+    fn step(s: &mut Scheduler) -> StepPlan {
+        let plan = s.schedule();
+        s.commit(&plan);
+        for sc in &plan.seqs {
+            if sc.completes {
+                s.append_token(sc.id, 7);
+            }
+        }
+        plan
+    }
+
+    fn tokens(n: usize, base: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| base + i).collect()
+    }
+
+    #[test]
+    fn long_prompt_is_chunked_and_decodes_ride_along() {
+        let mut s = Scheduler::new(cfg(64, 8, 16, false));
+        let a = s.add(tokens(3, 0), true);
+        let p = step(&mut s);
+        assert_eq!(p.seqs.len(), 1);
+        assert!(p.seqs[0].completes);
+        let b = s.add(tokens(20, 100), true);
+        let p = step(&mut s);
+        assert_eq!(p.seqs[0].id, a, "decodes first");
+        assert_eq!((p.seqs[0].context_len, p.seqs[0].num_new), (3, 1));
+        assert_eq!(p.seqs[1].id, b);
+        assert_eq!(p.seqs[1].num_new, 7, "the rest of the budget");
+        assert!(!p.seqs[1].completes);
+        assert_eq!(p.num_tokens(), 8);
+        let p = step(&mut s);
+        assert_eq!(p.seqs[1].context_len, 7);
+        let p = step(&mut s);
+        assert_eq!(p.seqs[1].context_len, 14);
+        assert_eq!(p.seqs[1].num_new, 6);
+        assert!(p.seqs[1].completes);
+        assert_eq!(p.seqs[1].block_table.len(), 5);
+    }
+
+    #[test]
+    fn max_num_seqs_bounds_the_running_set() {
+        let mut s = Scheduler::new(cfg(64, 100, 2, false));
+        for i in 0..3 {
+            s.add(tokens(2, i * 10), true);
+        }
+        let p = step(&mut s);
+        assert_eq!(p.seqs.len(), 2);
+        assert_eq!(s.num_waiting(), 1);
+        let first = p.seqs[0].id;
+        s.remove(first);
+        let p = step(&mut s);
+        assert_eq!(p.seqs.len(), 2, "a slot freed, the third one is admitted");
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
+        // 4 blocks of 4 tokens; two sequences of 8 tokens take 2 blocks each.
+        let mut s = Scheduler::new(cfg(4, 64, 8, false));
+        let a = s.add(tokens(8, 0), true);
+        let b = s.add(tokens(8, 50), true);
+        step(&mut s); // both prefilled, 9 tokens each after sampling
+        assert_eq!(s.num_free_blocks(), 0);
+        let p = step(&mut s); // both need a third block for position 8
+        assert_eq!(p.preempted, vec![b]);
+        assert_eq!(p.seqs.len(), 1);
+        assert_eq!(p.seqs[0].id, a);
+        assert_eq!(s.num_waiting(), 1);
+        assert_eq!(s.tokens(b).unwrap().len(), 9, "generated tokens kept");
+        s.remove(a);
+        let p = step(&mut s);
+        assert_eq!(p.seqs[0].id, b);
+        assert_eq!((p.seqs[0].context_len, p.seqs[0].num_new), (0, 9));
+        assert!(p.seqs[0].completes);
+    }
+
+    #[test]
+    fn forked_siblings_share_full_blocks_and_copy_the_partial_one() {
+        let mut s = Scheduler::new(cfg(16, 64, 8, false));
+        let a = s.add(tokens(6, 0), true);
+        let plan = s.schedule();
+        s.commit(&plan);
+        let b = s.fork(a).unwrap();
+        assert_eq!(s.num_free_blocks(), 14, "the fork costs no block");
+        s.append_token(a, 1);
+        s.append_token(b, 2);
+        let p = s.schedule();
+        assert_eq!(p.copies.len(), 1, "the shared partial block is copied once");
+        let ta = &p.seqs.iter().find(|x| x.id == a).unwrap().block_table;
+        let tb = &p.seqs.iter().find(|x| x.id == b).unwrap().block_table;
+        assert_eq!(ta[0], tb[0], "full block shared");
+        assert_ne!(ta[1], tb[1]);
+        let (src, dst) = p.copies[0];
+        assert!([ta[1], tb[1]].contains(&src) && [ta[1], tb[1]].contains(&dst));
+        s.commit(&p);
+        s.remove(a);
+        s.remove(b);
+        assert_eq!(s.num_free_blocks(), 16);
+    }
+
+    #[test]
+    fn prefix_cache_hit_reuses_full_blocks_and_leaves_the_last_token() {
+        let mut s = Scheduler::new(cfg(16, 64, 8, true));
+        let a = s.add(tokens(9, 0), true);
+        step(&mut s);
+        s.remove(a);
+        // Same 8 first tokens: both full blocks are hits.
+        let b = s.add(tokens(9, 0), true);
+        let p = step(&mut s);
+        assert_eq!((p.seqs[0].context_len, p.seqs[0].num_new), (8, 1));
+        assert_eq!(s.cached_tokens(b), 8);
+        // Exactly two blocks long: the last block must be computed again.
+        let c = s.add(tokens(8, 0), true);
+        let p = step(&mut s);
+        let pc = p.seqs.iter().find(|x| x.id == c).unwrap();
+        assert_eq!((pc.context_len, pc.num_new), (4, 4));
+        // Opted out (prompt logprobs): no hit.
+        let d = s.add(tokens(9, 0), false);
+        let p = step(&mut s);
+        let pd = p.seqs.iter().find(|x| x.id == d).unwrap();
+        assert_eq!(pd.context_len, 0);
+    }
+
+    #[test]
+    fn cached_blocks_are_evicted_when_space_is_needed() {
+        let mut s = Scheduler::new(cfg(3, 64, 8, true));
+        let a = s.add(tokens(9, 0), true);
+        step(&mut s);
+        s.remove(a);
+        assert_eq!(s.num_free_blocks(), 3, "cached blocks still count as free");
+        let b = s.add(tokens(12, 100), true);
+        let p = step(&mut s);
+        assert_eq!(p.seqs[0].id, b);
+        assert_eq!(p.seqs[0].num_new, 12);
+        s.remove(b);
+        let c = s.add(tokens(9, 0), true);
+        let p = step(&mut s);
+        assert_eq!(p.seqs[0].id, c);
+        assert_eq!(p.seqs[0].context_len, 0, "the old prefix was evicted");
+    }
+
+    #[test]
+    fn removal_frees_everything_and_waiting_keeps_fcfs_order() {
+        let mut s = Scheduler::new(cfg(4, 64, 8, false));
+        let a = s.add(tokens(16, 0), true);
+        let b = s.add(tokens(2, 0), true);
+        let p = step(&mut s);
+        assert_eq!(p.seqs.len(), 1, "b waits behind a (FCFS), no block left");
+        assert_eq!(p.seqs[0].id, a);
+        s.remove(a);
+        assert_eq!(s.num_free_blocks(), 4);
+        let p = step(&mut s);
+        assert_eq!(p.seqs[0].id, b);
+        s.remove(b);
+        assert!(s.is_idle());
+    }
+}

@@ -60,6 +60,10 @@ impl EngineHandler {
     pub fn settings(&self) -> &HandlerSettings {
         &self.settings
     }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
 }
 
 impl JobHandler for EngineHandler {

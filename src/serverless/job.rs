@@ -3,6 +3,7 @@
 //! [`ResultSink`] and ends with exactly one final result (the aggregate of the pieces, or an error).
 
 use std::future::Future;
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -60,6 +61,17 @@ impl JobError {
         }
     }
 
+    pub fn timed_out(limit: std::time::Duration) -> Self {
+        Self {
+            message: format!(
+                "the job ran past its execution timeout of {} ms",
+                limit.as_millis()
+            ),
+            kind: "TimeoutError".into(),
+            code: 408,
+        }
+    }
+
     pub fn shutting_down() -> Self {
         Self {
             message: "the worker shut down before the job finished".into(),
@@ -99,6 +111,7 @@ pub enum Outcome {
     Completed,
     Failed,
     Cancelled,
+    TimedOut,
 }
 
 impl Outcome {
@@ -107,6 +120,7 @@ impl Outcome {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
         }
     }
 }
@@ -119,6 +133,15 @@ pub enum JobResult {
 }
 
 impl JobResult {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Output(_) => Outcome::Completed,
+            Self::Error(e) if e.code == 499 => Outcome::Cancelled,
+            Self::Error(e) if e.code == 408 => Outcome::TimedOut,
+            Self::Error(_) => Outcome::Failed,
+        }
+    }
+
     pub fn to_body(&self) -> Value {
         match self {
             Self::Output(pieces) => json!({ "output": pieces }),
@@ -153,9 +176,15 @@ pub async fn run_job<S: ResultSink>(
 ) -> Outcome {
     let mut pieces = handler.handle(job);
     let mut aggregate = Vec::new();
+    let limit = execution_timeout(job);
+    let deadline = tokio::time::sleep(limit.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
     let result = loop {
         let next = tokio::select! {
             biased;
+            _ = &mut deadline, if limit.is_some() => {
+                break JobResult::Error(JobError::timed_out(limit.unwrap_or_default()));
+            }
             reason = wait_for_stop(&mut stop) => {
                 break match reason {
                     StopReason::Cancelled => JobResult::Error(JobError::cancelled()),
@@ -178,13 +207,15 @@ pub async fn run_job<S: ResultSink>(
     };
     // Cancel the engine's work before the (possibly slow) final post.
     drop(pieces);
-    let outcome = match &result {
-        JobResult::Output(_) => Outcome::Completed,
-        JobResult::Error(e) if e.code == 499 => Outcome::Cancelled,
-        JobResult::Error(_) => Outcome::Failed,
-    };
+    let outcome = result.outcome();
     sink.done(&job.id, &result).await;
     outcome
+}
+
+/// The job's `policy.executionTimeout` (milliseconds), as RunPod's request policy spells it.
+pub fn execution_timeout(job: &Job) -> Option<Duration> {
+    let ms = job.extra.get("policy")?.get("executionTimeout")?.as_u64()?;
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 async fn wait_for_stop(stop: &mut StopSignal) -> StopReason {
@@ -319,6 +350,25 @@ mod tests {
             *sink.results.lock().unwrap(),
             vec![JobResult::Error(JobError::cancelled())]
         );
+    }
+
+    #[tokio::test]
+    async fn the_execution_timeout_of_the_policy_ends_a_job() {
+        struct Forever;
+        impl JobHandler for Forever {
+            fn handle(&self, _job: &Job) -> PieceStream {
+                futures::stream::pending().boxed()
+            }
+        }
+        let sink = Recorder::default();
+        let (_tx, rx) = watch::channel(None);
+        let job: Job = serde_json::from_value(
+            json!({"id": "t", "input": {}, "policy": {"executionTimeout": 30}}),
+        )
+        .unwrap();
+        assert_eq!(run_job(&Forever, &job, &sink, rx).await, Outcome::TimedOut);
+        let results = sink.results.lock().unwrap();
+        assert!(matches!(&results[0], JobResult::Error(e) if e.code == 408));
     }
 
     #[test]

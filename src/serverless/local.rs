@@ -8,17 +8,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::job::{run_job, Job, JobError, JobHandler, JobResult, ResultSink, StopReason};
+use super::job::{run_job, Job, JobError, JobHandler, JobResult, Outcome, ResultSink, StopReason};
 use super::metrics::Metrics;
 use super::routing::Method;
 use crate::config::Secret;
@@ -35,6 +35,7 @@ enum Status {
     Completed,
     Failed,
     Cancelled,
+    TimedOut,
 }
 
 impl Status {
@@ -45,11 +46,15 @@ impl Status {
             Self::Completed => "COMPLETED",
             Self::Failed => "FAILED",
             Self::Cancelled => "CANCELLED",
+            Self::TimedOut => "TIMED_OUT",
         }
     }
 
     fn is_final(&self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::TimedOut
+        )
     }
 }
 
@@ -60,6 +65,9 @@ struct JobState {
     stream: Vec<Value>,
     stream_cursor: usize,
     result: Option<JobResult>,
+    submitted: Instant,
+    started: Option<Instant>,
+    finished: Option<Instant>,
 }
 
 struct LocalJob {
@@ -87,12 +95,14 @@ impl ResultSink for LocalSink {
     async fn done(&self, _job_id: &str, result: &JobResult) {
         {
             let mut state = self.0.lock();
-            state.status = match result {
-                JobResult::Output(_) => Status::Completed,
-                JobResult::Error(e) if e.code == 499 => Status::Cancelled,
-                JobResult::Error(_) => Status::Failed,
+            state.status = match result.outcome() {
+                Outcome::Completed => Status::Completed,
+                Outcome::Cancelled => Status::Cancelled,
+                Outcome::TimedOut => Status::TimedOut,
+                Outcome::Failed => Status::Failed,
             };
             state.result = Some(result.clone());
+            state.finished = Some(Instant::now());
         }
         self.0.changed.notify_waiters();
     }
@@ -106,6 +116,8 @@ pub struct LocalEndpoint {
     max_concurrency: usize,
     metrics: Arc<Metrics>,
     api_key: Option<Secret>,
+    /// Posts finished jobs to their `webhook`.
+    http: reqwest::Client,
 }
 
 impl LocalEndpoint {
@@ -124,6 +136,7 @@ impl LocalEndpoint {
             max_concurrency,
             metrics,
             api_key,
+            http: reqwest::Client::new(),
         })
     }
 
@@ -169,7 +182,12 @@ impl LocalEndpoint {
     }
 
     /// Registers a job and starts it (as soon as a slot is free).
-    fn submit(self: &Arc<Self>, input: Value, route: &str) -> Arc<LocalJob> {
+    fn submit(
+        self: &Arc<Self>,
+        input: Value,
+        extra: Map<String, Value>,
+        route: &str,
+    ) -> Arc<LocalJob> {
         let id = new_job_id();
         let permit = self.slots.clone().try_acquire_owned().ok();
         let (stop, stop_rx) = watch::channel(None);
@@ -184,6 +202,9 @@ impl LocalEndpoint {
                 stream: Vec::new(),
                 stream_cursor: 0,
                 result: None,
+                submitted: Instant::now(),
+                started: permit.is_some().then(Instant::now),
+                finished: None,
             }),
             changed: Notify::new(),
             stop,
@@ -195,17 +216,7 @@ impl LocalEndpoint {
         let route = route.to_string();
         tokio::spawn(async move {
             endpoint
-                .execute(
-                    record,
-                    Job {
-                        id,
-                        input,
-                        extra: Default::default(),
-                    },
-                    permit,
-                    stop_rx,
-                    &route,
-                )
+                .execute(record, Job { id, input, extra }, permit, stop_rx, &route)
                 .await;
         });
         job
@@ -234,13 +245,24 @@ impl LocalEndpoint {
                 .await;
             super::job::Outcome::Cancelled
         } else {
-            record.lock().status = Status::InProgress;
+            {
+                let mut state = record.lock();
+                state.status = Status::InProgress;
+                state.started.get_or_insert_with(Instant::now);
+            }
             self.update_load();
             run_job(&*self.handler, &job, &sink, stop_rx).await
         };
         drop(permit);
         self.metrics
             .record_request(route, outcome.as_str(), started.elapsed());
+        if let Some(url) = job.extra.get("webhook").and_then(Value::as_str) {
+            tokio::spawn(notify_webhook(
+                self.http.clone(),
+                url.to_string(),
+                describe(&record, true),
+            ));
+        }
         self.retire(&record.id);
         self.update_load();
     }
@@ -277,24 +299,39 @@ impl LocalEndpoint {
     }
 }
 
+/// RunPod's webhook: the finished job's status object, POSTed once (retried on failure).
+async fn notify_webhook(http: reqwest::Client, url: String, body: Value) {
+    for attempt in 1..=3u32 {
+        match http
+            .post(&url)
+            .timeout(Duration::from_secs(10))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => tracing::warn!(url, attempt, "webhook answered {}", r.status()),
+            Err(e) => tracing::warn!(url, attempt, "webhook failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+    }
+}
+
 fn new_job_id() -> String {
     format!("local-{:032x}", rand::random::<u128>())
 }
 
 /// The RunPod body `{"input": {...}}` (other fields, such as `webhook`, are accepted and ignored).
-fn job_input(body: &Bytes) -> Result<Value, Response> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    match value.get("input") {
-        Some(input) if !input.is_null() => Ok(input.clone()),
-        _ => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "the body must be {\"input\": {...}}",
-        )),
+/// The RunPod body `{"input": {...}, "policy": {...}, "webhook": "..."}`: the input and the rest.
+fn job_input(body: &Bytes) -> Result<(Value, Map<String, Value>), String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    let Value::Object(mut fields) = value else {
+        return Err("the body must be {\"input\": {...}}".to_string());
+    };
+    match fields.remove("input") {
+        Some(input) if !input.is_null() => Ok((input, fields)),
+        _ => Err("the body must be {\"input\": {...}}".to_string()),
     }
 }
 
@@ -305,6 +342,12 @@ fn error_response(status: StatusCode, message: &str) -> Response {
 fn describe(job: &LocalJob, with_output: bool) -> Value {
     let state = job.lock();
     let mut body = json!({"id": job.id, "status": state.status.as_str()});
+    if let Some(started) = state.started {
+        body["delayTime"] = json!(started.duration_since(state.submitted).as_millis() as u64);
+        if let Some(finished) = state.finished {
+            body["executionTime"] = json!(finished.duration_since(started).as_millis() as u64);
+        }
+    }
     match &state.result {
         Some(JobResult::Output(pieces)) if with_output => body["output"] = json!(pieces),
         Some(JobResult::Error(e)) => body["error"] = json!(e.to_result_text()),
@@ -337,21 +380,38 @@ async fn authorize(
 }
 
 async fn run(State(endpoint): State<Arc<LocalEndpoint>>, body: Bytes) -> Response {
-    let input = match job_input(&body) {
+    let (input, extra) = match job_input(&body) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
     };
-    let job = endpoint.submit(input, "/run");
+    let job = endpoint.submit(input, extra, "/run");
     Json(describe(&job, false)).into_response()
 }
 
-async fn runsync(State(endpoint): State<Arc<LocalEndpoint>>, body: Bytes) -> Response {
-    let input = match job_input(&body) {
+#[derive(Debug, serde::Deserialize)]
+struct WaitQuery {
+    /// Milliseconds `/runsync` waits before answering with the job's current status.
+    wait: Option<u64>,
+}
+
+/// RunPod's `/runsync` waits up to 90 s by default before handing back an id to poll.
+const RUNSYNC_WAIT: Duration = Duration::from_secs(90);
+
+async fn runsync(
+    State(endpoint): State<Arc<LocalEndpoint>>,
+    Query(query): Query<WaitQuery>,
+    body: Bytes,
+) -> Response {
+    let (input, extra) = match job_input(&body) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
     };
-    let job = endpoint.submit(input, "/runsync");
-    wait_final(&job).await;
+    let job = endpoint.submit(input, extra, "/runsync");
+    let wait = query
+        .wait
+        .map(Duration::from_millis)
+        .unwrap_or(RUNSYNC_WAIT);
+    let _ = tokio::time::timeout(wait, wait_final(&job)).await;
     Json(describe(&job, true)).into_response()
 }
 
@@ -486,9 +546,12 @@ async fn openai_job(
     if method == Method::Get {
         input["method"] = json!("GET");
     }
-    let job = endpoint.submit(input, route);
+    let job = endpoint.submit(input, Map::new(), route);
+    // A client that hangs up cancels its request, so it stops using the engine.
+    let guard = CancelOnDrop(job.clone());
     if !streamed {
         wait_final(&job).await;
+        drop(guard);
         let state = job.lock();
         return match &state.result {
             Some(JobResult::Output(pieces)) => match pieces.first() {
@@ -501,6 +564,7 @@ async fn openai_job(
     }
     // Streamed: relay the raw SSE pieces as they are posted.
     let events = async_stream::stream! {
+        let _guard = guard;
         let mut sent = 0;
         loop {
             let changed = job.changed.notified();
@@ -532,6 +596,17 @@ async fn openai_job(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(events.boxed()))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Cancels a job that is still running when the HTTP request holding this is dropped.
+struct CancelOnDrop(Arc<LocalJob>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.0.lock().status.is_final() {
+            let _ = self.0.stop.send(Some(StopReason::Cancelled));
+        }
+    }
 }
 
 /// A streamed OpenAI piece as SSE text: raw pieces already are; object lists are rendered.

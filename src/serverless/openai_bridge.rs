@@ -7,8 +7,11 @@ use serde_json::Value;
 
 use super::handler::EngineHandler;
 use super::job::{JobError, PieceStream};
+use super::metrics::Metrics;
 use super::routing::Method;
 use super::stream_batch::BatchPolicy;
+use crate::api::openai::{self, OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::engine::template::RenderOptions;
 use crate::engine::{Engine, EngineError};
 
 /// One streamed chunk of the OpenAI front door: an object, or the end marker.
@@ -28,24 +31,86 @@ impl Chunk {
 }
 
 pub fn pieces(
-    _handler: &EngineHandler,
+    handler: &EngineHandler,
     _job_id: &str,
     route: &str,
-    _method: Method,
-    _body: Option<Value>,
+    method: Method,
+    body: Option<Value>,
 ) -> PieceStream {
-    let e = JobError {
-        message: format!("`{route}` is not available in this build yet"),
-        kind: "NotImplementedError".into(),
-        code: 501,
+    let engine = handler.engine().clone();
+    let settings = OpenAiSettings {
+        served_model_name: engine.info().served_model_name.clone(),
+        response_role: handler.settings().response_role.clone(),
     };
-    futures::stream::once(async move { Err(e) }).boxed()
+    let raw = handler.settings().raw_openai_output;
+    let policy = handler.settings().batch_defaults;
+    let method = match method {
+        Method::Get => axum::http::Method::GET,
+        Method::Post => axum::http::Method::POST,
+    };
+    let route = route.to_string();
+    let metrics = handler.metrics().clone();
+    async_stream::stream! {
+        match openai::handle(&engine, &settings, &route, method, body).await {
+            OpenAiResponse::Json { status, body } if status < 400 => {
+                record_usage(&metrics, &body);
+                yield Ok(body)
+            }
+            OpenAiResponse::Json { status, body } => yield Err(job_error(status, &body)),
+            OpenAiResponse::Stream(events) => {
+                let metrics = metrics.clone();
+                let chunks = events.map(move |event| match event {
+                    StreamEvent::Data(v) => {
+                        record_usage(&metrics, &v);
+                        Ok(Chunk::Data(v))
+                    }
+                    StreamEvent::Done => Ok(Chunk::Done),
+                    StreamEvent::Error(e) => Err(job_error(e.status, &e.body())),
+                });
+                let mut posts = batch_chunks(chunks, raw, policy);
+                while let Some(post) = posts.next().await {
+                    yield post;
+                }
+            }
+        }
+    }
+    .boxed()
 }
 
-pub fn render_chat(_engine: &Engine, _messages: &[Value]) -> Result<String, EngineError> {
-    Err(EngineError::Unsupported(
-        "chat templates are not available in this build yet".into(),
-    ))
+/// Counts the tokens of a response (or of the usage chunk of a stream) in the metrics.
+fn record_usage(metrics: &Metrics, body: &Value) {
+    let usage = &body["usage"];
+    if let (Some(prompt), Some(completion)) = (
+        usage["prompt_tokens"].as_u64(),
+        usage["completion_tokens"].as_u64(),
+    ) {
+        metrics.record_generation(prompt as usize, completion as usize, None);
+    }
+}
+
+/// An OpenAI error body (`{"error": {message, type, code}}`) as the job's error.
+fn job_error(status: u16, body: &Value) -> JobError {
+    let error = &body["error"];
+    JobError {
+        message: error["message"]
+            .as_str()
+            .unwrap_or("request failed")
+            .to_string(),
+        kind: error["type"]
+            .as_str()
+            .unwrap_or("InternalServerError")
+            .to_string(),
+        code: status,
+    }
+}
+
+pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
+    let template = engine.chat_template().ok_or(EngineError::NoChatTemplate)?;
+    let options = RenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    template.render(messages, &options)
 }
 
 /// Groups chunks into posts of 1, 3, 9, ... chunks (worker-vllm counts each SSE event, `[DONE]`

@@ -40,6 +40,11 @@ pub struct Timings {
     pub retry_base: Duration,
     /// Retries after the first attempt.
     pub retries: usize,
+    /// The pause after a job-take answered 429.
+    pub too_many_requests: Duration,
+    /// The first pause after a failed job-take; it doubles up to `error_backoff_max`.
+    pub error_backoff: Duration,
+    pub error_backoff_max: Duration,
 }
 
 impl Timings {
@@ -50,6 +55,9 @@ impl Timings {
             ping_interval,
             retry_base: Duration::from_millis(500),
             retries: 3,
+            too_many_requests: Duration::from_secs(5),
+            error_backoff: Duration::from_secs(1),
+            error_backoff_max: Duration::from_secs(10),
         }
     }
 }

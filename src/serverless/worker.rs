@@ -79,7 +79,8 @@ impl Worker {
             background.spawn(stop_listener(self.client.clone(), self.running.clone()));
         }
         tokio::pin!(shutdown);
-        let mut error_backoff = Duration::from_secs(1);
+        let timings = self.client.timings().clone();
+        let mut error_backoff = timings.error_backoff;
         loop {
             // Reap finished jobs so the set does not grow without bound.
             while jobs.try_join_next().is_some() {}
@@ -105,7 +106,7 @@ impl Worker {
             };
             match taken {
                 Ok(TakeOutcome::Jobs(taken_jobs)) => {
-                    error_backoff = Duration::from_secs(1);
+                    error_backoff = timings.error_backoff;
                     if taken_jobs.len() > permits.len() {
                         tracing::warn!(
                             "the queue handed out {} jobs for {} free slots; running them all",
@@ -142,14 +143,17 @@ impl Worker {
                 }
                 Ok(TakeOutcome::TooManyRequests) => {
                     drop(permits);
-                    tracing::warn!("job-take answered 429; backing off 5 s");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tracing::warn!(
+                        "job-take answered 429; backing off {:?}",
+                        timings.too_many_requests
+                    );
+                    tokio::time::sleep(timings.too_many_requests).await;
                 }
                 Err(e) => {
                     drop(permits);
                     tracing::error!("{e}; retrying in {error_backoff:?}");
                     tokio::time::sleep(error_backoff).await;
-                    error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
+                    error_backoff = (error_backoff * 2).min(timings.error_backoff_max);
                 }
             }
         }

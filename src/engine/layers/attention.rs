@@ -1,218 +1,350 @@
-//! Multi-head attention over the paged KV cache for a packed, ragged batch: each sequence's new tokens
-//! attend causally to its cached context and to each other. GQA, sliding windows, logit soft-capping.
+//! The one attention every architecture uses: a packed ragged batch over the paged KV cache. Each
+//! sequence attends causally to its cached context plus its own new tokens; grouped-query heads,
+//! optional sliding window, logit soft-capping and scale override are parameters.
 //!
-//! Two kernels compute the same thing: candle's fused variable-length CPU flash attention (one call per
-//! layer for the whole batch) and a per-sequence matmul/softmax loop that runs on any device and also
-//! covers soft-capping. Tests hold them equal.
+//! Two interchangeable paths: a per-sequence loop of matmul/softmax (any device, any dtype) and candle's
+//! packed CPU flash attention (`flash_attn_varlen_cpu`). Tests hold them to the same results.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 
-use super::batch::BatchLayout;
-use super::linear::Linear;
-use super::norm::Norm;
-use super::rope::Rope;
-use crate::engine::kv_cache::KvCache;
+use crate::engine::kv_cache::{Gather, KvCache, SlotRun};
+use crate::engine::models::{ForwardBatch, LogitsWanted};
 
-#[derive(Debug, Clone)]
-pub struct AttentionConfig {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub scale: f64,
-    /// Gemma 2: `tanh(score / cap) * cap` before the softmax.
-    pub softcap: Option<f64>,
-    /// Keys further back than this many positions are not attended to.
-    pub sliding_window: Option<usize>,
-}
-
-pub enum QkvProj {
-    Separate {
-        q: Linear,
-        k: Linear,
-        v: Linear,
-    },
-    /// One weight, q then k then v (Phi-3, GPT-2).
-    Fused(Linear),
-}
-
-pub struct Attention {
-    pub qkv: QkvProj,
-    pub o: Linear,
-    /// Per-head RMSNorm of queries and keys (Qwen 3).
-    pub q_norm: Option<Norm>,
-    pub k_norm: Option<Norm>,
-    pub cfg: AttentionConfig,
-}
-
-/// Which kernel to use; `Auto` picks the fused one where it applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionKernel {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionImpl {
+    /// The varlen CPU kernel where it applies (CPU, f32/f16, no soft-capping), else the loop.
+    #[default]
     Auto,
+    /// Always the per-sequence loop.
     Loop,
 }
 
-impl Attention {
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut v = match &mut self.qkv {
-            QkvProj::Separate { q, k, v } => vec![q, k, v],
-            QkvProj::Fused(l) => vec![l],
-        };
-        v.push(&mut self.o);
-        v
-    }
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·k (usually `1/sqrt(head_dim)`).
+    pub scale: f64,
+    /// `cap * tanh(scores / cap)` before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+    /// Keys further back than this many positions (the query's own included) are masked.
+    pub sliding_window: Option<usize>,
+}
 
-    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let c = &self.cfg;
-        let n = x.dim(0)?;
-        let (q, k, v) = match &self.qkv {
-            QkvProj::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
-            QkvProj::Fused(l) => {
-                let qkv = l.forward(x)?;
-                let (qs, kvs) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-                (
-                    qkv.narrow(1, 0, qs)?,
-                    qkv.narrow(1, qs, kvs)?,
-                    qkv.narrow(1, qs + kvs, kvs)?,
+/// One sequence's place in the packed batch.
+#[derive(Debug, Clone)]
+pub struct SeqPlan {
+    pub token_start: usize,
+    pub num_new: usize,
+    pub context_len: usize,
+    pub gather: Gather,
+    /// Additive causal mask `[num_new, context_len + num_new]`, `None` where nothing is masked (decode).
+    mask_full: Option<Tensor>,
+    mask_window: Option<Tensor>,
+}
+
+/// Everything about a batch that every layer shares, computed once per forward.
+#[derive(Debug, Clone)]
+pub struct BatchPlan {
+    pub positions: Tensor,
+    pub runs: Vec<SlotRun>,
+    pub seqs: Vec<SeqPlan>,
+    /// Rows of the packed batch whose logits are wanted, in batch order (u32), and how many.
+    pub rows: Tensor,
+    pub num_rows: usize,
+    pub num_tokens: usize,
+    window: Option<usize>,
+    seqlens: Option<(Tensor, Tensor)>,
+    imp: AttentionImpl,
+}
+
+impl BatchPlan {
+    /// Checks the batch against the cache and lays it out. `window` is the model's sliding window, if
+    /// any layer has one; `max_positions` the longest position the model handles.
+    pub fn new(
+        batch: &ForwardBatch,
+        cache: &KvCache,
+        window: Option<usize>,
+        max_positions: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let bs = cache.block_size();
+        let total: usize = batch.seqs.iter().map(|s| s.num_new).sum();
+        if total != batch.tokens.len() {
+            bail!(
+                "batch has {} tokens but its sequences claim {total}",
+                batch.tokens.len()
+            )
+        }
+        let mut positions = Vec::with_capacity(total);
+        let mut runs = Vec::new();
+        let mut seqs = Vec::with_capacity(batch.seqs.len());
+        let mut rows = Vec::new();
+        let mut token_start = 0;
+        for (i, s) in batch.seqs.iter().enumerate() {
+            let len = s.context_len + s.num_new;
+            if s.num_new == 0 {
+                bail!("sequence {i} of the batch has no new tokens")
+            }
+            if len > max_positions {
+                bail!("sequence {i} reaches position {len}, beyond the model's {max_positions}")
+            }
+            if s.block_table.len() * bs < len {
+                bail!(
+                    "sequence {i}: {} blocks cannot hold {len} tokens",
+                    s.block_table.len()
                 )
             }
-        };
-        Ok((
-            q.reshape((n, c.num_heads, c.head_dim))?,
-            k.reshape((n, c.num_kv_heads, c.head_dim))?,
-            v.reshape((n, c.num_kv_heads, c.head_dim))?,
-        ))
+            if let Some(b) = s
+                .block_table
+                .iter()
+                .take(len.div_ceil(bs))
+                .find(|b| **b as usize >= cache.num_blocks())
+            {
+                bail!(
+                    "sequence {i}: block {b} outside a cache of {} blocks",
+                    cache.num_blocks()
+                )
+            }
+            let slot = |pos: usize| s.block_table[pos / bs] as usize * bs + pos % bs;
+            let mut pos = s.context_len;
+            while pos < len {
+                let run = (bs - pos % bs).min(len - pos);
+                runs.push(SlotRun {
+                    token_start: token_start + pos - s.context_len,
+                    slot_start: slot(pos),
+                    len: run,
+                });
+                pos += run;
+            }
+            positions.extend((s.context_len..len).map(|p| p as u32));
+            let first = slot(0);
+            let consecutive =
+                (0..len.div_ceil(bs)).all(|b| s.block_table[b] as usize == first / bs + b);
+            let gather = if consecutive {
+                Gather::Range { start: first, len }
+            } else {
+                let slots: Vec<u32> = (0..len).map(|p| slot(p) as u32).collect();
+                Gather::Slots(Tensor::new(slots, device)?)
+            };
+            let mask_full = causal_mask(s.context_len, s.num_new, None, device, dtype)?;
+            let mask_window = match window {
+                Some(w) => causal_mask(s.context_len, s.num_new, Some(w), device, dtype)?,
+                None => None,
+            };
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => rows.push((token_start + s.num_new - 1) as u32),
+                LogitsWanted::All => {
+                    rows.extend((token_start..token_start + s.num_new).map(|r| r as u32))
+                }
+            }
+            seqs.push(SeqPlan {
+                token_start,
+                num_new: s.num_new,
+                context_len: s.context_len,
+                gather,
+                mask_full,
+                mask_window,
+            });
+            token_start += s.num_new;
+        }
+        let num_rows = rows.len();
+        Ok(Self {
+            positions: Tensor::new(positions, device)?,
+            runs,
+            seqs,
+            rows: Tensor::new(rows, device)?,
+            num_rows,
+            num_tokens: total,
+            window,
+            seqlens: None,
+            imp: AttentionImpl::Auto,
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        layout: &BatchLayout,
-        rope: Option<(&Rope, &Tensor, &Tensor)>,
-        cache: &KvCache,
+    /// Chooses the attention path (tests compare them).
+    pub fn with_impl(mut self, imp: AttentionImpl) -> Self {
+        self.imp = imp;
+        self
+    }
+
+    /// The rows of `x` `[tokens, ..]` whose logits are wanted.
+    pub fn select_rows(&self, x: &Tensor) -> Result<Tensor> {
+        if self.num_rows == self.num_tokens {
+            return Ok(x.clone());
+        }
+        x.index_select(&self.rows, 0)
+    }
+
+    /// Writes this layer's new keys/values into the cache, then attends. `q` `[tokens, heads, head_dim]`,
+    /// `k`/`v` `[tokens, kv_heads, head_dim]`; returns `[tokens, heads * head_dim]`.
+    pub fn attend(
+        &mut self,
         layer: usize,
-        kernel: AttentionKernel,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        p: &AttentionParams,
     ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let n = x.dim(0)?;
-        let (mut q, mut k, v) = self.project(x)?;
-        if let Some(norm) = &self.q_norm {
-            q = norm.forward(&q)?;
+        if p.sliding_window.is_some() && p.sliding_window != self.window {
+            bail!(
+                "attention window {:?} differs from the batch plan's {:?}",
+                p.sliding_window,
+                self.window
+            )
         }
-        if let Some(norm) = &self.k_norm {
-            k = norm.forward(&k)?;
-        }
-        if let Some((rope, cos, sin)) = rope {
-            q = rope.apply(&q, cos, sin)?;
-            k = rope.apply(&k, cos, sin)?;
-        }
-        let kv_row = c.num_kv_heads * c.head_dim;
-        cache.write(
-            layer,
-            &layout.write_index,
-            &k.reshape((n, kv_row))?,
-            &v.reshape((n, kv_row))?,
-        )?;
-        let (ck, cv) = cache.gather(layer, &layout.gather_slots)?;
-        let total = ck.dim(0)?;
-        let ck = ck.reshape((total, c.num_kv_heads, c.head_dim))?;
-        let cv = cv.reshape((total, c.num_kv_heads, c.head_dim))?;
-        let q = q.contiguous()?;
-        let out = if kernel == AttentionKernel::Auto && self.fused_applies(&q) {
-            self.fused(&q, &ck, &cv, layout)?
+        cache.write(layer, k, v, &self.runs)?;
+        if self.varlen_applies(q, p) {
+            self.attend_varlen(layer, q, cache, p)
         } else {
-            self.looped(&q, &ck, &cv, layout)?
-        };
-        self.o.forward(&out.reshape((n, c.num_heads * c.head_dim))?)
+            self.attend_loop(layer, q, cache, p)
+        }
     }
 
-    fn fused_applies(&self, q: &Tensor) -> bool {
-        self.cfg.softcap.is_none()
-            && matches!(q.device(), Device::Cpu)
+    fn varlen_applies(&self, q: &Tensor, p: &AttentionParams) -> bool {
+        self.imp == AttentionImpl::Auto
+            && q.device().is_cpu()
             && matches!(q.dtype(), DType::F32 | DType::F16)
+            && p.softcap.is_none()
+            // one decode token gains nothing from the fused kernel over two small matmuls
+            && self.num_tokens > self.seqs.len()
     }
 
-    fn fused(&self, q: &Tensor, k: &Tensor, v: &Tensor, layout: &BatchLayout) -> Result<Tensor> {
-        let dev = q.device();
-        let lens =
-            |l: &[usize]| Tensor::from_vec(l.iter().map(|&x| x as u32).collect(), l.len(), dev);
-        let max_q = layout.seqlens_q.iter().copied().max().unwrap_or(0);
-        let max_k = layout.seqlens_k.iter().copied().max().unwrap_or(0);
-        candle_nn::attention::flash_attn_varlen_cpu(
-            q,
-            &k.contiguous()?,
-            &v.contiguous()?,
-            None,
-            &lens(&layout.seqlens_q)?,
-            &lens(&layout.seqlens_k)?,
-            max_q,
-            max_k,
-            self.cfg.scale as f32,
-            true,
-            self.cfg.sliding_window.map(|w| w.saturating_sub(1)),
-            None,
-        )
-    }
-
-    fn looped(&self, q: &Tensor, k: &Tensor, v: &Tensor, layout: &BatchLayout) -> Result<Tensor> {
-        let mut outs = Vec::with_capacity(layout.seqlens_q.len());
-        let (mut q_off, mut k_off) = (0, 0);
-        for (&lq, &lk) in layout.seqlens_q.iter().zip(&layout.seqlens_k) {
-            let qi = q.narrow(0, q_off, lq)?;
-            let ki = k.narrow(0, k_off, lk)?;
-            let vi = v.narrow(0, k_off, lk)?;
-            outs.push(self.one_sequence(&qi, &ki, &vi)?);
-            q_off += lq;
-            k_off += lk;
+    fn attend_loop(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        cache: &KvCache,
+        p: &AttentionParams,
+    ) -> Result<Tensor> {
+        let (h, kvh, d) = (p.num_heads, p.num_kv_heads, p.head_dim);
+        let g = h / kvh;
+        let mut outs = Vec::with_capacity(self.seqs.len());
+        for s in &self.seqs {
+            let n = s.num_new;
+            let l = s.context_len + n;
+            let (k, v) = cache.gather(layer, &s.gather)?;
+            // [n, kvh*g, d] -> [kvh, g*n, d]: the heads sharing one kv head become rows of one matmul
+            let qs = q
+                .narrow(0, s.token_start, n)?
+                .reshape((n, kvh, g, d))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?
+                .reshape((kvh, g * n, d))?;
+            let mut scores = (qs.matmul(&k.t()?)? * p.scale)?;
+            if scores.dtype() != DType::F32 {
+                scores = scores.to_dtype(DType::F32)?;
+            }
+            if let Some(cap) = p.softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let mask = if p.sliding_window.is_some() {
+                &s.mask_window
+            } else {
+                &s.mask_full
+            };
+            if let Some(m) = mask {
+                scores = scores
+                    .reshape((kvh, g, n, l))?
+                    .broadcast_add(&m.to_dtype(DType::F32)?)?
+                    .reshape((kvh, g * n, l))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            let o = probs.matmul(&v.contiguous()?)?; // [kvh, g*n, d]
+            outs.push(
+                o.reshape((kvh, g, n, d))?
+                    .permute((2, 0, 1, 3))?
+                    .reshape((n, h * d))?,
+            );
+        }
+        if outs.len() == 1 {
+            return outs
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("empty batch".into()));
         }
         Tensor::cat(&outs, 0)
     }
 
-    /// `q`: `[lq, H, D]` (the last `lq` positions of the `lk`-long context), `k`/`v`: `[lk, KVH, D]`.
-    fn one_sequence(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (lq, lk) = (q.dim(0)?, k.dim(0)?);
-        let rep = c.num_heads / c.num_kv_heads;
-        // Group query heads by their kv head so one batched matmul serves GQA without copying keys.
-        let qg =
-            q.transpose(0, 1)?
-                .contiguous()?
-                .reshape((c.num_kv_heads, rep * lq, c.head_dim))?;
-        let kt = k.transpose(0, 1)?.contiguous()?;
-        let vt = v.transpose(0, 1)?.contiguous()?;
-        let mut scores = (qg.matmul(&kt.t()?)? * c.scale)?;
-        if let Some(cap) = c.softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
+    fn attend_varlen(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        cache: &KvCache,
+        p: &AttentionParams,
+    ) -> Result<Tensor> {
+        let (t, h, d) = q.dims3()?;
+        let mut ks = Vec::with_capacity(self.seqs.len());
+        let mut vs = Vec::with_capacity(self.seqs.len());
+        for s in &self.seqs {
+            let (k, v) = cache.gather(layer, &s.gather)?;
+            ks.push(k.transpose(0, 1)?);
+            vs.push(v.transpose(0, 1)?);
         }
-        let scores = scores
-            .reshape((c.num_heads, lq, lk))?
-            .broadcast_add(&self.mask(lq, lk, q.device(), scores.dtype())?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(vt.dtype())?;
-        let out = probs
-            .reshape((c.num_kv_heads, rep * lq, lk))?
-            .matmul(&vt)?
-            .reshape((c.num_heads, lq, c.head_dim))?;
-        out.transpose(0, 1)
+        let k = Tensor::cat(&ks, 0)?.contiguous()?;
+        let v = Tensor::cat(&vs, 0)?.contiguous()?;
+        if self.seqlens.is_none() {
+            let lq: Vec<u32> = self.seqs.iter().map(|s| s.num_new as u32).collect();
+            let lk: Vec<u32> = self
+                .seqs
+                .iter()
+                .map(|s| (s.context_len + s.num_new) as u32)
+                .collect();
+            self.seqlens = Some((Tensor::new(lq, q.device())?, Tensor::new(lk, q.device())?));
+        }
+        let Some((lq, lk)) = &self.seqlens else {
+            bail!("sequence lengths missing")
+        };
+        let max_q = self.seqs.iter().map(|s| s.num_new).max().unwrap_or(0);
+        let max_k = self
+            .seqs
+            .iter()
+            .map(|s| s.context_len + s.num_new)
+            .max()
+            .unwrap_or(0);
+        let out = candle_nn::attention::flash_attn_varlen_cpu(
+            &q.contiguous()?,
+            &k,
+            &v,
+            None,
+            lq,
+            lk,
+            max_q,
+            max_k,
+            p.scale as f32,
+            true,
+            p.sliding_window.map(|w| w.saturating_sub(1)),
+            None,
+        )?;
+        out.reshape((t, h * d))
     }
+}
 
-    fn mask(&self, lq: usize, lk: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-        let offset = lk - lq;
-        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
-        let mask: Vec<f32> = (0..lq)
-            .flat_map(|i| {
-                let pos = offset + i;
-                (0..lk).map(move |j| {
-                    if j > pos || pos - j >= window {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        Tensor::from_vec(mask, (lq, lk), device)?
-            .to_dtype(dtype)?
-            .unsqueeze(0)
+/// Additive mask for `n` new tokens after `ctx` cached ones: query `i` (position `ctx+i`) sees keys
+/// `j <= ctx+i` and, with a window `w`, `j > ctx+i-w`. `None` when nothing would be masked.
+fn causal_mask(
+    ctx: usize,
+    n: usize,
+    window: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let l = ctx + n;
+    let masked = |i: usize, j: usize| j > ctx + i || window.is_some_and(|w| j + w <= ctx + i);
+    if !(0..n).any(|i| (0..l).any(|j| masked(i, j))) {
+        return Ok(None);
     }
+    let mut m = Vec::with_capacity(n * l);
+    for i in 0..n {
+        m.extend((0..l).map(|j| if masked(i, j) { f32::NEG_INFINITY } else { 0.0 }));
+    }
+    Ok(Some(Tensor::from_vec(m, (n, l), device)?.to_dtype(dtype)?))
+}
+
+/// `cap * tanh(x / cap)`.
+pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }

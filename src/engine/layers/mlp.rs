@@ -1,82 +1,109 @@
-//! Feed-forward blocks: gated (SwiGLU / GeGLU, separate or fused gate+up) and plain two-layer MLPs.
+//! Feed-forward blocks: gated (SwiGLU / GeGLU, with gate and up fused into one matmul) and plain
+//! two-layer (GPT-2).
 
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::linear::Linear;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     Silu,
+    /// GeLU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
+    /// GeLU, exact.
     Gelu,
+    Relu,
 }
 
 impl Activation {
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "silu" | "swish" => Some(Self::Silu),
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
-            "gelu" => Some(Self::Gelu),
-            _ => None,
-        }
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Self::Silu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_tanh" => Self::GeluTanh,
+            "gelu" => Self::Gelu,
+            "relu" => Self::Relu,
+            other => bail!("unsupported activation function `{other}`"),
+        })
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Silu => candle_nn::ops::silu(x),
+            Self::Silu => x.silu(),
             Self::GeluTanh => x.gelu(),
             Self::Gelu => x.gelu_erf(),
+            Self::Relu => x.relu(),
         }
     }
 }
 
-pub enum Mlp {
-    Gated {
-        gate: Linear,
-        up: Linear,
-        down: Linear,
+/// `down(act(gate(x)) * up(x))`, gate and up computed by one fused matmul.
+#[derive(Debug, Clone)]
+pub struct GatedMlp {
+    gate_up: Linear,
+    down: Linear,
+    intermediate: usize,
+    act: Activation,
+}
+
+impl GatedMlp {
+    /// Separate `gate_proj` and `up_proj` weights (Llama, Qwen, Mistral, Gemma).
+    pub fn load(
+        vb: &VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        bias: bool,
         act: Activation,
-    },
-    /// Gate and up projections in one weight, gate first (Phi-3).
-    FusedGated {
-        gate_up: Linear,
-        down: Linear,
+    ) -> Result<Self> {
+        let gate = Linear::load(&vb.pp("gate_proj"), hidden, intermediate, bias)?;
+        let up = Linear::load(&vb.pp("up_proj"), hidden, intermediate, bias)?;
+        Ok(Self {
+            gate_up: Linear::fuse(&[gate, up])?,
+            down: Linear::load(&vb.pp("down_proj"), intermediate, hidden, bias)?,
+            intermediate,
+            act,
+        })
+    }
+
+    /// One `gate_up_proj` weight, gate rows first (Phi-3).
+    pub fn load_fused(
+        vb: &VarBuilder,
+        hidden: usize,
+        intermediate: usize,
         act: Activation,
-    },
-    Plain {
-        fc: Linear,
-        proj: Linear,
-        act: Activation,
-    },
+    ) -> Result<Self> {
+        Ok(Self {
+            gate_up: Linear::load(&vb.pp("gate_up_proj"), hidden, 2 * intermediate, false)?,
+            down: Linear::load(&vb.pp("down_proj"), intermediate, hidden, false)?,
+            intermediate,
+            act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = self.gate_up.forward(x)?;
+        let gate = gu.narrow(1, 0, self.intermediate)?;
+        let up = gu.narrow(1, self.intermediate, self.intermediate)?;
+        let h = (self.act.apply(&gate)? * up)?;
+        self.down.forward(&h)
+    }
+}
+
+/// `proj(act(fc(x)))` (GPT-2).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    fc: Linear,
+    proj: Linear,
+    act: Activation,
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Gated {
-                gate,
-                up,
-                down,
-                act,
-            } => {
-                let h = (act.apply(&gate.forward(x)?)? * up.forward(x)?)?;
-                down.forward(&h)
-            }
-            Self::FusedGated { gate_up, down, act } => {
-                let gu = gate_up.forward(x)?;
-                let half = gu.dim(1)? / 2;
-                let h = (act.apply(&gu.narrow(1, 0, half)?)? * gu.narrow(1, half, half)?)?;
-                down.forward(&h)
-            }
-            Self::Plain { fc, proj, act } => proj.forward(&act.apply(&fc.forward(x)?)?),
-        }
+    pub fn new(fc: Linear, proj: Linear, act: Activation) -> Self {
+        Self { fc, proj, act }
     }
 
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        match self {
-            Self::Gated { gate, up, down, .. } => vec![gate, up, down],
-            Self::FusedGated { gate_up, down, .. } => vec![gate_up, down],
-            Self::Plain { fc, proj, .. } => vec![fc, proj],
-        }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.act.apply(&self.fc.forward(x)?)?;
+        self.proj.forward(&h)
     }
 }

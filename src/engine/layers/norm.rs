@@ -1,7 +1,10 @@
-//! Normalisations: RMSNorm (Gemma's `1 + w` variant folded in at load) and LayerNorm.
+//! Normalisations: RMSNorm (Gemma's `(1 + w)` variant folds the 1 into the weight at load) and
+//! LayerNorm.
 
 use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
+#[derive(Debug, Clone)]
 pub enum Norm {
     Rms {
         weight: Tensor,
@@ -15,32 +18,35 @@ pub enum Norm {
 }
 
 impl Norm {
-    pub fn rms(weight: Tensor, eps: f64) -> Self {
-        Self::Rms {
-            weight,
+    pub fn rms(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self::Rms {
+            weight: vb.get(size, "weight")?,
             eps: eps as f32,
-        }
+        })
     }
 
-    /// Gemma stores `w` and scales by `1 + w`.
-    pub fn rms_plus_one(weight: Tensor, eps: f64) -> Result<Self> {
-        Ok(Self::rms((weight + 1.0)?, eps))
-    }
-
-    pub fn layer(weight: Tensor, bias: Tensor, eps: f64) -> Self {
-        Self::Layer {
-            weight,
-            bias,
+    /// Gemma's RMSNorm, which scales by `1 + weight`.
+    pub fn rms_plus_one(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self::Rms {
+            weight: (vb.get(size, "weight")? + 1.0)?,
             eps: eps as f32,
-        }
+        })
     }
 
+    pub fn layer(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self::Layer {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
         match self {
-            Self::Rms { weight, eps } => candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps),
-            Self::Layer { weight, bias, eps } => {
-                candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps)
-            }
+            Self::Rms { weight, eps } => candle_nn::ops::rms_norm(&x, weight, *eps),
+            Self::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(&x, weight, bias, *eps),
         }
     }
 }

@@ -1,7 +1,8 @@
-//! Rotary position embeddings (the "rotate half" layout of Hugging Face checkpoints), with the scaling
-//! schemes of the supported checkpoints. Tables are computed once at load, indexed per token.
+//! Rotary position embeddings (the non-interleaved "rotate half" form every HF checkpoint here uses),
+//! with cos/sin tables computed once at load and looked up per token.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
+use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -19,113 +20,242 @@ pub enum RopeScaling {
     },
 }
 
-impl RopeScaling {
-    /// Reads `rope_scaling` / `rope_parameters` (both layouts); `None` or `default` = no scaling.
-    pub fn from_config(params: Option<&serde_json::Value>) -> std::result::Result<Self, String> {
-        let Some(p) = params.filter(|p| p.is_object()) else {
-            return Ok(Self::None);
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+    /// Fraction of each head's dimensions rotated (1.0 for all but a few models).
+    pub partial_rotary_factor: f64,
+}
+
+impl RopeConfig {
+    /// Reads both layouts found in the wild: `rope_theta` + `rope_scaling` at the top of config.json,
+    /// or a `rope_parameters` object (transformers 5) holding `rope_theta`, `rope_type` and its factors.
+    pub fn from_config(config: &Value, default_theta: f64) -> Result<Self> {
+        let params = config.get("rope_parameters").filter(|v| v.is_object());
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .or_else(|| config.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(default_theta);
+        let scaling_obj = params.or_else(|| config.get("rope_scaling").filter(|v| v.is_object()));
+        let scaling = match scaling_obj {
+            Some(s) => Self::parse_scaling(s, config)?,
+            None => RopeScaling::None,
         };
-        let kind = p
-            .get("rope_type")
-            .or_else(|| p.get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        let num = |key: &str, default: f64| p.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
-        match kind {
-            "default" => Ok(Self::None),
-            "linear" => Ok(Self::Linear {
-                factor: num("factor", 1.0),
-            }),
-            "llama3" => Ok(Self::Llama3 {
-                factor: num("factor", 8.0),
-                low_freq_factor: num("low_freq_factor", 1.0),
-                high_freq_factor: num("high_freq_factor", 4.0),
-                original_max_position_embeddings: num("original_max_position_embeddings", 8192.0),
-            }),
-            other => Err(format!(
-                "rope scaling type '{other}' is not supported (supported: default, linear, llama3)"
-            )),
-        }
+        let partial_rotary_factor = params
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .or_else(|| config.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+        Ok(Self {
+            theta,
+            scaling,
+            partial_rotary_factor,
+        })
     }
 
-    fn inv_freq(&self, base: f64, rot_dim: usize) -> Vec<f64> {
-        let raw = (0..rot_dim / 2).map(|i| 1.0 / base.powf(2.0 * i as f64 / rot_dim as f64));
-        match *self {
-            Self::None => raw.collect(),
-            Self::Linear { factor } => raw.map(|f| f / factor).collect(),
-            Self::Llama3 {
+    fn parse_scaling(s: &Value, config: &Value) -> Result<RopeScaling> {
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |key: &str| -> Result<f64> {
+            match s.get(key).and_then(Value::as_f64) {
+                Some(v) => Ok(v),
+                None => bail!("rope scaling `{kind}` lacks `{key}`"),
+            }
+        };
+        Ok(match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: num("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: s
+                    .get("original_max_position_embeddings")
+                    .or_else(|| config.get("original_max_position_embeddings"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(8192.0),
+            },
+            other => {
+                bail!("unsupported rope scaling `{other}` (supported: default, linear, llama3)")
+            }
+        })
+    }
+
+    /// Inverse frequencies for a rotary dimension of `dim`.
+    pub fn inv_freq(&self, dim: usize) -> Vec<f64> {
+        let base: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / dim as f64))
+            .collect();
+        match self.scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
-                original_max_position_embeddings: old_ctx,
+                original_max_position_embeddings: old,
             } => {
-                let low_wavelen = old_ctx / low_freq_factor;
-                let high_wavelen = old_ctx / high_freq_factor;
-                raw.map(|f| {
-                    let wavelen = 2.0 * std::f64::consts::PI / f;
-                    if wavelen < high_wavelen {
-                        f
-                    } else if wavelen > low_wavelen {
-                        f / factor
-                    } else {
-                        let smooth = (old_ctx / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
-                })
-                .collect()
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
             }
         }
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
-    rot_dim: usize,
+    rotary_dim: usize,
+    max_positions: usize,
 }
 
 impl Rope {
     pub fn new(
-        base: f64,
-        rot_dim: usize,
+        cfg: &RopeConfig,
+        head_dim: usize,
         max_positions: usize,
-        scaling: &RopeScaling,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let inv_freq = scaling.inv_freq(base, rot_dim);
-        let half = inv_freq.len();
-        let mut angles = Vec::with_capacity(max_positions * half);
-        for pos in 0..max_positions {
-            angles.extend(inv_freq.iter().map(|f| (pos as f64 * f) as f32));
+        let rotary_dim = ((head_dim as f64 * cfg.partial_rotary_factor).round() as usize) & !1;
+        if rotary_dim == 0 || rotary_dim > head_dim {
+            bail!("invalid rotary dimension {rotary_dim} for head_dim {head_dim}")
         }
-        let angles = Tensor::from_vec(angles, (max_positions, half), device)?;
+        let inv_freq: Vec<f32> = cfg.inv_freq(rotary_dim).iter().map(|f| *f as f32).collect();
+        let half = inv_freq.len();
+        // float32 like the reference, so positions far out round the same way
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
         Ok(Self {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
-            rot_dim,
+            cos,
+            sin,
+            rotary_dim,
+            max_positions,
         })
     }
 
-    /// The tables at each token's position (`positions`: u32 `[n]`), computed once per forward.
-    pub fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// The cos and sin rows of `positions` (u32 `[tokens]`), computed once per forward.
+    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
             self.cos.index_select(positions, 0)?,
             self.sin.index_select(positions, 0)?,
         ))
     }
 
-    /// `x`: `[n, heads, head_dim]`; `cos`/`sin` from `at`.
+    /// Rotates `x` `[tokens, heads, head_dim]` with the rows from [`Rope::tables`].
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let head_dim = x.dim(2)?;
-        if self.rot_dim == head_dim {
-            return candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?
-                .squeeze(0);
+        let (t, h, d) = x.dims3()?;
+        if self.rotary_dim == d {
+            let x = x.contiguous()?.reshape((1, t, h, d))?;
+            return candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.reshape((t, h, d));
         }
-        let rot = x.narrow(2, 0, self.rot_dim)?.unsqueeze(0)?.contiguous()?;
-        let rot = candle_nn::rotary_emb::rope_thd(&rot, cos, sin)?.squeeze(0)?;
-        let pass = x.narrow(2, self.rot_dim, head_dim - self.rot_dim)?;
-        Tensor::cat(&[&rot, &pass], 2)
+        let rot =
+            x.narrow(2, 0, self.rotary_dim)?
+                .contiguous()?
+                .reshape((1, t, h, self.rotary_dim))?;
+        let rot =
+            candle_nn::rotary_emb::rope_thd(&rot, cos, sin)?.reshape((t, h, self.rotary_dim))?;
+        let pass = x.narrow(2, self.rotary_dim, d - self.rotary_dim)?;
+        Tensor::cat(&[rot, pass], 2)?.contiguous()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_top_level_and_rope_parameters_layouts_alike() -> Result<()> {
+        let old = json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}});
+        let new = json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}});
+        let a = RopeConfig::from_config(&old, 10000.0)?;
+        assert_eq!(a, RopeConfig::from_config(&new, 10000.0)?);
+        assert_eq!(a.theta, 500000.0);
+        assert!(matches!(a.scaling, RopeScaling::Llama3 { factor, .. } if factor == 32.0));
+        let plain = RopeConfig::from_config(
+            &json!({"rope_parameters": {"rope_theta": 7.0, "rope_type": "default"}}),
+            1.0,
+        )?;
+        assert_eq!(plain.theta, 7.0);
+        assert_eq!(plain.scaling, RopeScaling::None);
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() -> Result<()> {
+        let cfg = RopeConfig::from_config(
+            &json!({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
+            1.0,
+        )?;
+        let plain = RopeConfig {
+            scaling: RopeScaling::None,
+            ..cfg.clone()
+        };
+        let (s, p) = (cfg.inv_freq(128), plain.inv_freq(128));
+        assert_eq!(s[0], p[0]);
+        assert!((s[63] - p[63] / 8.0).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_scaling_is_an_error_naming_it() {
+        let err = RopeConfig::from_config(
+            &json!({"rope_scaling": {"type": "yarn", "factor": 4.0}}),
+            1.0,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("yarn"));
+    }
+
+    #[test]
+    fn position_zero_is_identity() -> Result<()> {
+        let cfg = RopeConfig::from_config(&json!({}), 10000.0)?;
+        let rope = Rope::new(&cfg, 4, 8, DType::F32, &Device::Cpu)?;
+        let x = Tensor::arange(1f32, 9., &Device::Cpu)?.reshape((1, 2, 4))?;
+        let (c, s) = rope.tables(&Tensor::new(&[0u32], &Device::Cpu)?)?;
+        assert_eq!(
+            rope.apply(&x, &c, &s)?.to_vec3::<f32>()?,
+            x.to_vec3::<f32>()?
+        );
+        Ok(())
     }
 }

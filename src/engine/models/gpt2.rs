@@ -1,70 +1,187 @@
-//! GPT-2: learned absolute positions, LayerNorm, fused `c_attn`, GeLU MLP, tied head. Its `Conv1D`
-//! weights are stored `[in, out]`; they are transposed once at load to the `[out, in]` of a Linear.
+//! GPT-2: learned absolute positions, LayerNorm, `Conv1D` weights stored `[in, out]`, fused `c_attn`,
+//! GeLU MLP, head tied to the token embeddings.
 
-use super::build;
-use super::config::HfConfig;
-use super::weights::Weights;
-use crate::engine::layers::attention::{AttentionKernel, QkvProj};
+use candle_core::{bail, DType, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{CausalLM, ForwardBatch, ModelSpec};
+use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::{
-    Attention, AttentionConfig, DecoderLayer, DecoderModel, Linear, Mlp, Positions,
+    Activation, AttentionImpl, AttentionParams, BatchPlan, Linear, Mlp, Norm,
 };
 
-fn conv1d(w: &Weights, name: &str) -> anyhow::Result<Linear> {
-    let weight = w.get(&format!("{name}.weight"))?.t()?.contiguous()?;
-    Ok(Linear::new(weight, w.opt(&format!("{name}.bias"))?)?)
+#[derive(Debug, Clone, Deserialize)]
+struct Gpt2Config {
+    n_embd: usize,
+    n_head: usize,
+    n_layer: usize,
+    n_positions: usize,
+    vocab_size: usize,
+    n_inner: Option<usize>,
+    #[serde(default = "default_eps")]
+    layer_norm_epsilon: f64,
+    #[serde(default = "default_act")]
+    activation_function: String,
+    #[serde(default = "yes")]
+    scale_attn_weights: bool,
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: bool,
 }
 
-pub fn load(cfg: &HfConfig, w: &Weights) -> anyhow::Result<DecoderModel> {
-    // The original checkpoints name tensors `h.0...`, transformers' own saves `transformer.h.0...`.
-    let root = if w.contains("transformer.wte.weight") {
-        "transformer."
+fn default_eps() -> f64 {
+    1e-5
+}
+
+fn default_act() -> String {
+    "gelu_new".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: Norm,
+    mlp: Mlp,
+    attn: AttentionParams,
+}
+
+pub struct Gpt2 {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    lm_head: Linear,
+    spec: ModelSpec,
+    attention_impl: AttentionImpl,
+}
+
+pub fn load(vb: VarBuilder, config: &Value, max_positions: usize) -> Result<Gpt2> {
+    let cfg: Gpt2Config = serde_json::from_value(config.clone())
+        .map_err(|e| candle_core::Error::Msg(format!("config.json: {e}")))?;
+    if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+        bail!(
+            "n_embd {} is not a multiple of n_head {}",
+            cfg.n_embd,
+            cfg.n_head
+        )
+    }
+    // some checkpoints (the original `gpt2`) have no `transformer.` prefix
+    let t = if vb.contains_tensor("transformer.wte.weight") {
+        vb.pp("transformer")
     } else {
-        ""
+        vb.clone()
     };
-    let eps = cfg.eps();
-    let hidden = cfg.hidden_size()?;
-    let heads = cfg.num_heads()?;
-    let head_dim = hidden / heads;
-    let act = cfg.activation("gelu_new")?;
-    let mut layers = Vec::new();
-    for i in 0..cfg.num_layers()? {
-        let p = format!("{root}h.{i}");
-        layers.push(DecoderLayer {
-            input_norm: build::layer_norm(w, &format!("{p}.ln_1"), eps)?,
-            attn: Attention {
-                qkv: QkvProj::Fused(conv1d(w, &format!("{p}.attn.c_attn"))?),
-                o: conv1d(w, &format!("{p}.attn.c_proj"))?,
-                q_norm: None,
-                k_norm: None,
-                cfg: AttentionConfig {
-                    num_heads: heads,
-                    num_kv_heads: heads,
-                    head_dim,
-                    scale: 1.0 / (head_dim as f64).sqrt(),
+    let (e, hd) = (cfg.n_embd, cfg.n_embd / cfg.n_head);
+    let inner = cfg.n_inner.unwrap_or(4 * e);
+    let act = Activation::from_name(&cfg.activation_function)?;
+    let blocks = (0..cfg.n_layer)
+        .map(|i| {
+            let b = t.pp(format!("h.{i}"));
+            let mut scale = if cfg.scale_attn_weights {
+                1.0 / (hd as f64).sqrt()
+            } else {
+                1.0
+            };
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            Ok(Block {
+                ln_1: Norm::layer(&b.pp("ln_1"), e, cfg.layer_norm_epsilon)?,
+                c_attn: Linear::load_conv1d(&b.pp("attn.c_attn"), e, 3 * e)?,
+                c_proj: Linear::load_conv1d(&b.pp("attn.c_proj"), e, e)?,
+                ln_2: Norm::layer(&b.pp("ln_2"), e, cfg.layer_norm_epsilon)?,
+                mlp: Mlp::new(
+                    Linear::load_conv1d(&b.pp("mlp.c_fc"), e, inner)?,
+                    Linear::load_conv1d(&b.pp("mlp.c_proj"), inner, e)?,
+                    act,
+                ),
+                attn: AttentionParams {
+                    num_heads: cfg.n_head,
+                    num_kv_heads: cfg.n_head,
+                    head_dim: hd,
+                    scale,
                     softcap: None,
                     sliding_window: None,
                 },
-            },
-            post_attn_norm: None,
-            pre_mlp_norm: build::layer_norm(w, &format!("{p}.ln_2"), eps)?,
-            post_mlp_norm: None,
-            mlp: Mlp::Plain {
-                fc: conv1d(w, &format!("{p}.mlp.c_fc"))?,
-                proj: conv1d(w, &format!("{p}.mlp.c_proj"))?,
-                act,
-            },
-        });
-    }
-    let embed = w.get(&format!("{root}wte.weight"))?;
-    Ok(DecoderModel {
-        lm_head: build::lm_head(cfg, w, &embed, "lm_head", true)?,
-        embed,
-        embed_scale: None,
-        positions: Positions::Learned(w.get(&format!("{root}wpe.weight"))?),
-        layers,
-        final_norm: build::layer_norm(w, &format!("{root}ln_f"), eps)?,
-        final_softcap: None,
-        spec: build::spec(cfg, w, "GPT2LMHeadModel")?,
-        kernel: AttentionKernel::Auto,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let wte = t.pp("wte").get((cfg.vocab_size, e), "weight")?;
+    let spec = ModelSpec {
+        architecture: "GPT2LMHeadModel".into(),
+        num_layers: cfg.n_layer,
+        num_kv_heads: cfg.n_head,
+        head_dim: hd,
+        hidden_size: e,
+        vocab_size: cfg.vocab_size,
+        max_position_embeddings: cfg.n_positions.min(max_positions),
+        dtype: vb.dtype(),
+        device: vb.device().clone(),
+    };
+    Ok(Gpt2 {
+        wpe: t.pp("wpe").get((cfg.n_positions, e), "weight")?,
+        lm_head: Linear::new(wte.clone(), None)?,
+        wte,
+        blocks,
+        ln_f: Norm::layer(&t.pp("ln_f"), e, cfg.layer_norm_epsilon)?,
+        spec,
+        attention_impl: AttentionImpl::Auto,
     })
+}
+
+impl Gpt2 {
+    fn run(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        let dev = &self.spec.device;
+        let max_pos = self.spec.max_position_embeddings;
+        let mut plan = BatchPlan::new(batch, cache, None, max_pos, dev, self.spec.dtype)?
+            .with_impl(self.attention_impl);
+        let ids = super::token_tensor(&batch.tokens, self.spec.vocab_size, dev)?;
+        let mut x = self
+            .wte
+            .index_select(&ids, 0)?
+            .add(&self.wpe.index_select(&plan.positions, 0)?)?;
+        let tokens = x.dim(0)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (h, d) = (b.attn.num_heads, b.attn.head_dim);
+            let qkv = b.c_attn.forward(&b.ln_1.forward(&x)?)?;
+            let q = qkv.narrow(1, 0, h * d)?.reshape((tokens, h, d))?;
+            let k = qkv.narrow(1, h * d, h * d)?.reshape((tokens, h, d))?;
+            let v = qkv.narrow(1, 2 * h * d, h * d)?.reshape((tokens, h, d))?;
+            let a = plan.attend(i, &q, &k, &v, cache, &b.attn)?;
+            x = (x + b.c_proj.forward(&a)?)?;
+            x = (&x + b.mlp.forward(&b.ln_2.forward(&x)?)?)?;
+        }
+        if plan.num_rows == 0 {
+            return Tensor::zeros((0, self.spec.hidden_size), self.spec.dtype, dev);
+        }
+        self.ln_f.forward(&plan.select_rows(&x)?)
+    }
+}
+
+impl CausalLM for Gpt2 {
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.run(batch, cache)?;
+        if h.dim(0)? == 0 {
+            return Tensor::zeros((0, self.spec.vocab_size), DType::F32, &self.spec.device);
+        }
+        self.lm_head.forward(&h)?.to_dtype(DType::F32)
+    }
+
+    fn hidden_states(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(batch, cache)
+    }
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn set_attention_impl(&mut self, imp: AttentionImpl) {
+        self.attention_impl = imp;
+    }
 }

@@ -1,17 +1,14 @@
-//! Mistral: Llama with a sliding attention window on every layer.
+//! Mistral: the Llama decoder with a sliding attention window on every layer.
 
-use super::config::HfConfig;
-use super::llama::{self, Variant};
-use super::weights::Weights;
-use crate::engine::layers::DecoderModel;
+use candle_core::Result;
+use candle_nn::VarBuilder;
+use serde_json::Value;
 
-pub fn load(cfg: &HfConfig, w: &Weights) -> anyhow::Result<DecoderModel> {
-    let variant = Variant {
-        name: "MistralForCausalLM",
-        qkv_bias: false,
-        o_bias: false,
-        qk_norm: false,
-        sliding_window: vec![cfg.sliding_window(); cfg.num_layers()?],
-    };
-    llama::build_variant(cfg, w, variant)
+use super::decoder::{BaseConfig, DecoderModel};
+
+pub fn load(vb: VarBuilder, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+    let base = BaseConfig::parse(config)?;
+    let mut cfg = base.decoder("MistralForCausalLM", config)?;
+    cfg.layer_windows = base.layer_windows(true);
+    DecoderModel::load(vb, cfg, max_positions)
 }

@@ -2,8 +2,15 @@
 //! function of (tokens, positions, KV cache): it owns no cache and no sequence state, so the scheduler can
 //! pack any mix of prefill chunks and decodes into one forward pass.
 
-pub mod build;
-pub mod config;
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+use super::kv_cache::KvCache;
+use super::layers::AttentionImpl;
+
+pub mod bert;
+pub mod decoder;
 pub mod gemma2;
 pub mod gpt2;
 pub mod llama;
@@ -11,64 +18,6 @@ pub mod mistral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
-pub mod weights;
-
-use candle_core::{DType, Device, Result, Tensor};
-
-use super::kv_cache::KvCache;
-use super::layers::DecoderModel;
-use config::HfConfig;
-use weights::Weights;
-
-/// The causal architectures this engine runs, as `config.json` names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Phi3ForCausalLM",
-    "Gemma2ForCausalLM",
-    "GPT2LMHeadModel",
-];
-
-/// The architecture named by `architectures[0]`, else by `model_type`.
-pub fn architecture_of(cfg: &HfConfig) -> Option<String> {
-    let from_list = cfg
-        .raw()
-        .get("architectures")
-        .and_then(|a| a.as_array())
-        .and_then(|a| a.first())
-        .and_then(|a| a.as_str());
-    let from_type = cfg.str(&["model_type"]).map(|t| match t {
-        "llama" => "LlamaForCausalLM",
-        "mistral" => "MistralForCausalLM",
-        "qwen2" => "Qwen2ForCausalLM",
-        "qwen3" => "Qwen3ForCausalLM",
-        "phi3" => "Phi3ForCausalLM",
-        "gemma2" => "Gemma2ForCausalLM",
-        "gpt2" => "GPT2LMHeadModel",
-        other => other,
-    });
-    from_list.or(from_type).map(str::to_string)
-}
-
-/// Builds the model `config.json` describes from its weights.
-pub fn load_decoder(cfg: &HfConfig, weights: &Weights) -> anyhow::Result<DecoderModel> {
-    let arch = architecture_of(cfg).unwrap_or_default();
-    match arch.as_str() {
-        "LlamaForCausalLM" => llama::load(cfg, weights),
-        "MistralForCausalLM" => mistral::load(cfg, weights),
-        "Qwen2ForCausalLM" => qwen2::load(cfg, weights),
-        "Qwen3ForCausalLM" => qwen3::load(cfg, weights),
-        "Phi3ForCausalLM" => phi3::load(cfg, weights),
-        "Gemma2ForCausalLM" => gemma2::load(cfg, weights),
-        "GPT2LMHeadModel" => gpt2::load(cfg, weights),
-        other => anyhow::bail!(
-            "unsupported architecture '{other}'; supported: {}",
-            SUPPORTED_ARCHITECTURES.join(", ")
-        ),
-    }
-}
 
 /// Which logits a sequence in the batch wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,4 +73,72 @@ pub trait CausalLM: Send {
     fn hidden_states(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor>;
 
     fn spec(&self) -> &ModelSpec;
+
+    /// Picks the attention path (the default chooses per batch; tests force the portable loop to
+    /// compare the two).
+    fn set_attention_impl(&mut self, _imp: AttentionImpl) {}
+}
+
+/// The causal architectures this build runs: (config.json `architectures` entry, `model_type`).
+pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
+    ("LlamaForCausalLM", "llama"),
+    ("MistralForCausalLM", "mistral"),
+    ("Qwen2ForCausalLM", "qwen2"),
+    ("Qwen3ForCausalLM", "qwen3"),
+    ("Phi3ForCausalLM", "phi3"),
+    ("Gemma2ForCausalLM", "gemma2"),
+    ("GPT2LMHeadModel", "gpt2"),
+];
+
+/// The supported architecture a config.json names (by `architectures`, else `model_type`), or an error
+/// listing the supported ones.
+pub fn causal_architecture(config: &Value) -> Result<&'static str> {
+    let named: Vec<&str> = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let model_type = config.get("model_type").and_then(Value::as_str);
+    for (arch, mt) in SUPPORTED_ARCHITECTURES {
+        if named.contains(arch) || (named.is_empty() && model_type == Some(*mt)) {
+            return Ok(arch);
+        }
+    }
+    let what = match (named.first(), model_type) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(m)) => format!("model_type `{m}`"),
+        (None, None) => "a config.json without `architectures` or `model_type`".to_string(),
+    };
+    let list: Vec<&str> = SUPPORTED_ARCHITECTURES.iter().map(|(a, _)| *a).collect();
+    bail!(
+        "unsupported model architecture {what}; supported: {}",
+        list.join(", ")
+    )
+}
+
+/// Builds the model config.json describes from the weights in `vb`. `max_positions` bounds the
+/// sequence length (RoPE tables are built that far).
+pub fn load_causal_model(
+    config: &Value,
+    vb: VarBuilder,
+    max_positions: usize,
+) -> Result<Box<dyn CausalLM>> {
+    Ok(match causal_architecture(config)? {
+        "LlamaForCausalLM" => Box::new(llama::load(vb, config, max_positions)?),
+        "MistralForCausalLM" => Box::new(mistral::load(vb, config, max_positions)?),
+        "Qwen2ForCausalLM" => Box::new(qwen2::load(vb, config, max_positions)?),
+        "Qwen3ForCausalLM" => Box::new(qwen3::load(vb, config, max_positions)?),
+        "Phi3ForCausalLM" => Box::new(phi3::load(vb, config, max_positions)?),
+        "Gemma2ForCausalLM" => Box::new(gemma2::load(vb, config, max_positions)?),
+        "GPT2LMHeadModel" => Box::new(gpt2::load(vb, config, max_positions)?),
+        other => bail!("architecture {other} is listed as supported but has no loader"),
+    })
+}
+
+/// The batch's token ids as a tensor, checked against the vocabulary.
+pub(crate) fn token_tensor(tokens: &[u32], vocab_size: usize, device: &Device) -> Result<Tensor> {
+    if let Some(t) = tokens.iter().find(|t| **t as usize >= vocab_size) {
+        bail!("token id {t} outside the vocabulary of {vocab_size}")
+    }
+    Tensor::new(tokens, device)
 }

@@ -1,25 +1,23 @@
-//! Qwen 2 / 2.5: Llama with biases on the q/k/v projections; a sliding window only when
-//! `use_sliding_window` is set, on the layers from `max_window_layers` on.
+//! Qwen2 / Qwen2.5: the Llama decoder with biases on the q/k/v projections (not on o).
 
-use super::config::HfConfig;
-use super::llama::{self, Variant};
-use super::weights::Weights;
-use crate::engine::layers::DecoderModel;
+use candle_core::Result;
+use candle_nn::VarBuilder;
+use serde_json::Value;
 
-pub fn load(cfg: &HfConfig, w: &Weights) -> anyhow::Result<DecoderModel> {
-    let layers = cfg.num_layers()?;
-    let window = cfg
-        .sliding_window()
-        .filter(|_| cfg.bool("use_sliding_window", false));
-    let first_windowed = cfg.opt_usize(&["max_window_layers"]).unwrap_or(layers);
-    let variant = Variant {
-        name: "Qwen2ForCausalLM",
-        qkv_bias: true,
-        o_bias: false,
-        qk_norm: false,
-        sliding_window: (0..layers)
-            .map(|i| window.filter(|_| i >= first_windowed))
-            .collect(),
-    };
-    llama::build_variant(cfg, w, variant)
+use super::decoder::{BaseConfig, DecoderModel};
+
+pub fn load(vb: VarBuilder, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+    let base = BaseConfig::parse(config)?;
+    let mut cfg = base.decoder("Qwen2ForCausalLM", config)?;
+    cfg.qkv_bias = true;
+    cfg.o_bias = false;
+    // only layers `layer_types` marks as sliding use the window (none unless `use_sliding_window`)
+    let sliding = config
+        .get("use_sliding_window")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if !sliding {
+        cfg.layer_windows = vec![None; cfg.num_layers];
+    }
+    DecoderModel::load(vb, cfg, max_positions)
 }

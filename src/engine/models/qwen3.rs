@@ -1,17 +1,22 @@
-//! Qwen 3: Llama with per-head RMSNorm on queries and keys, and an explicit `head_dim`.
+//! Qwen3: the Llama decoder with an RMSNorm over each head of q and k before RoPE, and an explicit
+//! `head_dim`.
 
-use super::config::HfConfig;
-use super::llama::{self, Variant};
-use super::weights::Weights;
-use crate::engine::layers::DecoderModel;
+use candle_core::Result;
+use candle_nn::VarBuilder;
+use serde_json::Value;
 
-pub fn load(cfg: &HfConfig, w: &Weights) -> anyhow::Result<DecoderModel> {
-    let variant = Variant {
-        name: "Qwen3ForCausalLM",
-        qkv_bias: cfg.bool("attention_bias", false),
-        o_bias: cfg.bool("attention_bias", false),
-        qk_norm: true,
-        sliding_window: vec![None; cfg.num_layers()?],
-    };
-    llama::build_variant(cfg, w, variant)
+use super::decoder::{BaseConfig, DecoderModel};
+
+pub fn load(vb: VarBuilder, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+    let base = BaseConfig::parse(config)?;
+    let mut cfg = base.decoder("Qwen3ForCausalLM", config)?;
+    cfg.qk_norm = true;
+    let sliding = config
+        .get("use_sliding_window")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if !sliding {
+        cfg.layer_windows = vec![None; cfg.num_layers];
+    }
+    DecoderModel::load(vb, cfg, max_positions)
 }

@@ -1,0 +1,734 @@
+//! `POST /v1/chat/completions`: messages rendered by the chat template, then one generation with `n`
+//! choices; tool calls parsed out of the output; chat-shaped logprobs; streaming as OpenAI does.
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+
+use super::error::OpenAiError;
+use super::outcome::{collect, ChoiceOutcome};
+use super::params::{sampling_params, stream_options, Body, MAX_LOGPROBS};
+use super::shapes;
+use super::tools::{parse_tool_calls, ToolCall, ToolCallDetector};
+use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::engine::template::{ChatTemplate, RenderOptions};
+use crate::engine::{
+    ChoiceDelta, Engine, EngineError, GenerateRequest, GenerationEvent, GenerationStream, Prompt,
+    SamplingParams,
+};
+
+/// `tool_choice`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// A parsed chat request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// Messages as the template sees them (content parts joined, tool-call arguments as objects).
+    pub messages: Vec<Value>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: ToolChoice,
+    pub parallel_tool_calls: bool,
+    pub documents: Option<Vec<Value>>,
+    pub add_generation_prompt: bool,
+    pub continue_final_message: bool,
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    pub params: SamplingParams,
+    /// `top_logprobs` when `logprobs` is true.
+    pub top_logprobs: Option<usize>,
+    /// vLLM's `echo`: the reply starts with the last message's content when it has the reply's role.
+    pub echo: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl ChatRequest {
+    /// Whether output is parsed for tool calls.
+    pub fn parses_tools(&self) -> bool {
+        self.tools.is_some() && self.tool_choice != ToolChoice::None
+    }
+}
+
+pub fn parse(body: &Body<'_>) -> Result<ChatRequest, OpenAiError> {
+    let mut messages = parse_messages(body.raw("messages"))?;
+    let mut params = sampling_params(body, None)?;
+    if let Some(max) = body.get::<usize>("max_completion_tokens")? {
+        params.max_tokens = Some(max);
+    }
+    let logprobs = body.flag("logprobs", false)?;
+    let top_logprobs: Option<usize> = body.get("top_logprobs")?;
+    match top_logprobs {
+        Some(k) if k > MAX_LOGPROBS => {
+            return Err(OpenAiError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
+            ))
+        }
+        Some(_) if !logprobs => {
+            return Err(OpenAiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs` set to true",
+            ))
+        }
+        _ => {}
+    }
+    if logprobs {
+        params.logprobs = Some(top_logprobs.unwrap_or(0));
+    }
+    let (tools, tool_choice) = parse_tools(body)?;
+    apply_response_format(body, &mut messages)?;
+    let add_generation_prompt = body.flag("add_generation_prompt", true)?;
+    let continue_final_message = body.flag("continue_final_message", false)?;
+    if add_generation_prompt && continue_final_message {
+        return Err(OpenAiError::invalid(
+            "continue_final_message",
+            "`continue_final_message` needs `add_generation_prompt` set to false",
+        ));
+    }
+    let (stream, include_usage) = stream_options(body)?;
+    Ok(ChatRequest {
+        messages,
+        tools,
+        tool_choice,
+        parallel_tool_calls: body.flag("parallel_tool_calls", true)?,
+        documents: body.get("documents")?,
+        add_generation_prompt,
+        continue_final_message,
+        chat_template: body.get("chat_template")?,
+        chat_template_kwargs: body.get("chat_template_kwargs")?,
+        params,
+        top_logprobs: logprobs.then_some(top_logprobs.unwrap_or(0)),
+        echo: body.flag("echo", false)?,
+        stream,
+        include_usage,
+    })
+}
+
+/// Messages as templates expect them: `content` a string (text parts joined) or null, and assistant
+/// tool-call `arguments` parsed from their JSON text into objects (as vLLM hands them to templates).
+fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, OpenAiError> {
+    let invalid = |m: String| OpenAiError::invalid("messages", m);
+    let items = match value {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        Some(Value::Array(_)) => return Err(invalid("`messages` must not be empty".into())),
+        None => return Err(invalid("`messages` is required".into())),
+        Some(_) => return Err(invalid("`messages` must be a list of messages".into())),
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let Value::Object(message) = item else {
+                return Err(invalid(format!("messages[{i}] must be an object")));
+            };
+            let mut message = message.clone();
+            match message.get("role") {
+                Some(Value::String(_)) => {}
+                _ => return Err(invalid(format!("messages[{i}] needs a string `role`"))),
+            }
+            let content = normalize_content(message.get("content"))
+                .map_err(|m| invalid(format!("messages[{i}].content: {m}")))?;
+            message.insert("content".into(), content);
+            if let Some(Value::Array(calls)) = message.get_mut("tool_calls") {
+                for call in calls.iter_mut() {
+                    if let Some(args) = call.pointer_mut("/function/arguments") {
+                        if let Value::String(text) = args {
+                            if let Ok(parsed) = serde_json::from_str::<Value>(text) {
+                                *args = parsed;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Value::Object(message))
+        })
+        .collect()
+}
+
+fn normalize_content(content: Option<&Value>) -> Result<Value, String> {
+    match content {
+        None | Some(Value::Null) => Ok(Value::Null),
+        Some(Value::String(s)) => Ok(Value::String(s.clone())),
+        Some(Value::Array(parts)) => {
+            let texts = parts
+                .iter()
+                .map(|part| match part.get("type").and_then(Value::as_str) {
+                    Some("text") => part
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .ok_or_else(|| "a text part needs a string `text`".to_string()),
+                    Some(other) => Err(format!(
+                        "content parts of type `{other}` are not supported; only `text` parts are"
+                    )),
+                    None => Err("each content part needs a `type`".to_string()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Value::String(texts.join("\n")))
+        }
+        Some(_) => Err("must be a string, a list of content parts, or null".into()),
+    }
+}
+
+fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), OpenAiError> {
+    let tools: Option<Vec<Value>> = body.get("tools")?;
+    if let Some(tools) = &tools {
+        for (i, tool) in tools.iter().enumerate() {
+            let ok = tool.get("type").and_then(Value::as_str) == Some("function")
+                && tool
+                    .pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .is_some();
+            if !ok {
+                return Err(OpenAiError::invalid(
+                    "tools",
+                    format!("tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"),
+                ));
+            }
+        }
+    }
+    let invalid = |m: &str| OpenAiError::invalid("tool_choice", m);
+    let choice = match body.raw("tool_choice") {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => {
+                return Err(invalid(
+                    "`tool_choice` must be none, auto, required or a named function",
+                ))
+            }
+        },
+        Some(value) => match value.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) if value.get("type").and_then(Value::as_str) == Some("function") => {
+                ToolChoice::Named(name.to_string())
+            }
+            _ => return Err(invalid(
+                "a named `tool_choice` is {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            )),
+        },
+    };
+    match (&choice, &tools) {
+        (ToolChoice::Required | ToolChoice::Named(_), None) => {
+            return Err(invalid("`tool_choice` needs `tools`"))
+        }
+        (ToolChoice::Named(name), Some(tools)) => {
+            let named: Vec<Value> = tools
+                .iter()
+                .filter(|t| t.pointer("/function/name").and_then(Value::as_str) == Some(name))
+                .cloned()
+                .collect();
+            if named.is_empty() {
+                return Err(invalid(&format!("no tool named `{name}` in `tools`")));
+            }
+            // The template only offers the chosen function.
+            return Ok((Some(named), choice));
+        }
+        _ => {}
+    }
+    Ok((tools, choice))
+}
+
+/// `response_format`: `json_object` / `json_schema` are best effort (no constrained decoding): the
+/// system message asks for JSON (and the schema).
+fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(), OpenAiError> {
+    let Some(format) = body.raw("response_format") else {
+        return Ok(());
+    };
+    let hint = match format.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok(()),
+        Some("json_object") => {
+            "Respond with a single valid JSON object and nothing else.".to_string()
+        }
+        Some("json_schema") => {
+            let schema = format
+                .pointer("/json_schema/schema")
+                .map(Value::to_string)
+                .unwrap_or_else(|| "{}".into());
+            format!("Respond with a single valid JSON object that follows this JSON schema, and nothing else: {schema}")
+        }
+        _ => {
+            return Err(OpenAiError::invalid(
+                "response_format",
+                "`response_format.type` must be text, json_object or json_schema",
+            ))
+        }
+    };
+    match messages.first_mut() {
+        Some(first) if first.get("role").and_then(Value::as_str) == Some("system") => {
+            let content = first.get("content").and_then(Value::as_str).unwrap_or("");
+            first["content"] =
+                Value::String(format!("{content}\n\n{hint}").trim_start().to_string());
+        }
+        _ => messages.insert(0, json!({"role": "system", "content": hint})),
+    }
+    Ok(())
+}
+
+/// Renders the conversation with the request's template, else the model's (or CUSTOM_CHAT_TEMPLATE).
+pub fn render(engine: &Engine, request: &ChatRequest) -> Result<String, OpenAiError> {
+    let own;
+    let template = match &request.chat_template {
+        Some(source) => {
+            let tokenizer = engine.tokenizer();
+            own = ChatTemplate::new(
+                source,
+                tokenizer.bos_token().map(str::to_string),
+                tokenizer.eos_token().map(str::to_string),
+            )?;
+            &own
+        }
+        None => engine.chat_template().ok_or(EngineError::NoChatTemplate)?,
+    };
+    let tools = if request.tool_choice == ToolChoice::None {
+        None
+    } else {
+        request.tools.as_deref()
+    };
+    let options = RenderOptions {
+        tools,
+        documents: request.documents.as_deref(),
+        add_generation_prompt: request.add_generation_prompt,
+        continue_final_message: request.continue_final_message,
+        extra: request.chat_template_kwargs.as_ref(),
+    };
+    Ok(template.render(&request.messages, &options)?)
+}
+
+pub async fn handle(
+    engine: &Engine,
+    settings: &OpenAiSettings,
+    body: &Body<'_>,
+) -> Result<OpenAiResponse, OpenAiError> {
+    let request = parse(body)?;
+    let prompt = render(engine, &request)?;
+    let id = shapes::new_id("chatcmpl");
+    let events = engine.generate(GenerateRequest {
+        request_id: id.clone(),
+        prompt: Prompt::Text(prompt),
+        add_special_tokens: false,
+        params: request.params.clone(),
+    })?;
+    let reply = Reply {
+        id,
+        created: shapes::unix_now(),
+        model: settings.served_model_name.clone(),
+        role: settings.response_role.clone(),
+        echo: echoed(&request, &settings.response_role),
+    };
+    if request.stream {
+        return Ok(OpenAiResponse::Stream(stream_chunks(
+            reply, request, events,
+        )));
+    }
+    let outcome = collect(events, request.params.n).await?;
+    let choices: Vec<Value> = outcome
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| reply.choice(i, c, &request))
+        .collect();
+    let mut body = reply.object("chat.completion", choices);
+    body["usage"] = shapes::usage(&outcome.usage);
+    if let Some(lps) = &outcome.prompt_logprobs {
+        body["prompt_logprobs"] = shapes::prompt_logprobs(&outcome.prompt_token_ids, lps);
+    }
+    Ok(OpenAiResponse::Json { status: 200, body })
+}
+
+/// The echoed start of the reply (vLLM's chat `echo`).
+fn echoed(request: &ChatRequest, role: &str) -> String {
+    if !request.echo {
+        return String::new();
+    }
+    match request.messages.last() {
+        Some(last) if last.get("role").and_then(Value::as_str) == Some(role) => last
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    role: String,
+    echo: String,
+}
+
+fn tool_calls_json(calls: &[ToolCall]) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .map(|c| {
+                json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect(),
+    )
+}
+
+impl Reply {
+    fn object(&self, object: &str, choices: Vec<Value>) -> Value {
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": shapes::SYSTEM_FINGERPRINT,
+            "choices": choices,
+        })
+    }
+
+    fn choice(&self, index: usize, choice: &ChoiceOutcome, request: &ChatRequest) -> Value {
+        let text = format!("{}{}", self.echo, choice.text);
+        let mut finish_reason = shapes::finish_reason(choice.finish.as_ref());
+        let mut message = json!({"role": self.role, "content": text});
+        if request.parses_tools() {
+            if let Some((content, mut calls)) = parse_tool_calls(&text) {
+                if !request.parallel_tool_calls {
+                    calls.truncate(1);
+                }
+                message["content"] = content.map_or(Value::Null, Value::String);
+                message["tool_calls"] = tool_calls_json(&calls);
+                finish_reason = json!("tool_calls");
+            }
+        }
+        let logprobs = request
+            .top_logprobs
+            .map_or(Value::Null, |k| shapes::chat_logprobs(&choice.logprobs, k));
+        json!({
+            "index": index,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+            "stop_reason": shapes::stop_reason(choice.finish.as_ref()),
+        })
+    }
+
+    fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish_reason: Value) -> Value {
+        self.object(
+            "chat.completion.chunk",
+            vec![json!({
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            })],
+        )
+    }
+}
+
+/// Turns one choice's deltas into chunks, holding back tool calls when they are parsed.
+struct ChoiceStream {
+    detector: Option<ToolCallDetector>,
+}
+
+impl ChoiceStream {
+    fn on_delta(&mut self, reply: &Reply, request: &ChatRequest, delta: ChoiceDelta) -> Vec<Value> {
+        let index = delta.index;
+        let text = match &mut self.detector {
+            Some(d) => d.push(&delta.text),
+            None => delta.text,
+        };
+        let logprobs = request
+            .top_logprobs
+            .filter(|_| !delta.logprobs.is_empty())
+            .map_or(Value::Null, |k| shapes::chat_logprobs(&delta.logprobs, k));
+        let Some(finish) = delta.finish else {
+            if text.is_empty() && logprobs.is_null() {
+                return Vec::new();
+            }
+            return vec![reply.chunk(index, json!({"content": text}), logprobs, Value::Null)];
+        };
+        let mut chunks = Vec::new();
+        let mut finish_reason = shapes::finish_reason(Some(&finish));
+        let mut text = text;
+        let mut calls = Vec::new();
+        if let Some(detector) = self.detector.take() {
+            let detected = detector.finish();
+            text.push_str(&detected.text);
+            calls = detected.calls;
+            if !request.parallel_tool_calls {
+                calls.truncate(1);
+            }
+        }
+        if !calls.is_empty() {
+            if !text.is_empty() || !logprobs.is_null() {
+                chunks.push(reply.chunk(index, json!({"content": text}), logprobs, Value::Null));
+            }
+            let deltas: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(k, c)| json!({"index": k, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+            finish_reason = json!("tool_calls");
+            chunks.push(reply.chunk(
+                index,
+                json!({"tool_calls": deltas}),
+                Value::Null,
+                finish_reason,
+            ));
+            return chunks;
+        }
+        let delta = if text.is_empty() {
+            json!({})
+        } else {
+            json!({"content": text})
+        };
+        chunks.push(reply.chunk(index, delta, logprobs, finish_reason));
+        chunks
+    }
+}
+
+fn stream_chunks(
+    reply: Reply,
+    request: ChatRequest,
+    events: GenerationStream,
+) -> BoxStream<'static, StreamEvent> {
+    let n = request.params.n;
+    let mut choices: Vec<ChoiceStream> = (0..n)
+        .map(|_| ChoiceStream {
+            detector: request.parses_tools().then(ToolCallDetector::default),
+        })
+        .collect();
+    async_stream::stream! {
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                GenerationEvent::Prompt { .. } => {
+                    for i in 0..n {
+                        let delta = json!({"role": reply.role, "content": reply.echo});
+                        yield StreamEvent::Data(reply.chunk(i, delta, Value::Null, Value::Null));
+                    }
+                }
+                GenerationEvent::Delta(delta) => {
+                    let Some(choice) = choices.get_mut(delta.index) else {
+                        yield StreamEvent::Error(OpenAiError::internal("the engine sent an unknown choice"));
+                        break;
+                    };
+                    for chunk in choice.on_delta(&reply, &request, delta) {
+                        yield StreamEvent::Data(chunk);
+                    }
+                }
+                GenerationEvent::Done { usage, .. } => {
+                    if request.include_usage {
+                        let mut chunk = reply.object("chat.completion.chunk", vec![]);
+                        chunk["usage"] = shapes::usage(&usage);
+                        yield StreamEvent::Data(chunk);
+                    }
+                    yield StreamEvent::Done;
+                    return;
+                }
+                GenerationEvent::Error(e) => {
+                    yield StreamEvent::Error(e.into());
+                    break;
+                }
+            }
+        }
+        yield StreamEvent::Done;
+    }
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_json(v: Value) -> Result<ChatRequest, OpenAiError> {
+        parse(&Body(v.as_object().unwrap()))
+    }
+
+    fn user(text: &str) -> Value {
+        json!([{"role": "user", "content": text}])
+    }
+
+    #[test]
+    fn content_parts_are_joined_and_other_parts_refused() {
+        let r = parse_json(json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}))
+        .unwrap();
+        assert_eq!(r.messages[0]["content"], json!("a\nb"));
+        let e = parse_json(json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}))
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert!(e.message.contains("image_url"));
+        for bad in [
+            json!({}),
+            json!({"messages": []}),
+            json!({"messages": [{"content": "x"}]}),
+            json!({"messages": ["x"]}),
+        ] {
+            assert_eq!(parse_json(bad).unwrap_err().status, 400);
+        }
+    }
+
+    #[test]
+    fn assistant_tool_call_arguments_become_objects_for_templates() {
+        let r = parse_json(json!({"messages": [{"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}]}))
+        .unwrap();
+        assert_eq!(
+            r.messages[0]["tool_calls"][0]["function"]["arguments"],
+            json!({"x": 1})
+        );
+        assert_eq!(r.messages[0]["content"], Value::Null);
+    }
+
+    #[test]
+    fn limits_logprobs_and_defaults() {
+        let r = parse_json(
+            json!({"messages": user("x"), "max_completion_tokens": 5, "max_tokens": 9,
+            "logprobs": true, "top_logprobs": 3}),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.params.max_tokens, r.params.logprobs, r.top_logprobs),
+            (Some(5), Some(3), Some(3))
+        );
+        let r = parse_json(json!({"messages": user("x")})).unwrap();
+        assert_eq!(
+            (
+                r.params.max_tokens,
+                r.params.logprobs,
+                r.add_generation_prompt
+            ),
+            (None, None, true)
+        );
+        let e = parse_json(json!({"messages": user("x"), "top_logprobs": 2})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        let e =
+            parse_json(json!({"messages": user("x"), "continue_final_message": true})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("continue_final_message"));
+    }
+
+    fn tool(name: &str) -> Value {
+        json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}})
+    }
+
+    #[test]
+    fn tool_choice_forms() {
+        let tools = json!([tool("a"), tool("b")]);
+        let r = parse_json(json!({"messages": user("x"), "tools": tools})).unwrap();
+        assert_eq!(r.tool_choice, ToolChoice::Auto);
+        assert!(r.parses_tools());
+        let r = parse_json(json!({"messages": user("x"), "tools": tools, "tool_choice": "none"}))
+            .unwrap();
+        assert!(!r.parses_tools());
+        let r = parse_json(json!({"messages": user("x"), "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "b"}}}))
+        .unwrap();
+        assert_eq!(r.tool_choice, ToolChoice::Named("b".into()));
+        assert_eq!(r.tools.unwrap(), vec![tool("b")]);
+        for bad in [
+            json!({"messages": user("x"), "tool_choice": "required"}),
+            json!({"messages": user("x"), "tools": tools, "tool_choice": "sometimes"}),
+            json!({"messages": user("x"), "tools": tools, "tool_choice": {"type": "function", "function": {"name": "c"}}}),
+            json!({"messages": user("x"), "tools": [{"type": "function"}]}),
+        ] {
+            let e = parse_json(bad).unwrap_err();
+            assert_eq!(e.status, 400);
+        }
+    }
+
+    #[test]
+    fn json_response_format_adds_a_system_hint() {
+        let r =
+            parse_json(json!({"messages": user("x"), "response_format": {"type": "json_object"}}))
+                .unwrap();
+        assert_eq!(r.messages[0]["role"], json!("system"));
+        assert!(r.messages[0]["content"].as_str().unwrap().contains("JSON"));
+        let r = parse_json(json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}}))
+        .unwrap();
+        let system = r.messages[0]["content"].as_str().unwrap();
+        assert!(system.starts_with("Be brief.") && system.contains(r#"{"type":"object"}"#));
+        assert_eq!(r.messages.len(), 2);
+        assert!(
+            parse_json(json!({"messages": user("x"), "response_format": {"type": "yaml"}}))
+                .is_err()
+        );
+    }
+
+    fn reply() -> Reply {
+        Reply {
+            id: "chatcmpl-1".into(),
+            created: 1,
+            model: "m".into(),
+            role: "assistant".into(),
+            echo: String::new(),
+        }
+    }
+
+    fn finish_delta(text: &str) -> ChoiceDelta {
+        ChoiceDelta {
+            index: 0,
+            text: text.into(),
+            token_ids: vec![],
+            logprobs: vec![],
+            finish: Some(crate::engine::Finish {
+                reason: crate::engine::FinishReason::Stop,
+                stop_reason: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn non_streamed_tool_calls_fill_the_message() {
+        let request = parse_json(json!({"messages": user("x"), "tools": [tool("f")]})).unwrap();
+        let outcome = ChoiceOutcome {
+            text: "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}}</tool_call>".into(),
+            finish: finish_delta("").finish,
+            ..Default::default()
+        };
+        let choice = reply().choice(0, &outcome, &request);
+        assert_eq!(choice["finish_reason"], json!("tool_calls"));
+        assert_eq!(choice["message"]["content"], Value::Null);
+        assert_eq!(
+            choice["message"]["tool_calls"][0]["function"],
+            json!({"name": "f", "arguments": "{\"a\":1}"})
+        );
+        let request = parse_json(json!({"messages": user("x")})).unwrap();
+        let choice = reply().choice(0, &outcome, &request);
+        assert_eq!(choice["finish_reason"], json!("stop"));
+        assert!(choice["message"].get("tool_calls").is_none());
+    }
+
+    #[test]
+    fn streamed_tool_calls_arrive_as_deltas_at_the_end() {
+        let request = parse_json(json!({"messages": user("x"), "tools": [tool("f")]})).unwrap();
+        let mut choice = ChoiceStream {
+            detector: Some(ToolCallDetector::default()),
+        };
+        let mut first = finish_delta("Hi <tool_call>{\"name\": \"f\",");
+        first.finish = None;
+        let chunks = choice.on_delta(&reply(), &request, first);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"content": "Hi "}));
+        let chunks = choice.on_delta(
+            &reply(),
+            &request,
+            finish_delta(" \"arguments\": {}}</tool_call>"),
+        );
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], json!("tool_calls"));
+        assert_eq!(
+            last["choices"][0]["delta"]["tool_calls"][0]["function"]["name"],
+            json!("f")
+        );
+        assert_eq!(
+            last["choices"][0]["delta"]["tool_calls"][0]["index"],
+            json!(0)
+        );
+    }
+}

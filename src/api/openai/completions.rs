@@ -1,0 +1,463 @@
+//! `POST /v1/completions`: prompts as text, token ids or lists of either; `echo`, legacy `logprobs`,
+//! `n`/`best_of`, streaming. Choice `i` of prompt `p` is choice `p * n + i` of the response.
+
+use futures::stream::{self, BoxStream};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::error::OpenAiError;
+use super::outcome::{collect, Outcome};
+use super::params::{sampling_params, stream_options, Body, MAX_LOGPROBS};
+use super::shapes::{self, LegacyLogprobs};
+use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::engine::tokenizer::Tokenizer;
+use crate::engine::{
+    ChoiceDelta, Engine, GenerateRequest, GenerationEvent, GenerationStream, Prompt,
+    SamplingParams, TokenLogprob, Usage,
+};
+
+/// A parsed completions request.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    pub prompts: Vec<Prompt>,
+    pub params: SamplingParams,
+    pub echo: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub fn parse(body: &Body<'_>) -> Result<CompletionRequest, OpenAiError> {
+    if body.raw("suffix").is_some() {
+        return Err(OpenAiError::invalid(
+            "suffix",
+            "`suffix` is not supported (as in vLLM): this worker completes prompts only at their end",
+        ));
+    }
+    let prompts = parse_prompts(body.raw("prompt"))?;
+    let mut params = sampling_params(body, Some(16))?;
+    let logprobs: Option<usize> = body.get("logprobs")?;
+    if let Some(k) = logprobs {
+        if k > MAX_LOGPROBS {
+            return Err(OpenAiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
+            ));
+        }
+    }
+    let echo = body.flag("echo", false)?;
+    params.logprobs = logprobs;
+    if echo && logprobs.is_some() && params.prompt_logprobs.is_none() {
+        params.prompt_logprobs = logprobs;
+    }
+    let (stream, include_usage) = stream_options(body)?;
+    Ok(CompletionRequest {
+        prompts,
+        params,
+        echo,
+        stream,
+        include_usage,
+    })
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of token-id lists.
+fn parse_prompts(value: Option<&Value>) -> Result<Vec<Prompt>, OpenAiError> {
+    let invalid = |m: &str| OpenAiError::invalid("prompt", m);
+    let tokens = |items: &[Value]| -> Result<Vec<u32>, OpenAiError> {
+        items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| invalid("token ids must be non-negative integers"))
+            })
+            .collect()
+    };
+    match value {
+        None => Err(invalid("`prompt` is required")),
+        Some(Value::String(s)) => Ok(vec![Prompt::Text(s.clone())]),
+        Some(Value::Array(items)) if items.is_empty() => Err(invalid("`prompt` must not be empty")),
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(Prompt::Text(s.clone())),
+                    _ => Err(invalid("a list of prompts must hold only strings")),
+                })
+                .collect(),
+            Value::Number(_) => Ok(vec![Prompt::Tokens(tokens(items)?)]),
+            Value::Array(_) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Array(ids) if !ids.is_empty() => Ok(Prompt::Tokens(tokens(ids)?)),
+                    _ => Err(invalid(
+                        "a list of token-id prompts must hold only non-empty lists",
+                    )),
+                })
+                .collect(),
+            _ => Err(invalid(
+                "`prompt` must be a string, a list of strings, token ids or lists of token ids",
+            )),
+        },
+        Some(_) => Err(invalid(
+            "`prompt` must be a string, a list of strings, token ids or lists of token ids",
+        )),
+    }
+}
+
+/// Submits every prompt before reading any, so a bad one fails the request before work starts.
+fn submit(
+    engine: &Engine,
+    id: &str,
+    request: &CompletionRequest,
+) -> Result<Vec<GenerationStream>, OpenAiError> {
+    request
+        .prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            engine
+                .generate(GenerateRequest {
+                    request_id: format!("{id}-{i}"),
+                    prompt: prompt.clone(),
+                    add_special_tokens: true,
+                    params: request.params.clone(),
+                })
+                .map_err(|e| {
+                    let mut e = OpenAiError::from(e);
+                    // The engine names `messages` for an over-long prompt; here it is `prompt`.
+                    if e.param.as_deref() == Some("messages") {
+                        e.param = Some("prompt".into());
+                    }
+                    e
+                })
+        })
+        .collect()
+}
+
+pub async fn handle(
+    engine: &Engine,
+    settings: &OpenAiSettings,
+    body: &Body<'_>,
+) -> Result<OpenAiResponse, OpenAiError> {
+    let request = parse(body)?;
+    let id = shapes::new_id("cmpl");
+    let streams = submit(engine, &id, &request)?;
+    let header = Header {
+        id,
+        created: shapes::unix_now(),
+        model: settings.served_model_name.clone(),
+    };
+    let tokenizer = engine.tokenizer().clone();
+    if request.stream {
+        return Ok(OpenAiResponse::Stream(stream_chunks(
+            header, request, streams, tokenizer,
+        )));
+    }
+    let n = request.params.n;
+    let outcomes =
+        futures::future::try_join_all(streams.into_iter().map(|s| collect(s, n))).await?;
+    let body = response(&header, &request, &outcomes, &tokenizer)?;
+    Ok(OpenAiResponse::Json { status: 200, body })
+}
+
+#[derive(Debug, Clone)]
+struct Header {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Header {
+    fn object(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": shapes::SYSTEM_FINGERPRINT,
+            "choices": choices,
+        })
+    }
+}
+
+/// The echoed prompt: its text, and its tokens for logprobs.
+fn echo_text(prompt: &Prompt, tokenizer: &Tokenizer) -> Result<String, OpenAiError> {
+    match prompt {
+        Prompt::Text(text) => Ok(text.clone()),
+        Prompt::Tokens(ids) => Ok(tokenizer.decode(ids, false)?),
+    }
+}
+
+/// Legacy logprobs of the prompt (echo): the first token has no logprob.
+fn prompt_logprobs(
+    ids: &[u32],
+    logprobs: Option<&Vec<Option<TokenLogprob>>>,
+    tokenizer: &Tokenizer,
+    out: &mut LegacyLogprobs,
+    offset: &mut usize,
+) {
+    for (i, id) in ids.iter().enumerate() {
+        let lp = logprobs.and_then(|l| l.get(i)).and_then(Option::as_ref);
+        let text = lp.map_or_else(|| tokenizer.token_text(*id), |lp| lp.token.clone());
+        out.push(&text, lp, offset);
+    }
+}
+
+fn response(
+    header: &Header,
+    request: &CompletionRequest,
+    outcomes: &[Outcome],
+    tokenizer: &Tokenizer,
+) -> Result<Value, OpenAiError> {
+    let mut choices = Vec::new();
+    let mut total = Usage::default();
+    for (p, outcome) in outcomes.iter().enumerate() {
+        total.prompt_tokens += outcome.usage.prompt_tokens;
+        total.completion_tokens += outcome.usage.completion_tokens;
+        let echo = if request.echo {
+            echo_text(&request.prompts[p], tokenizer)?
+        } else {
+            String::new()
+        };
+        for (i, choice) in outcome.choices.iter().enumerate() {
+            let logprobs = request.params.logprobs.map(|_| {
+                let mut l = LegacyLogprobs::default();
+                let mut offset = 0;
+                if request.echo {
+                    prompt_logprobs(
+                        &outcome.prompt_token_ids,
+                        outcome.prompt_logprobs.as_ref(),
+                        tokenizer,
+                        &mut l,
+                        &mut offset,
+                    );
+                    offset = echo.chars().count();
+                }
+                for lp in &choice.logprobs {
+                    l.push(&lp.token, Some(lp), &mut offset);
+                }
+                l.to_json()
+            });
+            let mut value = json!({
+                "index": p * request.params.n + i,
+                "text": format!("{echo}{}", choice.text),
+                "logprobs": logprobs,
+                "finish_reason": shapes::finish_reason(choice.finish.as_ref()),
+                "stop_reason": shapes::stop_reason(choice.finish.as_ref()),
+            });
+            if let Some(lps) = &outcome.prompt_logprobs {
+                value["prompt_logprobs"] = shapes::prompt_logprobs(&outcome.prompt_token_ids, lps);
+            }
+            choices.push(value);
+        }
+    }
+    let mut body = header.object(Value::Array(choices));
+    body["usage"] = shapes::usage(&total);
+    Ok(body)
+}
+
+/// Per-choice streaming state: where the next token's text starts (legacy `text_offset`).
+struct ChunkState {
+    header: Header,
+    request: CompletionRequest,
+    tokenizer: Tokenizer,
+    offsets: Vec<usize>,
+}
+
+impl ChunkState {
+    fn choice_chunk(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Value,
+        finish: Value,
+        stop: Value,
+    ) -> Value {
+        self.header.object(json!([{
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop,
+        }]))
+    }
+
+    /// Echo chunks, one per choice of the prompt, when the engine reports the prompt.
+    fn on_prompt(
+        &mut self,
+        p: usize,
+        ids: &[u32],
+        logprobs: Option<&Vec<Option<TokenLogprob>>>,
+    ) -> Result<Vec<Value>, OpenAiError> {
+        if !self.request.echo {
+            return Ok(Vec::new());
+        }
+        let text = echo_text(&self.request.prompts[p], &self.tokenizer)?;
+        let n = self.request.params.n;
+        let mut chunks = Vec::new();
+        for i in 0..n {
+            let index = p * n + i;
+            let lps = self.request.params.logprobs.map(|_| {
+                let mut l = LegacyLogprobs::default();
+                let mut offset = 0;
+                prompt_logprobs(ids, logprobs, &self.tokenizer, &mut l, &mut offset);
+                l.to_json()
+            });
+            self.offsets[index] = text.chars().count();
+            chunks.push(self.choice_chunk(
+                index,
+                text.clone(),
+                lps.unwrap_or(Value::Null),
+                Value::Null,
+                Value::Null,
+            ));
+        }
+        Ok(chunks)
+    }
+
+    fn on_delta(&mut self, p: usize, delta: ChoiceDelta) -> Option<Value> {
+        let index = p * self.request.params.n + delta.index;
+        if delta.text.is_empty() && delta.logprobs.is_empty() && delta.finish.is_none() {
+            return None;
+        }
+        let logprobs = match self.request.params.logprobs {
+            None => Value::Null,
+            Some(_) => {
+                let mut l = LegacyLogprobs::default();
+                let offset = self.offsets.get_mut(index)?;
+                for lp in &delta.logprobs {
+                    l.push(&lp.token, Some(lp), offset);
+                }
+                l.to_json()
+            }
+        };
+        Some(self.choice_chunk(
+            index,
+            delta.text,
+            logprobs,
+            shapes::finish_reason(delta.finish.as_ref()),
+            shapes::stop_reason(delta.finish.as_ref()),
+        ))
+    }
+}
+
+fn stream_chunks(
+    header: Header,
+    request: CompletionRequest,
+    streams: Vec<GenerationStream>,
+    tokenizer: Tokenizer,
+) -> BoxStream<'static, StreamEvent> {
+    let prompts = streams.len();
+    let choices = prompts * request.params.n;
+    let include_usage = request.include_usage;
+    let mut state = ChunkState {
+        header,
+        request,
+        tokenizer,
+        offsets: vec![0; choices],
+    };
+    let merged = stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(p, s)| s.map(move |e| (p, e)).boxed()),
+    );
+    async_stream::stream! {
+        futures::pin_mut!(merged);
+        let mut done = 0;
+        let mut usage = Usage::default();
+        while let Some((p, event)) = merged.next().await {
+            match event {
+                GenerationEvent::Prompt { prompt_token_ids, prompt_logprobs } => {
+                    match state.on_prompt(p, &prompt_token_ids, prompt_logprobs.as_ref()) {
+                        Ok(chunks) => for c in chunks { yield StreamEvent::Data(c) },
+                        Err(e) => { yield StreamEvent::Error(e); yield StreamEvent::Done; return; }
+                    }
+                }
+                GenerationEvent::Delta(delta) => {
+                    if let Some(c) = state.on_delta(p, delta) {
+                        yield StreamEvent::Data(c);
+                    }
+                }
+                GenerationEvent::Done { usage: u, .. } => {
+                    usage.prompt_tokens += u.prompt_tokens;
+                    usage.completion_tokens += u.completion_tokens;
+                    done += 1;
+                    if done == prompts {
+                        break;
+                    }
+                }
+                GenerationEvent::Error(e) => {
+                    yield StreamEvent::Error(e.into());
+                    yield StreamEvent::Done;
+                    return;
+                }
+            }
+        }
+        if done < prompts {
+            yield StreamEvent::Error(OpenAiError::internal("the engine ended the request without finishing it"));
+        } else if include_usage {
+            let mut chunk = state.header.object(json!([]));
+            chunk["usage"] = shapes::usage(&usage);
+            yield StreamEvent::Data(chunk);
+        }
+        yield StreamEvent::Done;
+    }
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_json(v: Value) -> Result<CompletionRequest, OpenAiError> {
+        parse(&Body(v.as_object().unwrap()))
+    }
+
+    #[test]
+    fn prompts_in_every_openai_form() {
+        let r = parse_json(json!({"prompt": "hi"})).unwrap();
+        assert_eq!(r.prompts, vec![Prompt::Text("hi".into())]);
+        let r = parse_json(json!({"prompt": ["a", "b"]})).unwrap();
+        assert_eq!(r.prompts.len(), 2);
+        let r = parse_json(json!({"prompt": [1, 2, 3]})).unwrap();
+        assert_eq!(r.prompts, vec![Prompt::Tokens(vec![1, 2, 3])]);
+        let r = parse_json(json!({"prompt": [[1], [2, 3]]})).unwrap();
+        assert_eq!(r.prompts[1], Prompt::Tokens(vec![2, 3]));
+        for bad in [
+            json!({}),
+            json!({"prompt": []}),
+            json!({"prompt": [1, "a"]}),
+            json!({"prompt": [-1]}),
+            json!({"prompt": [[]]}),
+            json!({"prompt": 5}),
+        ] {
+            let e = parse_json(bad.clone()).unwrap_err();
+            assert_eq!(
+                (e.status, e.param.as_deref()),
+                (400, Some("prompt")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn suffix_is_refused_clearly() {
+        let e = parse_json(json!({"prompt": "a", "suffix": "b"})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("suffix"));
+        assert!(e.message.contains("not supported"));
+    }
+
+    #[test]
+    fn echo_with_logprobs_asks_for_prompt_logprobs() {
+        let r = parse_json(json!({"prompt": "a", "echo": true, "logprobs": 2})).unwrap();
+        assert_eq!(
+            (r.params.logprobs, r.params.prompt_logprobs),
+            (Some(2), Some(2))
+        );
+        let r = parse_json(json!({"prompt": "a", "logprobs": 2})).unwrap();
+        assert_eq!(r.params.prompt_logprobs, None);
+        assert_eq!(r.params.max_tokens, Some(16));
+        assert!(parse_json(json!({"prompt": "a", "logprobs": 21})).is_err());
+    }
+}

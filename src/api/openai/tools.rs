@@ -1,0 +1,311 @@
+//! Tool calls in model output: Hermes/Qwen `<tool_call>{json}</tool_call>` blocks, Llama-3 JSON
+//! (`{"name": ..., "parameters"|"arguments": ...}`, optionally after `<|python_tag|>`, several joined
+//! by `;` or in a list) and Mistral `[TOOL_CALLS] [...]`. Pure: text in, calls out; plus a streaming
+//! detector that lets ordinary text through and holds back everything from a tool-call start on.
+
+use rand::distr::Alphanumeric;
+use rand::Rng;
+use serde_json::Value;
+
+const HERMES_START: &str = "<tool_call>";
+const HERMES_END: &str = "</tool_call>";
+const PYTHON_TAG: &str = "<|python_tag|>";
+const MISTRAL_START: &str = "[TOOL_CALLS]";
+const MARKERS: [&str; 3] = [HERMES_START, PYTHON_TAG, MISTRAL_START];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, as OpenAI sends them.
+    pub arguments: String,
+}
+
+/// Text before the tool calls (`None` when blank) and the calls; `None` when the text holds no
+/// parseable tool call.
+pub fn parse_tool_calls(text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+    let (content, calls) = if let Some(at) = text.find(HERMES_START) {
+        (&text[..at], parse_hermes(&text[at..])?)
+    } else if let Some(at) = text.find(MISTRAL_START) {
+        (
+            &text[..at],
+            parse_json_calls(&text[at + MISTRAL_START.len()..])?,
+        )
+    } else if let Some(at) = text.find(PYTHON_TAG) {
+        (
+            &text[..at],
+            parse_json_calls(&text[at + PYTHON_TAG.len()..])?,
+        )
+    } else {
+        ("", parse_json_calls(text)?)
+    };
+    if calls.is_empty() {
+        return None;
+    }
+    let content = Some(content.trim_end().to_string()).filter(|c| !c.trim().is_empty());
+    Some((content, calls))
+}
+
+/// `<tool_call>{...}</tool_call>` blocks; the last may be unterminated (the model stopped on EOS).
+fn parse_hermes(mut text: &str) -> Option<Vec<ToolCall>> {
+    let mut calls = Vec::new();
+    while let Some(start) = text.find(HERMES_START) {
+        let body = &text[start + HERMES_START.len()..];
+        let (json, rest) = match body.find(HERMES_END) {
+            Some(end) => (&body[..end], &body[end + HERMES_END.len()..]),
+            None => (body, ""),
+        };
+        calls.push(call_from_value(&serde_json::from_str(json.trim()).ok()?)?);
+        text = rest;
+    }
+    Some(calls)
+}
+
+/// A JSON object, a list of objects, or objects joined by `;` (Llama 3.x).
+fn parse_json_calls(text: &str) -> Option<Vec<ToolCall>> {
+    let text = text.trim();
+    if !text.starts_with('{') && !text.starts_with('[') {
+        return None;
+    }
+    if let Ok(value) = serde_json::from_str::<Value>(text) {
+        return match value {
+            Value::Array(items) => items.iter().map(call_from_value).collect(),
+            other => Some(vec![call_from_value(&other)?]),
+        };
+    }
+    text.split(';')
+        .map(|part| call_from_value(&serde_json::from_str(part.trim()).ok()?))
+        .collect()
+}
+
+fn call_from_value(value: &Value) -> Option<ToolCall> {
+    let object = value.as_object()?;
+    let name = object.get("name")?.as_str()?.to_string();
+    let arguments = match object.get("arguments").or_else(|| object.get("parameters")) {
+        None | Some(Value::Null) => "{}".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    Some(ToolCall {
+        id: new_call_id(),
+        name,
+        arguments,
+    })
+}
+
+/// `call_` and 24 random letters and digits.
+pub fn new_call_id() -> String {
+    let suffix: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    format!("call_{suffix}")
+}
+
+/// Streams text while watching for a tool call: text before a tool-call start goes out at once, a
+/// possible start is held until it is decided, and from a start on everything is kept for parsing
+/// at the end. Output that opens with `{` or `[` (Llama-3 JSON style) is held whole.
+#[derive(Debug, Default)]
+pub struct ToolCallDetector {
+    held: String,
+    capturing: bool,
+    emitted_text: bool,
+}
+
+/// What the end of a choice leaves: text still to send, and the tool calls if there were any.
+#[derive(Debug, PartialEq)]
+pub struct Detected {
+    pub text: String,
+    pub calls: Vec<ToolCall>,
+}
+
+impl ToolCallDetector {
+    /// Adds a delta; returns the text that can be sent now.
+    pub fn push(&mut self, delta: &str) -> String {
+        self.held.push_str(delta);
+        if self.capturing {
+            return String::new();
+        }
+        let start = self.held.trim_start();
+        if !self.emitted_text {
+            if start.is_empty() {
+                return String::new();
+            }
+            if start.starts_with('{') || start.starts_with('[') {
+                self.capturing = true;
+                return String::new();
+            }
+        }
+        if let Some(at) = MARKERS.iter().filter_map(|m| self.held.find(m)).min() {
+            self.capturing = true;
+            let rest = self.held.split_off(at);
+            let ready = std::mem::replace(&mut self.held, rest);
+            return self.emit(ready);
+        }
+        let keep = longest_marker_prefix_suffix(&self.held);
+        let rest = self.held.split_off(self.held.len() - keep);
+        let ready = std::mem::replace(&mut self.held, rest);
+        self.emit(ready)
+    }
+
+    fn emit(&mut self, text: String) -> String {
+        if !text.is_empty() {
+            self.emitted_text = true;
+        }
+        text
+    }
+
+    /// Ends the choice: the held text parsed as tool calls, or given back as text when it is none.
+    pub fn finish(self) -> Detected {
+        if self.capturing {
+            if let Some((content, calls)) = parse_tool_calls(&self.held) {
+                return Detected {
+                    text: content.unwrap_or_default(),
+                    calls,
+                };
+            }
+        }
+        Detected {
+            text: self.held,
+            calls: Vec::new(),
+        }
+    }
+}
+
+/// Length of the longest end of `text` that could be the beginning of a marker.
+fn longest_marker_prefix_suffix(text: &str) -> usize {
+    MARKERS
+        .iter()
+        .flat_map(|marker| {
+            (1..marker.len())
+                .rev()
+                .filter(|&n| text.is_char_boundary(text.len().saturating_sub(n)))
+                .find(|&n| n <= text.len() && text.ends_with(&marker[..n]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names_and_args(calls: &[ToolCall]) -> Vec<(String, String)> {
+        calls
+            .iter()
+            .map(|c| (c.name.clone(), c.arguments.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn hermes_blocks_parse_with_leading_content() {
+        let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"time\", \"arguments\": {}}\n</tool_call>";
+        let (content, calls) = parse_tool_calls(text).unwrap();
+        assert_eq!(content.as_deref(), Some("Let me check."));
+        assert_eq!(
+            names_and_args(&calls),
+            vec![
+                ("get_weather".into(), r#"{"city":"Paris"}"#.into()),
+                ("time".into(), "{}".into())
+            ]
+        );
+        assert!(calls[0].id.starts_with("call_") && calls[0].id.len() == 29);
+        assert_ne!(calls[0].id, calls[1].id);
+    }
+
+    #[test]
+    fn an_unterminated_last_block_still_parses() {
+        let (_, calls) =
+            parse_tool_calls("<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": 1}}").unwrap();
+        assert_eq!(
+            names_and_args(&calls),
+            vec![("f".into(), r#"{"x":1}"#.into())]
+        );
+    }
+
+    #[test]
+    fn llama_json_styles_parse() {
+        for text in [
+            r#"{"name": "f", "parameters": {"x": 1}}"#,
+            r#"<|python_tag|>{"name": "f", "parameters": {"x": 1}}"#,
+            r#"  {"type": "function", "name": "f", "arguments": "{\"x\":1}"}"#,
+        ] {
+            let (content, calls) = parse_tool_calls(text).unwrap();
+            assert_eq!(content, None);
+            assert_eq!(
+                names_and_args(&calls),
+                vec![("f".into(), r#"{"x":1}"#.into())],
+                "{text}"
+            );
+        }
+        let (_, calls) = parse_tool_calls(
+            r#"{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"y": "z"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            names_and_args(&calls)[1],
+            ("b".into(), r#"{"y":"z"}"#.into())
+        );
+    }
+
+    #[test]
+    fn mistral_lists_parse() {
+        let (_, calls) =
+            parse_tool_calls(r#"[TOOL_CALLS] [{"name": "a", "arguments": {"q": 1}}, {"name": "b", "arguments": {}}]"#)
+                .unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].name, "b");
+    }
+
+    #[test]
+    fn ordinary_text_and_broken_json_are_not_tool_calls() {
+        assert_eq!(parse_tool_calls("The weather is fine."), None);
+        assert_eq!(parse_tool_calls(r#"{"answer": 42}"#), None);
+        assert_eq!(parse_tool_calls("<tool_call>{\"name\": \"f\", "), None);
+        assert_eq!(parse_tool_calls(r#"{"name": 3}"#), None);
+    }
+
+    fn stream(deltas: &[&str]) -> (String, Detected) {
+        let mut d = ToolCallDetector::default();
+        let sent: String = deltas.iter().map(|x| d.push(x)).collect();
+        (sent, d.finish())
+    }
+
+    #[test]
+    fn the_detector_passes_text_and_holds_tool_calls() {
+        let (sent, done) = stream(&[
+            "Sure",
+            ". <to",
+            "ol_call>{\"name\": \"f\", ",
+            "\"arguments\": {}}</tool_call>",
+        ]);
+        assert_eq!(sent, "Sure. ");
+        assert_eq!(done.text, "");
+        assert_eq!(names_and_args(&done.calls), vec![("f".into(), "{}".into())]);
+    }
+
+    #[test]
+    fn the_detector_releases_a_false_start() {
+        let (sent, done) = stream(&["a <to", "day"]);
+        assert_eq!(format!("{sent}{}", done.text), "a <today");
+        assert!(done.calls.is_empty());
+        assert_eq!(sent, "a <today");
+    }
+
+    #[test]
+    fn the_detector_holds_json_output_and_gives_it_back_when_it_is_not_a_call() {
+        let (sent, done) = stream(&["  {\"answer\"", ": 42}"]);
+        assert_eq!(sent, "");
+        assert_eq!(done.text, "  {\"answer\": 42}");
+        let (sent, done) = stream(&["{\"name\": \"f\", \"parameters\": {\"a\": [1]}}"]);
+        assert_eq!((sent.as_str(), done.text.as_str()), ("", ""));
+        assert_eq!(done.calls.len(), 1);
+    }
+
+    #[test]
+    fn the_detector_keeps_multibyte_text_whole() {
+        let (sent, done) = stream(&["héllo wörld ", "é"]);
+        assert_eq!(format!("{sent}{}", done.text), "héllo wörld é");
+    }
+}

@@ -1,0 +1,409 @@
+//! The pre-norm decoder shared by the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2): they
+//! differ only in the switches of [`DecoderConfig`], which each architecture's file fills from its
+//! config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{CausalLM, ForwardBatch, ModelSpec};
+use crate::engine::kv_cache::KvCache;
+use crate::engine::layers::attention::softcap;
+use crate::engine::layers::{
+    Activation, AttentionImpl, AttentionParams, BatchPlan, GatedMlp, Linear, Norm, Rope, RopeConfig,
+};
+
+#[derive(Debug, Clone)]
+pub struct DecoderConfig {
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub norm_eps: f64,
+    /// Gemma: RMSNorm scales by `1 + w`.
+    pub norm_plus_one: bool,
+    pub tie_word_embeddings: bool,
+    pub rope: RopeConfig,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3: RMSNorm over each head of q and k before RoPE.
+    pub qk_norm: bool,
+    /// Phi-3: one `qkv_proj` and one `gate_up_proj` weight.
+    pub fused_weights: bool,
+    pub activation: Activation,
+    /// Gemma 2: norms after attention and MLP too (`post_attention_layernorm`, `pre_feedforward_layernorm`,
+    /// `post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Gemma: embeddings multiplied by `sqrt(hidden_size)`.
+    pub embed_scale: Option<f64>,
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    pub attn_scale: f64,
+    /// Per layer: its sliding window, if any.
+    pub layer_windows: Vec<Option<usize>>,
+}
+
+impl DecoderConfig {
+    fn window(&self) -> Result<Option<usize>> {
+        let mut ws: Vec<usize> = self.layer_windows.iter().flatten().copied().collect();
+        ws.dedup();
+        match ws.as_slice() {
+            [] => Ok(None),
+            [w] => Ok(Some(*w)),
+            _ => bail!("several different sliding windows are not supported"),
+        }
+    }
+}
+
+struct Layer {
+    input_norm: Norm,
+    qkv: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    o_proj: Linear,
+    post_attn_norm: Option<Norm>,
+    pre_mlp_norm: Norm,
+    mlp: GatedMlp,
+    post_mlp_norm: Option<Norm>,
+    attn: AttentionParams,
+}
+
+pub struct DecoderModel {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Norm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: DecoderConfig,
+    window: Option<usize>,
+    spec: ModelSpec,
+    attention_impl: AttentionImpl,
+}
+
+fn load_norm(vb: &VarBuilder, cfg: &DecoderConfig, size: usize) -> Result<Norm> {
+    if cfg.norm_plus_one {
+        Norm::rms_plus_one(vb, size, cfg.norm_eps)
+    } else {
+        Norm::rms(vb, size, cfg.norm_eps)
+    }
+}
+
+impl Layer {
+    fn load(vb: &VarBuilder, cfg: &DecoderConfig, idx: usize) -> Result<Self> {
+        let (hs, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let att = vb.pp("self_attn");
+        let qkv = if cfg.fused_weights {
+            Linear::load(&att.pp("qkv_proj"), hs, q_out + 2 * kv_out, cfg.qkv_bias)?
+        } else {
+            Linear::fuse(&[
+                Linear::load(&att.pp("q_proj"), hs, q_out, cfg.qkv_bias)?,
+                Linear::load(&att.pp("k_proj"), hs, kv_out, cfg.qkv_bias)?,
+                Linear::load(&att.pp("v_proj"), hs, kv_out, cfg.qkv_bias)?,
+            ])?
+        };
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(load_norm(&att.pp("q_norm"), cfg, hd)?),
+                Some(load_norm(&att.pp("k_norm"), cfg, hd)?),
+            )
+        } else {
+            (None, None)
+        };
+        let mlp_vb = vb.pp("mlp");
+        let mlp = if cfg.fused_weights {
+            GatedMlp::load_fused(&mlp_vb, hs, cfg.intermediate_size, cfg.activation)?
+        } else {
+            GatedMlp::load(
+                &mlp_vb,
+                hs,
+                cfg.intermediate_size,
+                cfg.mlp_bias,
+                cfg.activation,
+            )?
+        };
+        let (post_attn_norm, pre_mlp_norm, post_mlp_norm) = if cfg.sandwich_norms {
+            (
+                Some(load_norm(&vb.pp("post_attention_layernorm"), cfg, hs)?),
+                load_norm(&vb.pp("pre_feedforward_layernorm"), cfg, hs)?,
+                Some(load_norm(&vb.pp("post_feedforward_layernorm"), cfg, hs)?),
+            )
+        } else {
+            (
+                None,
+                load_norm(&vb.pp("post_attention_layernorm"), cfg, hs)?,
+                None,
+            )
+        };
+        Ok(Self {
+            input_norm: load_norm(&vb.pp("input_layernorm"), cfg, hs)?,
+            qkv,
+            q_norm,
+            k_norm,
+            o_proj: Linear::load(&att.pp("o_proj"), q_out, hs, cfg.o_bias)?,
+            post_attn_norm,
+            pre_mlp_norm,
+            mlp,
+            post_mlp_norm,
+            attn: AttentionParams {
+                num_heads: cfg.num_heads,
+                num_kv_heads: cfg.num_kv_heads,
+                head_dim: hd,
+                scale: cfg.attn_scale,
+                softcap: cfg.attn_softcap,
+                sliding_window: cfg.layer_windows.get(idx).copied().flatten(),
+            },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        idx: usize,
+        x: &Tensor,
+        rope: &Rope,
+        cos: &Tensor,
+        sin: &Tensor,
+        plan: &mut BatchPlan,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (h, kvh, d) = (
+            self.attn.num_heads,
+            self.attn.num_kv_heads,
+            self.attn.head_dim,
+        );
+        let qkv = self.qkv.forward(&self.input_norm.forward(x)?)?;
+        let mut q = qkv.narrow(1, 0, h * d)?.reshape((t, h, d))?;
+        let mut k = qkv.narrow(1, h * d, kvh * d)?.reshape((t, kvh, d))?;
+        let v = qkv
+            .narrow(1, (h + kvh) * d, kvh * d)?
+            .reshape((t, kvh, d))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let q = rope.apply(&q, cos, sin)?;
+        let k = rope.apply(&k, cos, sin)?;
+        let a = plan.attend(idx, &q, &k, &v, cache, &self.attn)?;
+        let mut a = self.o_proj.forward(&a)?;
+        if let Some(n) = &self.post_attn_norm {
+            a = n.forward(&a)?;
+        }
+        let x = (x + a)?;
+        let mut m = self.mlp.forward(&self.pre_mlp_norm.forward(&x)?)?;
+        if let Some(n) = &self.post_mlp_norm {
+            m = n.forward(&m)?;
+        }
+        x + m
+    }
+}
+
+impl DecoderModel {
+    /// `max_positions`: the longest sequence the engine will run (RoPE tables are built that far).
+    pub fn load(vb: VarBuilder, cfg: DecoderConfig, max_positions: usize) -> Result<Self> {
+        if cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+            bail!(
+                "{} attention heads cannot be grouped over {} key/value heads",
+                cfg.num_heads,
+                cfg.num_kv_heads
+            )
+        }
+        let window = cfg.window()?;
+        let m = vb.pp("model");
+        let embed = m
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| Layer::load(&m.pp(format!("layers.{i}")), &cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = load_norm(&m.pp("norm"), &cfg, cfg.hidden_size)?;
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            Linear::new(embed.clone(), None)?
+        } else {
+            Linear::load(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let rope = Rope::new(
+            &cfg.rope,
+            cfg.head_dim,
+            max_positions,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        let spec = ModelSpec {
+            architecture: cfg.architecture.clone(),
+            num_layers: cfg.num_layers,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            hidden_size: cfg.hidden_size,
+            vocab_size: cfg.vocab_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg,
+            window,
+            spec,
+            attention_impl: AttentionImpl::Auto,
+        })
+    }
+
+    fn run(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        let device: &Device = &self.spec.device;
+        let mut plan = BatchPlan::new(
+            batch,
+            cache,
+            self.window,
+            self.rope.max_positions(),
+            device,
+            self.spec.dtype,
+        )?
+        .with_impl(self.attention_impl);
+        let ids = super::token_tensor(&batch.tokens, self.cfg.vocab_size, device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(s) = self.cfg.embed_scale {
+            // the reference rounds the scale to the model's dtype first
+            let s = Tensor::new(s as f32, device)?.to_dtype(self.spec.dtype)?;
+            x = x.broadcast_mul(&s)?;
+        }
+        let (cos, sin) = self.rope.tables(&plan.positions)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(i, &x, &self.rope, &cos, &sin, &mut plan, cache)?;
+        }
+        if plan.num_rows == 0 {
+            return Tensor::zeros((0, self.cfg.hidden_size), self.spec.dtype, device);
+        }
+        self.norm.forward(&plan.select_rows(&x)?)
+    }
+}
+
+impl CausalLM for DecoderModel {
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.run(batch, cache)?;
+        if h.dim(0)? == 0 {
+            return Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.spec.device);
+        }
+        let mut logits = self.lm_head.forward(&h)?;
+        if let Some(cap) = self.cfg.final_softcap {
+            logits = softcap(&logits, cap)?;
+        }
+        logits.to_dtype(DType::F32)
+    }
+
+    fn hidden_states(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(batch, cache)
+    }
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn set_attention_impl(&mut self, imp: AttentionImpl) {
+        self.attention_impl = imp;
+    }
+}
+
+/// The config.json fields the Llama family shares, with the defaults transformers uses.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BaseConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    pub sliding_window: Option<usize>,
+    pub layer_types: Option<Vec<String>>,
+}
+
+fn default_max_positions() -> usize {
+    2048
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl BaseConfig {
+    pub fn parse(config: &serde_json::Value) -> Result<Self> {
+        serde_json::from_value(config.clone())
+            .map_err(|e| candle_core::Error::Msg(format!("config.json: {e}")))
+    }
+
+    /// A plain Llama-style decoder; architectures adjust the switches that differ.
+    pub fn decoder(&self, architecture: &str, config: &serde_json::Value) -> Result<DecoderConfig> {
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        Ok(DecoderConfig {
+            architecture: architecture.to_string(),
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim,
+            vocab_size: self.vocab_size,
+            max_position_embeddings: self.max_position_embeddings,
+            norm_eps: self.rms_norm_eps,
+            norm_plus_one: false,
+            tie_word_embeddings: self.tie_word_embeddings,
+            rope: RopeConfig::from_config(config, 10000.0)?,
+            qkv_bias: self.attention_bias,
+            o_bias: self.attention_bias,
+            mlp_bias: self.mlp_bias,
+            qk_norm: false,
+            fused_weights: false,
+            activation: Activation::from_name(&self.hidden_act)?,
+            sandwich_norms: false,
+            embed_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            layer_windows: self.layer_windows(false),
+        })
+    }
+
+    /// Sliding windows per layer: from `layer_types` when given, else the window on every layer
+    /// (`all_by_default`) or none.
+    pub fn layer_windows(&self, all_by_default: bool) -> Vec<Option<usize>> {
+        let n = self.num_hidden_layers;
+        match (&self.layer_types, self.sliding_window) {
+            (_, None) => vec![None; n],
+            (Some(types), Some(w)) => (0..n)
+                .map(|i| {
+                    (types.get(i).map(String::as_str) == Some("sliding_attention")).then_some(w)
+                })
+                .collect(),
+            (None, Some(w)) => vec![all_by_default.then_some(w); n],
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! From settings to `EngineParts`: the model, its tokenizer and facts, and the KV budget in blocks.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+use crate::engine::kv_cache::KvCache;
+use crate::engine::loader::{load_causal, LoadedModel};
+use crate::engine::models::{CausalLM, ForwardBatch};
+use crate::engine::scheduler::SchedulerConfig;
+use crate::engine::settings::EngineSettings;
+use crate::engine::template::ChatTemplate;
+use crate::engine::tokenizer::Tokenizer;
+
+use super::{EngineParts, Executor, ModelInfo};
+
+/// Default KV budget on CPU when `KV_CACHE_MEMORY` is unset: enough for `max_num_seqs` full-length
+/// sequences, capped (a CPU box shares its memory with the weights and everything else).
+pub const DEFAULT_CPU_KV_BYTES: u64 = 1 << 30;
+
+/// How many KV blocks the budget buys. `budget`: `KV_CACHE_MEMORY`, else on GPU the share
+/// `gpu_memory_utilization` of the free memory (`gpu_free`), else the CPU default. Never fewer than
+/// one full-length sequence needs, so every admissible request can run.
+pub fn num_kv_blocks(
+    settings: &EngineSettings,
+    bytes_per_block: u64,
+    max_model_len: usize,
+    gpu_free: Option<u64>,
+) -> usize {
+    let bs = settings.block_size.max(1);
+    let per_seq = max_model_len.div_ceil(bs) as u64;
+    let budget = match (settings.kv_cache_memory, gpu_free) {
+        (Some(b), _) => b,
+        (None, Some(free)) => (free as f64 * settings.gpu_memory_utilization as f64) as u64,
+        (None, None) => {
+            let wanted = per_seq * settings.max_num_seqs as u64 * bytes_per_block;
+            wanted.min(DEFAULT_CPU_KV_BYTES)
+        }
+    };
+    ((budget / bytes_per_block.max(1)) as usize).max(1)
+}
+
+/// The model and its paged cache: the executor the engine thread drives.
+pub struct CausalExecutor {
+    model: Box<dyn CausalLM>,
+    cache: KvCache,
+}
+
+impl CausalExecutor {
+    pub fn new(model: Box<dyn CausalLM>, cache: KvCache) -> Self {
+        Self { model, cache }
+    }
+}
+
+impl Executor for CausalExecutor {
+    fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
+        for &(src, dst) in copies {
+            self.cache.copy_block(src, dst)?;
+        }
+        let logits = self.model.forward(batch, &mut self.cache)?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Loads tokenizer, model, chat template and a KV cache sized by the budget.
+pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
+    if crate::engine::embedding::is_encoder_model(&settings.model_path) {
+        return crate::engine::embedding::encoder_parts(settings);
+    }
+    let tok_dir = settings
+        .tokenizer_path
+        .clone()
+        .unwrap_or_else(|| settings.model_path.clone());
+    let tokenizer = Tokenizer::from_dir(&tok_dir)
+        .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
+    let LoadedModel { model, meta } = load_causal(settings)?;
+    let spec = model.spec().clone();
+    let block_size = settings.block_size.max(1);
+    let bytes_per_block = KvCache::bytes_per_block(&spec, block_size) as u64;
+    // TODO(cuda): pass the device's free memory so GPU_MEMORY_UTILIZATION applies.
+    let num_blocks = num_kv_blocks(settings, bytes_per_block, meta.max_model_len, None);
+    let capacity = num_blocks * block_size;
+    let mut max_model_len = meta.max_model_len;
+    if capacity < max_model_len {
+        tracing::warn!(
+            capacity,
+            max_model_len,
+            "the KV cache holds fewer tokens than the context length; lowering the context length to fit"
+        );
+        max_model_len = capacity;
+    }
+    let cache = KvCache::new(&spec, num_blocks, block_size)?;
+    tracing::info!(
+        num_blocks,
+        block_size,
+        kv_cache_mib = (num_blocks as u64 * bytes_per_block) as f64 / (1 << 20) as f64,
+        max_model_len,
+        "KV cache allocated"
+    );
+    let mut eos_token_ids = meta.eos_token_ids.clone();
+    eos_token_ids.extend(tokenizer.eos_token_id());
+    eos_token_ids.sort_unstable();
+    eos_token_ids.dedup();
+    let template = ChatTemplate::from_model_dir(&tok_dir, settings.custom_chat_template.as_deref())
+        .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(EngineParts {
+        executor: Box::new(CausalExecutor::new(model, cache)),
+        tokenizer,
+        info: ModelInfo {
+            served_model_name: settings.served_model_name.clone(),
+            architecture: meta.architecture,
+            max_model_len,
+            vocab_size: spec.vocab_size,
+            can_generate: true,
+            can_embed: false,
+            created,
+        },
+        eos_token_ids,
+        scheduler: SchedulerConfig {
+            block_size,
+            num_blocks,
+            max_num_seqs: settings.max_num_seqs.max(1),
+            max_num_batched_tokens: settings.max_num_batched_tokens.max(1),
+            enable_prefix_caching: settings.enable_prefix_caching,
+        },
+        template,
+        embedder: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_budget_wins_and_default_is_capped() {
+        let mut s = EngineSettings::for_model("/x");
+        s.kv_cache_memory = Some(10_000);
+        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(1 << 40)), 10);
+        s.kv_cache_memory = None;
+        // 256 seqs x 128 blocks x 1 MiB is far above the cap.
+        assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None), 1024);
+        s.max_num_seqs = 2;
+        assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None), 256);
+        s.gpu_memory_utilization = 0.5;
+        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(1_000_000)), 500);
+    }
+}

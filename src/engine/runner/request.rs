@@ -1,0 +1,561 @@
+//! One request inside the engine thread: its choices (n / best_of siblings or beams), their samplers,
+//! detokenizers and stop rules, and the events it owes its stream. The engine loop feeds it logits rows
+//! as the scheduler's sequences produce them.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::beam::{BeamConfig, BeamSearch, Live};
+use crate::engine::detokenize::{DecodeOptions, Detokenizer};
+use crate::engine::models::LogitsWanted;
+use crate::engine::sampling::{log_softmax, top_n, Sampler};
+use crate::engine::scheduler::{Scheduled, Scheduler, SeqId};
+use crate::engine::stop::{StopConditions, StopStrings};
+use crate::engine::tokenizer::Tokenizer;
+use crate::engine::types::{
+    ChoiceDelta, Finish, FinishReason, GenerationEvent, RequestMetrics, SamplingParams, StopReason,
+    TokenLogprob, Usage,
+};
+
+/// What the engine thread needs of a request to start it.
+pub struct Submission {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub tx: UnboundedSender<GenerationEvent>,
+    pub arrival: Instant,
+}
+
+struct Choice {
+    seq: Option<SeqId>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopStrings,
+    output: Vec<u32>,
+    cum_logprob: f64,
+    finish: Option<Finish>,
+    /// Everything emitted so far, kept when output is held back until the end (best_of > n).
+    held: Option<ChoiceDelta>,
+}
+
+struct Beam {
+    seq: SeqId,
+    live: Live,
+    pending: Option<Vec<f32>>,
+}
+
+struct BeamRun {
+    search: BeamSearch,
+    beams: Vec<Beam>,
+}
+
+pub struct RequestState {
+    pub request_id: String,
+    tx: UnboundedSender<GenerationEvent>,
+    params: SamplingParams,
+    prompt: Vec<u32>,
+    stop: StopConditions,
+    root: SeqId,
+    /// The prompt has been computed and the choices exist.
+    started: bool,
+    choices: Vec<Choice>,
+    beam: Option<BeamRun>,
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    arrival: Instant,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    cached_prompt_tokens: usize,
+    finished: bool,
+}
+
+/// Borrowed engine state a request works with.
+pub struct Ctx<'a> {
+    pub sched: &'a mut Scheduler,
+    pub tokenizer: &'a Tokenizer,
+}
+
+impl RequestState {
+    pub fn new(
+        sub: Submission,
+        sched: &mut Scheduler,
+        tokenizer: &Tokenizer,
+        eos: &[u32],
+        max_model_len: usize,
+    ) -> Self {
+        let p = &sub.params;
+        let stop = StopConditions::new(p, eos, sub.prompt.len(), max_model_len);
+        let root = sched.add(sub.prompt.clone(), p.prompt_logprobs.is_none());
+        let width = p.best_of.unwrap_or(p.n).max(p.n);
+        let suppressed = stop.min_tokens_suppressed();
+        let choices = if p.use_beam_search {
+            Vec::new()
+        } else {
+            (0..width)
+                .map(|i| Choice {
+                    seq: None,
+                    sampler: Sampler::new(p, &sub.prompt, &suppressed, i),
+                    detok: Detokenizer::with_context(
+                        tokenizer.clone(),
+                        DecodeOptions::from_params(p),
+                        &sub.prompt,
+                    ),
+                    stops: StopStrings::from_params(p),
+                    output: Vec::new(),
+                    cum_logprob: 0.0,
+                    finish: None,
+                    held: None,
+                })
+                .collect()
+        };
+        let prompt_logprobs = p.prompt_logprobs.map(|_| vec![None; sub.prompt.len()]);
+        Self {
+            request_id: sub.request_id,
+            tx: sub.tx,
+            stop,
+            root,
+            started: false,
+            choices,
+            beam: None,
+            prompt_logprobs,
+            arrival: sub.arrival,
+            first_scheduled: None,
+            first_token: None,
+            cached_prompt_tokens: 0,
+            finished: false,
+            prompt: sub.prompt,
+            params: sub.params,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// The scheduler sequences this request still owns.
+    pub fn live_seqs(&self) -> Vec<SeqId> {
+        if !self.started {
+            return vec![self.root];
+        }
+        match &self.beam {
+            Some(b) => b.beams.iter().map(|b| b.seq).collect(),
+            None => self.choices.iter().filter_map(|c| c.seq).collect(),
+        }
+    }
+
+    /// Which logits rows this request wants from a scheduled chunk.
+    pub fn logits_wanted(&self, sc: &Scheduled) -> LogitsWanted {
+        let wants_prompt = self.prompt_logprobs.is_some()
+            && !self.started
+            && sc.id == self.root
+            && sc.context_len + 1 < self.prompt.len();
+        if wants_prompt {
+            LogitsWanted::All
+        } else if sc.completes {
+            LogitsWanted::Last
+        } else {
+            LogitsWanted::None
+        }
+    }
+
+    pub fn on_scheduled(&mut self, sc: &Scheduled, sched: &Scheduler) {
+        if self.first_scheduled.is_none() {
+            self.first_scheduled = Some(Instant::now());
+            if sc.id == self.root {
+                self.cached_prompt_tokens = sched.cached_tokens(self.root);
+            }
+        }
+    }
+
+    /// Rows for every new position of a prompt chunk: row `j` predicts position `context_len + j + 1`.
+    pub fn collect_prompt_logprobs(&mut self, sc: &Scheduled, rows: &[f32], tokenizer: &Tokenizer) {
+        let (Some(k), Some(out)) = (self.params.prompt_logprobs, self.prompt_logprobs.as_mut())
+        else {
+            return;
+        };
+        let vocab = rows.len() / sc.num_new.max(1);
+        for (j, row) in rows.chunks_exact(vocab).enumerate() {
+            let target = sc.context_len + j + 1;
+            if target >= self.prompt.len() {
+                break;
+            }
+            let lsm = log_softmax(row);
+            let id = self.prompt[target];
+            out[target] = Some(token_logprob(
+                id,
+                lsm[id as usize],
+                &top_n(&lsm, k),
+                tokenizer,
+            ));
+        }
+    }
+
+    /// The next-token logits of sequence `seq` (its chunk reached its last token).
+    pub fn on_logits(&mut self, seq: SeqId, row: &[f32], ctx: &mut Ctx) {
+        if self.finished {
+            return;
+        }
+        if !self.started {
+            if seq != self.root {
+                return;
+            }
+            self.start(row, ctx);
+        } else if let Some(run) = self.beam.as_mut() {
+            if let Some(b) = run.beams.iter_mut().find(|b| b.seq == seq) {
+                b.pending = Some(log_softmax(row));
+            }
+            self.beam_step_if_ready(ctx);
+        } else if let Some(i) = self.choices.iter().position(|c| c.seq == Some(seq)) {
+            self.sample_choice(i, row, ctx);
+        }
+        self.finish_if_done(ctx);
+    }
+
+    fn start(&mut self, row: &[f32], ctx: &mut Ctx) {
+        self.started = true;
+        let _ = self.tx.send(GenerationEvent::Prompt {
+            prompt_token_ids: self.prompt.clone(),
+            prompt_logprobs: self.prompt_logprobs.take(),
+        });
+        if self.stop.max_tokens == 0 {
+            ctx.sched.remove(self.root);
+            for c in &mut self.choices {
+                c.finish = Some(length());
+            }
+            if self.params.use_beam_search {
+                self.finish_beams(Vec::new(), ctx);
+            }
+            return;
+        }
+        if self.params.use_beam_search {
+            let width = self
+                .params
+                .best_of
+                .unwrap_or(self.params.n)
+                .max(self.params.n);
+            let mut run = BeamRun {
+                search: BeamSearch::new(BeamConfig {
+                    width,
+                    length_penalty: self.params.length_penalty,
+                    early_stopping: self.params.early_stopping,
+                    prompt_len: self.prompt.len(),
+                    max_tokens: self.stop.max_tokens,
+                }),
+                beams: Vec::new(),
+            };
+            run.beams.push(Beam {
+                seq: self.root,
+                live: Live {
+                    tokens: Vec::new(),
+                    cum: 0.0,
+                },
+                pending: Some(log_softmax(row)),
+            });
+            self.beam = Some(run);
+            self.beam_step_if_ready(ctx);
+            return;
+        }
+        // Siblings share the prompt's blocks; fork before anyone appends a token.
+        self.choices[0].seq = Some(self.root);
+        for i in 1..self.choices.len() {
+            self.choices[i].seq = ctx.sched.fork(self.root);
+        }
+        for i in 0..self.choices.len() {
+            self.sample_choice(i, row, ctx);
+        }
+    }
+
+    fn sample_choice(&mut self, i: usize, row: &[f32], ctx: &mut Ctx) {
+        self.first_token.get_or_insert_with(Instant::now);
+        let hold = self.holds_output();
+        let want_logprobs = self.params.logprobs.is_some();
+        let c = &mut self.choices[i];
+        let Some(seq) = c.seq else {
+            return;
+        };
+        let s = c.sampler.sample(row);
+        let tok = s.token_id;
+        c.output.push(tok);
+        c.cum_logprob += s.logprob.unwrap_or(0.0) as f64;
+        let n = c.output.len();
+        let mut finish = self.stop.check(tok, n);
+        let active = self.stop.stop_strings_active(n);
+        let piece = c.detok.push(tok).unwrap_or_default();
+        let pushed = c.stops.push(&piece, active);
+        let mut text = pushed.text;
+        if let Some(s) = pushed.stopped {
+            finish = Some(Finish {
+                reason: FinishReason::Stop,
+                stop_reason: Some(StopReason::Text(s)),
+            });
+        } else if finish.is_some() {
+            let rest = c.detok.finish().unwrap_or_default();
+            let pushed = c.stops.push(&rest, active);
+            text.push_str(&pushed.text);
+            match pushed.stopped {
+                Some(s) => {
+                    finish = Some(Finish {
+                        reason: FinishReason::Stop,
+                        stop_reason: Some(StopReason::Text(s)),
+                    })
+                }
+                None => text.push_str(&c.stops.flush()),
+            }
+        }
+        let logprobs = if want_logprobs {
+            let lp = s.logprob.unwrap_or(f32::NAN);
+            vec![token_logprob(tok, lp, &s.top, ctx.tokenizer)]
+        } else {
+            Vec::new()
+        };
+        if finish.is_some() {
+            ctx.sched.remove(seq);
+            c.seq = None;
+            c.finish = finish.clone();
+        } else {
+            ctx.sched.append_token(seq, tok);
+        }
+        let delta = ChoiceDelta {
+            index: i,
+            text,
+            token_ids: vec![tok],
+            logprobs,
+            finish,
+        };
+        if hold {
+            merge(c.held.get_or_insert_with(|| empty_delta(i)), delta);
+        } else {
+            let _ = self.tx.send(GenerationEvent::Delta(delta));
+        }
+    }
+
+    /// best_of > n: output is ranked at the end, so nothing streams before.
+    fn holds_output(&self) -> bool {
+        self.choices.len() > self.params.n
+    }
+
+    fn beam_step_if_ready(&mut self, ctx: &mut Ctx) {
+        let Some(run) = self.beam.as_mut() else {
+            return;
+        };
+        if run.beams.iter().any(|b| b.pending.is_none()) {
+            return;
+        }
+        self.first_token.get_or_insert_with(Instant::now);
+        let rows: Vec<Vec<f32>> = run
+            .beams
+            .iter_mut()
+            .map(|b| b.pending.take().unwrap_or_default())
+            .collect();
+        let lives: Vec<Live> = run.beams.iter().map(|b| b.live.clone()).collect();
+        let stop = &self.stop;
+        let out = run.search.step(&lives, &rows, |t, n| stop.check(t, n));
+        // Fork extra children before any parent grows; a parent nobody continues is dropped.
+        let mut used = vec![false; run.beams.len()];
+        let mut next = Vec::with_capacity(out.next.len());
+        for &(parent, tok, cum) in &out.next {
+            let seq = if used[parent] {
+                ctx.sched.fork(run.beams[parent].seq)
+            } else {
+                used[parent] = true;
+                Some(run.beams[parent].seq)
+            };
+            let Some(seq) = seq else { continue };
+            let mut tokens = run.beams[parent].live.tokens.clone();
+            tokens.push(tok);
+            next.push((seq, tok, Live { tokens, cum }));
+        }
+        for (b, used) in run.beams.iter().zip(&used) {
+            if !used {
+                ctx.sched.remove(b.seq);
+            }
+        }
+        for (seq, tok, _) in &next {
+            ctx.sched.append_token(*seq, *tok);
+        }
+        run.beams = next
+            .into_iter()
+            .map(|(seq, _, live)| Beam {
+                seq,
+                live,
+                pending: None,
+            })
+            .collect();
+        if out.done {
+            let lives: Vec<Live> = run.beams.iter().map(|b| b.live.clone()).collect();
+            self.finish_beams(lives, ctx);
+        }
+    }
+
+    fn finish_beams(&mut self, lives: Vec<Live>, ctx: &mut Ctx) {
+        let Some(run) = self.beam.take() else {
+            self.emit_done(0);
+            return;
+        };
+        for b in &run.beams {
+            ctx.sched.remove(b.seq);
+        }
+        let best = run.search.best(self.params.n, &lives);
+        let mut completion = 0;
+        for (rank, h) in best.into_iter().enumerate() {
+            let mut detok = Detokenizer::with_context(
+                ctx.tokenizer.clone(),
+                DecodeOptions::from_params(&self.params),
+                &self.prompt,
+            );
+            let mut text = String::new();
+            for &t in &h.tokens {
+                text.push_str(&detok.push(t).unwrap_or_default());
+            }
+            text.push_str(&detok.finish().unwrap_or_default());
+            completion += h.tokens.len();
+            let _ = self.tx.send(GenerationEvent::Delta(ChoiceDelta {
+                index: rank,
+                text,
+                token_ids: h.tokens,
+                logprobs: Vec::new(),
+                finish: Some(h.finish),
+            }));
+        }
+        self.emit_done(completion);
+    }
+
+    fn finish_if_done(&mut self, _ctx: &mut Ctx) {
+        if self.finished || !self.started || self.params.use_beam_search {
+            return;
+        }
+        if self.choices.iter().any(|c| c.finish.is_none()) {
+            return;
+        }
+        let mut completion = 0;
+        if self.holds_output() {
+            let mut order: Vec<usize> = (0..self.choices.len()).collect();
+            order.sort_by(|&a, &b| {
+                self.choices[b]
+                    .cum_logprob
+                    .total_cmp(&self.choices[a].cum_logprob)
+            });
+            for (rank, &i) in order.iter().take(self.params.n).enumerate() {
+                let c = &mut self.choices[i];
+                completion += c.output.len();
+                let mut d = c.held.take().unwrap_or_else(|| empty_delta(rank));
+                d.index = rank;
+                if d.finish.is_none() {
+                    d.finish = c.finish.clone();
+                }
+                let _ = self.tx.send(GenerationEvent::Delta(d));
+            }
+        } else {
+            completion = self.choices.iter().map(|c| c.output.len()).sum();
+        }
+        self.emit_done(completion);
+    }
+
+    fn emit_done(&mut self, completion_tokens: usize) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let metrics = self.metrics(completion_tokens);
+        tracing::info!(
+            request_id = %self.request_id,
+            prompt_tokens = self.prompt.len(),
+            completion_tokens,
+            cached_prompt_tokens = metrics.cached_prompt_tokens,
+            queue_ms = metrics.queue_time.as_secs_f64() * 1e3,
+            ttft_ms = metrics.time_to_first_token.as_secs_f64() * 1e3,
+            total_ms = metrics.total_time.as_secs_f64() * 1e3,
+            decode_tok_s = metrics.decode_tokens_per_s,
+            "request finished"
+        );
+        let _ = self.tx.send(GenerationEvent::Done {
+            usage: Usage {
+                prompt_tokens: self.prompt.len(),
+                completion_tokens,
+            },
+            metrics,
+        });
+    }
+
+    fn metrics(&self, completion_tokens: usize) -> RequestMetrics {
+        let now = Instant::now();
+        let since = |t: Option<Instant>| t.unwrap_or(now).duration_since(self.arrival);
+        let decode_time = self
+            .first_token
+            .map(|t| now.duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        let decode_tokens = completion_tokens.saturating_sub(1);
+        RequestMetrics {
+            queue_time: since(self.first_scheduled),
+            time_to_first_token: since(self.first_token),
+            total_time: now.duration_since(self.arrival),
+            decode_tokens_per_s: if decode_time > 0.0 {
+                decode_tokens as f64 / decode_time
+            } else {
+                0.0
+            },
+            cached_prompt_tokens: self.cached_prompt_tokens,
+        }
+    }
+
+    /// Ends the request with an error (engine failure); frees its sequences.
+    pub fn fail(&mut self, error: crate::engine::EngineError, sched: &mut Scheduler) {
+        for s in self.live_seqs() {
+            sched.remove(s);
+        }
+        if !self.finished {
+            self.finished = true;
+            let _ = self.tx.send(GenerationEvent::Error(error));
+        }
+    }
+
+    /// Drops the request's sequences (cancellation).
+    pub fn abandon(&mut self, sched: &mut Scheduler) {
+        for s in self.live_seqs() {
+            sched.remove(s);
+        }
+        self.finished = true;
+    }
+}
+
+fn length() -> Finish {
+    Finish {
+        reason: FinishReason::Length,
+        stop_reason: None,
+    }
+}
+
+fn empty_delta(index: usize) -> ChoiceDelta {
+    ChoiceDelta {
+        index,
+        text: String::new(),
+        token_ids: Vec::new(),
+        logprobs: Vec::new(),
+        finish: None,
+    }
+}
+
+fn merge(into: &mut ChoiceDelta, d: ChoiceDelta) {
+    into.text.push_str(&d.text);
+    into.token_ids.extend(d.token_ids);
+    into.logprobs.extend(d.logprobs);
+    if d.finish.is_some() {
+        into.finish = d.finish;
+    }
+}
+
+fn token_logprob(id: u32, logprob: f32, top: &[(u32, f32)], tokenizer: &Tokenizer) -> TokenLogprob {
+    TokenLogprob {
+        token_id: id,
+        token: tokenizer.token_text(id),
+        logprob,
+        top: top
+            .iter()
+            .map(|&(t, lp)| (t, tokenizer.token_text(t), lp))
+            .collect(),
+    }
+}

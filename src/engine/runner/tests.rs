@@ -1,0 +1,472 @@
+//! The engine loop over a toy executor that keeps a real paged cache of token ids and derives each
+//! position's logits from every token its block table reaches: a wrong block table, a bad
+//! copy-on-write or a stale prefix-cache block changes the output.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::*;
+use crate::engine::types::{
+    ChoiceDelta, FinishReason, RequestMetrics, SamplingParams, StopReason, Usage,
+};
+
+const BS: usize = 4;
+
+struct ToyExec {
+    slots: Vec<u32>,
+    vocab: usize,
+}
+
+impl ToyExec {
+    fn row(&self, table: &[u32], upto: usize) -> Vec<f32> {
+        let mut h = DefaultHasher::new();
+        for p in 0..=upto {
+            self.slots[table[p / BS] as usize * BS + p % BS].hash(&mut h);
+        }
+        let seed = h.finish();
+        (0..self.vocab as u64)
+            .map(|t| {
+                let mut h = DefaultHasher::new();
+                (seed, t).hash(&mut h);
+                (h.finish() % 10_000) as f32 / 1000.0
+            })
+            .collect()
+    }
+}
+
+impl Executor for ToyExec {
+    fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
+        for &(src, dst) in copies {
+            let (s, d) = (src as usize * BS, dst as usize * BS);
+            self.slots.copy_within(s..s + BS, d);
+        }
+        let mut out = Vec::new();
+        let mut off = 0;
+        for s in &batch.seqs {
+            for j in 0..s.num_new {
+                let p = s.context_len + j;
+                self.slots[s.block_table[p / BS] as usize * BS + p % BS] = batch.tokens[off + j];
+            }
+            off += s.num_new;
+            let first = match s.logits {
+                LogitsWanted::None => continue,
+                LogitsWanted::Last => s.context_len + s.num_new - 1,
+                LogitsWanted::All => s.context_len,
+            };
+            for p in first..s.context_len + s.num_new {
+                out.extend(self.row(&s.block_table, p));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::from_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama")).unwrap()
+}
+
+fn engine(
+    num_blocks: usize,
+    budget: usize,
+    max_seqs: usize,
+    prefix: bool,
+    eos: Vec<u32>,
+) -> Engine {
+    let tokenizer = tokenizer();
+    let vocab = tokenizer.vocab_size();
+    Engine::launch(EngineParts {
+        executor: Box::new(ToyExec {
+            slots: vec![0; num_blocks * BS],
+            vocab,
+        }),
+        info: ModelInfo {
+            served_model_name: "toy".into(),
+            architecture: "toy".into(),
+            max_model_len: 64,
+            vocab_size: vocab,
+            can_generate: true,
+            can_embed: false,
+            created: 0,
+        },
+        tokenizer,
+        eos_token_ids: eos,
+        scheduler: SchedulerConfig {
+            block_size: BS,
+            num_blocks,
+            max_num_seqs: max_seqs,
+            max_num_batched_tokens: budget,
+            enable_prefix_caching: prefix,
+        },
+        template: None,
+        embedder: None,
+    })
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    prompt: Vec<u32>,
+    choices: Vec<ChoiceDelta>,
+    usage: Usage,
+    metrics: RequestMetrics,
+    deltas: usize,
+}
+
+async fn collect(mut stream: GenerationStream) -> Outcome {
+    let mut o = Outcome::default();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            GenerationEvent::Prompt {
+                prompt_token_ids, ..
+            } => o.prompt = prompt_token_ids,
+            GenerationEvent::Delta(d) => {
+                o.deltas += 1;
+                while o.choices.len() <= d.index {
+                    let index = o.choices.len();
+                    o.choices.push(ChoiceDelta {
+                        index,
+                        text: String::new(),
+                        token_ids: vec![],
+                        logprobs: vec![],
+                        finish: None,
+                    });
+                }
+                let c = &mut o.choices[d.index];
+                c.text.push_str(&d.text);
+                c.token_ids.extend(d.token_ids);
+                c.logprobs.extend(d.logprobs);
+                assert!(c.finish.is_none(), "delta after finish");
+                c.finish = d.finish;
+            }
+            GenerationEvent::Done { usage, metrics } => {
+                o.usage = usage;
+                o.metrics = metrics;
+                return o;
+            }
+            GenerationEvent::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+    panic!("stream ended without Done")
+}
+
+fn request(prompt: Vec<u32>, f: impl FnOnce(&mut SamplingParams)) -> GenerateRequest {
+    let mut params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(12),
+        ..Default::default()
+    };
+    f(&mut params);
+    GenerateRequest {
+        request_id: "t".into(),
+        prompt: Prompt::Tokens(prompt),
+        add_special_tokens: false,
+        params,
+    }
+}
+
+fn prompt(len: usize, base: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 100 + (base * 7 + i * 13) % 800)
+        .collect()
+}
+
+async fn wait_idle(e: &Engine) {
+    for _ in 0..500 {
+        let s = e.stats();
+        if s.running.load(Ordering::Relaxed) == 0
+            && s.waiting.load(Ordering::Relaxed) == 0
+            && s.free_blocks.load(Ordering::Relaxed) == s.total_blocks.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("engine did not free its blocks");
+}
+
+#[tokio::test]
+async fn outputs_are_the_same_alone_and_batched_under_preemption() {
+    let prompts: Vec<Vec<u32>> = (0..9).map(|i| prompt(3 + i * 2, i as u32 % 3)).collect();
+    let roomy = engine(256, 64, 64, false, vec![]);
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(collect(roomy.generate(request(p.clone(), |_| {})).unwrap()).await);
+    }
+    // 10 blocks of 4 = 40 slots: the longest request (19 + 12) fits alone, all nine do not.
+    let tight = engine(10, 8, 16, true, vec![]);
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| tight.generate(request(p.clone(), |_| {})).unwrap())
+        .collect();
+    let together = futures::future::join_all(streams.into_iter().map(collect)).await;
+    for (a, b) in alone.iter().zip(&together) {
+        assert_eq!(a.choices[0].token_ids.len(), 12);
+        assert_eq!(a.choices[0].token_ids, b.choices[0].token_ids);
+        assert_eq!(a.choices[0].text, b.choices[0].text);
+    }
+    assert!(
+        tight.stats().preemptions.load(Ordering::Relaxed) > 0,
+        "the budget forced preemption"
+    );
+    wait_idle(&tight).await;
+}
+
+#[tokio::test]
+async fn prefix_cache_hit_gives_the_same_output() {
+    let e = engine(64, 64, 8, true, vec![]);
+    let p = prompt(18, 1);
+    let miss = collect(e.generate(request(p.clone(), |_| {})).unwrap()).await;
+    let hit = collect(e.generate(request(p.clone(), |_| {})).unwrap()).await;
+    assert_eq!(miss.metrics.cached_prompt_tokens, 0);
+    assert_eq!(hit.metrics.cached_prompt_tokens, 16);
+    assert_eq!(miss.choices[0].token_ids, hit.choices[0].token_ids);
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_and_frees_blocks() {
+    let e = engine(64, 64, 8, false, vec![]);
+    let mut s = e
+        .generate(request(prompt(10, 2), |p| p.max_tokens = None))
+        .unwrap();
+    let mut seen = 0;
+    while let Some(ev) = s.next().await {
+        if matches!(ev, GenerationEvent::Delta(_)) {
+            seen += 1;
+            if seen == 3 {
+                break;
+            }
+        }
+    }
+    drop(s);
+    wait_idle(&e).await;
+}
+
+#[tokio::test]
+async fn until_context_full_finishes_with_length() {
+    let e = engine(64, 64, 8, false, vec![]);
+    let o = collect(
+        e.generate(request(prompt(50, 2), |p| p.max_tokens = None))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(o.choices[0].token_ids.len(), 14, "max_model_len 64 - 50");
+    assert_eq!(
+        o.choices[0].finish.as_ref().unwrap().reason,
+        FinishReason::Length
+    );
+    assert_eq!(o.usage.completion_tokens, 14);
+}
+
+#[tokio::test]
+async fn too_long_prompts_and_bad_params_are_rejected() {
+    let e = engine(64, 64, 8, false, vec![]);
+    match e.generate(request(prompt(64, 0), |_| {})) {
+        Err(EngineError::PromptTooLong {
+            prompt_tokens: 64,
+            max_model_len: 64,
+        }) => {}
+        other => panic!("{:?}", other.err()),
+    }
+    let err = e
+        .generate(request(prompt(4, 0), |p| p.temperature = -1.0))
+        .err()
+        .unwrap();
+    assert_eq!(err.param(), Some("temperature"));
+    let err = e.generate(request(vec![5000], |_| {})).err().unwrap();
+    assert_eq!(err.param(), Some("prompt"));
+}
+
+#[tokio::test]
+async fn seeded_siblings_share_the_prompt_and_repeat() {
+    let e = engine(64, 64, 8, false, vec![]);
+    let r = || {
+        request(prompt(9, 1), |p| {
+            p.n = 3;
+            p.temperature = 1.0;
+            p.seed = Some(7);
+        })
+    };
+    let a = collect(e.generate(r()).unwrap()).await;
+    let b = collect(e.generate(r()).unwrap()).await;
+    assert_eq!(a.choices.len(), 3);
+    for (x, y) in a.choices.iter().zip(&b.choices) {
+        assert_eq!(x.token_ids, y.token_ids);
+    }
+    assert_ne!(a.choices[0].token_ids, a.choices[1].token_ids);
+    assert_eq!(a.usage.completion_tokens, 36);
+    wait_idle(&e).await;
+}
+
+#[tokio::test]
+async fn best_of_returns_the_top_n_by_cumulative_logprob_at_the_end() {
+    let e = engine(64, 64, 8, false, vec![]);
+    let o = collect(
+        e.generate(request(prompt(9, 1), |p| {
+            p.n = 2;
+            p.best_of = Some(4);
+            p.temperature = 1.0;
+            p.seed = Some(3);
+            p.logprobs = Some(0);
+        }))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(o.choices.len(), 2);
+    assert_eq!(o.deltas, 2, "one delta per returned choice, at the end");
+    let cum = |c: &ChoiceDelta| c.logprobs.iter().map(|l| l.logprob as f64).sum::<f64>();
+    assert!(cum(&o.choices[0]) >= cum(&o.choices[1]));
+    // The four candidates are the first four seeded siblings: the best two of them come back.
+    let all = collect(
+        e.generate(request(prompt(9, 1), |p| {
+            p.n = 4;
+            p.temperature = 1.0;
+            p.seed = Some(3);
+            p.logprobs = Some(0);
+        }))
+        .unwrap(),
+    )
+    .await;
+    let mut sums: Vec<f64> = all.choices.iter().map(cum).collect();
+    sums.sort_by(|a, b| b.total_cmp(a));
+    assert!((sums[0] - cum(&o.choices[0])).abs() < 1e-6);
+    assert!((sums[1] - cum(&o.choices[1])).abs() < 1e-6);
+}
+
+/// Log-probability of `output` after `prompt`, as the engine's prompt logprobs report it.
+async fn score(e: &Engine, prompt: &[u32], output: &[u32]) -> f64 {
+    let mut all = prompt.to_vec();
+    all.extend_from_slice(output);
+    let mut s = e
+        .generate(request(all, |p| {
+            p.prompt_logprobs = Some(1);
+            p.max_tokens = Some(1);
+        }))
+        .unwrap();
+    let Some(GenerationEvent::Prompt {
+        prompt_logprobs: Some(lps),
+        ..
+    }) = s.next().await
+    else {
+        panic!("prompt event first");
+    };
+    lps[prompt.len()..]
+        .iter()
+        .map(|l| l.as_ref().unwrap().logprob as f64)
+        .sum()
+}
+
+#[tokio::test]
+async fn beam_search_returns_distinct_beams_best_first() {
+    let e = engine(128, 64, 16, false, vec![]);
+    let p = prompt(7, 2);
+    let beams = collect(
+        e.generate(request(p.clone(), |p| {
+            p.use_beam_search = true;
+            p.n = 2;
+            p.best_of = Some(3);
+        }))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(beams.choices.len(), 2);
+    assert_ne!(beams.choices[0].token_ids, beams.choices[1].token_ids);
+    for c in &beams.choices {
+        assert_eq!(c.token_ids.len(), 12);
+        assert_eq!(c.finish.as_ref().unwrap().reason, FinishReason::Length);
+    }
+    let s0 = score(&e, &p, &beams.choices[0].token_ids).await;
+    let s1 = score(&e, &p, &beams.choices[1].token_ids).await;
+    assert!(s0 >= s1, "{s0} < {s1}");
+    wait_idle(&e).await;
+}
+
+#[tokio::test]
+async fn stop_strings_and_stop_ids_end_the_choice() {
+    let e = engine(64, 64, 8, false, vec![]);
+    let p = prompt(6, 0);
+    let full = collect(e.generate(request(p.clone(), |_| {})).unwrap()).await;
+    let text = full.choices[0].text.clone();
+    let ids = full.choices[0].token_ids.clone();
+    // A stop string taken from the middle of the text.
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let o = collect(
+        e.generate(request(p.clone(), |p| p.stop = vec![stop.clone()]))
+            .unwrap(),
+    )
+    .await;
+    let at = text.find(&stop).unwrap();
+    assert_eq!(o.choices[0].text, text[..at]);
+    assert_eq!(
+        o.choices[0].finish.as_ref().unwrap().stop_reason,
+        Some(StopReason::Text(stop))
+    );
+    let o = collect(
+        e.generate(request(p.clone(), |p| p.stop_token_ids = vec![ids[4]]))
+            .unwrap(),
+    )
+    .await;
+    let first = ids.iter().position(|&t| t == ids[4]).unwrap();
+    assert_eq!(o.choices[0].token_ids, ids[..=first]);
+    assert_eq!(
+        o.choices[0].finish.as_ref().unwrap().reason,
+        FinishReason::Stop
+    );
+}
+
+#[tokio::test]
+async fn eos_stops_unless_ignored_and_min_tokens_holds_it_back() {
+    let plain = engine(64, 64, 8, false, vec![]);
+    let p = prompt(6, 0);
+    let ids = collect(plain.generate(request(p.clone(), |_| {})).unwrap())
+        .await
+        .choices[0]
+        .token_ids
+        .clone();
+    let eos = ids[2];
+    let e = engine(64, 64, 8, false, vec![eos]);
+    let o = collect(e.generate(request(p.clone(), |_| {})).unwrap()).await;
+    assert_eq!(o.choices[0].token_ids, ids[..3]);
+    assert_eq!(o.choices[0].finish.as_ref().unwrap().stop_reason, None);
+    let o = collect(
+        e.generate(request(p.clone(), |p| p.ignore_eos = true))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(o.choices[0].token_ids, ids);
+    let o = collect(
+        e.generate(request(p.clone(), |p| p.min_tokens = 5))
+            .unwrap(),
+    )
+    .await;
+    assert!(o.choices[0].token_ids.len() >= 5);
+    assert!(!o.choices[0].token_ids[..4].contains(&eos));
+}
+
+#[tokio::test]
+async fn prompt_logprobs_cover_every_prompt_token() {
+    let e = engine(64, 4, 8, true, vec![]);
+    let p = prompt(10, 0);
+    let mut s = e
+        .generate(request(p.clone(), |p| p.prompt_logprobs = Some(2)))
+        .unwrap();
+    let Some(GenerationEvent::Prompt {
+        prompt_logprobs: Some(lps),
+        prompt_token_ids,
+    }) = s.next().await
+    else {
+        panic!("prompt event first");
+    };
+    assert_eq!(prompt_token_ids, p);
+    assert_eq!(lps.len(), 10);
+    assert!(lps[0].is_none());
+    for (i, lp) in lps.iter().enumerate().skip(1) {
+        let lp = lp.as_ref().unwrap();
+        assert_eq!(lp.token_id, p[i]);
+        assert_eq!(lp.top.len(), 2);
+        assert!(lp.top[0].2 >= lp.logprob || lp.top.iter().any(|t| t.0 == p[i]));
+    }
+}

@@ -1,0 +1,7 @@
+//! Shared test helpers: the queue emulator and a way to run the real `worker-candle` binary.
+
+#![allow(dead_code)]
+
+pub mod emulator;
+pub mod process;
+pub mod scripted;

@@ -1,0 +1,52 @@
+"""Fixtures for the end-to-end suite. `tests/openai_client.rs` starts `worker-candle serve` on a fixture
+model and runs pytest with:
+
+- WORKER_BASE_URL: the server's root URL (e.g. http://127.0.0.1:40123)
+- WORKER_MODEL: the served model name
+- WORKER_FIXTURE: the fixture model folder (its reference.json holds the expected outputs)
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+
+def _env(name):
+    value = os.environ.get(name)
+    if not value:
+        pytest.skip(f"{name} is not set: run this suite through `cargo test --test openai_client`")
+    return value
+
+
+@pytest.fixture(scope="session")
+def base_url():
+    return _env("WORKER_BASE_URL").rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def model():
+    return _env("WORKER_MODEL")
+
+
+@pytest.fixture(scope="session", params=["/openai/v1", "/v1"])
+def client(request, base_url):
+    """The official client, as users point it at the endpoint (both prefixes serve the API)."""
+    return OpenAI(base_url=base_url + request.param, api_key="not-used", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    return json.loads((Path(_env("WORKER_FIXTURE")) / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def text_cases(reference):
+    return [c for c in reference["cases"] if not c.get("messages")]
+
+
+@pytest.fixture(scope="session")
+def chat_cases(reference):
+    return [c for c in reference["cases"] if c.get("messages")]

@@ -1,0 +1,202 @@
+//! The OpenAI router served in-process over real HTTP (127.0.0.1:0) on the llama fixture: wire
+//! details the official client hides (SSE framing, chunk order, error bodies) and the settings.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use worker_candle::api::openai::http::OpenAiState;
+use worker_candle::api::openai::{router, OpenAiSettings};
+use worker_candle::engine::settings::DeviceChoice;
+use worker_candle::engine::{Engine, EngineSettings};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+struct Server {
+    base: String,
+    http: reqwest::Client,
+}
+
+async fn start(role: &str) -> Server {
+    start_model("llama", role).await
+}
+
+async fn start_model(model: &str, role: &str) -> Server {
+    let mut settings = EngineSettings::for_model(fixture(model));
+    settings.device = DeviceChoice::Cpu;
+    settings.kv_cache_memory = Some(64 << 20);
+    let engine = Engine::start(settings).expect("the llama fixture loads");
+    let state = OpenAiState {
+        engine,
+        settings: Arc::new(OpenAiSettings {
+            served_model_name: "m".into(),
+            response_role: role.into(),
+        }),
+    };
+    let app = axum::Router::new().nest("/v1", router(state));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Server {
+        base: format!("http://{addr}/v1"),
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Server {
+    async fn post(&self, route: &str, body: Value) -> (u16, String) {
+        let r = self
+            .http
+            .post(format!("{}{route}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn post_json(&self, route: &str, body: Value) -> (u16, Value) {
+        let (status, text) = self.post(route, body).await;
+        (status, serde_json::from_str(&text).unwrap())
+    }
+}
+
+/// The `data:` payloads of an SSE body, `[DONE]` included.
+fn sse_events(body: &str) -> Vec<String> {
+    assert!(body.ends_with("\n\n"), "{body:?}");
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("data: events").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn streamed_chat_follows_openai_framing() {
+    let server = start("assistant").await;
+    let (status, body) = server
+        .post(
+            "/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "n": 2,
+                   "max_tokens": 5, "temperature": 0, "ignore_eos": true, "stream": true,
+                   "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let events = sse_events(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    // The role comes first for each choice, the usage chunk last with no choices.
+    for (i, chunk) in chunks[..2].iter().enumerate() {
+        assert_eq!(chunk["choices"][0]["index"], json!(i));
+        assert_eq!(chunk["choices"][0]["delta"]["role"], json!("assistant"));
+    }
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], json!(10));
+    for i in 0..2 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == json!(i))
+            .collect();
+        let finishes: Vec<&Value> = mine
+            .iter()
+            .map(|c| &c["choices"][0]["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finishes, vec![&json!("length")]);
+        assert!(!mine.last().unwrap()["choices"][0]["finish_reason"].is_null());
+    }
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == json!("chat.completion.chunk")));
+}
+
+#[tokio::test]
+async fn the_response_role_and_echo_follow_the_settings() {
+    let server = start("bot").await;
+    let (status, body) = server
+        .post_json(
+            "/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Well,"}],
+                   "max_tokens": 3, "echo": true, "add_generation_prompt": false,
+                   "continue_final_message": true, "chat_template": "{% for m in messages %}{{ m.content }} {% endfor %}"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let message = &body["choices"][0]["message"];
+    assert_eq!(message["role"], json!("bot"));
+    assert!(message["content"].as_str().unwrap().starts_with("Well,"));
+}
+
+#[tokio::test]
+async fn errors_have_openai_bodies() {
+    let server = start("assistant").await;
+    let (status, body) = server
+        .post_json("/completions", json!({"prompt": "a", "top_p": "x"}))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], json!("top_p"));
+    assert_eq!(body["error"]["type"], json!("BadRequestError"));
+    assert_eq!(body["error"]["code"], json!(400));
+    let (status, body) = server
+        .post_json("/completions", json!({"model": "other", "prompt": "a"}))
+        .await;
+    assert_eq!((status, &body["error"]["param"]), (404, &json!("model")));
+    let (status, body) = server
+        .post_json("/completions", json!({"prompt": "a ".repeat(2000)}))
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("maximum context length"));
+    let (status, _) = server.post_json("/nope", json!({})).await;
+    assert_eq!(status, 404);
+    let r = server
+        .http
+        .get(format!("{}/models", server.base))
+        .send()
+        .await
+        .unwrap();
+    let models: Value = r.json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], json!("m"));
+    assert_eq!(models["data"][0]["max_model_len"], json!(512));
+}
+
+#[tokio::test]
+async fn every_fixture_generates_the_reference_text_through_the_api() {
+    for model in ["llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2"] {
+        let server = start_model(model, "assistant").await;
+        let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+        let reference: Value = serde_json::from_str(&text).unwrap();
+        for case in reference["cases"].as_array().unwrap() {
+            let greedy = json!({"temperature": 0, "max_tokens": 24});
+            let (route, mut body) = match case["messages"].as_array() {
+                Some(messages) => ("/chat/completions", json!({"messages": messages})),
+                None => ("/completions", json!({"prompt": case["prompt"]})),
+            };
+            body.as_object_mut()
+                .unwrap()
+                .extend(greedy.as_object().unwrap().clone());
+            let (status, r) = server.post_json(route, body).await;
+            assert_eq!(status, 200, "{model}: {r}");
+            let choice = &r["choices"][0];
+            let got = choice["text"]
+                .as_str()
+                .or(choice["message"]["content"].as_str());
+            assert_eq!(got, case["greedy_text"].as_str(), "{model} {route}");
+            assert_eq!(
+                r["usage"]["prompt_tokens"],
+                json!(case["input_ids"].as_array().unwrap().len()),
+                "{model} {route}"
+            );
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The real `worker-candle` binary on a fixture model, taking jobs of every kind from the queue
+//! emulator over HTTP: native prompt and messages (streamed and not), OpenAI chat and completions
+//! (streamed and not, raw SSE and objects), `/v1/models`, bad jobs, concurrency, faults and SIGTERM.
+
+mod common;
+
+use std::time::Duration;
+
+use common::emulator::{Emulator, Endpoint, Fault};
+use common::process::{fixture, Running};
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn start_worker(emulator: &Emulator, extra: &[(&str, &str)]) -> Running {
+    let mut vars = emulator.env();
+    vars.push(("MODEL_NAME".into(), fixture("llama").display().to_string()));
+    vars.push(("KV_CACHE_MEMORY".into(), "64MiB".into()));
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Running::start(&vars, &[])
+}
+
+async fn answer(emulator: &Emulator, worker: &mut Running, id: &str, input: Value) -> Value {
+    let before = emulator.answered();
+    emulator.push_job(id, input);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while emulator.results(id).is_empty() {
+        worker.assert_alive();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} not answered ({before} before); worker stderr:\n{}",
+            worker.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    emulator.result(id)
+}
+
+fn error_of(result: &Value) -> Value {
+    let text = result["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error result, got {result}"));
+    serde_json::from_str(text).expect("the error is a JSON object")
+}
+
+fn native_text(output: &[Value]) -> String {
+    output
+        .iter()
+        .flat_map(|piece| {
+            piece["choices"][0]["tokens"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn native_prompt_streamed_batches_grow_and_match_the_unstreamed_text() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let params = json!({"max_tokens": 40, "ignore_eos": true, "temperature": 0});
+
+    let streamed = answer(
+        &emulator,
+        &mut worker,
+        "stream",
+        json!({"prompt": "Hello, my name is", "stream": true, "sampling_params": params}),
+    )
+    .await;
+    let pieces = streamed["output"].as_array().unwrap().clone();
+    let sizes: Vec<usize> = pieces
+        .iter()
+        .map(|p| p["choices"][0]["tokens"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![1, 3, 9, 27], "the dynamic batch sizes");
+    // Each post to job-stream carried exactly one of these pieces, in order.
+    let posted: Vec<Value> = emulator
+        .streamed("stream")
+        .into_iter()
+        .map(|b| b["output"].clone())
+        .collect();
+    assert_eq!(posted, pieces);
+    let last = pieces.last().unwrap();
+    assert_eq!(last["usage"], json!({"input": 10, "output": 40}));
+    assert_eq!(pieces[0]["usage"]["output"], 1);
+
+    let whole = answer(
+        &emulator,
+        &mut worker,
+        "whole",
+        json!({"prompt": "Hello, my name is", "sampling_params": params}),
+    )
+    .await;
+    let output = whole["output"].as_array().unwrap();
+    assert_eq!(output.len(), 1, "one piece when not streaming");
+    assert_eq!(
+        output[0]["choices"][0]["tokens"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(native_text(output), native_text(&pieces));
+    assert_eq!(output[0]["usage"], json!({"input": 10, "output": 40}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_request_batch_knobs_override_the_defaults() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[("DEFAULT_BATCH_SIZE", "10")]);
+    let result = answer(
+        &emulator,
+        &mut worker,
+        "knobs",
+        json!({
+            "prompt": "Once upon a time", "stream": true,
+            "sampling_params": {"max_tokens": 20, "ignore_eos": true, "temperature": 0},
+            "min_batch_size": 2, "batch_size_growth_factor": 2,
+        }),
+    )
+    .await;
+    let sizes: Vec<usize> = result["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["choices"][0]["tokens"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![2, 4, 8, 6]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn native_messages_use_the_chat_template() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let result = answer(
+        &emulator,
+        &mut worker,
+        "chat",
+        json!({"messages": messages, "sampling_params": {"max_tokens": 8, "temperature": 0, "ignore_eos": true}}),
+    )
+    .await;
+    let output = result["output"].as_array().unwrap();
+    // The fixture's rendered chat prompt is 27 tokens long.
+    assert_eq!(output[0]["usage"], json!({"input": 27, "output": 8}));
+    let via_prompt = answer(
+        &emulator,
+        &mut worker,
+        "chat-prompt",
+        json!({"prompt": "What is the capital of France?", "apply_chat_template": true,
+               "sampling_params": {"max_tokens": 8, "temperature": 0, "ignore_eos": true}}),
+    )
+    .await;
+    assert_eq!(
+        native_text(via_prompt["output"].as_array().unwrap()),
+        native_text(output),
+        "apply_chat_template renders the prompt as one user message"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_jobs_streamed_and_not() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let served = fixture("llama").display().to_string();
+
+    let models = answer(
+        &emulator,
+        &mut worker,
+        "models",
+        json!({"openai_route": "/v1/models"}),
+    )
+    .await;
+    let list = &models["output"][0];
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"][0]["id"], served);
+
+    let chat_body = json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 8, "temperature": 0,
+    });
+    let chat = answer(
+        &emulator,
+        &mut worker,
+        "chat",
+        json!({"openai_route": "/v1/chat/completions", "openai_input": chat_body}),
+    )
+    .await;
+    let object = &chat["output"][0];
+    assert_eq!(object["object"], "chat.completion");
+    assert_eq!(
+        object["model"], served,
+        "a body without `model` gets the served name"
+    );
+    let content = object["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(object["choices"][0]["message"]["role"], "assistant");
+
+    let mut streamed_body = chat_body.clone();
+    streamed_body["stream"] = json!(true);
+    let stream = answer(
+        &emulator,
+        &mut worker,
+        "chat-stream",
+        json!({"route": "/v1/chat/completions", "body": streamed_body, "method": "POST"}),
+    )
+    .await;
+    let posts = stream["output"].as_array().unwrap();
+    let mut text = String::new();
+    let mut saw_done = false;
+    for post in posts {
+        let sse = post.as_str().expect("raw SSE text per post");
+        for event in sse.split("\n\n").filter(|e| !e.is_empty()) {
+            let data = event.strip_prefix("data: ").expect("an SSE data line");
+            if data == "[DONE]" {
+                saw_done = true;
+                continue;
+            }
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+                text.push_str(piece);
+            }
+        }
+    }
+    assert!(saw_done);
+    assert_eq!(text, content, "the streamed chat equals the unstreamed one");
+    assert_eq!(posts[0].as_str().unwrap().matches("data: ").count(), 1);
+
+    let completion = answer(
+        &emulator,
+        &mut worker,
+        "completion",
+        json!({"openai_route": "/v1/completions",
+               "openai_input": {"prompt": "Hello, my name is", "max_tokens": 8, "temperature": 0}}),
+    )
+    .await;
+    let object = &completion["output"][0];
+    assert_eq!(object["object"], "text_completion");
+    assert_eq!(object["usage"]["prompt_tokens"], 10);
+    assert_eq!(object["usage"]["completion_tokens"], 8);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_stream_as_chunk_objects_when_raw_output_is_off() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[("RAW_OPENAI_OUTPUT", "0")]);
+    let result = answer(
+        &emulator,
+        &mut worker,
+        "objects",
+        json!({"openai_route": "/v1/completions",
+               "openai_input": {"prompt": "Hello, my name is", "max_tokens": 12, "temperature": 0,
+                                "stream": true, "ignore_eos": true}}),
+    )
+    .await;
+    let posts = result["output"].as_array().unwrap();
+    assert!(posts.len() >= 2);
+    for post in posts {
+        for chunk in post.as_array().expect("a list of chunk objects per post") {
+            assert_eq!(chunk["object"], "text_completion");
+        }
+    }
+    assert_eq!(
+        posts[0].as_array().unwrap().len(),
+        1,
+        "the first post carries one chunk"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_jobs_get_clear_errors_and_the_worker_keeps_serving() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    emulator.push_raw_job(json!({"id": "no-input"}));
+    let cases = [
+        ("no-prompt", json!({"sampling_params": {}}), "prompt"),
+        ("prompt-type", json!({"prompt": 42}), "string"),
+        (
+            "params-type",
+            json!({"prompt": "x", "sampling_params": {"max_tokens": "ten"}}),
+            "max_tokens",
+        ),
+        (
+            "unknown-param",
+            json!({"prompt": "x", "sampling_params": {"temprature": 0}}),
+            "temprature",
+        ),
+        (
+            "route",
+            json!({"openai_route": "/v1/images/generations", "openai_input": {}}),
+            "unknown route",
+        ),
+        (
+            "stream-type",
+            json!({"prompt": "x", "stream": "yes"}),
+            "stream",
+        ),
+    ];
+    for (id, input, needle) in cases {
+        let result = answer(&emulator, &mut worker, id, input).await;
+        let error = error_of(&result);
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{id}: {message}");
+        assert!(error["code"].as_u64().unwrap() >= 400);
+    }
+    let missing = error_of(&emulator.result("no-input"));
+    assert!(missing["message"].as_str().unwrap().contains("input"));
+    let ok = answer(
+        &emulator,
+        &mut worker,
+        "after",
+        json!({"prompt": "Hello", "sampling_params": {"max_tokens": 2}}),
+    )
+    .await;
+    assert!(ok.get("output").is_some(), "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_jobs_under_queue_faults_are_each_answered_once() {
+    let emulator = Emulator::start().await;
+    emulator.fault(Endpoint::Take, Fault::Status(500));
+    emulator.fault(Endpoint::Done, Fault::Drop);
+    emulator.fault(Endpoint::Done, Fault::Status(502));
+    emulator.fault(Endpoint::Stream, Fault::Delay(Duration::from_millis(300)));
+    let mut worker = start_worker(&emulator, &[("MAX_CONCURRENCY", "3")]);
+    for i in 0..8 {
+        emulator.push_job(
+            &format!("c{i}"),
+            json!({"prompt": "Once upon a time", "stream": i % 2 == 0,
+                   "sampling_params": {"max_tokens": 6, "temperature": 0, "ignore_eos": true}}),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while emulator.answered() < 8 {
+        worker.assert_alive();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            worker.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let texts: Vec<String> = (0..8)
+        .map(|i| {
+            native_text(
+                emulator.result(&format!("c{i}"))["output"]
+                    .as_array()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        texts.iter().all(|t| t == &texts[0]),
+        "same prompt, same greedy text: {texts:?}"
+    );
+    for call in emulator.calls_to(Endpoint::Take) {
+        let asked: usize = call
+            .query("batch_size")
+            .map(|n| n.parse().unwrap())
+            .unwrap_or(1);
+        assert!(asked <= 3, "{}", call.uri);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_reports_the_unfinished_job_and_exits_cleanly() {
+    let emulator = Emulator::start().await;
+    // Slow job-stream answers keep the job running past the shutdown deadline.
+    for _ in 0..4 {
+        emulator.fault(Endpoint::Stream, Fault::Delay(Duration::from_secs(2)));
+    }
+    let mut worker = start_worker(&emulator, &[("GRACEFUL_SHUTDOWN_TIMEOUT", "1")]);
+    emulator.push_job(
+        "long",
+        json!({"prompt": "Hello", "stream": true,
+               "sampling_params": {"max_tokens": 100000, "ignore_eos": true}}),
+    );
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while emulator.calls_to(Endpoint::Stream).is_empty() {
+        worker.assert_alive();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            worker.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.terminate();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = worker.wait(Duration::from_secs(30));
+        (status, worker)
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.success(),
+        "exit 0 after SIGTERM: {:?}\n{}",
+        status.0,
+        status.1.stderr()
+    );
+    let error = error_of(&emulator.result("long"));
+    assert_eq!(error["code"], 503);
+}
