@@ -719,10 +719,9 @@ async fn image_build_step_without_model_name_builds_the_generic_worker() {
     );
 }
 
-/// The cold start resolves MODEL_NAME through the same downloader before the engine starts. (The
-/// job's own outcome belongs to the engine's and serving tests.)
+/// The cold start resolves MODEL_NAME through the same downloader, then serves the job on it.
 #[tokio::test]
-async fn cold_start_downloads_the_repo_before_loading_the_model() {
+async fn cold_start_downloads_the_repo_then_serves_a_job() {
     let server = Server::start(llama_repo()).await;
     let base = tempfile::tempdir().expect("tmp");
     let mut cmd = worker_command(&server, base.path());
@@ -734,6 +733,8 @@ async fn cold_start_downloads_the_repo_before_loading_the_model() {
         .expect("join")
         .expect("run worker");
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the job failed:\n{stdout}\n{stderr}");
     let snapshot = snapshot_dir(base.path());
     assert_eq!(
         std::fs::read(snapshot.join("model.safetensors")).expect("downloaded weights"),
