@@ -787,8 +787,14 @@ impl Hub {
             }
         }
         let partial = blobs.join(format!("{}.incomplete", sibling.blob_name(&info.sha)));
-        let url = self.url(&[repo, "resolve", &info.sha, &sibling.rfilename])?;
+        let lock = blobs.join(format!("{}.lock", sibling.blob_name(&info.sha)));
         let name = &sibling.rfilename;
+        // Workers sharing a network volume start together: one downloads, the others wait.
+        let _guard = match acquire_blob_lock(&lock, &blob, &partial, size, name).await? {
+            Acquired::Done => return Ok(blob),
+            Acquired::Lock(guard) => guard,
+        };
+        let url = self.url(&[repo, "resolve", &info.sha, &sibling.rfilename])?;
         let bar = progress.file(name, size);
         let mut last = None;
         for attempt in 0..self.config.attempts.max(1) {
@@ -904,6 +910,83 @@ impl Hub {
                 "`{name}` ended after {written} of {s} bytes"
             ))),
             _ => Ok(()),
+        }
+    }
+}
+
+/// A holder that has neither created nor grown the partial file for this long is presumed dead.
+const LOCK_STALE: Duration = Duration::from_secs(60);
+const LOCK_POLL: Duration = Duration::from_millis(200);
+
+/// Ownership of one blob's download across processes (and workers on a shared volume): a lock
+/// file created exclusively, removed when the download ends.
+struct BlobLock(PathBuf);
+
+impl Drop for BlobLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+enum Acquired {
+    Lock(BlobLock),
+    /// Someone else finished the blob while we waited.
+    Done,
+}
+
+fn blob_complete(blob: &Path, size: Option<u64>) -> bool {
+    std::fs::metadata(blob).is_ok_and(|m| size.is_none_or(|s| s == m.len()))
+}
+
+fn age(path: &Path) -> Option<Duration> {
+    std::fs::metadata(path)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()
+}
+
+async fn acquire_blob_lock(
+    lock: &Path,
+    blob: &Path,
+    partial: &Path,
+    size: Option<u64>,
+    name: &str,
+) -> Result<Acquired> {
+    let mut last_note = Instant::now();
+    loop {
+        if blob_complete(blob, size) {
+            return Ok(Acquired::Done);
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(lock)
+        {
+            Ok(mut file) => {
+                use std::io::Write;
+                let _ = writeln!(file, "{}", std::process::id());
+                return Ok(Acquired::Lock(BlobLock(lock.to_path_buf())));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let lock_age = age(lock).unwrap_or_default();
+                let progress_age = age(partial).unwrap_or(lock_age);
+                if lock_age > LOCK_STALE && progress_age > LOCK_STALE {
+                    tracing::warn!(file = name, "taking over a stale download lock");
+                    let _ = std::fs::remove_file(lock);
+                    continue;
+                }
+                if last_note.elapsed() > Duration::from_secs(10) {
+                    last_note = Instant::now();
+                    tracing::info!(
+                        file = name,
+                        "waiting for another worker downloading this file"
+                    );
+                }
+                tokio::time::sleep(LOCK_POLL).await;
+            }
+            Err(e) => return Err(anyhow!(e).context(format!("creating {}", lock.display()))),
         }
     }
 }

@@ -41,6 +41,8 @@ struct Repo {
     token: Option<String>,
     /// The first download of this file breaks after this many bytes.
     cut: Option<(String, usize)>,
+    /// Downloads of this file start only after a pause.
+    slow: Option<String>,
     log: Vec<Served>,
 }
 
@@ -168,6 +170,7 @@ async fn handle(State(state): State<Shared>, req: Request) -> Response {
         }
         _ => None,
     };
+    let slow = repo.slow.as_deref() == Some(file);
     drop(repo);
     let total = bytes.len();
     let (status, body) = match start {
@@ -196,6 +199,14 @@ async fn handle(State(state): State<Shared>, req: Request) -> Response {
                 c
             });
             Body::from_stream(paced)
+        }
+        // Hold the transfer back so that a second downloader arrives while it runs.
+        None if slow => {
+            let delayed = futures::stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Ok::<_, std::io::Error>(body)
+            });
+            Body::from_stream(delayed)
         }
         None => Body::from(body),
     };
@@ -406,6 +417,44 @@ async fn broken_transfer_is_retried_from_where_it_stopped() {
         resumed_at > 0 && resumed_at <= 100_000,
         "resumed at {resumed_at}"
     );
+}
+
+#[tokio::test]
+async fn concurrent_workers_on_one_volume_download_each_file_once() {
+    let mut repo = llama_repo();
+    repo.slow = Some("model.safetensors".into());
+    let server = Server::start(repo).await;
+    let base = tempfile::tempdir().expect("tmp");
+    let fallback = tempfile::tempdir().expect("tmp");
+    let (a, b) = (
+        server.hub(None, fallback.path()),
+        server.hub(None, fallback.path()),
+    );
+
+    let set = model();
+    let (first, second) = tokio::join!(
+        a.resolve(REPO, None, base.path(), &set),
+        b.resolve(REPO, None, base.path(), &set),
+    );
+
+    let (first, second) = (first.expect("first worker"), second.expect("second worker"));
+    assert_eq!(first, second);
+    assert_eq!(
+        std::fs::read(first.join("model.safetensors")).expect("weights"),
+        fixture("model.safetensors")
+    );
+    let log: Vec<String> = server.log().into_iter().map(|s| s.uri).collect();
+    assert_eq!(
+        server.requested("model.safetensors").len(),
+        1,
+        "one download, one wait: {log:?}"
+    );
+    let locks = std::fs::read_dir(blobs_dir(base.path()))
+        .expect("blobs")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".lock"))
+        .count();
+    assert_eq!(locks, 0, "locks released");
 }
 
 #[tokio::test]
@@ -670,10 +719,9 @@ async fn image_build_step_without_model_name_builds_the_generic_worker() {
     );
 }
 
-/// The cold start resolves MODEL_NAME through the same downloader before the engine starts. (The
-/// job's own outcome belongs to the engine's and serving tests.)
+/// The cold start resolves MODEL_NAME through the same downloader, then serves the job on it.
 #[tokio::test]
-async fn cold_start_downloads_the_repo_before_loading_the_model() {
+async fn cold_start_downloads_the_repo_then_serves_a_job() {
     let server = Server::start(llama_repo()).await;
     let base = tempfile::tempdir().expect("tmp");
     let mut cmd = worker_command(&server, base.path());
@@ -685,6 +733,8 @@ async fn cold_start_downloads_the_repo_before_loading_the_model() {
         .expect("join")
         .expect("run worker");
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the job failed:\n{stdout}\n{stderr}");
     let snapshot = snapshot_dir(base.path());
     assert_eq!(
         std::fs::read(snapshot.join("model.safetensors")).expect("downloaded weights"),
