@@ -4,12 +4,14 @@
 //! `cargo run --release --example forward_bench -- MODEL_DIR [PROMPT_TOKENS=128] [NEW_TOKENS=128] [RUNS=3]`
 //!
 //! Prints the median prefill and decode tokens/s over the runs. `DTYPE=f32|bf16|f16` overrides the dtype
-//! (default: the loader's auto choice); `RAYON_NUM_THREADS` the thread count.
+//! (default: the loader's auto choice); `RAYON_NUM_THREADS` the thread count; `ATTENTION=loop|varlen|fused`
+//! the attention path (default: automatic).
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use worker_candle::engine::kv_cache::KvCache;
+use worker_candle::engine::layers::AttentionImpl;
 use worker_candle::engine::loader::load_causal;
 use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::settings::{DTypeChoice, EngineSettings};
@@ -68,7 +70,14 @@ fn main() -> Result<()> {
         _ => DTypeChoice::Auto,
     };
     let t = Instant::now();
-    let loaded = load_causal(&settings)?;
+    let mut loaded = load_causal(&settings)?;
+    let imp = match std::env::var("ATTENTION").as_deref() {
+        Ok("loop") => AttentionImpl::Loop,
+        Ok("varlen") => AttentionImpl::Varlen,
+        Ok("fused") => AttentionImpl::Fused,
+        _ => AttentionImpl::Auto,
+    };
+    loaded.model.set_attention_impl(imp);
     let model = loaded.model.as_ref();
     let spec = model.spec().clone();
     eprintln!(
