@@ -157,3 +157,77 @@ async fn serve_answers_runpod_and_openai_routes() {
     let status = tokio::task::block_in_place(|| server.wait(Duration::from_secs(30)));
     assert!(status.success());
 }
+
+#[test]
+fn native_batch_job_returns_every_line_in_order() {
+    let input = json!({"input": {"batch": [
+        {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "Hello, my name is", "max_tokens": 3, "temperature": 0, "ignore_eos": true}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/nowhere", "body": {}},
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}}
+    ]}});
+    let out = run(
+        &model_vars(&[]),
+        &["--test-input", &input.to_string()],
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lines = result["output"][0].as_array().expect("the result lines");
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    assert_eq!(lines[0]["response"]["status_code"], 200, "{}", lines[0]);
+    assert_eq!(
+        lines[0]["response"]["body"]["usage"]["completion_tokens"],
+        3
+    );
+    assert!(!lines[1]["error"].is_null(), "{}", lines[1]);
+    assert_eq!(lines[2]["response"]["body"]["object"], "chat.completion");
+
+    let bad = run(
+        &model_vars(&[]),
+        &["--test-input", r#"{"input": {"batch": 3}}"#],
+        LIMIT,
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("`batch` must be a list"));
+}
+
+#[test]
+fn native_embedding_job_answers_like_the_embeddings_route() {
+    let vars = vec![(
+        "MODEL_NAME".to_string(),
+        fixture("bert-embed").display().to_string(),
+    )];
+    let input =
+        r#"{"input": {"embedding_input": ["first sentence", "second one"], "dimensions": 8}}"#;
+    let out = run(&vars, &["--test-input", input], LIMIT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data = result["output"][0]["data"].as_array().expect("embeddings");
+    assert_eq!(data.len(), 2);
+    let v: Vec<f64> = data[0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(v.len(), 8);
+    let norm: f64 = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!(
+        (norm - 1.0).abs() < 1e-4,
+        "renormalised after truncation: {norm}"
+    );
+}

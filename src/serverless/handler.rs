@@ -45,6 +45,22 @@ pub struct EngineHandler {
 }
 
 impl EngineHandler {
+    /// A native batch job: every line through the OpenAI front door, concurrently (the engine batches
+    /// them); one piece, the result lines in input order.
+    fn batch(&self, lines: Vec<Value>) -> PieceStream {
+        let engine = self.engine.clone();
+        let settings = crate::api::openai::OpenAiSettings {
+            served_model_name: engine.info().served_model_name.clone(),
+            response_role: self.settings.response_role.clone(),
+        };
+        futures::stream::once(async move {
+            Ok(Value::Array(
+                crate::batch::run_values(&engine, &settings, lines).await,
+            ))
+        })
+        .boxed()
+    }
+
     pub fn new(engine: Engine, settings: HandlerSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             engine,
@@ -79,6 +95,7 @@ impl JobHandler for EngineHandler {
                 method,
                 body,
             }) => openai_bridge::pieces(self, &job.id, &route, method, body),
+            Ok(JobRequest::Batch(lines)) => self.batch(lines),
         }
     }
 }

@@ -29,7 +29,19 @@ pub enum JobRequest {
         body: Option<Value>,
     },
     Native(Map<String, Value>),
+    /// A native batch job: OpenAI batch-file lines (`{"custom_id", "method", "url", "body"}`) run
+    /// together; the job's output is the list of result lines.
+    Batch(Vec<Value>),
 }
+
+/// Fields of a native embedding job passed on to `/v1/embeddings` with `embedding_input` as `input`.
+const EMBEDDING_FIELDS: &[&str] = &[
+    "dimensions",
+    "encoding_format",
+    "truncate_prompt_tokens",
+    "add_special_tokens",
+    "model",
+];
 
 /// The OpenAI routes a job may name.
 pub const OPENAI_ROUTES: &[(&str, Method)] = &[
@@ -57,7 +69,34 @@ pub fn parse(input: &Value) -> Result<JobRequest, JobError> {
         let body = non_null(fields.get("body"));
         return openai(route, "route", body, "body", non_null(fields.get("method")));
     }
+    if let Some(batch) = non_null(fields.get("batch")) {
+        return match batch {
+            Value::Array(lines) => Ok(JobRequest::Batch(lines.clone())),
+            other => Err(JobError::bad_request(format!(
+                "`batch` must be a list of batch requests ({{\"custom_id\", \"method\", \"url\", \"body\"}}), got {other}"
+            ))),
+        };
+    }
+    if let Some(input) = non_null(fields.get("embedding_input")) {
+        return Ok(embedding_job(input, fields));
+    }
     Ok(JobRequest::Native(fields.clone()))
+}
+
+/// A native embedding job is the embeddings route with `embedding_input` as its `input`.
+fn embedding_job(input: &Value, fields: &Map<String, Value>) -> JobRequest {
+    let mut body = Map::new();
+    body.insert("input".into(), input.clone());
+    for key in EMBEDDING_FIELDS {
+        if let Some(v) = non_null(fields.get(*key)) {
+            body.insert((*key).into(), v.clone());
+        }
+    }
+    JobRequest::OpenAi {
+        route: "/v1/embeddings".into(),
+        method: Method::Post,
+        body: Some(Value::Object(body)),
+    }
 }
 
 fn non_null(v: Option<&Value>) -> Option<&Value> {
@@ -199,6 +238,24 @@ mod tests {
     fn native_otherwise() {
         let r = parse(&json!({"prompt": "hello"})).unwrap();
         assert!(matches!(r, JobRequest::Native(ref m) if m["prompt"] == "hello"));
+        let batch = parse(&json!({"batch": [{"custom_id": "a"}]})).unwrap();
+        assert_eq!(batch, JobRequest::Batch(vec![json!({"custom_id": "a"})]));
+        let err = parse(&json!({"batch": "nope"})).unwrap_err();
+        assert!(
+            err.message.contains("`batch` must be a list"),
+            "{}",
+            err.message
+        );
+        let emb =
+            parse(&json!({"embedding_input": ["a", "b"], "dimensions": 8, "prompt": "x"})).unwrap();
+        assert_eq!(
+            emb,
+            JobRequest::OpenAi {
+                route: "/v1/embeddings".into(),
+                method: Method::Post,
+                body: Some(json!({"input": ["a", "b"], "dimensions": 8})),
+            }
+        );
     }
 
     #[test]
