@@ -2,133 +2,19 @@
 //! transformers computes), alone and while other requests share the batch, under preemption and with
 //! prefix-cache hits.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+mod common;
+
+use common::fixtures::{cases, collect, fixture, greedy, start, Case, CAUSAL};
 use futures::StreamExt;
 use serde_json::Value;
 use worker_candle::engine::{
-    ChoiceDelta, Engine, EngineError, EngineSettings, FinishReason, GenerateRequest,
-    GenerationEvent, Prompt, RequestMetrics, SamplingParams,
+    ChoiceDelta, Engine, EngineError, FinishReason, GenerateRequest, GenerationEvent, Prompt,
 };
 
-const MODELS: &[&str] = &[
-    "llama",
-    "qwen2",
-    "mistral",
-    "phi3",
-    "gemma2",
-    "gpt2",
-    "qwen3",
-    "llama31",
-    "mistral_sw",
-];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-struct Case {
-    input_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-    /// Absent from the newer fixtures (ids only).
-    greedy_text: Option<String>,
-    finished_by_eos: bool,
-    /// The newer fixtures generated 24 tokens whatever came (EOS included).
-    ignore_eos: bool,
-    top5: Vec<Vec<(u32, f32)>>,
-}
-
-fn cases(model: &str) -> Vec<Case> {
-    let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let ids = |v: &Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    v["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Case {
-            input_ids: ids(&c["input_ids"]),
-            greedy_ids: ids(&c["greedy_ids"]),
-            greedy_text: c["greedy_text"].as_str().map(str::to_string),
-            finished_by_eos: c["finished_by_eos"].as_bool().unwrap_or(false),
-            ignore_eos: c["finished_by_eos"].is_null(),
-            top5: c["top5_logprobs_first_steps"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|step| {
-                    step.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
-                        .collect()
-                })
-                .collect(),
-        })
-        .collect()
-}
-
-fn start(model: &str, f: impl FnOnce(&mut EngineSettings)) -> Engine {
-    let mut s = EngineSettings::for_model(fixture(model));
-    s.max_num_seqs = 32;
-    s.kv_cache_memory = Some(8 << 20);
-    f(&mut s);
-    Engine::start(s).unwrap_or_else(|e| panic!("{model}: {e:#}"))
-}
-
-fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> GenerateRequest {
-    GenerateRequest {
-        request_id: "test".into(),
-        prompt: Prompt::Tokens(prompt),
-        add_special_tokens: false,
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(max_tokens),
-            logprobs,
-            ..Default::default()
-        },
-    }
-}
-
-struct Outcome {
-    choice: ChoiceDelta,
-    metrics: RequestMetrics,
-}
-
-async fn collect(engine: &Engine, req: GenerateRequest) -> Outcome {
-    let mut stream = engine.generate(req).expect("request accepted");
-    let mut choice = ChoiceDelta {
-        index: 0,
-        text: String::new(),
-        token_ids: vec![],
-        logprobs: vec![],
-        finish: None,
-    };
-    while let Some(ev) = stream.next().await {
-        match ev {
-            GenerationEvent::Delta(d) => {
-                choice.text.push_str(&d.text);
-                choice.token_ids.extend(d.token_ids);
-                choice.logprobs.extend(d.logprobs);
-                choice.finish = d.finish;
-            }
-            GenerationEvent::Done { metrics, .. } => return Outcome { choice, metrics },
-            GenerationEvent::Error(e) => panic!("engine error: {e}"),
-            GenerationEvent::Prompt { .. } => {}
-        }
-    }
-    panic!("stream ended without Done");
-}
+const MODELS: &[&str] = CAUSAL;
 
 fn check_case(model: &str, i: usize, case: &Case, out: &ChoiceDelta) {
     assert_eq!(

@@ -237,6 +237,13 @@ impl EncoderEmbedder {
     /// Loads the encoder and pooling of a sentence-transformers (or bare BERT) folder.
     pub fn load(settings: &EngineSettings) -> anyhow::Result<Self> {
         let dir = &settings.model_path;
+        if settings.quantization != crate::engine::settings::Quantization::None {
+            anyhow::bail!(
+                "QUANTIZATION={:?} applies to decoder models; BERT-family embedders run in float \
+                 (unset QUANTIZATION)",
+                settings.quantization
+            )
+        }
         let raw = read_config(dir)?;
         let cfg: BertConfig = serde_json::from_value(raw.clone())
             .with_context(|| format!("{}/config.json is not a BERT config", dir.display()))?;

@@ -4,14 +4,18 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
+use super::gguf;
 use super::models::{causal_architecture, load_causal_model, CausalLM};
+use super::quant::{self, GgmlDType};
 use super::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
+use super::weights::Weights;
 
 /// What the engine needs to know about a loaded model besides the model itself.
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct ModelMeta {
 pub struct LoadedModel {
     pub model: Box<dyn CausalLM>,
     pub meta: ModelMeta,
+    /// The GGUF file the model came from (its metadata also holds the tokenizer).
+    pub gguf: Option<Arc<gguf::GgufFile>>,
 }
 
 /// Reads a folder's config.json.
@@ -242,36 +248,38 @@ fn max_position_embeddings(config: &Value) -> usize {
         .unwrap_or(2048)
 }
 
-/// Loads the causal LM in `settings.model_path` with the dtype and device the settings ask for.
+/// Loads the causal LM in `settings.model_path` (a float checkpoint folder, or a GGUF file) with the
+/// dtype, device and quantization the settings ask for.
 pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
+    if let Some(file) = gguf::locate(settings)? {
+        return load_gguf(settings, &file);
+    }
     let dir = settings.model_path.as_path();
     if !dir.is_dir() {
         bail!("model path {} is not a folder", dir.display())
     }
-    if settings.quantization != Quantization::None {
-        bail!(
-            "QUANTIZATION={:?} is not supported by this build yet",
-            settings.quantization
-        )
-    }
     let config = read_config(dir)?;
+    let in_situ = in_situ_dtype(settings, &config)?;
     let architecture = causal_architecture(&config)?.to_string();
     let device = resolve_device(settings.device)?;
     if device.is_cpu() {
         configure_threads(settings.threads);
     }
     let dtype = resolve_dtype(settings.dtype, &device, &config)?;
-    let model_max = max_position_embeddings(&config);
-    let max_model_len = settings.max_model_len.unwrap_or(model_max);
-    if max_model_len == 0 {
-        bail!("MAX_MODEL_LENGTH must be at least 1")
-    }
+    let (model_max, max_model_len) = context_lengths(settings, &config)?;
     let files = safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every mmap loader we rely on nobody
     // truncating them while the worker runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device)? };
-    let model = load_causal_model(&config, vb, max_model_len)
+    let weights = match in_situ {
+        Some(q) => Weights::in_situ(vb, q),
+        None => Weights::float(vb),
+    };
+    let model = load_causal_model(&config, weights, max_model_len)
         .with_context(|| format!("cannot load the {architecture} model in {}", dir.display()))?;
+    if let Some(q) = in_situ {
+        tracing::info!(quantization = ?q, "linear layers quantized at load");
+    }
     let (eos_token_ids, bos_token_id) = special_ids(dir, &config)?;
     let meta = ModelMeta {
         architecture,
@@ -289,7 +297,92 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
         dtype,
         device,
     };
-    Ok(LoadedModel { model, meta })
+    Ok(LoadedModel {
+        model,
+        meta,
+        gguf: None,
+    })
+}
+
+/// The block type `QUANTIZATION` asks float weights to be quantized to at load, `None` to keep them;
+/// a clear error for values and checkpoints this build cannot run.
+fn in_situ_dtype(settings: &EngineSettings, config: &Value) -> Result<Option<GgmlDType>> {
+    if let Some(method) = quant::checkpoint_quant_method(config) {
+        bail!(quant::unsupported_message(&format!(
+            "this checkpoint is quantized with `{method}` (config.json quantization_config), which"
+        )))
+    }
+    match &settings.quantization {
+        Quantization::None => Ok(None),
+        Quantization::InSitu(name) => match quant::in_situ_dtype(name) {
+            Some(d) => Ok(Some(d)),
+            None => bail!(quant::unsupported_message(&format!("QUANTIZATION={name}"))),
+        },
+        Quantization::Gguf => bail!(
+            "QUANTIZATION=gguf but {} holds no .gguf file",
+            settings.model_path.display()
+        ),
+        Quantization::Awq => bail!(quant::unsupported_message(
+            "QUANTIZATION=awq (AWQ checkpoints need kernels this build lacks)"
+        )),
+        Quantization::Gptq => bail!(quant::unsupported_message(
+            "QUANTIZATION=gptq (GPTQ checkpoints need kernels this build lacks)"
+        )),
+    }
+}
+
+/// The model's own context limit and the one the engine uses (`MAX_MODEL_LENGTH` when set).
+fn context_lengths(settings: &EngineSettings, config: &Value) -> Result<(usize, usize)> {
+    let model_max = max_position_embeddings(config);
+    let max_model_len = settings.max_model_len.unwrap_or(model_max);
+    if max_model_len == 0 {
+        bail!("MAX_MODEL_LENGTH must be at least 1")
+    }
+    Ok((model_max, max_model_len))
+}
+
+/// Loads a GGUF file: its metadata stands in for config.json, its blocks are used as stored.
+fn load_gguf(settings: &EngineSettings, file: &Path) -> Result<LoadedModel> {
+    if let Quantization::InSitu(name) = &settings.quantization {
+        bail!(
+            "QUANTIZATION={name} quantizes float checkpoints; {} is a GGUF file, already quantized \
+             (use QUANTIZATION=gguf or leave it unset)",
+            file.display()
+        )
+    }
+    let gguf = Arc::new(gguf::GgufFile::open(file)?);
+    let config = gguf.config().clone();
+    let architecture = causal_architecture(&config)?.to_string();
+    let device = resolve_device(settings.device)?;
+    if device.is_cpu() {
+        configure_threads(settings.threads);
+    }
+    let dtype = resolve_dtype(settings.dtype, &device, &config)?;
+    let (model_max, max_model_len) = context_lengths(settings, &config)?;
+    let weights = Weights::gguf(gguf.clone(), dtype, &device);
+    let model = load_causal_model(&config, weights, max_model_len)
+        .with_context(|| format!("cannot load the {architecture} model in {}", file.display()))?;
+    let meta = ModelMeta {
+        architecture,
+        model_type: config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        eos_token_ids: gguf.eos_token_ids(),
+        bos_token_id: gguf.bos_token_id(),
+        pad_token_id: None,
+        max_position_embeddings: model_max,
+        max_model_len,
+        chat_template: gguf.chat_template(),
+        model_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        dtype,
+        device,
+    };
+    Ok(LoadedModel {
+        model,
+        meta,
+        gguf: Some(gguf),
+    })
 }
 
 #[cfg(test)]

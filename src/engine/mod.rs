@@ -6,6 +6,7 @@ pub mod block_allocator;
 pub mod detokenize;
 pub mod embedding;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
@@ -21,6 +22,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod types;
 pub mod validate;
+pub mod weights;
 
 pub use error::EngineError;
 pub use runner::{Engine, GenerationStream, ModelInfo};

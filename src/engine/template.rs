@@ -90,13 +90,24 @@ impl ChatTemplate {
             })?,
             Err(_) => Json::Null,
         };
-        let bos = special_token(&config, "bos_token");
-        let eos = special_token(&config, "eos_token");
+        let jinja = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        Self::from_tokenizer_config(&config, jinja.as_deref(), custom)
+    }
+
+    /// The template a parsed `tokenizer_config.json` holds, unless a `chat_template.jinja` (`jinja`) or
+    /// `custom` one wins.
+    pub fn from_tokenizer_config(
+        config: &Json,
+        jinja: Option<&str>,
+        custom: Option<&str>,
+    ) -> Result<Option<Self>, EngineError> {
+        let bos = special_token(config, "bos_token");
+        let eos = special_token(config, "eos_token");
         if let Some(custom) = custom {
             return Self::new(custom, bos, eos).map(Some);
         }
-        if let Ok(source) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
-            return Self::new(&source, bos, eos).map(Some);
+        if let Some(source) = jinja {
+            return Self::new(source, bos, eos).map(Some);
         }
         match config.get("chat_template") {
             Some(Json::String(source)) => Self::new(source, bos, eos).map(Some),

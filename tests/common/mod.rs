@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod emulator;
+pub mod fixtures;
 pub mod process;
 pub mod scripted;

@@ -1,15 +1,22 @@
-//! A linear layer over a dense or quantized weight. Construction happens here only, so quantization
-//! (GGUF, in-situ) plugs in by producing `LinearWeight::Quantized`.
+//! A linear layer over a dense or quantized weight. Where the weight comes from (safetensors, GGUF,
+//! quantized at load) is `engine::weights`' business; this runs it.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{bail, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{bail, DType, Module, Result, Tensor};
+
+use crate::engine::quant;
 
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     /// `[out, in]`, as checkpoints store it.
     Dense(Tensor),
-    Quantized(QMatMul),
+    /// `[out, in]` in ggml blocks along `in`.
+    Quantized(Arc<QTensor>),
+    /// Layers of different storage side by side, outputs concatenated: q/k/v or gate/up that a GGUF
+    /// stores at different precisions and so cannot be stacked into one matrix.
+    Parts(Vec<Linear>),
 }
 
 #[derive(Debug, Clone)]
@@ -33,12 +40,13 @@ impl Linear {
         })
     }
 
-    pub fn quantized(
-        weight: QMatMul,
-        in_dim: usize,
-        out_dim: usize,
-        bias: Option<Tensor>,
-    ) -> Result<Self> {
+    /// A layer over a quantized `[out, in]` matrix; float-typed GGUF tensors become dense.
+    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
+        let (out_dim, in_dim) = weight.shape().dims2()?;
+        if weight.dtype().block_size() == 1 {
+            let dense = weight.dequantize(&weight.device())?.to_dtype(dtype)?;
+            return Self::new(dense, bias);
+        }
         Self::check_bias(bias.as_ref(), out_dim)?;
         Ok(Self {
             weight: LinearWeight::Quantized(weight),
@@ -48,53 +56,82 @@ impl Linear {
         })
     }
 
-    /// `{prefix}.weight` `[out, in]` and, if `bias`, `{prefix}.bias`.
-    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
+    /// This layer with its dense weight quantized to `wanted` (or the block type rows of this width
+    /// fall back to); unchanged when no block type fits or the weight is already quantized.
+    pub fn quantize(self, wanted: quant::GgmlDType) -> Result<Self> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Ok(self);
         };
-        Self::new(weight, bias)
-    }
-
-    /// GPT-2's `Conv1D`: the weight is stored `[in, out]`.
-    pub fn load_conv1d(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?;
-        let bias = vb.get(out_dim, "bias")?;
-        Self::new(weight, Some(bias))
+        match quant::quantize_matrix(w, wanted)? {
+            Some(q) => Ok(Self {
+                weight: LinearWeight::Quantized(Arc::new(q)),
+                ..self
+            }),
+            None => Ok(self),
+        }
     }
 
     /// One layer computing all of `parts` side by side (outputs concatenated), so that q/k/v or
     /// gate/up cost one matmul instead of several.
     pub fn fuse(parts: &[Linear]) -> Result<Self> {
-        let mut weights = Vec::with_capacity(parts.len());
-        let mut biases = Vec::with_capacity(parts.len());
-        for p in parts {
-            match &p.weight {
-                LinearWeight::Dense(w) => weights.push(w.clone()),
-                LinearWeight::Quantized(_) => bail!("cannot fuse quantized linear layers"),
-            }
-            if let Some(b) = &p.bias {
-                biases.push(b.clone());
-            }
-        }
-        let bias = match biases.len() {
-            0 => None,
-            n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
-            _ => {
-                let zeros = parts
-                    .iter()
-                    .map(|p| match &p.bias {
-                        Some(b) => Ok(b.clone()),
-                        None => Tensor::zeros(p.out_dim, weights[0].dtype(), weights[0].device()),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Some(Tensor::cat(&zeros, 0)?)
-            }
+        let Some(first) = parts.first() else {
+            bail!("nothing to fuse")
         };
-        Self::new(Tensor::cat(&weights, 0)?, bias)
+        let dense: Vec<&Tensor> = parts
+            .iter()
+            .filter_map(|p| match &p.weight {
+                LinearWeight::Dense(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let quantized: Vec<&QTensor> = parts
+            .iter()
+            .filter_map(|p| match &p.weight {
+                LinearWeight::Quantized(q) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let bias = Self::fused_bias(parts)?;
+        if dense.len() == parts.len() {
+            return Self::new(Tensor::cat(&dense, 0)?, bias);
+        }
+        let one_type = quantized.iter().all(|q| q.dtype() == quantized[0].dtype());
+        if quantized.len() == parts.len() && one_type {
+            let stacked = quant::stack_rows(&quantized)?;
+            let dtype = bias.as_ref().map_or(DType::F32, |b| b.dtype());
+            return Self::quantized(Arc::new(stacked), bias, dtype);
+        }
+        let unbiased = parts
+            .iter()
+            .map(|p| Self {
+                bias: None,
+                ..p.clone()
+            })
+            .collect();
+        Self::check_bias(bias.as_ref(), parts.iter().map(|p| p.out_dim).sum())?;
+        Ok(Self {
+            weight: LinearWeight::Parts(unbiased),
+            bias,
+            in_dim: first.in_dim,
+            out_dim: parts.iter().map(|p| p.out_dim).sum(),
+        })
+    }
+
+    /// The parts' biases end to end (zeros for a part without one), or `None` if none has one.
+    fn fused_bias(parts: &[Linear]) -> Result<Option<Tensor>> {
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let Some(like) = biases.first() else {
+            return Ok(None);
+        };
+        let (dtype, device) = (like.dtype(), like.device().clone());
+        let all = parts
+            .iter()
+            .map(|p| match &p.bias {
+                Some(b) => Ok(b.clone()),
+                None => Tensor::zeros(p.out_dim, dtype, &device),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&all, 0)?))
     }
 
     pub fn in_dim(&self) -> usize {
@@ -116,11 +153,27 @@ impl Linear {
                 super::gemv::small_matmul(x, w)?
             }
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Quantized(q) => q.forward(x)?,
+            LinearWeight::Quantized(q) => quantized_matmul(x, q)?,
+            LinearWeight::Parts(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)?
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+
+    /// The bytes the weights take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+            LinearWeight::Parts(parts) => parts.iter().map(Linear::weight_bytes).sum(),
         }
     }
 
@@ -130,6 +183,87 @@ impl Linear {
                 bail!("bias of {:?} for {out_dim} outputs", b.shape())
             }
         }
+        Ok(())
+    }
+}
+
+/// `x @ q.T` for a ggml-quantized `q`: candle's kernels quantize `x` per row and take integer dot
+/// products. They need a contiguous `x`.
+fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
+    QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let den = b.sqr().unwrap().sum_all().unwrap();
+        (num.to_scalar::<f32>().unwrap() / den.to_scalar::<f32>().unwrap()).sqrt()
+    }
+
+    #[test]
+    fn a_quantized_layer_computes_x_times_its_dequantized_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (96, 256), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (5, 256), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 96, &dev)?;
+        let float = Linear::new(w.clone(), Some(b.clone()))?;
+        for (dtype, tol) in [
+            (quant::GgmlDType::Q8_0, 0.01),
+            (quant::GgmlDType::Q4_0, 0.12),
+            (quant::GgmlDType::Q4K, 0.12),
+            (quant::GgmlDType::Q6K, 0.03),
+        ] {
+            let q = float.clone().quantize(dtype)?;
+            let LinearWeight::Quantized(qt) = q.weight() else {
+                panic!("{dtype:?} not quantized")
+            };
+            assert_eq!(qt.dtype(), dtype);
+            let y = q.forward(&x)?;
+            // against the dequantized weight: only the activations' own 8-bit rounding differs
+            let dq = Linear::new(qt.dequantize(&dev)?, Some(b.clone()))?.forward(&x)?;
+            assert!(
+                rel_err(&y, &dq) < 0.01,
+                "{dtype:?} vs its dequantized weight"
+            );
+            // against float32: the weight rounding
+            let e = rel_err(&y, &float.forward(&x)?);
+            assert!(e < tol, "{dtype:?}: relative error {e}");
+            assert!(q.weight_bytes() < float.weight_bytes() / 3);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fusing_quantized_layers_stacks_or_keeps_parts() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &dev)?;
+        let part = |rows: usize, dtype| -> Result<Linear> {
+            let w = Tensor::randn(0f32, 1.0, (rows, 64), &dev)?;
+            Linear::new(w, Some(Tensor::ones(rows, DType::F32, &dev)?))?.quantize(dtype)
+        };
+        let (a, b) = (
+            part(32, quant::GgmlDType::Q8_0)?,
+            part(16, quant::GgmlDType::Q8_0)?,
+        );
+        let c = part(16, quant::GgmlDType::Q4_0)?;
+        let want = |ps: &[&Linear]| -> Result<Tensor> {
+            let outs = ps
+                .iter()
+                .map(|p| p.forward(&x))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&outs, D::Minus1)
+        };
+        let same = Linear::fuse(&[a.clone(), b.clone()])?;
+        assert!(matches!(same.weight(), LinearWeight::Quantized(_)));
+        assert!(rel_err(&same.forward(&x)?, &want(&[&a, &b])?) < 1e-6);
+        let mixed = Linear::fuse(&[a.clone(), c.clone()])?;
+        assert!(matches!(mixed.weight(), LinearWeight::Parts(_)));
+        assert_eq!(mixed.out_dim(), 48);
+        assert!(rel_err(&mixed.forward(&x)?, &want(&[&a, &c])?) < 1e-6);
         Ok(())
     }
 }

@@ -1,8 +1,8 @@
 //! Feed-forward blocks: gated (SwiGLU / GeGLU, with gate and up fused into one matmul) and plain
 //! two-layer (GPT-2).
 
+use crate::engine::weights::Weights;
 use candle_core::{bail, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::linear::Linear;
 
@@ -49,17 +49,17 @@ pub struct GatedMlp {
 impl GatedMlp {
     /// Separate `gate_proj` and `up_proj` weights (Llama, Qwen, Mistral, Gemma).
     pub fn load(
-        vb: &VarBuilder,
+        w: &Weights,
         hidden: usize,
         intermediate: usize,
         bias: bool,
         act: Activation,
     ) -> Result<Self> {
-        let gate = Linear::load(&vb.pp("gate_proj"), hidden, intermediate, bias)?;
-        let up = Linear::load(&vb.pp("up_proj"), hidden, intermediate, bias)?;
+        let gate = w.pp("gate_proj").linear(hidden, intermediate, bias)?;
+        let up = w.pp("up_proj").linear(hidden, intermediate, bias)?;
         Ok(Self {
             gate_up: Linear::fuse(&[gate, up])?,
-            down: Linear::load(&vb.pp("down_proj"), intermediate, hidden, bias)?,
+            down: w.pp("down_proj").linear(intermediate, hidden, bias)?,
             intermediate,
             act,
         })
@@ -67,14 +67,16 @@ impl GatedMlp {
 
     /// One `gate_up_proj` weight, gate rows first (Phi-3).
     pub fn load_fused(
-        vb: &VarBuilder,
+        w: &Weights,
         hidden: usize,
         intermediate: usize,
         act: Activation,
     ) -> Result<Self> {
         Ok(Self {
-            gate_up: Linear::load(&vb.pp("gate_up_proj"), hidden, 2 * intermediate, false)?,
-            down: Linear::load(&vb.pp("down_proj"), intermediate, hidden, false)?,
+            gate_up: w
+                .pp("gate_up_proj")
+                .linear(hidden, 2 * intermediate, false)?,
+            down: w.pp("down_proj").linear(intermediate, hidden, false)?,
             intermediate,
             act,
         })

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod cpu_attention;
+pub mod embedding;
 pub mod gemv;
 pub mod linear;
 pub mod mlp;
@@ -10,6 +11,7 @@ pub mod rope;
 pub mod simd;
 
 pub use attention::{AttentionImpl, AttentionParams, BatchPlan};
+pub use embedding::Embedding;
 pub use linear::Linear;
 pub use mlp::{Activation, GatedMlp, Mlp};
 pub use norm::Norm;

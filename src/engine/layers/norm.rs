@@ -1,8 +1,8 @@
 //! Normalisations: RMSNorm (Gemma's `(1 + w)` variant folds the 1 into the weight at load) and
 //! LayerNorm.
 
+use crate::engine::weights::Weights;
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 pub enum Norm {
@@ -18,7 +18,7 @@ pub enum Norm {
 }
 
 impl Norm {
-    pub fn rms(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn rms(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self::Rms {
             weight: vb.get(size, "weight")?,
             eps: eps as f32,
@@ -26,14 +26,14 @@ impl Norm {
     }
 
     /// Gemma's RMSNorm, which scales by `1 + weight`.
-    pub fn rms_plus_one(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn rms_plus_one(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self::Rms {
             weight: (vb.get(size, "weight")? + 1.0)?,
             eps: eps as f32,
         })
     }
 
-    pub fn layer(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn layer(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self::Layer {
             weight: vb.get(size, "weight")?,
             bias: vb.get(size, "bias")?,

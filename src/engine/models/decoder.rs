@@ -2,14 +2,15 @@
 //! differ only in the switches of [`DecoderConfig`], which each architecture's file fills from its
 //! config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
 
+use crate::engine::weights::Weights;
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::{CausalLM, ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::attention::softcap;
 use crate::engine::layers::{
-    Activation, AttentionImpl, AttentionParams, BatchPlan, GatedMlp, Linear, Norm, Rope, RopeConfig,
+    Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, GatedMlp, Linear, Norm, Rope,
+    RopeConfig,
 };
 
 #[derive(Debug, Clone)]
@@ -74,7 +75,7 @@ struct Layer {
 }
 
 pub struct DecoderModel {
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Norm,
     lm_head: Linear,
@@ -85,7 +86,7 @@ pub struct DecoderModel {
     attention_impl: AttentionImpl,
 }
 
-fn load_norm(vb: &VarBuilder, cfg: &DecoderConfig, size: usize) -> Result<Norm> {
+fn load_norm(vb: &Weights, cfg: &DecoderConfig, size: usize) -> Result<Norm> {
     if cfg.norm_plus_one {
         Norm::rms_plus_one(vb, size, cfg.norm_eps)
     } else {
@@ -94,17 +95,18 @@ fn load_norm(vb: &VarBuilder, cfg: &DecoderConfig, size: usize) -> Result<Norm> 
 }
 
 impl Layer {
-    fn load(vb: &VarBuilder, cfg: &DecoderConfig, idx: usize) -> Result<Self> {
+    fn load(vb: &Weights, cfg: &DecoderConfig, idx: usize) -> Result<Self> {
         let (hs, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let att = vb.pp("self_attn");
         let qkv = if cfg.fused_weights {
-            Linear::load(&att.pp("qkv_proj"), hs, q_out + 2 * kv_out, cfg.qkv_bias)?
+            att.pp("qkv_proj")
+                .linear(hs, q_out + 2 * kv_out, cfg.qkv_bias)?
         } else {
             Linear::fuse(&[
-                Linear::load(&att.pp("q_proj"), hs, q_out, cfg.qkv_bias)?,
-                Linear::load(&att.pp("k_proj"), hs, kv_out, cfg.qkv_bias)?,
-                Linear::load(&att.pp("v_proj"), hs, kv_out, cfg.qkv_bias)?,
+                att.pp("q_proj").linear(hs, q_out, cfg.qkv_bias)?,
+                att.pp("k_proj").linear(hs, kv_out, cfg.qkv_bias)?,
+                att.pp("v_proj").linear(hs, kv_out, cfg.qkv_bias)?,
             ])?
         };
         let (q_norm, k_norm) = if cfg.qk_norm {
@@ -145,7 +147,7 @@ impl Layer {
             qkv,
             q_norm,
             k_norm,
-            o_proj: Linear::load(&att.pp("o_proj"), q_out, hs, cfg.o_bias)?,
+            o_proj: att.pp("o_proj").linear(q_out, hs, cfg.o_bias)?,
             post_attn_norm,
             pre_mlp_norm,
             mlp,
@@ -208,7 +210,7 @@ impl Layer {
 
 impl DecoderModel {
     /// `max_positions`: the longest sequence the engine will run (RoPE tables are built that far).
-    pub fn load(vb: VarBuilder, cfg: DecoderConfig, max_positions: usize) -> Result<Self> {
+    pub fn load(vb: Weights, cfg: DecoderConfig, max_positions: usize) -> Result<Self> {
         if cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
             bail!(
                 "{} attention heads cannot be grouped over {} key/value heads",
@@ -220,15 +222,15 @@ impl DecoderModel {
         let m = vb.pp("model");
         let embed = m
             .pp("embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+            .embedding(cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_layers)
             .map(|i| Layer::load(&m.pp(format!("layers.{i}")), &cfg, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = load_norm(&m.pp("norm"), &cfg, cfg.hidden_size)?;
         let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed.clone(), None)?
+            vb.tied_lm_head(&embed)?
         } else {
-            Linear::load(&vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+            vb.pp("lm_head").lm_head(cfg.hidden_size, cfg.vocab_size)?
         };
         let rope = Rope::new(
             &cfg.rope,
@@ -273,7 +275,7 @@ impl DecoderModel {
         )?
         .with_impl(self.attention_impl);
         let ids = super::token_tensor(&batch.tokens, self.cfg.vocab_size, device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.forward(&ids)?;
         if let Some(s) = self.cfg.embed_scale {
             // the reference rounds the scale to the model's dtype first
             let s = Tensor::new(s as f32, device)?.to_dtype(self.spec.dtype)?;

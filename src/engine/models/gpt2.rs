@@ -1,15 +1,15 @@
 //! GPT-2: learned absolute positions, LayerNorm, `Conv1D` weights stored `[in, out]`, fused `c_attn`,
 //! GeLU MLP, head tied to the token embeddings.
 
+use crate::engine::weights::Weights;
 use candle_core::{bail, DType, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{CausalLM, ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::{
-    Activation, AttentionImpl, AttentionParams, BatchPlan, Linear, Mlp, Norm,
+    Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, Linear, Mlp, Norm,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,7 +61,7 @@ pub struct Gpt2 {
     attention_impl: AttentionImpl,
 }
 
-pub fn load(vb: VarBuilder, config: &Value, max_positions: usize) -> Result<Gpt2> {
+pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<Gpt2> {
     let cfg: Gpt2Config = serde_json::from_value(config.clone())
         .map_err(|e| candle_core::Error::Msg(format!("config.json: {e}")))?;
     if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
@@ -93,12 +93,12 @@ pub fn load(vb: VarBuilder, config: &Value, max_positions: usize) -> Result<Gpt2
             }
             Ok(Block {
                 ln_1: Norm::layer(&b.pp("ln_1"), e, cfg.layer_norm_epsilon)?,
-                c_attn: Linear::load_conv1d(&b.pp("attn.c_attn"), e, 3 * e)?,
-                c_proj: Linear::load_conv1d(&b.pp("attn.c_proj"), e, e)?,
+                c_attn: b.pp("attn.c_attn").conv1d(e, 3 * e)?,
+                c_proj: b.pp("attn.c_proj").conv1d(e, e)?,
                 ln_2: Norm::layer(&b.pp("ln_2"), e, cfg.layer_norm_epsilon)?,
                 mlp: Mlp::new(
-                    Linear::load_conv1d(&b.pp("mlp.c_fc"), e, inner)?,
-                    Linear::load_conv1d(&b.pp("mlp.c_proj"), inner, e)?,
+                    b.pp("mlp.c_fc").conv1d(e, inner)?,
+                    b.pp("mlp.c_proj").conv1d(inner, e)?,
                     act,
                 ),
                 attn: AttentionParams {
@@ -126,7 +126,7 @@ pub fn load(vb: VarBuilder, config: &Value, max_positions: usize) -> Result<Gpt2
     };
     Ok(Gpt2 {
         wpe: t.pp("wpe").get((cfg.n_positions, e), "weight")?,
-        lm_head: Linear::new(wte.clone(), None)?,
+        lm_head: t.tied_lm_head(&Embedding::Dense(wte.clone()))?,
         wte,
         blocks,
         ln_f: Norm::layer(&t.pp("ln_f"), e, cfg.layer_norm_epsilon)?,

@@ -2,8 +2,8 @@
 //! function of (tokens, positions, KV cache): it owns no cache and no sequence state, so the scheduler can
 //! pack any mix of prefill chunks and decodes into one forward pass.
 
+use super::weights::Weights;
 use candle_core::{bail, DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::kv_cache::KvCache;
@@ -120,7 +120,7 @@ pub fn causal_architecture(config: &Value) -> Result<&'static str> {
 /// sequence length (RoPE tables are built that far).
 pub fn load_causal_model(
     config: &Value,
-    vb: VarBuilder,
+    vb: Weights,
     max_positions: usize,
 ) -> Result<Box<dyn CausalLM>> {
     Ok(match causal_architecture(config)? {

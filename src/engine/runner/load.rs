@@ -1,9 +1,12 @@
 //! From settings to `EngineParts`: the model, its tokenizer and facts, and the KV budget in blocks.
 
+use std::path::Path;
+use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
+use crate::engine::gguf::GgufFile;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loader::{load_causal, LoadedModel};
 use crate::engine::models::{CausalLM, ForwardBatch};
@@ -67,13 +70,8 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     if crate::engine::embedding::is_embedding_model(&settings.model_path) {
         return crate::engine::embedding::embedding_parts(settings);
     }
-    let tok_dir = settings
-        .tokenizer_path
-        .clone()
-        .unwrap_or_else(|| settings.model_path.clone());
-    let tokenizer = Tokenizer::from_dir(&tok_dir)
-        .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
-    let LoadedModel { model, meta } = load_causal(settings)?;
+    let LoadedModel { model, meta, gguf } = load_causal(settings)?;
+    let (tokenizer, template) = tokenizer_and_template(settings, gguf.as_deref())?;
     let spec = model.spec().clone();
     let block_size = settings.block_size.max(1);
     let bytes_per_block = KvCache::bytes_per_block(&spec, block_size) as u64;
@@ -101,8 +99,6 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     eos_token_ids.extend(tokenizer.eos_token_id());
     eos_token_ids.sort_unstable();
     eos_token_ids.dedup();
-    let template = ChatTemplate::from_model_dir(&tok_dir, settings.custom_chat_template.as_deref())
-        .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -129,6 +125,58 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
         template,
         embedder: None,
     })
+}
+
+/// The tokenizer and chat template: from `TOKENIZER_NAME`'s folder when set, else the model folder's;
+/// a GGUF file without a `tokenizer.json` beside it brings its own in its metadata.
+fn tokenizer_and_template(
+    settings: &EngineSettings,
+    gguf: Option<&GgufFile>,
+) -> anyhow::Result<(Tokenizer, Option<ChatTemplate>)> {
+    let custom = settings.custom_chat_template.as_deref();
+    let dir = match (&settings.tokenizer_path, gguf) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(g)) => {
+            let beside = g.path().parent().map(Path::to_path_buf).unwrap_or_default();
+            if !beside.join("tokenizer.json").is_file() {
+                return gguf_tokenizer(g, custom);
+            }
+            beside
+        }
+        (None, None) => settings.model_path.clone(),
+    };
+    let tokenizer = Tokenizer::from_dir(&dir)
+        .with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
+    let mut template = ChatTemplate::from_model_dir(&dir, custom)
+        .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+    if let (None, Some(g)) = (&template, gguf) {
+        template = ChatTemplate::from_tokenizer_config(&gguf_tokenizer_config(g), None, None)
+            .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+    }
+    Ok((tokenizer, template))
+}
+
+fn gguf_tokenizer_config(g: &GgufFile) -> serde_json::Value {
+    g.tokenizer_files()
+        .map(|(_, c)| c)
+        .unwrap_or_else(|_| serde_json::json!({"chat_template": g.chat_template()}))
+}
+
+/// The tokenizer and template a GGUF file's metadata describes.
+fn gguf_tokenizer(
+    g: &GgufFile,
+    custom: Option<&str>,
+) -> anyhow::Result<(Tokenizer, Option<ChatTemplate>)> {
+    let (json, config) = g.tokenizer_files()?;
+    let inner = tokenizers::Tokenizer::from_str(&json.to_string()).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: cannot build a tokenizer from the GGUF metadata: {e}",
+            g.path().display()
+        )
+    })?;
+    let template = ChatTemplate::from_tokenizer_config(&config, None, custom)
+        .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+    Ok((Tokenizer::new(inner, config), template))
 }
 
 #[cfg(test)]

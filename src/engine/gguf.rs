@@ -1,0 +1,589 @@
+//! llama.cpp's GGUF files: which file a model path means, the metadata turned into the config.json the
+//! model loaders read, tensors served under their Hugging Face names (rows of q and k put back in
+//! Hugging Face order where llama.cpp's converter permuted them), and the tokenizer and chat template
+//! the metadata carries.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Shape, Tensor};
+use serde_json::{json, Map, Value};
+
+use super::quant;
+use super::settings::{EngineSettings, Quantization};
+
+/// GGUF `general.architecture` values this build loads, with the Hugging Face architecture each is.
+pub const SUPPORTED: &[(&str, &str)] = &[
+    ("llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+];
+
+/// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
+/// `.gguf` files when `QUANTIZATION=gguf` or `GGUF_FILE` is set, or a folder whose only weights are one
+/// `.gguf` file.
+pub fn locate(settings: &EngineSettings) -> anyhow::Result<Option<PathBuf>> {
+    let path = &settings.model_path;
+    if path.is_file() {
+        if is_gguf(path) {
+            return Ok(Some(path.clone()));
+        }
+        bail!(
+            "model path {} is a file but not a .gguf file; point MODEL_NAME at a model folder",
+            path.display()
+        )
+    }
+    if !path.is_dir() {
+        return Ok(None);
+    }
+    if let Some(name) = settings.gguf_file.as_deref().filter(|n| !n.is_empty()) {
+        let file = path.join(name);
+        if !file.is_file() {
+            bail!(
+                "GGUF_FILE `{name}` is not in {} (GGUF files there: {:?})",
+                path.display(),
+                gguf_files(path)?
+            )
+        }
+        return Ok(Some(file));
+    }
+    let found = gguf_files(path)?;
+    let has_safetensors = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok())
+        .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
+    let wanted = settings.quantization == Quantization::Gguf || !has_safetensors;
+    match found.as_slice() {
+        [] if settings.quantization == Quantization::Gguf => bail!(
+            "QUANTIZATION=gguf but {} holds no .gguf file",
+            path.display()
+        ),
+        [one] if wanted => Ok(Some(path.join(one))),
+        [_, _, ..] if wanted => bail!(
+            "{} holds several GGUF files {found:?}; set GGUF_FILE to pick one",
+            path.display()
+        ),
+        _ => Ok(None),
+    }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+}
+
+fn gguf_files(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| is_gguf(p))
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// An open GGUF file: its metadata, where its tensors are, and the bytes (memory-mapped).
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    bytes: memmap2::Mmap,
+    arch: String,
+    /// Hugging Face config.json equivalent of the metadata.
+    config: Value,
+    /// `(heads, kv_heads, head_dim)` when q/k rows were permuted by llama.cpp's converter (llama).
+    permuted_qk: Option<(usize, usize, usize)>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: read-only map; like every mmap loader we rely on nobody truncating the file.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let content = Content::read(&mut Cursor::new(&bytes[..]))
+            .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+        let meta = Meta(&content.metadata);
+        let arch = meta.string("general.architecture")?;
+        if !SUPPORTED.iter().any(|(a, _)| *a == arch) {
+            let list: Vec<&str> = SUPPORTED.iter().map(|(a, _)| *a).collect();
+            bail!(
+                "GGUF architecture `{arch}` is not supported (supported: {})",
+                list.join(", ")
+            )
+        }
+        let mut gguf = Self {
+            path: path.to_path_buf(),
+            content,
+            bytes,
+            arch,
+            config: Value::Null,
+            permuted_qk: None,
+        };
+        gguf.config = gguf.hf_config()?;
+        if gguf.arch == "llama" {
+            let c = &gguf.config;
+            let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
+            gguf.permuted_qk = Some((
+                n("num_attention_heads"),
+                n("num_key_value_heads"),
+                n("head_dim"),
+            ));
+        }
+        Ok(gguf)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The metadata as a Hugging Face config.json.
+    pub fn config(&self) -> &Value {
+        &self.config
+    }
+
+    fn meta(&self) -> Meta<'_> {
+        Meta(&self.content.metadata)
+    }
+
+    fn hf_config(&self) -> anyhow::Result<Value> {
+        let m = self.meta();
+        let a = |k: &str| format!("{}.{k}", self.arch);
+        let heads = m.uint(&a("attention.head_count"))?;
+        let hidden = m.uint(&a("embedding_length"))?;
+        let Some(embd) = self.content.tensor_infos.get("token_embd.weight") else {
+            bail!("{} has no token_embd.weight", self.path.display())
+        };
+        let vocab = embd.shape.dims()[0];
+        let head_dim = m
+            .uint(&a("attention.key_length"))
+            .unwrap_or(hidden / heads.max(1));
+        let hf_arch = SUPPORTED
+            .iter()
+            .find(|(g, _)| *g == self.arch)
+            .map(|(_, h)| *h)
+            .unwrap_or_default();
+        let mut c = json!({
+            "architectures": [hf_arch],
+            "model_type": self.arch,
+            "hidden_size": hidden,
+            "intermediate_size": m.uint(&a("feed_forward_length"))?,
+            "num_hidden_layers": m.uint(&a("block_count"))?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": m.uint(&a("attention.head_count_kv")).unwrap_or(heads),
+            "head_dim": head_dim,
+            "rms_norm_eps": m.float(&a("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+            "rope_theta": m.float(&a("rope.freq_base")).unwrap_or(10000.0),
+            "max_position_embeddings": m.uint(&a("context_length")).unwrap_or(4096),
+            "vocab_size": vocab,
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "hidden_act": "silu",
+            "torch_dtype": "float16",
+        });
+        if let Some(eos) = self.special_id("eos") {
+            c["eos_token_id"] = json!(eos);
+        }
+        if let Some(bos) = self.special_id("bos") {
+            c["bos_token_id"] = json!(bos);
+        }
+        if let Some(scaling) = self.rope_scaling(head_dim)? {
+            c["rope_scaling"] = scaling;
+        }
+        Ok(c)
+    }
+
+    /// RoPE scaling from the metadata, or from the `rope_freqs.weight` factors llama.cpp writes for
+    /// Llama 3.1+ (checked against the llama3 rule with the published parameters).
+    fn rope_scaling(&self, head_dim: usize) -> anyhow::Result<Option<Value>> {
+        let m = self.meta();
+        let key = |k: &str| format!("{}.rope.scaling.{k}", self.arch);
+        match m.string(&key("type")).ok().as_deref() {
+            None | Some("none") => {}
+            Some("linear") => {
+                let factor = m.float(&key("factor"))?;
+                return Ok(Some(json!({"rope_type": "linear", "factor": factor})));
+            }
+            Some(other) => bail!("GGUF RoPE scaling `{other}` is not supported"),
+        }
+        let Some(info) = self.content.tensor_infos.get("rope_freqs.weight") else {
+            return Ok(None);
+        };
+        let factors = info
+            .read(
+                &mut Cursor::new(&self.bytes[..]),
+                self.content.tensor_data_offset,
+                &Device::Cpu,
+            )?
+            .dequantize(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let theta = m
+            .float(&format!("{}.rope.freq_base", self.arch))
+            .unwrap_or(10000.0);
+        let factor = factors.iter().copied().fold(1f32, f32::max) as f64;
+        let scaling = json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let cfg = super::layers::RopeConfig::from_config(
+            &json!({"rope_theta": theta, "rope_scaling": scaling}),
+            theta,
+        )?;
+        let plain: Vec<f64> = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+            .collect();
+        let scaled = cfg.inv_freq(head_dim);
+        let matches = factors.len() == plain.len()
+            && plain
+                .iter()
+                .zip(&scaled)
+                .zip(&factors)
+                .all(|((p, s), f)| ((p / s) - *f as f64).abs() < 1e-3 * (*f as f64));
+        if !matches {
+            bail!(
+                "{}: rope_freqs.weight does not follow the llama3 rule this build implements",
+                self.path.display()
+            )
+        }
+        Ok(Some(scaling))
+    }
+
+    /// `tokenizer.ggml.<kind>_token_id`.
+    fn special_id(&self, kind: &str) -> Option<u32> {
+        self.meta()
+            .uint(&format!("tokenizer.ggml.{kind}_token_id"))
+            .ok()
+            .map(|n| n as u32)
+    }
+
+    /// Every id that ends generation: EOS, and the end-of-turn / end-of-message ids chat models use.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for kind in ["eos", "eot", "eom"] {
+            if let Some(id) = self.special_id(kind) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.special_id("bos")
+    }
+
+    pub fn chat_template(&self) -> Option<String> {
+        self.meta().string("tokenizer.chat_template").ok()
+    }
+
+    /// The GGUF tensor a Hugging Face tensor name stands for.
+    fn gguf_name(hf: &str) -> Option<String> {
+        let top = match hf {
+            "model.embed_tokens.weight" => Some("token_embd.weight"),
+            "model.norm.weight" => Some("output_norm.weight"),
+            "lm_head.weight" => Some("output.weight"),
+            _ => None,
+        };
+        if let Some(t) = top {
+            return Some(t.to_string());
+        }
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (idx, rest) = rest.split_once('.')?;
+        let (module, suffix) = rest.rsplit_once('.')?;
+        let name = match module {
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            _ => return None,
+        };
+        Some(format!("blk.{idx}.{name}.{suffix}"))
+    }
+
+    pub fn contains(&self, hf: &str) -> bool {
+        Self::gguf_name(hf).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+
+    /// The tensor stored for Hugging Face name `hf`, in the file's block type, rows in Hugging Face
+    /// order. `None` if the file has no such tensor.
+    pub fn qtensor(&self, hf: &str, device: &Device) -> candle_core::Result<Option<QTensor>> {
+        let Some(name) = Self::gguf_name(hf) else {
+            return Ok(None);
+        };
+        let Some(info) = self.content.tensor_infos.get(&name) else {
+            return Ok(None);
+        };
+        let q = info.read(
+            &mut Cursor::new(&self.bytes[..]),
+            self.content.tensor_data_offset,
+            device,
+        )?;
+        let Some(order) = self.unpermute_order(&name, q.shape().dims()[0]) else {
+            return Ok(Some(q));
+        };
+        if q.shape().rank() == 2 {
+            return quant::permute_rows(&q, &order).map(Some);
+        }
+        let idx = Tensor::new(order.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?;
+        let rows = q.dequantize(device)?.index_select(&idx, 0)?;
+        QTensor::quantize(&rows, candle_core::quantized::GgmlDType::F32).map(Some)
+    }
+
+    /// llama.cpp's converter interleaves the two rotary halves of each q/k head (its RoPE rotates
+    /// adjacent pairs); row `i` of Hugging Face's layout is row `order[i]` of the file's.
+    fn unpermute_order(&self, gguf_name: &str, rows: usize) -> Option<Vec<usize>> {
+        let (heads, kv_heads, head_dim) = self.permuted_qk?;
+        let n = if gguf_name.ends_with("attn_q.weight") || gguf_name.ends_with("attn_q.bias") {
+            heads
+        } else if gguf_name.ends_with("attn_k.weight") || gguf_name.ends_with("attn_k.bias") {
+            kv_heads
+        } else {
+            return None;
+        };
+        if n * head_dim != rows || head_dim % 2 != 0 {
+            return None;
+        }
+        let half = head_dim / 2;
+        let mut order = Vec::with_capacity(rows);
+        for h in 0..n {
+            for j in 0..2 {
+                for i in 0..half {
+                    order.push(h * head_dim + 2 * i + j);
+                }
+            }
+        }
+        Some(order)
+    }
+
+    /// The tokenizer the metadata describes, as a Hugging Face `tokenizer.json` document and the
+    /// `tokenizer_config.json` that goes with it (special tokens, chat template). Byte-level BPE
+    /// (`tokenizer.ggml.model` = `gpt2`) only; others need `TOKENIZER_NAME`.
+    pub fn tokenizer_files(&self) -> anyhow::Result<(Value, Value)> {
+        let m = self.meta();
+        let model = m.string("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            bail!(
+                "{}: the GGUF tokenizer `{model}` cannot be rebuilt from metadata by this build; \
+                 set TOKENIZER_NAME to the original model's repository or folder",
+                self.path.display()
+            )
+        }
+        let tokens = m.strings("tokenizer.ggml.tokens")?;
+        let types = m.uints("tokenizer.ggml.token_type").unwrap_or_default();
+        let merges = m.strings("tokenizer.ggml.merges")?;
+        let pre = m
+            .string("tokenizer.ggml.pre")
+            .unwrap_or_else(|_| "default".into());
+        let (pre_tokenizer, ignore_merges) = pre_tokenizer(&pre).with_context(|| {
+            format!(
+                "{}: set TOKENIZER_NAME to the original model's repository",
+                self.path.display()
+            )
+        })?;
+        let vocab: Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        let merges: Vec<Value> = merges
+            .iter()
+            .filter_map(|m| m.split_once(' '))
+            .map(|(a, b)| json!([a, b]))
+            .collect();
+        // CONTROL (3) and USER_DEFINED (4) tokens are never split; only CONTROL ones are special
+        let added: Vec<Value> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, 3 | 4))
+            .filter_map(|(i, t)| {
+                tokens.get(i).map(|content| {
+                    json!({"id": i, "content": content, "single_word": false, "lstrip": false,
+                        "rstrip": false, "normalized": false, "special": *t == 3})
+                })
+            })
+            .collect();
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true});
+        let tokenizer = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": false,
+                "trim_offsets": false, "use_regex": true},
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab,
+                "merges": merges},
+        });
+        let mut config = json!({"clean_up_tokenization_spaces": false});
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned();
+        for (kind, key) in [
+            ("bos", "bos_token"),
+            ("eos", "eos_token"),
+            ("unknown", "unk_token"),
+            ("padding", "pad_token"),
+        ] {
+            if let Some(t) = name(self.special_id(kind)) {
+                config[key] = json!(t);
+            }
+        }
+        if let Ok(add_bos) = m.bool("tokenizer.ggml.add_bos_token") {
+            config["add_bos_token"] = json!(add_bos);
+        }
+        if let Some(t) = self.chat_template() {
+            config["chat_template"] = json!(t);
+        }
+        Ok((tokenizer, config))
+    }
+}
+
+/// The pre-tokenizer llama.cpp's `tokenizer.ggml.pre` names, as `tokenizer.json` writes it, and whether
+/// the BPE model takes whole vocabulary words before merging (Llama 3's `ignore_merges`).
+fn pre_tokenizer(pre: &str) -> anyhow::Result<(Value, bool)> {
+    let byte_level = |regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+            "use_regex": regex})
+    };
+    let split = |rx: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": rx}, "behavior": "Isolated", "invert": false},
+            byte_level(false)]})
+    };
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Ok(match pre {
+        "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
+        // llama.cpp: "\p{N}" then the GPT-2 regex
+        "smollm" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            false,
+        ),
+        "qwen2" => (split(QWEN2), false),
+        "llama-bpe" | "llama3" => (split(LLAMA3), true),
+        other => bail!("the GGUF pre-tokenizer `{other}` is not known to this build"),
+    })
+}
+
+/// Typed reads of GGUF metadata with errors that name the key.
+struct Meta<'a>(&'a HashMap<String, GgufValue>);
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> anyhow::Result<&GgufValue> {
+        self.0
+            .get(key)
+            .with_context(|| format!("GGUF metadata lacks `{key}`"))
+    }
+
+    fn string(&self, key: &str) -> anyhow::Result<String> {
+        Ok(self.get(key)?.to_string()?.clone())
+    }
+
+    fn uint(&self, key: &str) -> anyhow::Result<usize> {
+        Ok(
+            as_u64(self.get(key)?).with_context(|| format!("GGUF `{key}` is not an integer"))?
+                as usize,
+        )
+    }
+
+    fn float(&self, key: &str) -> anyhow::Result<f64> {
+        match self.get(key)? {
+            GgufValue::F32(v) => Ok(*v as f64),
+            GgufValue::F64(v) => Ok(*v),
+            v => as_u64(v)
+                .map(|n| n as f64)
+                .with_context(|| format!("GGUF `{key}` is not a number")),
+        }
+    }
+
+    fn bool(&self, key: &str) -> anyhow::Result<bool> {
+        Ok(self.get(key)?.to_bool()?)
+    }
+
+    fn strings(&self, key: &str) -> anyhow::Result<Vec<String>> {
+        self.get(key)?
+            .to_vec()?
+            .iter()
+            .map(|v| Ok(v.to_string()?.clone()))
+            .collect()
+    }
+
+    fn uints(&self, key: &str) -> anyhow::Result<Vec<u64>> {
+        self.get(key)?
+            .to_vec()?
+            .iter()
+            .map(|v| as_u64(v).with_context(|| format!("GGUF `{key}` holds a non-integer")))
+            .collect()
+    }
+}
+
+fn as_u64(v: &GgufValue) -> Option<u64> {
+    Some(match v {
+        GgufValue::U8(n) => *n as u64,
+        GgufValue::U16(n) => *n as u64,
+        GgufValue::U32(n) => *n as u64,
+        GgufValue::U64(n) => *n,
+        GgufValue::I8(n) => u64::try_from(*n).ok()?,
+        GgufValue::I16(n) => u64::try_from(*n).ok()?,
+        GgufValue::I32(n) => u64::try_from(*n).ok()?,
+        GgufValue::I64(n) => u64::try_from(*n).ok()?,
+        _ => return None,
+    })
+}
+
+/// Serves a GGUF file's tensors to a `VarBuilder` by Hugging Face name, dequantized (norms, biases;
+/// linear layers and the embedding table take the quantized blocks through `Weights`).
+pub struct GgufBackend(pub std::sync::Arc<GgufFile>);
+
+impl candle_nn::var_builder::SimpleBackend for GgufBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!("{name}: GGUF holds {:?}, expected {s:?}", t.shape())
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.0.qtensor(name, dev)? {
+            Some(q) => q.dequantize(dev)?.to_dtype(dtype),
+            None => Err(candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}

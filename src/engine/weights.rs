@@ -1,0 +1,167 @@
+//! Where a model's tensors come from and what its linear layers become: float safetensors as stored,
+//! float safetensors quantized as they load (`QUANTIZATION=q8_0`, `q4k`, ...), or a GGUF file's blocks
+//! as stored. Model files ask for tensors by their Hugging Face names and never see the difference.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+use super::gguf::{GgufBackend, GgufFile};
+use super::layers::{Embedding, Linear};
+use super::quant::{self, GgmlDType};
+
+#[derive(Clone)]
+enum Source {
+    /// Linear layers keep the checkpoint's float weights.
+    Float,
+    /// Linear layers are quantized to this type as they load (the embedding table stays float).
+    InSitu(GgmlDType),
+    /// Linear layers and the embedding table keep the GGUF file's blocks.
+    Gguf(Arc<GgufFile>),
+}
+
+/// A `VarBuilder` (prefix, dtype, device, float tensors by name) that also knows how linear layers and
+/// embedding tables are stored.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    vb: VarBuilder<'a>,
+    source: Source,
+}
+
+impl<'a> Weights<'a> {
+    /// Float weights, used as they are.
+    pub fn float(vb: VarBuilder<'a>) -> Self {
+        Self {
+            vb,
+            source: Source::Float,
+        }
+    }
+
+    /// Float weights whose linear layers are quantized to `dtype` at load.
+    pub fn in_situ(vb: VarBuilder<'a>, dtype: GgmlDType) -> Self {
+        Self {
+            vb,
+            source: Source::InSitu(dtype),
+        }
+    }
+
+    /// A GGUF file's tensors under their Hugging Face names, computing in `dtype` on `device`.
+    pub fn gguf(file: Arc<GgufFile>, dtype: DType, device: &Device) -> Self {
+        let vb =
+            VarBuilder::from_backend(Box::new(GgufBackend(file.clone())), dtype, device.clone());
+        Self {
+            vb,
+            source: Source::Gguf(file),
+        }
+    }
+
+    pub fn pp(&self, s: impl ToString) -> Self {
+        Self {
+            vb: self.vb.pp(s),
+            source: self.source.clone(),
+        }
+    }
+
+    /// A float tensor `{prefix}.{name}` of shape `s`.
+    pub fn get<S: Into<Shape>>(&self, s: S, name: &str) -> Result<Tensor> {
+        self.vb.get(s, name)
+    }
+
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    /// `{prefix}.weight` `[out, in]` and, with `bias`, `{prefix}.bias`.
+    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        self.linear_as(in_dim, out_dim, bias, |q| q)
+    }
+
+    /// The output projection to the vocabulary: like `linear`, but quantized in situ to at least 8 bits.
+    pub fn lm_head(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        self.linear_as(in_dim, out_dim, false, quant::lm_head_dtype)
+    }
+
+    /// GPT-2's `Conv1D`: the weight is stored `[in, out]`.
+    pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        let weight = self.get((in_dim, out_dim), "weight")?.t()?.contiguous()?;
+        let bias = self.get(out_dim, "bias")?;
+        self.finish(Linear::new(weight, Some(bias))?, |q| q)
+    }
+
+    /// The embedding table `{prefix}.weight` `[vocab, hidden]`.
+    pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Embedding> {
+        if let Source::Gguf(file) = &self.source {
+            let name = self.full_name("weight");
+            if let Some(q) = file.qtensor(&name, self.device())? {
+                return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
+            }
+        }
+        Ok(Embedding::Dense(self.get((vocab, hidden), "weight")?))
+    }
+
+    /// An LM head that shares the embedding table's weights (`tie_word_embeddings`).
+    pub fn tied_lm_head(&self, embedding: &Embedding) -> Result<Linear> {
+        match embedding {
+            Embedding::Dense(table) => {
+                self.finish(Linear::new(table.clone(), None)?, quant::lm_head_dtype)
+            }
+            Embedding::Quantized { table, .. } => {
+                Linear::quantized(table.clone(), None, self.dtype())
+            }
+        }
+    }
+
+    fn linear_as(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        head: fn(GgmlDType) -> GgmlDType,
+    ) -> Result<Linear> {
+        let bias = if bias {
+            Some(self.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        if let Source::Gguf(file) = &self.source {
+            let name = self.full_name("weight");
+            if let Some(q) = file.qtensor(&name, self.device())? {
+                let dims = q.shape().dims2()?;
+                if dims != (out_dim, in_dim) {
+                    candle_core::bail!(
+                        "{name}: GGUF holds {dims:?}, expected ({out_dim}, {in_dim})"
+                    )
+                }
+                return Linear::quantized(Arc::new(q), bias, self.dtype());
+            }
+        }
+        let weight = self.get((out_dim, in_dim), "weight")?;
+        self.finish(Linear::new(weight, bias)?, head)
+    }
+
+    /// Quantizes a freshly loaded float layer when loading in situ.
+    fn finish(&self, linear: Linear, head: fn(GgmlDType) -> GgmlDType) -> Result<Linear> {
+        match self.source {
+            Source::InSitu(dtype) => linear.quantize(head(dtype)),
+            _ => Ok(linear),
+        }
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        let prefix = self.vb.prefix();
+        if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The fixture models' reference cases (`reference.json`, computed by transformers) and an engine to run
+//! them through, for tests that compare what the engine generates with the reference.
+
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use serde_json::Value;
+use worker_candle::engine::{
+    ChoiceDelta, Engine, EngineSettings, GenerateRequest, GenerationEvent, Prompt, RequestMetrics,
+    SamplingParams,
+};
+
+/// Every causal fixture.
+pub const CAUSAL: &[&str] = &[
+    "llama",
+    "qwen2",
+    "mistral",
+    "phi3",
+    "gemma2",
+    "gpt2",
+    "qwen3",
+    "llama31",
+    "mistral_sw",
+];
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+pub struct Case {
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    /// Absent from the newer fixtures (ids only).
+    pub greedy_text: Option<String>,
+    pub finished_by_eos: bool,
+    /// The newer fixtures generated 24 tokens whatever came (EOS included).
+    pub ignore_eos: bool,
+    pub top5: Vec<Vec<(u32, f32)>>,
+    pub last_logits: Vec<f32>,
+    pub prompt: Option<String>,
+}
+
+pub fn reference(model: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn cases(model: &str) -> Vec<Case> {
+    let v = reference(model);
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            input_ids: ids(&c["input_ids"]),
+            greedy_ids: ids(&c["greedy_ids"]),
+            greedy_text: c["greedy_text"].as_str().map(str::to_string),
+            finished_by_eos: c["finished_by_eos"].as_bool().unwrap_or(false),
+            ignore_eos: c["finished_by_eos"].is_null(),
+            top5: c["top5_logprobs_first_steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|step| {
+                    step.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                        .collect()
+                })
+                .collect(),
+            last_logits: c["last_logits"]
+                .as_array()
+                .map(|a| a.iter().map(|x| x.as_f64().unwrap() as f32).collect())
+                .unwrap_or_default(),
+            prompt: c["prompt"].as_str().map(str::to_string),
+        })
+        .collect()
+}
+
+/// An engine on `path` with room for a few dozen short sequences; `f` adjusts the settings.
+pub fn start_at(path: &Path, f: impl FnOnce(&mut EngineSettings)) -> Engine {
+    let mut s = EngineSettings::for_model(path);
+    s.max_num_seqs = 32;
+    s.kv_cache_memory = Some(8 << 20);
+    f(&mut s);
+    Engine::start(s).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
+}
+
+pub fn start(model: &str, f: impl FnOnce(&mut EngineSettings)) -> Engine {
+    start_at(&fixture(model), f)
+}
+
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize, logprobs: Option<usize>) -> GenerateRequest {
+    GenerateRequest {
+        request_id: "test".into(),
+        prompt: Prompt::Tokens(prompt),
+        add_special_tokens: false,
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            logprobs,
+            ..Default::default()
+        },
+    }
+}
+
+pub struct Outcome {
+    pub choice: ChoiceDelta,
+    pub metrics: RequestMetrics,
+}
+
+pub async fn collect(engine: &Engine, req: GenerateRequest) -> Outcome {
+    let mut stream = engine.generate(req).expect("request accepted");
+    let mut choice = ChoiceDelta {
+        index: 0,
+        text: String::new(),
+        token_ids: vec![],
+        logprobs: vec![],
+        finish: None,
+    };
+    while let Some(ev) = stream.next().await {
+        match ev {
+            GenerationEvent::Delta(d) => {
+                choice.text.push_str(&d.text);
+                choice.token_ids.extend(d.token_ids);
+                choice.logprobs.extend(d.logprobs);
+                choice.finish = d.finish;
+            }
+            GenerationEvent::Done { metrics, .. } => return Outcome { choice, metrics },
+            GenerationEvent::Error(e) => panic!("engine error: {e}"),
+            GenerationEvent::Prompt { .. } => {}
+        }
+    }
+    panic!("stream ended without Done");
+}
+
+/// How many leading tokens two sequences share.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
