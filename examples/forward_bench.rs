@@ -3,9 +3,10 @@
 //!
 //! `cargo run --release --example forward_bench -- MODEL_DIR [PROMPT_TOKENS=128] [NEW_TOKENS=128] [RUNS=3]`
 //!
-//! Prints the median prefill and decode tokens/s over the runs. `DTYPE=f32|bf16|f16` overrides the dtype
-//! (default: the loader's auto choice); `RAYON_NUM_THREADS` the thread count; `ATTENTION=loop|varlen|fused`
-//! the attention path (default: automatic).
+//! Prints the median prefill and decode tokens/s over the runs and the process's resident memory.
+//! `MODEL_DIR` may be a `.gguf` file. `DTYPE=f32|bf16|f16` overrides the dtype (default: the loader's
+//! auto choice); `QUANTIZATION=q8_0|q4k|...` quantizes at load; `RAYON_NUM_THREADS` the thread count;
+//! `ATTENTION=loop|varlen|fused` the attention path (default: automatic).
 
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::layers::AttentionImpl;
 use worker_candle::engine::loader::load_causal;
 use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
-use worker_candle::engine::settings::{DTypeChoice, EngineSettings};
+use worker_candle::engine::settings::{DTypeChoice, EngineSettings, Quantization};
 
 const BLOCK: usize = 16;
 
@@ -69,6 +70,11 @@ fn main() -> Result<()> {
         Ok("f16") | Ok("float16") => DTypeChoice::F16,
         _ => DTypeChoice::Auto,
     };
+    if let Ok(q) = std::env::var("QUANTIZATION") {
+        if !q.is_empty() && q != "none" {
+            settings.quantization = Quantization::InSitu(q);
+        }
+    }
     let t = Instant::now();
     let mut loaded = load_causal(&settings)?;
     let imp = match std::env::var("ATTENTION").as_deref() {
@@ -116,10 +122,23 @@ fn main() -> Result<()> {
         dec.push(n as f64 / t.elapsed().as_secs_f64());
     }
     println!(
-        "{}: prompt {p} tokens, {n} new tokens, median of {runs}: prefill {:.1} tok/s, decode {:.1} tok/s",
+        "{}: prompt {p} tokens, {n} new tokens, median of {runs}: prefill {:.1} tok/s, decode {:.1} tok/s, rss {:.0} MiB",
         loaded.meta.architecture,
         median(pre),
-        median(dec)
+        median(dec),
+        rss_mib()
     );
     Ok(())
+}
+
+/// The process's resident set (VmRSS), MiB; 0 where /proc is absent.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }

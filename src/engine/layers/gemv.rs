@@ -4,15 +4,14 @@
 //! once, dots it with every row of `x` (held in L1), and splits the weight rows across threads.
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::simd;
 
 /// Up to this many rows of `x` use the kernel; more go to gemm, which wins once there is reuse.
 pub const MAX_ROWS: usize = 8;
 
-/// Weight rows per unit of work handed to a thread (and per register block of the kernel).
-const ROW_BLOCK: usize = 4;
+/// Weight rows per unit of work handed to a thread (a multiple of the kernel's 4-row register block).
+const TASK_ROWS: usize = 16;
 
 struct SmallMatmul;
 
@@ -57,15 +56,22 @@ impl CustomOp2 for SmallMatmul {
         let w = &s2.as_slice::<f32>()?[w0..w1];
         // results are computed weight-row-major, `[n, m]`, so each thread owns one contiguous run
         let mut yt = vec![0f32; n * m];
-        let threads = rayon::current_num_threads().max(1);
-        let rows_per_task = n.div_ceil(threads).div_ceil(ROW_BLOCK).max(1) * ROW_BLOCK;
-        if threads == 1 || n < 2 * ROW_BLOCK {
-            kernel(x, w, &mut yt, m, k);
-        } else {
-            yt.par_chunks_mut(rows_per_task * m)
-                .zip(w.par_chunks(rows_per_task * k))
-                .for_each(|(y, w)| kernel(x, w, y, m, k));
-        }
+        let tasks = n.div_ceil(TASK_ROWS);
+        let out = yt.as_mut_ptr() as usize;
+        // candle's barrier pool, not rayon: the calling thread works alongside spinning workers
+        // instead of sleeping on a futex while they run (a decode step runs ~100 of these)
+        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+            let rows = range.start * TASK_ROWS..(range.end * TASK_ROWS).min(n);
+            // SAFETY: these rows of `yt` belong to this range alone; `yt` outlives the call, which
+            // returns when every range is done.
+            let y = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (out as *mut f32).add(rows.start * m),
+                    rows.len() * m,
+                )
+            };
+            kernel(x, &w[rows.start * k..rows.end * k], y, m, k);
+        });
         let y = if m == 1 {
             yt
         } else {
