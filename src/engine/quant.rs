@@ -34,16 +34,26 @@ pub fn in_situ_dtype(name: &str) -> Option<GgmlDType> {
 /// splits into its blocks; else the 32-wide type llama.cpp falls back to for k-quants (so a
 /// 576-wide SmolLM2 projection asked as q4k becomes q5_0); `None` (keep it dense) when not even 32 divides.
 pub fn storage_dtype(wanted: GgmlDType, cols: usize) -> Option<GgmlDType> {
-    if cols % wanted.block_size() == 0 {
+    if fits(wanted, cols) {
         return Some(wanted);
     }
     let fallback = match wanted {
         GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
         GgmlDType::Q4K => GgmlDType::Q5_0,
-        GgmlDType::Q5K => GgmlDType::Q5_1,
+        GgmlDType::Q5K if fits(GgmlDType::Q5_1, cols) => GgmlDType::Q5_1,
         _ => GgmlDType::Q8_0,
     };
-    (cols % fallback.block_size() == 0).then_some(fallback)
+    fits(fallback, cols).then_some(fallback)
+}
+
+/// Whether rows of `cols` split into `dtype`'s blocks (candle's q4_1/q5_1 products also take the
+/// blocks in pairs).
+fn fits(dtype: GgmlDType, cols: usize) -> bool {
+    let block = dtype.block_size();
+    match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => cols % (2 * block) == 0,
+        _ => cols % block == 0,
+    }
 }
 
 /// The LM head keeps at least 8 bits (its error lands straight on the logits), as llama.cpp keeps
@@ -145,6 +155,9 @@ mod tests {
         assert_eq!(storage_dtype(GgmlDType::Q6K, 576), Some(GgmlDType::Q8_0));
         assert_eq!(storage_dtype(GgmlDType::Q8_0, 64), Some(GgmlDType::Q8_0));
         assert_eq!(storage_dtype(GgmlDType::Q8_0, 48), None);
+        assert_eq!(storage_dtype(GgmlDType::Q5_1, 96), Some(GgmlDType::Q8_0));
+        assert_eq!(storage_dtype(GgmlDType::Q5K, 576), Some(GgmlDType::Q5_1));
+        assert_eq!(storage_dtype(GgmlDType::Q5K, 608), Some(GgmlDType::Q8_0));
         assert_eq!(in_situ_dtype("Q4K"), Some(GgmlDType::Q4K));
         assert_eq!(in_situ_dtype("awq"), None);
     }

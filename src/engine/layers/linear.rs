@@ -190,8 +190,8 @@ impl Linear {
 /// `x @ q.T` for a ggml-quantized `q`: our q8_0 kernel for a few rows on CPU, else candle's kernels
 /// (which quantize `x` per row and take integer dot products; they need a contiguous `x`).
 fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
-    if super::q8_gemv::applies(x, q) {
-        return super::q8_gemv::q8_0_matmul(x, q);
+    if super::qgemv::applies(x, q) {
+        return super::qgemv::matmul(x, q);
     }
     QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)
 }

@@ -7,7 +7,7 @@ pub mod gemv;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
-pub mod q8_gemv;
+pub mod qgemv;
 pub mod rope;
 pub mod simd;
 
