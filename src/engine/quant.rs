@@ -51,8 +51,8 @@ pub fn storage_dtype(wanted: GgmlDType, cols: usize) -> Option<GgmlDType> {
 fn fits(dtype: GgmlDType, cols: usize) -> bool {
     let block = dtype.block_size();
     match dtype {
-        GgmlDType::Q4_1 | GgmlDType::Q5_1 => cols % (2 * block) == 0,
-        _ => cols % block == 0,
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => cols.is_multiple_of(2 * block),
+        _ => cols.is_multiple_of(block),
     }
 }
 

@@ -367,7 +367,7 @@ impl Scheduler {
     }
 
     fn needs_cow(&self, seq: &Seq) -> bool {
-        seq.num_computed % self.cfg.block_size != 0
+        !seq.num_computed.is_multiple_of(self.cfg.block_size)
             && seq
                 .blocks
                 .last()

@@ -138,7 +138,7 @@ impl EncoderLayer {
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let att = vb.pp("attention");
-        if h % cfg.num_attention_heads != 0 {
+        if !h.is_multiple_of(cfg.num_attention_heads) {
             bail!(
                 "hidden_size {h} is not a multiple of num_attention_heads {}",
                 cfg.num_attention_heads

@@ -211,7 +211,10 @@ impl Layer {
 impl DecoderModel {
     /// `max_positions`: the longest sequence the engine will run (RoPE tables are built that far).
     pub fn load(vb: Weights, cfg: DecoderConfig, max_positions: usize) -> Result<Self> {
-        if cfg.num_heads == 0 || cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+        if cfg.num_heads == 0
+            || cfg.num_kv_heads == 0
+            || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads)
+        {
             bail!(
                 "{} attention heads cannot be grouped over {} key/value heads",
                 cfg.num_heads,

@@ -64,7 +64,7 @@ pub struct Gpt2 {
 pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<Gpt2> {
     let cfg: Gpt2Config = serde_json::from_value(config.clone())
         .map_err(|e| candle_core::Error::Msg(format!("config.json: {e}")))?;
-    if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+    if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
         bail!(
             "n_embd {} is not a multiple of n_head {}",
             cfg.n_embd,
