@@ -193,6 +193,12 @@ fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
     if super::qgemv::applies(x, q) {
         return super::qgemv::matmul(x, q);
     }
+    let dtype = x.dtype();
+    if !x.device().is_cpu() && dtype == DType::F16 {
+        // candle's GPU GGUF kernels take f32 or bf16 activations
+        let y = QMatMul::QTensor(q.clone()).forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
+        return y.to_dtype(dtype);
+    }
     QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)
 }
 

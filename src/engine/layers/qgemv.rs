@@ -31,7 +31,9 @@ pub fn applies(x: &Tensor, q: &QTensor) -> bool {
         && x.dtype() == DType::F32
         && x.rank() == 2
         && match q.dtype() {
-            GgmlDType::Q8_0 => rows_ok(MAX_ROWS),
+            // candle's tiled VNNI kernel wins on batches when rows are a multiple of 256
+            GgmlDType::Q8_0 if x.dim(1).is_ok_and(|k| k % 256 == 0) => rows_ok(MAX_ROWS),
+            GgmlDType::Q8_0 => rows_ok(usize::MAX),
             GgmlDType::Q4_0 | GgmlDType::Q5_0 => rows_ok(usize::MAX),
             _ => false,
         }
@@ -44,12 +46,10 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     if k != k2 || k % QK != 0 {
         bail!("quantized matmul: x is [{m}, {k}] but the weight is [{n}, {k2}]")
     }
-    let (block_bytes, offset) = match q.dtype() {
-        GgmlDType::Q8_0 => (BLOCK_BYTES, 0),
-        GgmlDType::Q4_0 => (Q4_0_BYTES, 8),
-        GgmlDType::Q5_0 => (Q5_0_BYTES, 16),
-        other => bail!("no 32-block kernel for {other:?}"),
+    let Some(format) = Format::of(q.dtype()) else {
+        bail!("no 32-block kernel for {:?}", q.dtype())
     };
+    let (block_bytes, offset) = (format.block_bytes(), format.offset());
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let data = q.data()?;
     let kb = k / QK;
@@ -58,7 +58,7 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let xcorr: Vec<f32> = xq
         .chunks_exact(QK)
         .zip(&xd)
-        .map(|(b, d)| offset as f32 * b.iter().map(|v| *v as i32).sum::<i32>() as f32 * d)
+        .map(|(b, d)| (offset * b.iter().map(|v| *v as i32).sum::<i32>()) as f32 * d)
         .collect();
     let row_bytes = kb * block_bytes;
     let mut yt = vec![0f32; n * m];
@@ -81,13 +81,13 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
                 // SAFETY: row j of `yt` belongs to this task alone; `yt` outlives the call, which
                 // returns only when every task has finished.
                 let y = unsafe { std::slice::from_raw_parts_mut((out as *mut f32).add(j * m), m) };
-                match q.dtype() {
-                    GgmlDType::Q8_0 => {
-                        for (i, v) in y.iter_mut().enumerate() {
-                            *v = dot.run(wr, &xq[i * k..(i + 1) * k], &xd[i * kb..(i + 1) * kb]);
-                        }
+                if format == Format::Q8_0 && m <= 2 {
+                    // two accumulator chains per row: the fastest shape for a single decode row
+                    for (i, v) in y.iter_mut().enumerate() {
+                        *v = dot.run(wr, &xq[i * k..(i + 1) * k], &xd[i * kb..(i + 1) * kb]);
                     }
-                    dtype => dot.run_nibbles(dtype == GgmlDType::Q5_0, wr, &act, y),
+                } else {
+                    dot.run_blocks(format, wr, &act, y);
                 }
             }
         }
@@ -104,6 +104,42 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
         y
     };
     Tensor::from_vec(y, (m, n), x.device())
+}
+
+/// The 32-wide block formats the kernel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Q8_0,
+    Q4_0,
+    Q5_0,
+}
+
+impl Format {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => BLOCK_BYTES,
+            Self::Q4_0 => Q4_0_BYTES,
+            Self::Q5_0 => Q5_0_BYTES,
+        }
+    }
+
+    /// What ggml subtracts from the stored unsigned values (q8_0 stores signed ones).
+    fn offset(self) -> i32 {
+        match self {
+            Self::Q8_0 => 0,
+            Self::Q4_0 => 8,
+            Self::Q5_0 => 16,
+        }
+    }
 }
 
 /// The rows of `x` quantized: values, per-block scales, and the offset correction per block.
@@ -177,23 +213,28 @@ impl Dot {
         }
     }
 
-    /// One q4_0 (`q5` false) or q5_0 weight row against every row of `act`, into `y` (one per row).
-    fn run_nibbles(self, q5: bool, w: &[u8], act: &Activations, y: &mut [f32]) {
+    /// One weight row against every row of `act`, into `y` (one value per row), each weight block
+    /// read once for several rows.
+    fn run_blocks(self, format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
         match self {
             // SAFETY: the features were detected at run time; `w` holds `k / 32` blocks and `act`
             // `y.len()` rows of `k`.
             #[cfg(target_arch = "x86_64")]
-            Self::Vnni => unsafe { x86::nibbles_vnni(q5, w, act, y) },
+            Self::Vnni => unsafe { x86::blocks_vnni(format, w, act, y) },
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::nibbles_avx2(q5, w, act, y) },
-            Self::Portable => nibbles_portable(q5, w, act, y),
+            Self::Avx2 => unsafe { x86::blocks_avx2(format, w, act, y) },
+            Self::Portable => blocks_portable(format, w, act, y),
         }
     }
 }
 
-/// The unsigned values of one q4_0 / q5_0 block (0..16 / 0..32; ggml subtracts 8 / 16).
-fn unpack_portable(q5: bool, blk: &[u8]) -> [u8; QK] {
-    let (qh, qs) = if q5 {
+/// The values of one block as stored: q8_0's signed bytes, q4_0 / q5_0's unsigned 0..16 / 0..32
+/// (ggml subtracts 8 / 16: `Activations::corr`).
+fn unpack_portable(format: Format, blk: &[u8]) -> [i32; QK] {
+    if format == Format::Q8_0 {
+        return std::array::from_fn(|j| blk[2 + j] as i8 as i32);
+    }
+    let (qh, qs) = if format == Format::Q5_0 {
         (
             u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
             &blk[6..22],
@@ -201,24 +242,24 @@ fn unpack_portable(q5: bool, blk: &[u8]) -> [u8; QK] {
     } else {
         (0, &blk[2..18])
     };
-    let mut v = [0u8; QK];
+    let mut v = [0i32; QK];
     for j in 0..16 {
-        v[j] = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4) as u8;
-        v[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
+        v[j] = ((qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as i32;
+        v[j + 16] = ((qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as i32;
     }
     v
 }
 
-fn nibbles_portable(q5: bool, w: &[u8], act: &Activations, y: &mut [f32]) {
-    let block_bytes = if q5 { Q5_0_BYTES } else { Q4_0_BYTES };
+fn blocks_portable(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
+    let block_bytes = format.block_bytes();
     let kb = act.k / QK;
     y.fill(0.0);
     for (b, blk) in w.chunks_exact(block_bytes).enumerate() {
         let dw = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-        let v = unpack_portable(q5, blk);
+        let v = unpack_portable(format, blk);
         for (i, out) in y.iter_mut().enumerate() {
             let xb = &act.q[i * act.k + b * QK..i * act.k + (b + 1) * QK];
-            let isum: i32 = v.iter().zip(xb).map(|(a, c)| *a as i32 * *c as i32).sum();
+            let isum: i32 = v.iter().zip(xb).map(|(a, c)| *a * *c as i32).sum();
             *out += dw * (isum as f32 * act.d[i * kb + b] - act.corr[i * kb + b]);
         }
     }
@@ -240,7 +281,7 @@ fn dot_portable(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Activations, BLOCK_BYTES, Q4_0_BYTES, Q5_0_BYTES, QK};
+    use super::{Activations, Format, BLOCK_BYTES, QK};
     use std::arch::x86_64::*;
 
     /// Rows of `x` that share one unpacked weight block.
@@ -277,7 +318,7 @@ mod x86 {
     }
 
     /// Unsigned × signed byte sums in 32-bit lanes: `vpdpbusd`, or its two-step AVX2 equivalent (exact
-    /// here: values ≤ 31 times ≤ 127 fit the 16-bit pair sums).
+    /// here: unsigned values ≤ 128 times signed ≤ 127 fit the 16-bit pair sums).
     #[inline(always)]
     unsafe fn dpbusd<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
         if VNNI {
@@ -287,9 +328,12 @@ mod x86 {
         }
     }
 
+    /// Several rows of `x` per weight block. q8_0's signed weights go through `|w| · (x · sign w)`;
+    /// q4_0 / q5_0's unsigned values multiply `x` directly and the offset comes off at the end.
     #[inline(always)]
-    unsafe fn nibbles<const VNNI: bool>(q5: bool, w: &[u8], act: &Activations, y: &mut [f32]) {
-        let block_bytes = if q5 { Q5_0_BYTES } else { Q4_0_BYTES };
+    unsafe fn blocks<const VNNI: bool>(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
+        let block_bytes = format.block_bytes();
+        let signed = format == Format::Q8_0;
         let (k, kb) = (act.k, act.k / QK);
         let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
         let m = y.len();
@@ -301,10 +345,19 @@ mod x86 {
             for b in 0..kb {
                 let blk = wp.add(b * block_bytes);
                 let dw = scale(blk);
-                let v = unpack(q5, blk);
+                let (raw, v) = if signed {
+                    let raw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    (raw, _mm256_abs_epi8(raw))
+                } else {
+                    let v = unpack(format == Format::Q5_0, blk);
+                    (v, v)
+                };
                 for r in 0..rows {
                     let i = i0 + r;
-                    let xv = _mm256_loadu_si256(xp.add(i * k + b * QK) as *const __m256i);
+                    let mut xv = _mm256_loadu_si256(xp.add(i * k + b * QK) as *const __m256i);
+                    if signed {
+                        xv = _mm256_sign_epi8(xv, raw);
+                    }
                     let p = dpbusd::<VNNI>(v, xv);
                     let d = _mm256_set1_ps(dw * *act.d.get_unchecked(i * kb + b));
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
@@ -319,13 +372,13 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn nibbles_vnni(q5: bool, w: &[u8], act: &Activations, y: &mut [f32]) {
-        nibbles::<true>(q5, w, act, y)
+    pub unsafe fn blocks_vnni(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
+        blocks::<true>(format, w, act, y)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn nibbles_avx2(q5: bool, w: &[u8], act: &Activations, y: &mut [f32]) {
-        nibbles::<false>(q5, w, act, y)
+    pub unsafe fn blocks_avx2(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
+        blocks::<false>(format, w, act, y)
     }
 
     #[inline(always)]
@@ -448,6 +501,19 @@ mod tests {
         Ok(())
     }
 
+    /// Every flavour this CPU can run (VNNI machines run the AVX2 one too).
+    fn available() -> Vec<Dot> {
+        let mut all = vec![Dot::detect()];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            all.push(Dot::Avx2);
+        }
+        all
+    }
+
     #[test]
     fn every_instruction_set_gives_the_portable_result() -> Result<()> {
         let dev = Device::Cpu;
@@ -455,14 +521,21 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let (xq, xd) = quantize_rows(&x.flatten_all()?.to_vec1::<f32>()?, m, k);
         let kb = k / QK;
-        for (dtype, offset) in [(GgmlDType::Q5_0, 16f32), (GgmlDType::Q4_0, 8.0)] {
+        for format in [Format::Q8_0, Format::Q5_0, Format::Q4_0] {
+            let dtype = match format {
+                Format::Q8_0 => GgmlDType::Q8_0,
+                Format::Q5_0 => GgmlDType::Q5_0,
+                Format::Q4_0 => GgmlDType::Q4_0,
+            };
             let w = Tensor::randn(0f32, 1.0, (1, k), &dev)?;
             let q = QTensor::quantize(&w, dtype)?;
             let data = q.data()?;
             let corr: Vec<f32> = xq
                 .chunks_exact(QK)
                 .zip(&xd)
-                .map(|(b, d)| offset * b.iter().map(|v| *v as i32).sum::<i32>() as f32 * d)
+                .map(|(b, d)| {
+                    (format.offset() * b.iter().map(|v| *v as i32).sum::<i32>()) as f32 * d
+                })
                 .collect();
             let act = Activations {
                 q: &xq,
@@ -470,22 +543,27 @@ mod tests {
                 corr: &corr,
                 k,
             };
-            let (mut want, mut got) = (vec![0f32; m], vec![0f32; m]);
-            nibbles_portable(dtype == GgmlDType::Q5_0, &data, &act, &mut want);
-            Dot::detect().run_nibbles(dtype == GgmlDType::Q5_0, &data, &act, &mut got);
-            for (a, b) in want.iter().zip(&got) {
-                assert!(
-                    (a - b).abs() <= a.abs() * 1e-5 + 1e-4,
-                    "{dtype:?}: {a} vs {b}"
-                );
+            let mut want = vec![0f32; m];
+            blocks_portable(format, &data, &act, &mut want);
+            for dot in available() {
+                let mut got = vec![0f32; m];
+                dot.run_blocks(format, &data, &act, &mut got);
+                for (a, b) in want.iter().zip(&got) {
+                    assert!(
+                        (a - b).abs() <= a.abs() * 1e-5 + 1e-4,
+                        "{format:?}: {a} vs {b}"
+                    );
+                }
             }
         }
         let w = Tensor::randn(0f32, 1.0, (1, k), &dev)?;
         let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
         let data = q.data()?;
         let want = dot_portable(&data, &xq[..k], &xd[..kb]);
-        let got = Dot::detect().run(&data, &xq[..k], &xd[..kb]);
-        assert!((want - got).abs() <= want.abs() * 1e-5 + 1e-4);
+        for dot in available() {
+            let got = dot.run(&data, &xq[..k], &xd[..kb]);
+            assert!((want - got).abs() <= want.abs() * 1e-5 + 1e-4);
+        }
         Ok(())
     }
 }
