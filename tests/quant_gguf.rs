@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::fixtures::{cases, collect, fixture, greedy, start_at};
 use serde_json::Value;
+use worker_candle::engine::layers::RopeConfig;
 use worker_candle::engine::settings::Quantization;
 use worker_candle::engine::template::RenderOptions;
 use worker_candle::engine::{Engine, EngineSettings};
@@ -62,6 +63,18 @@ fn permute(t: &Tensor, heads: usize) -> Tensor {
 /// Writes fixture `model` as a GGUF file: linear layers in `linear_type`, everything else float32,
 /// tokenizer and chat template in the metadata as llama.cpp's converter writes them.
 fn write_gguf(model: &str, arch: &str, linear_type: GgmlDType, out: &Path) {
+    write_gguf_with(model, arch, linear_type, "gpt2", out)
+}
+
+/// `tokenizer_model`: `gpt2` (byte-level BPE, as the fixtures are) or another name to pretend a
+/// SentencePiece file.
+fn write_gguf_with(
+    model: &str,
+    arch: &str,
+    linear_type: GgmlDType,
+    tokenizer_model: &str,
+    out: &Path,
+) {
     let dir = fixture(model);
     let cfg = read_json(&dir.join("config.json"));
     let n = |k: &str| cfg[k].as_u64().unwrap() as u32;
@@ -81,6 +94,29 @@ fn write_gguf(model: &str, arch: &str, linear_type: GgmlDType, out: &Path) {
         let linear = t.rank() == 2 && !hf.contains("embed_tokens");
         let dtype = if linear { linear_type } else { GgmlDType::F32 };
         tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
+    }
+    let theta = cfg["rope_theta"]
+        .as_f64()
+        .or(cfg["rope_parameters"]["rope_theta"].as_f64())
+        .unwrap_or(10000.0);
+    let head_dim = cfg["head_dim"]
+        .as_u64()
+        .map_or(n("hidden_size") / heads, |h| h as u32) as usize;
+    if cfg["rope_parameters"]["rope_type"] == "llama3" {
+        // llama.cpp's converter writes Llama 3.1+ scaling as per-frequency divisors
+        let rope = RopeConfig::from_config(&cfg, theta).unwrap();
+        let plain = RopeConfig::from_config(&serde_json::json!({}), theta).unwrap();
+        let factors: Vec<f32> = plain
+            .inv_freq(head_dim)
+            .iter()
+            .zip(rope.inv_freq(head_dim))
+            .map(|(p, s)| (p / s) as f32)
+            .collect();
+        let t = Tensor::new(factors, &Device::Cpu).unwrap();
+        tensors.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
     }
     let tok = read_json(&dir.join("tokenizer.json"));
     let tok_cfg = read_json(&dir.join("tokenizer_config.json"));
@@ -126,11 +162,11 @@ fn write_gguf(model: &str, arch: &str, linear_type: GgmlDType, out: &Path) {
             a("attention.layer_norm_rms_epsilon"),
             G::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
         ),
+        (a("rope.freq_base"), G::F32(theta as f32)),
         (
-            a("rope.freq_base"),
-            G::F32(cfg["rope_theta"].as_f64().unwrap_or(10000.0) as f32),
+            "tokenizer.ggml.model".into(),
+            G::String(tokenizer_model.into()),
         ),
-        ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), G::String("default".into())),
         (
             "tokenizer.ggml.tokens".into(),
@@ -172,7 +208,13 @@ fn gguf_in(dir: &Path, model: &str, arch: &str, dtype: GgmlDType) -> PathBuf {
 async fn a_float32_gguf_computes_what_transformers_computes() {
     let dir = tempfile::tempdir().unwrap();
     // llama: q/k rows permuted by the converter; qwen2: biases; qwen3: q/k norms
-    for (model, arch) in [("llama", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")] {
+    // llama31: Llama 3.1 RoPE scaling as llama.cpp's rope_freqs tensor
+    for (model, arch) in [
+        ("llama", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("llama31", "llama"),
+    ] {
         let path = gguf_in(dir.path(), model, arch, GgmlDType::F32);
         let engine = start_at(&path, |_| {});
         assert_eq!(engine.info().vocab_size, 1024);
@@ -318,6 +360,15 @@ fn model_paths_pick_the_gguf_or_say_why_not() {
     .unwrap();
     let msg = err(EngineSettings::for_model(&mamba));
     assert!(msg.contains("mamba") && msg.contains("qwen2"), "{msg}");
+
+    // a tokenizer the metadata cannot rebuild: TOKENIZER_NAME is the way out
+    let spm = other.join("spm.gguf");
+    write_gguf_with("llama", "llama", GgmlDType::Q8_0, "llama", &spm);
+    let msg = err(EngineSettings::for_model(&spm));
+    assert!(msg.contains("TOKENIZER_NAME"), "{msg}");
+    let mut s = EngineSettings::for_model(&spm);
+    s.tokenizer_path = Some(fixture("llama"));
+    assert!(Engine::start(s).is_ok());
 }
 
 /// What llama.cpp computes on the files its own quantizer wrote (`tests/fixtures/gguf/make.py`).

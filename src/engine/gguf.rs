@@ -206,8 +206,8 @@ impl GgufFile {
         Ok(c)
     }
 
-    /// RoPE scaling from the metadata, or from the `rope_freqs.weight` factors llama.cpp writes for
-    /// Llama 3.1+ (checked against the llama3 rule with the published parameters).
+    /// RoPE scaling from the metadata, or the per-frequency divisors of `rope_freqs.weight` that
+    /// llama.cpp's converter writes for Llama 3.1+ instead of the `llama3` parameters.
     fn rope_scaling(&self, head_dim: usize) -> anyhow::Result<Option<Value>> {
         let m = self.meta();
         let key = |k: &str| format!("{}.rope.scaling.{k}", self.arch);
@@ -230,33 +230,16 @@ impl GgufFile {
             )?
             .dequantize(&Device::Cpu)?
             .to_vec1::<f32>()?;
-        let theta = m
-            .float(&format!("{}.rope.freq_base", self.arch))
-            .unwrap_or(10000.0);
-        let factor = factors.iter().copied().fold(1f32, f32::max) as f64;
-        let scaling = json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
-        let cfg = super::layers::RopeConfig::from_config(
-            &json!({"rope_theta": theta, "rope_scaling": scaling}),
-            theta,
-        )?;
-        let plain: Vec<f64> = (0..head_dim / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
-            .collect();
-        let scaled = cfg.inv_freq(head_dim);
-        let matches = factors.len() == plain.len()
-            && plain
-                .iter()
-                .zip(&scaled)
-                .zip(&factors)
-                .all(|((p, s), f)| ((p / s) - *f as f64).abs() < 1e-3 * (*f as f64));
-        if !matches {
+        if factors.len() != head_dim / 2 {
             bail!(
-                "{}: rope_freqs.weight does not follow the llama3 rule this build implements",
-                self.path.display()
+                "{}: rope_freqs.weight has {} factors for a head of {head_dim}",
+                self.path.display(),
+                factors.len()
             )
         }
-        Ok(Some(scaling))
+        Ok(Some(
+            json!({"rope_type": "gguf_freq_factors", "factors": factors}),
+        ))
     }
 
     /// `tokenizer.ggml.<kind>_token_id`.

@@ -18,6 +18,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Each frequency divided by its own factor: the `rope_freqs` tensor llama.cpp's converter writes
+    /// into GGUF files for Llama 3.1+ (`rope_type` `gguf_freq_factors` in our config).
+    Factors(Vec<f64>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +85,12 @@ impl RopeConfig {
                     .and_then(Value::as_f64)
                     .unwrap_or(8192.0),
             },
+            "gguf_freq_factors" => RopeScaling::Factors(
+                s.get("factors")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                    .unwrap_or_default(),
+            ),
             other => {
                 bail!("unsupported rope scaling `{other}` (supported: default, linear, llama3)")
             }
@@ -93,8 +102,13 @@ impl RopeConfig {
         let base: Vec<f64> = (0..dim / 2)
             .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / dim as f64))
             .collect();
-        match self.scaling {
+        match &self.scaling {
             RopeScaling::None => base,
+            RopeScaling::Factors(factors) => base
+                .iter()
+                .zip(factors.iter().chain(std::iter::repeat(&1.0)))
+                .map(|(f, d)| f / d)
+                .collect(),
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
             RopeScaling::Llama3 {
                 factor,
