@@ -3,8 +3,11 @@
 //! batching invariants the scheduler relies on (packed = alone, chunked = whole, both attention paths
 //! agree) and the loader's layouts (sharded weights, both RoPE config layouts, unsupported architecture).
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::fixtures::{fixture, floats, ids, reference, CAUSAL};
 use serde_json::Value;
 use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::layers::AttentionImpl;
@@ -12,51 +15,12 @@ use worker_candle::engine::loader::{load_causal, LoadedModel};
 use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::EngineSettings;
 
-const CAUSAL: &[&str] = &[
-    "llama",
-    "qwen2",
-    "mistral",
-    "phi3",
-    "gemma2",
-    "gpt2",
-    "qwen3",
-    "llama31",
-    "mistral_sw",
-];
 const TOL: f32 = 1e-4;
 const BLOCK: usize = 4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn load(dir: &Path) -> LoadedModel {
     load_causal(&EngineSettings::for_model(dir))
         .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
-}
-
-fn reference(name: &str) -> Value {
-    let text =
-        std::fs::read_to_string(fixture(name).join("reference.json")).expect("reference.json");
-    serde_json::from_str(&text).expect("reference.json parses")
-}
-
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number") as f32)
-        .collect()
 }
 
 /// One sequence's state in these tests: its tokens so far and its blocks.
@@ -139,8 +103,8 @@ fn check_reference(name: &str) {
     let model = loaded.model.as_ref();
     let r = reference(name);
     for (ci, case) in r["cases"].as_array().expect("cases").iter().enumerate() {
-        let prompt = u32s(&case["input_ids"]);
-        let want_ids = u32s(&case["greedy_ids"]);
+        let prompt = ids(&case["input_ids"]);
+        let want_ids = ids(&case["greedy_ids"]);
         let total = prompt.len() + want_ids.len();
         let nblocks = total.div_ceil(BLOCK) + 1;
         let mut cache = new_cache(model, nblocks + 2);
@@ -154,7 +118,7 @@ fn check_reference(name: &str) {
         )
         .remove(0);
         seq.cached = prompt.len();
-        let d = max_diff(&logits, &f32s(&case["last_logits"]));
+        let d = max_diff(&logits, &floats(&case["last_logits"]));
         assert!(d < TOL, "{name} case {ci}: last logits differ by {d}");
         let top5 = case["top5_logprobs_first_steps"].as_array().expect("top5");
         let mut got_ids = Vec::new();
@@ -291,7 +255,7 @@ fn prompts(name: &str) -> Vec<Vec<u32>> {
         .as_array()
         .expect("cases")
         .iter()
-        .map(|c| u32s(&c["input_ids"]))
+        .map(|c| ids(&c["input_ids"]))
         .collect()
 }
 

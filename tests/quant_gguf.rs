@@ -262,12 +262,7 @@ fn tokenizer_and_template_come_from_the_metadata() {
     let r = common::fixtures::reference("llama");
     for case in r["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
-        let want: Vec<u32> = case["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want = common::fixtures::ids(&case["input_ids"]);
         assert_eq!(gguf.tokenizer().encode(prompt, true).unwrap(), want);
         if let Some(messages) = case["messages"].as_array() {
             let opts = RenderOptions {
@@ -377,9 +372,8 @@ fn model_paths_pick_the_gguf_or_say_why_not() {
 /// of the largest logit (llama.cpp keeps its KV cache in f16; the fixture's margins are tiny).
 #[test]
 fn llama_cpp_files_give_llama_cpp_tokens() {
-    use worker_candle::engine::kv_cache::KvCache;
+    use common::fixtures::{floats, ids, teacher_forced, TokenPath};
     use worker_candle::engine::loader::load_causal;
-    use worker_candle::engine::models::{ForwardBatch, LogitsWanted, SeqInput};
     let dir = fixture("gguf");
     let reference = read_json(&dir.join("reference.json"));
     for (q, min_hits, max_err) in [("q8_0", 155, 0.05), ("q4_k_m", 150, 0.08)] {
@@ -387,56 +381,17 @@ fn llama_cpp_files_give_llama_cpp_tokens() {
             dir.join(format!("llama-{q}.gguf")),
         ))
         .unwrap();
-        let m = loaded.model.as_ref();
-        let (mut hits, mut n, mut worst) = (0, 0, 0f32);
-        for run in reference["runs"][q].as_array().unwrap() {
-            let ids = |v: &Value| -> Vec<u32> {
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect()
-            };
-            let (prompt, path) = (ids(&run["input_ids"]), ids(&run["greedy_ids"]));
-            let mut tokens = prompt.clone();
-            tokens.extend(&path[..path.len() - 1]);
-            let blocks = tokens.len().div_ceil(4);
-            let mut cache = KvCache::new(m.spec(), blocks, 4).unwrap();
-            let batch = ForwardBatch {
-                tokens: tokens.clone(),
-                seqs: vec![SeqInput {
-                    context_len: 0,
-                    num_new: tokens.len(),
-                    block_table: (0..blocks as u32).collect(),
-                    logits: LogitsWanted::All,
-                }],
-            };
-            let logits = m
-                .forward(&batch, &mut cache)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
-            let want: Vec<f32> = run["last_logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            let spread = want.iter().fold(0f32, |a, x| a.max(x.abs()));
-            let err = logits[prompt.len() - 1]
-                .iter()
-                .zip(&want)
-                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            worst = worst.max(err / spread);
-            for (k, next) in path.iter().enumerate() {
-                let row = &logits[prompt.len() - 1 + k];
-                let top = (0..row.len())
-                    .max_by(|a, b| row[*a].total_cmp(&row[*b]))
-                    .unwrap();
-                hits += usize::from(top as u32 == *next);
-                n += 1;
-            }
-        }
+        let paths: Vec<TokenPath> = reference["runs"][q]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|run| TokenPath {
+                prompt: ids(&run["input_ids"]),
+                next: ids(&run["greedy_ids"]),
+                last_logits: floats(&run["last_logits"]),
+            })
+            .collect();
+        let (hits, n, worst) = teacher_forced(loaded.model.as_ref(), &paths);
         eprintln!("{q}: llama.cpp's next token at {hits}/{n}, worst last-logit error {worst:.4}");
         assert!(hits >= min_hits, "{q}: {hits}/{n}");
         assert!(worst < max_err, "{q}: {worst}");

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::fixtures::{cases, collect, common_prefix, fixture, greedy, start, start_at, CAUSAL};
+use common::fixtures::{
+    cases, collect, common_prefix, fixture, greedy, start, start_at, TokenPath, CAUSAL,
+};
 use worker_candle::engine::settings::Quantization;
 use worker_candle::engine::{Engine, EngineSettings};
 
@@ -206,7 +208,11 @@ async fn k_quants_run_on_a_model_wide_enough_for_their_blocks() {
     for k in 0..4u32 {
         let prompt: Vec<u32> = (0..12).map(|t| 40 + (t * 37 + k * 101) % 900).collect();
         let out = collect(&float, greedy(prompt.clone(), 12, None)).await;
-        paths.push((prompt, out.choice.token_ids, Vec::new()));
+        paths.push(TokenPath {
+            prompt,
+            next: out.choice.token_ids,
+            last_logits: Vec::new(),
+        });
     }
     for (name, min) in [("q8_0", 43), ("q6k", 40), ("q4k", 22)] {
         let (hit, n, _) = teacher_forced_at(dir.path(), name, &paths);
@@ -215,66 +221,22 @@ async fn k_quants_run_on_a_model_wide_enough_for_their_blocks() {
     }
 }
 
-/// Teacher-forced: each `(prompt, path)` fed as one prompt; at each position, whether the quantized
-/// model's top token is the path's next token, and the worst error of the last prompt position's
-/// logits relative to the largest `|logit|` of `want_logits` (when given).
-fn teacher_forced_at(
-    path: &std::path::Path,
-    q: &str,
-    paths: &[(Vec<u32>, Vec<u32>, Vec<f32>)],
-) -> (usize, usize, f32) {
-    use worker_candle::engine::kv_cache::KvCache;
-    use worker_candle::engine::loader::load_causal;
-    use worker_candle::engine::models::{ForwardBatch, LogitsWanted, SeqInput};
+/// `common::fixtures::teacher_forced` on the model at `path` quantized in situ to `q`.
+fn teacher_forced_at(path: &std::path::Path, q: &str, paths: &[TokenPath]) -> (usize, usize, f32) {
     let mut s = EngineSettings::for_model(path);
     s.quantization = Quantization::InSitu(q.into());
-    let loaded = load_causal(&s).unwrap();
-    let m = loaded.model.as_ref();
-    let (mut hit, mut n, mut worst) = (0, 0, 0f32);
-    for (prompt, want, want_logits) in paths {
-        let mut tokens = prompt.clone();
-        tokens.extend(&want[..want.len() - 1]);
-        let blocks = tokens.len().div_ceil(4);
-        let mut cache = KvCache::new(m.spec(), blocks, 4).unwrap();
-        let batch = ForwardBatch {
-            tokens: tokens.clone(),
-            seqs: vec![SeqInput {
-                context_len: 0,
-                num_new: tokens.len(),
-                block_table: (0..blocks as u32).collect(),
-                logits: LogitsWanted::All,
-            }],
-        };
-        let logits = m
-            .forward(&batch, &mut cache)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let p = prompt.len();
-        if !want_logits.is_empty() {
-            let spread = want_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
-            let err = logits[p - 1]
-                .iter()
-                .zip(want_logits)
-                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            worst = worst.max(err / spread);
-        }
-        for (k, next) in want.iter().enumerate() {
-            let row = &logits[p - 1 + k];
-            let top = (0..row.len())
-                .max_by(|a, b| row[*a].total_cmp(&row[*b]))
-                .unwrap();
-            hit += usize::from(top as u32 == *next);
-            n += 1;
-        }
-    }
-    (hit, n, worst)
+    let loaded = worker_candle::engine::loader::load_causal(&s).unwrap();
+    common::fixtures::teacher_forced(loaded.model.as_ref(), paths)
 }
 
 fn teacher_forced(model: &str, q: &str) -> (usize, usize, f32) {
     let paths: Vec<_> = cases(model)
         .into_iter()
-        .map(|c| (c.input_ids, c.greedy_ids, c.last_logits))
+        .map(|c| TokenPath {
+            prompt: c.input_ids,
+            next: c.greedy_ids,
+            last_logits: c.last_logits,
+        })
         .collect();
     teacher_forced_at(&fixture(model), q, &paths)
 }

@@ -260,13 +260,13 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
     }
     let config = read_config(dir)?;
     let in_situ = in_situ_dtype(settings, &config)?;
-    let architecture = causal_architecture(&config)?.to_string();
-    let device = resolve_device(settings.device)?;
-    if device.is_cpu() {
-        configure_threads(settings.threads);
-    }
-    let dtype = resolve_dtype(settings.dtype, &device, &config)?;
-    let (model_max, max_model_len) = context_lengths(settings, &config)?;
+    let Placement {
+        architecture,
+        device,
+        dtype,
+        model_max,
+        max_model_len,
+    } = placement(settings, &config)?;
     let files = safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every mmap loader we rely on nobody
     // truncating them while the worker runs.
@@ -331,14 +331,36 @@ fn in_situ_dtype(settings: &EngineSettings, config: &Value) -> Result<Option<Ggm
     }
 }
 
-/// The model's own context limit and the one the engine uses (`MAX_MODEL_LENGTH` when set).
-fn context_lengths(settings: &EngineSettings, config: &Value) -> Result<(usize, usize)> {
+/// What the settings and a model's config decide before any weight is read.
+struct Placement {
+    architecture: String,
+    device: Device,
+    dtype: DType,
+    /// The model's own context limit.
+    model_max: usize,
+    /// The one the engine uses (`MAX_MODEL_LENGTH` when set).
+    max_model_len: usize,
+}
+
+fn placement(settings: &EngineSettings, config: &Value) -> Result<Placement> {
+    let architecture = causal_architecture(config)?.to_string();
+    let device = resolve_device(settings.device)?;
+    if device.is_cpu() {
+        configure_threads(settings.threads);
+    }
+    let dtype = resolve_dtype(settings.dtype, &device, config)?;
     let model_max = max_position_embeddings(config);
     let max_model_len = settings.max_model_len.unwrap_or(model_max);
     if max_model_len == 0 {
         bail!("MAX_MODEL_LENGTH must be at least 1")
     }
-    Ok((model_max, max_model_len))
+    Ok(Placement {
+        architecture,
+        device,
+        dtype,
+        model_max,
+        max_model_len,
+    })
 }
 
 /// Loads a GGUF file: its metadata stands in for config.json, its blocks are used as stored.
@@ -352,13 +374,13 @@ fn load_gguf(settings: &EngineSettings, file: &Path) -> Result<LoadedModel> {
     }
     let gguf = Arc::new(gguf::GgufFile::open(file)?);
     let config = gguf.config().clone();
-    let architecture = causal_architecture(&config)?.to_string();
-    let device = resolve_device(settings.device)?;
-    if device.is_cpu() {
-        configure_threads(settings.threads);
-    }
-    let dtype = resolve_dtype(settings.dtype, &device, &config)?;
-    let (model_max, max_model_len) = context_lengths(settings, &config)?;
+    let Placement {
+        architecture,
+        device,
+        dtype,
+        model_max,
+        max_model_len,
+    } = placement(settings, &config)?;
     let weights = Weights::gguf(gguf.clone(), dtype, &device);
     let model = load_causal_model(&config, weights, max_model_len)
         .with_context(|| format!("cannot load the {architecture} model in {}", file.display()))?;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 use serde_json::Value;
+use worker_candle::engine::kv_cache::KvCache;
+use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::{
     ChoiceDelta, Engine, EngineSettings, GenerateRequest, GenerationEvent, Prompt, RequestMetrics,
     SamplingParams,
@@ -147,4 +149,73 @@ pub async fn collect(engine: &Engine, req: GenerateRequest) -> Outcome {
 /// How many leading tokens two sequences share.
 pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// A path to hold a model to: a prompt, the tokens that should follow it, and (when known) the logits
+/// after the prompt.
+pub struct TokenPath {
+    pub prompt: Vec<u32>,
+    pub next: Vec<u32>,
+    pub last_logits: Vec<f32>,
+}
+
+/// Each path fed to `model` as one prompt (teacher forcing): the positions where the model's top token
+/// is the path's next one, the positions, and the worst error of the logits after the prompt relative
+/// to the largest `|logit|` wanted.
+pub fn teacher_forced(model: &dyn CausalLM, paths: &[TokenPath]) -> (usize, usize, f32) {
+    let (mut hit, mut n, mut worst) = (0, 0, 0f32);
+    for path in paths {
+        let mut tokens = path.prompt.clone();
+        tokens.extend(&path.next[..path.next.len() - 1]);
+        let blocks = tokens.len().div_ceil(4);
+        let mut cache = KvCache::new(model.spec(), blocks, 4).unwrap();
+        let batch = ForwardBatch {
+            tokens: tokens.clone(),
+            seqs: vec![SeqInput {
+                context_len: 0,
+                num_new: tokens.len(),
+                block_table: (0..blocks as u32).collect(),
+                logits: LogitsWanted::All,
+            }],
+        };
+        let logits = model
+            .forward(&batch, &mut cache)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let p = path.prompt.len();
+        if !path.last_logits.is_empty() {
+            let spread = path.last_logits.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let err = logits[p - 1]
+                .iter()
+                .zip(&path.last_logits)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            worst = worst.max(err / spread);
+        }
+        for (k, next) in path.next.iter().enumerate() {
+            let row = &logits[p - 1 + k];
+            let top = (0..row.len())
+                .max_by(|a, b| row[*a].total_cmp(&row[*b]))
+                .unwrap();
+            hit += usize::from(top as u32 == *next);
+            n += 1;
+        }
+    }
+    (hit, n, worst)
 }

@@ -72,19 +72,22 @@ impl CustomOp2 for SmallMatmul {
             };
             kernel(x, &w[rows.start * k..rows.end * k], y, m, k);
         });
-        let y = if m == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; m * n];
-            for (j, row) in yt.chunks_exact(m).enumerate() {
-                for (i, v) in row.iter().enumerate() {
-                    y[i * n + j] = *v;
-                }
-            }
-            y
-        };
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(untranspose(yt, m, n)), Shape::from((m, n))))
     }
+}
+
+/// `[m, n]` from the `[n, m]` the decode kernels write (each thread owns a run of weight rows).
+pub(crate) fn untranspose(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (j, row) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            y[i * n + j] = *v;
+        }
+    }
+    y
 }
 
 /// `yt[j*m + i] = dot(w[j], x[i])` for the weight rows in `w`.

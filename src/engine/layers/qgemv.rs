@@ -92,18 +92,7 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
             }
         }
     });
-    let y = if m == 1 {
-        yt
-    } else {
-        let mut y = vec![0f32; m * n];
-        for (j, row) in yt.chunks_exact(m).enumerate() {
-            for (i, v) in row.iter().enumerate() {
-                y[i * n + j] = *v;
-            }
-        }
-        y
-    };
-    Tensor::from_vec(y, (m, n), x.device())
+    Tensor::from_vec(super::gemv::untranspose(yt, m, n), (m, n), x.device())
 }
 
 /// The 32-wide block formats the kernel reads.
