@@ -2,7 +2,8 @@
 //! time to first token with 1, 4, 16, 64 (or `--concurrency`) requests submitted at once.
 //!
 //! `cargo bench --bench engine -- <model_dir> [--concurrency 1,4,16,64] [--prompt-len 128]
-//! [--new-tokens 128] [--kv-cache-memory BYTES]`
+//! [--new-tokens 128] [--kv-cache-memory BYTES]`; `<model_dir>` may be a `.gguf` file, and
+//! `QUANTIZATION=q8_0` (etc.) quantizes a float checkpoint as it loads.
 
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,12 @@ fn main() -> anyhow::Result<()> {
     let mut settings = EngineSettings::for_model(&args.model);
     settings.enable_prefix_caching = false;
     settings.kv_cache_memory = args.kv_cache_memory;
+    if let Some(q) = std::env::var("QUANTIZATION")
+        .ok()
+        .filter(|q| !q.is_empty() && q != "none")
+    {
+        settings.quantization = worker_candle::engine::settings::Quantization::InSitu(q);
+    }
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
     settings.max_num_seqs = settings.max_num_seqs.max(max_c);
     let t = Instant::now();

@@ -75,7 +75,17 @@ fn write_gguf_with(
     tokenizer_model: &str,
     out: &Path,
 ) {
-    let dir = fixture(model);
+    write_gguf_from(&fixture(model), arch, linear_type, tokenizer_model, out)
+}
+
+/// `write_gguf_with` for the model folder `dir`.
+fn write_gguf_from(
+    dir: &Path,
+    arch: &str,
+    linear_type: GgmlDType,
+    tokenizer_model: &str,
+    out: &Path,
+) {
     let cfg = read_json(&dir.join("config.json"));
     let n = |k: &str| cfg[k].as_u64().unwrap() as u32;
     let (heads, kv_heads) = (n("num_attention_heads"), n("num_key_value_heads"));
@@ -92,7 +102,12 @@ fn write_gguf_with(
             t = permute(&t, kv_heads as usize);
         }
         let linear = t.rank() == 2 && !hf.contains("embed_tokens");
-        let dtype = if linear { linear_type } else { GgmlDType::F32 };
+        let dtype = match (linear, hf.as_str()) {
+            (false, _) => GgmlDType::F32,
+            // the LM head at 8 bits, as in-situ quantization (and llama.cpp) keep it
+            (true, "lm_head.weight") if linear_type.block_size() > 1 => GgmlDType::Q8_0,
+            (true, _) => linear_type,
+        };
         tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
     }
     let theta = cfg["rope_theta"]
@@ -250,6 +265,35 @@ async fn q8_0_blocks_from_a_gguf_equal_in_situ_q8_0() {
             let (la, lb) = (a.choice.logprobs[0].logprob, b.choice.logprobs[0].logprob);
             assert!((la - lb).abs() < 1e-5, "{model}: {la} vs {lb}");
         }
+    }
+}
+
+/// k-quant blocks need rows of 256: a model that wide, its linear layers stored as q4_K, q5_K and q6_K
+/// (the types of llama.cpp's Q4_K_M, Q5_K_M and Q6_K files), gives what in-situ quantization to the
+/// same type gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_quant_blocks_from_a_gguf_equal_in_situ_k_quants() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("wide");
+    std::fs::create_dir(&model).unwrap();
+    common::fixtures::wide_llama(&model);
+    let prompt: Vec<u32> = (0..12).map(|t| 40 + (t * 37) % 900).collect();
+    for (dtype, name) in [
+        (GgmlDType::Q4K, "q4k"),
+        (GgmlDType::Q5K, "q5k"),
+        (GgmlDType::Q6K, "q6k"),
+    ] {
+        let path = dir.path().join(format!("wide-{name}.gguf"));
+        write_gguf_from(&model, "llama", dtype, "gpt2", &path);
+        let from_file = start_at(&path, |_| {});
+        let in_situ = start_at(&model, |s| {
+            s.quantization = Quantization::InSitu(name.into())
+        });
+        let a = collect(&from_file, greedy(prompt.clone(), 8, Some(1))).await;
+        let b = collect(&in_situ, greedy(prompt.clone(), 8, Some(1))).await;
+        assert_eq!(a.choice.token_ids, b.choice.token_ids, "{name}");
+        let (la, lb) = (a.choice.logprobs[0].logprob, b.choice.logprobs[0].logprob);
+        assert!((la - lb).abs() < 1e-5, "{name}: {la} vs {lb}");
     }
 }
 

@@ -123,86 +123,12 @@ fn unsupported_quantizations_stop_the_worker_with_the_supported_list() {
     assert!(err.contains("decoder models"), "{err}");
 }
 
-/// A Llama-shaped model 256 wide (k-quant blocks are 256 long; the fixtures are 64 wide) with the
-/// llama fixture's tokenizer, random weights of the fixtures' scale.
-fn wide_llama(dir: &std::path::Path) {
-    use candle_core::{Device, Tensor};
-    let (hidden, inter, layers, vocab) = (256usize, 512usize, 2usize, 1024usize);
-    let (heads, kv_heads, head_dim) = (4usize, 2usize, 64usize);
-    let dev = Device::Cpu;
-    let mut w = std::collections::HashMap::new();
-    // seeded, so every run builds the same model
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut put = |name: String, shape: &[usize], std: f32| {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                if std == 0.0 {
-                    return 1.0;
-                }
-                // Box-Muller
-                let (u, v): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
-                std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-            })
-            .collect();
-        w.insert(name, Tensor::from_vec(values, shape, &dev).unwrap());
-    };
-    put("model.embed_tokens.weight".into(), &[vocab, hidden], 1.0);
-    put("lm_head.weight".into(), &[vocab, hidden], 0.1);
-    put("model.norm.weight".into(), &[hidden], 0.0);
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), &[hidden], 0.0);
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[hidden],
-            0.0,
-        );
-        put(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[heads * head_dim, hidden],
-            0.1,
-        );
-        put(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-            0.1,
-        );
-        put(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-            0.1,
-        );
-        put(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[hidden, heads * head_dim],
-            0.1,
-        );
-        put(format!("{p}.mlp.gate_proj.weight"), &[inter, hidden], 0.1);
-        put(format!("{p}.mlp.up_proj.weight"), &[inter, hidden], 0.1);
-        put(format!("{p}.mlp.down_proj.weight"), &[hidden, inter], 0.1);
-    }
-    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
-    let cfg = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "rms_norm_eps": 1e-6,
-        "vocab_size": vocab, "max_position_embeddings": 512, "rope_theta": 10000.0,
-        "bos_token_id": 3, "eos_token_id": 6, "tie_word_embeddings": false
-    });
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture("llama").join(f), dir.join(f)).unwrap();
-    }
-}
-
 /// Measured: of the float32 model's 48 greedy steps, q8_0 picks the same token at 45, q6k at 43 and
 /// q4k at 26 when fed the float path (random weights: small margins).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_quants_run_on_a_model_wide_enough_for_their_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    wide_llama(dir.path());
+    common::fixtures::wide_llama(dir.path());
     let float = start_at(dir.path(), |_| {});
     let mut paths = Vec::new();
     for k in 0..4u32 {
