@@ -77,6 +77,8 @@ fn main() -> Result<()> {
     }
     let t = Instant::now();
     let mut loaded = load_causal(&settings)?;
+    // the worker drops the GGUF file (and its mapping) once the model is loaded; so does this
+    loaded.gguf = None;
     let imp = match std::env::var("ATTENTION").as_deref() {
         Ok("loop") => AttentionImpl::Loop,
         Ok("varlen") => AttentionImpl::Varlen,

@@ -102,10 +102,12 @@ fn write_gguf_from(
             t = permute(&t, kv_heads as usize);
         }
         let linear = t.rank() == 2 && !hf.contains("embed_tokens");
+        let quantized = linear_type.block_size() > 1;
         let dtype = match (linear, hf.as_str()) {
+            // the embedding table and LM head at 8 bits, as in-situ quantization (and llama.cpp) keep them
+            (false, "model.embed_tokens.weight") if quantized => GgmlDType::Q8_0,
             (false, _) => GgmlDType::F32,
-            // the LM head at 8 bits, as in-situ quantization (and llama.cpp) keep it
-            (true, "lm_head.weight") if linear_type.block_size() > 1 => GgmlDType::Q8_0,
+            (true, "lm_head.weight") if quantized => GgmlDType::Q8_0,
             (true, _) => linear_type,
         };
         tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));

@@ -15,7 +15,7 @@ use super::quant::{self, GgmlDType};
 enum Source {
     /// Linear layers keep the checkpoint's float weights.
     Float,
-    /// Linear layers are quantized to this type as they load (the embedding table stays float).
+    /// Linear layers are quantized to this type as they load (the embedding table to 8 bits).
     InSitu(GgmlDType),
     /// Linear layers and the embedding table keep the GGUF file's blocks.
     Gguf(Arc<GgufFile>),
@@ -97,13 +97,24 @@ impl<'a> Weights<'a> {
         self.finish(Linear::new(weight, Some(bias))?, |q| q)
     }
 
-    /// The embedding table `{prefix}.weight` `[vocab, hidden]`.
+    /// The embedding table `{prefix}.weight` `[vocab, hidden]`. Quantized in situ it is kept at 8 bits
+    /// (as llama.cpp keeps `token_embd`): often the largest matrix, and a tied LM head shares it.
     pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Embedding> {
-        if let Source::Gguf(file) = &self.source {
-            let name = self.full_name("weight");
-            if let Some(q) = file.qtensor(&name, self.device())? {
-                return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
+        match &self.source {
+            Source::Gguf(file) => {
+                let name = self.full_name("weight");
+                if let Some(q) = file.qtensor(&name, self.device())? {
+                    return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
+                }
             }
+            Source::InSitu(wanted) => {
+                let table = self.get((vocab, hidden), "weight")?;
+                if let Some(q) = quant::quantize_matrix(&table, quant::lm_head_dtype(*wanted))? {
+                    return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
+                }
+                return Ok(Embedding::Dense(table));
+            }
+            Source::Float => {}
         }
         Ok(Embedding::Dense(self.get((vocab, hidden), "weight")?))
     }
