@@ -273,9 +273,6 @@ mod x86 {
     use super::{Activations, Format, BLOCK_BYTES, QK};
     use std::arch::x86_64::*;
 
-    /// Rows of `x` that share one unpacked weight block.
-    const X_ROWS: usize = 4;
-
     /// A q4_0 / q5_0 block's 32 unsigned values: low nibbles are elements 0..16, high nibbles 16..32,
     /// q5_0's fifth bits add 16 where set.
     #[inline(always)]
@@ -321,43 +318,60 @@ mod x86 {
     /// q4_0 / q5_0's unsigned values multiply `x` directly and the offset comes off at the end.
     #[inline(always)]
     unsafe fn blocks<const VNNI: bool>(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
+        let m = y.len();
+        let mut i0 = 0;
+        // tiles of a fixed height, so the accumulators stay in registers
+        while i0 < m {
+            i0 += match m - i0 {
+                8.. => tile::<VNNI, 8>(format, w, act, y, i0),
+                4..=7 => tile::<VNNI, 4>(format, w, act, y, i0),
+                2..=3 => tile::<VNNI, 2>(format, w, act, y, i0),
+                _ => tile::<VNNI, 1>(format, w, act, y, i0),
+            };
+        }
+    }
+
+    /// Rows `i0..i0 + R` of `x` against one weight row; returns `R`.
+    #[inline(always)]
+    unsafe fn tile<const VNNI: bool, const R: usize>(
+        format: Format,
+        w: &[u8],
+        act: &Activations,
+        y: &mut [f32],
+        i0: usize,
+    ) -> usize {
         let block_bytes = format.block_bytes();
         let signed = format == Format::Q8_0;
         let (k, kb) = (act.k, act.k / QK);
         let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
-        let m = y.len();
-        let mut i0 = 0;
-        while i0 < m {
-            let rows = (m - i0).min(X_ROWS);
-            let mut acc = [_mm256_setzero_ps(); X_ROWS];
-            let mut corr = [0f32; X_ROWS];
-            for b in 0..kb {
-                let blk = wp.add(b * block_bytes);
-                let dw = scale(blk);
-                let (raw, v) = if signed {
-                    let raw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    (raw, _mm256_abs_epi8(raw))
-                } else {
-                    let v = unpack(format == Format::Q5_0, blk);
-                    (v, v)
-                };
-                for r in 0..rows {
-                    let i = i0 + r;
-                    let mut xv = _mm256_loadu_si256(xp.add(i * k + b * QK) as *const __m256i);
-                    if signed {
-                        xv = _mm256_sign_epi8(xv, raw);
-                    }
-                    let p = dpbusd::<VNNI>(v, xv);
-                    let d = _mm256_set1_ps(dw * *act.d.get_unchecked(i * kb + b));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-                    corr[r] += dw * *act.corr.get_unchecked(i * kb + b);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut corr = [0f32; R];
+        for b in 0..kb {
+            let blk = wp.add(b * block_bytes);
+            let dw = scale(blk);
+            let (raw, v) = if signed {
+                let raw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                (raw, _mm256_abs_epi8(raw))
+            } else {
+                let v = unpack(format == Format::Q5_0, blk);
+                (v, v)
+            };
+            for r in 0..R {
+                let i = i0 + r;
+                let mut xv = _mm256_loadu_si256(xp.add(i * k + b * QK) as *const __m256i);
+                if signed {
+                    xv = _mm256_sign_epi8(xv, raw);
                 }
+                let p = dpbusd::<VNNI>(v, xv);
+                let d = _mm256_set1_ps(dw * *act.d.get_unchecked(i * kb + b));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+                corr[r] += dw * *act.corr.get_unchecked(i * kb + b);
             }
-            for r in 0..rows {
-                *y.get_unchecked_mut(i0 + r) = hsum(acc[r]) - corr[r];
-            }
-            i0 += rows;
         }
+        for r in 0..R {
+            *y.get_unchecked_mut(i0 + r) = hsum(acc[r]) - corr[r];
+        }
+        R
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
