@@ -40,10 +40,16 @@ impl Linear {
         })
     }
 
-    /// A layer over a quantized `[out, in]` matrix; float-typed GGUF tensors become dense.
+    /// A layer over a quantized `[out, in]` matrix; float-typed GGUF tensors (and block types candle
+    /// cannot multiply at this width) become dense.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
         let (out_dim, in_dim) = weight.shape().dims2()?;
-        if weight.dtype().block_size() == 1 {
+        // candle's q4_1/q5_1 products take blocks in pairs (and assert it); an odd count runs dense
+        let odd_pairs = matches!(
+            weight.dtype(),
+            quant::GgmlDType::Q4_1 | quant::GgmlDType::Q5_1
+        ) && (in_dim / weight.dtype().block_size()) % 2 == 1;
+        if weight.dtype().block_size() == 1 || odd_pairs {
             let dense = weight.dequantize(&weight.device())?.to_dtype(dtype)?;
             return Self::new(dense, bias);
         }
@@ -243,6 +249,19 @@ mod tests {
             assert!(e < tol, "{dtype:?}: relative error {e}");
             assert!(q.weight_bytes() < float.weight_bytes() / 3);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn block_pairs_candle_cannot_multiply_run_dense() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (8, 96), &dev)?;
+        let q = Arc::new(QTensor::quantize(&w, quant::GgmlDType::Q5_1)?);
+        let l = Linear::quantized(q.clone(), None, DType::F32)?;
+        assert!(matches!(l.weight(), LinearWeight::Dense(_)));
+        let x = Tensor::randn(0f32, 1.0, (2, 96), &dev)?;
+        let want = x.matmul(&q.dequantize(&dev)?.t()?)?;
+        assert!(rel_err(&l.forward(&x)?, &want) < 1e-6);
         Ok(())
     }
 
