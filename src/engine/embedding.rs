@@ -46,6 +46,14 @@ pub struct PoolingSpec {
 }
 
 impl PoolingSpec {
+    /// One input's hidden states `[tokens, hidden]` → the vector the client gets (`dims` long).
+    fn vector(&self, states: &Tensor, dims: usize) -> candle_core::Result<Vec<f32>> {
+        let pooled = pool(states, self.pooling)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(finish_vector(pooled, self.normalize, dims))
+    }
+
     /// Reads `modules.json` and the pooling module's `config.json`. Without `modules.json` (a bare
     /// model folder): `default` pooling, normalised, as vLLM does.
     pub fn from_dir(dir: &Path, default: Pooling) -> anyhow::Result<Self> {
@@ -298,10 +306,7 @@ impl EncoderEmbedder {
             let hidden = self.model.forward(&seqs)?;
             for (row, &i) in batch.iter().enumerate() {
                 let states = hidden.get(row)?.narrow(0, 0, lens[i])?;
-                let pooled = pool(&states, self.spec.pooling)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?;
-                out[i] = finish_vector(pooled, self.spec.normalize, dims);
+                out[i] = self.spec.vector(&states, dims)?;
             }
         }
         Ok(EmbedOutput {
@@ -445,10 +450,7 @@ impl DecoderEmbedder {
                 };
                 let states = hidden.narrow(0, row, rows)?;
                 row += rows;
-                let pooled = pool(&states, self.spec.pooling)?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?;
-                out.push(finish_vector(pooled, self.spec.normalize, dims));
+                out.push(self.spec.vector(&states, dims)?);
             }
         }
         Ok(EmbedOutput {
