@@ -183,8 +183,13 @@ pub fn finish_vector(mut v: Vec<f32>, normalize: bool, dims: usize) -> Vec<f32> 
     v
 }
 
-/// Checks what every embedder checks: inputs present, non-empty, within the context.
-pub fn validate_inputs(inputs: &[Vec<u32>], max_len: usize) -> Result<(), EngineError> {
+/// Checks what every embedder checks: inputs present, non-empty, within the context, token ids within
+/// the vocabulary.
+pub fn validate_inputs(
+    inputs: &[Vec<u32>],
+    max_len: usize,
+    vocab: usize,
+) -> Result<(), EngineError> {
     if inputs.is_empty() {
         return Err(EngineError::invalid("input", "`input` is empty"));
     }
@@ -202,6 +207,12 @@ pub fn validate_inputs(inputs: &[Vec<u32>], max_len: usize) -> Result<(), Engine
                     "This model's maximum context length is {max_len} tokens (max_position_embeddings). However, input {i} has {} tokens. Shorten it or set `truncate_prompt_tokens`.",
                     input.len()
                 ),
+            ));
+        }
+        if let Some(bad) = input.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::invalid(
+                "input",
+                format!("input {i}: token id {bad} is out of range for a vocabulary of {vocab}"),
             ));
         }
     }
@@ -280,21 +291,11 @@ impl EncoderEmbedder {
     pub fn vocab_size(&self) -> usize {
         self.model.config().vocab_size
     }
+}
 
-    /// Embeds every input (see `Embedder::embed`).
-    pub fn embed_inputs(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
-        validate_inputs(&request.inputs, self.max_input_len())?;
-        let vocab = self.vocab_size();
-        for (i, input) in request.inputs.iter().enumerate() {
-            if let Some(bad) = input.iter().find(|&&t| t as usize >= vocab) {
-                return Err(EngineError::invalid(
-                    "input",
-                    format!(
-                        "input {i}: token id {bad} is out of range for a vocabulary of {vocab}"
-                    ),
-                ));
-            }
-        }
+impl Embedder for EncoderEmbedder {
+    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
+        validate_inputs(&request.inputs, self.max_input_len(), self.vocab_size())?;
         let dims = check_dimensions(request.dimensions, self.dimensions())?;
         let lens: Vec<usize> = request.inputs.iter().map(Vec::len).collect();
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); request.inputs.len()];
@@ -313,12 +314,6 @@ impl EncoderEmbedder {
             embeddings: out,
             prompt_tokens: lens.iter().sum(),
         })
-    }
-}
-
-impl Embedder for EncoderEmbedder {
-    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
-        self.embed_inputs(request)
     }
 }
 
@@ -399,25 +394,16 @@ impl DecoderEmbedder {
         }
         batches
     }
+}
 
-    fn embed_inputs(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
-        validate_inputs(&request.inputs, self.max_len)?;
+impl Embedder for DecoderEmbedder {
+    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
         let state = self.state.lock();
         let mut state =
             state.map_err(|_| EngineError::Internal("the embedder's lock is poisoned".into()))?;
         let (model, cache) = &mut *state;
         let model_spec = model.spec().clone();
-        let vocab = model_spec.vocab_size;
-        for (i, input) in request.inputs.iter().enumerate() {
-            if let Some(bad) = input.iter().find(|&&t| t as usize >= vocab) {
-                return Err(EngineError::invalid(
-                    "input",
-                    format!(
-                        "input {i}: token id {bad} is out of range for a vocabulary of {vocab}"
-                    ),
-                ));
-            }
-        }
+        validate_inputs(&request.inputs, self.max_len, model_spec.vocab_size)?;
         let dims = check_dimensions(request.dimensions, model_spec.hidden_size)?;
         let lens: Vec<usize> = request.inputs.iter().map(Vec::len).collect();
         let wanted = match self.spec.pooling {
@@ -457,12 +443,6 @@ impl DecoderEmbedder {
             embeddings: out,
             prompt_tokens: lens.iter().sum(),
         })
-    }
-}
-
-impl Embedder for DecoderEmbedder {
-    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
-        self.embed_inputs(request)
     }
 }
 
@@ -677,11 +657,13 @@ mod tests {
 
     #[test]
     fn inputs_are_validated() {
-        assert!(validate_inputs(&[], 8).is_err());
-        assert!(validate_inputs(&[vec![]], 8).is_err());
-        let e = validate_inputs(&[vec![1; 9]], 8).unwrap_err();
+        assert!(validate_inputs(&[], 8, 16).is_err());
+        assert!(validate_inputs(&[vec![]], 8, 16).is_err());
+        let e = validate_inputs(&[vec![1; 9]], 8, 16).unwrap_err();
         assert!(e.to_string().contains("maximum context length is 8"), "{e}");
-        assert!(validate_inputs(&[vec![1; 8], vec![2]], 8).is_ok());
+        assert!(validate_inputs(&[vec![1; 8], vec![2]], 8, 16).is_ok());
+        let e = validate_inputs(&[vec![1, 16]], 8, 16).unwrap_err().to_string();
+        assert!(e.contains("token id 16"), "{e}");
     }
 
     #[test]
