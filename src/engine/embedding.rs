@@ -662,7 +662,9 @@ mod tests {
         let e = validate_inputs(&[vec![1; 9]], 8, 16).unwrap_err();
         assert!(e.to_string().contains("maximum context length is 8"), "{e}");
         assert!(validate_inputs(&[vec![1; 8], vec![2]], 8, 16).is_ok());
-        let e = validate_inputs(&[vec![1, 16]], 8, 16).unwrap_err().to_string();
+        let e = validate_inputs(&[vec![1, 16]], 8, 16)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("token id 16"), "{e}");
     }
 

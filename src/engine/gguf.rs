@@ -421,6 +421,21 @@ impl GgufFile {
                 "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab,
                 "merges": merges},
         });
+        Ok((tokenizer, self.tokenizer_config_for(&tokens)))
+    }
+
+    /// The `tokenizer_config.json` the metadata implies: special tokens by name, `add_bos_token`, the
+    /// chat template.
+    pub fn tokenizer_config(&self) -> Value {
+        let tokens = self
+            .meta()
+            .strings("tokenizer.ggml.tokens")
+            .unwrap_or_default();
+        self.tokenizer_config_for(&tokens)
+    }
+
+    fn tokenizer_config_for(&self, tokens: &[String]) -> Value {
+        let m = self.meta();
         let mut config = json!({"clean_up_tokenization_spaces": false});
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned();
         for (kind, key) in [
@@ -439,7 +454,7 @@ impl GgufFile {
         if let Some(t) = self.chat_template() {
             config["chat_template"] = json!(t);
         }
-        Ok((tokenizer, config))
+        config
     }
 }
 

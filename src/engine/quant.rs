@@ -46,9 +46,9 @@ pub fn storage_dtype(wanted: GgmlDType, cols: usize) -> Option<GgmlDType> {
     fits(fallback, cols).then_some(fallback)
 }
 
-/// Whether rows of `cols` split into `dtype`'s blocks (candle's q4_1/q5_1 products also take the
-/// blocks in pairs).
-fn fits(dtype: GgmlDType, cols: usize) -> bool {
+/// Whether rows of `cols` split into `dtype`'s blocks so that the CPU kernels can multiply them
+/// (candle's q4_1/q5_1 products also take the blocks in pairs, and assert it).
+pub fn fits(dtype: GgmlDType, cols: usize) -> bool {
     let block = dtype.block_size();
     match dtype {
         GgmlDType::Q4_1 | GgmlDType::Q5_1 => cols.is_multiple_of(2 * block),

@@ -44,12 +44,9 @@ impl Linear {
     /// cannot multiply at this width) become dense.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
         let (out_dim, in_dim) = weight.shape().dims2()?;
-        // candle's q4_1/q5_1 products take blocks in pairs (and assert it); an odd count runs dense
-        let odd_pairs = matches!(
-            weight.dtype(),
-            quant::GgmlDType::Q4_1 | quant::GgmlDType::Q5_1
-        ) && (in_dim / weight.dtype().block_size()) % 2 == 1;
-        if weight.dtype().block_size() == 1 || odd_pairs {
+        // a block layout the kernels cannot multiply at this width (a GGUF's q4_1 with an odd block
+        // count) runs dense rather than trip an assertion mid-request
+        if weight.dtype().block_size() == 1 || !quant::fits(weight.dtype(), in_dim) {
             let dense = weight.dequantize(&weight.device())?.to_dtype(dtype)?;
             return Self::new(dense, bias);
         }

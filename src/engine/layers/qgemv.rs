@@ -55,11 +55,14 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let kb = k / QK;
     let (xq, xd) = quantize_rows(&xs, m, k);
     // what the unsigned weight values' offset contributes per block: offset · Σx · dx
-    let xcorr: Vec<f32> = xq
-        .chunks_exact(QK)
-        .zip(&xd)
-        .map(|(b, d)| (offset * b.iter().map(|v| *v as i32).sum::<i32>()) as f32 * d)
-        .collect();
+    let xcorr: Vec<f32> = if offset == 0 {
+        vec![0.0; xd.len()]
+    } else {
+        xq.chunks_exact(QK)
+            .zip(&xd)
+            .map(|(b, d)| (offset * b.iter().map(|v| *v as i32).sum::<i32>()) as f32 * d)
+            .collect()
+    };
     let row_bytes = kb * block_bytes;
     let mut yt = vec![0f32; n * m];
     let dot = Dot::detect();

@@ -150,16 +150,10 @@ fn tokenizer_and_template(
     let mut template = ChatTemplate::from_model_dir(&dir, custom)
         .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
     if let (None, Some(g)) = (&template, gguf) {
-        template = ChatTemplate::from_tokenizer_config(&gguf_tokenizer_config(g), None, None)
+        template = ChatTemplate::from_tokenizer_config(&g.tokenizer_config(), None, None)
             .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
     }
     Ok((tokenizer, template))
-}
-
-fn gguf_tokenizer_config(g: &GgufFile) -> serde_json::Value {
-    g.tokenizer_files()
-        .map(|(_, c)| c)
-        .unwrap_or_else(|_| serde_json::json!({"chat_template": g.chat_template()}))
 }
 
 /// The tokenizer and template a GGUF file's metadata describes.
