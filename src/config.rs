@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::engine::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
+use crate::engine::speculative::{SpeculativeConfig, SpeculativeMethod};
 use crate::serverless::stream_batch::BatchPolicy;
 
 /// The model `serve` uses when `MODEL_NAME` is not set.
@@ -106,6 +107,8 @@ pub struct ModelConfig {
     pub enable_prefix_caching: bool,
     pub block_size: usize,
     pub threads: Option<usize>,
+    /// `SPECULATIVE_CONFIG`: speculative decoding.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 /// The OpenAI front door's settings.
@@ -182,6 +185,7 @@ struct RawEnv {
     enable_prefix_caching: Option<String>,
     block_size: Option<String>,
     num_threads: Option<String>,
+    speculative_config: Option<String>,
     default_batch_size: Option<String>,
     default_min_batch_size: Option<String>,
     default_batch_size_growth_factor: Option<String>,
@@ -286,6 +290,7 @@ impl Config {
             )?,
             block_size: parse_positive("BLOCK_SIZE", raw.block_size, 16)?,
             threads: parse_opt_usize("NUM_THREADS", raw.num_threads)?,
+            speculative: parse_speculative(raw.speculative_config)?,
         };
         let stream_batch = BatchPolicy {
             max_batch_size: parse_positive("DEFAULT_BATCH_SIZE", raw.default_batch_size, 50)?,
@@ -374,8 +379,32 @@ impl Config {
             enable_prefix_caching: m.enable_prefix_caching,
             custom_chat_template: m.custom_chat_template.clone(),
             threads: m.threads,
+            speculative: m.speculative.clone(),
         }
     }
+}
+
+fn parse_speculative(v: Option<String>) -> Result<Option<SpeculativeConfig>, ConfigError> {
+    let Some(v) = non_empty(v) else {
+        return Ok(None);
+    };
+    let (config, draft_quantization) =
+        SpeculativeConfig::parse(&v).map_err(|e| invalid("SPECULATIVE_CONFIG", &v, &e))?;
+    if draft_quantization.is_some() && !matches!(config.method, SpeculativeMethod::Draft { .. }) {
+        return Err(invalid(
+            "SPECULATIVE_CONFIG",
+            &v,
+            "`quantization` only with a draft `model`",
+        ));
+    }
+    if let SpeculativeMethod::Draft { .. } = config.method {
+        return Err(invalid(
+            "SPECULATIVE_CONFIG",
+            &v,
+            "`method: \"ngram\"` (prompt lookup); a draft `model` is not supported yet",
+        ));
+    }
+    Ok(Some(config))
 }
 
 fn non_empty(v: Option<String>) -> Option<String> {

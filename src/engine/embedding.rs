@@ -576,6 +576,7 @@ pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts>
         },
         template: None,
         embedder: Some(loaded.embedder),
+        speculation: None,
     })
 }
 

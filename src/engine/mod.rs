@@ -17,6 +17,7 @@ pub mod runner;
 pub mod sampling;
 pub mod scheduler;
 pub mod settings;
+pub mod speculative;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;

@@ -22,6 +22,7 @@ use super::error::EngineError;
 use super::models::{ForwardBatch, LogitsWanted, SeqInput};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId, StepPlan};
 use super::settings::EngineSettings;
+use super::speculative::NgramProposer;
 use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest, GenerateRequest, GenerationEvent, Prompt};
 use super::validate::ValidationLimits;
@@ -63,6 +64,18 @@ pub struct EngineParts {
     pub scheduler: SchedulerConfig,
     pub template: Option<super::template::ChatTemplate>,
     pub embedder: Option<Arc<dyn Embedder>>,
+    /// Speculative decoding (`SPECULATIVE_CONFIG`), if on.
+    pub speculation: Option<Speculation>,
+}
+
+/// How the engine guesses tokens ahead (speculative decoding).
+#[derive(Debug, Clone)]
+pub struct Speculation {
+    pub proposer: NgramProposer,
+    /// Tokens proposed per step.
+    pub num_tokens: usize,
+    /// No speculation in a step with more decoding sequences than this.
+    pub disable_by_batch_size: usize,
 }
 
 /// Live counters of the engine thread (KV blocks, sequences), for metrics and tests.
@@ -74,6 +87,10 @@ pub struct EngineStats {
     pub waiting: AtomicUsize,
     pub steps: AtomicUsize,
     pub preemptions: AtomicUsize,
+    /// Speculative decoding: draft tokens verified, accepted, and decode steps that verified a draft.
+    pub spec_draft_tokens: AtomicUsize,
+    pub spec_accepted_tokens: AtomicUsize,
+    pub spec_verify_steps: AtomicUsize,
 }
 
 /// A cheap, cloneable handle to the engine.
@@ -108,6 +125,7 @@ impl Engine {
             scheduler,
             template,
             embedder,
+            speculation,
         } = parts;
         let stats = Arc::new(EngineStats::default());
         stats
@@ -125,6 +143,7 @@ impl Engine {
                 owner: HashMap::new(),
                 next_key: 0,
                 stats: stats.clone(),
+                speculation,
             };
             std::thread::Builder::new()
                 .name("engine".into())
@@ -257,6 +276,7 @@ struct Core {
     owner: HashMap<SeqId, u64>,
     next_key: u64,
     stats: Arc<EngineStats>,
+    speculation: Option<Speculation>,
 }
 
 impl Core {
@@ -333,8 +353,30 @@ impl Core {
         }
     }
 
+    /// Speculative decoding: a draft for every sequence the next step decodes, unless the batch is
+    /// large enough that extra positions no longer pay; an empty one for the others.
+    fn propose_drafts(&mut self) {
+        let Some(spec) = self.speculation.clone() else {
+            return;
+        };
+        let on = self.sched.num_running() <= spec.disable_by_batch_size;
+        let proposer = spec.proposer;
+        let mut propose = |tokens: &[u32], k: usize| proposer.propose(tokens, k);
+        for req in self.requests.values() {
+            for seq in req.live_seqs() {
+                self.sched.set_draft(seq, Vec::new());
+            }
+            if on {
+                for (seq, draft) in req.drafts(&self.sched, spec.num_tokens, &mut propose) {
+                    self.sched.set_draft(seq, draft);
+                }
+            }
+        }
+    }
+
     fn step(&mut self) {
         self.drop_cancelled();
+        self.propose_drafts();
         let plan = self.sched.schedule();
         self.stats
             .preemptions
@@ -379,10 +421,25 @@ impl Core {
             let Some(req) = self.requests.get_mut(&key) else {
                 continue;
             };
-            if want == LogitsWanted::All {
+            if !sc.draft.is_empty() {
+                let mut ctx = Ctx {
+                    sched: &mut self.sched,
+                    tokenizer: &self.tokenizer,
+                };
+                let before = req.speculation().1;
+                req.on_draft_logits(sc.id, chunk, vocab, &sc.draft, &mut ctx);
+                let stats = &self.stats;
+                stats.spec_verify_steps.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .spec_draft_tokens
+                    .fetch_add(sc.draft.len(), Ordering::Relaxed);
+                stats
+                    .spec_accepted_tokens
+                    .fetch_add(req.speculation().1 - before, Ordering::Relaxed);
+            } else if want == LogitsWanted::All {
                 req.collect_prompt_logprobs(sc, chunk, &self.tokenizer);
             }
-            if sc.completes && n > 0 {
+            if sc.completes && n > 0 && sc.draft.is_empty() {
                 let mut ctx = Ctx {
                     sched: &mut self.sched,
                     tokenizer: &self.tokenizer,
@@ -451,8 +508,15 @@ impl Core {
                 }
                 None => LogitsWanted::None,
             };
+            let want = if sc.draft.is_empty() {
+                want
+            } else {
+                LogitsWanted::All
+            };
             let all = self.sched.tokens(sc.id).unwrap_or_default();
-            tokens.extend_from_slice(&all[sc.context_len..sc.context_len + sc.num_new]);
+            let real = sc.num_new - sc.draft.len();
+            tokens.extend_from_slice(&all[sc.context_len..sc.context_len + real]);
+            tokens.extend_from_slice(&sc.draft);
             seqs.push(SeqInput {
                 context_len: sc.context_len,
                 num_new: sc.num_new,

@@ -118,6 +118,56 @@ impl Sampler {
         }
     }
 
+    /// Verifies a guessed next token (speculative decoding) against one logits row and records the
+    /// token chosen. A guess is a point mass, so rejection sampling accepts it with the probability
+    /// `p(draft)` the processed distribution gives it, and otherwise draws from that distribution
+    /// without it: the chosen token follows exactly the distribution `sample` draws from. Greedy
+    /// sampling picks the argmax, whatever the guess.
+    pub fn sample_draft(&mut self, logits: &[f32], draft: u32) -> Sampled {
+        let token_id = self.choose_against(logits, draft);
+        let (logprob, top) = self.raw_logprobs(logits, token_id);
+        self.record(token_id);
+        Sampled {
+            token_id,
+            logprob,
+            top,
+        }
+    }
+
+    fn choose_against(&mut self, logits: &[f32], draft: u32) -> u32 {
+        if !self.has_processors() && self.is_greedy() {
+            return argmax(logits);
+        }
+        let mut work = std::mem::take(&mut self.scratch);
+        work.clear();
+        work.extend_from_slice(logits);
+        self.apply_processors(&mut work);
+        let token = if self.is_greedy() || work.iter().all(|v| *v == f32::NEG_INFINITY) {
+            argmax(&work)
+        } else {
+            let (candidates, total) = self.filter(&mut work);
+            let weight_of = |id: u32| match &candidates {
+                Some(c) => c.iter().find(|(t, _)| *t == id).map_or(0.0, |(_, w)| *w),
+                None => work.get(id as usize).copied().unwrap_or(0.0),
+            };
+            let w_draft = weight_of(draft) as f64;
+            let u: f64 = self.rng.random();
+            if u * total < w_draft {
+                draft
+            } else {
+                let rest = (total - w_draft).max(0.0);
+                let u: f64 = self.rng.random();
+                let without = |(t, w): (u32, f32)| (t, if t == draft { 0.0 } else { w });
+                match &candidates {
+                    Some(c) => draw(c.iter().copied().map(without), rest, u),
+                    None => draw(enumerate(&work).map(without), rest, u),
+                }
+            }
+        };
+        self.scratch = work;
+        token
+    }
+
     fn choose(&mut self, logits: &[f32]) -> u32 {
         if !self.has_processors() && self.is_greedy() {
             return argmax(logits);
@@ -177,6 +227,17 @@ impl Sampler {
     /// into unnormalised probabilities once (`exp((l - max) / T)`, so the best token weighs 1); every
     /// filter works on those weights, whose order is the logits' order.
     fn sample_filtered(&mut self, row: &mut [f32]) -> u32 {
+        let (candidates, total) = self.filter(row);
+        let u: f64 = self.rng.random();
+        match candidates {
+            Some(c) => draw(c.iter().copied(), total, u),
+            None => kernels::position_of_mass(row, u * total).unwrap_or(0) as u32,
+        }
+    }
+
+    /// The distribution to draw from: the listed candidates with their weights, or (`None`) the whole
+    /// row of weights; and the weights' sum.
+    fn filter(&self, row: &mut [f32]) -> (Option<Vec<(u32, f32)>>, f64) {
         let total = to_weights(row, 1.0 / self.temperature);
         let vocab = row.len();
         let k = if self.top_k == 0 {
@@ -202,13 +263,12 @@ impl Sampler {
                 None => enumerate(row).filter(|(_, w)| *w >= floor).collect(),
             });
         }
-        let u: f64 = self.rng.random();
         match candidates {
             Some(c) => {
                 let total = c.iter().map(|(_, w)| *w as f64).sum();
-                draw(c.iter().copied(), total, u)
+                (Some(c), total)
             }
-            None => kernels::position_of_mass(row, u * total).unwrap_or(0) as u32,
+            None => (None, total),
         }
     }
 
@@ -519,6 +579,98 @@ mod tests {
             let freq = *n as f32 / 20000.0;
             assert!((freq - p).abs() < 0.02, "{c:?} vs {probs:?}");
         }
+    }
+
+    /// Pearson's chi-square of observed counts against expected probabilities (zero-probability
+    /// entries must stay at zero counts).
+    fn chi_square(counts: &[usize], probs: &[f64]) -> f64 {
+        let n: usize = counts.iter().sum();
+        let mut chi = 0.0;
+        for (c, p) in counts.iter().zip(probs) {
+            if *p == 0.0 {
+                assert_eq!(*c, 0, "a token outside the distribution was drawn");
+                continue;
+            }
+            let e = p * n as f64;
+            chi += (*c as f64 - e).powi(2) / e;
+        }
+        chi
+    }
+
+    /// The target distribution of `p` over `LOGITS` (temperature, top-k, top-p as the sampler does).
+    fn target(p: &SamplingParams) -> Vec<f64> {
+        let t = p.temperature as f64;
+        let w: Vec<f64> = LOGITS.iter().map(|l| (*l as f64 / t).exp()).collect();
+        let mut order: Vec<usize> = (0..w.len()).collect();
+        order.sort_by(|a, b| w[*b].total_cmp(&w[*a]));
+        let k = if p.top_k > 0 {
+            p.top_k as usize
+        } else {
+            w.len()
+        };
+        let total: f64 = order[..k].iter().map(|i| w[*i]).sum();
+        let mut kept = vec![0.0; w.len()];
+        let mut cum = 0.0;
+        for &i in &order[..k] {
+            kept[i] = w[i];
+            cum += w[i];
+            if cum >= p.top_p as f64 * total {
+                break;
+            }
+        }
+        let sum: f64 = kept.iter().sum();
+        kept.iter().map(|x| x / sum).collect()
+    }
+
+    #[test]
+    fn verifying_a_draft_samples_the_exact_distribution() {
+        // Rejection sampling against a guessed token must leave the distribution unchanged, whatever
+        // the guess (likely, unlikely, filtered out). Chi-square, 4 degrees of freedom at most:
+        // 18.47 is the 0.1% critical value.
+        const DRAWS: usize = 40_000;
+        for (name, p) in [
+            ("plain", params(|_| {})),
+            ("temperature", params(|p| p.temperature = 0.7)),
+            ("top-k", params(|p| p.top_k = 3)),
+            ("top-p", params(|p| p.top_p = 0.8)),
+        ] {
+            let want = target(&p);
+            for draft in [1u32, 3, 4] {
+                let mut s = Sampler::new(&p, &[], &[], 0);
+                let mut c = vec![0; LOGITS.len()];
+                for _ in 0..DRAWS {
+                    c[s.choose_against(&LOGITS, draft) as usize] += 1;
+                }
+                let chi = chi_square(&c, &want);
+                assert!(
+                    chi < 18.47,
+                    "{name}, draft {draft}: chi2 {chi}, {c:?} vs {want:?}"
+                );
+            }
+            // and the plain sampler passes the same test (the check itself is sound)
+            let plain = counts(&p, &LOGITS, DRAWS);
+            assert!(chi_square(&plain, &want) < 18.47, "{name}: plain sampling");
+        }
+        // a biased check must fail: the draft always accepted is not the distribution
+        let p = params(|_| {});
+        let mut skewed = counts(&p, &LOGITS, DRAWS);
+        skewed[3] += DRAWS / 10;
+        assert!(chi_square(&skewed, &target(&p)) > 18.47);
+    }
+
+    #[test]
+    fn greedy_verification_is_the_argmax() {
+        let p = params(|p| p.temperature = 0.0);
+        let mut s = Sampler::new(&p, &[], &[], 0);
+        assert_eq!(s.sample_draft(&LOGITS, 1).token_id, 1);
+        assert_eq!(s.sample_draft(&LOGITS, 2).token_id, 1);
+        // with a processor (logit bias) the argmax of the processed row
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.logit_bias = [(4u32, 10.0f32)].into_iter().collect();
+        });
+        let mut s = Sampler::new(&p, &[], &[], 0);
+        assert_eq!(s.sample_draft(&LOGITS, 1).token_id, 4);
     }
 
     #[test]

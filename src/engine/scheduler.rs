@@ -39,6 +39,8 @@ struct Seq {
     use_prefix_cache: bool,
     cached_tokens: usize,
     running: bool,
+    /// Guessed next tokens to verify in the next step (speculative decoding); never in `tokens`.
+    draft: Vec<u32>,
 }
 
 impl Seq {
@@ -57,6 +59,9 @@ pub struct Scheduled {
     pub block_table: Vec<u32>,
     /// Whether this chunk reaches the sequence's last token (its logits predict the next token).
     pub completes: bool,
+    /// Guessed tokens computed after the last one (positions `context_len + 1..`), whose logits rows
+    /// verify them; `num_new` counts them. Empty unless the runner set a draft for this decode.
+    pub draft: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -128,6 +133,7 @@ impl Scheduler {
                 use_prefix_cache: use_prefix_cache && self.cfg.enable_prefix_caching,
                 cached_tokens: 0,
                 running: false,
+                draft: Vec::new(),
             },
         );
         self.waiting.push_back(id);
@@ -141,6 +147,7 @@ impl Scheduler {
             self.alloc.acquire(b);
         }
         child.cached_tokens = 0;
+        child.draft.clear();
         let id = self.new_id();
         let running = child.running;
         self.seqs.insert(id, child);
@@ -157,6 +164,35 @@ impl Scheduler {
     pub fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.tokens.push(token);
+        }
+    }
+
+    /// Whether `id` runs and has only its last token to compute: the next step decodes it.
+    pub fn is_decoding(&self, id: SeqId) -> bool {
+        self.seqs
+            .get(&id)
+            .is_some_and(|s| s.running && s.remaining() == 1)
+    }
+
+    /// Guessed next tokens for a decoding sequence, computed (and verified) alongside its last token in
+    /// the next step when blocks and the token budget allow; dropped otherwise.
+    pub fn set_draft(&mut self, id: SeqId, draft: Vec<u32>) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.draft = draft;
+        }
+    }
+
+    /// After a step that verified a draft: the first `accepted` draft tokens were right (the runner
+    /// appended them, then the model's own next token), so their keys and values already in the
+    /// cache count as computed.
+    pub fn accept_draft(&mut self, id: SeqId, accepted: usize) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let to = (seq.num_computed + accepted).min(seq.tokens.len().saturating_sub(1));
+        if seq.num_computed > 0 && to > seq.num_computed {
+            seq.num_computed = to;
+            self.name_full_blocks(id);
         }
     }
 
@@ -226,23 +262,33 @@ impl Scheduler {
     }
 
     /// Records that the plan ran: its positions are now in the cache; newly full blocks get their names.
+    /// Draft positions are not committed: the runner says how many were right (`accept_draft`).
     pub fn commit(&mut self, plan: &StepPlan) {
-        let bs = self.cfg.block_size;
         for s in &plan.seqs {
             let Some(seq) = self.seqs.get_mut(&s.id) else {
                 continue;
             };
             seq.num_computed = (s.context_len + s.num_new).min(seq.tokens.len());
-            while seq.hashes.len() < seq.num_computed / bs {
-                let i = seq.hashes.len();
-                let h = chain_hash(
-                    seq.hashes.last().copied(),
-                    &seq.tokens[i * bs..(i + 1) * bs],
-                );
-                seq.hashes.push(h);
-                if self.cfg.enable_prefix_caching {
-                    self.prefix.insert(h, seq.blocks[i]);
-                }
+            seq.draft.clear();
+            self.name_full_blocks(s.id);
+        }
+    }
+
+    /// Names the computed full blocks of `id` not named yet (and offers them to the prefix cache).
+    fn name_full_blocks(&mut self, id: SeqId) {
+        let bs = self.cfg.block_size;
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        while seq.hashes.len() < seq.num_computed / bs {
+            let i = seq.hashes.len();
+            let h = chain_hash(
+                seq.hashes.last().copied(),
+                &seq.tokens[i * bs..(i + 1) * bs],
+            );
+            seq.hashes.push(h);
+            if self.cfg.enable_prefix_caching {
+                self.prefix.insert(h, seq.blocks[i]);
             }
         }
     }
@@ -252,6 +298,20 @@ impl Scheduler {
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             if self.seqs[&id].remaining() != 1 {
+                i += 1;
+                continue;
+            }
+            let draft = std::mem::take(&mut self.seqs.get_mut(&id).expect("running").draft);
+            let with_draft = 1 + draft.len();
+            if !draft.is_empty()
+                && with_draft <= *budget
+                && self.reserve(id, with_draft, &mut plan.copies)
+            {
+                let mut sc = self.scheduled(id, with_draft);
+                sc.completes = true;
+                sc.draft = draft;
+                plan.seqs.push(sc);
+                *budget -= with_draft;
                 i += 1;
                 continue;
             }
@@ -430,6 +490,7 @@ impl Scheduler {
         self.running.retain(|&x| x != id);
         if let Some(s) = self.seqs.get_mut(&id) {
             s.running = false;
+            s.draft.clear();
         }
         let pos = self.sorted_pos_deque(id);
         self.waiting.insert(pos, id);
@@ -443,6 +504,7 @@ impl Scheduler {
             num_new: n,
             block_table: seq.blocks.clone(),
             completes: seq.num_computed + n == seq.tokens.len(),
+            draft: Vec::new(),
         }
     }
 

@@ -64,6 +64,8 @@ pub struct EngineSettings {
     pub custom_chat_template: Option<String>,
     /// Compute threads on CPU; `None` = what the process may use (cgroup quota).
     pub threads: Option<usize>,
+    /// `SPECULATIVE_CONFIG`: speculative decoding, if on.
+    pub speculative: Option<super::speculative::SpeculativeConfig>,
 }
 
 impl EngineSettings {
@@ -87,6 +89,7 @@ impl EngineSettings {
             enable_prefix_caching: true,
             custom_chat_template: None,
             threads: None,
+            speculative: None,
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::engine::template::ChatTemplate;
 use crate::engine::tokenizer::Tokenizer;
 
 use super::{EngineParts, Executor, ModelInfo};
+use crate::engine::speculative::{NgramProposer, SpeculativeConfig, SpeculativeMethod};
 
 /// Default KV budget on CPU when `KV_CACHE_MEMORY` is unset: enough for `max_num_seqs` full-length
 /// sequences, capped (a CPU box shares its memory with the weights and everything else).
@@ -124,7 +125,26 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
         },
         template,
         embedder: None,
+        speculation: settings.speculative.as_ref().and_then(speculation),
     })
+}
+
+/// The engine's speculation from `SPECULATIVE_CONFIG`.
+fn speculation(config: &SpeculativeConfig) -> Option<super::Speculation> {
+    match config.method {
+        SpeculativeMethod::Ngram {
+            prompt_lookup_min,
+            prompt_lookup_max,
+        } => Some(super::Speculation {
+            proposer: NgramProposer {
+                min: prompt_lookup_min,
+                max: prompt_lookup_max,
+            },
+            num_tokens: config.num_speculative_tokens,
+            disable_by_batch_size: config.disable_by_batch_size,
+        }),
+        SpeculativeMethod::Draft { .. } => None,
+    }
 }
 
 /// The tokenizer and chat template: from `TOKENIZER_NAME`'s folder when set, else the model folder's;

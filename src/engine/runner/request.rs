@@ -67,6 +67,9 @@ pub struct RequestState {
     first_token: Option<Instant>,
     cached_prompt_tokens: usize,
     finished: bool,
+    max_model_len: usize,
+    drafted_tokens: usize,
+    accepted_tokens: usize,
 }
 
 /// Borrowed engine state a request works with.
@@ -123,6 +126,9 @@ impl RequestState {
             first_token: None,
             cached_prompt_tokens: 0,
             finished: false,
+            max_model_len,
+            drafted_tokens: 0,
+            accepted_tokens: 0,
             prompt: sub.prompt,
             params: sub.params,
         }
@@ -270,14 +276,101 @@ impl RequestState {
     }
 
     fn sample_choice(&mut self, i: usize, row: &[f32], ctx: &mut Ctx) {
+        if self.choices[i].seq.is_none() {
+            return;
+        }
+        let s = self.choices[i].sampler.sample(row);
+        self.emit(i, s, ctx);
+    }
+
+    /// Guessed next tokens for each choice the next step decodes (speculative decoding), at most `k`
+    /// and never past `max_tokens` or the context length.
+    pub fn drafts(
+        &self,
+        sched: &Scheduler,
+        k: usize,
+        propose: &mut dyn FnMut(&[u32], usize) -> Vec<u32>,
+    ) -> Vec<(SeqId, Vec<u32>)> {
+        if !self.started || self.beam.is_some() || self.finished {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for c in &self.choices {
+            let Some(seq) = c.seq.filter(|s| sched.is_decoding(*s)) else {
+                continue;
+            };
+            let Some(tokens) = sched.tokens(seq) else {
+                continue;
+            };
+            // one token comes from the model itself after the accepted ones
+            let room = self
+                .stop
+                .max_tokens
+                .saturating_sub(c.output.len() + 1)
+                .min(self.max_model_len.saturating_sub(tokens.len() + 1));
+            let k = k.min(room);
+            if k > 0 {
+                let draft = propose(tokens, k);
+                if !draft.is_empty() {
+                    out.push((seq, draft));
+                }
+            }
+        }
+        out
+    }
+
+    /// The logits rows of a decode that verified `draft`: row `j` predicts the token after draft
+    /// token `j - 1`. Tokens are chosen row by row (`Sampler::sample_draft`) and emitted while they
+    /// equal the draft; the first that differs, or the row after the whole draft, ends the step.
+    pub fn on_draft_logits(
+        &mut self,
+        seq: SeqId,
+        rows: &[f32],
+        vocab: usize,
+        draft: &[u32],
+        ctx: &mut Ctx,
+    ) {
+        let Some(i) = self.choices.iter().position(|c| c.seq == Some(seq)) else {
+            return;
+        };
+        if self.finished || !self.started {
+            return;
+        }
+        let mut accepted = 0;
+        for (j, row) in rows.chunks_exact(vocab).enumerate() {
+            let c = &mut self.choices[i];
+            let s = match draft.get(j) {
+                Some(&d) => c.sampler.sample_draft(row, d),
+                None => c.sampler.sample(row),
+            };
+            let matched = draft.get(j) == Some(&s.token_id);
+            if !self.emit(i, s, ctx) || !matched {
+                break;
+            }
+            accepted += 1;
+        }
+        self.drafted_tokens += draft.len();
+        self.accepted_tokens += accepted;
+        if self.choices[i].seq.is_some() {
+            ctx.sched.accept_draft(seq, accepted);
+        }
+        self.finish_if_done(ctx);
+    }
+
+    /// Draft tokens proposed and accepted over the request (speculative decoding).
+    pub fn speculation(&self) -> (usize, usize) {
+        (self.drafted_tokens, self.accepted_tokens)
+    }
+
+    /// Records and streams one chosen token of choice `i`; false when the choice finished with it.
+    fn emit(&mut self, i: usize, s: crate::engine::sampling::Sampled, ctx: &mut Ctx) -> bool {
         self.first_token.get_or_insert_with(Instant::now);
         let hold = self.holds_output();
         let want_logprobs = self.params.logprobs.is_some();
         let c = &mut self.choices[i];
         let Some(seq) = c.seq else {
-            return;
+            return false;
         };
-        let s = c.sampler.sample(row);
         let tok = s.token_id;
         c.output.push(tok);
         c.cum_logprob += s.logprob.unwrap_or(0.0) as f64;
@@ -312,6 +405,7 @@ impl RequestState {
         } else {
             Vec::new()
         };
+        let live = finish.is_none();
         if finish.is_some() {
             ctx.sched.remove(seq);
             c.seq = None;
@@ -331,6 +425,7 @@ impl RequestState {
         } else {
             let _ = self.tx.send(GenerationEvent::Delta(delta));
         }
+        live
     }
 
     /// best_of > n: output is ranked at the end, so nothing streams before.
@@ -470,6 +565,8 @@ impl RequestState {
             ttft_ms = metrics.time_to_first_token.as_secs_f64() * 1e3,
             total_ms = metrics.total_time.as_secs_f64() * 1e3,
             decode_tok_s = metrics.decode_tokens_per_s,
+            spec_drafted = self.drafted_tokens,
+            spec_accepted = self.accepted_tokens,
             "request finished"
         );
         let _ = self.tx.send(GenerationEvent::Done {

@@ -19,12 +19,16 @@ const BS: usize = 4;
 struct ToyExec {
     slots: Vec<u32>,
     vocab: usize,
+    /// Each position's row depends on its own token only (a bigram model): greedy output falls into
+    /// cycles that prompt lookup predicts. Otherwise on every token the block table reaches.
+    bigram: bool,
 }
 
 impl ToyExec {
     fn row(&self, table: &[u32], upto: usize) -> Vec<f32> {
         let mut h = DefaultHasher::new();
-        for p in 0..=upto {
+        let from = if self.bigram { upto } else { 0 };
+        for p in from..=upto {
             self.slots[table[p / BS] as usize * BS + p % BS].hash(&mut h);
         }
         let seed = h.finish();
@@ -76,12 +80,25 @@ fn engine(
     prefix: bool,
     eos: Vec<u32>,
 ) -> Engine {
+    toy_engine(num_blocks, budget, max_seqs, prefix, eos, false, None)
+}
+
+fn toy_engine(
+    num_blocks: usize,
+    budget: usize,
+    max_seqs: usize,
+    prefix: bool,
+    eos: Vec<u32>,
+    bigram: bool,
+    speculation: Option<Speculation>,
+) -> Engine {
     let tokenizer = tokenizer();
     let vocab = tokenizer.vocab_size();
     Engine::launch(EngineParts {
         executor: Box::new(ToyExec {
             slots: vec![0; num_blocks * BS],
             vocab,
+            bigram,
         }),
         info: ModelInfo {
             served_model_name: "toy".into(),
@@ -103,6 +120,7 @@ fn engine(
         },
         template: None,
         embedder: None,
+        speculation,
     })
 }
 
@@ -469,4 +487,120 @@ async fn prompt_logprobs_cover_every_prompt_token() {
         assert_eq!(lp.top.len(), 2);
         assert!(lp.top[0].2 >= lp.logprob || lp.top.iter().any(|t| t.0 == p[i]));
     }
+}
+
+fn ngram(k: usize, disable_by_batch_size: usize) -> Option<Speculation> {
+    Some(Speculation {
+        proposer: crate::engine::speculative::NgramProposer { min: 1, max: 3 },
+        num_tokens: k,
+        disable_by_batch_size,
+    })
+}
+
+/// Greedy speculative decoding gives plain decoding's tokens, text, logprobs and finish, whether the
+/// drafts are mostly right (bigram toy: cycles) or mostly wrong (context-hashing toy), alone and
+/// batched under preemption, with siblings, stop strings and max_tokens.
+#[tokio::test]
+async fn speculative_greedy_output_equals_plain_decoding() {
+    for bigram in [true, false] {
+        let requests: Vec<GenerateRequest> = (0..8)
+            .map(|i| {
+                request(prompt(3 + i * 3, i as u32 % 4), |p| {
+                    p.max_tokens = Some(20 + i * 5);
+                    p.logprobs = Some(2);
+                    if i == 3 {
+                        p.n = 2;
+                        p.seed = Some(5);
+                    }
+                    if i == 5 {
+                        p.stop = vec!["a".into()];
+                    }
+                })
+            })
+            .collect();
+        let plain = toy_engine(256, 64, 64, true, vec![], bigram, None);
+        let mut want = Vec::new();
+        for r in &requests {
+            want.push(collect(plain.generate(r.clone()).unwrap()).await);
+        }
+        // alone, then all at once in a cache too small for all of them (preemption)
+        for (blocks, together) in [(256, false), (24, true)] {
+            let spec = toy_engine(blocks, 64, 64, true, vec![], bigram, ngram(4, 64));
+            let got = if together {
+                let streams: Vec<_> = requests
+                    .iter()
+                    .map(|r| spec.generate(r.clone()).unwrap())
+                    .collect();
+                futures::future::join_all(streams.into_iter().map(collect)).await
+            } else {
+                let mut v = Vec::new();
+                for r in &requests {
+                    v.push(collect(spec.generate(r.clone()).unwrap()).await);
+                }
+                v
+            };
+            for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                assert_eq!(a.choices.len(), b.choices.len());
+                for (ca, cb) in a.choices.iter().zip(&b.choices) {
+                    let ctx = format!("bigram {bigram}, request {i}, together {together}");
+                    assert_eq!(ca.token_ids, cb.token_ids, "{ctx}");
+                    assert_eq!(ca.text, cb.text, "{ctx}");
+                    assert_eq!(ca.finish, cb.finish, "{ctx}");
+                    assert_eq!(ca.logprobs.len(), cb.logprobs.len(), "{ctx}");
+                    for (la, lb) in ca.logprobs.iter().zip(&cb.logprobs) {
+                        assert_eq!(la.token_id, lb.token_id);
+                        assert!((la.logprob - lb.logprob).abs() < 1e-5, "{ctx}");
+                    }
+                }
+                assert_eq!(a.usage, b.usage);
+            }
+            let st = spec.stats();
+            let drafted = st.spec_draft_tokens.load(Ordering::Relaxed);
+            let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
+            assert!(drafted > 0, "drafts were verified");
+            if bigram {
+                assert!(
+                    accepted * 2 > drafted,
+                    "cycles are predicted: {accepted}/{drafted}"
+                );
+                if !together {
+                    let steps = st.steps.load(Ordering::Relaxed);
+                    let plain_steps = plain.stats().steps.load(Ordering::Relaxed);
+                    assert!(
+                        steps * 10 < plain_steps * 9,
+                        "{steps} vs {plain_steps} steps"
+                    );
+                }
+            }
+            wait_idle(&spec).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn speculation_pauses_for_large_batches_and_sampling_still_finishes() {
+    // disable_by_batch_size 1: with three requests decoding together, no drafts at all
+    let e = toy_engine(256, 64, 64, false, vec![], true, ngram(4, 1));
+    let streams: Vec<_> = (0..3)
+        .map(|i| e.generate(request(prompt(6, i), |_| {})).unwrap())
+        .collect();
+    futures::future::join_all(streams.into_iter().map(collect)).await;
+    let s = e.stats();
+    let steps_with_drafts = s.spec_verify_steps.load(Ordering::Relaxed);
+    // only the tail where one request decodes alone may speculate
+    assert!(steps_with_drafts < 12, "{steps_with_drafts}");
+    // sampled requests run to their length with drafts verified by rejection sampling
+    let e = toy_engine(256, 64, 64, false, vec![], true, ngram(3, 8));
+    let o = collect(
+        e.generate(request(prompt(6, 1), |p| {
+            p.temperature = 0.8;
+            p.seed = Some(3);
+            p.max_tokens = Some(40);
+        }))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(o.choices[0].token_ids.len(), 40);
+    assert_eq!(o.usage.completion_tokens, 40);
+    wait_idle(&e).await;
 }
