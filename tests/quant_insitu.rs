@@ -166,3 +166,69 @@ fn teacher_forced(model: &str, q: &str) -> (usize, usize, f32) {
         .collect();
     teacher_forced_at(&fixture(model), q, &paths)
 }
+
+/// A q8_0 model 256 wide (rows a multiple of the 256-wide blocks candle's repacked kernel takes):
+/// a 20-token prompt computed in one pass gives the logits that token-by-token decoding gives, so
+/// prefill quantizes activations as decode does (one scale per 32 values, as llama.cpp), not one per
+/// 256.
+#[test]
+fn q8_0_prefill_quantizes_activations_as_decode_does() {
+    use worker_candle::engine::kv_cache::KvCache;
+    use worker_candle::engine::models::{ForwardBatch, LogitsWanted, SeqInput};
+    let dir = tempfile::tempdir().unwrap();
+    common::fixtures::wide_llama(dir.path());
+    let mut s = EngineSettings::for_model(dir.path());
+    s.quantization = Quantization::InSitu("q8_0".into());
+    let model = worker_candle::engine::loader::load_causal(&s)
+        .unwrap()
+        .model;
+    let tokens: Vec<u32> = (0..20).map(|t| 40 + (t * 37) % 900).collect();
+    let table: Vec<u32> = (0..5).collect();
+    let mut cache = KvCache::new(model.spec(), 5, 4).unwrap();
+    let whole = model
+        .forward(
+            &ForwardBatch {
+                tokens: tokens.clone(),
+                seqs: vec![SeqInput {
+                    context_len: 0,
+                    num_new: tokens.len(),
+                    block_table: table.clone(),
+                    logits: LogitsWanted::All,
+                }],
+            },
+            &mut cache,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let mut cache = KvCache::new(model.spec(), 5, 4).unwrap();
+    let mut worst = 0f32;
+    for (p, t) in tokens.iter().enumerate() {
+        let row = model
+            .forward(
+                &ForwardBatch {
+                    tokens: vec![*t],
+                    seqs: vec![SeqInput {
+                        context_len: p,
+                        num_new: 1,
+                        block_table: table.clone(),
+                        logits: LogitsWanted::Last,
+                    }],
+                },
+                &mut cache,
+            )
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let spread = row[0].iter().fold(0f32, |a, x| a.max(x.abs()));
+        let err = row[0]
+            .iter()
+            .zip(&whole[p])
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        worst = worst.max(err / spread);
+    }
+    assert!(
+        worst < 1e-4,
+        "prefill and decode logits differ by {worst} of the largest"
+    );
+}

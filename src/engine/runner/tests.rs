@@ -604,3 +604,88 @@ async fn speculation_pauses_for_large_batches_and_sampling_still_finishes() {
     assert_eq!(o.usage.completion_tokens, 40);
     wait_idle(&e).await;
 }
+
+/// The real decoder on every fixture architecture (and a quantized GGUF): greedy speculative decoding
+/// gives the tokens plain decoding gives, one request at a time and all together. Drafts verify
+/// several positions in one pass through the same kernels a prompt chunk takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_decoding_matches_plain_decoding_on_every_fixture() {
+    use crate::engine::settings::{DeviceChoice, EngineSettings};
+    use crate::engine::speculative::{SpeculativeConfig, SpeculativeMethod};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let models = [
+        "llama",
+        "llama31",
+        "mistral",
+        "mistral_sw",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "gpt2",
+        "gguf/llama-q8_0.gguf",
+    ];
+    for name in models {
+        let path = root.join(name);
+        let settings = |spec: bool| {
+            let mut s = EngineSettings::for_model(&path);
+            s.device = DeviceChoice::Cpu;
+            s.kv_cache_memory = Some(8 << 20);
+            s.speculative = spec.then(|| SpeculativeConfig {
+                method: SpeculativeMethod::Ngram {
+                    prompt_lookup_min: 1,
+                    prompt_lookup_max: 3,
+                },
+                num_speculative_tokens: 4,
+                disable_by_batch_size: 8,
+            });
+            s
+        };
+        let plain = Engine::start(settings(false)).unwrap();
+        let spec = Engine::start(settings(true)).unwrap();
+        let tok = plain.tokenizer().clone();
+        // prompts that repeat themselves, so that lookups find something to propose
+        let prompts: Vec<Vec<u32>> = [
+            "the cat sat on the mat. the cat sat on the mat. the cat",
+            "one two three four one two three four one two",
+            "Hello Hello Hello",
+            "a b c d e f g a b c d e f g a b",
+        ]
+        .iter()
+        .map(|t| tok.encode(t, false).unwrap())
+        .collect();
+        let req = |p: &Vec<u32>| request(p.clone(), |p| p.max_tokens = Some(24));
+        let mut want = Vec::new();
+        for p in &prompts {
+            want.push(collect(plain.generate(req(p)).unwrap()).await);
+        }
+        for p in prompts.iter().zip(&want) {
+            let got = collect(spec.generate(req(p.0)).unwrap()).await;
+            assert_eq!(
+                got.choices[0].token_ids, p.1.choices[0].token_ids,
+                "{name} alone"
+            );
+        }
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|p| spec.generate(req(p)).unwrap())
+            .collect();
+        let together = futures::future::join_all(streams.into_iter().map(collect)).await;
+        for (a, b) in want.iter().zip(&together) {
+            assert_eq!(
+                a.choices[0].token_ids, b.choices[0].token_ids,
+                "{name} batched"
+            );
+        }
+        let st = spec.stats();
+        assert!(
+            st.spec_draft_tokens.load(Ordering::Relaxed) > 0,
+            "{name}: drafts were verified"
+        );
+        eprintln!(
+            "{name}: accepted {}/{} draft tokens",
+            st.spec_accepted_tokens.load(Ordering::Relaxed),
+            st.spec_draft_tokens.load(Ordering::Relaxed)
+        );
+    }
+}
