@@ -631,7 +631,7 @@ async fn speculative_decoding_matches_plain_decoding_on_every_fixture() {
             let mut s = EngineSettings::for_model(&path);
             s.device = DeviceChoice::Cpu;
             s.kv_cache_memory = Some(8 << 20);
-            s.speculative = spec.then(|| SpeculativeConfig {
+            s.speculative = spec.then_some(SpeculativeConfig {
                 method: SpeculativeMethod::Ngram {
                     prompt_lookup_min: 1,
                     prompt_lookup_max: 3,
