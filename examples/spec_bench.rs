@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     };
     let rounds: usize = args.get(2).map_or(Ok(3), |s| s.parse())?;
     let new_tokens: usize = args.get(3).map_or(Ok(160), |s| s.parse())?;
-    let (spec, _) = SpeculativeConfig::parse(config).map_err(anyhow::Error::msg)?;
+    let spec = SpeculativeConfig::parse(config).map_err(anyhow::Error::msg)?;
     let settings = |speculative| {
         let mut s = EngineSettings::for_model(model);
         s.enable_prefix_caching = false;

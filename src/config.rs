@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::engine::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
-use crate::engine::speculative::{SpeculativeConfig, SpeculativeMethod};
+use crate::engine::speculative::SpeculativeConfig;
 use crate::serverless::stream_batch::BatchPolicy;
 
 /// The model `serve` uses when `MODEL_NAME` is not set.
@@ -388,23 +388,9 @@ fn parse_speculative(v: Option<String>) -> Result<Option<SpeculativeConfig>, Con
     let Some(v) = non_empty(v) else {
         return Ok(None);
     };
-    let (config, draft_quantization) =
-        SpeculativeConfig::parse(&v).map_err(|e| invalid("SPECULATIVE_CONFIG", &v, &e))?;
-    if draft_quantization.is_some() && !matches!(config.method, SpeculativeMethod::Draft { .. }) {
-        return Err(invalid(
-            "SPECULATIVE_CONFIG",
-            &v,
-            "`quantization` only with a draft `model`",
-        ));
-    }
-    if let SpeculativeMethod::Draft { .. } = config.method {
-        return Err(invalid(
-            "SPECULATIVE_CONFIG",
-            &v,
-            "`method: \"ngram\"` (prompt lookup); a draft `model` is not supported yet",
-        ));
-    }
-    Ok(Some(config))
+    SpeculativeConfig::parse(&v)
+        .map(Some)
+        .map_err(|e| invalid("SPECULATIVE_CONFIG", &v, &e))
 }
 
 fn non_empty(v: Option<String>) -> Option<String> {

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use tokio::sync::watch;
+use worker_candle::engine::speculative::SpeculativeMethod;
 
 use worker_candle::config::{Config, LogFormat, DEFAULT_SERVE_MODEL};
 use worker_candle::engine::Engine;
@@ -194,6 +195,16 @@ async fn start_engine(config: &Config, model_name: &str) -> anyhow::Result<Engin
     let mut settings = config.engine_settings(model_path, tokenizer_path);
     if config.openai.served_model_name_override.is_none() {
         settings.served_model_name = model_name.to_string();
+    }
+    // a draft model (speculative decoding) comes from where the model does: a path, or the hub cache
+    if let Some(SpeculativeMethod::Draft { model, .. }) =
+        settings.speculative.as_mut().map(|s| &mut s.method)
+    {
+        let mut source = model_source(config, model);
+        source.gguf_file = None;
+        source.tokenizer_name = None;
+        let resolved = worker_candle::hub::resolve_source(&source).await?;
+        *model = resolved.model.display().to_string();
     }
     tracing::info!(model = %model_name, "loading the model");
     let engine = tokio::task::spawn_blocking(move || Engine::start(settings))

@@ -4,6 +4,7 @@
 //! caller's side so client errors come back at once.
 
 mod beam;
+mod draft;
 pub mod load;
 mod request;
 
@@ -17,6 +18,7 @@ use std::time::Instant;
 use futures::Stream;
 use tokio::sync::mpsc;
 
+pub use self::draft::DraftModel;
 use self::request::{Ctx, RequestState, Submission};
 use super::error::EngineError;
 use super::models::{ForwardBatch, LogitsWanted, SeqInput};
@@ -69,13 +71,20 @@ pub struct EngineParts {
 }
 
 /// How the engine guesses tokens ahead (speculative decoding).
-#[derive(Debug, Clone)]
 pub struct Speculation {
-    pub proposer: NgramProposer,
+    pub proposer: Proposer,
     /// Tokens proposed per step.
     pub num_tokens: usize,
     /// No speculation in a step with more decoding sequences than this.
     pub disable_by_batch_size: usize,
+}
+
+/// Where guesses come from.
+pub enum Proposer {
+    /// Prompt lookup.
+    Ngram(NgramProposer),
+    /// A draft model, run after scheduling (the scheduler reserves room for its guesses first).
+    Draft(DraftModel),
 }
 
 /// Live counters of the engine thread (KV blocks, sequences), for metrics and tests.
@@ -144,6 +153,7 @@ impl Engine {
                 next_key: 0,
                 stats: stats.clone(),
                 speculation,
+                vocab_size: info.vocab_size,
             };
             std::thread::Builder::new()
                 .name("engine".into())
@@ -277,6 +287,7 @@ struct Core {
     next_key: u64,
     stats: Arc<EngineStats>,
     speculation: Option<Speculation>,
+    vocab_size: usize,
 }
 
 impl Core {
@@ -355,19 +366,28 @@ impl Core {
 
     /// Speculative decoding: a draft for every sequence the next step decodes, unless the batch is
     /// large enough that extra positions no longer pay; an empty one for the others.
+    /// (A draft model's guesses are placeholders here, filled in by `fill_drafts` once the scheduler
+    /// has given them room.)
     fn propose_drafts(&mut self) {
-        let Some(spec) = self.speculation.clone() else {
+        let Some(spec) = &self.speculation else {
             return;
         };
         let on = self.sched.num_running() <= spec.disable_by_batch_size;
-        let proposer = spec.proposer;
-        let mut propose = |tokens: &[u32], k: usize| proposer.propose(tokens, k);
+        let k_max = spec.num_tokens;
+        let ngram = match &spec.proposer {
+            Proposer::Ngram(p) => Some(*p),
+            Proposer::Draft(_) => None,
+        };
+        let mut propose = |tokens: &[u32], k: usize| match ngram {
+            Some(p) => p.propose(tokens, k),
+            None => vec![0; k],
+        };
         for req in self.requests.values() {
             for seq in req.live_seqs() {
                 self.sched.set_draft(seq, Vec::new());
             }
             if on {
-                for (seq, draft) in req.drafts(&self.sched, spec.num_tokens, &mut propose) {
+                for (seq, draft) in req.drafts(&self.sched, k_max, &mut propose) {
                     self.sched.set_draft(seq, draft);
                 }
             }
@@ -377,7 +397,14 @@ impl Core {
     fn step(&mut self) {
         self.drop_cancelled();
         self.propose_drafts();
-        let plan = self.sched.schedule();
+        let mut plan = self.sched.schedule();
+        if let Some(Speculation {
+            proposer: Proposer::Draft(draft),
+            ..
+        }) = &mut self.speculation
+        {
+            draft.fill(&mut plan.seqs, &self.sched, self.vocab_size);
+        }
         self.stats
             .preemptions
             .fetch_add(plan.preempted.len(), Ordering::Relaxed);

@@ -26,8 +26,12 @@ pub enum SpeculativeMethod {
         prompt_lookup_min: usize,
         prompt_lookup_max: usize,
     },
-    /// A smaller model sharing the tokenizer proposes greedily.
-    Draft { model: String },
+    /// A smaller model sharing the tokenizer proposes greedily: a folder, a `.gguf` file or (resolved
+    /// to a folder before the engine starts) a hub id; quantized in situ as it loads when asked.
+    Draft {
+        model: String,
+        quantization: Option<String>,
+    },
 }
 
 /// Proposals of more tokens than this are refused: each costs a logits row and a KV slot per step.
@@ -48,13 +52,13 @@ struct Raw {
     /// Accepted for compatibility with vLLM configs; the draft runs on the main model's device.
     #[allow(dead_code)]
     draft_tensor_parallel_size: Option<usize>,
-    /// The draft's quantization (`q8_0`, ...): applied when loading a `model` draft.
+    /// The draft's in-situ quantization (`q8_0`, ...).
     quantization: Option<String>,
 }
 
 impl SpeculativeConfig {
     /// Parses the JSON of `SPECULATIVE_CONFIG`. The error names what is wrong.
-    pub fn parse(json: &str) -> Result<(Self, Option<String>), String> {
+    pub fn parse(json: &str) -> Result<Self, String> {
         let raw: Raw = serde_json::from_str(json)
             .map_err(|e| format!("SPECULATIVE_CONFIG is not a valid speculative config: {e}"))?;
         let k = raw.num_speculative_tokens.ok_or(
@@ -81,6 +85,7 @@ impl SpeculativeConfig {
             }
             (None | Some("draft_model"), Some(model)) => SpeculativeMethod::Draft {
                 model: model.to_string(),
+                quantization: raw.quantization.clone(),
             },
             (Some(other), _) => {
                 return Err(format!(
@@ -94,16 +99,27 @@ impl SpeculativeConfig {
                 );
             }
         };
-        Ok((
-            Self {
-                method,
-                num_speculative_tokens: k,
-                disable_by_batch_size: raw
-                    .disable_by_batch_size
-                    .unwrap_or(DEFAULT_DISABLE_BY_BATCH_SIZE),
-            },
-            raw.quantization,
-        ))
+        if let Some(q) = &raw.quantization {
+            if !matches!(method, SpeculativeMethod::Draft { .. }) {
+                return Err(
+                    "SPECULATIVE_CONFIG: `quantization` applies to a draft `model` only".into(),
+                );
+            }
+            if super::quant::in_situ_dtype(q).is_none() {
+                let names: Vec<&str> = super::quant::IN_SITU.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "SPECULATIVE_CONFIG: the draft's quantization {q:?} is not one of {}",
+                    names.join(", ")
+                ));
+            }
+        }
+        Ok(Self {
+            method,
+            num_speculative_tokens: k,
+            disable_by_batch_size: raw
+                .disable_by_batch_size
+                .unwrap_or(DEFAULT_DISABLE_BY_BATCH_SIZE),
+        })
     }
 }
 
@@ -144,7 +160,7 @@ mod tests {
 
     #[test]
     fn parses_worker_vllm_forms() {
-        let (c, q) = SpeculativeConfig::parse(
+        let c = SpeculativeConfig::parse(
             r#"{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}"#,
         )
         .unwrap();
@@ -156,20 +172,19 @@ mod tests {
                 prompt_lookup_max: 3
             }
         );
-        assert_eq!(q, None);
-        let (c, q) = SpeculativeConfig::parse(
+        let c = SpeculativeConfig::parse(
             r#"{"model": "/models/draft", "num_speculative_tokens": 3, "quantization": "q8_0"}"#,
         )
         .unwrap();
         assert_eq!(
             c.method,
             SpeculativeMethod::Draft {
-                model: "/models/draft".into()
+                model: "/models/draft".into(),
+                quantization: Some("q8_0".into()),
             }
         );
-        assert_eq!(q.as_deref(), Some("q8_0"));
         // vLLM's older spelling: the model field says "[ngram]"
-        let (c, _) = SpeculativeConfig::parse(
+        let c = SpeculativeConfig::parse(
             r#"{"model": "[ngram]", "num_speculative_tokens": 2, "prompt_lookup_max": 4}"#,
         )
         .unwrap();

@@ -16,7 +16,7 @@ use crate::engine::template::ChatTemplate;
 use crate::engine::tokenizer::Tokenizer;
 
 use super::{EngineParts, Executor, ModelInfo};
-use crate::engine::speculative::{NgramProposer, SpeculativeConfig, SpeculativeMethod};
+use crate::engine::speculative::{NgramProposer, SpeculativeMethod};
 
 /// Default KV budget on CPU when `KV_CACHE_MEMORY` is unset: enough for `max_num_seqs` full-length
 /// sequences, capped (a CPU box shares its memory with the weights and everything else).
@@ -125,26 +125,64 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
         },
         template,
         embedder: None,
-        speculation: settings.speculative.as_ref().and_then(speculation),
+        speculation: speculation(settings, num_blocks, block_size, spec.vocab_size)?,
     })
 }
 
-/// The engine's speculation from `SPECULATIVE_CONFIG`.
-fn speculation(config: &SpeculativeConfig) -> Option<super::Speculation> {
-    match config.method {
+/// The engine's speculation from `SPECULATIVE_CONFIG`; a draft model loads on the target's device,
+/// its KV cache in the target's block layout (`num_blocks` of `block_size`).
+fn speculation(
+    settings: &EngineSettings,
+    num_blocks: usize,
+    block_size: usize,
+    vocab_size: usize,
+) -> anyhow::Result<Option<super::Speculation>> {
+    let Some(config) = &settings.speculative else {
+        return Ok(None);
+    };
+    let proposer = match &config.method {
         SpeculativeMethod::Ngram {
             prompt_lookup_min,
             prompt_lookup_max,
-        } => Some(super::Speculation {
-            proposer: NgramProposer {
-                min: prompt_lookup_min,
-                max: prompt_lookup_max,
-            },
-            num_tokens: config.num_speculative_tokens,
-            disable_by_batch_size: config.disable_by_batch_size,
+        } => super::Proposer::Ngram(NgramProposer {
+            min: *prompt_lookup_min,
+            max: *prompt_lookup_max,
         }),
-        SpeculativeMethod::Draft { .. } => None,
-    }
+        SpeculativeMethod::Draft {
+            model,
+            quantization,
+        } => {
+            let mut draft = EngineSettings::for_model(model);
+            draft.device = settings.device;
+            draft.dtype = settings.dtype;
+            draft.threads = settings.threads;
+            if let Some(q) = quantization {
+                draft.quantization = crate::engine::settings::Quantization::InSitu(q.clone());
+            }
+            let LoadedModel { model: m, .. } =
+                load_causal(&draft).with_context(|| format!("loading the draft model {model}"))?;
+            let spec = m.spec().clone();
+            if spec.vocab_size < vocab_size.min(spec.vocab_size) {
+                anyhow::bail!("the draft model's vocabulary does not cover the target's");
+            }
+            let cache = KvCache::new(&spec, num_blocks, block_size)?;
+            tracing::info!(
+                draft = %model,
+                kv_cache_mib = (num_blocks * KvCache::bytes_per_block(&spec, block_size)) as f64
+                    / (1 << 20) as f64,
+                "draft model loaded for speculative decoding"
+            );
+            super::Proposer::Draft(super::DraftModel::new(
+                Box::new(CausalExecutor::new(m, cache)),
+                block_size,
+            ))
+        }
+    };
+    Ok(Some(super::Speculation {
+        proposer,
+        num_tokens: config.num_speculative_tokens,
+        disable_by_batch_size: config.disable_by_batch_size,
+    }))
 }
 
 /// The tokenizer and chat template: from `TOKENIZER_NAME`'s folder when set, else the model folder's;

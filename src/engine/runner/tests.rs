@@ -491,7 +491,7 @@ async fn prompt_logprobs_cover_every_prompt_token() {
 
 fn ngram(k: usize, disable_by_batch_size: usize) -> Option<Speculation> {
     Some(Speculation {
-        proposer: crate::engine::speculative::NgramProposer { min: 1, max: 3 },
+        proposer: Proposer::Ngram(crate::engine::speculative::NgramProposer { min: 1, max: 3 }),
         num_tokens: k,
         disable_by_batch_size,
     })
@@ -688,4 +688,143 @@ async fn speculative_decoding_matches_plain_decoding_on_every_fixture() {
             st.spec_draft_tokens.load(Ordering::Relaxed)
         );
     }
+}
+
+fn draft_spec(bigram: bool, num_blocks: usize, k: usize) -> Option<Speculation> {
+    let vocab = tokenizer().vocab_size();
+    Some(Speculation {
+        proposer: Proposer::Draft(DraftModel::new(
+            Box::new(ToyExec {
+                slots: vec![0; num_blocks * BS],
+                vocab,
+                bigram,
+            }),
+            BS,
+        )),
+        num_tokens: k,
+        disable_by_batch_size: 64,
+    })
+}
+
+/// A draft model writing through the target's block tables: a draft equal to the target is always
+/// right; a different one mostly wrong; either way greedy output is plain decoding's, alone and
+/// batched under preemption (where the draft cache must notice the new block tables).
+#[tokio::test]
+async fn draft_model_speculation_equals_plain_decoding() {
+    let requests: Vec<GenerateRequest> = (0..6)
+        .map(|i| {
+            request(prompt(4 + i * 3, i as u32 % 3), |p| {
+                p.max_tokens = Some(16 + i * 3);
+                if i == 2 {
+                    p.n = 2;
+                    p.seed = Some(1);
+                }
+            })
+        })
+        .collect();
+    let plain = toy_engine(256, 64, 64, true, vec![], false, None);
+    let mut want = Vec::new();
+    for r in &requests {
+        want.push(collect(plain.generate(r.clone()).unwrap()).await);
+    }
+    for (same, blocks, together) in [
+        (true, 256, false),
+        (false, 256, false),
+        (true, 20, true),
+        (false, 20, true),
+    ] {
+        // `same`: the draft computes the target's rows (context hashing); else a bigram model
+        let e = toy_engine(
+            blocks,
+            64,
+            64,
+            true,
+            vec![],
+            false,
+            draft_spec(!same, blocks, 3),
+        );
+        let got = if together {
+            let streams: Vec<_> = requests
+                .iter()
+                .map(|r| e.generate(r.clone()).unwrap())
+                .collect();
+            futures::future::join_all(streams.into_iter().map(collect)).await
+        } else {
+            let mut v = Vec::new();
+            for r in &requests {
+                v.push(collect(e.generate(r.clone()).unwrap()).await);
+            }
+            v
+        };
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            for (ca, cb) in a.choices.iter().zip(&b.choices) {
+                assert_eq!(
+                    ca.token_ids, cb.token_ids,
+                    "same {same}, together {together}, request {i}"
+                );
+            }
+        }
+        let st = e.stats();
+        let drafted = st.spec_draft_tokens.load(Ordering::Relaxed);
+        let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
+        assert!(drafted > 0);
+        if same && !together {
+            assert_eq!(
+                accepted, drafted,
+                "a draft equal to the target is always right"
+            );
+        }
+        if !same {
+            assert!(accepted * 4 < drafted, "{accepted}/{drafted}");
+        }
+        wait_idle(&e).await;
+    }
+}
+
+/// The llama fixture with its own q8_0 copy as the draft (quantized in situ as it loads): the tokens
+/// of plain float32 decoding, most guesses accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quantized_copy_drafts_for_the_float_model() {
+    use crate::engine::settings::{DeviceChoice, EngineSettings};
+    use crate::engine::speculative::{SpeculativeConfig, SpeculativeMethod};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+    let settings = |spec: bool| {
+        let mut s = EngineSettings::for_model(&path);
+        s.device = DeviceChoice::Cpu;
+        s.kv_cache_memory = Some(8 << 20);
+        s.speculative = spec.then_some(SpeculativeConfig {
+            method: SpeculativeMethod::Draft {
+                model: path.display().to_string(),
+                quantization: Some("q8_0".into()),
+            },
+            num_speculative_tokens: 3,
+            disable_by_batch_size: 8,
+        });
+        s
+    };
+    let plain = Engine::start(settings(false)).unwrap();
+    let spec = Engine::start(settings(true)).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(5 + i * 4, i as u32)).collect();
+    let req = |p: &Vec<u32>| request(p.clone(), |p| p.max_tokens = Some(20));
+    let mut want = Vec::new();
+    for p in &prompts {
+        want.push(collect(plain.generate(req(p)).unwrap()).await);
+    }
+    for (p, w) in prompts.iter().zip(&want) {
+        let got = collect(spec.generate(req(p)).unwrap()).await;
+        assert_eq!(got.choices[0].token_ids, w.choices[0].token_ids);
+    }
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| spec.generate(req(p)).unwrap())
+        .collect();
+    let together = futures::future::join_all(streams.into_iter().map(collect)).await;
+    for (a, b) in want.iter().zip(&together) {
+        assert_eq!(a.choices[0].token_ids, b.choices[0].token_ids);
+    }
+    let st = spec.stats();
+    let drafted = st.spec_draft_tokens.load(Ordering::Relaxed);
+    let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
+    eprintln!("q8_0 draft for float32 llama: accepted {accepted}/{drafted}");
+    assert!(accepted * 2 > drafted, "{accepted}/{drafted}");
 }
