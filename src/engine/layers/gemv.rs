@@ -58,9 +58,9 @@ impl CustomOp2 for SmallMatmul {
         let mut yt = vec![0f32; n * m];
         let tasks = n.div_ceil(TASK_ROWS);
         let out = yt.as_mut_ptr() as usize;
-        // candle's barrier pool, not rayon: the calling thread works alongside spinning workers
-        // instead of sleeping on a futex while they run (a decode step runs ~100 of these)
-        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+        // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
+        // and never waits for one that has not started (a decode step runs ~100 of these)
+        super::pool::pool().run(tasks, |range| {
             let rows = range.start * TASK_ROWS..(range.end * TASK_ROWS).min(n);
             // SAFETY: these rows of `yt` belong to this range alone; `yt` outlives the call, which
             // returns when every range is done.

@@ -7,6 +7,7 @@ pub mod gemv;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod pool;
 pub mod qgemv;
 pub mod rope;
 pub mod simd;

@@ -70,9 +70,9 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
         corr: &xcorr,
         k,
     };
-    // candle's barrier pool, not rayon: the calling thread works alongside spinning workers instead
-    // of sleeping on a futex while they run, which is most of the cost of ~120 small products per token
-    candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+    // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
+    // and never waits for one that has not started (a decode step runs ~100 of these)
+    super::pool::pool().run(tasks, |range| {
         for task in range {
             let rows = task * ROW_BLOCK..((task + 1) * ROW_BLOCK).min(n);
             for j in rows {
