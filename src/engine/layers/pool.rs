@@ -178,7 +178,7 @@ fn worker(s: &'static Shared) {
                 break g;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 || since.elapsed() < WORKER_SPIN {
+            if !spins.is_multiple_of(64) || since.elapsed() < WORKER_SPIN {
                 std::hint::spin_loop();
             } else {
                 // an unpark before this park makes it return at once
