@@ -1,11 +1,9 @@
 //! The real binary on a fixture model: `serve` over HTTP (RunPod-style routes, OpenAI routes,
 //! metrics) and `--test-input` / `test_input.json`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::process::{fixture, run, Running};
+use crate::common::process::{fixture, run, Running};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -53,7 +51,7 @@ fn test_input_json_in_the_working_directory() {
         r#"{"input": {"prompt": "Hi", "sampling_params": {"max_tokens": 3, "ignore_eos": true}}}"#,
     )
     .unwrap();
-    let out = common::process::command(&model_vars(&[]), &[])
+    let out = crate::common::process::command(&model_vars(&[]), &[])
         .current_dir(dir.path())
         .output()
         .unwrap();

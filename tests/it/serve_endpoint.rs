@@ -1,12 +1,10 @@
 //! The local endpoint's HTTP surface (`/run`, `/runsync`, `/stream`, `/status`, `/cancel`, `/health`,
 //! `/metrics`, `API_KEY`) over real HTTP, with a scripted job handler standing in for the model.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::scripted::{Handler, Scripted};
+use crate::common::scripted::{Handler, Scripted};
 use serde_json::{json, Value};
 use worker_candle::config::Config;
 use worker_candle::serverless::local::LocalEndpoint;
