@@ -12,6 +12,7 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use crate::api::error::ApiError;
 use crate::api::openai::{handle, shapes, OpenAiResponse, OpenAiSettings};
 use crate::engine::Engine;
 
@@ -121,16 +122,16 @@ pub fn error_line(e: &LineError) -> Value {
     })
 }
 
-/// The output line for the front door's answer: its status and body; a failure status also fills
-/// `error` with the OpenAI error's message.
-pub fn response_line(custom_id: &Value, status: u16, body: Value) -> Value {
-    let error = if status == 200 {
-        Value::Null
-    } else {
-        json!({
-            "code": body.pointer("/error/type").cloned().unwrap_or(json!("error")),
-            "message": body.pointer("/error/message").cloned().unwrap_or(json!("request failed")),
-        })
+/// The output line for the front door's answer: its status and body; a failure also fills `error`
+/// with the error's type and message.
+pub fn response_line(custom_id: &Value, answer: Result<Value, &ApiError>) -> Value {
+    let (status, body, error) = match answer {
+        Ok(body) => (200, body, Value::Null),
+        Err(e) => (
+            e.status(),
+            e.openai_body(),
+            json!({"code": e.kind().type_name(), "message": e.message()}),
+        ),
     };
     json!({
         "id": shapes::new_id("batch_req"),
@@ -155,7 +156,8 @@ where
         Err(e) => return error_line(&e),
     };
     match serve(request.url.clone(), request.body).await {
-        OpenAiResponse::Json { status, body } => response_line(&request.custom_id, status, body),
+        OpenAiResponse::Json(body) => response_line(&request.custom_id, Ok(body)),
+        OpenAiResponse::Error(e) => response_line(&request.custom_id, Err(&e)),
         // Refused at parse time; kept so the front door's answer is handled whole.
         OpenAiResponse::Stream(_) => error_line(&LineError {
             custom_id: request.custom_id,
@@ -389,17 +391,13 @@ mod tests {
 
     #[test]
     fn output_lines_have_the_batch_shape() {
-        let ok = response_line(&json!("a"), 200, json!({"object": "list"}));
+        let ok = response_line(&json!("a"), Ok(json!({"object": "list"})));
         assert_eq!(ok["custom_id"], "a");
         assert_eq!(ok["response"]["status_code"], 200);
         assert_eq!(ok["response"]["body"]["object"], "list");
         assert!(ok["error"].is_null());
         assert!(ok["id"].as_str().unwrap().starts_with("batch_req-"));
-        let failed = response_line(
-            &json!("b"),
-            400,
-            json!({"error": {"message": "bad n", "type": "BadRequestError"}}),
-        );
+        let failed = response_line(&json!("b"), Err(&ApiError::invalid("n", "bad n")));
         assert_eq!(failed["error"]["message"], "bad n");
         assert_eq!(failed["response"]["status_code"], 400);
         let e = error_line(&LineError {
@@ -429,10 +427,7 @@ mod tests {
         let serve = |_url: String, body: Value| async move {
             let ms = body["delay"].as_u64().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms * 5)).await;
-            OpenAiResponse::Json {
-                status: 200,
-                body: json!({"echo": ms}),
-            }
+            OpenAiResponse::Json(json!({"echo": ms}))
         };
         let lines = run_requests(parse_file(&text), serve, 64, || {
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

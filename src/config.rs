@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::api::stream_batch::BatchPolicy;
 use crate::engine::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
-use crate::serverless::stream_batch::BatchPolicy;
 
 /// The model `serve` uses when `MODEL_NAME` is not set.
 pub const DEFAULT_SERVE_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -118,7 +118,7 @@ pub struct OpenAiConfig {
     pub response_role: String,
 }
 
-/// The platform's variables (protocol spec §1).
+/// The platform's variables (RunPod sets them on its workers).
 #[derive(Debug, Clone)]
 pub struct RunpodConfig {
     pub webhook_get_job: Option<String>,

@@ -1,4 +1,4 @@
-//! worker-vllm's native input and output (seed `003`, "Non-OpenAI Usage"; protocol spec §6.3, §7).
+//! worker-vllm's native input and output (its README's "Non-OpenAI Usage").
 //!
 //! Input: `prompt` or `messages` (which wins), `apply_chat_template`, `sampling_params`, `stream` and
 //! the batch-size knobs. Output pieces: `{"choices": [{"tokens": [..]}, ..], "usage": {"input",
@@ -6,8 +6,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::api::stream_batch::{BatchPolicy, BatchSizer};
 use crate::engine::{EngineError, GenerationEvent, SamplingParams};
-use crate::serverless::stream_batch::{BatchPolicy, BatchSizer};
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]

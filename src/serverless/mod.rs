@@ -8,5 +8,4 @@ pub mod metrics;
 pub mod openai_bridge;
 pub mod protocol;
 pub mod routing;
-pub mod stream_batch;
 pub mod worker;

@@ -1,4 +1,4 @@
-//! The queue's HTTP protocol (spec §1–4): job-take (single and batch), job-stream, job-done, the
+//! The queue's HTTP protocol: job-take (single and batch), job-stream, job-done, the
 //! heartbeat and the job-stop channel. Knows nothing of models; the job loop (`worker.rs`) drives it.
 
 use std::time::Duration;

@@ -147,7 +147,7 @@ async fn mixed_batch_keeps_order_reports_bad_lines_and_matches_single_requests()
         };
         let single = match handle(&engine, &openai, url, axum::http::Method::POST, Some(body)).await
         {
-            OpenAiResponse::Json { status: 200, body } => body,
+            OpenAiResponse::Json(body) => body,
             other => panic!("{id}: {other:?}"),
         };
         let batched = &r["response"]["body"];

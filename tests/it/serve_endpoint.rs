@@ -326,8 +326,9 @@ async fn openai_routes_run_as_jobs_and_a_hang_up_cancels() {
         response.headers()["content-type"].to_str().unwrap(),
         "text/event-stream"
     );
+    // A piece is relayed as it is posted, as SSE events (a string piece is SSE text already).
     let first = response.chunk().await.unwrap().unwrap();
-    assert_eq!(&first[..], b"p0");
+    assert_eq!(&first[..], b"data: p0\n\n");
     drop(response);
     for _ in 0..500 {
         let (_, health) = s.get("/health").await;

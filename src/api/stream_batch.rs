@@ -1,4 +1,4 @@
-//! The dynamic batch-size policy of streamed outputs (protocol spec §8).
+//! The dynamic batch-size policy of streamed outputs.
 //!
 //! The first post carries `min` tokens so the first token reaches the client after one token's work;
 //! each later post carries `growth` times more, up to `max`, so a long answer needs few HTTP calls.
