@@ -106,6 +106,9 @@ fn main() -> ExitCode {
             "{name} is a worker-vllm setting that means nothing to this engine; ignored"
         );
     }
+    // The compute pool, sized once on this (the only) thread before the runtime starts its own.
+    let threads = worker_candle::engine::loader::configure_threads(config.engine.threads);
+    tracing::debug!(threads, "compute threads");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -172,7 +175,8 @@ fn init_logging(format: LogFormat) {
 /// `MODEL_NAME` → a local folder (or file) and an optional tokenizer folder: the hub resolver
 /// (a local path as is; a repo id from the cache under `BASE_PATH`, downloaded when missing).
 async fn resolve_model(config: &Config, name: &str) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let resolved = worker_candle::hub::resolve_source(&model_source(config, name)).await?;
+    let hub = worker_candle::hub::Hub::new(config.hub_config())?;
+    let resolved = hub.resolve_source(&model_source(config, name)).await?;
     Ok((resolved.model, resolved.tokenizer))
 }
 

@@ -19,6 +19,7 @@ mod quant_gguf;
 mod quant_insitu;
 mod queue_jobs;
 mod queue_protocol;
+mod readme_settings;
 mod sampling_detokenize;
 mod sampling_reference;
 mod sampling_speed;
