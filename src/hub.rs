@@ -656,10 +656,10 @@ impl Hub {
         std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
         let blob = blobs.join(sibling.blob_name(&info.sha));
         let size = sibling.size();
-        if let Ok(meta) = std::fs::metadata(&blob) {
-            if size.is_none_or(|s| s == meta.len()) {
-                return Ok(blob);
-            }
+        if let Ok(meta) = std::fs::metadata(&blob)
+            && size.is_none_or(|s| s == meta.len())
+        {
+            return Ok(blob);
         }
         let partial = blobs.join(format!("{}.incomplete", sibling.blob_name(&info.sha)));
         let lock = blobs.join(format!("{}.lock", sibling.blob_name(&info.sha)));

@@ -171,9 +171,9 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
 
 /// EOS ids from generation_config.json then config.json (union, first-seen order), and the BOS id.
 pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option<u32>)> {
-    let gen = read_json_opt(&model_dir.join("generation_config.json"))?;
+    let r#gen = read_json_opt(&model_dir.join("generation_config.json"))?;
     let mut eos = Vec::new();
-    for id in ids(gen.as_ref().and_then(|g| g.get("eos_token_id")))
+    for id in ids(r#gen.as_ref().and_then(|g| g.get("eos_token_id")))
         .into_iter()
         .chain(ids(config.get("eos_token_id")))
     {
@@ -181,7 +181,7 @@ pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option
             eos.push(id);
         }
     }
-    let bos = ids(gen.as_ref().and_then(|g| g.get("bos_token_id")))
+    let bos = ids(r#gen.as_ref().and_then(|g| g.get("bos_token_id")))
         .first()
         .or(ids(config.get("bos_token_id")).first())
         .copied();

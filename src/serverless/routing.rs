@@ -117,12 +117,12 @@ fn openai(
         )));
     };
     let path = normalize_route(route);
-    if let Some(body) = body {
-        if !body.is_object() {
-            return Err(ApiError::bad_request(format!(
-                "`{body_field}` must be a JSON object, got {body}"
-            )));
-        }
+    if let Some(body) = body
+        && !body.is_object()
+    {
+        return Err(ApiError::bad_request(format!(
+            "`{body_field}` must be a JSON object, got {body}"
+        )));
     }
     let method = match method {
         None => {

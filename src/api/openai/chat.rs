@@ -137,12 +137,11 @@ fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, ApiError> {
             message.insert("content".into(), content);
             if let Some(Value::Array(calls)) = message.get_mut("tool_calls") {
                 for call in calls.iter_mut() {
-                    if let Some(args) = call.pointer_mut("/function/arguments") {
-                        if let Value::String(text) = args {
-                            if let Ok(parsed) = serde_json::from_str::<Value>(text) {
-                                *args = parsed;
-                            }
-                        }
+                    if let Some(args) = call.pointer_mut("/function/arguments")
+                        && let Value::String(text) = args
+                        && let Ok(parsed) = serde_json::from_str::<Value>(text)
+                    {
+                        *args = parsed;
                     }
                 }
             }
@@ -393,15 +392,15 @@ impl Reply {
         let text = format!("{}{}", self.echo, choice.text);
         let mut finish_reason = shapes::finish_reason(choice.finish.as_ref());
         let mut message = json!({"role": self.role, "content": text});
-        if request.parses_tools() {
-            if let Some((content, mut calls)) = parse_tool_calls(&text) {
-                if !request.parallel_tool_calls {
-                    calls.truncate(1);
-                }
-                message["content"] = content.map_or(Value::Null, Value::String);
-                message["tool_calls"] = tool_calls_json(&calls);
-                finish_reason = json!("tool_calls");
+        if request.parses_tools()
+            && let Some((content, mut calls)) = parse_tool_calls(&text)
+        {
+            if !request.parallel_tool_calls {
+                calls.truncate(1);
             }
+            message["content"] = content.map_or(Value::Null, Value::String);
+            message["tool_calls"] = tool_calls_json(&calls);
+            finish_reason = json!("tool_calls");
         }
         let logprobs = request
             .top_logprobs

@@ -36,13 +36,13 @@ pub fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
     let prompts = parse_prompts(body.raw("prompt"))?;
     let mut params = sampling_params(body, Some(16))?;
     let logprobs: Option<usize> = body.get("logprobs")?;
-    if let Some(k) = logprobs {
-        if k > MAX_LOGPROBS {
-            return Err(ApiError::invalid(
-                "logprobs",
-                format!("`logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
-            ));
-        }
+    if let Some(k) = logprobs
+        && k > MAX_LOGPROBS
+    {
+        return Err(ApiError::invalid(
+            "logprobs",
+            format!("`logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
+        ));
     }
     let echo = body.flag("echo", false)?;
     params.logprobs = logprobs;

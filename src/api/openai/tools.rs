@@ -158,13 +158,13 @@ impl ToolCallDetector {
 
     /// Ends the choice: the held text parsed as tool calls, or given back as text when it is none.
     pub fn finish(self) -> Detected {
-        if self.capturing {
-            if let Some((content, calls)) = parse_tool_calls(&self.held) {
-                return Detected {
-                    text: content.unwrap_or_default(),
-                    calls,
-                };
-            }
+        if self.capturing
+            && let Some((content, calls)) = parse_tool_calls(&self.held)
+        {
+            return Detected {
+                text: content.unwrap_or_default(),
+                calls,
+            };
         }
         Detected {
             text: self.held,
