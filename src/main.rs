@@ -244,9 +244,11 @@ async fn queue_worker(config: &Config) -> anyhow::Result<ExitCode> {
         Timings::new(config.runpod.ping_interval),
     )?;
     let engine = start_engine(config, &model).await?;
+    let metrics = Arc::new(Metrics::default());
+    let _stats = log_stats(config, &metrics);
     let worker = Worker::new(
         client,
-        handler(config, engine, Arc::default()),
+        handler(config, engine, metrics),
         config.max_concurrency,
         config.shutdown_timeout,
     );
@@ -268,6 +270,7 @@ async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| DEFAULT_SERVE_MODEL.to_string());
     let metrics = Arc::new(Metrics::default());
     let engine = start_engine(config, &model).await?;
+    let _stats = log_stats(config, &metrics);
     let endpoint = LocalEndpoint::new(
         handler(config, engine, metrics.clone()),
         config.max_concurrency,
@@ -286,6 +289,23 @@ async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("the server failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often the stats line is logged.
+const STATS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The periodic stats line (vLLM's), unless `DISABLE_LOG_STATS`; it stops when the guard drops.
+fn log_stats(config: &Config, metrics: &Arc<Metrics>) -> Option<AbortOnDrop> {
+    (!config.disable_log_stats)
+        .then(|| AbortOnDrop(tokio::spawn(metrics.clone().log_stats(STATS_INTERVAL))))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Prints the job-done body of a local job.

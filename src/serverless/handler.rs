@@ -63,6 +63,7 @@ impl EngineHandler {
     }
 
     pub fn new(engine: Engine, settings: HandlerSettings, metrics: Arc<Metrics>) -> Self {
+        metrics.watch_engine(&engine);
         Self {
             engine,
             settings: Arc::new(settings),
