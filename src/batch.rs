@@ -17,11 +17,12 @@ use crate::api::openai::{handle, shapes, OpenAiResponse, OpenAiSettings};
 use crate::engine::Engine;
 
 /// The routes a batch line may name.
-pub const BATCH_URLS: &[&str] = &["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+pub(crate) const BATCH_URLS: &[&str] =
+    &["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
 
 /// Lines in flight at once: enough to keep the scheduler's batch full, bounded so a huge file does
 /// not queue everything at once.
-pub const DEFAULT_CONCURRENCY: usize = 512;
+pub(crate) const DEFAULT_CONCURRENCY: usize = 512;
 
 /// `worker-candle run-batch` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -39,7 +40,7 @@ pub struct BatchArgs {
 
 /// A batch line that parsed: where it goes and what it carries.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BatchRequest {
+pub(crate) struct BatchRequest {
     pub custom_id: Value,
     pub url: String,
     pub body: Value,
@@ -47,13 +48,13 @@ pub struct BatchRequest {
 
 /// Why a line never reached the front door, with the `custom_id` when it could be read.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LineError {
+pub(crate) struct LineError {
     pub custom_id: Value,
     pub message: String,
 }
 
 /// Reads one request object of the batch format.
-pub fn parse_request(v: Value) -> Result<BatchRequest, LineError> {
+pub(crate) fn parse_request(v: Value) -> Result<BatchRequest, LineError> {
     let custom_id = v.get("custom_id").cloned().unwrap_or(Value::Null);
     let fail = |message: String| LineError {
         custom_id: custom_id.clone(),
@@ -100,7 +101,7 @@ pub fn parse_request(v: Value) -> Result<BatchRequest, LineError> {
 }
 
 /// Reads one line of the batch file.
-pub fn parse_line(line: &str) -> Result<BatchRequest, LineError> {
+pub(crate) fn parse_line(line: &str) -> Result<BatchRequest, LineError> {
     let v: Value = serde_json::from_str(line).map_err(|e| LineError {
         custom_id: Value::Null,
         message: format!("the line is not valid JSON: {e}"),
@@ -109,7 +110,7 @@ pub fn parse_line(line: &str) -> Result<BatchRequest, LineError> {
 }
 
 /// The output line for a line that failed before reaching the front door.
-pub fn error_line(e: &LineError) -> Value {
+pub(crate) fn error_line(e: &LineError) -> Value {
     json!({
         "id": shapes::new_id("batch_req"),
         "custom_id": e.custom_id,
@@ -124,7 +125,7 @@ pub fn error_line(e: &LineError) -> Value {
 
 /// The output line for the front door's answer: its status and body; a failure also fills `error`
 /// with the error's type and message.
-pub fn response_line(custom_id: &Value, answer: Result<Value, &ApiError>) -> Value {
+pub(crate) fn response_line(custom_id: &Value, answer: Result<Value, &ApiError>) -> Value {
     let (status, body, error) = match answer {
         Ok(body) => (200, body, Value::Null),
         Err(e) => (
@@ -168,7 +169,7 @@ where
 
 /// Runs every request through `serve`, up to `concurrency` at once, and returns the output lines in
 /// input order. `on_done` is called as each finishes (progress).
-pub async fn run_requests<S, F>(
+pub(crate) async fn run_requests<S, F>(
     requests: Vec<Result<BatchRequest, LineError>>,
     serve: S,
     concurrency: usize,
@@ -192,7 +193,7 @@ where
 }
 
 /// The lines of a batch file (blank lines skipped).
-pub fn parse_file(text: &str) -> Vec<Result<BatchRequest, LineError>> {
+pub(crate) fn parse_file(text: &str) -> Vec<Result<BatchRequest, LineError>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(parse_line)
@@ -200,7 +201,7 @@ pub fn parse_file(text: &str) -> Vec<Result<BatchRequest, LineError>> {
 }
 
 /// Runs batch requests given as JSON values through the engine: the core of a native batch job.
-pub async fn run_values(
+pub(crate) async fn run_values(
     engine: &Engine,
     settings: &OpenAiSettings,
     requests: Vec<Value>,
@@ -254,7 +255,7 @@ where
 }
 
 /// The batch file at `input`: a URL (GET), `-` (stdin) or a path.
-pub async fn read_input(input: &str) -> anyhow::Result<String> {
+pub(crate) async fn read_input(input: &str) -> anyhow::Result<String> {
     if is_url(input) {
         let client = reqwest::Client::new();
         return with_retries(&format!("GET {input}"), || async {
@@ -275,7 +276,7 @@ pub async fn read_input(input: &str) -> anyhow::Result<String> {
 }
 
 /// Writes the results to `output`: a URL (PUT), `-` (stdout) or a path.
-pub async fn write_output(output: &str, text: String) -> anyhow::Result<()> {
+pub(crate) async fn write_output(output: &str, text: String) -> anyhow::Result<()> {
     if is_url(output) {
         let client = reqwest::Client::new();
         return with_retries(&format!("PUT {output}"), || async {

@@ -451,7 +451,7 @@ impl Config {
     }
 
     /// The name the model answers to: the override, else `MODEL_NAME` (else the given fallback).
-    pub fn served_model_name(&self, fallback: &str) -> String {
+    pub(crate) fn served_model_name(&self, fallback: &str) -> String {
         self.openai
             .served_model_name_override
             .clone()
@@ -575,7 +575,7 @@ fn parse_quantization(v: &str) -> Result<Quantization, String> {
 }
 
 /// `4294967296`, `4GiB`, `512MiB`, `2GB`, `1.5G` (bare K/M/G are binary units).
-pub fn parse_bytes(text: &str) -> Option<u64> {
+pub(crate) fn parse_bytes(text: &str) -> Option<u64> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

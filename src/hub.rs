@@ -24,7 +24,7 @@ use reqwest::{header, StatusCode, Url};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-pub const DEFAULT_REVISION: &str = "main";
+pub(crate) const DEFAULT_REVISION: &str = "main";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 
 /// Which files of a repository a caller needs.
@@ -114,17 +114,17 @@ fn non_empty(s: Option<&str>) -> Option<&str> {
 }
 
 /// `models--org--name`, the folder of a repo in the cache.
-pub fn repo_folder(repo_id: &str) -> String {
+pub(crate) fn repo_folder(repo_id: &str) -> String {
     format!("models--{}", repo_id.replace('/', "--"))
 }
 
 /// The hub cache under a `BASE_PATH`.
-pub fn cache_dir(base_path: &Path) -> PathBuf {
+pub(crate) fn cache_dir(base_path: &Path) -> PathBuf {
     base_path.join("huggingface-cache").join("hub")
 }
 
 /// A repo id as the hub spells them: `name` or `org/name`, no path tricks.
-pub fn validate_repo_id(id: &str) -> Result<()> {
+pub(crate) fn validate_repo_id(id: &str) -> Result<()> {
     let parts: Vec<&str> = id.split('/').collect();
     let ok_part = |p: &str| {
         !p.is_empty()
@@ -166,14 +166,14 @@ fn looks_like_path(name: &str) -> bool {
 
 /// The repo listing: `GET /api/models/{repo}/revision/{rev}?blobs=true`.
 #[derive(Debug, Clone, Deserialize)]
-pub struct RepoInfo {
+pub(crate) struct RepoInfo {
     pub sha: String,
     #[serde(default)]
     pub siblings: Vec<Sibling>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct Sibling {
+pub(crate) struct Sibling {
     pub rfilename: String,
     #[serde(default)]
     pub size: Option<u64>,
@@ -184,7 +184,7 @@ pub struct Sibling {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct Lfs {
+pub(crate) struct Lfs {
     pub sha256: String,
     #[serde(default)]
     pub size: Option<u64>,
@@ -309,7 +309,7 @@ fn select_weights(
 }
 
 /// The shard names of a `model.safetensors.index.json`.
-pub fn index_shards(index_json: &Path) -> Result<BTreeSet<String>> {
+pub(crate) fn index_shards(index_json: &Path) -> Result<BTreeSet<String>> {
     #[derive(Deserialize)]
     struct Index {
         weight_map: std::collections::BTreeMap<String, String>,
@@ -323,7 +323,7 @@ pub fn index_shards(index_json: &Path) -> Result<BTreeSet<String>> {
 
 /// Checks that a snapshot folder can be loaded: config present, and every shard named by the
 /// index present. Used after a download and before trusting a cached snapshot.
-pub fn verify_snapshot(dir: &Path, set: &FileSet) -> Result<()> {
+pub(crate) fn verify_snapshot(dir: &Path, set: &FileSet) -> Result<()> {
     let weights_needed = matches!(set, FileSet::Model { gguf_file: None });
     if let FileSet::Model { gguf_file: Some(g) } = set {
         if !dir.join(g).is_file() {
@@ -360,7 +360,12 @@ pub fn verify_snapshot(dir: &Path, set: &FileSet) -> Result<()> {
 }
 
 /// A complete snapshot of `repo@revision` already in `cache`, found without the network.
-pub fn cached_snapshot(cache: &Path, repo: &str, revision: &str, set: &FileSet) -> Option<PathBuf> {
+pub(crate) fn cached_snapshot(
+    cache: &Path,
+    repo: &str,
+    revision: &str,
+    set: &FileSet,
+) -> Option<PathBuf> {
     let repo_dir = cache.join(repo_folder(repo));
     let commit = if is_commit_hash(revision) {
         revision.to_string()
@@ -521,7 +526,7 @@ impl Hub {
     }
 
     /// `GET /api/models/{repo}/revision/{rev}`: the commit and the file list.
-    pub async fn repo_info(&self, repo: &str, revision: &str) -> Result<RepoInfo> {
+    pub(crate) async fn repo_info(&self, repo: &str, revision: &str) -> Result<RepoInfo> {
         let mut url = self.url(&["api", "models", repo, "revision"])?;
         // The revision is one path segment even when it holds a slash (`refs/pr/1`).
         url.path_segments_mut()
@@ -563,7 +568,7 @@ impl Hub {
     }
 
     /// Downloads `repo@revision` into `cache` and returns the snapshot folder.
-    pub async fn download(
+    pub(crate) async fn download(
         &self,
         repo: &str,
         revision: &str,

@@ -10,7 +10,7 @@ use crate::engine::EngineError;
 
 /// What kind of failure, which fixes the status and OpenAI's `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// The client's request is malformed or out of range (400).
     BadRequest,
     /// A wrong or missing API key (401).
@@ -31,7 +31,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// The status code (499 for a cancelled request, nginx's "client closed request").
-    pub fn status(self) -> u16 {
+    pub(crate) fn status(self) -> u16 {
         match self {
             Self::BadRequest => 400,
             Self::Unauthorized => 401,
@@ -45,7 +45,7 @@ impl ErrorKind {
     }
 
     /// OpenAI's `type`, as vLLM names them.
-    pub fn type_name(self) -> &'static str {
+    pub(crate) fn type_name(self) -> &'static str {
         match self {
             Self::BadRequest => "BadRequestError",
             Self::Unauthorized => "AuthenticationError",
@@ -68,7 +68,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
             message: message.into(),
@@ -77,7 +77,7 @@ impl ApiError {
     }
 
     /// Names the request parameter at fault (OpenAI's `error.param`).
-    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+    pub(crate) fn with_param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
         self
     }
@@ -87,33 +87,33 @@ impl ApiError {
     }
 
     /// A bad value of the parameter `param`.
-    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(param: &str, message: impl Into<String>) -> Self {
         Self::bad_request(message).with_param(param)
     }
 
-    pub fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
     }
 
-    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+    pub(crate) fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::MethodNotAllowed, message)
     }
 
-    pub fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
 
-    pub fn unauthorized(message: impl Into<String>) -> Self {
+    pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unauthorized, message)
     }
 
     /// A job cancelled by the client or the queue.
-    pub fn cancelled() -> Self {
+    pub(crate) fn cancelled() -> Self {
         Self::new(ErrorKind::Cancelled, "the job was cancelled")
     }
 
     /// A job that ran past `limit`.
-    pub fn timed_out(limit: Duration) -> Self {
+    pub(crate) fn timed_out(limit: Duration) -> Self {
         Self::new(
             ErrorKind::TimedOut,
             format!(
@@ -124,31 +124,31 @@ impl ApiError {
     }
 
     /// A job stopped because the worker shut down first.
-    pub fn shutting_down() -> Self {
+    pub(crate) fn shutting_down() -> Self {
         Self::new(
             ErrorKind::Unavailable,
             "the worker shut down before the job finished",
         )
     }
 
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         self.kind
     }
 
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         self.kind.status()
     }
 
-    pub fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         &self.message
     }
 
-    pub fn param(&self) -> Option<&str> {
+    pub(crate) fn param(&self) -> Option<&str> {
         self.param.as_deref()
     }
 
     /// OpenAI's `error` object: `{"message", "type", "param", "code"}`.
-    pub fn openai_object(&self) -> Value {
+    pub(crate) fn openai_object(&self) -> Value {
         json!({
             "message": self.message,
             "type": self.kind.type_name(),
@@ -158,17 +158,17 @@ impl ApiError {
     }
 
     /// OpenAI's whole error body, `{"error": {...}}`.
-    pub fn openai_body(&self) -> Value {
+    pub(crate) fn openai_body(&self) -> Value {
         json!({ "error": self.openai_object() })
     }
 
     /// The object worker-vllm yields for a failed job: `{"message", "type", "code"}`.
-    pub fn runpod_object(&self) -> Value {
+    pub(crate) fn runpod_object(&self) -> Value {
         json!({"message": self.message, "type": self.kind.type_name(), "code": self.status()})
     }
 
     /// A job result's `error` text (RunPod's job-done body): the RunPod object as JSON text.
-    pub fn runpod_text(&self) -> String {
+    pub(crate) fn runpod_text(&self) -> String {
         self.runpod_object().to_string()
     }
 }

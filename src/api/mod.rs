@@ -4,6 +4,6 @@
 //! that the one router (`serverless::local`) and the queue worker both call.
 
 pub mod error;
-pub mod native;
+pub(crate) mod native;
 pub mod openai;
 pub mod stream_batch;

@@ -71,15 +71,15 @@ impl EngineHandler {
         }
     }
 
-    pub fn engine(&self) -> &Engine {
+    pub(crate) fn engine(&self) -> &Engine {
         &self.engine
     }
 
-    pub fn settings(&self) -> &HandlerSettings {
+    pub(crate) fn settings(&self) -> &HandlerSettings {
         &self.settings
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 }
@@ -155,6 +155,6 @@ impl EngineHandler {
 }
 
 /// Renders chat messages through the model's chat template (or `CUSTOM_CHAT_TEMPLATE`).
-pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
+pub(crate) fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
     openai_bridge::render_chat(engine, messages)
 }

@@ -40,7 +40,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             Self::Completed => "completed",
             Self::Failed => "failed",
@@ -58,7 +58,7 @@ pub enum JobResult {
 }
 
 impl JobResult {
-    pub fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             Self::Output(_) => Outcome::Completed,
             Self::Error(e) => match e.kind() {
@@ -91,7 +91,7 @@ pub enum StopReason {
 }
 
 /// A receiver that says when a job must stop; `None` while it may run.
-pub type StopSignal = watch::Receiver<Option<StopReason>>;
+pub(crate) type StopSignal = watch::Receiver<Option<StopReason>>;
 
 /// Runs one job to its end and posts its single result: the aggregate of its pieces, or the error
 /// that ended it.
@@ -137,7 +137,7 @@ pub async fn run_job<S: ResultSink>(
 }
 
 /// The job's `policy.executionTimeout` (milliseconds), as RunPod's request policy spells it.
-pub fn execution_timeout(job: &Job) -> Option<Duration> {
+pub(crate) fn execution_timeout(job: &Job) -> Option<Duration> {
     let ms = job.extra.get("policy")?.get("executionTimeout")?.as_u64()?;
     (ms > 0).then(|| Duration::from_millis(ms))
 }

@@ -95,12 +95,12 @@ fn key(name: &'static str) -> Key {
 
 impl Metrics {
     /// Reports this engine's sequences and KV cache too (the first engine given wins).
-    pub fn watch_engine(&self, engine: &Engine) {
+    pub(crate) fn watch_engine(&self, engine: &Engine) {
         let _ = self.engine.set(engine.clone());
     }
 
     /// One finished request (`route` such as `/runsync` or `/v1/chat/completions`).
-    pub fn record_request(&self, route: &str, outcome: &str, latency: Duration) {
+    pub(crate) fn record_request(&self, route: &str, outcome: &str, latency: Duration) {
         let labels = vec![
             Label::new("route", route.to_string()),
             Label::new("outcome", outcome.to_string()),
@@ -114,7 +114,12 @@ impl Metrics {
     }
 
     /// Tokens of one finished generation and its time to first token.
-    pub fn record_generation(&self, prompt: usize, generated: usize, ttft: Option<Duration>) {
+    pub(crate) fn record_generation(
+        &self,
+        prompt: usize,
+        generated: usize,
+        ttft: Option<Duration>,
+    ) {
         self.prompt_tokens
             .fetch_add(prompt as u64, Ordering::Relaxed);
         self.generation_tokens
@@ -133,7 +138,7 @@ impl Metrics {
     }
 
     /// Jobs waiting for a slot and jobs running.
-    pub fn set_load(&self, queued: usize, running: usize) {
+    pub(crate) fn set_load(&self, queued: usize, running: usize) {
         self.recorder
             .register_gauge(&key(QUEUE_DEPTH), &METADATA)
             .set(queued as f64);
@@ -170,7 +175,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.sample_engine();
         self.recorder.handle().render()
     }

@@ -14,7 +14,7 @@ use crate::api::stream_batch::BatchPolicy;
 use crate::engine::template::RenderOptions;
 use crate::engine::{Engine, EngineError};
 
-pub fn pieces(
+pub(crate) fn pieces(
     handler: &EngineHandler,
     route: &str,
     method: Method,
@@ -68,7 +68,7 @@ fn record_usage(metrics: &Metrics, body: &Value) {
     }
 }
 
-pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
+pub(crate) fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
     let template = engine.chat_template().ok_or(EngineError::NoChatTemplate)?;
     let options = RenderOptions {
         add_generation_prompt: true,
@@ -80,7 +80,7 @@ pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, Engine
 /// Groups chunks into posts of 1, 3, 9, ... chunks (worker-vllm counts each SSE event, `[DONE]`
 /// included in raw mode). Raw: each post is one string of SSE events; otherwise a list of chunk
 /// objects without the end marker. An error event ends the stream as the job's error.
-pub fn batch_chunks(
+pub(crate) fn batch_chunks(
     events: impl Stream<Item = StreamEvent> + Send + 'static,
     raw: bool,
     policy: BatchPolicy,

@@ -7,13 +7,13 @@ use crate::api::error::ApiError;
 use crate::api::openai::normalize_route;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     Get,
     Post,
 }
 
 impl Method {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             Self::Get => "GET",
             Self::Post => "POST",
@@ -22,7 +22,7 @@ impl Method {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum JobRequest {
+pub(crate) enum JobRequest {
     /// An OpenAI route, `/v1/...`.
     OpenAi {
         route: String,
@@ -45,14 +45,14 @@ const EMBEDDING_FIELDS: &[&str] = &[
 ];
 
 /// The OpenAI routes a job may name.
-pub const OPENAI_ROUTES: &[(&str, Method)] = &[
+pub(crate) const OPENAI_ROUTES: &[(&str, Method)] = &[
     ("/v1/chat/completions", Method::Post),
     ("/v1/completions", Method::Post),
     ("/v1/models", Method::Get),
     ("/v1/embeddings", Method::Post),
 ];
 
-pub fn parse(input: &Value) -> Result<JobRequest, ApiError> {
+pub(crate) fn parse(input: &Value) -> Result<JobRequest, ApiError> {
     let fields = match input {
         Value::Object(fields) => fields,
         Value::Null => return Err(ApiError::bad_request("the job has no `input`")),

@@ -19,7 +19,7 @@ use crate::engine::{
 
 /// `tool_choice`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ToolChoice {
+pub(crate) enum ToolChoice {
     None,
     Auto,
     Required,
@@ -28,7 +28,7 @@ pub enum ToolChoice {
 
 /// A parsed chat request.
 #[derive(Debug, Clone)]
-pub struct ChatRequest {
+pub(crate) struct ChatRequest {
     /// Messages as the template sees them (content parts joined, tool-call arguments as objects).
     pub messages: Vec<Value>,
     pub tools: Option<Vec<Value>>,
@@ -50,12 +50,12 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     /// Whether output is parsed for tool calls.
-    pub fn parses_tools(&self) -> bool {
+    pub(crate) fn parses_tools(&self) -> bool {
         self.tools.is_some() && self.tool_choice != ToolChoice::None
     }
 }
 
-pub fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
+pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
     let mut messages = parse_messages(body.raw("messages"))?;
     let mut params = sampling_params(body, None)?;
     if let Some(max) = body.get::<usize>("max_completion_tokens")? {
@@ -272,7 +272,7 @@ fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(
 }
 
 /// Renders the conversation with the request's template, else the model's (or CUSTOM_CHAT_TEMPLATE).
-pub fn render(engine: &Engine, request: &ChatRequest) -> Result<String, ApiError> {
+pub(crate) fn render(engine: &Engine, request: &ChatRequest) -> Result<String, ApiError> {
     let own;
     let template = match &request.chat_template {
         Some(source) => {
@@ -301,7 +301,7 @@ pub fn render(engine: &Engine, request: &ChatRequest) -> Result<String, ApiError
     Ok(template.render(&request.messages, &options)?)
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,
     body: &Body<'_>,

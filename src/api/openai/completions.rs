@@ -18,7 +18,7 @@ use crate::engine::{
 
 /// A parsed completions request.
 #[derive(Debug, Clone)]
-pub struct CompletionRequest {
+pub(crate) struct CompletionRequest {
     pub prompts: Vec<Prompt>,
     pub params: SamplingParams,
     pub echo: bool,
@@ -26,7 +26,7 @@ pub struct CompletionRequest {
     pub include_usage: bool,
 }
 
-pub fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
+pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
     if body.raw("suffix").is_some() {
         return Err(ApiError::invalid(
             "suffix",
@@ -135,7 +135,7 @@ fn submit(
         .collect()
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,
     body: &Body<'_>,

@@ -12,20 +12,20 @@ use crate::engine::{EmbedRequest, Engine};
 
 /// One input before tokenization.
 #[derive(Debug, Clone, PartialEq)]
-pub enum EmbedInput {
+pub(crate) enum EmbedInput {
     Text(String),
     Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EncodingFormat {
+pub(crate) enum EncodingFormat {
     Float,
     Base64,
 }
 
 /// A parsed embeddings request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EmbeddingsRequest {
+pub(crate) struct EmbeddingsRequest {
     pub inputs: Vec<EmbedInput>,
     pub encoding_format: EncodingFormat,
     pub dimensions: Option<usize>,
@@ -48,7 +48,7 @@ fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
 }
 
 /// `input` in any of its four shapes.
-pub fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, ApiError> {
+pub(crate) fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, ApiError> {
     let Some(input) = input else {
         return Err(ApiError::invalid("input", "`input` is required"));
     };
@@ -91,7 +91,7 @@ pub fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, ApiError> {
     Ok(inputs)
 }
 
-pub fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, ApiError> {
+pub(crate) fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, ApiError> {
     let encoding_format = match body.get::<String>("encoding_format")?.as_deref() {
         None | Some("float") => EncodingFormat::Float,
         Some("base64") => EncodingFormat::Base64,
@@ -165,7 +165,7 @@ fn tokenize(
 }
 
 /// A vector as base64 of its little-endian float32 bytes (what the OpenAI client decodes).
-pub fn encode_base64(v: &[f32]) -> String {
+pub(crate) fn encode_base64(v: &[f32]) -> String {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -215,7 +215,7 @@ fn response(
     })
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,
     body: &Body<'_>,

@@ -5,14 +5,14 @@
 //! object, an error or a stream of chunk events, so the local HTTP server and the queue worker
 //! (`openai_route` + `openai_input` jobs) share one implementation.
 
-pub mod chat;
-pub mod completions;
+pub(crate) mod chat;
+pub(crate) mod completions;
 pub mod embeddings;
-pub mod outcome;
-pub mod params;
-pub mod shapes;
-pub mod sse;
-pub mod tools;
+pub(crate) mod outcome;
+pub(crate) mod params;
+pub(crate) mod shapes;
+pub(crate) mod sse;
+pub(crate) mod tools;
 
 use axum::http::Method;
 use futures::stream::BoxStream;
@@ -31,16 +31,6 @@ pub struct OpenAiSettings {
     pub response_role: String,
 }
 
-impl OpenAiSettings {
-    /// The engine's served name and the `assistant` role.
-    pub fn for_engine(engine: &Engine) -> Self {
-        Self {
-            served_model_name: engine.info().served_model_name.clone(),
-            response_role: "assistant".into(),
-        }
-    }
-}
-
 /// One event of a streamed answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
@@ -54,7 +44,7 @@ pub enum StreamEvent {
 
 impl StreamEvent {
     /// The event's `data:` payload (see [`sse`] for the framing).
-    pub fn payload(&self) -> String {
+    pub(crate) fn payload(&self) -> String {
         match self {
             Self::Data(v) => v.to_string(),
             Self::Error(e) => e.openai_body().to_string(),
@@ -84,7 +74,7 @@ impl std::fmt::Debug for OpenAiResponse {
 
 /// The one route normaliser, shared by the HTTP router and the queue's `openai_route`:
 /// `/openai/v1/x`, `/v1/x`, `v1/x`, `x` and `/v1/x/` (query ignored) all name route `/v1/x`.
-pub fn normalize_route(route: &str) -> String {
+pub(crate) fn normalize_route(route: &str) -> String {
     let route = route
         .trim()
         .split('?')

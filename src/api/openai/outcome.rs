@@ -6,7 +6,7 @@ use crate::api::error::ApiError;
 use crate::engine::{Finish, GenerationEvent, TokenLogprob, Usage};
 
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct ChoiceOutcome {
+pub(crate) struct ChoiceOutcome {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
@@ -14,7 +14,7 @@ pub struct ChoiceOutcome {
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub prompt_token_ids: Vec<u32>,
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     pub choices: Vec<ChoiceOutcome>,
@@ -22,7 +22,7 @@ pub struct Outcome {
 }
 
 /// Reads events to the end. `n` is the number of choices the request returns.
-pub async fn collect(
+pub(crate) async fn collect(
     events: impl Stream<Item = GenerationEvent>,
     n: usize,
 ) -> Result<Outcome, ApiError> {

@@ -10,13 +10,13 @@ use crate::api::error::ApiError;
 use crate::engine::{EarlyStopping, SamplingParams};
 
 /// Most alternatives per token OpenAI allows (`top_logprobs`, legacy `logprobs`).
-pub const MAX_LOGPROBS: usize = 20;
+pub(crate) const MAX_LOGPROBS: usize = 20;
 
 /// A request body (a JSON object) read field by field.
-pub struct Body<'a>(pub &'a Map<String, Value>);
+pub(crate) struct Body<'a>(pub &'a Map<String, Value>);
 
 impl<'a> Body<'a> {
-    pub fn from_value(value: Option<&'a Value>) -> Result<Self, ApiError> {
+    pub(crate) fn from_value(value: Option<&'a Value>) -> Result<Self, ApiError> {
         match value {
             Some(Value::Object(map)) => Ok(Body(map)),
             Some(_) => Err(ApiError::bad_request(
@@ -27,7 +27,7 @@ impl<'a> Body<'a> {
     }
 
     /// The field, `None` when absent or null; a type mismatch is a 400 naming the field.
-    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => serde_json::from_value(v.clone())
@@ -36,11 +36,11 @@ impl<'a> Body<'a> {
         }
     }
 
-    pub fn raw(&self, key: &str) -> Option<&'a Value> {
+    pub(crate) fn raw(&self, key: &str) -> Option<&'a Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
 
-    pub fn flag(&self, key: &str, default: bool) -> Result<bool, ApiError> {
+    pub(crate) fn flag(&self, key: &str, default: bool) -> Result<bool, ApiError> {
         Ok(self.get(key)?.unwrap_or(default))
     }
 }
@@ -92,7 +92,7 @@ fn early_stopping(body: &Body<'_>) -> Result<EarlyStopping, ApiError> {
 /// The sampling parameters both routes accept. `default_max_tokens` differs: 16 for completions,
 /// none (the rest of the context) for chat. Ranges are checked by the engine; this only checks types
 /// and what OpenAI itself restricts.
-pub fn sampling_params(
+pub(crate) fn sampling_params(
     body: &Body<'_>,
     default_max_tokens: Option<usize>,
 ) -> Result<SamplingParams, ApiError> {
@@ -131,7 +131,7 @@ pub fn sampling_params(
 }
 
 /// `stream` and `stream_options.include_usage`.
-pub fn stream_options(body: &Body<'_>) -> Result<(bool, bool), ApiError> {
+pub(crate) fn stream_options(body: &Body<'_>) -> Result<(bool, bool), ApiError> {
     let stream = body.flag("stream", false)?;
     let include_usage = match body.raw("stream_options") {
         None => false,

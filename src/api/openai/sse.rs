@@ -9,22 +9,22 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 
 /// The payload of OpenAI's last event.
-pub const DONE: &str = "[DONE]";
+pub(crate) const DONE: &str = "[DONE]";
 
 /// One event as SSE text.
-pub fn frame(payload: &str) -> String {
+pub(crate) fn frame(payload: &str) -> String {
     format!("data: {payload}\n\n")
 }
 
 /// The payloads of SSE text written by [`frame`].
-pub fn payloads(text: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn payloads(text: &str) -> impl Iterator<Item = &str> {
     text.split("\n\n")
         .filter(|event| !event.is_empty())
         .map(|event| event.strip_prefix("data: ").unwrap_or(event))
 }
 
 /// A `text/event-stream` response with one `data:` event per payload.
-pub fn response(payloads: impl Stream<Item = String> + Send + 'static) -> Response {
+pub(crate) fn response(payloads: impl Stream<Item = String> + Send + 'static) -> Response {
     let events = payloads.map(|payload| Ok::<_, Infallible>(Event::default().data(payload)));
     Sse::new(events).into_response()
 }
