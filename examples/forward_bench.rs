@@ -70,10 +70,11 @@ fn main() -> Result<()> {
         Ok("f16") | Ok("float16") => DTypeChoice::F16,
         _ => DTypeChoice::Auto,
     };
-    if let Ok(q) = std::env::var("QUANTIZATION") {
-        if !q.is_empty() && q != "none" {
-            settings.quantization = Quantization::InSitu(q);
-        }
+    if let Ok(q) = std::env::var("QUANTIZATION")
+        && !q.is_empty()
+        && q != "none"
+    {
+        settings.quantization = Quantization::InSitu(q);
     }
     let t = Instant::now();
     let mut loaded = load_causal(&settings)?;

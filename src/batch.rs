@@ -12,15 +12,17 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use crate::api::error::ApiError;
 use crate::api::openai::{handle, shapes, OpenAiResponse, OpenAiSettings};
 use crate::engine::Engine;
 
 /// The routes a batch line may name.
-pub const BATCH_URLS: &[&str] = &["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+pub(crate) const BATCH_URLS: &[&str] =
+    &["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
 
 /// Lines in flight at once: enough to keep the scheduler's batch full, bounded so a huge file does
 /// not queue everything at once.
-pub const DEFAULT_CONCURRENCY: usize = 512;
+pub(crate) const DEFAULT_CONCURRENCY: usize = 512;
 
 /// `worker-candle run-batch` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,7 +40,7 @@ pub struct BatchArgs {
 
 /// A batch line that parsed: where it goes and what it carries.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BatchRequest {
+pub(crate) struct BatchRequest {
     pub custom_id: Value,
     pub url: String,
     pub body: Value,
@@ -46,13 +48,13 @@ pub struct BatchRequest {
 
 /// Why a line never reached the front door, with the `custom_id` when it could be read.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LineError {
+pub(crate) struct LineError {
     pub custom_id: Value,
     pub message: String,
 }
 
 /// Reads one request object of the batch format.
-pub fn parse_request(v: Value) -> Result<BatchRequest, LineError> {
+pub(crate) fn parse_request(v: Value) -> Result<BatchRequest, LineError> {
     let custom_id = v.get("custom_id").cloned().unwrap_or(Value::Null);
     let fail = |message: String| LineError {
         custom_id: custom_id.clone(),
@@ -99,7 +101,7 @@ pub fn parse_request(v: Value) -> Result<BatchRequest, LineError> {
 }
 
 /// Reads one line of the batch file.
-pub fn parse_line(line: &str) -> Result<BatchRequest, LineError> {
+pub(crate) fn parse_line(line: &str) -> Result<BatchRequest, LineError> {
     let v: Value = serde_json::from_str(line).map_err(|e| LineError {
         custom_id: Value::Null,
         message: format!("the line is not valid JSON: {e}"),
@@ -108,7 +110,7 @@ pub fn parse_line(line: &str) -> Result<BatchRequest, LineError> {
 }
 
 /// The output line for a line that failed before reaching the front door.
-pub fn error_line(e: &LineError) -> Value {
+pub(crate) fn error_line(e: &LineError) -> Value {
     json!({
         "id": shapes::new_id("batch_req"),
         "custom_id": e.custom_id,
@@ -121,16 +123,16 @@ pub fn error_line(e: &LineError) -> Value {
     })
 }
 
-/// The output line for the front door's answer: its status and body; a failure status also fills
-/// `error` with the OpenAI error's message.
-pub fn response_line(custom_id: &Value, status: u16, body: Value) -> Value {
-    let error = if status == 200 {
-        Value::Null
-    } else {
-        json!({
-            "code": body.pointer("/error/type").cloned().unwrap_or(json!("error")),
-            "message": body.pointer("/error/message").cloned().unwrap_or(json!("request failed")),
-        })
+/// The output line for the front door's answer: its status and body; a failure also fills `error`
+/// with the error's type and message.
+pub(crate) fn response_line(custom_id: &Value, answer: Result<Value, &ApiError>) -> Value {
+    let (status, body, error) = match answer {
+        Ok(body) => (200, body, Value::Null),
+        Err(e) => (
+            e.status(),
+            e.openai_body(),
+            json!({"code": e.kind().type_name(), "message": e.message()}),
+        ),
     };
     json!({
         "id": shapes::new_id("batch_req"),
@@ -155,7 +157,8 @@ where
         Err(e) => return error_line(&e),
     };
     match serve(request.url.clone(), request.body).await {
-        OpenAiResponse::Json { status, body } => response_line(&request.custom_id, status, body),
+        OpenAiResponse::Json(body) => response_line(&request.custom_id, Ok(body)),
+        OpenAiResponse::Error(e) => response_line(&request.custom_id, Err(&e)),
         // Refused at parse time; kept so the front door's answer is handled whole.
         OpenAiResponse::Stream(_) => error_line(&LineError {
             custom_id: request.custom_id,
@@ -166,7 +169,7 @@ where
 
 /// Runs every request through `serve`, up to `concurrency` at once, and returns the output lines in
 /// input order. `on_done` is called as each finishes (progress).
-pub async fn run_requests<S, F>(
+pub(crate) async fn run_requests<S, F>(
     requests: Vec<Result<BatchRequest, LineError>>,
     serve: S,
     concurrency: usize,
@@ -190,7 +193,7 @@ where
 }
 
 /// The lines of a batch file (blank lines skipped).
-pub fn parse_file(text: &str) -> Vec<Result<BatchRequest, LineError>> {
+pub(crate) fn parse_file(text: &str) -> Vec<Result<BatchRequest, LineError>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(parse_line)
@@ -198,7 +201,7 @@ pub fn parse_file(text: &str) -> Vec<Result<BatchRequest, LineError>> {
 }
 
 /// Runs batch requests given as JSON values through the engine: the core of a native batch job.
-pub async fn run_values(
+pub(crate) async fn run_values(
     engine: &Engine,
     settings: &OpenAiSettings,
     requests: Vec<Value>,
@@ -252,7 +255,7 @@ where
 }
 
 /// The batch file at `input`: a URL (GET), `-` (stdin) or a path.
-pub async fn read_input(input: &str) -> anyhow::Result<String> {
+pub(crate) async fn read_input(input: &str) -> anyhow::Result<String> {
     if is_url(input) {
         let client = reqwest::Client::new();
         return with_retries(&format!("GET {input}"), || async {
@@ -273,7 +276,7 @@ pub async fn read_input(input: &str) -> anyhow::Result<String> {
 }
 
 /// Writes the results to `output`: a URL (PUT), `-` (stdout) or a path.
-pub async fn write_output(output: &str, text: String) -> anyhow::Result<()> {
+pub(crate) async fn write_output(output: &str, text: String) -> anyhow::Result<()> {
     if is_url(output) {
         let client = reqwest::Client::new();
         return with_retries(&format!("PUT {output}"), || async {
@@ -389,17 +392,13 @@ mod tests {
 
     #[test]
     fn output_lines_have_the_batch_shape() {
-        let ok = response_line(&json!("a"), 200, json!({"object": "list"}));
+        let ok = response_line(&json!("a"), Ok(json!({"object": "list"})));
         assert_eq!(ok["custom_id"], "a");
         assert_eq!(ok["response"]["status_code"], 200);
         assert_eq!(ok["response"]["body"]["object"], "list");
         assert!(ok["error"].is_null());
         assert!(ok["id"].as_str().unwrap().starts_with("batch_req-"));
-        let failed = response_line(
-            &json!("b"),
-            400,
-            json!({"error": {"message": "bad n", "type": "BadRequestError"}}),
-        );
+        let failed = response_line(&json!("b"), Err(&ApiError::invalid("n", "bad n")));
         assert_eq!(failed["error"]["message"], "bad n");
         assert_eq!(failed["response"]["status_code"], 400);
         let e = error_line(&LineError {
@@ -429,10 +428,7 @@ mod tests {
         let serve = |_url: String, body: Value| async move {
             let ms = body["delay"].as_u64().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms * 5)).await;
-            OpenAiResponse::Json {
-                status: 200,
-                body: json!({"echo": ms}),
-            }
+            OpenAiResponse::Json(json!({"echo": ms}))
         };
         let lines = run_requests(parse_file(&text), serve, 64, || {
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,18 +1,19 @@
 //! Environment → typed, validated settings, all at start-up.
 //!
-//! `envy` maps the environment onto [`RawEnv`] (every variable we know, as text); [`Config::from_vars`]
-//! then parses each one, so a malformed value stops the worker with a message naming the variable, the
-//! value and what was expected. Nothing else in the crate reads the environment.
+//! Every variable is declared once, in [`SETTINGS`] (name, default, doc line) next to the parser that
+//! reads it ([`Config::from_vars`]); the README's tables are checked against that list. A malformed
+//! value stops the worker with a message naming the variable, the value and what was expected.
+//! `main` reads the environment once, before the async runtime starts; nothing else in the crate reads
+//! it.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
-
+use crate::api::stream_batch::BatchPolicy;
 use crate::engine::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
 use crate::engine::speculative::SpeculativeConfig;
-use crate::serverless::stream_batch::BatchPolicy;
+use crate::hub::HubConfig;
 
 /// The model `serve` uses when `MODEL_NAME` is not set.
 pub const DEFAULT_SERVE_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -83,7 +84,201 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where the model comes from and how the engine runs it.
+/// One environment variable: its name, its default as the README states it, and what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+const fn setting(name: &'static str, default: &'static str, doc: &'static str) -> Setting {
+    Setting { name, default, doc }
+}
+
+/// Every variable this worker reads (worker-vllm's ignored ones aside, see [`IGNORED_VARIABLES`]).
+/// [`Config::from_vars`] parses each through [`Vars`], which refuses a name not declared here.
+pub const SETTINGS: &[Setting] = &[
+    // Model
+    setting(
+        "MODEL_NAME",
+        "",
+        "hub repository id or local folder / `.gguf` file",
+    ),
+    setting("MODEL_REVISION", "main", "hub revision"),
+    setting("BASE_PATH", "/runpod-volume", "root of the model cache"),
+    setting(
+        "HF_TOKEN",
+        "",
+        "token for private/gated repos (never logged)",
+    ),
+    setting("TOKENIZER_NAME", "", "a different tokenizer"),
+    setting("TOKENIZER_REVISION", "", "the revision of `TOKENIZER_NAME`"),
+    setting("CUSTOM_CHAT_TEMPLATE", "", "a Jinja chat template (text)"),
+    setting("MAX_MODEL_LENGTH", "", "context length"),
+    setting("MAX_MODEL_LEN", "", "context length (vLLM's spelling)"),
+    setting(
+        "QUANTIZATION",
+        "none",
+        "gguf, or an in-situ kind (q8_0, q4_0, ...)",
+    ),
+    setting(
+        "GGUF_FILE",
+        "",
+        "which `.gguf` file of a folder or hub repository to load",
+    ),
+    setting("DTYPE", "auto", "float32, bfloat16, float16"),
+    setting("DEVICE", "auto", "cpu, cuda"),
+    // Hub
+    setting(
+        "HF_ENDPOINT",
+        "https://huggingface.co",
+        "the hub to download from",
+    ),
+    setting(
+        "HF_HUB_OFFLINE",
+        "0",
+        "1: never download; use the cache only",
+    ),
+    setting("HF_HOME", "", "the fallback cache is `$HF_HOME/hub`"),
+    setting(
+        "XDG_CACHE_HOME",
+        "",
+        "else `$XDG_CACHE_HOME/huggingface/hub`",
+    ),
+    setting("HOME", "", "else `$HOME/.cache/huggingface/hub`"),
+    // Engine
+    setting(
+        "KV_CACHE_MEMORY",
+        "",
+        "KV cache budget in bytes (4GiB, 512MiB, 2GB)",
+    ),
+    setting(
+        "GPU_MEMORY_UTILIZATION",
+        "0.9",
+        "fraction of GPU memory the engine may use",
+    ),
+    setting("MAX_NUM_SEQS", "256", "sequences per scheduler step"),
+    setting("MAX_NUM_BATCHED_TOKENS", "2048", "tokens per step"),
+    setting(
+        "ENABLE_PREFIX_CACHING",
+        "1",
+        "reuse KV blocks of shared prompt prefixes",
+    ),
+    setting("BLOCK_SIZE", "16", "tokens per KV block"),
+    setting("NUM_THREADS", "", "compute threads on CPU"),
+    setting(
+        "SPECULATIVE_CONFIG",
+        "",
+        "speculative decoding (JSON: ngram prompt lookup or a draft model)",
+    ),
+    // Serverless
+    setting(
+        "MAX_CONCURRENCY",
+        "100",
+        "jobs (or local requests) run at once",
+    ),
+    setting("DEFAULT_BATCH_SIZE", "50", "most tokens per streamed post"),
+    setting(
+        "DEFAULT_MIN_BATCH_SIZE",
+        "1",
+        "tokens in the first streamed post",
+    ),
+    setting(
+        "DEFAULT_BATCH_SIZE_GROWTH_FACTOR",
+        "3",
+        "growth of streamed posts",
+    ),
+    setting(
+        "GRACEFUL_SHUTDOWN_TIMEOUT",
+        "30",
+        "seconds SIGTERM waits for jobs in flight",
+    ),
+    setting("DISABLE_LOG_REQUESTS", "0", "1: do not log job inputs"),
+    setting("DISABLE_LOG_STATS", "0", "1: no periodic stats log line"),
+    setting("LOG_FORMAT", "human", "human or json"),
+    setting("API_KEY", "", "bearer token required by `serve`"),
+    // OpenAI
+    setting(
+        "RAW_OPENAI_OUTPUT",
+        "1",
+        "streamed OpenAI jobs post SSE text (1) or chunk lists (0)",
+    ),
+    setting(
+        "OPENAI_SERVED_MODEL_NAME_OVERRIDE",
+        "",
+        "the name the model answers to",
+    ),
+    setting(
+        "OPENAI_RESPONSE_ROLE",
+        "assistant",
+        "role of generated chat messages",
+    ),
+    // Platform
+    setting("RUNPOD_WEBHOOK_GET_JOB", "", "job-take URL"),
+    setting("RUNPOD_WEBHOOK_POST_OUTPUT", "", "job-done URL"),
+    setting("RUNPOD_WEBHOOK_POST_STREAM", "", "job-stream URL"),
+    setting("RUNPOD_WEBHOOK_PING", "", "heartbeat URL"),
+    setting("RUNPOD_PING_INTERVAL", "10000", "heartbeat interval (ms)"),
+    setting("RUNPOD_AI_API_KEY", "", "the queue's key (never logged)"),
+    setting("RUNPOD_POD_ID", "", "this worker's id"),
+    setting("RUNPOD_ENDPOINT_ID", "", "the endpoint's id"),
+    setting("RUNPOD_POD_HOSTNAME", "", "this worker's host name"),
+];
+
+/// The variables, read through their declarations: an unset or blank variable takes its default.
+struct Vars(Vec<(String, String)>);
+
+impl Vars {
+    /// The value, else the declared default; `None` when both are empty.
+    fn text(&self, name: &str) -> Option<String> {
+        let declared = SETTINGS
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} is not declared in config::SETTINGS"));
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| (!declared.default.is_empty()).then(|| declared.default.to_string()))
+    }
+
+    /// The value parsed by `parse` (`Err` = what was expected); `None` when unset without default.
+    fn parse<T>(
+        &self,
+        name: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.text(name) {
+            None => Ok(None),
+            Some(v) => parse(v.trim()).map(Some).map_err(|expected| ConfigError {
+                name: name.into(),
+                value: v.clone(),
+                expected,
+            }),
+        }
+    }
+
+    /// A variable with a default: always a value.
+    fn get<T>(
+        &self,
+        name: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        match self.parse(name, parse)? {
+            Some(v) => Ok(v),
+            None => panic!("{name} has no default in config::SETTINGS"),
+        }
+    }
+
+    fn secret(&self, name: &str) -> Option<Secret> {
+        self.text(name).map(Secret)
+    }
+}
+
+/// Where the model comes from (the engine's knobs are in [`Config::engine`]).
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     /// `MODEL_NAME`: a local folder or file, or a hub repository id.
@@ -94,21 +289,16 @@ pub struct ModelConfig {
     pub hf_token: Option<Secret>,
     pub tokenizer_name: Option<String>,
     pub tokenizer_revision: Option<String>,
-    pub quantization: Quantization,
     pub gguf_file: Option<String>,
-    pub custom_chat_template: Option<String>,
-    pub max_model_len: Option<usize>,
-    pub dtype: DTypeChoice,
-    pub device: DeviceChoice,
-    pub kv_cache_memory: Option<u64>,
-    pub gpu_memory_utilization: f32,
-    pub max_num_seqs: usize,
-    pub max_num_batched_tokens: usize,
-    pub enable_prefix_caching: bool,
-    pub block_size: usize,
-    pub threads: Option<usize>,
-    /// `SPECULATIVE_CONFIG`: speculative decoding.
-    pub speculative: Option<SpeculativeConfig>,
+}
+
+/// The hub client's settings from the environment (`HF_ENDPOINT`, `HF_HUB_OFFLINE`, the cache).
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    pub endpoint: String,
+    pub offline: bool,
+    /// Where downloads go when `BASE_PATH` is not writable.
+    pub fallback_cache: PathBuf,
 }
 
 /// The OpenAI front door's settings.
@@ -121,7 +311,7 @@ pub struct OpenAiConfig {
     pub response_role: String,
 }
 
-/// The platform's variables (protocol spec §1).
+/// The platform's variables (RunPod sets them on its workers).
 #[derive(Debug, Clone)]
 pub struct RunpodConfig {
     pub webhook_get_job: Option<String>,
@@ -145,6 +335,9 @@ impl RunpodConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub model: ModelConfig,
+    /// The engine's knobs; [`Config::engine_settings`] adds the resolved paths and the served name.
+    pub engine: EngineSettings,
+    pub hub: HubSettings,
     pub openai: OpenAiConfig,
     pub runpod: RunpodConfig,
     /// `DEFAULT_BATCH_SIZE`, `DEFAULT_MIN_BATCH_SIZE`, `DEFAULT_BATCH_SIZE_GROWTH_FACTOR`.
@@ -162,54 +355,8 @@ pub struct Config {
     pub ignored: Vec<String>,
 }
 
-/// Every variable we read, as text. Field names are the variables' names in lower case (envy's mapping).
-#[derive(Debug, Default, Deserialize)]
-struct RawEnv {
-    model_name: Option<String>,
-    model_revision: Option<String>,
-    base_path: Option<String>,
-    hf_token: Option<String>,
-    tokenizer_name: Option<String>,
-    tokenizer_revision: Option<String>,
-    quantization: Option<String>,
-    gguf_file: Option<String>,
-    custom_chat_template: Option<String>,
-    max_model_length: Option<String>,
-    max_model_len: Option<String>,
-    dtype: Option<String>,
-    device: Option<String>,
-    kv_cache_memory: Option<String>,
-    gpu_memory_utilization: Option<String>,
-    max_num_seqs: Option<String>,
-    max_num_batched_tokens: Option<String>,
-    enable_prefix_caching: Option<String>,
-    block_size: Option<String>,
-    num_threads: Option<String>,
-    speculative_config: Option<String>,
-    default_batch_size: Option<String>,
-    default_min_batch_size: Option<String>,
-    default_batch_size_growth_factor: Option<String>,
-    raw_openai_output: Option<String>,
-    openai_served_model_name_override: Option<String>,
-    openai_response_role: Option<String>,
-    max_concurrency: Option<String>,
-    disable_log_stats: Option<String>,
-    disable_log_requests: Option<String>,
-    graceful_shutdown_timeout: Option<String>,
-    api_key: Option<String>,
-    log_format: Option<String>,
-    runpod_webhook_get_job: Option<String>,
-    runpod_webhook_post_output: Option<String>,
-    runpod_webhook_post_stream: Option<String>,
-    runpod_webhook_ping: Option<String>,
-    runpod_ping_interval: Option<String>,
-    runpod_ai_api_key: Option<String>,
-    runpod_pod_id: Option<String>,
-    runpod_endpoint_id: Option<String>,
-    runpod_pod_hostname: Option<String>,
-}
-
 impl Config {
+    /// Reads the process environment: call once, in `main`, before any thread starts.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars())
     }
@@ -221,132 +368,97 @@ impl Config {
         K: Into<String>,
         V: Into<String>,
     {
-        let vars: Vec<(String, String)> = vars
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
+        let v = Vars(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         let ignored = IGNORED_VARIABLES
             .iter()
-            .filter(|name| vars.iter().any(|(k, _)| k == *name))
+            .filter(|name| v.0.iter().any(|(k, _)| k == *name))
             .map(|name| name.to_string())
             .collect();
-        // Only upper-case names are ours: envy lower-cases keys, so `model_name` would otherwise alias.
-        let upper = vars
-            .into_iter()
-            .filter(|(k, _)| k.chars().all(|c| !c.is_ascii_lowercase()));
-        let raw: RawEnv = envy::from_iter(upper).map_err(|e| ConfigError {
-            name: "(environment)".into(),
-            value: String::new(),
-            expected: e.to_string(),
-        })?;
-        let mut config = Self::from_raw(raw)?;
-        config.ignored = ignored;
-        Ok(config)
-    }
-
-    fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
-        let max_model_len = match raw.max_model_length {
-            Some(v) => parse_opt_usize("MAX_MODEL_LENGTH", Some(v))?,
-            None => parse_opt_usize("MAX_MODEL_LEN", raw.max_model_len)?,
+        let text = |name| v.text(name);
+        let max_model_len = match v.parse("MAX_MODEL_LENGTH", positive)? {
+            Some(n) => Some(n),
+            None => v.parse("MAX_MODEL_LEN", positive)?,
         };
         let model = ModelConfig {
-            name: non_empty(raw.model_name),
-            revision: non_empty(raw.model_revision),
-            base_path: PathBuf::from(
-                non_empty(raw.base_path).unwrap_or_else(|| "/runpod-volume".into()),
-            ),
-            hf_token: non_empty(raw.hf_token).map(Secret),
-            tokenizer_name: non_empty(raw.tokenizer_name),
-            tokenizer_revision: non_empty(raw.tokenizer_revision),
-            quantization: parse_quantization(raw.quantization)?,
-            gguf_file: non_empty(raw.gguf_file),
-            custom_chat_template: non_empty(raw.custom_chat_template),
+            name: text("MODEL_NAME"),
+            revision: text("MODEL_REVISION"),
+            base_path: PathBuf::from(v.get("BASE_PATH", |s| Ok(s.to_string()))?),
+            hf_token: v.secret("HF_TOKEN"),
+            tokenizer_name: text("TOKENIZER_NAME"),
+            tokenizer_revision: text("TOKENIZER_REVISION"),
+            gguf_file: text("GGUF_FILE"),
+        };
+        let engine = EngineSettings {
+            gguf_file: model.gguf_file.clone(),
+            dtype: v.get("DTYPE", parse_dtype)?,
+            device: v.get("DEVICE", parse_device)?,
+            quantization: v.get("QUANTIZATION", parse_quantization)?,
             max_model_len,
-            dtype: parse_dtype(raw.dtype)?,
-            device: parse_device(raw.device)?,
-            kv_cache_memory: match non_empty(raw.kv_cache_memory) {
-                None => None,
-                Some(v) => Some(parse_bytes(&v).ok_or_else(|| ConfigError {
-                    name: "KV_CACHE_MEMORY".into(),
-                    value: v.clone(),
-                    expected: "a size in bytes, e.g. 4294967296, 4GiB, 512MiB or 2GB".into(),
-                })?),
-            },
-            gpu_memory_utilization: parse_fraction(
-                "GPU_MEMORY_UTILIZATION",
-                raw.gpu_memory_utilization,
-                0.9,
-            )?,
-            max_num_seqs: parse_positive("MAX_NUM_SEQS", raw.max_num_seqs, 256)?,
-            max_num_batched_tokens: parse_positive(
-                "MAX_NUM_BATCHED_TOKENS",
-                raw.max_num_batched_tokens,
-                2048,
-            )?,
-            enable_prefix_caching: parse_bool(
-                "ENABLE_PREFIX_CACHING",
-                raw.enable_prefix_caching,
-                true,
-            )?,
-            block_size: parse_positive("BLOCK_SIZE", raw.block_size, 16)?,
-            threads: parse_opt_usize("NUM_THREADS", raw.num_threads)?,
-            speculative: parse_speculative(raw.speculative_config)?,
+            kv_cache_memory: v.parse("KV_CACHE_MEMORY", |s| {
+                parse_bytes(s)
+                    .ok_or_else(|| "a size in bytes, e.g. 4294967296, 4GiB, 512MiB or 2GB".into())
+            })?,
+            gpu_memory_utilization: v.get("GPU_MEMORY_UTILIZATION", fraction)?,
+            max_num_seqs: v.get("MAX_NUM_SEQS", positive)?,
+            max_num_batched_tokens: v.get("MAX_NUM_BATCHED_TOKENS", positive)?,
+            enable_prefix_caching: v.get("ENABLE_PREFIX_CACHING", boolean)?,
+            block_size: v.get("BLOCK_SIZE", positive)?,
+            custom_chat_template: text("CUSTOM_CHAT_TEMPLATE"),
+            threads: v.parse("NUM_THREADS", positive)?,
+            speculative: v.parse("SPECULATIVE_CONFIG", SpeculativeConfig::parse)?,
+            ..EngineSettings::for_model(PathBuf::new())
+        };
+        let hub = HubSettings {
+            endpoint: v.get("HF_ENDPOINT", |s| Ok(s.to_string()))?,
+            offline: v.get("HF_HUB_OFFLINE", boolean)?,
+            fallback_cache: fallback_cache(text("HF_HOME"), text("XDG_CACHE_HOME"), text("HOME")),
         };
         let stream_batch = BatchPolicy {
-            max_batch_size: parse_positive("DEFAULT_BATCH_SIZE", raw.default_batch_size, 50)?,
-            min_batch_size: parse_positive(
-                "DEFAULT_MIN_BATCH_SIZE",
-                raw.default_min_batch_size,
-                1,
-            )?,
-            growth_factor: parse_growth(raw.default_batch_size_growth_factor)?,
+            max_batch_size: v.get("DEFAULT_BATCH_SIZE", positive)?,
+            min_batch_size: v.get("DEFAULT_MIN_BATCH_SIZE", positive)?,
+            growth_factor: v.get("DEFAULT_BATCH_SIZE_GROWTH_FACTOR", growth)?,
         };
         let openai = OpenAiConfig {
-            raw_output: parse_bool("RAW_OPENAI_OUTPUT", raw.raw_openai_output, true)?,
-            served_model_name_override: non_empty(raw.openai_served_model_name_override),
-            response_role: non_empty(raw.openai_response_role)
-                .unwrap_or_else(|| "assistant".into()),
+            raw_output: v.get("RAW_OPENAI_OUTPUT", boolean)?,
+            served_model_name_override: text("OPENAI_SERVED_MODEL_NAME_OVERRIDE"),
+            response_role: v.get("OPENAI_RESPONSE_ROLE", |s| Ok(s.to_string()))?,
         };
         let runpod = RunpodConfig {
-            webhook_get_job: non_empty(raw.runpod_webhook_get_job),
-            webhook_post_output: non_empty(raw.runpod_webhook_post_output),
-            webhook_post_stream: non_empty(raw.runpod_webhook_post_stream),
-            webhook_ping: non_empty(raw.runpod_webhook_ping),
-            ping_interval: Duration::from_millis(parse_positive(
-                "RUNPOD_PING_INTERVAL",
-                raw.runpod_ping_interval,
-                10_000,
-            )? as u64),
-            api_key: non_empty(raw.runpod_ai_api_key).map(Secret),
-            pod_id: non_empty(raw.runpod_pod_id),
-            endpoint_id: non_empty(raw.runpod_endpoint_id),
-            pod_hostname: non_empty(raw.runpod_pod_hostname),
+            webhook_get_job: text("RUNPOD_WEBHOOK_GET_JOB"),
+            webhook_post_output: text("RUNPOD_WEBHOOK_POST_OUTPUT"),
+            webhook_post_stream: text("RUNPOD_WEBHOOK_POST_STREAM"),
+            webhook_ping: text("RUNPOD_WEBHOOK_PING"),
+            ping_interval: Duration::from_millis(v.get("RUNPOD_PING_INTERVAL", positive)? as u64),
+            api_key: v.secret("RUNPOD_AI_API_KEY"),
+            pod_id: text("RUNPOD_POD_ID"),
+            endpoint_id: text("RUNPOD_ENDPOINT_ID"),
+            pod_hostname: text("RUNPOD_POD_HOSTNAME"),
         };
         Ok(Self {
             model,
+            engine,
+            hub,
             openai,
             runpod,
             stream_batch,
-            max_concurrency: parse_positive("MAX_CONCURRENCY", raw.max_concurrency, 100)?,
-            disable_log_stats: parse_bool("DISABLE_LOG_STATS", raw.disable_log_stats, false)?,
-            disable_log_requests: parse_bool(
-                "DISABLE_LOG_REQUESTS",
-                raw.disable_log_requests,
-                false,
-            )?,
-            shutdown_timeout: Duration::from_secs(parse_positive(
-                "GRACEFUL_SHUTDOWN_TIMEOUT",
-                raw.graceful_shutdown_timeout,
-                30,
-            )? as u64),
-            api_key: non_empty(raw.api_key).map(Secret),
-            log_format: parse_log_format(raw.log_format)?,
-            ignored: Vec::new(),
+            max_concurrency: v.get("MAX_CONCURRENCY", positive)?,
+            disable_log_stats: v.get("DISABLE_LOG_STATS", boolean)?,
+            disable_log_requests: v.get("DISABLE_LOG_REQUESTS", boolean)?,
+            shutdown_timeout: Duration::from_secs(
+                v.get("GRACEFUL_SHUTDOWN_TIMEOUT", positive)? as u64
+            ),
+            api_key: v.secret("API_KEY"),
+            log_format: v.get("LOG_FORMAT", parse_log_format)?,
+            ignored,
         })
     }
 
     /// The name the model answers to: the override, else `MODEL_NAME` (else the given fallback).
-    pub fn served_model_name(&self, fallback: &str) -> String {
+    pub(crate) fn served_model_name(&self, fallback: &str) -> String {
         self.openai
             .served_model_name_override
             .clone()
@@ -361,125 +473,91 @@ impl Config {
         tokenizer_path: Option<PathBuf>,
     ) -> EngineSettings {
         let fallback = model_path.display().to_string();
-        let m = &self.model;
         EngineSettings {
             served_model_name: self.served_model_name(&fallback),
             model_path,
             tokenizer_path,
-            gguf_file: m.gguf_file.clone(),
-            dtype: m.dtype,
-            device: m.device,
-            quantization: m.quantization.clone(),
-            max_model_len: m.max_model_len,
-            kv_cache_memory: m.kv_cache_memory,
-            gpu_memory_utilization: m.gpu_memory_utilization,
-            block_size: m.block_size,
-            max_num_seqs: m.max_num_seqs,
-            max_num_batched_tokens: m.max_num_batched_tokens,
-            enable_prefix_caching: m.enable_prefix_caching,
-            custom_chat_template: m.custom_chat_template.clone(),
-            threads: m.threads,
-            speculative: m.speculative.clone(),
+            ..self.engine.clone()
+        }
+    }
+
+    /// The hub client for `MODEL_NAME`'s downloads.
+    pub fn hub_config(&self) -> HubConfig {
+        HubConfig {
+            endpoint: self.hub.endpoint.clone(),
+            token: self.model.hf_token.as_ref().map(|t| t.expose().to_string()),
+            offline: self.hub.offline,
+            attempts: 6,
+            backoff: Duration::from_millis(500),
+            concurrency: 4,
+            progress: true,
+            fallback_cache: self.hub.fallback_cache.clone(),
         }
     }
 }
 
-fn parse_speculative(v: Option<String>) -> Result<Option<SpeculativeConfig>, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(None);
-    };
-    SpeculativeConfig::parse(&v)
-        .map(Some)
-        .map_err(|e| invalid("SPECULATIVE_CONFIG", &v, &e))
-}
-
-fn non_empty(v: Option<String>) -> Option<String> {
-    v.filter(|s| !s.trim().is_empty())
-}
-
-fn invalid(name: &str, value: &str, expected: &str) -> ConfigError {
-    ConfigError {
-        name: name.into(),
-        value: value.into(),
-        expected: expected.into(),
+/// Where downloads go when `BASE_PATH` is not writable: `$HF_HOME/hub`, else the user cache.
+fn fallback_cache(hf_home: Option<String>, xdg: Option<String>, home: Option<String>) -> PathBuf {
+    if let Some(home) = hf_home {
+        return PathBuf::from(home).join("hub");
+    }
+    if let Some(xdg) = xdg {
+        return PathBuf::from(xdg).join("huggingface").join("hub");
+    }
+    match home {
+        Some(home) => PathBuf::from(home)
+            .join(".cache")
+            .join("huggingface")
+            .join("hub"),
+        None => std::env::temp_dir().join("huggingface").join("hub"),
     }
 }
 
-fn parse_bool(name: &str, v: Option<String>, default: bool) -> Result<bool, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(default);
-    };
-    match v.trim().to_ascii_lowercase().as_str() {
+fn boolean(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(invalid(name, &v, "a boolean: 1, 0, true or false")),
+        _ => Err("a boolean: 1, 0, true or false".into()),
     }
 }
 
-fn parse_opt_usize(name: &str, v: Option<String>) -> Result<Option<usize>, ConfigError> {
-    match non_empty(v) {
-        None => Ok(None),
-        Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(Some(n)),
-            _ => Err(invalid(name, &v, "a positive integer")),
-        },
+fn positive(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("a positive integer".into()),
     }
 }
 
-fn parse_positive(name: &str, v: Option<String>, default: usize) -> Result<usize, ConfigError> {
-    Ok(parse_opt_usize(name, v)?.unwrap_or(default))
-}
-
-fn parse_fraction(name: &str, v: Option<String>, default: f32) -> Result<f32, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(default);
-    };
-    match v.trim().parse::<f32>() {
+fn fraction(v: &str) -> Result<f32, String> {
+    match v.parse::<f32>() {
         Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
-        _ => Err(invalid(name, &v, "a number in (0, 1], e.g. 0.9")),
+        _ => Err("a number in (0, 1], e.g. 0.9".into()),
     }
 }
 
-fn parse_growth(v: Option<String>) -> Result<f64, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(3.0);
-    };
-    match v.trim().parse::<f64>() {
+fn growth(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
         Ok(x) if x.is_finite() && x >= 1.0 => Ok(x),
-        _ => Err(invalid(
-            "DEFAULT_BATCH_SIZE_GROWTH_FACTOR",
-            &v,
-            "a number >= 1, e.g. 3",
-        )),
+        _ => Err("a number >= 1, e.g. 3".into()),
     }
 }
 
-fn parse_dtype(v: Option<String>) -> Result<DTypeChoice, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(DTypeChoice::Auto);
-    };
-    match v.trim().to_ascii_lowercase().as_str() {
+fn parse_dtype(v: &str) -> Result<DTypeChoice, String> {
+    match v.to_ascii_lowercase().as_str() {
         "auto" => Ok(DTypeChoice::Auto),
         "float32" | "f32" | "float" => Ok(DTypeChoice::F32),
         "bfloat16" | "bf16" => Ok(DTypeChoice::BF16),
         "float16" | "f16" | "half" => Ok(DTypeChoice::F16),
-        _ => Err(invalid(
-            "DTYPE",
-            &v,
-            "one of auto, float32, bfloat16, float16",
-        )),
+        _ => Err("one of auto, float32, bfloat16, float16".into()),
     }
 }
 
-fn parse_device(v: Option<String>) -> Result<DeviceChoice, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(DeviceChoice::Auto);
-    };
-    match v.trim().to_ascii_lowercase().as_str() {
+fn parse_device(v: &str) -> Result<DeviceChoice, String> {
+    match v.to_ascii_lowercase().as_str() {
         "auto" => Ok(DeviceChoice::Auto),
         "cpu" => Ok(DeviceChoice::Cpu),
         "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
-        _ => Err(invalid("DEVICE", &v, "one of auto, cpu, cuda")),
+        _ => Err("one of auto, cpu, cuda".into()),
     }
 }
 
@@ -488,27 +566,23 @@ const IN_SITU: &[&str] = &[
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k", "q8k",
 ];
 
-fn parse_quantization(v: Option<String>) -> Result<Quantization, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(Quantization::None);
-    };
-    let lower = v.trim().to_ascii_lowercase();
+fn parse_quantization(v: &str) -> Result<Quantization, String> {
+    let lower = v.to_ascii_lowercase();
     match lower.as_str() {
         "none" => Ok(Quantization::None),
         "gguf" => Ok(Quantization::Gguf),
         "awq" => Ok(Quantization::Awq),
         "gptq" => Ok(Quantization::Gptq),
         q if IN_SITU.contains(&q) => Ok(Quantization::InSitu(q.to_string())),
-        _ => Err(invalid(
-            "QUANTIZATION",
-            &v,
-            &format!("one of none, gguf, awq, gptq, {}", IN_SITU.join(", ")),
+        _ => Err(format!(
+            "one of none, gguf, awq, gptq, {}",
+            IN_SITU.join(", ")
         )),
     }
 }
 
 /// `4294967296`, `4GiB`, `512MiB`, `2GB`, `1.5G` (bare K/M/G are binary units).
-pub fn parse_bytes(text: &str) -> Option<u64> {
+pub(crate) fn parse_bytes(text: &str) -> Option<u64> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -531,14 +605,11 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
     (bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
-fn parse_log_format(v: Option<String>) -> Result<LogFormat, ConfigError> {
-    let Some(v) = non_empty(v) else {
-        return Ok(LogFormat::Human);
-    };
-    match v.trim().to_ascii_lowercase().as_str() {
+fn parse_log_format(v: &str) -> Result<LogFormat, String> {
+    match v.to_ascii_lowercase().as_str() {
         "human" | "text" | "pretty" => Ok(LogFormat::Human),
         "json" => Ok(LogFormat::Json),
-        _ => Err(invalid("LOG_FORMAT", &v, "human or json")),
+        _ => Err("human or json".into()),
     }
 }
 
@@ -560,7 +631,7 @@ mod tests {
         assert_eq!(c.model.base_path, PathBuf::from("/runpod-volume"));
         assert_eq!(c.runpod.ping_interval, Duration::from_millis(10_000));
         assert!(!c.runpod.has_queue());
-        assert_eq!(c.model.quantization, Quantization::None);
+        assert_eq!(c.engine.quantization, Quantization::None);
         assert!(c.ignored.is_empty());
     }
 
@@ -595,12 +666,12 @@ mod tests {
             }
         );
         assert!(!c.openai.raw_output);
-        assert_eq!(c.model.kv_cache_memory, Some(4 << 30));
-        assert_eq!(c.model.dtype, DTypeChoice::BF16);
-        assert_eq!(c.model.device, DeviceChoice::Cpu);
-        assert_eq!(c.model.quantization, Quantization::InSitu("q4k".into()));
-        assert_eq!(c.model.max_model_len, Some(4096));
-        assert!(!c.model.enable_prefix_caching);
+        assert_eq!(c.engine.kv_cache_memory, Some(4 << 30));
+        assert_eq!(c.engine.dtype, DTypeChoice::BF16);
+        assert_eq!(c.engine.device, DeviceChoice::Cpu);
+        assert_eq!(c.engine.quantization, Quantization::InSitu("q4k".into()));
+        assert_eq!(c.engine.max_model_len, Some(4096));
+        assert!(!c.engine.enable_prefix_caching);
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.runpod.has_queue());
         assert_eq!(c.runpod.ping_interval, Duration::from_millis(500));
@@ -652,6 +723,45 @@ mod tests {
         assert_eq!(
             c.model.hf_token.as_ref().unwrap().expose(),
             "hf_supersecret"
+        );
+    }
+
+    #[test]
+    fn every_declared_default_parses_and_names_are_unique() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.engine.max_num_seqs, 256);
+        assert_eq!(c.hub.endpoint, "https://huggingface.co");
+        assert!(!c.hub.offline);
+        let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len());
+        assert!(SETTINGS.iter().all(|s| !s.doc.is_empty()));
+        assert!(IGNORED_VARIABLES
+            .iter()
+            .all(|i| SETTINGS.iter().all(|s| s.name != *i)));
+    }
+
+    #[test]
+    fn the_hub_and_thread_settings_come_from_the_variables() {
+        let c = parse(&[
+            ("HF_ENDPOINT", "http://mirror"),
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HOME", "/hf"),
+            ("NUM_THREADS", "3"),
+            ("HF_TOKEN", "t"),
+        ])
+        .unwrap();
+        let hub = c.hub_config();
+        assert_eq!(hub.endpoint, "http://mirror");
+        assert!(hub.offline);
+        assert_eq!(hub.fallback_cache, PathBuf::from("/hf/hub"));
+        assert_eq!(hub.token.as_deref(), Some("t"));
+        assert_eq!(c.engine.threads, Some(3));
+        let c = parse(&[("HOME", "/home/u")]).unwrap();
+        assert_eq!(
+            c.hub.fallback_cache,
+            PathBuf::from("/home/u/.cache/huggingface/hub")
         );
     }
 

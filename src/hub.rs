@@ -24,9 +24,7 @@ use reqwest::{header, StatusCode, Url};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-pub const DEFAULT_BASE_PATH: &str = "/runpod-volume";
-pub const DEFAULT_REVISION: &str = "main";
+pub(crate) const DEFAULT_REVISION: &str = "main";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 
 /// Which files of a repository a caller needs.
@@ -56,29 +54,6 @@ pub struct HubConfig {
     pub fallback_cache: PathBuf,
 }
 
-impl HubConfig {
-    /// The configuration the environment asks for (`HF_ENDPOINT`, `HF_HUB_OFFLINE`).
-    pub fn from_env(token: Option<String>) -> Self {
-        let endpoint = std::env::var("HF_ENDPOINT")
-            .ok()
-            .filter(|e| !e.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
-        let offline = std::env::var("HF_HUB_OFFLINE")
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
-            .unwrap_or(false);
-        Self {
-            endpoint,
-            token: token.filter(|t| !t.trim().is_empty()),
-            offline,
-            attempts: 6,
-            backoff: Duration::from_millis(500),
-            concurrency: 4,
-            progress: true,
-            fallback_cache: fallback_cache_dir(),
-        }
-    }
-}
-
 impl std::fmt::Debug for HubConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubConfig")
@@ -98,33 +73,6 @@ fn redacted(token: &Option<String>) -> &'static str {
     } else {
         "None"
     }
-}
-
-/// Resolves `MODEL_NAME` to a local folder (or `.gguf` file), downloading it when needed.
-pub async fn resolve_model(
-    name: &str,
-    revision: Option<&str>,
-    base_path: &Path,
-    token: Option<&str>,
-    gguf_file: Option<&str>,
-) -> Result<PathBuf> {
-    let hub = Hub::new(HubConfig::from_env(token.map(str::to_string)))?;
-    let set = FileSet::Model {
-        gguf_file: gguf_file.map(str::to_string),
-    };
-    hub.resolve(name, revision, base_path, &set).await
-}
-
-/// Resolves `TOKENIZER_NAME` to a local folder holding the tokenizer files.
-pub async fn resolve_tokenizer(
-    name: &str,
-    revision: Option<&str>,
-    base_path: &Path,
-    token: Option<&str>,
-) -> Result<PathBuf> {
-    let hub = Hub::new(HubConfig::from_env(token.map(str::to_string)))?;
-    hub.resolve(name, revision, base_path, &FileSet::Tokenizer)
-        .await
 }
 
 /// Everything that names the model (and tokenizer) to resolve: `MODEL_NAME`, `MODEL_REVISION`,
@@ -161,95 +109,22 @@ pub struct Resolved {
     pub tokenizer: Option<PathBuf>,
 }
 
-/// The cold start and `worker-candle download` alike: model, then tokenizer.
-pub async fn resolve_source(source: &ModelSource) -> Result<Resolved> {
-    let hub = Hub::new(HubConfig::from_env(source.token.clone()))?;
-    hub.resolve_source(source).await
-}
-
-/// `worker-candle download`: what the image build runs to bake a model in.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DownloadArgs {
-    /// Hugging Face repo id (or a local folder, which is checked and printed).
-    #[arg(long, env = "MODEL_NAME")]
-    pub model: String,
-    #[arg(long, env = "MODEL_REVISION")]
-    pub revision: Option<String>,
-    #[arg(long, env = "BASE_PATH", default_value = DEFAULT_BASE_PATH)]
-    pub base_path: PathBuf,
-    #[arg(long, env = "TOKENIZER_NAME")]
-    pub tokenizer: Option<String>,
-    #[arg(long, env = "TOKENIZER_REVISION")]
-    pub tokenizer_revision: Option<String>,
-    /// With `QUANTIZATION=gguf`: the one `.gguf` file to fetch instead of safetensors.
-    #[arg(long, env = "GGUF_FILE")]
-    pub gguf_file: Option<String>,
-}
-
-/// Downloads the model (and tokenizer) snapshot; prints the resolved paths on stdout. The token
-/// comes from the environment only (`HF_TOKEN`), never from the command line.
-pub async fn download_cli(args: DownloadArgs) -> Result<()> {
-    let source = ModelSource {
-        name: args.model,
-        revision: args.revision,
-        base_path: args.base_path,
-        token: env_token(),
-        tokenizer_name: args.tokenizer,
-        tokenizer_revision: args.tokenizer_revision,
-        gguf_file: args.gguf_file,
-    };
-    let resolved = resolve_source(&source).await?;
-    println!("{}", resolved.model.display());
-    if let Some(tokenizer) = resolved.tokenizer {
-        println!("{}", tokenizer.display());
-    }
-    Ok(())
-}
-
-/// `HF_TOKEN` (or the older `HUGGING_FACE_HUB_TOKEN`).
-pub fn env_token() -> Option<String> {
-    ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok())
-        .map(|t| t.trim().to_string())
-        .find(|t| !t.is_empty())
-}
-
 fn non_empty(s: Option<&str>) -> Option<&str> {
     s.map(str::trim).filter(|s| !s.is_empty())
 }
 
 /// `models--org--name`, the folder of a repo in the cache.
-pub fn repo_folder(repo_id: &str) -> String {
+pub(crate) fn repo_folder(repo_id: &str) -> String {
     format!("models--{}", repo_id.replace('/', "--"))
 }
 
 /// The hub cache under a `BASE_PATH`.
-pub fn cache_dir(base_path: &Path) -> PathBuf {
+pub(crate) fn cache_dir(base_path: &Path) -> PathBuf {
     base_path.join("huggingface-cache").join("hub")
 }
 
-/// Where downloads go when `BASE_PATH` is not writable: `$HF_HOME/hub`, else the user cache.
-pub fn fallback_cache_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(home) = env("HF_HOME") {
-        return home.join("hub");
-    }
-    if let Some(xdg) = env("XDG_CACHE_HOME") {
-        return xdg.join("huggingface").join("hub");
-    }
-    match env("HOME") {
-        Some(home) => home.join(".cache").join("huggingface").join("hub"),
-        None => std::env::temp_dir().join("huggingface").join("hub"),
-    }
-}
-
 /// A repo id as the hub spells them: `name` or `org/name`, no path tricks.
-pub fn validate_repo_id(id: &str) -> Result<()> {
+pub(crate) fn validate_repo_id(id: &str) -> Result<()> {
     let parts: Vec<&str> = id.split('/').collect();
     let ok_part = |p: &str| {
         !p.is_empty()
@@ -291,14 +166,14 @@ fn looks_like_path(name: &str) -> bool {
 
 /// The repo listing: `GET /api/models/{repo}/revision/{rev}?blobs=true`.
 #[derive(Debug, Clone, Deserialize)]
-pub struct RepoInfo {
+pub(crate) struct RepoInfo {
     pub sha: String,
     #[serde(default)]
     pub siblings: Vec<Sibling>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct Sibling {
+pub(crate) struct Sibling {
     pub rfilename: String,
     #[serde(default)]
     pub size: Option<u64>,
@@ -309,7 +184,7 @@ pub struct Sibling {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct Lfs {
+pub(crate) struct Lfs {
     pub sha256: String,
     #[serde(default)]
     pub size: Option<u64>,
@@ -434,7 +309,7 @@ fn select_weights(
 }
 
 /// The shard names of a `model.safetensors.index.json`.
-pub fn index_shards(index_json: &Path) -> Result<BTreeSet<String>> {
+pub(crate) fn index_shards(index_json: &Path) -> Result<BTreeSet<String>> {
     #[derive(Deserialize)]
     struct Index {
         weight_map: std::collections::BTreeMap<String, String>,
@@ -448,7 +323,7 @@ pub fn index_shards(index_json: &Path) -> Result<BTreeSet<String>> {
 
 /// Checks that a snapshot folder can be loaded: config present, and every shard named by the
 /// index present. Used after a download and before trusting a cached snapshot.
-pub fn verify_snapshot(dir: &Path, set: &FileSet) -> Result<()> {
+pub(crate) fn verify_snapshot(dir: &Path, set: &FileSet) -> Result<()> {
     let weights_needed = matches!(set, FileSet::Model { gguf_file: None });
     if let FileSet::Model { gguf_file: Some(g) } = set {
         if !dir.join(g).is_file() {
@@ -485,7 +360,12 @@ pub fn verify_snapshot(dir: &Path, set: &FileSet) -> Result<()> {
 }
 
 /// A complete snapshot of `repo@revision` already in `cache`, found without the network.
-pub fn cached_snapshot(cache: &Path, repo: &str, revision: &str, set: &FileSet) -> Option<PathBuf> {
+pub(crate) fn cached_snapshot(
+    cache: &Path,
+    repo: &str,
+    revision: &str,
+    set: &FileSet,
+) -> Option<PathBuf> {
     let repo_dir = cache.join(repo_folder(repo));
     let commit = if is_commit_hash(revision) {
         revision.to_string()
@@ -646,7 +526,7 @@ impl Hub {
     }
 
     /// `GET /api/models/{repo}/revision/{rev}`: the commit and the file list.
-    pub async fn repo_info(&self, repo: &str, revision: &str) -> Result<RepoInfo> {
+    pub(crate) async fn repo_info(&self, repo: &str, revision: &str) -> Result<RepoInfo> {
         let mut url = self.url(&["api", "models", repo, "revision"])?;
         // The revision is one path segment even when it holds a slash (`refs/pr/1`).
         url.path_segments_mut()
@@ -688,7 +568,7 @@ impl Hub {
     }
 
     /// Downloads `repo@revision` into `cache` and returns the snapshot folder.
-    pub async fn download(
+    pub(crate) async fn download(
         &self,
         repo: &str,
         revision: &str,
@@ -781,10 +661,10 @@ impl Hub {
         std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
         let blob = blobs.join(sibling.blob_name(&info.sha));
         let size = sibling.size();
-        if let Ok(meta) = std::fs::metadata(&blob) {
-            if size.is_none_or(|s| s == meta.len()) {
-                return Ok(blob);
-            }
+        if let Ok(meta) = std::fs::metadata(&blob)
+            && size.is_none_or(|s| s == meta.len())
+        {
+            return Ok(blob);
         }
         let partial = blobs.join(format!("{}.incomplete", sibling.blob_name(&info.sha)));
         let lock = blobs.join(format!("{}.lock", sibling.blob_name(&info.sha)));
@@ -1287,8 +1167,16 @@ mod tests {
 
     #[test]
     fn debug_output_hides_the_token() {
-        let mut config = HubConfig::from_env(Some("hf_secret".into()));
-        config.endpoint = "http://127.0.0.1:1".into();
+        let config = HubConfig {
+            endpoint: "http://127.0.0.1:1".into(),
+            token: Some("hf_secret".into()),
+            offline: false,
+            attempts: 1,
+            backoff: Duration::from_millis(1),
+            concurrency: 1,
+            progress: false,
+            fallback_cache: std::env::temp_dir(),
+        };
         let hub = Hub::new(config).unwrap();
         let shown = format!("{hub:?} {:?}", hub.config);
         assert!(

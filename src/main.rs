@@ -107,6 +107,16 @@ fn main() -> ExitCode {
             "{name} is a worker-vllm setting that means nothing to this engine; ignored"
         );
     }
+    // The compute pools, sized once on this (still the only) thread, before rayon's and tokio's
+    // threads start. candle sizes its own CPU pools from RAYON_NUM_THREADS and has no API for it, so
+    // NUM_THREADS is passed on there, here and nowhere else.
+    if let Some(n) = config.engine.threads {
+        // SAFETY: no other thread exists yet (the runtime and the pools start below), so nothing
+        // reads or writes the environment concurrently.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    let threads = worker_candle::engine::loader::configure_threads(config.engine.threads);
+    tracing::debug!(threads, "compute threads");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -173,7 +183,8 @@ fn init_logging(format: LogFormat) {
 /// `MODEL_NAME` → a local folder (or file) and an optional tokenizer folder: the hub resolver
 /// (a local path as is; a repo id from the cache under `BASE_PATH`, downloaded when missing).
 async fn resolve_model(config: &Config, name: &str) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let resolved = worker_candle::hub::resolve_source(&model_source(config, name)).await?;
+    let hub = worker_candle::hub::Hub::new(config.hub_config())?;
+    let resolved = hub.resolve_source(&model_source(config, name)).await?;
     Ok((resolved.model, resolved.tokenizer))
 }
 
@@ -203,7 +214,8 @@ async fn start_engine(config: &Config, model_name: &str) -> anyhow::Result<Engin
         let mut source = model_source(config, model);
         source.gguf_file = None;
         source.tokenizer_name = None;
-        let resolved = worker_candle::hub::resolve_source(&source).await?;
+        let hub = worker_candle::hub::Hub::new(config.hub_config())?;
+        let resolved = hub.resolve_source(&source).await?;
         *model = resolved.model.display().to_string();
     }
     tracing::info!(model = %model_name, "loading the model");
@@ -244,9 +256,11 @@ async fn queue_worker(config: &Config) -> anyhow::Result<ExitCode> {
         Timings::new(config.runpod.ping_interval),
     )?;
     let engine = start_engine(config, &model).await?;
+    let metrics = Arc::new(Metrics::default());
+    let _stats = log_stats(config, &metrics);
     let worker = Worker::new(
         client,
-        handler(config, engine, Arc::default()),
+        handler(config, engine, metrics),
         config.max_concurrency,
         config.shutdown_timeout,
     );
@@ -268,6 +282,7 @@ async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| DEFAULT_SERVE_MODEL.to_string());
     let metrics = Arc::new(Metrics::default());
     let engine = start_engine(config, &model).await?;
+    let _stats = log_stats(config, &metrics);
     let endpoint = LocalEndpoint::new(
         handler(config, engine, metrics.clone()),
         config.max_concurrency,
@@ -286,6 +301,23 @@ async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("the server failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often the stats line is logged.
+const STATS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The periodic stats line (vLLM's), unless `DISABLE_LOG_STATS`; it stops when the guard drops.
+fn log_stats(config: &Config, metrics: &Arc<Metrics>) -> Option<AbortOnDrop> {
+    (!config.disable_log_stats)
+        .then(|| AbortOnDrop(tokio::spawn(metrics.clone().log_stats(STATS_INTERVAL))))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Prints the job-done body of a local job.

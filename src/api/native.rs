@@ -1,4 +1,4 @@
-//! worker-vllm's native input and output (seed `003`, "Non-OpenAI Usage"; protocol spec §6.3, §7).
+//! worker-vllm's native input and output (its README's "Non-OpenAI Usage").
 //!
 //! Input: `prompt` or `messages` (which wins), `apply_chat_template`, `sampling_params`, `stream` and
 //! the batch-size knobs. Output pieces: `{"choices": [{"tokens": [..]}, ..], "usage": {"input",
@@ -6,12 +6,12 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::api::stream_batch::{BatchPolicy, BatchSizer};
 use crate::engine::{EngineError, GenerationEvent, SamplingParams};
-use crate::serverless::stream_batch::{BatchPolicy, BatchSizer};
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]
-pub enum NativePrompt {
+pub(crate) enum NativePrompt {
     /// A raw prompt; `chat` = render it through the chat template as one user message.
     Text { prompt: String, chat: bool },
     /// Chat messages, rendered through the chat template.
@@ -19,7 +19,7 @@ pub enum NativePrompt {
 }
 
 #[derive(Debug, Clone)]
-pub struct NativeInput {
+pub(crate) struct NativeInput {
     pub prompt: NativePrompt,
     pub sampling_params: SamplingParams,
     pub stream: bool,
@@ -27,7 +27,7 @@ pub struct NativeInput {
 }
 
 /// Parses a native job input; `defaults` are the `DEFAULT_*BATCH_SIZE*` settings.
-pub fn parse_input(
+pub(crate) fn parse_input(
     input: &Map<String, Value>,
     defaults: BatchPolicy,
 ) -> Result<NativeInput, EngineError> {
@@ -102,7 +102,7 @@ pub fn parse_input(
 }
 
 /// `sampling_params` in vLLM's names, strictly (unknown or mistyped fields are errors).
-pub fn parse_sampling_params(value: &Value) -> Result<SamplingParams, EngineError> {
+pub(crate) fn parse_sampling_params(value: &Value) -> Result<SamplingParams, EngineError> {
     SamplingParams::from_json(value)
 }
 
@@ -150,7 +150,7 @@ fn count_field(
 
 /// Turns the engine's events into native output pieces.
 #[derive(Debug)]
-pub struct NativeOutput {
+pub(crate) struct NativeOutput {
     stream: bool,
     sizer: BatchSizer,
     input_tokens: usize,
@@ -162,7 +162,7 @@ pub struct NativeOutput {
 }
 
 impl NativeOutput {
-    pub fn new(n: usize, stream: bool, policy: BatchPolicy) -> Self {
+    pub(crate) fn new(n: usize, stream: bool, policy: BatchPolicy) -> Self {
         Self {
             stream,
             sizer: policy.sizer(),
@@ -175,12 +175,15 @@ impl NativeOutput {
     }
 
     /// Whether `Done` (or an error) was seen.
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.finished
     }
 
     /// Feeds one event; returns the pieces it completes (at most one).
-    pub fn on_event(&mut self, event: GenerationEvent) -> Result<Option<Value>, EngineError> {
+    pub(crate) fn on_event(
+        &mut self,
+        event: GenerationEvent,
+    ) -> Result<Option<Value>, EngineError> {
         match event {
             GenerationEvent::Prompt {
                 prompt_token_ids, ..

@@ -171,9 +171,9 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
 
 /// EOS ids from generation_config.json then config.json (union, first-seen order), and the BOS id.
 pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option<u32>)> {
-    let gen = read_json_opt(&model_dir.join("generation_config.json"))?;
+    let r#gen = read_json_opt(&model_dir.join("generation_config.json"))?;
     let mut eos = Vec::new();
-    for id in ids(gen.as_ref().and_then(|g| g.get("eos_token_id")))
+    for id in ids(r#gen.as_ref().and_then(|g| g.get("eos_token_id")))
         .into_iter()
         .chain(ids(config.get("eos_token_id")))
     {
@@ -181,7 +181,7 @@ pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option
             eos.push(id);
         }
     }
-    let bos = ids(gen.as_ref().and_then(|g| g.get("bos_token_id")))
+    let bos = ids(r#gen.as_ref().and_then(|g| g.get("bos_token_id")))
         .first()
         .or(ids(config.get("bos_token_id")).first())
         .copied();
@@ -218,26 +218,17 @@ pub fn read_chat_template(model_dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
-/// Sets the compute thread count once, before the first kernel runs: `threads`, else `RAYON_NUM_THREADS`
-/// when set, else what the process may use (the cgroup CPU quota and affinity, which
-/// `available_parallelism` honours). candle's kernels and ours read the same setting. Returns it.
+/// Builds rayon's global pool once, before the first kernel runs: `threads` workers, else rayon's
+/// default (`RAYON_NUM_THREADS`, else what the process may use). `main` calls this before the async
+/// runtime starts; a later call (the loader's) finds the pool built and changes nothing. Returns the
+/// pool's size.
 pub fn configure_threads(threads: Option<usize>) -> usize {
-    let from_env = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|n| *n > 0);
-    let n = threads
-        .filter(|n| *n > 0)
-        .or(from_env)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if from_env != Some(n) {
-        // candle reads the variable on each call; rayon's global pool below is built once
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads.filter(|n| *n > 0) {
+        builder = builder.num_threads(n);
     }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-    n
+    let _ = builder.build_global();
+    rayon::current_num_threads()
 }
 
 fn max_position_embeddings(config: &Value) -> usize {

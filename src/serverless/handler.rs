@@ -1,5 +1,5 @@
 //! The job handler on the real engine: routes a job (`routing.rs`) to the native front door or the
-//! OpenAI one and turns the engine's events into the job's output pieces (spec §7).
+//! OpenAI one and turns the engine's events into the job's output pieces.
 
 use std::sync::Arc;
 
@@ -7,12 +7,13 @@ use async_stream::stream;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::job::{Job, JobError, JobHandler, PieceStream};
+use super::job::{Job, JobHandler, PieceStream};
 use super::metrics::Metrics;
 use super::openai_bridge;
 use super::routing::{self, JobRequest};
-use super::stream_batch::BatchPolicy;
+use crate::api::error::ApiError;
 use crate::api::native::{self, NativeOutput, NativePrompt};
+use crate::api::stream_batch::BatchPolicy;
 use crate::config::Config;
 use crate::engine::{Engine, EngineError, GenerateRequest, GenerationEvent, Prompt};
 
@@ -62,6 +63,7 @@ impl EngineHandler {
     }
 
     pub fn new(engine: Engine, settings: HandlerSettings, metrics: Arc<Metrics>) -> Self {
+        metrics.watch_engine(&engine);
         Self {
             engine,
             settings: Arc::new(settings),
@@ -69,15 +71,15 @@ impl EngineHandler {
         }
     }
 
-    pub fn engine(&self) -> &Engine {
+    pub(crate) fn engine(&self) -> &Engine {
         &self.engine
     }
 
-    pub fn settings(&self) -> &HandlerSettings {
+    pub(crate) fn settings(&self) -> &HandlerSettings {
         &self.settings
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 }
@@ -94,23 +96,9 @@ impl JobHandler for EngineHandler {
                 route,
                 method,
                 body,
-            }) => openai_bridge::pieces(self, &job.id, &route, method, body),
+            }) => openai_bridge::pieces(self, &route, method, body),
             Ok(JobRequest::Batch(lines)) => self.batch(lines),
         }
-    }
-}
-
-/// The job's view of an engine error: the client's mistakes are 400s, the rest the server's.
-pub fn job_error(e: EngineError) -> JobError {
-    match &e {
-        EngineError::Cancelled => JobError::cancelled(),
-        EngineError::Unavailable(_) => JobError {
-            message: e.to_string(),
-            kind: "ServiceUnavailableError".into(),
-            code: 503,
-        },
-        _ if e.is_client_error() => JobError::bad_request(e.to_string()),
-        _ => JobError::internal(e.to_string()),
     }
 }
 
@@ -140,7 +128,7 @@ impl EngineHandler {
         });
         let (mut events, mut output) = match prepared {
             Ok(p) => p,
-            Err(e) => return futures::stream::once(async move { Err(job_error(e)) }).boxed(),
+            Err(e) => return futures::stream::once(async move { Err(ApiError::from(e)) }).boxed(),
         };
         let metrics = self.metrics.clone();
         stream! {
@@ -152,7 +140,7 @@ impl EngineHandler {
                     Ok(Some(piece)) => yield Ok(piece),
                     Ok(None) => {}
                     Err(e) => {
-                        yield Err(job_error(e));
+                        yield Err(ApiError::from(e));
                         return;
                     }
                 }
@@ -160,13 +148,13 @@ impl EngineHandler {
                     return;
                 }
             }
-            yield Err(JobError::internal("the engine ended the request without finishing it"));
+            yield Err(ApiError::internal("the engine ended the request without finishing it"));
         }
         .boxed()
     }
 }
 
 /// Renders chat messages through the model's chat template (or `CUSTOM_CHAT_TEMPLATE`).
-pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
+pub(crate) fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
     openai_bridge::render_chat(engine, messages)
 }

@@ -11,6 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
+use crate::api::error::{ApiError, ErrorKind};
+
 /// A job as the queue hands it out. Other top-level fields (`webhook`, `policy`, ...) are kept.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Job {
@@ -20,85 +22,8 @@ pub struct Job {
     pub extra: Map<String, Value>,
 }
 
-/// A job's failure, in worker-vllm's error shape `{"message", "type", "code"}`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobError {
-    pub message: String,
-    pub kind: String,
-    pub code: u16,
-}
-
-impl JobError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            kind: "BadRequestError".into(),
-            code: 400,
-        }
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            kind: "NotFoundError".into(),
-            code: 404,
-        }
-    }
-
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            kind: "InternalServerError".into(),
-            code: 500,
-        }
-    }
-
-    pub fn cancelled() -> Self {
-        Self {
-            message: "the job was cancelled".into(),
-            kind: "CancelledError".into(),
-            code: 499,
-        }
-    }
-
-    pub fn timed_out(limit: std::time::Duration) -> Self {
-        Self {
-            message: format!(
-                "the job ran past its execution timeout of {} ms",
-                limit.as_millis()
-            ),
-            kind: "TimeoutError".into(),
-            code: 408,
-        }
-    }
-
-    pub fn shutting_down() -> Self {
-        Self {
-            message: "the worker shut down before the job finished".into(),
-            kind: "ServiceUnavailableError".into(),
-            code: 503,
-        }
-    }
-
-    /// The object worker-vllm yields for a failure (`{"message", "type", "code"}`).
-    pub fn to_value(&self) -> Value {
-        json!({"message": self.message, "type": self.kind, "code": self.code})
-    }
-
-    /// The job-done body's `error` text: the error object as JSON text.
-    pub fn to_result_text(&self) -> String {
-        self.to_value().to_string()
-    }
-}
-
-impl std::fmt::Display for JobError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.kind)
-    }
-}
-
 /// A job's output pieces, in order; an `Err` ends the job. Dropping the stream cancels the work.
-pub type PieceStream = BoxStream<'static, Result<Value, JobError>>;
+pub type PieceStream = BoxStream<'static, Result<Value, ApiError>>;
 
 /// Turns a job into its output pieces.
 pub trait JobHandler: Send + Sync + 'static {
@@ -115,7 +40,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             Self::Completed => "completed",
             Self::Failed => "failed",
@@ -125,27 +50,29 @@ impl Outcome {
     }
 }
 
-/// The final result: `{"output": [pieces]}` or `{"error": "<text>"}` (protocol spec §3).
+/// The final result: `{"output": [pieces]}` or `{"error": "<text>"}` (RunPod's job-done body).
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobResult {
     Output(Vec<Value>),
-    Error(JobError),
+    Error(ApiError),
 }
 
 impl JobResult {
-    pub fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             Self::Output(_) => Outcome::Completed,
-            Self::Error(e) if e.code == 499 => Outcome::Cancelled,
-            Self::Error(e) if e.code == 408 => Outcome::TimedOut,
-            Self::Error(_) => Outcome::Failed,
+            Self::Error(e) => match e.kind() {
+                ErrorKind::Cancelled => Outcome::Cancelled,
+                ErrorKind::TimedOut => Outcome::TimedOut,
+                _ => Outcome::Failed,
+            },
         }
     }
 
     pub fn to_body(&self) -> Value {
         match self {
             Self::Output(pieces) => json!({ "output": pieces }),
-            Self::Error(e) => json!({ "error": e.to_result_text() }),
+            Self::Error(e) => json!({ "error": e.runpod_text() }),
         }
     }
 }
@@ -164,10 +91,10 @@ pub enum StopReason {
 }
 
 /// A receiver that says when a job must stop; `None` while it may run.
-pub type StopSignal = watch::Receiver<Option<StopReason>>;
+pub(crate) type StopSignal = watch::Receiver<Option<StopReason>>;
 
-/// Runs one job to its end and posts its single result. A piece that is itself an error object
-/// (`{"error": ...}`) ends the job with that error, as the SDK does.
+/// Runs one job to its end and posts its single result: the aggregate of its pieces, or the error
+/// that ended it.
 pub async fn run_job<S: ResultSink>(
     handler: &dyn JobHandler,
     job: &Job,
@@ -183,12 +110,12 @@ pub async fn run_job<S: ResultSink>(
         let next = tokio::select! {
             biased;
             _ = &mut deadline, if limit.is_some() => {
-                break JobResult::Error(JobError::timed_out(limit.unwrap_or_default()));
+                break JobResult::Error(ApiError::timed_out(limit.unwrap_or_default()));
             }
             reason = wait_for_stop(&mut stop) => {
                 break match reason {
-                    StopReason::Cancelled => JobResult::Error(JobError::cancelled()),
-                    StopReason::ShuttingDown => JobResult::Error(JobError::shutting_down()),
+                    StopReason::Cancelled => JobResult::Error(ApiError::cancelled()),
+                    StopReason::ShuttingDown => JobResult::Error(ApiError::shutting_down()),
                 };
             }
             next = pieces.next() => next,
@@ -197,9 +124,6 @@ pub async fn run_job<S: ResultSink>(
             None => break JobResult::Output(aggregate),
             Some(Err(e)) => break JobResult::Error(e),
             Some(Ok(piece)) => {
-                if let Some(e) = error_in_piece(&piece) {
-                    break JobResult::Error(e);
-                }
                 sink.piece(&job.id, &piece).await;
                 aggregate.push(piece);
             }
@@ -213,7 +137,7 @@ pub async fn run_job<S: ResultSink>(
 }
 
 /// The job's `policy.executionTimeout` (milliseconds), as RunPod's request policy spells it.
-pub fn execution_timeout(job: &Job) -> Option<Duration> {
+pub(crate) fn execution_timeout(job: &Job) -> Option<Duration> {
     let ms = job.extra.get("policy")?.get("executionTimeout")?.as_u64()?;
     (ms > 0).then(|| Duration::from_millis(ms))
 }
@@ -230,40 +154,12 @@ async fn wait_for_stop(stop: &mut StopSignal) -> StopReason {
     }
 }
 
-fn error_in_piece(piece: &Value) -> Option<JobError> {
-    let error = piece.as_object()?.get("error")?;
-    if error.is_null() || error == &Value::Bool(false) {
-        return None;
-    }
-    Some(match error {
-        Value::Object(o) => JobError {
-            message: o
-                .get("message")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| error.to_string()),
-            kind: o
-                .get("type")
-                .and_then(Value::as_str)
-                .unwrap_or("Error")
-                .to_string(),
-            code: o
-                .get("code")
-                .and_then(Value::as_u64)
-                .and_then(|c| u16::try_from(c).ok())
-                .unwrap_or(500),
-        },
-        Value::String(s) => JobError::internal(s.clone()),
-        other => JobError::internal(other.to_string()),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    struct Pieces(Vec<Result<Value, JobError>>);
+    struct Pieces(Vec<Result<Value, ApiError>>);
     impl JobHandler for Pieces {
         fn handle(&self, _job: &Job) -> PieceStream {
             futures::stream::iter(self.0.clone()).boxed()
@@ -305,10 +201,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_error_piece_ends_the_job_with_that_error() {
+    async fn an_error_ends_the_job_with_that_error() {
         let handler = Pieces(vec![
             Ok(json!("a")),
-            Ok(json!({"error": {"message": "bad", "type": "BadRequestError", "code": 400}})),
+            Err(ApiError::bad_request("bad")),
             Ok(json!("never")),
         ]);
         let sink = Recorder::default();
@@ -318,7 +214,7 @@ mod tests {
         let results = sink.results.lock().unwrap();
         assert_eq!(
             *results,
-            vec![JobResult::Error(JobError::bad_request("bad"))]
+            vec![JobResult::Error(ApiError::bad_request("bad"))]
         );
         let body = results[0].to_body();
         let text = body["error"].as_str().unwrap();
@@ -348,7 +244,7 @@ mod tests {
         drop(stopper.await.unwrap());
         assert_eq!(
             *sink.results.lock().unwrap(),
-            vec![JobResult::Error(JobError::cancelled())]
+            vec![JobResult::Error(ApiError::cancelled())]
         );
     }
 
@@ -368,7 +264,7 @@ mod tests {
         .unwrap();
         assert_eq!(run_job(&Forever, &job, &sink, rx).await, Outcome::TimedOut);
         let results = sink.results.lock().unwrap();
-        assert!(matches!(&results[0], JobResult::Error(e) if e.code == 408));
+        assert!(matches!(&results[0], JobResult::Error(e) if e.status() == 408));
     }
 
     #[test]

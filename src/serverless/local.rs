@@ -7,20 +7,20 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::job::{run_job, Job, JobError, JobHandler, JobResult, Outcome, ResultSink, StopReason};
+use super::job::{run_job, Job, JobHandler, JobResult, Outcome, ResultSink, StopReason};
 use super::metrics::Metrics;
-use super::routing::Method;
+use crate::api::error::{ApiError, ErrorKind};
+use crate::api::openai::{normalize_route, sse};
 use crate::config::Secret;
 
 /// Finished jobs kept for `/status` and `/stream` before the oldest are forgotten.
@@ -142,10 +142,10 @@ impl LocalEndpoint {
 
     pub fn router(self: &Arc<Self>) -> Router {
         let openai = Router::new()
-            .route("/models", get(openai_get))
-            .route("/chat/completions", post(openai_post))
-            .route("/completions", post(openai_post))
-            .route("/embeddings", post(openai_post));
+            .route("/models", get(openai))
+            .route("/chat/completions", post(openai))
+            .route("/completions", post(openai))
+            .route("/embeddings", post(openai));
         Router::new()
             .route("/run", post(run))
             .route("/runsync", post(runsync))
@@ -241,9 +241,9 @@ impl LocalEndpoint {
         };
         let outcome = if permit.is_none() {
             // Cancelled while waiting for a slot.
-            sink.done(&job.id, &JobResult::Error(JobError::cancelled()))
+            sink.done(&job.id, &JobResult::Error(ApiError::cancelled()))
                 .await;
-            super::job::Outcome::Cancelled
+            Outcome::Cancelled
         } else {
             {
                 let mut state = record.lock();
@@ -321,7 +321,6 @@ fn new_job_id() -> String {
     format!("local-{:032x}", rand::random::<u128>())
 }
 
-/// The RunPod body `{"input": {...}}` (other fields, such as `webhook`, are accepted and ignored).
 /// The RunPod body `{"input": {...}, "policy": {...}, "webhook": "..."}`: the input and the rest.
 fn job_input(body: &Bytes) -> Result<(Value, Map<String, Value>), String> {
     let value: Value =
@@ -350,7 +349,7 @@ fn describe(job: &LocalJob, with_output: bool) -> Value {
     }
     match &state.result {
         Some(JobResult::Output(pieces)) if with_output => body["output"] = json!(pieces),
-        Some(JobResult::Error(e)) => body["error"] = json!(e.to_result_text()),
+        Some(JobResult::Error(e)) => body["error"] = json!(e.runpod_text()),
         _ => {}
     }
     body
@@ -368,12 +367,9 @@ async fn authorize(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(key.expose()) {
-            let body = json!({"error": {
-                "message": "missing or wrong API key: send `Authorization: Bearer <API_KEY>`",
-                "type": "AuthenticationError",
-                "code": 401,
-            }});
-            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+            return openai_error(&ApiError::unauthorized(
+                "missing or wrong API key: send `Authorization: Bearer <API_KEY>`",
+            ));
         }
     }
     next.run(request).await
@@ -442,7 +438,7 @@ async fn stream(State(endpoint): State<Arc<LocalEndpoint>>, Path(id): Path<Strin
                 state.stream_cursor = state.stream.len();
                 let mut body = json!({"id": id, "status": state.status.as_str(), "stream": new});
                 if let Some(JobResult::Error(e)) = &state.result {
-                    body["error"] = json!(e.to_result_text());
+                    body["error"] = json!(e.runpod_text());
                 }
                 return Json(body).into_response();
             }
@@ -491,60 +487,39 @@ async fn not_found() -> Response {
     error_response(StatusCode::NOT_FOUND, "no such route")
 }
 
-async fn openai_get(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) -> Response {
-    let route = openai_route(request.uri().path());
-    openai_job(&endpoint, &route, Method::Get, None, &HeaderMap::new()).await
-}
-
-async fn openai_post(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) -> Response {
-    let route = openai_route(request.uri().path());
-    let headers = request.headers().clone();
+/// Every OpenAI route: the request as an OpenAI job (see [`openai_job`]).
+async fn openai(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) -> Response {
+    let route = normalize_route(request.uri().path());
+    if request.method() == axum::http::Method::GET {
+        return openai_job(&endpoint, &route, None).await;
+    }
     let body = match axum::body::to_bytes(request.into_body(), 64 << 20).await {
         Ok(b) => b,
         Err(e) => {
-            return openai_error(&JobError::bad_request(format!("cannot read the body: {e}")))
+            return openai_error(&ApiError::bad_request(format!("cannot read the body: {e}")));
         }
     };
-    let body: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return openai_error(&JobError::bad_request(format!(
-                "the body is not valid JSON: {e}"
-            )))
-        }
-    };
-    openai_job(&endpoint, &route, Method::Post, Some(body), &headers).await
+    match serde_json::from_slice(&body) {
+        Ok(body) => openai_job(&endpoint, &route, Some(body)).await,
+        Err(e) => openai_error(&ApiError::bad_request(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
 }
 
-/// `/openai/v1/x` and `/v1/x` → `/v1/x` (nesting strips the prefix, so rebuild it).
-fn openai_route(path: &str) -> String {
-    let tail = path
-        .strip_prefix("/openai/v1")
-        .or_else(|| path.strip_prefix("/v1"))
-        .unwrap_or(path);
-    format!("/v1{tail}")
-}
-
-/// Runs an OpenAI request as a job, the way the platform turns `/openai/v1/...` into one, and
-/// answers with the response object or, for streams, the SSE events as they come.
-async fn openai_job(
-    endpoint: &Arc<LocalEndpoint>,
-    route: &str,
-    method: Method,
-    body: Option<Value>,
-    _headers: &HeaderMap,
-) -> Response {
+/// Runs an OpenAI request (a POST with its body, or a GET without) as a job, the way the platform
+/// turns `/openai/v1/...` into one, and answers with the response object or, for streams, the SSE
+/// events as they come.
+async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Value>) -> Response {
     let streamed = body
         .as_ref()
         .and_then(|b| b.get("stream"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let mut input = json!({ "openai_route": route });
-    if let Some(body) = body {
-        input["openai_input"] = body;
-    }
-    if method == Method::Get {
-        input["method"] = json!("GET");
+    match body {
+        Some(body) => input["openai_input"] = body,
+        None => input["method"] = json!("GET"),
     }
     let job = endpoint.submit(input, Map::new(), route);
     // A client that hangs up cancels its request, so it stops using the engine.
@@ -556,14 +531,14 @@ async fn openai_job(
         return match &state.result {
             Some(JobResult::Output(pieces)) => match pieces.first() {
                 Some(object) => Json(object.clone()).into_response(),
-                None => openai_error(&JobError::internal("the request produced no output")),
+                None => openai_error(&ApiError::internal("the request produced no output")),
             },
             Some(JobResult::Error(e)) => openai_error(e),
-            None => openai_error(&JobError::internal("the request ended without a result")),
+            None => openai_error(&ApiError::internal("the request ended without a result")),
         };
     }
-    // Streamed: relay the raw SSE pieces as they are posted.
-    let events = async_stream::stream! {
+    // Streamed: relay the pieces' events as they are posted.
+    let payloads = async_stream::stream! {
         let _guard = guard;
         let mut sent = 0;
         loop {
@@ -578,24 +553,21 @@ async fn openai_job(
                 (new, state.status.is_final(), error)
             };
             sent += new.len();
-            for piece in new {
-                yield Ok::<Bytes, std::convert::Infallible>(Bytes::from(sse_text(&piece)));
+            for piece in &new {
+                for payload in piece_payloads(piece) {
+                    yield payload;
+                }
             }
             if done {
                 if let Some(e) = error {
-                    let event = json!({"error": e.to_value()});
-                    yield Ok(Bytes::from(format!("data: {event}\n\n")));
+                    yield e.openai_body().to_string();
                 }
                 return;
             }
             changed.await;
         }
     };
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(events.boxed()))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    sse::response(payloads)
 }
 
 /// Cancels a job that is still running when the HTTP request holding this is dropped.
@@ -609,26 +581,24 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// A streamed OpenAI piece as SSE text: raw pieces already are; object lists are rendered.
-fn sse_text(piece: &Value) -> String {
+/// The SSE payloads of a streamed OpenAI piece: a raw piece is SSE text already; an object list
+/// holds one chunk per event.
+fn piece_payloads(piece: &Value) -> Vec<String> {
     match piece {
-        Value::String(s) => s.clone(),
-        Value::Array(chunks) => chunks.iter().map(|c| format!("data: {c}\n\n")).collect(),
-        other => format!("data: {other}\n\n"),
+        Value::String(text) => sse::payloads(text).map(str::to_string).collect(),
+        Value::Array(chunks) => chunks.iter().map(Value::to_string).collect(),
+        other => vec![other.to_string()],
     }
 }
 
-fn openai_error(e: &JobError) -> Response {
-    let status = StatusCode::from_u16(e.code)
-        .ok()
-        .filter(|s| s.is_client_error() || s.is_server_error())
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let status = if e.code == 499 {
-        StatusCode::BAD_REQUEST
-    } else {
-        status
+/// An error in OpenAI's shape with its status. A cancelled request (whose client has usually gone)
+/// answers 400, as an HTTP status must be a standard one.
+fn openai_error(e: &ApiError) -> Response {
+    let status = match e.kind() {
+        ErrorKind::Cancelled => StatusCode::BAD_REQUEST,
+        _ => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     };
-    (status, Json(json!({ "error": e.to_value() }))).into_response()
+    (status, Json(e.openai_body())).into_response()
 }
 
 #[cfg(test)]
@@ -638,15 +608,23 @@ mod tests {
     #[test]
     fn openai_paths_map_to_v1_routes() {
         assert_eq!(
-            openai_route("/openai/v1/chat/completions"),
+            normalize_route("/openai/v1/chat/completions"),
             "/v1/chat/completions"
         );
-        assert_eq!(openai_route("/v1/models"), "/v1/models");
+        assert_eq!(normalize_route("/v1/models"), "/v1/models");
+        // A nested router sees the path without its prefix.
+        assert_eq!(normalize_route("/completions"), "/v1/completions");
     }
 
     #[test]
-    fn sse_text_of_each_piece_shape() {
-        assert_eq!(sse_text(&json!("data: x\n\n")), "data: x\n\n");
-        assert_eq!(sse_text(&json!([{"a": 1}])), "data: {\"a\":1}\n\n");
+    fn sse_payloads_of_each_piece_shape() {
+        assert_eq!(
+            piece_payloads(&json!("data: x\n\ndata: [DONE]\n\n")),
+            ["x", "[DONE]"]
+        );
+        assert_eq!(
+            piece_payloads(&json!([{"a": 1}, {"b": 2}])),
+            ["{\"a\":1}", "{\"b\":2}"]
+        );
     }
 }

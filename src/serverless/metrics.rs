@@ -1,166 +1,254 @@
-//! Prometheus text exposition of the worker's counters (`GET /metrics` of `serve`): requests by route
-//! and outcome, tokens in and out, queue depth, time-to-first-token and latency histograms.
+//! The worker's metrics on the `metrics` crate, exported two ways: Prometheus text
+//! (`metrics-exporter-prometheus`, as TGI does) for `GET /metrics` of `serve`, and a periodic stats log
+//! line like vLLM's (`Avg prompt throughput: ... Running: N reqs ...`) in every mode, silenced by
+//! `DISABLE_LOG_STATS`. Requests by route and outcome, tokens in and out, queue depth, the engine's
+//! sequences and KV cache, time-to-first-token and latency histograms.
+//!
+//! Each `Metrics` owns its recorder (no global one), so endpoints in one process do not share counts.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics::{Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+
+use crate::engine::Engine;
 
 /// Seconds; the same buckets serve both histograms (a first token to a long answer).
 const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-#[derive(Debug, Clone, Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
+const REQUESTS: &str = "worker_candle_requests_total";
+const PROMPT_TOKENS: &str = "worker_candle_prompt_tokens_total";
+const GENERATION_TOKENS: &str = "worker_candle_generation_tokens_total";
+const QUEUE_DEPTH: &str = "worker_candle_queue_depth";
+const RUNNING: &str = "worker_candle_requests_running";
+const TTFT: &str = "worker_candle_time_to_first_token_seconds";
+const LATENCY: &str = "worker_candle_request_duration_seconds";
+const ENGINE_RUNNING: &str = "worker_candle_engine_sequences_running";
+const ENGINE_WAITING: &str = "worker_candle_engine_sequences_waiting";
+const KV_USAGE: &str = "worker_candle_kv_cache_usage_ratio";
+const PREEMPTIONS: &str = "worker_candle_preemptions_total";
+const SPEC_DRAFT: &str = "worker_candle_spec_decode_draft_tokens_total";
+const SPEC_ACCEPTED: &str = "worker_candle_spec_decode_accepted_tokens_total";
+const SPEC_STEPS: &str = "worker_candle_spec_decode_verify_steps_total";
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; BUCKETS.len()];
-        }
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += seconds;
-        self.count += 1;
-    }
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            let c = self.counts.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
-}
-
-#[derive(Debug, Default)]
-struct State {
-    requests: BTreeMap<(String, String), u64>,
-    prompt_tokens: u64,
-    generation_tokens: u64,
-    queue_depth: u64,
-    running: u64,
-    ttft: Histogram,
-    latency: Histogram,
-}
-
-#[derive(Debug, Default)]
 pub struct Metrics {
-    state: Mutex<State>,
+    recorder: PrometheusRecorder,
+    /// Token totals for the stats line's throughput (the recorder's counters are write-only).
+    prompt_tokens: AtomicU64,
+    generation_tokens: AtomicU64,
+    /// The engine whose sequences and KV cache are reported.
+    engine: OnceLock<Engine>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .expect("the buckets are not empty")
+            .build_recorder();
+        for (name, unit, help) in [
+            (REQUESTS, None, "Finished requests by route and outcome."),
+            (PROMPT_TOKENS, None, "Prompt tokens processed."),
+            (GENERATION_TOKENS, None, "Tokens generated."),
+            (QUEUE_DEPTH, None, "Jobs waiting for a free slot."),
+            (RUNNING, None, "Jobs running now."),
+            (
+                TTFT,
+                Some(Unit::Seconds),
+                "Time from submission to the first generated token.",
+            ),
+            (
+                LATENCY,
+                Some(Unit::Seconds),
+                "Time from submission to the end of a request.",
+            ),
+            (ENGINE_RUNNING, None, "Sequences the engine is generating."),
+            (ENGINE_WAITING, None, "Sequences waiting for KV cache room."),
+            (KV_USAGE, None, "Fraction of the KV cache blocks in use."),
+            (PREEMPTIONS, None, "Sequences preempted for KV cache room."),
+            (
+                SPEC_DRAFT,
+                None,
+                "Speculative decoding: guessed tokens verified.",
+            ),
+            (
+                SPEC_ACCEPTED,
+                None,
+                "Speculative decoding: guessed tokens the model agreed with.",
+            ),
+            (
+                SPEC_STEPS,
+                None,
+                "Speculative decoding: decode steps that verified a guess.",
+            ),
+        ] {
+            // The kind of each is fixed by its first registration; describing is kind-neutral.
+            recorder.describe_counter(name.into(), unit, help.into());
+        }
+        Self {
+            recorder,
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            engine: OnceLock::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn key(name: &'static str) -> Key {
+    Key::from_static_name(name)
 }
 
 impl Metrics {
-    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Reports this engine's sequences and KV cache too (the first engine given wins).
+    pub(crate) fn watch_engine(&self, engine: &Engine) {
+        let _ = self.engine.set(engine.clone());
     }
 
     /// One finished request (`route` such as `/runsync` or `/v1/chat/completions`).
-    pub fn record_request(&self, route: &str, outcome: &str, latency: Duration) {
-        self.with(|s| {
-            *s.requests
-                .entry((route.to_string(), outcome.to_string()))
-                .or_default() += 1;
-            s.latency.observe(latency.as_secs_f64());
-        });
+    pub(crate) fn record_request(&self, route: &str, outcome: &str, latency: Duration) {
+        let labels = vec![
+            Label::new("route", route.to_string()),
+            Label::new("outcome", outcome.to_string()),
+        ];
+        self.recorder
+            .register_counter(&Key::from_parts(REQUESTS, labels), &METADATA)
+            .increment(1);
+        self.recorder
+            .register_histogram(&key(LATENCY), &METADATA)
+            .record(latency.as_secs_f64());
     }
 
     /// Tokens of one finished generation and its time to first token.
-    pub fn record_generation(&self, prompt: usize, generated: usize, ttft: Option<Duration>) {
-        self.with(|s| {
-            s.prompt_tokens += prompt as u64;
-            s.generation_tokens += generated as u64;
-            if let Some(t) = ttft.filter(|_| generated > 0) {
-                s.ttft.observe(t.as_secs_f64());
-            }
-        });
+    pub(crate) fn record_generation(
+        &self,
+        prompt: usize,
+        generated: usize,
+        ttft: Option<Duration>,
+    ) {
+        self.prompt_tokens
+            .fetch_add(prompt as u64, Ordering::Relaxed);
+        self.generation_tokens
+            .fetch_add(generated as u64, Ordering::Relaxed);
+        self.recorder
+            .register_counter(&key(PROMPT_TOKENS), &METADATA)
+            .increment(prompt as u64);
+        self.recorder
+            .register_counter(&key(GENERATION_TOKENS), &METADATA)
+            .increment(generated as u64);
+        if let Some(t) = ttft.filter(|_| generated > 0) {
+            self.recorder
+                .register_histogram(&key(TTFT), &METADATA)
+                .record(t.as_secs_f64());
+        }
     }
 
     /// Jobs waiting for a slot and jobs running.
-    pub fn set_load(&self, queued: usize, running: usize) {
-        self.with(|s| {
-            s.queue_depth = queued as u64;
-            s.running = running as u64;
-        });
+    pub(crate) fn set_load(&self, queued: usize, running: usize) {
+        self.recorder
+            .register_gauge(&key(QUEUE_DEPTH), &METADATA)
+            .set(queued as f64);
+        self.recorder
+            .register_gauge(&key(RUNNING), &METADATA)
+            .set(running as f64);
     }
 
-    pub fn render(&self) -> String {
-        self.with(|s| {
-            let mut out = String::new();
-            out.push_str(
-                "# HELP worker_candle_requests_total Finished requests by route and outcome.\n",
-            );
-            out.push_str("# TYPE worker_candle_requests_total counter\n");
-            for ((route, outcome), n) in &s.requests {
-                let _ = writeln!(
-                    out,
-                    "worker_candle_requests_total{{route=\"{}\",outcome=\"{}\"}} {n}",
-                    escape(route),
-                    escape(outcome)
-                );
-            }
-            for (name, help, kind, value) in [
-                (
-                    "worker_candle_prompt_tokens_total",
-                    "Prompt tokens processed.",
-                    "counter",
-                    s.prompt_tokens,
-                ),
-                (
-                    "worker_candle_generation_tokens_total",
-                    "Tokens generated.",
-                    "counter",
-                    s.generation_tokens,
-                ),
-                (
-                    "worker_candle_queue_depth",
-                    "Jobs waiting for a free slot.",
-                    "gauge",
-                    s.queue_depth,
-                ),
-                (
-                    "worker_candle_requests_running",
-                    "Jobs running now.",
-                    "gauge",
-                    s.running,
-                ),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-                );
-            }
-            s.ttft.render(
-                &mut out,
-                "worker_candle_time_to_first_token_seconds",
-                "Time from submission to the first generated token.",
-            );
-            s.latency.render(
-                &mut out,
-                "worker_candle_request_duration_seconds",
-                "Time from submission to the end of a request.",
-            );
-            out
-        })
+    /// The engine's gauges now: (running, waiting, KV cache usage).
+    fn sample_engine(&self) -> Option<(usize, usize, f64)> {
+        let stats = self.engine.get()?.stats();
+        let total = stats.total_blocks.load(Ordering::Relaxed);
+        let free = stats.free_blocks.load(Ordering::Relaxed);
+        // The engine stores the free count at each step; before its first there is none.
+        let usage = if total == 0 || stats.steps.load(Ordering::Relaxed) == 0 {
+            0.0
+        } else {
+            total.saturating_sub(free) as f64 / total as f64
+        };
+        let running = stats.running.load(Ordering::Relaxed);
+        let waiting = stats.waiting.load(Ordering::Relaxed);
+        let gauge = |name, value: f64| {
+            self.recorder
+                .register_gauge(&key(name), &METADATA)
+                .set(value)
+        };
+        gauge(ENGINE_RUNNING, running as f64);
+        gauge(ENGINE_WAITING, waiting as f64);
+        gauge(KV_USAGE, usage);
+        let counter = |name, value: &std::sync::atomic::AtomicUsize| {
+            self.recorder
+                .register_counter(&key(name), &METADATA)
+                .absolute(value.load(Ordering::Relaxed) as u64)
+        };
+        counter(PREEMPTIONS, &stats.preemptions);
+        counter(SPEC_DRAFT, &stats.spec_draft_tokens);
+        counter(SPEC_ACCEPTED, &stats.spec_accepted_tokens);
+        counter(SPEC_STEPS, &stats.spec_verify_steps);
+        Some((running, waiting, usage))
     }
-}
 
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    /// The Prometheus text exposition.
+    pub(crate) fn render(&self) -> String {
+        self.sample_engine();
+        self.recorder.handle().render()
+    }
+
+    /// Logs a stats line every `interval`, like vLLM's, until the task is dropped.
+    pub async fn log_stats(self: std::sync::Arc<Self>, interval: Duration) {
+        let mut last = (Instant::now(), self.tokens());
+        loop {
+            tokio::time::sleep(interval).await;
+            let now = (Instant::now(), self.tokens());
+            tracing::info!("{}", self.stats_line(last, now));
+            last = now;
+        }
+    }
+
+    fn tokens(&self) -> (u64, u64) {
+        (
+            self.prompt_tokens.load(Ordering::Relaxed),
+            self.generation_tokens.load(Ordering::Relaxed),
+        )
+    }
+
+    fn stats_line(
+        &self,
+        (t0, (p0, g0)): (Instant, (u64, u64)),
+        (t1, (p1, g1)): (Instant, (u64, u64)),
+    ) -> String {
+        let seconds = t1.duration_since(t0).as_secs_f64().max(1e-9);
+        let (running, waiting, usage) = self.sample_engine().unwrap_or_default();
+        let mut line = format!(
+            "Avg prompt throughput: {:.1} tokens/s, Avg generation throughput: {:.1} tokens/s, Running: {running} reqs, Waiting: {waiting} reqs, KV cache usage: {:.1}%",
+            p1.saturating_sub(p0) as f64 / seconds,
+            g1.saturating_sub(g0) as f64 / seconds,
+            usage * 100.0,
+        );
+        if let Some(stats) = self.engine.get().map(|e| e.stats()) {
+            let drafted = stats.spec_draft_tokens.load(Ordering::Relaxed);
+            let accepted = stats.spec_accepted_tokens.load(Ordering::Relaxed);
+            let steps = stats.spec_verify_steps.load(Ordering::Relaxed);
+            if drafted > 0 {
+                line.push_str(&format!(
+                    ", Speculative acceptance: {:.1}%, {:.2} tokens per verifying step",
+                    100.0 * accepted as f64 / drafted as f64,
+                    (accepted + steps) as f64 / steps.max(1) as f64
+                ));
+            }
+        }
+        line
+    }
 }
 
 #[cfg(test)]
@@ -176,10 +264,16 @@ mod tests {
         m.record_generation(5, 7, Some(Duration::from_millis(20)));
         m.set_load(2, 3);
         let text = m.render();
-        assert!(text
-            .contains("worker_candle_requests_total{route=\"/runsync\",outcome=\"completed\"} 2"));
+        assert!(
+            text.contains(
+                "worker_candle_requests_total{route=\"/runsync\",outcome=\"completed\"} 2"
+            ),
+            "{text}"
+        );
         assert!(text
             .contains("worker_candle_requests_total{route=\"/v1/models\",outcome=\"failed\"} 1"));
+        assert!(text.contains("# TYPE worker_candle_requests_total counter"));
+        assert!(text.contains("# HELP worker_candle_prompt_tokens_total Prompt tokens processed."));
         assert!(text.contains("worker_candle_prompt_tokens_total 5"));
         assert!(text.contains("worker_candle_generation_tokens_total 7"));
         assert!(text.contains("worker_candle_queue_depth 2"));
@@ -192,6 +286,24 @@ mod tests {
 
     #[test]
     fn labels_are_escaped() {
-        assert_eq!(escape("a\"b\\c"), "a\\\"b\\\\c");
+        let m = Metrics::default();
+        m.record_request("a\"b\\c", "completed", Duration::from_millis(1));
+        assert!(
+            m.render().contains("route=\"a\\\"b\\\\c\""),
+            "{}",
+            m.render()
+        );
+    }
+
+    #[test]
+    fn the_stats_line_reads_like_vllms() {
+        let m = Metrics::default();
+        let t0 = Instant::now();
+        m.record_generation(100, 50, None);
+        let line = m.stats_line((t0, (0, 0)), (t0 + Duration::from_secs(10), m.tokens()));
+        assert_eq!(
+            line,
+            "Avg prompt throughput: 10.0 tokens/s, Avg generation throughput: 5.0 tokens/s, Running: 0 reqs, Waiting: 0 reqs, KV cache usage: 0.0%"
+        );
     }
 }

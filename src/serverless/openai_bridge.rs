@@ -1,38 +1,21 @@
 //! OpenAI jobs: hands the route and body to the OpenAI front door and shapes its answer as the job's
-//! pieces (spec §7): the response object once, or the streamed chunks grouped by the dynamic batch
-//! policy, as SSE text when `RAW_OPENAI_OUTPUT=1` and as lists of chunk objects otherwise.
+//! pieces: the response object once, or the streamed chunks grouped by the dynamic batch policy, as
+//! SSE text when `RAW_OPENAI_OUTPUT=1` and as lists of chunk objects otherwise.
 
 use futures::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::handler::EngineHandler;
-use super::job::{JobError, PieceStream};
+use super::job::PieceStream;
 use super::metrics::Metrics;
 use super::routing::Method;
-use super::stream_batch::BatchPolicy;
-use crate::api::openai::{self, OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::api::openai::{self, sse, OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::api::stream_batch::BatchPolicy;
 use crate::engine::template::RenderOptions;
 use crate::engine::{Engine, EngineError};
 
-/// One streamed chunk of the OpenAI front door: an object, or the end marker.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Chunk {
-    Data(Value),
-    Done,
-}
-
-impl Chunk {
-    fn sse(&self) -> String {
-        match self {
-            Self::Data(v) => format!("data: {v}\n\n"),
-            Self::Done => "data: [DONE]\n\n".to_string(),
-        }
-    }
-}
-
-pub fn pieces(
+pub(crate) fn pieces(
     handler: &EngineHandler,
-    _job_id: &str,
     route: &str,
     method: Method,
     body: Option<Value>,
@@ -52,22 +35,19 @@ pub fn pieces(
     let metrics = handler.metrics().clone();
     async_stream::stream! {
         match openai::handle(&engine, &settings, &route, method, body).await {
-            OpenAiResponse::Json { status, body } if status < 400 => {
+            OpenAiResponse::Json(body) => {
                 record_usage(&metrics, &body);
                 yield Ok(body)
             }
-            OpenAiResponse::Json { status, body } => yield Err(job_error(status, &body)),
+            OpenAiResponse::Error(e) => yield Err(e),
             OpenAiResponse::Stream(events) => {
                 let metrics = metrics.clone();
-                let chunks = events.map(move |event| match event {
-                    StreamEvent::Data(v) => {
-                        record_usage(&metrics, &v);
-                        Ok(Chunk::Data(v))
+                let events = events.inspect(move |event| {
+                    if let StreamEvent::Data(v) = event {
+                        record_usage(&metrics, v);
                     }
-                    StreamEvent::Done => Ok(Chunk::Done),
-                    StreamEvent::Error(e) => Err(job_error(e.status, &e.body())),
                 });
-                let mut posts = batch_chunks(chunks, raw, policy);
+                let mut posts = batch_chunks(events, raw, policy);
                 while let Some(post) = posts.next().await {
                     yield post;
                 }
@@ -88,23 +68,7 @@ fn record_usage(metrics: &Metrics, body: &Value) {
     }
 }
 
-/// An OpenAI error body (`{"error": {message, type, code}}`) as the job's error.
-fn job_error(status: u16, body: &Value) -> JobError {
-    let error = &body["error"];
-    JobError {
-        message: error["message"]
-            .as_str()
-            .unwrap_or("request failed")
-            .to_string(),
-        kind: error["type"]
-            .as_str()
-            .unwrap_or("InternalServerError")
-            .to_string(),
-        code: status,
-    }
-}
-
-pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
+pub(crate) fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, EngineError> {
     let template = engine.chat_template().ok_or(EngineError::NoChatTemplate)?;
     let options = RenderOptions {
         add_generation_prompt: true,
@@ -115,24 +79,24 @@ pub fn render_chat(engine: &Engine, messages: &[Value]) -> Result<String, Engine
 
 /// Groups chunks into posts of 1, 3, 9, ... chunks (worker-vllm counts each SSE event, `[DONE]`
 /// included in raw mode). Raw: each post is one string of SSE events; otherwise a list of chunk
-/// objects without the end marker.
-pub fn batch_chunks(
-    chunks: impl Stream<Item = Result<Chunk, JobError>> + Send + 'static,
+/// objects without the end marker. An error event ends the stream as the job's error.
+pub(crate) fn batch_chunks(
+    events: impl Stream<Item = StreamEvent> + Send + 'static,
     raw: bool,
     policy: BatchPolicy,
 ) -> PieceStream {
     async_stream::stream! {
         let mut sizer = policy.sizer();
-        let mut pending: Vec<Chunk> = Vec::new();
-        futures::pin_mut!(chunks);
-        while let Some(chunk) = chunks.next().await {
-            match chunk {
-                Err(e) => {
+        let mut pending: Vec<StreamEvent> = Vec::new();
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                StreamEvent::Error(e) => {
                     yield Err(e);
                     return;
                 }
-                Ok(Chunk::Done) if !raw => continue,
-                Ok(chunk) => pending.push(chunk),
+                StreamEvent::Done if !raw => continue,
+                event => pending.push(event),
             }
             if sizer.is_full(pending.len()) {
                 sizer.advance();
@@ -146,16 +110,16 @@ pub fn batch_chunks(
     .boxed()
 }
 
-fn post(chunks: Vec<Chunk>, raw: bool) -> Value {
+fn post(events: Vec<StreamEvent>, raw: bool) -> Value {
     if raw {
-        Value::String(chunks.iter().map(Chunk::sse).collect())
+        Value::String(events.iter().map(|e| sse::frame(&e.payload())).collect())
     } else {
         Value::Array(
-            chunks
+            events
                 .into_iter()
-                .filter_map(|c| match c {
-                    Chunk::Data(v) => Some(v),
-                    Chunk::Done => None,
+                .filter_map(|e| match e {
+                    StreamEvent::Data(v) => Some(v),
+                    _ => None,
                 })
                 .collect(),
         )
@@ -165,11 +129,12 @@ fn post(chunks: Vec<Chunk>, raw: bool) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::error::ApiError;
     use serde_json::json;
 
-    fn chunks(n: usize) -> Vec<Result<Chunk, JobError>> {
-        let mut v: Vec<_> = (0..n).map(|i| Ok(Chunk::Data(json!({"i": i})))).collect();
-        v.push(Ok(Chunk::Done));
+    fn chunks(n: usize) -> Vec<StreamEvent> {
+        let mut v: Vec<_> = (0..n).map(|i| StreamEvent::Data(json!({"i": i}))).collect();
+        v.push(StreamEvent::Done);
         v
     }
 
@@ -211,9 +176,9 @@ mod tests {
     #[tokio::test]
     async fn an_error_ends_the_stream() {
         let items = vec![
-            Ok(Chunk::Data(json!(1))),
-            Err(JobError::internal("x")),
-            Ok(Chunk::Data(json!(2))),
+            StreamEvent::Data(json!(1)),
+            StreamEvent::Error(ApiError::internal("x")),
+            StreamEvent::Data(json!(2)),
         ];
         let posts: Vec<_> =
             batch_chunks(futures::stream::iter(items), false, BatchPolicy::default())

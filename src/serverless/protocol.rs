@@ -1,4 +1,4 @@
-//! The queue's HTTP protocol (spec §1–4): job-take (single and batch), job-stream, job-done, the
+//! The queue's HTTP protocol: job-take (single and batch), job-stream, job-done, the
 //! heartbeat and the job-stop channel. Knows nothing of models; the job loop (`worker.rs`) drives it.
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use super::job::Job;
 use crate::config::{RunpodConfig, Secret};
 
 /// The SDK version whose protocol this worker speaks (sent with each heartbeat).
-pub const SDK_COMPAT_VERSION: &str = "1.12.0";
+pub(crate) const SDK_COMPAT_VERSION: &str = "1.12.0";
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
@@ -19,7 +19,7 @@ pub struct ProtocolError(pub String);
 
 /// What a job-take call brought.
 #[derive(Debug)]
-pub enum TakeOutcome {
+pub(crate) enum TakeOutcome {
     Jobs(Vec<Job>),
     /// 204, 400 (FlashBoot warming up) or an empty answer.
     NoJob,
@@ -142,20 +142,24 @@ impl QueueClient {
         })
     }
 
-    pub fn timings(&self) -> &Timings {
+    pub(crate) fn timings(&self) -> &Timings {
         &self.timings
     }
 
-    pub fn has_heartbeat(&self) -> bool {
+    pub(crate) fn has_heartbeat(&self) -> bool {
         self.heartbeat && self.urls.ping.is_some()
     }
 
-    pub fn has_stop_channel(&self) -> bool {
+    pub(crate) fn has_stop_channel(&self) -> bool {
         self.urls.stop.is_some()
     }
 
     /// Takes up to `n` jobs: the single job-take for one, the batch take for more.
-    pub async fn take(&self, n: usize, in_progress: bool) -> Result<TakeOutcome, ProtocolError> {
+    pub(crate) async fn take(
+        &self,
+        n: usize,
+        in_progress: bool,
+    ) -> Result<TakeOutcome, ProtocolError> {
         let mut url = self.urls.take.clone();
         if n > 1 {
             url = url.replace("/job-take/", "/job-take-batch/");
@@ -195,7 +199,11 @@ impl QueueClient {
     }
 
     /// Posts one streamed piece body (`{"output": piece}`) to job-stream.
-    pub async fn post_stream(&self, job_id: &str, body: &Value) -> Result<(), ProtocolError> {
+    pub(crate) async fn post_stream(
+        &self,
+        job_id: &str,
+        body: &Value,
+    ) -> Result<(), ProtocolError> {
         let Some(url) = &self.urls.stream else {
             return Ok(());
         };
@@ -205,7 +213,7 @@ impl QueueClient {
     }
 
     /// Posts the final result to job-done.
-    pub async fn post_done(
+    pub(crate) async fn post_done(
         &self,
         job_id: &str,
         body: &Value,
@@ -262,7 +270,7 @@ impl QueueClient {
     }
 
     /// The heartbeat, with the ids of the jobs in progress.
-    pub async fn ping(&self, job_ids: &[String]) -> Result<(), ProtocolError> {
+    pub(crate) async fn ping(&self, job_ids: &[String]) -> Result<(), ProtocolError> {
         let Some(url) = &self.urls.ping else {
             return Ok(());
         };
@@ -297,7 +305,7 @@ impl QueueClient {
     }
 
     /// Long-polls the job-stop channel; the ids of jobs to cancel.
-    pub async fn poll_stop(&self) -> Result<Vec<String>, ProtocolError> {
+    pub(crate) async fn poll_stop(&self) -> Result<Vec<String>, ProtocolError> {
         let Some(url) = &self.urls.stop else {
             return Ok(Vec::new());
         };
@@ -349,7 +357,7 @@ fn fibonacci(base: Duration) -> impl Iterator<Item = Duration> {
 /// A legacy take answers one job object, a batch take a list. A job with an `id` but no `input` is
 /// still returned (with a null input) so that it gets an error answer rather than being lost; one
 /// without an `id` cannot be answered and is dropped with a log line.
-pub fn parse_jobs(value: Value) -> Vec<Job> {
+pub(crate) fn parse_jobs(value: Value) -> Vec<Job> {
     let items = match value {
         Value::Array(items) => items,
         Value::Null => Vec::new(),

@@ -1,18 +1,19 @@
-//! Which front door a job goes to (protocol spec §6): the OpenAI passthrough (`openai_route` +
+//! Which front door a job goes to: the OpenAI passthrough (`openai_route` +
 //! `openai_input`), the generic route (`route` + `body` + `method`), or a native worker-vllm input.
 
 use serde_json::{Map, Value};
 
-use super::job::JobError;
+use crate::api::error::ApiError;
+use crate::api::openai::normalize_route;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     Get,
     Post,
 }
 
 impl Method {
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             Self::Get => "GET",
             Self::Post => "POST",
@@ -21,7 +22,7 @@ impl Method {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum JobRequest {
+pub(crate) enum JobRequest {
     /// An OpenAI route, `/v1/...`.
     OpenAi {
         route: String,
@@ -44,19 +45,19 @@ const EMBEDDING_FIELDS: &[&str] = &[
 ];
 
 /// The OpenAI routes a job may name.
-pub const OPENAI_ROUTES: &[(&str, Method)] = &[
+pub(crate) const OPENAI_ROUTES: &[(&str, Method)] = &[
     ("/v1/chat/completions", Method::Post),
     ("/v1/completions", Method::Post),
     ("/v1/models", Method::Get),
     ("/v1/embeddings", Method::Post),
 ];
 
-pub fn parse(input: &Value) -> Result<JobRequest, JobError> {
+pub(crate) fn parse(input: &Value) -> Result<JobRequest, ApiError> {
     let fields = match input {
         Value::Object(fields) => fields,
-        Value::Null => return Err(JobError::bad_request("the job has no `input`")),
+        Value::Null => return Err(ApiError::bad_request("the job has no `input`")),
         other => {
-            return Err(JobError::bad_request(format!(
+            return Err(ApiError::bad_request(format!(
                 "the job's `input` must be a JSON object, got {other}"
             )))
         }
@@ -72,7 +73,7 @@ pub fn parse(input: &Value) -> Result<JobRequest, JobError> {
     if let Some(batch) = non_null(fields.get("batch")) {
         return match batch {
             Value::Array(lines) => Ok(JobRequest::Batch(lines.clone())),
-            other => Err(JobError::bad_request(format!(
+            other => Err(ApiError::bad_request(format!(
                 "`batch` must be a list of batch requests ({{\"custom_id\", \"method\", \"url\", \"body\"}}), got {other}"
             ))),
         };
@@ -109,19 +110,19 @@ fn openai(
     body: Option<&Value>,
     body_field: &str,
     method: Option<&Value>,
-) -> Result<JobRequest, JobError> {
+) -> Result<JobRequest, ApiError> {
     let Value::String(route) = route else {
-        return Err(JobError::bad_request(format!(
+        return Err(ApiError::bad_request(format!(
             "`{route_field}` must be a string such as \"/v1/chat/completions\", got {route}"
         )));
     };
     let path = normalize_route(route);
-    if let Some(body) = body {
-        if !body.is_object() {
-            return Err(JobError::bad_request(format!(
-                "`{body_field}` must be a JSON object, got {body}"
-            )));
-        }
+    if let Some(body) = body
+        && !body.is_object()
+    {
+        return Err(ApiError::bad_request(format!(
+            "`{body_field}` must be a JSON object, got {body}"
+        )));
     }
     let method = match method {
         None => {
@@ -134,14 +135,14 @@ fn openai(
         Some(Value::String(m)) if m.eq_ignore_ascii_case("GET") => Method::Get,
         Some(Value::String(m)) if m.eq_ignore_ascii_case("POST") => Method::Post,
         Some(other) => {
-            return Err(JobError::bad_request(format!(
+            return Err(ApiError::bad_request(format!(
                 "`method` must be \"GET\" or \"POST\", got {other}"
             )))
         }
     };
     let Some((_, expected)) = OPENAI_ROUTES.iter().find(|(r, _)| *r == path) else {
         let known: Vec<&str> = OPENAI_ROUTES.iter().map(|(r, _)| *r).collect();
-        return Err(JobError::not_found(format!(
+        return Err(ApiError::not_found(format!(
             "unknown route `{route}`; this worker serves {}",
             known.join(", ")
         )));
@@ -152,32 +153,17 @@ fn openai(
         } else {
             String::new()
         };
-        return Err(JobError {
-            message: format!(
-                "`{path}` takes {}, not {}{hint}",
-                expected.as_str(),
-                method.as_str()
-            ),
-            kind: "MethodNotAllowedError".into(),
-            code: 405,
-        });
+        return Err(ApiError::method_not_allowed(format!(
+            "`{path}` takes {}, not {}{hint}",
+            expected.as_str(),
+            method.as_str()
+        )));
     }
     Ok(JobRequest::OpenAi {
         route: path,
         method,
         body: body.cloned(),
     })
-}
-
-/// `/openai/v1/x`, `v1/x` and `/v1/x/` all mean `/v1/x`.
-fn normalize_route(route: &str) -> String {
-    let trimmed = route.trim().trim_end_matches('/');
-    let trimmed = trimmed.strip_prefix("/openai").unwrap_or(trimmed);
-    if trimmed.starts_with('/') {
-        trimmed.to_string()
-    } else {
-        format!("/{trimmed}")
-    }
 }
 
 #[cfg(test)]
@@ -242,9 +228,9 @@ mod tests {
         assert_eq!(batch, JobRequest::Batch(vec![json!({"custom_id": "a"})]));
         let err = parse(&json!({"batch": "nope"})).unwrap_err();
         assert!(
-            err.message.contains("`batch` must be a list"),
+            err.message().contains("`batch` must be a list"),
             "{}",
-            err.message
+            err.message()
         );
         let emb =
             parse(&json!({"embedding_input": ["a", "b"], "dimensions": 8, "prompt": "x"})).unwrap();
@@ -261,25 +247,28 @@ mod tests {
     #[test]
     fn bad_jobs_get_clear_errors() {
         let missing = parse(&Value::Null).unwrap_err();
-        assert!(missing.message.contains("no `input`"));
-        assert_eq!(parse(&json!("text")).unwrap_err().code, 400);
+        assert!(missing.message().contains("no `input`"));
+        assert_eq!(parse(&json!("text")).unwrap_err().status(), 400);
         let unknown = parse(&json!({"openai_route": "/v1/images"})).unwrap_err();
-        assert_eq!(unknown.code, 404);
-        assert!(unknown.message.contains("/v1/images"));
-        assert_eq!(parse(&json!({"openai_route": 5})).unwrap_err().code, 400);
+        assert_eq!(unknown.status(), 404);
+        assert!(unknown.message().contains("/v1/images"));
+        assert_eq!(
+            parse(&json!({"openai_route": 5})).unwrap_err().status(),
+            400
+        );
         assert_eq!(
             parse(&json!({"openai_route": "/v1/chat/completions", "openai_input": "hi"}))
                 .unwrap_err()
-                .code,
+                .status(),
             400
         );
         let no_body = parse(&json!({"openai_route": "/v1/chat/completions"})).unwrap_err();
-        assert_eq!(no_body.code, 405);
-        assert!(no_body.message.contains("openai_input"));
+        assert_eq!(no_body.status(), 405);
+        assert!(no_body.message().contains("openai_input"));
         assert_eq!(
             parse(&json!({"route": "/v1/models", "method": "DELETE"}))
                 .unwrap_err()
-                .code,
+                .status(),
             400
         );
     }

@@ -1,4 +1,4 @@
-//! A RunPod queue emulator speaking the protocol over real HTTP (spec §1–4): job-take and
+//! A RunPod queue emulator speaking the protocol over real HTTP: job-take and
 //! job-take-batch, job-stream, job-done, ping and job-stop. It records every call and can inject
 //! faults (an error status, a slow answer, a dropped connection) into the next calls of an endpoint.
 

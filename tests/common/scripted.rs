@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
-use worker_candle::serverless::job::{Job, JobError, JobHandler, PieceStream};
+use worker_candle::api::error::ApiError;
+use worker_candle::serverless::job::{Job, JobHandler, PieceStream};
 
 /// Yields `pieces` strings `"p0"`, `"p1"`, ... with `delay_ms` between them; `forever` never ends;
 /// `fail` ends with that error. Counts how many jobs run at once.
@@ -48,7 +49,7 @@ impl JobHandler for Handler {
                 futures::future::pending::<()>().await;
             }
             if let Some(message) = input["fail"].as_str() {
-                yield Err(JobError::bad_request(message));
+                yield Err(ApiError::bad_request(message));
             }
         }
         .boxed()

@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end suite. `tests/openai_client.rs` starts `worker-candle serve` on a fixture
+"""Fixtures for the end-to-end suite. `tests/it/openai_client.rs` starts `worker-candle serve` on a fixture
 model and runs pytest with:
 
 - WORKER_BASE_URL: the server's root URL (e.g. http://127.0.0.1:40123)
@@ -17,7 +17,7 @@ from openai import OpenAI
 def _env(name):
     value = os.environ.get(name)
     if not value:
-        pytest.skip(f"{name} is not set: run this suite through `cargo test --test openai_client`")
+        pytest.skip(f"{name} is not set: run this suite through `cargo test --test it openai_client`")
     return value
 
 

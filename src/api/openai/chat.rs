@@ -5,12 +5,12 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
-use super::error::OpenAiError;
 use super::outcome::{collect, ChoiceOutcome};
 use super::params::{sampling_params, stream_options, Body, MAX_LOGPROBS};
 use super::shapes;
 use super::tools::{parse_tool_calls, ToolCall, ToolCallDetector};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::api::error::ApiError;
 use crate::engine::template::{ChatTemplate, RenderOptions};
 use crate::engine::{
     ChoiceDelta, Engine, EngineError, GenerateRequest, GenerationEvent, GenerationStream, Prompt,
@@ -19,7 +19,7 @@ use crate::engine::{
 
 /// `tool_choice`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ToolChoice {
+pub(crate) enum ToolChoice {
     None,
     Auto,
     Required,
@@ -28,7 +28,7 @@ pub enum ToolChoice {
 
 /// A parsed chat request.
 #[derive(Debug, Clone)]
-pub struct ChatRequest {
+pub(crate) struct ChatRequest {
     /// Messages as the template sees them (content parts joined, tool-call arguments as objects).
     pub messages: Vec<Value>,
     pub tools: Option<Vec<Value>>,
@@ -50,12 +50,12 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     /// Whether output is parsed for tool calls.
-    pub fn parses_tools(&self) -> bool {
+    pub(crate) fn parses_tools(&self) -> bool {
         self.tools.is_some() && self.tool_choice != ToolChoice::None
     }
 }
 
-pub fn parse(body: &Body<'_>) -> Result<ChatRequest, OpenAiError> {
+pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
     let mut messages = parse_messages(body.raw("messages"))?;
     let mut params = sampling_params(body, None)?;
     if let Some(max) = body.get::<usize>("max_completion_tokens")? {
@@ -65,13 +65,13 @@ pub fn parse(body: &Body<'_>) -> Result<ChatRequest, OpenAiError> {
     let top_logprobs: Option<usize> = body.get("top_logprobs")?;
     match top_logprobs {
         Some(k) if k > MAX_LOGPROBS => {
-            return Err(OpenAiError::invalid(
+            return Err(ApiError::invalid(
                 "top_logprobs",
                 format!("`top_logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
             ))
         }
         Some(_) if !logprobs => {
-            return Err(OpenAiError::invalid(
+            return Err(ApiError::invalid(
                 "top_logprobs",
                 "`top_logprobs` needs `logprobs` set to true",
             ))
@@ -86,7 +86,7 @@ pub fn parse(body: &Body<'_>) -> Result<ChatRequest, OpenAiError> {
     let add_generation_prompt = body.flag("add_generation_prompt", true)?;
     let continue_final_message = body.flag("continue_final_message", false)?;
     if add_generation_prompt && continue_final_message {
-        return Err(OpenAiError::invalid(
+        return Err(ApiError::invalid(
             "continue_final_message",
             "`continue_final_message` needs `add_generation_prompt` set to false",
         ));
@@ -112,8 +112,8 @@ pub fn parse(body: &Body<'_>) -> Result<ChatRequest, OpenAiError> {
 
 /// Messages as templates expect them: `content` a string (text parts joined) or null, and assistant
 /// tool-call `arguments` parsed from their JSON text into objects (as vLLM hands them to templates).
-fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, OpenAiError> {
-    let invalid = |m: String| OpenAiError::invalid("messages", m);
+fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, ApiError> {
+    let invalid = |m: String| ApiError::invalid("messages", m);
     let items = match value {
         Some(Value::Array(items)) if !items.is_empty() => items,
         Some(Value::Array(_)) => return Err(invalid("`messages` must not be empty".into())),
@@ -137,12 +137,11 @@ fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, OpenAiError> {
             message.insert("content".into(), content);
             if let Some(Value::Array(calls)) = message.get_mut("tool_calls") {
                 for call in calls.iter_mut() {
-                    if let Some(args) = call.pointer_mut("/function/arguments") {
-                        if let Value::String(text) = args {
-                            if let Ok(parsed) = serde_json::from_str::<Value>(text) {
-                                *args = parsed;
-                            }
-                        }
+                    if let Some(args) = call.pointer_mut("/function/arguments")
+                        && let Value::String(text) = args
+                        && let Ok(parsed) = serde_json::from_str::<Value>(text)
+                    {
+                        *args = parsed;
                     }
                 }
             }
@@ -176,7 +175,7 @@ fn normalize_content(content: Option<&Value>) -> Result<Value, String> {
     }
 }
 
-fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), OpenAiError> {
+fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), ApiError> {
     let tools: Option<Vec<Value>> = body.get("tools")?;
     if let Some(tools) = &tools {
         for (i, tool) in tools.iter().enumerate() {
@@ -186,14 +185,14 @@ fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), Open
                     .and_then(Value::as_str)
                     .is_some();
             if !ok {
-                return Err(OpenAiError::invalid(
+                return Err(ApiError::invalid(
                     "tools",
                     format!("tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"),
                 ));
             }
         }
     }
-    let invalid = |m: &str| OpenAiError::invalid("tool_choice", m);
+    let invalid = |m: &str| ApiError::invalid("tool_choice", m);
     let choice = match body.raw("tool_choice") {
         None => ToolChoice::Auto,
         Some(Value::String(s)) => match s.as_str() {
@@ -238,7 +237,7 @@ fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), Open
 
 /// `response_format`: `json_object` / `json_schema` are best effort (no constrained decoding): the
 /// system message asks for JSON (and the schema).
-fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(), OpenAiError> {
+fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(), ApiError> {
     let Some(format) = body.raw("response_format") else {
         return Ok(());
     };
@@ -255,7 +254,7 @@ fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(
             format!("Respond with a single valid JSON object that follows this JSON schema, and nothing else: {schema}")
         }
         _ => {
-            return Err(OpenAiError::invalid(
+            return Err(ApiError::invalid(
                 "response_format",
                 "`response_format.type` must be text, json_object or json_schema",
             ))
@@ -273,7 +272,7 @@ fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(
 }
 
 /// Renders the conversation with the request's template, else the model's (or CUSTOM_CHAT_TEMPLATE).
-pub fn render(engine: &Engine, request: &ChatRequest) -> Result<String, OpenAiError> {
+pub(crate) fn render(engine: &Engine, request: &ChatRequest) -> Result<String, ApiError> {
     let own;
     let template = match &request.chat_template {
         Some(source) => {
@@ -302,11 +301,11 @@ pub fn render(engine: &Engine, request: &ChatRequest) -> Result<String, OpenAiEr
     Ok(template.render(&request.messages, &options)?)
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,
     body: &Body<'_>,
-) -> Result<OpenAiResponse, OpenAiError> {
+) -> Result<OpenAiResponse, ApiError> {
     let request = parse(body)?;
     let prompt = render(engine, &request)?;
     let id = shapes::new_id("chatcmpl");
@@ -340,7 +339,7 @@ pub async fn handle(
     if let Some(lps) = &outcome.prompt_logprobs {
         body["prompt_logprobs"] = shapes::prompt_logprobs(&outcome.prompt_token_ids, lps);
     }
-    Ok(OpenAiResponse::Json { status: 200, body })
+    Ok(OpenAiResponse::Json(body))
 }
 
 /// The echoed start of the reply (vLLM's chat `echo`).
@@ -393,15 +392,15 @@ impl Reply {
         let text = format!("{}{}", self.echo, choice.text);
         let mut finish_reason = shapes::finish_reason(choice.finish.as_ref());
         let mut message = json!({"role": self.role, "content": text});
-        if request.parses_tools() {
-            if let Some((content, mut calls)) = parse_tool_calls(&text) {
-                if !request.parallel_tool_calls {
-                    calls.truncate(1);
-                }
-                message["content"] = content.map_or(Value::Null, Value::String);
-                message["tool_calls"] = tool_calls_json(&calls);
-                finish_reason = json!("tool_calls");
+        if request.parses_tools()
+            && let Some((content, mut calls)) = parse_tool_calls(&text)
+        {
+            if !request.parallel_tool_calls {
+                calls.truncate(1);
             }
+            message["content"] = content.map_or(Value::Null, Value::String);
+            message["tool_calls"] = tool_calls_json(&calls);
+            finish_reason = json!("tool_calls");
         }
         let logprobs = request
             .top_logprobs
@@ -513,7 +512,7 @@ fn stream_chunks(
                 }
                 GenerationEvent::Delta(delta) => {
                     let Some(choice) = choices.get_mut(delta.index) else {
-                        yield StreamEvent::Error(OpenAiError::internal("the engine sent an unknown choice"));
+                        yield StreamEvent::Error(ApiError::internal("the engine sent an unknown choice"));
                         break;
                     };
                     for chunk in choice.on_delta(&reply, &request, delta) {
@@ -544,7 +543,7 @@ fn stream_chunks(
 mod tests {
     use super::*;
 
-    fn parse_json(v: Value) -> Result<ChatRequest, OpenAiError> {
+    fn parse_json(v: Value) -> Result<ChatRequest, ApiError> {
         parse(&Body(v.as_object().unwrap()))
     }
 
@@ -561,15 +560,15 @@ mod tests {
         let e = parse_json(json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "x"}}]}]}))
         .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages"));
-        assert!(e.message.contains("image_url"));
+        assert_eq!(e.param(), Some("messages"));
+        assert!(e.message().contains("image_url"));
         for bad in [
             json!({}),
             json!({"messages": []}),
             json!({"messages": [{"content": "x"}]}),
             json!({"messages": ["x"]}),
         ] {
-            assert_eq!(parse_json(bad).unwrap_err().status, 400);
+            assert_eq!(parse_json(bad).unwrap_err().status(), 400);
         }
     }
 
@@ -606,10 +605,10 @@ mod tests {
             (None, None, true)
         );
         let e = parse_json(json!({"messages": user("x"), "top_logprobs": 2})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        assert_eq!(e.param(), Some("top_logprobs"));
         let e =
             parse_json(json!({"messages": user("x"), "continue_final_message": true})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("continue_final_message"));
+        assert_eq!(e.param(), Some("continue_final_message"));
     }
 
     fn tool(name: &str) -> Value {
@@ -637,7 +636,7 @@ mod tests {
             json!({"messages": user("x"), "tools": [{"type": "function"}]}),
         ] {
             let e = parse_json(bad).unwrap_err();
-            assert_eq!(e.status, 400);
+            assert_eq!(e.status(), 400);
         }
     }
 

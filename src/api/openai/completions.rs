@@ -5,11 +5,11 @@ use futures::stream::{self, BoxStream};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::error::OpenAiError;
 use super::outcome::{collect, Outcome};
 use super::params::{sampling_params, stream_options, Body, MAX_LOGPROBS};
 use super::shapes::{self, LegacyLogprobs};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::api::error::ApiError;
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::{
     ChoiceDelta, Engine, GenerateRequest, GenerationEvent, GenerationStream, Prompt,
@@ -18,7 +18,7 @@ use crate::engine::{
 
 /// A parsed completions request.
 #[derive(Debug, Clone)]
-pub struct CompletionRequest {
+pub(crate) struct CompletionRequest {
     pub prompts: Vec<Prompt>,
     pub params: SamplingParams,
     pub echo: bool,
@@ -26,9 +26,9 @@ pub struct CompletionRequest {
     pub include_usage: bool,
 }
 
-pub fn parse(body: &Body<'_>) -> Result<CompletionRequest, OpenAiError> {
+pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
     if body.raw("suffix").is_some() {
-        return Err(OpenAiError::invalid(
+        return Err(ApiError::invalid(
             "suffix",
             "`suffix` is not supported (as in vLLM): this worker completes prompts only at their end",
         ));
@@ -36,13 +36,13 @@ pub fn parse(body: &Body<'_>) -> Result<CompletionRequest, OpenAiError> {
     let prompts = parse_prompts(body.raw("prompt"))?;
     let mut params = sampling_params(body, Some(16))?;
     let logprobs: Option<usize> = body.get("logprobs")?;
-    if let Some(k) = logprobs {
-        if k > MAX_LOGPROBS {
-            return Err(OpenAiError::invalid(
-                "logprobs",
-                format!("`logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
-            ));
-        }
+    if let Some(k) = logprobs
+        && k > MAX_LOGPROBS
+    {
+        return Err(ApiError::invalid(
+            "logprobs",
+            format!("`logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
+        ));
     }
     let echo = body.flag("echo", false)?;
     params.logprobs = logprobs;
@@ -60,9 +60,9 @@ pub fn parse(body: &Body<'_>) -> Result<CompletionRequest, OpenAiError> {
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of token-id lists.
-fn parse_prompts(value: Option<&Value>) -> Result<Vec<Prompt>, OpenAiError> {
-    let invalid = |m: &str| OpenAiError::invalid("prompt", m);
-    let tokens = |items: &[Value]| -> Result<Vec<u32>, OpenAiError> {
+fn parse_prompts(value: Option<&Value>) -> Result<Vec<Prompt>, ApiError> {
+    let invalid = |m: &str| ApiError::invalid("prompt", m);
+    let tokens = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
         items
             .iter()
             .map(|v| {
@@ -109,7 +109,7 @@ fn submit(
     engine: &Engine,
     id: &str,
     request: &CompletionRequest,
-) -> Result<Vec<GenerationStream>, OpenAiError> {
+) -> Result<Vec<GenerationStream>, ApiError> {
     request
         .prompts
         .iter()
@@ -123,22 +123,23 @@ fn submit(
                     params: request.params.clone(),
                 })
                 .map_err(|e| {
-                    let mut e = OpenAiError::from(e);
+                    let e = ApiError::from(e);
                     // The engine names `messages` for an over-long prompt; here it is `prompt`.
-                    if e.param.as_deref() == Some("messages") {
-                        e.param = Some("prompt".into());
+                    if e.param() == Some("messages") {
+                        e.with_param("prompt")
+                    } else {
+                        e
                     }
-                    e
                 })
         })
         .collect()
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,
     body: &Body<'_>,
-) -> Result<OpenAiResponse, OpenAiError> {
+) -> Result<OpenAiResponse, ApiError> {
     let request = parse(body)?;
     let id = shapes::new_id("cmpl");
     let streams = submit(engine, &id, &request)?;
@@ -157,7 +158,7 @@ pub async fn handle(
     let outcomes =
         futures::future::try_join_all(streams.into_iter().map(|s| collect(s, n))).await?;
     let body = response(&header, &request, &outcomes, &tokenizer)?;
-    Ok(OpenAiResponse::Json { status: 200, body })
+    Ok(OpenAiResponse::Json(body))
 }
 
 #[derive(Debug, Clone)]
@@ -181,7 +182,7 @@ impl Header {
 }
 
 /// The echoed prompt: its text, and its tokens for logprobs.
-fn echo_text(prompt: &Prompt, tokenizer: &Tokenizer) -> Result<String, OpenAiError> {
+fn echo_text(prompt: &Prompt, tokenizer: &Tokenizer) -> Result<String, ApiError> {
     match prompt {
         Prompt::Text(text) => Ok(text.clone()),
         Prompt::Tokens(ids) => Ok(tokenizer.decode(ids, false)?),
@@ -208,7 +209,7 @@ fn response(
     request: &CompletionRequest,
     outcomes: &[Outcome],
     tokenizer: &Tokenizer,
-) -> Result<Value, OpenAiError> {
+) -> Result<Value, ApiError> {
     let mut choices = Vec::new();
     let mut total = Usage::default();
     for (p, outcome) in outcomes.iter().enumerate() {
@@ -288,7 +289,7 @@ impl ChunkState {
         p: usize,
         ids: &[u32],
         logprobs: Option<&Vec<Option<TokenLogprob>>>,
-    ) -> Result<Vec<Value>, OpenAiError> {
+    ) -> Result<Vec<Value>, ApiError> {
         if !self.request.echo {
             return Ok(Vec::new());
         }
@@ -395,7 +396,7 @@ fn stream_chunks(
             }
         }
         if done < prompts {
-            yield StreamEvent::Error(OpenAiError::internal("the engine ended the request without finishing it"));
+            yield StreamEvent::Error(ApiError::internal("the engine ended the request without finishing it"));
         } else if include_usage {
             let mut chunk = state.header.object(json!([]));
             chunk["usage"] = shapes::usage(&usage);
@@ -410,7 +411,7 @@ fn stream_chunks(
 mod tests {
     use super::*;
 
-    fn parse_json(v: Value) -> Result<CompletionRequest, OpenAiError> {
+    fn parse_json(v: Value) -> Result<CompletionRequest, ApiError> {
         parse(&Body(v.as_object().unwrap()))
     }
 
@@ -433,19 +434,15 @@ mod tests {
             json!({"prompt": 5}),
         ] {
             let e = parse_json(bad.clone()).unwrap_err();
-            assert_eq!(
-                (e.status, e.param.as_deref()),
-                (400, Some("prompt")),
-                "{bad}"
-            );
+            assert_eq!((e.status(), e.param()), (400, Some("prompt")), "{bad}");
         }
     }
 
     #[test]
     fn suffix_is_refused_clearly() {
         let e = parse_json(json!({"prompt": "a", "suffix": "b"})).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("suffix"));
-        assert!(e.message.contains("not supported"));
+        assert_eq!(e.param(), Some("suffix"));
+        assert!(e.message().contains("not supported"));
     }
 
     #[test]

@@ -5,27 +5,27 @@
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::error::OpenAiError;
 use super::params::Body;
 use super::{shapes, OpenAiResponse, OpenAiSettings};
+use crate::api::error::ApiError;
 use crate::engine::{EmbedRequest, Engine};
 
 /// One input before tokenization.
 #[derive(Debug, Clone, PartialEq)]
-pub enum EmbedInput {
+pub(crate) enum EmbedInput {
     Text(String),
     Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EncodingFormat {
+pub(crate) enum EncodingFormat {
     Float,
     Base64,
 }
 
 /// A parsed embeddings request.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EmbeddingsRequest {
+pub(crate) struct EmbeddingsRequest {
     pub inputs: Vec<EmbedInput>,
     pub encoding_format: EncodingFormat,
     pub dimensions: Option<usize>,
@@ -34,8 +34,8 @@ pub struct EmbeddingsRequest {
     pub add_special_tokens: bool,
 }
 
-fn invalid_input() -> OpenAiError {
-    OpenAiError::invalid(
+fn invalid_input() -> ApiError {
+    ApiError::invalid(
         "input",
         "`input` must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     )
@@ -48,14 +48,14 @@ fn token_ids(v: &[Value]) -> Option<Vec<u32>> {
 }
 
 /// `input` in any of its four shapes.
-pub fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, OpenAiError> {
+pub(crate) fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, ApiError> {
     let Some(input) = input else {
-        return Err(OpenAiError::invalid("input", "`input` is required"));
+        return Err(ApiError::invalid("input", "`input` is required"));
     };
     let inputs = match input {
         Value::String(s) => vec![EmbedInput::Text(s.clone())],
         Value::Array(items) if items.is_empty() => {
-            return Err(OpenAiError::invalid("input", "`input` is an empty list"))
+            return Err(ApiError::invalid("input", "`input` is an empty list"))
         }
         Value::Array(items) if items.iter().all(Value::is_string) => items
             .iter()
@@ -76,7 +76,7 @@ pub fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, OpenAiError
                     .ok_or_else(invalid_input)?;
                 Ok(EmbedInput::Tokens(ids))
             })
-            .collect::<Result<_, OpenAiError>>()?,
+            .collect::<Result<_, ApiError>>()?,
         _ => return Err(invalid_input()),
     };
     for (i, input) in inputs.iter().enumerate() {
@@ -85,18 +85,18 @@ pub fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, OpenAiError
             EmbedInput::Tokens(t) => t.is_empty(),
         };
         if empty {
-            return Err(OpenAiError::invalid("input", format!("input {i} is empty")));
+            return Err(ApiError::invalid("input", format!("input {i} is empty")));
         }
     }
     Ok(inputs)
 }
 
-pub fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, OpenAiError> {
+pub(crate) fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, ApiError> {
     let encoding_format = match body.get::<String>("encoding_format")?.as_deref() {
         None | Some("float") => EncodingFormat::Float,
         Some("base64") => EncodingFormat::Base64,
         Some(other) => {
-            return Err(OpenAiError::invalid(
+            return Err(ApiError::invalid(
                 "encoding_format",
                 format!("`encoding_format` must be \"float\" or \"base64\", got \"{other}\""),
             ))
@@ -105,7 +105,7 @@ pub fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, OpenAiError> {
     let dimensions: Option<i64> = body.get("dimensions")?;
     let dimensions = match dimensions {
         Some(d) if d < 1 => {
-            return Err(OpenAiError::invalid(
+            return Err(ApiError::invalid(
                 "dimensions",
                 "`dimensions` must be at least 1",
             ))
@@ -114,7 +114,7 @@ pub fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, OpenAiError> {
     };
     let truncate_prompt_tokens: Option<i64> = body.get("truncate_prompt_tokens")?;
     if matches!(truncate_prompt_tokens, Some(k) if k < 1 && k != -1) {
-        return Err(OpenAiError::invalid(
+        return Err(ApiError::invalid(
             "truncate_prompt_tokens",
             "`truncate_prompt_tokens` must be at least 1 (or -1 for the model's maximum)",
         ));
@@ -134,12 +134,12 @@ fn tokenize(
     engine: &Engine,
     request: &EmbeddingsRequest,
     max_len: usize,
-) -> Result<Vec<Vec<u32>>, OpenAiError> {
+) -> Result<Vec<Vec<u32>>, ApiError> {
     let keep = match request.truncate_prompt_tokens {
         None => None,
         Some(-1) => Some(max_len),
         Some(k) if k as usize > max_len => {
-            return Err(OpenAiError::invalid(
+            return Err(ApiError::invalid(
                 "truncate_prompt_tokens",
                 format!(
                     "`truncate_prompt_tokens` is {k}, more than the model's maximum context length of {max_len} tokens (max_position_embeddings)"
@@ -165,7 +165,7 @@ fn tokenize(
 }
 
 /// A vector as base64 of its little-endian float32 bytes (what the OpenAI client decodes).
-pub fn encode_base64(v: &[f32]) -> String {
+pub(crate) fn encode_base64(v: &[f32]) -> String {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -215,14 +215,14 @@ fn response(
     })
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,
     body: &Body<'_>,
-) -> Result<OpenAiResponse, OpenAiError> {
+) -> Result<OpenAiResponse, ApiError> {
     if !engine.info().can_embed {
-        return Err(OpenAiError::bad_request(
-            Some("model"),
+        return Err(ApiError::invalid(
+            "model",
             format!(
                 "The model `{}` does not serve embeddings (it is not an embedding model)",
                 settings.served_model_name
@@ -238,15 +238,12 @@ pub async fn handle(
             dimensions: request.dimensions,
         })
         .await?;
-    Ok(OpenAiResponse::Json {
-        status: 200,
-        body: response(
-            &settings.served_model_name,
-            request.encoding_format,
-            &out.embeddings,
-            out.prompt_tokens,
-        ),
-    })
+    Ok(OpenAiResponse::Json(response(
+        &settings.served_model_name,
+        request.encoding_format,
+        &out.embeddings,
+        out.prompt_tokens,
+    )))
 }
 
 #[cfg(test)]
@@ -284,11 +281,7 @@ mod tests {
             json!(3),
         ] {
             let e = p(bad.clone()).unwrap_err();
-            assert_eq!(
-                (e.status, e.param.as_deref()),
-                (400, Some("input")),
-                "{bad}"
-            );
+            assert_eq!((e.status(), e.param()), (400, Some("input")), "{bad}");
         }
         assert!(parse_input(None).is_err());
     }
@@ -321,7 +314,7 @@ mod tests {
             ),
         ] {
             let e = parse(&body(&bad)).unwrap_err();
-            assert_eq!(e.param.as_deref(), Some(param), "{bad}");
+            assert_eq!(e.param(), Some(param), "{bad}");
         }
     }
 

@@ -1,26 +1,24 @@
-//! The OpenAI-compatible API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+//! The OpenAI-compatible API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
+//! `/v1/embeddings`.
 //!
 //! Transport-neutral: [`handle`] takes a route, a method and a JSON body and answers with a JSON
-//! object or a stream of chunk events, so the local HTTP server ([`router`]) and the queue worker
+//! object, an error or a stream of chunk events, so the local HTTP server and the queue worker
 //! (`openai_route` + `openai_input` jobs) share one implementation.
 
-pub mod chat;
-pub mod completions;
+pub(crate) mod chat;
+pub(crate) mod completions;
 pub mod embeddings;
-pub mod error;
-pub mod http;
-pub mod outcome;
-pub mod params;
-pub mod shapes;
-pub mod tools;
+pub(crate) mod outcome;
+pub(crate) mod params;
+pub(crate) mod shapes;
+pub(crate) mod sse;
+pub(crate) mod tools;
 
 use axum::http::Method;
 use futures::stream::BoxStream;
 use serde_json::{json, Value};
 
-pub use error::OpenAiError;
-pub use http::router;
-
+use crate::api::error::ApiError;
 use crate::engine::Engine;
 use params::Body;
 
@@ -33,73 +31,64 @@ pub struct OpenAiSettings {
     pub response_role: String,
 }
 
-impl OpenAiSettings {
-    /// The engine's served name and the `assistant` role.
-    pub fn for_engine(engine: &Engine) -> Self {
-        Self {
-            served_model_name: engine.info().served_model_name.clone(),
-            response_role: "assistant".into(),
-        }
-    }
-}
-
 /// One event of a streamed answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     /// A chunk object (`chat.completion.chunk` or `text_completion`).
     Data(Value),
     /// A failure after the stream started, sent as `data: {"error": {...}}`.
-    Error(OpenAiError),
+    Error(ApiError),
     /// The end marker, `data: [DONE]`.
     Done,
 }
 
 impl StreamEvent {
-    /// The event as Server-Sent Events text.
-    pub fn sse(&self) -> String {
+    /// The event's `data:` payload (see [`sse`] for the framing).
+    pub(crate) fn payload(&self) -> String {
         match self {
-            Self::Data(v) => format!("data: {v}\n\n"),
-            Self::Error(e) => format!("data: {}\n\n", e.body()),
-            Self::Done => "data: [DONE]\n\n".to_string(),
+            Self::Data(v) => v.to_string(),
+            Self::Error(e) => e.openai_body().to_string(),
+            Self::Done => sse::DONE.to_string(),
         }
     }
 }
 
 /// The answer to one OpenAI request.
 pub enum OpenAiResponse {
-    Json { status: u16, body: Value },
+    /// The response object (status 200).
+    Json(Value),
+    /// A failure before anything was sent.
+    Error(ApiError),
     Stream(BoxStream<'static, StreamEvent>),
-}
-
-impl OpenAiResponse {
-    pub fn error(e: &OpenAiError) -> Self {
-        Self::Json {
-            status: e.status,
-            body: e.body(),
-        }
-    }
 }
 
 impl std::fmt::Debug for OpenAiResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Json { status, body } => write!(f, "Json({status}, {body})"),
+            Self::Json(body) => write!(f, "Json({body})"),
+            Self::Error(e) => write!(f, "Error({e})"),
             Self::Stream(_) => write!(f, "Stream(..)"),
         }
     }
 }
 
-/// `/openai/v1/x`, `/v1/x` and `x` all name route `/v1/x`.
-fn normalize_route(route: &str) -> String {
-    let route = route.split('?').next().unwrap_or("").trim_end_matches('/');
+/// The one route normaliser, shared by the HTTP router and the queue's `openai_route`:
+/// `/openai/v1/x`, `/v1/x`, `v1/x`, `x` and `/v1/x/` (query ignored) all name route `/v1/x`.
+pub(crate) fn normalize_route(route: &str) -> String {
+    let route = route
+        .trim()
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/');
     let tail = route
         .strip_prefix("/openai")
         .unwrap_or(route)
         .trim_start_matches('/');
-    let tail = tail
-        .strip_prefix("v1")
-        .unwrap_or(tail)
-        .trim_start_matches('/');
+    let tail = match tail.strip_prefix("v1") {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_start_matches('/'),
+        _ => tail,
+    };
     format!("/v1/{tail}")
 }
 
@@ -121,7 +110,7 @@ pub async fn handle(
     .await
     {
         Ok(response) => response,
-        Err(e) => OpenAiResponse::error(&e),
+        Err(e) => OpenAiResponse::Error(e),
     }
 }
 
@@ -131,25 +120,20 @@ async fn dispatch(
     route: &str,
     method: Method,
     body: Option<&Value>,
-) -> Result<OpenAiResponse, OpenAiError> {
+) -> Result<OpenAiResponse, ApiError> {
     let post = |route: &str| {
         if method == Method::POST {
             Ok(())
         } else {
-            Err(OpenAiError::method_not_allowed(format!(
-                "{route} takes POST"
-            )))
+            Err(ApiError::method_not_allowed(format!("{route} takes POST")))
         }
     };
     match route {
         "/v1/models" => {
             if method != Method::GET {
-                return Err(OpenAiError::method_not_allowed("/v1/models takes GET"));
+                return Err(ApiError::method_not_allowed("/v1/models takes GET"));
             }
-            Ok(OpenAiResponse::Json {
-                status: 200,
-                body: models(engine, settings),
-            })
+            Ok(OpenAiResponse::Json(models(engine, settings)))
         }
         "/v1/completions" => {
             post(route)?;
@@ -169,23 +153,19 @@ async fn dispatch(
             check_model(&body, settings)?;
             embeddings::handle(engine, settings, &body).await
         }
-        _ => Err(OpenAiError::not_found(
-            None,
-            format!("no OpenAI route {route} (served: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings)"),
+        _ => Err(ApiError::not_found(format!("no OpenAI route {route} (served: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings)"),
         )),
     }
 }
 
 /// A `model` other than the served name is a 404, as OpenAI and vLLM answer.
-fn check_model(body: &Body<'_>, settings: &OpenAiSettings) -> Result<(), OpenAiError> {
+fn check_model(body: &Body<'_>, settings: &OpenAiSettings) -> Result<(), ApiError> {
     match body.get::<String>("model")? {
-        Some(model) if model != settings.served_model_name => Err(OpenAiError::not_found(
-            Some("model"),
-            format!(
-                "The model `{model}` does not exist. This worker serves `{}`.",
-                settings.served_model_name
-            ),
-        )),
+        Some(model) if model != settings.served_model_name => Err(ApiError::not_found(format!(
+            "The model `{model}` does not exist. This worker serves `{}`.",
+            settings.served_model_name
+        ))
+        .with_param("model")),
         _ => Ok(()),
     }
 }
@@ -222,16 +202,20 @@ mod tests {
             assert_eq!(normalize_route(r), "/v1/chat/completions", "{r}");
         }
         assert_eq!(normalize_route("/v1/models?x=1"), "/v1/models");
+        assert_eq!(normalize_route(" v1/models/ "), "/v1/models");
+        assert_eq!(normalize_route("/openai/v1/models/"), "/v1/models");
+        assert_eq!(normalize_route("/v1beta/models"), "/v1/v1beta/models");
     }
 
     #[test]
     fn stream_events_are_sse() {
+        let sse = |e: StreamEvent| sse::frame(&e.payload());
         assert_eq!(
-            StreamEvent::Data(json!({"a": 1})).sse(),
+            sse(StreamEvent::Data(json!({"a": 1}))),
             "data: {\"a\":1}\n\n"
         );
-        assert_eq!(StreamEvent::Done.sse(), "data: [DONE]\n\n");
-        let e = StreamEvent::Error(OpenAiError::internal("x")).sse();
+        assert_eq!(sse(StreamEvent::Done), "data: [DONE]\n\n");
+        let e = sse(StreamEvent::Error(ApiError::internal("x")));
         assert!(e.starts_with("data: {\"error\":"));
     }
 
@@ -243,7 +227,7 @@ mod tests {
         };
         let body = json!({"model": "other"});
         let e = check_model(&Body(body.as_object().unwrap()), &settings).unwrap_err();
-        assert_eq!((e.status, e.param.as_deref()), (404, Some("model")));
+        assert_eq!((e.status(), e.param()), (404, Some("model")));
         let body = json!({"model": "m"});
         assert!(check_model(&Body(body.as_object().unwrap()), &settings).is_ok());
         assert!(check_model(&Body(&serde_json::Map::new()), &settings).is_ok());

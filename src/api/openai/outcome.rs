@@ -2,11 +2,11 @@
 
 use futures::{Stream, StreamExt};
 
-use super::error::OpenAiError;
+use crate::api::error::ApiError;
 use crate::engine::{Finish, GenerationEvent, TokenLogprob, Usage};
 
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct ChoiceOutcome {
+pub(crate) struct ChoiceOutcome {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
@@ -14,7 +14,7 @@ pub struct ChoiceOutcome {
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub prompt_token_ids: Vec<u32>,
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     pub choices: Vec<ChoiceOutcome>,
@@ -22,10 +22,10 @@ pub struct Outcome {
 }
 
 /// Reads events to the end. `n` is the number of choices the request returns.
-pub async fn collect(
+pub(crate) async fn collect(
     events: impl Stream<Item = GenerationEvent>,
     n: usize,
-) -> Result<Outcome, OpenAiError> {
+) -> Result<Outcome, ApiError> {
     let mut outcome = Outcome {
         choices: vec![ChoiceOutcome::default(); n],
         ..Default::default()
@@ -42,7 +42,7 @@ pub async fn collect(
             }
             GenerationEvent::Delta(delta) => {
                 let choice = outcome.choices.get_mut(delta.index).ok_or_else(|| {
-                    OpenAiError::internal(format!("the engine sent choice {} of {n}", delta.index))
+                    ApiError::internal(format!("the engine sent choice {} of {n}", delta.index))
                 })?;
                 choice.text.push_str(&delta.text);
                 choice.token_ids.extend(delta.token_ids);
@@ -58,7 +58,7 @@ pub async fn collect(
             GenerationEvent::Error(e) => return Err(e.into()),
         }
     }
-    Err(OpenAiError::internal(
+    Err(ApiError::internal(
         "the engine ended the request without finishing it",
     ))
 }
@@ -119,14 +119,14 @@ mod tests {
             GenerationEvent::Error(EngineError::invalid("x", "bad")),
         ];
         let e = collect(futures::stream::iter(events), 1).await.unwrap_err();
-        assert_eq!(e.status, 400);
+        assert_eq!(e.status(), 400);
         let e = collect(futures::stream::iter(vec![delta(0, "a", false)]), 1)
             .await
             .unwrap_err();
-        assert_eq!(e.status, 500);
+        assert_eq!(e.status(), 500);
         let e = collect(futures::stream::iter(vec![delta(3, "a", false)]), 1)
             .await
             .unwrap_err();
-        assert_eq!(e.status, 500);
+        assert_eq!(e.status(), 500);
     }
 }

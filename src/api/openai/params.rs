@@ -6,48 +6,47 @@ use std::collections::HashMap;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::error::OpenAiError;
+use crate::api::error::ApiError;
 use crate::engine::{EarlyStopping, SamplingParams};
 
 /// Most alternatives per token OpenAI allows (`top_logprobs`, legacy `logprobs`).
-pub const MAX_LOGPROBS: usize = 20;
+pub(crate) const MAX_LOGPROBS: usize = 20;
 
 /// A request body (a JSON object) read field by field.
-pub struct Body<'a>(pub &'a Map<String, Value>);
+pub(crate) struct Body<'a>(pub &'a Map<String, Value>);
 
 impl<'a> Body<'a> {
-    pub fn from_value(value: Option<&'a Value>) -> Result<Self, OpenAiError> {
+    pub(crate) fn from_value(value: Option<&'a Value>) -> Result<Self, ApiError> {
         match value {
             Some(Value::Object(map)) => Ok(Body(map)),
-            Some(_) => Err(OpenAiError::bad_request(
-                None,
+            Some(_) => Err(ApiError::bad_request(
                 "the request body must be a JSON object",
             )),
-            None => Err(OpenAiError::bad_request(None, "the request has no body")),
+            None => Err(ApiError::bad_request("the request has no body")),
         }
     }
 
     /// The field, `None` when absent or null; a type mismatch is a 400 naming the field.
-    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, OpenAiError> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => serde_json::from_value(v.clone())
                 .map(Some)
-                .map_err(|e| OpenAiError::invalid(key, format!("invalid `{key}`: {e}"))),
+                .map_err(|e| ApiError::invalid(key, format!("invalid `{key}`: {e}"))),
         }
     }
 
-    pub fn raw(&self, key: &str) -> Option<&'a Value> {
+    pub(crate) fn raw(&self, key: &str) -> Option<&'a Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
 
-    pub fn flag(&self, key: &str, default: bool) -> Result<bool, OpenAiError> {
+    pub(crate) fn flag(&self, key: &str, default: bool) -> Result<bool, ApiError> {
         Ok(self.get(key)?.unwrap_or(default))
     }
 }
 
 /// `stop`: a string or a list of strings.
-fn stop_strings(body: &Body<'_>) -> Result<Vec<String>, OpenAiError> {
+fn stop_strings(body: &Body<'_>) -> Result<Vec<String>, ApiError> {
     match body.raw("stop") {
         None => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![s.clone()]),
@@ -58,17 +57,17 @@ fn stop_strings(body: &Body<'_>) -> Result<Vec<String>, OpenAiError> {
 }
 
 /// `logit_bias`: token ids (as JSON object keys) to biases in [-100, 100].
-fn logit_bias(body: &Body<'_>) -> Result<HashMap<u32, f32>, OpenAiError> {
+fn logit_bias(body: &Body<'_>) -> Result<HashMap<u32, f32>, ApiError> {
     let Some(raw) = body.get::<HashMap<String, f32>>("logit_bias")? else {
         return Ok(HashMap::new());
     };
     raw.into_iter()
         .map(|(token, bias)| {
             let id = token.trim().parse::<u32>().map_err(|_| {
-                OpenAiError::invalid("logit_bias", format!("`{token}` is not a token id"))
+                ApiError::invalid("logit_bias", format!("`{token}` is not a token id"))
             })?;
             if !(-100.0..=100.0).contains(&bias) {
-                return Err(OpenAiError::invalid(
+                return Err(ApiError::invalid(
                     "logit_bias",
                     format!("the bias of token {id} must be in [-100, 100], got {bias}"),
                 ));
@@ -78,12 +77,12 @@ fn logit_bias(body: &Body<'_>) -> Result<HashMap<u32, f32>, OpenAiError> {
         .collect()
 }
 
-fn early_stopping(body: &Body<'_>) -> Result<EarlyStopping, OpenAiError> {
+fn early_stopping(body: &Body<'_>) -> Result<EarlyStopping, ApiError> {
     match body.raw("early_stopping") {
         None | Some(Value::Bool(false)) => Ok(EarlyStopping::False),
         Some(Value::Bool(true)) => Ok(EarlyStopping::True),
         Some(Value::String(s)) if s == "never" => Ok(EarlyStopping::Never),
-        Some(other) => Err(OpenAiError::invalid(
+        Some(other) => Err(ApiError::invalid(
             "early_stopping",
             format!("`early_stopping` must be true, false or \"never\", got {other}"),
         )),
@@ -93,13 +92,13 @@ fn early_stopping(body: &Body<'_>) -> Result<EarlyStopping, OpenAiError> {
 /// The sampling parameters both routes accept. `default_max_tokens` differs: 16 for completions,
 /// none (the rest of the context) for chat. Ranges are checked by the engine; this only checks types
 /// and what OpenAI itself restricts.
-pub fn sampling_params(
+pub(crate) fn sampling_params(
     body: &Body<'_>,
     default_max_tokens: Option<usize>,
-) -> Result<SamplingParams, OpenAiError> {
+) -> Result<SamplingParams, ApiError> {
     let n: usize = body.get("n")?.unwrap_or(1);
     if n == 0 {
-        return Err(OpenAiError::invalid("n", "`n` must be at least 1"));
+        return Err(ApiError::invalid("n", "`n` must be at least 1"));
     }
     // Accepted as OpenAI and vLLM do, but not acted on.
     let _user: Option<String> = body.get("user")?;
@@ -132,7 +131,7 @@ pub fn sampling_params(
 }
 
 /// `stream` and `stream_options.include_usage`.
-pub fn stream_options(body: &Body<'_>) -> Result<(bool, bool), OpenAiError> {
+pub(crate) fn stream_options(body: &Body<'_>) -> Result<(bool, bool), ApiError> {
     let stream = body.flag("stream", false)?;
     let include_usage = match body.raw("stream_options") {
         None => false,
@@ -140,21 +139,21 @@ pub fn stream_options(body: &Body<'_>) -> Result<(bool, bool), OpenAiError> {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => {
-                return Err(OpenAiError::invalid(
+                return Err(ApiError::invalid(
                     "stream_options",
                     "`stream_options.include_usage` must be a boolean",
                 ))
             }
         },
         Some(_) => {
-            return Err(OpenAiError::invalid(
+            return Err(ApiError::invalid(
                 "stream_options",
                 "`stream_options` must be an object",
             ))
         }
     };
     if include_usage && !stream {
-        return Err(OpenAiError::invalid(
+        return Err(ApiError::invalid(
             "stream_options",
             "`stream_options` is only allowed when `stream` is true",
         ));
@@ -167,7 +166,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn params(v: Value) -> Result<SamplingParams, OpenAiError> {
+    fn params(v: Value) -> Result<SamplingParams, ApiError> {
         let map = v.as_object().cloned().unwrap();
         sampling_params(&Body(&map), Some(16))
     }
@@ -219,7 +218,7 @@ mod tests {
             (json!({"max_tokens": 1.5}), "max_tokens"),
         ] {
             let e = params(body).unwrap_err();
-            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)));
+            assert_eq!((e.status(), e.param()), (400, Some(param)));
         }
     }
 
@@ -227,7 +226,7 @@ mod tests {
     fn stream_options_need_stream() {
         let map = json!({"stream_options": {"include_usage": true}});
         let e = stream_options(&Body(map.as_object().unwrap())).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("stream_options"));
+        assert_eq!(e.param(), Some("stream_options"));
         let map = json!({"stream": true, "stream_options": {"include_usage": true}});
         assert_eq!(
             stream_options(&Body(map.as_object().unwrap())).unwrap(),

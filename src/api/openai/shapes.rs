@@ -9,22 +9,22 @@ use serde_json::{json, Map, Value};
 use crate::engine::{Finish, FinishReason, StopReason, TokenLogprob, Usage};
 
 /// `system_fingerprint`: the build that answered.
-pub const SYSTEM_FINGERPRINT: &str = concat!("worker-candle-", env!("CARGO_PKG_VERSION"));
+pub(crate) const SYSTEM_FINGERPRINT: &str = concat!("worker-candle-", env!("CARGO_PKG_VERSION"));
 
 /// `prefix-` and 32 random hex digits, like vLLM's ids.
-pub fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     let n: u128 = rand::rng().random();
     format!("{prefix}-{n:032x}")
 }
 
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-pub fn usage(u: &Usage) -> Value {
+pub(crate) fn usage(u: &Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
@@ -32,7 +32,7 @@ pub fn usage(u: &Usage) -> Value {
     })
 }
 
-pub fn finish_reason(finish: Option<&Finish>) -> Value {
+pub(crate) fn finish_reason(finish: Option<&Finish>) -> Value {
     match finish.map(|f| f.reason) {
         None => Value::Null,
         Some(FinishReason::Stop) => json!("stop"),
@@ -42,7 +42,7 @@ pub fn finish_reason(finish: Option<&Finish>) -> Value {
 }
 
 /// vLLM's `stop_reason`: the stop string or token id that ended the choice (null for EOS).
-pub fn stop_reason(finish: Option<&Finish>) -> Value {
+pub(crate) fn stop_reason(finish: Option<&Finish>) -> Value {
     match finish.and_then(|f| f.stop_reason.as_ref()) {
         None => Value::Null,
         Some(StopReason::Text(s)) => json!(s),
@@ -61,7 +61,7 @@ fn finite(lp: f32) -> f64 {
 
 /// The legacy completions shape, built token by token so streamed chunks continue the offsets.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct LegacyLogprobs {
+pub(crate) struct LegacyLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Value>,
     pub top_logprobs: Vec<Value>,
@@ -71,7 +71,7 @@ pub struct LegacyLogprobs {
 impl LegacyLogprobs {
     /// Adds one token; `None` logprob (the first prompt token) shows as nulls. `offset` is the
     /// token's character offset in the choice's text and is advanced past it.
-    pub fn push(&mut self, token: &str, logprob: Option<&TokenLogprob>, offset: &mut usize) {
+    pub(crate) fn push(&mut self, token: &str, logprob: Option<&TokenLogprob>, offset: &mut usize) {
         self.tokens.push(token.to_string());
         self.text_offset.push(*offset);
         *offset += token.chars().count();
@@ -94,7 +94,7 @@ impl LegacyLogprobs {
         }
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "tokens": self.tokens,
             "token_logprobs": self.token_logprobs,
@@ -105,7 +105,7 @@ impl LegacyLogprobs {
 }
 
 /// The chat shape of one token: `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`.
-pub fn chat_logprob(lp: &TokenLogprob, top_n: usize) -> Value {
+pub(crate) fn chat_logprob(lp: &TokenLogprob, top_n: usize) -> Value {
     let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": finite(logprob), "bytes": token.as_bytes()});
     let mut value = entry(&lp.token, lp.logprob);
     let top: Vec<Value> = lp
@@ -118,13 +118,13 @@ pub fn chat_logprob(lp: &TokenLogprob, top_n: usize) -> Value {
     value
 }
 
-pub fn chat_logprobs(lps: &[TokenLogprob], top_n: usize) -> Value {
+pub(crate) fn chat_logprobs(lps: &[TokenLogprob], top_n: usize) -> Value {
     json!({ "content": lps.iter().map(|lp| chat_logprob(lp, top_n)).collect::<Vec<_>>() })
 }
 
 /// vLLM's `prompt_logprobs`: per prompt token `null` (the first) or `{token_id: {logprob, rank,
 /// decoded_token}}` for the token and its alternatives (rank: 1 = most likely; null when unknown).
-pub fn prompt_logprobs(ids: &[u32], logprobs: &[Option<TokenLogprob>]) -> Value {
+pub(crate) fn prompt_logprobs(ids: &[u32], logprobs: &[Option<TokenLogprob>]) -> Value {
     let entries = ids.iter().enumerate().map(|(i, id)| {
         let Some(Some(lp)) = logprobs.get(i) else {
             return Value::Null;

@@ -14,7 +14,7 @@ const MISTRAL_START: &str = "[TOOL_CALLS]";
 const MARKERS: [&str; 3] = [HERMES_START, PYTHON_TAG, MISTRAL_START];
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
+pub(crate) struct ToolCall {
     pub id: String,
     pub name: String,
     /// The arguments as JSON text, as OpenAI sends them.
@@ -23,7 +23,7 @@ pub struct ToolCall {
 
 /// Text before the tool calls (`None` when blank) and the calls; `None` when the text holds no
 /// parseable tool call.
-pub fn parse_tool_calls(text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+pub(crate) fn parse_tool_calls(text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
     let (content, calls) = if let Some(at) = text.find(HERMES_START) {
         (&text[..at], parse_hermes(&text[at..])?)
     } else if let Some(at) = text.find(MISTRAL_START) {
@@ -94,7 +94,7 @@ fn call_from_value(value: &Value) -> Option<ToolCall> {
 }
 
 /// `call_` and 24 random letters and digits.
-pub fn new_call_id() -> String {
+pub(crate) fn new_call_id() -> String {
     let suffix: String = rand::rng()
         .sample_iter(&Alphanumeric)
         .take(24)
@@ -107,7 +107,7 @@ pub fn new_call_id() -> String {
 /// possible start is held until it is decided, and from a start on everything is kept for parsing
 /// at the end. Output that opens with `{` or `[` (Llama-3 JSON style) is held whole.
 #[derive(Debug, Default)]
-pub struct ToolCallDetector {
+pub(crate) struct ToolCallDetector {
     held: String,
     capturing: bool,
     emitted_text: bool,
@@ -115,14 +115,14 @@ pub struct ToolCallDetector {
 
 /// What the end of a choice leaves: text still to send, and the tool calls if there were any.
 #[derive(Debug, PartialEq)]
-pub struct Detected {
+pub(crate) struct Detected {
     pub text: String,
     pub calls: Vec<ToolCall>,
 }
 
 impl ToolCallDetector {
     /// Adds a delta; returns the text that can be sent now.
-    pub fn push(&mut self, delta: &str) -> String {
+    pub(crate) fn push(&mut self, delta: &str) -> String {
         self.held.push_str(delta);
         if self.capturing {
             return String::new();
@@ -157,14 +157,14 @@ impl ToolCallDetector {
     }
 
     /// Ends the choice: the held text parsed as tool calls, or given back as text when it is none.
-    pub fn finish(self) -> Detected {
-        if self.capturing {
-            if let Some((content, calls)) = parse_tool_calls(&self.held) {
-                return Detected {
-                    text: content.unwrap_or_default(),
-                    calls,
-                };
-            }
+    pub(crate) fn finish(self) -> Detected {
+        if self.capturing
+            && let Some((content, calls)) = parse_tool_calls(&self.held)
+        {
+            return Detected {
+                text: content.unwrap_or_default(),
+                calls,
+            };
         }
         Detected {
             text: self.held,

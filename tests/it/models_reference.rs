@@ -3,11 +3,9 @@
 //! batching invariants the scheduler relies on (packed = alone, chunked = whole, both attention paths
 //! agree) and the loader's layouts (sharded weights, both RoPE config layouts, unsupported architecture).
 
-mod common;
-
 use std::path::Path;
 
-use common::fixtures::{fixture, floats, ids, reference, CAUSAL};
+use crate::common::fixtures::{fixture, floats, ids, reference, CAUSAL};
 use serde_json::Value;
 use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::layers::AttentionImpl;

@@ -2,9 +2,7 @@
 //! generates in float32 (to the agreement measured below), k-quants work on a model wide enough for
 //! their 256-wide blocks, and values this build cannot run stop it with a clear message.
 
-mod common;
-
-use common::fixtures::{
+use crate::common::fixtures::{
     cases, collect, common_prefix, fixture, greedy, start, start_at, TokenPath, CAUSAL,
 };
 use worker_candle::engine::settings::Quantization;
@@ -128,7 +126,7 @@ fn unsupported_quantizations_stop_the_worker_with_the_supported_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_quants_run_on_a_model_wide_enough_for_their_blocks() {
     let dir = tempfile::tempdir().unwrap();
-    common::fixtures::wide_llama(dir.path());
+    crate::common::fixtures::wide_llama(dir.path());
     let float = start_at(dir.path(), |_| {});
     let mut paths = Vec::new();
     for k in 0..4u32 {
@@ -147,12 +145,12 @@ async fn k_quants_run_on_a_model_wide_enough_for_their_blocks() {
     }
 }
 
-/// `common::fixtures::teacher_forced` on the model at `path` quantized in situ to `q`.
+/// `crate::common::fixtures::teacher_forced` on the model at `path` quantized in situ to `q`.
 fn teacher_forced_at(path: &std::path::Path, q: &str, paths: &[TokenPath]) -> (usize, usize, f32) {
     let mut s = EngineSettings::for_model(path);
     s.quantization = Quantization::InSitu(q.into());
     let loaded = worker_candle::engine::loader::load_causal(&s).unwrap();
-    common::fixtures::teacher_forced(loaded.model.as_ref(), paths)
+    crate::common::fixtures::teacher_forced(loaded.model.as_ref(), paths)
 }
 
 fn teacher_forced(model: &str, q: &str) -> (usize, usize, f32) {
@@ -176,7 +174,7 @@ fn q8_0_prefill_quantizes_activations_as_decode_does() {
     use worker_candle::engine::kv_cache::KvCache;
     use worker_candle::engine::models::{ForwardBatch, LogitsWanted, SeqInput};
     let dir = tempfile::tempdir().unwrap();
-    common::fixtures::wide_llama(dir.path());
+    crate::common::fixtures::wide_llama(dir.path());
     let mut s = EngineSettings::for_model(dir.path());
     s.quantization = Quantization::InSitu("q8_0".into());
     let model = worker_candle::engine::loader::load_causal(&s)

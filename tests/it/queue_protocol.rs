@@ -3,14 +3,12 @@
 //! slowly), so these tests pin the protocol itself: URLs, headers, batch take, streaming posts,
 //! exactly-once results under faults, concurrency, job-stop, heartbeat and shutdown.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::emulator::{Emulator, Endpoint, Fault};
-use common::scripted::{Handler, Scripted};
+use crate::common::emulator::{Emulator, Endpoint, Fault};
+use crate::common::scripted::{Handler, Scripted};
 use serde_json::{json, Value};
 use worker_candle::config::Config;
 use worker_candle::serverless::protocol::{QueueClient, QueueUrls, Timings};

@@ -5,9 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-mod common;
-
-use common::fixtures::{cases, collect, fixture, greedy, start, Case, CAUSAL};
+use crate::common::fixtures::{cases, collect, fixture, greedy, start, Case, CAUSAL};
 use futures::StreamExt;
 use serde_json::Value;
 use worker_candle::engine::{

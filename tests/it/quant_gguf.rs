@@ -2,14 +2,12 @@
 //! exactly, q8_0 blocks must equal in-situ q8_0, the tokenizer and template come from the metadata) and
 //! files llama.cpp's own quantizer wrote (`tests/fixtures/gguf`, with what llama.cpp computes on them).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::fixtures::{cases, collect, fixture, greedy, start_at};
 use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::fixtures::{cases, collect, fixture, greedy, start_at};
 use serde_json::Value;
 use worker_candle::engine::layers::RopeConfig;
 use worker_candle::engine::settings::Quantization;
@@ -278,7 +276,7 @@ async fn k_quant_blocks_from_a_gguf_equal_in_situ_k_quants() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("wide");
     std::fs::create_dir(&model).unwrap();
-    common::fixtures::wide_llama(&model);
+    crate::common::fixtures::wide_llama(&model);
     let prompt: Vec<u32> = (0..12).map(|t| 40 + (t * 37) % 900).collect();
     for (dtype, name) in [
         (GgmlDType::Q4K, "q4k"),
@@ -305,10 +303,10 @@ fn tokenizer_and_template_come_from_the_metadata() {
     let path = gguf_in(dir.path(), "llama", "llama", GgmlDType::Q8_0);
     let gguf = Engine::start(EngineSettings::for_model(&path)).unwrap();
     let folder = Engine::start(EngineSettings::for_model(fixture("llama"))).unwrap();
-    let r = common::fixtures::reference("llama");
+    let r = crate::common::fixtures::reference("llama");
     for case in r["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
-        let want = common::fixtures::ids(&case["input_ids"]);
+        let want = crate::common::fixtures::ids(&case["input_ids"]);
         assert_eq!(gguf.tokenizer().encode(prompt, true).unwrap(), want);
         if let Some(messages) = case["messages"].as_array() {
             let opts = RenderOptions {
@@ -418,7 +416,7 @@ fn model_paths_pick_the_gguf_or_say_why_not() {
 /// of the largest logit (llama.cpp keeps its KV cache in f16; the fixture's margins are tiny).
 #[test]
 fn llama_cpp_files_give_llama_cpp_tokens() {
-    use common::fixtures::{floats, ids, teacher_forced, TokenPath};
+    use crate::common::fixtures::{floats, ids, teacher_forced, TokenPath};
     use worker_candle::engine::loader::load_causal;
     let dir = fixture("gguf");
     let reference = read_json(&dir.join("reference.json"));
@@ -461,7 +459,7 @@ async fn a_llama_cpp_file_serves_concurrent_requests() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_serves_a_gguf_file_and_an_in_situ_model_over_http() {
-    use common::process::Running;
+    use crate::common::process::Running;
     let gguf = fixture("gguf").join("llama-q4_k_m.gguf");
     let runs = [
         vec![("MODEL_NAME", gguf.display().to_string())],
@@ -535,10 +533,10 @@ fn q8_0_error_against_float32_is_at_llama_cpp_level() {
     let (mut ours, mut theirs, mut ours_top, mut theirs_top) = (0.0, 0.0, 0.0, 0.0);
     let runs = llama_cpp["runs"]["q8_0"].as_array().unwrap();
     for (run, case) in runs.iter().zip(float["cases"].as_array().unwrap()) {
-        let ids = common::fixtures::ids(&run["input_ids"]);
-        assert_eq!(ids, common::fixtures::ids(&case["input_ids"]));
-        let want = log_softmax(&common::fixtures::floats(&case["last_logits"]));
-        let cpp = log_softmax(&common::fixtures::floats(&run["last_logits"]));
+        let ids = crate::common::fixtures::ids(&run["input_ids"]);
+        assert_eq!(ids, crate::common::fixtures::ids(&case["input_ids"]));
+        let want = log_softmax(&crate::common::fixtures::floats(&case["last_logits"]));
+        let cpp = log_softmax(&crate::common::fixtures::floats(&run["last_logits"]));
         let blocks = ids.len().div_ceil(4);
         let mut cache = KvCache::new(model.spec(), blocks, 4).unwrap();
         let batch = ForwardBatch {

@@ -3,13 +3,11 @@
 //! without Python or the `openai` package the test prints why and passes, unless
 //! `REQUIRE_PYTHON_E2E=1` (CI), where that is a failure.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::process::{fixture, Running};
+use crate::common::process::{fixture, Running};
 
 const SERVED_NAME: &str = "fixture-llama";
 

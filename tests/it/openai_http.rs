@@ -1,14 +1,16 @@
-//! The OpenAI router served in-process over real HTTP (127.0.0.1:0) on the llama fixture: wire
-//! details the official client hides (SSE framing, chunk order, error bodies) and the settings.
+//! The OpenAI routes of the one HTTP router (`serve`'s, in-process over real HTTP on 127.0.0.1:0)
+//! on the llama fixture: wire details the official client hides (SSE framing, chunk order, error
+//! bodies) and the settings.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use worker_candle::api::openai::http::OpenAiState;
-use worker_candle::api::openai::{router, OpenAiSettings};
+use worker_candle::api::stream_batch::BatchPolicy;
 use worker_candle::engine::settings::DeviceChoice;
 use worker_candle::engine::{Engine, EngineSettings};
+use worker_candle::serverless::handler::{EngineHandler, HandlerSettings};
+use worker_candle::serverless::local::LocalEndpoint;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -29,15 +31,19 @@ async fn start_model(model: &str, role: &str) -> Server {
     let mut settings = EngineSettings::for_model(fixture(model));
     settings.device = DeviceChoice::Cpu;
     settings.kv_cache_memory = Some(64 << 20);
+    settings.served_model_name = "m".into();
     let engine = Engine::start(settings).expect("the llama fixture loads");
-    let state = OpenAiState {
+    let handler = EngineHandler::new(
         engine,
-        settings: Arc::new(OpenAiSettings {
-            served_model_name: "m".into(),
+        HandlerSettings {
+            batch_defaults: BatchPolicy::default(),
+            raw_openai_output: true,
             response_role: role.into(),
-        }),
-    };
-    let app = axum::Router::new().nest("/v1", router(state));
+            log_requests: false,
+        },
+        Arc::default(),
+    );
+    let app = LocalEndpoint::new(Arc::new(handler), 4, Arc::default(), None).router();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

@@ -1,12 +1,10 @@
 //! The local endpoint's HTTP surface (`/run`, `/runsync`, `/stream`, `/status`, `/cancel`, `/health`,
 //! `/metrics`, `API_KEY`) over real HTTP, with a scripted job handler standing in for the model.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::scripted::{Handler, Scripted};
+use crate::common::scripted::{Handler, Scripted};
 use serde_json::{json, Value};
 use worker_candle::config::Config;
 use worker_candle::serverless::local::LocalEndpoint;
@@ -328,8 +326,9 @@ async fn openai_routes_run_as_jobs_and_a_hang_up_cancels() {
         response.headers()["content-type"].to_str().unwrap(),
         "text/event-stream"
     );
+    // A piece is relayed as it is posted, as SSE events (a string piece is SSE text already).
     let first = response.chunk().await.unwrap().unwrap();
-    assert_eq!(&first[..], b"p0");
+    assert_eq!(&first[..], b"data: p0\n\n");
     drop(response);
     for _ in 0..500 {
         let (_, health) = s.get("/health").await;

@@ -1,11 +1,9 @@
 //! The real binary on a fixture model: `serve` over HTTP (RunPod-style routes, OpenAI routes,
 //! metrics) and `--test-input` / `test_input.json`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::process::{fixture, run, Running};
+use crate::common::process::{fixture, run, Running};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -53,7 +51,7 @@ fn test_input_json_in_the_working_directory() {
         r#"{"input": {"prompt": "Hi", "sampling_params": {"max_tokens": 3, "ignore_eos": true}}}"#,
     )
     .unwrap();
-    let out = common::process::command(&model_vars(&[]), &[])
+    let out = crate::common::process::command(&model_vars(&[]), &[])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -230,4 +228,71 @@ fn native_embedding_job_answers_like_the_embeddings_route() {
         (norm - 1.0).abs() < 1e-4,
         "renormalised after truncation: {norm}"
     );
+}
+
+/// `SPECULATIVE_CONFIG` through the real binary: the same greedy output as without it, the engine's
+/// speculation counters on `/metrics`; a malformed config stops the worker, naming the variable.
+#[tokio::test(flavor = "multi_thread")]
+async fn speculative_decoding_end_to_end() {
+    let input = r#"{"input": {"prompt": "one two three one two three one two", "sampling_params": {"max_tokens": 16, "temperature": 0, "ignore_eos": true}}}"#;
+    let spec = r#"{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}"#;
+    let plain = run(&model_vars(&[]), &["--test-input", input], LIMIT);
+    let fast = run(
+        &model_vars(&[("SPECULATIVE_CONFIG", spec)]),
+        &["--test-input", input],
+        LIMIT,
+    );
+    assert!(
+        fast.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fast.stderr)
+    );
+    let tokens = |out: &std::process::Output| -> Value {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["output"][0]["choices"][0]["tokens"].clone()
+    };
+    assert_eq!(tokens(&plain), tokens(&fast));
+
+    let bad = run(
+        &model_vars(&[("SPECULATIVE_CONFIG", r#"{"method": "eagle"}"#)]),
+        &["--test-input", input],
+        LIMIT,
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("SPECULATIVE_CONFIG"));
+
+    let mut server = Running::start(
+        &model_vars(&[("SPECULATIVE_CONFIG", spec)]),
+        &["serve", "--host", "127.0.0.1", "--port", "0"],
+    );
+    let base = tokio::task::block_in_place(|| server.wait_listening(LIMIT));
+    let http = reqwest::Client::new();
+    let done: Value = http
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"prompt": "a b c d a b c d a b c", "max_tokens": 24, "temperature": 0, "ignore_eos": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done["usage"]["completion_tokens"], 24, "{done}");
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let drafted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("worker_candle_spec_decode_draft_tokens_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a draft-token counter");
+    assert!(drafted > 0, "{metrics}");
+    assert!(metrics.contains("worker_candle_spec_decode_accepted_tokens_total"));
+    server.terminate();
+    let status = tokio::task::block_in_place(|| server.wait(Duration::from_secs(30)));
+    assert!(status.success());
 }

@@ -1,4 +1,4 @@
-//! The dynamic batch-size policy of streamed outputs (protocol spec §8).
+//! The dynamic batch-size policy of streamed outputs.
 //!
 //! The first post carries `min` tokens so the first token reaches the client after one token's work;
 //! each later post carries `growth` times more, up to `max`, so a long answer needs few HTTP calls.
@@ -23,7 +23,7 @@ impl Default for BatchPolicy {
 
 impl BatchPolicy {
     /// Starts a sizer for one stream.
-    pub fn sizer(&self) -> BatchSizer {
+    pub(crate) fn sizer(&self) -> BatchSizer {
         let max = self.max_batch_size.max(1);
         let dynamic =
             self.growth_factor > 1.0 && self.min_batch_size >= 1 && max > self.min_batch_size;
@@ -37,25 +37,20 @@ impl BatchPolicy {
 
 /// The size of the next post of one stream.
 #[derive(Debug, Clone)]
-pub struct BatchSizer {
+pub(crate) struct BatchSizer {
     current: usize,
     max: usize,
     growth_factor: f64,
 }
 
 impl BatchSizer {
-    /// Tokens the next post should carry.
-    pub fn current(&self) -> usize {
-        self.current
-    }
-
     /// Whether `pending` tokens are enough for a post.
-    pub fn is_full(&self, pending: usize) -> bool {
+    pub(crate) fn is_full(&self, pending: usize) -> bool {
         pending >= self.current
     }
 
     /// Called after each post.
-    pub fn advance(&mut self) {
+    pub(crate) fn advance(&mut self) {
         let grown = (self.current as f64 * self.growth_factor).floor();
         self.current = if grown >= self.max as f64 {
             self.max
@@ -73,7 +68,7 @@ mod tests {
         let mut sizer = policy.sizer();
         (0..posts)
             .map(|_| {
-                let size = sizer.current();
+                let size = sizer.current;
                 sizer.advance();
                 size
             })

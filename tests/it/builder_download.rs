@@ -142,10 +142,10 @@ async fn handle(State(state): State<Shared>, req: Request) -> Response {
     };
     let mut repo = state.lock().expect("lock");
     repo.log.push(served.clone());
-    if let Some(token) = &repo.token {
-        if served.authorization.as_deref() != Some(&format!("Bearer {token}")) {
-            return StatusCode::UNAUTHORIZED.into_response();
-        }
+    if let Some(token) = &repo.token
+        && served.authorization.as_deref() != Some(&format!("Bearer {token}"))
+    {
+        return StatusCode::UNAUTHORIZED.into_response();
     }
     if path == format!("/api/models/{REPO}/revision/main") {
         return axum::Json(listing(&repo)).into_response();

@@ -1,11 +1,9 @@
 //! `/v1/embeddings` over HTTP through the real binary (`worker-candle serve` on the bert-embed fixture):
 //! every input shape, base64, dimensions, truncation, errors in OpenAI's shape, and a native job.
 
-mod common;
-
 use std::time::Duration;
 
-use common::process::{fixture, Running};
+use crate::common::process::{fixture, Running};
 use serde_json::{json, Value};
 use worker_candle::api::openai::embeddings::decode_base64;
 

@@ -1,11 +1,9 @@
 //! The command line of the real binary where no model is needed: how it explains itself, how it
 //! rejects bad configuration, and its logs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::process::run;
+use crate::common::process::run;
 
 fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
@@ -18,7 +16,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 #[test]
 fn without_queue_or_command_it_says_how_to_start_and_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let out = common::process::command(&[], &[])
+    let out = crate::common::process::command(&[], &[])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -71,7 +69,7 @@ fn test_input_that_is_not_json_fails() {
 #[test]
 fn json_logs_name_ignored_variables_and_never_show_secrets() {
     let dir = tempfile::tempdir().unwrap();
-    let out = common::process::command(
+    let out = crate::common::process::command(
         &vars(&[
             ("LOG_FORMAT", "json"),
             ("LOAD_FORMAT", "auto"),

@@ -2,16 +2,14 @@
 //! invalid ones among them, output order and ids, greedy results equal to the same requests sent one
 //! by one, and input / output over HTTP (GET and PUT, with a retried failure).
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::process::{fixture, run};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use common::process::{fixture, run};
 use serde_json::{json, Value};
 use worker_candle::api::openai::{handle, OpenAiResponse, OpenAiSettings};
 use worker_candle::engine::settings::DeviceChoice;
@@ -149,7 +147,7 @@ async fn mixed_batch_keeps_order_reports_bad_lines_and_matches_single_requests()
         };
         let single = match handle(&engine, &openai, url, axum::http::Method::POST, Some(body)).await
         {
-            OpenAiResponse::Json { status: 200, body } => body,
+            OpenAiResponse::Json(body) => body,
             other => panic!("{id}: {other:?}"),
         };
         let batched = &r["response"]["body"];

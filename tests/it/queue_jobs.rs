@@ -2,12 +2,10 @@
 //! emulator over HTTP: native prompt and messages (streamed and not), OpenAI chat and completions
 //! (streamed and not, raw SSE and objects), `/v1/models`, bad jobs, concurrency, faults and SIGTERM.
 
-mod common;
-
 use std::time::Duration;
 
-use common::emulator::{Emulator, Endpoint, Fault};
-use common::process::{fixture, Running};
+use crate::common::emulator::{Emulator, Endpoint, Fault};
+use crate::common::process::{fixture, Running};
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);

@@ -1,5 +1,5 @@
 //! Sampling cost per token over a 151,936-entry vocabulary (Qwen2's), for each kind of request.
-//! Ignored by default; run: `cargo test --release --test sampling_speed -- --ignored --nocapture`.
+//! Ignored by default; run: `cargo test --release --test it sampling_speed -- --ignored --nocapture`.
 
 use std::time::{Duration, Instant};
 
