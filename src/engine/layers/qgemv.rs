@@ -343,11 +343,15 @@ mod x86 {
         let signed = format == Format::Q8_0;
         let (k, kb) = (act.k, act.k / QK);
         let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
+        // with VNNI, even and odd blocks in two chains, as `dot_vnni` sums a single row: a row's result
+        // is the same bits at every batch height (speculative and batched decoding equal plain decoding)
         let mut acc = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
         let mut corr = [0f32; R];
         for b in 0..kb {
             let blk = wp.add(b * block_bytes);
             let dw = scale(blk);
+            let dwv = _mm256_set1_ps(dw);
             let (raw, v) = if signed {
                 let raw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                 (raw, _mm256_abs_epi8(raw))
@@ -362,13 +366,25 @@ mod x86 {
                     xv = _mm256_sign_epi8(xv, raw);
                 }
                 let p = dpbusd::<VNNI>(v, xv);
-                let d = _mm256_set1_ps(dw * *act.d.get_unchecked(i * kb + b));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-                corr[r] += dw * *act.corr.get_unchecked(i * kb + b);
+                // the x scale broadcast straight from memory (a load-port op), times the weight's
+                let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(act.d.get_unchecked(i * kb + b)));
+                if VNNI && b % 2 == 1 {
+                    odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, odd[r]);
+                } else {
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+                }
+                if !signed {
+                    corr[r] += dw * *act.corr.get_unchecked(i * kb + b);
+                }
             }
         }
         for r in 0..R {
-            *y.get_unchecked_mut(i0 + r) = hsum(acc[r]) - corr[r];
+            let sum = if VNNI {
+                _mm256_add_ps(acc[r], odd[r])
+            } else {
+                acc[r]
+            };
+            *y.get_unchecked_mut(i0 + r) = hsum(sum) - corr[r];
         }
         R
     }
@@ -467,6 +483,29 @@ mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
+
+    /// A row's result does not depend on the rows beside it, bit for bit, for every block type and
+    /// height (one row takes the single-row dot product, more take the tiles).
+    #[test]
+    fn rows_are_computed_alike_at_every_height() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
+            for k in [576, 96, 160] {
+                let w = Tensor::randn(0f32, 1.0, (24, k), &dev)?;
+                let q = QTensor::quantize(&w, dtype)?;
+                let x = Tensor::randn(0f32, 1.0, (11, k), &dev)?;
+                let all = matmul(&x, &q)?.to_vec2::<f32>()?;
+                for i in [0, 3, 10] {
+                    for h in [1, 2, 3, 9] {
+                        let from = i.min(11 - h);
+                        let part = matmul(&x.narrow(0, from, h)?, &q)?.to_vec2::<f32>()?;
+                        assert_eq!(part[i - from], all[i], "{dtype:?} k {k} row {i} height {h}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn matches_candles_products_at_any_multiple_of_32() -> Result<()> {
