@@ -54,40 +54,47 @@ impl CustomOp2 for SmallMatmul {
         };
         let x = &s1.as_slice::<f32>()?[x0..x1];
         let w = &s2.as_slice::<f32>()?[w0..w1];
-        // results are computed weight-row-major, `[n, m]`, so each thread owns one contiguous run
-        let mut yt = vec![0f32; n * m];
+        let mut y = vec![0f32; m * n];
+        let out = y.as_mut_ptr() as usize;
         let tasks = n.div_ceil(TASK_ROWS);
-        let out = yt.as_mut_ptr() as usize;
         // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
         // and never waits for one that has not started (a decode step runs ~100 of these)
         super::pool::pool().run(tasks, |range| {
-            let rows = range.start * TASK_ROWS..(range.end * TASK_ROWS).min(n);
-            // SAFETY: these rows of `yt` belong to this range alone; `yt` outlives the call, which
-            // returns when every range is done.
-            let y = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (out as *mut f32).add(rows.start * m),
-                    rows.len() * m,
-                )
-            };
-            kernel(x, &w[rows.start * k..rows.end * k], y, m, k);
+            for task in range {
+                let rows = task * TASK_ROWS..((task + 1) * TASK_ROWS).min(n);
+                // results come weight-row-major (`[rows, m]`) in a small buffer, then go to their
+                // columns of `y`
+                let mut buf = [0f32; TASK_ROWS * MAX_ROWS];
+                let buf = &mut buf[..rows.len() * m];
+                kernel(x, &w[rows.start * k..rows.end * k], buf, m, k);
+                // SAFETY: columns `rows` of `y` belong to this task alone; `y` outlives the call,
+                // which returns when every task is done.
+                unsafe { scatter(buf, m, rows, out as *mut f32, n) };
+            }
         });
-        Ok((CpuStorage::F32(untranspose(yt, m, n)), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
 
-/// `[m, n]` from the `[n, m]` the decode kernels write (each thread owns a run of weight rows).
-pub(crate) fn untranspose(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
-    if m == 1 {
-        return yt;
-    }
-    let mut y = vec![0f32; m * n];
-    for (j, row) in yt.chunks_exact(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            y[i * n + j] = *v;
+/// Writes `buf` (`[rows, m]`, weight-row-major) into columns `rows` of the `[m, n]` output.
+///
+/// # Safety
+/// `out` holds `m * n` floats and no other thread writes columns `rows` meanwhile.
+pub(crate) unsafe fn scatter(
+    buf: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+) {
+    let width = rows.len();
+    for i in 0..m {
+        for (jj, j) in rows.clone().enumerate() {
+            // SAFETY: `i < m` and `j < n` index into `out`; the caller owns these columns.
+            unsafe { *out.add(i * n + j) = buf[jj * m + i] };
         }
     }
-    y
+    debug_assert_eq!(buf.len(), width * m);
 }
 
 /// `yt[j*m + i] = dot(w[j], x[i])` for the weight rows in `w`.
@@ -262,9 +269,9 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (7, k), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu)?;
         let all = small_matmul(&x, &w)?.to_vec2::<f32>()?;
-        for i in 0..7 {
+        for (i, row) in all.iter().enumerate() {
             let one = small_matmul(&x.narrow(0, i, 1)?.contiguous()?, &w)?.to_vec2::<f32>()?;
-            assert_eq!(one[0], all[i], "row {i}");
+            assert_eq!(&one[0], row, "row {i}");
         }
         Ok(())
     }
