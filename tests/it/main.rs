@@ -12,6 +12,7 @@ mod embed_decoder;
 mod embed_http;
 mod embed_reference;
 mod engine_fixtures;
+mod layering;
 mod models_reference;
 mod openai_client;
 mod openai_http;

@@ -55,14 +55,32 @@ impl ChatRequest {
     }
 }
 
+/// The chat route's own typed fields (the sampling ones are shared, see `params`; `messages`,
+/// `tools`, `tool_choice` and `response_format` have their own readers).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct ChatFields {
+    max_completion_tokens: Option<usize>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<usize>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+    parallel_tool_calls: Option<bool>,
+    documents: Option<Vec<Value>>,
+    chat_template: Option<String>,
+    chat_template_kwargs: Option<Map<String, Value>>,
+    echo: Option<bool>,
+}
+
 pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
     let mut messages = parse_messages(body.raw("messages"))?;
     let mut params = sampling_params(body, None)?;
-    if let Some(max) = body.get::<usize>("max_completion_tokens")? {
+    let f: ChatFields = body.typed()?;
+    if let Some(max) = f.max_completion_tokens {
         params.max_tokens = Some(max);
     }
-    let logprobs = body.flag("logprobs", false)?;
-    let top_logprobs: Option<usize> = body.get("top_logprobs")?;
+    let logprobs = f.logprobs.unwrap_or(false);
+    let top_logprobs = f.top_logprobs;
     match top_logprobs {
         Some(k) if k > MAX_LOGPROBS => {
             return Err(ApiError::invalid(
@@ -83,8 +101,8 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
     }
     let (tools, tool_choice) = parse_tools(body)?;
     apply_response_format(body, &mut messages)?;
-    let add_generation_prompt = body.flag("add_generation_prompt", true)?;
-    let continue_final_message = body.flag("continue_final_message", false)?;
+    let add_generation_prompt = f.add_generation_prompt.unwrap_or(true);
+    let continue_final_message = f.continue_final_message.unwrap_or(false);
     if add_generation_prompt && continue_final_message {
         return Err(ApiError::invalid(
             "continue_final_message",
@@ -96,15 +114,15 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
         messages,
         tools,
         tool_choice,
-        parallel_tool_calls: body.flag("parallel_tool_calls", true)?,
-        documents: body.get("documents")?,
+        parallel_tool_calls: f.parallel_tool_calls.unwrap_or(true),
+        documents: f.documents,
         add_generation_prompt,
         continue_final_message,
-        chat_template: body.get("chat_template")?,
-        chat_template_kwargs: body.get("chat_template_kwargs")?,
+        chat_template: f.chat_template,
+        chat_template_kwargs: f.chat_template_kwargs,
         params,
         top_logprobs: logprobs.then_some(top_logprobs.unwrap_or(0)),
-        echo: body.flag("echo", false)?,
+        echo: f.echo.unwrap_or(false),
         stream,
         include_usage,
     })

@@ -26,6 +26,14 @@ pub(crate) struct CompletionRequest {
     pub include_usage: bool,
 }
 
+/// The completions route's own typed fields (the sampling ones are shared, see `params`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct CompletionFields {
+    logprobs: Option<usize>,
+    echo: Option<bool>,
+}
+
 pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
     if body.raw("suffix").is_some() {
         return Err(ApiError::invalid(
@@ -35,7 +43,7 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
     }
     let prompts = parse_prompts(body.raw("prompt"))?;
     let mut params = sampling_params(body, Some(16))?;
-    let logprobs: Option<usize> = body.get("logprobs")?;
+    let CompletionFields { logprobs, echo } = body.typed()?;
     if let Some(k) = logprobs
         && k > MAX_LOGPROBS
     {
@@ -44,7 +52,7 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
             format!("`logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
         ));
     }
-    let echo = body.flag("echo", false)?;
+    let echo = echo.unwrap_or(false);
     params.logprobs = logprobs;
     if echo && logprobs.is_some() && params.prompt_logprobs.is_none() {
         params.prompt_logprobs = logprobs;

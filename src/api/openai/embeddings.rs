@@ -91,41 +91,53 @@ pub(crate) fn parse_input(input: Option<&Value>) -> Result<Vec<EmbedInput>, ApiE
     Ok(inputs)
 }
 
+/// The typed fields of an embeddings request (`input` has its own reader, [`parse_input`]).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct EmbeddingsFields {
+    encoding_format: Option<String>,
+    dimensions: Option<i64>,
+    truncate_prompt_tokens: Option<i64>,
+    add_special_tokens: Option<bool>,
+    /// Accepted (its type checked) as OpenAI and vLLM do, but not acted on.
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
 pub(crate) fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, ApiError> {
-    let encoding_format = match body.get::<String>("encoding_format")?.as_deref() {
+    let f: EmbeddingsFields = body.typed()?;
+    let encoding_format = match f.encoding_format.as_deref() {
         None | Some("float") => EncodingFormat::Float,
         Some("base64") => EncodingFormat::Base64,
         Some(other) => {
             return Err(ApiError::invalid(
                 "encoding_format",
                 format!("`encoding_format` must be \"float\" or \"base64\", got \"{other}\""),
-            ))
+            ));
         }
     };
-    let dimensions: Option<i64> = body.get("dimensions")?;
-    let dimensions = match dimensions {
+    let dimensions = match f.dimensions {
         Some(d) if d < 1 => {
             return Err(ApiError::invalid(
                 "dimensions",
                 "`dimensions` must be at least 1",
-            ))
+            ));
         }
         d => d.map(|d| d as usize),
     };
-    let truncate_prompt_tokens: Option<i64> = body.get("truncate_prompt_tokens")?;
+    let truncate_prompt_tokens = f.truncate_prompt_tokens;
     if matches!(truncate_prompt_tokens, Some(k) if k < 1 && k != -1) {
         return Err(ApiError::invalid(
             "truncate_prompt_tokens",
             "`truncate_prompt_tokens` must be at least 1 (or -1 for the model's maximum)",
         ));
     }
-    let _user: Option<String> = body.get("user")?;
     Ok(EmbeddingsRequest {
         inputs: parse_input(body.raw("input"))?,
         encoding_format,
         dimensions,
         truncate_prompt_tokens,
-        add_special_tokens: body.flag("add_special_tokens", true)?,
+        add_special_tokens: f.add_special_tokens.unwrap_or(true),
     })
 }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::api::error::ApiError;
@@ -36,6 +37,21 @@ impl<'a> Body<'a> {
         }
     }
 
+    /// The whole body as a typed struct; the first field of the wrong type is a 400 naming it
+    /// (`serde_path_to_error` gives the path, its first segment is the parameter).
+    pub(crate) fn typed<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let body = Value::Object(self.0.clone());
+        serde_path_to_error::deserialize(&body).map_err(|e| {
+            let path = e.path().to_string();
+            let param = path
+                .split(['.', '['])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            ApiError::invalid(&param, format!("invalid `{path}`: {}", e.into_inner()))
+        })
+    }
+
     pub(crate) fn raw(&self, key: &str) -> Option<&'a Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
@@ -45,22 +61,57 @@ impl<'a> Body<'a> {
     }
 }
 
-/// `stop`: a string or a list of strings.
-fn stop_strings(body: &Body<'_>) -> Result<Vec<String>, ApiError> {
-    match body.raw("stop") {
-        None => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(_) => body
-            .get::<Vec<String>>("stop")
-            .map(Option::unwrap_or_default),
-    }
+/// The sampling fields both routes accept, as OpenAI and vLLM name them; absent or null = default.
+/// Read in one go ([`Body::typed`]); a field of the wrong type is a 400 naming it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SamplingFields {
+    n: Option<usize>,
+    best_of: Option<usize>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<OneOrMany>,
+    stop_token_ids: Option<Vec<u32>>,
+    include_stop_str_in_output: Option<bool>,
+    ignore_eos: Option<bool>,
+    max_tokens: Option<usize>,
+    min_tokens: Option<usize>,
+    skip_special_tokens: Option<bool>,
+    spaces_between_special_tokens: Option<bool>,
+    prompt_logprobs: Option<usize>,
+    /// Token ids (as JSON object keys) to biases in [-100, 100].
+    logit_bias: Option<HashMap<String, f32>>,
+    use_beam_search: Option<bool>,
+    length_penalty: Option<f32>,
+    early_stopping: Option<EarlyStoppingField>,
+    /// Accepted (its type checked) as OpenAI and vLLM do, but not acted on.
+    #[allow(dead_code)]
+    user: Option<String>,
 }
 
-/// `logit_bias`: token ids (as JSON object keys) to biases in [-100, 100].
-fn logit_bias(body: &Body<'_>) -> Result<HashMap<u32, f32>, ApiError> {
-    let Some(raw) = body.get::<HashMap<String, f32>>("logit_bias")? else {
-        return Ok(HashMap::new());
-    };
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `early_stopping`: true, false or "never".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum EarlyStoppingField {
+    Flag(bool),
+    Word(String),
+}
+
+fn logit_bias(raw: HashMap<String, f32>) -> Result<HashMap<u32, f32>, ApiError> {
     raw.into_iter()
         .map(|(token, bias)| {
             let id = token.trim().parse::<u32>().map_err(|_| {
@@ -77,14 +128,14 @@ fn logit_bias(body: &Body<'_>) -> Result<HashMap<u32, f32>, ApiError> {
         .collect()
 }
 
-fn early_stopping(body: &Body<'_>) -> Result<EarlyStopping, ApiError> {
-    match body.raw("early_stopping") {
-        None | Some(Value::Bool(false)) => Ok(EarlyStopping::False),
-        Some(Value::Bool(true)) => Ok(EarlyStopping::True),
-        Some(Value::String(s)) if s == "never" => Ok(EarlyStopping::Never),
-        Some(other) => Err(ApiError::invalid(
+fn early_stopping(field: Option<EarlyStoppingField>) -> Result<EarlyStopping, ApiError> {
+    match field {
+        None | Some(EarlyStoppingField::Flag(false)) => Ok(EarlyStopping::False),
+        Some(EarlyStoppingField::Flag(true)) => Ok(EarlyStopping::True),
+        Some(EarlyStoppingField::Word(s)) if s == "never" => Ok(EarlyStopping::Never),
+        Some(EarlyStoppingField::Word(s)) => Err(ApiError::invalid(
             "early_stopping",
-            format!("`early_stopping` must be true, false or \"never\", got {other}"),
+            format!("`early_stopping` must be true, false or \"never\", got \"{s}\""),
         )),
     }
 }
@@ -96,37 +147,40 @@ pub(crate) fn sampling_params(
     body: &Body<'_>,
     default_max_tokens: Option<usize>,
 ) -> Result<SamplingParams, ApiError> {
-    let n: usize = body.get("n")?.unwrap_or(1);
+    let f: SamplingFields = body.typed()?;
+    let n = f.n.unwrap_or(1);
     if n == 0 {
         return Err(ApiError::invalid("n", "`n` must be at least 1"));
     }
-    // Accepted as OpenAI and vLLM do, but not acted on.
-    let _user: Option<String> = body.get("user")?;
     Ok(SamplingParams {
         n,
-        best_of: body.get("best_of")?,
-        presence_penalty: body.get("presence_penalty")?.unwrap_or(0.0),
-        frequency_penalty: body.get("frequency_penalty")?.unwrap_or(0.0),
-        repetition_penalty: body.get("repetition_penalty")?.unwrap_or(1.0),
-        temperature: body.get("temperature")?.unwrap_or(1.0),
-        top_p: body.get("top_p")?.unwrap_or(1.0),
-        top_k: body.get("top_k")?.unwrap_or(-1),
-        min_p: body.get("min_p")?.unwrap_or(0.0),
-        seed: body.get("seed")?,
-        stop: stop_strings(body)?,
-        stop_token_ids: body.get("stop_token_ids")?.unwrap_or_default(),
-        include_stop_str_in_output: body.flag("include_stop_str_in_output", false)?,
-        ignore_eos: body.flag("ignore_eos", false)?,
-        max_tokens: body.get("max_tokens")?.or(default_max_tokens),
-        min_tokens: body.get("min_tokens")?.unwrap_or(0),
-        skip_special_tokens: body.flag("skip_special_tokens", true)?,
-        spaces_between_special_tokens: body.flag("spaces_between_special_tokens", true)?,
+        best_of: f.best_of,
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        temperature: f.temperature.unwrap_or(1.0),
+        top_p: f.top_p.unwrap_or(1.0),
+        top_k: f.top_k.unwrap_or(-1),
+        min_p: f.min_p.unwrap_or(0.0),
+        seed: f.seed,
+        stop: match f.stop {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(v)) => v,
+        },
+        stop_token_ids: f.stop_token_ids.unwrap_or_default(),
+        include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        max_tokens: f.max_tokens.or(default_max_tokens),
+        min_tokens: f.min_tokens.unwrap_or(0),
+        skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+        spaces_between_special_tokens: f.spaces_between_special_tokens.unwrap_or(true),
         logprobs: None,
-        prompt_logprobs: body.get("prompt_logprobs")?,
-        logit_bias: logit_bias(body)?,
-        use_beam_search: body.flag("use_beam_search", false)?,
-        length_penalty: body.get("length_penalty")?.unwrap_or(1.0),
-        early_stopping: early_stopping(body)?,
+        prompt_logprobs: f.prompt_logprobs,
+        logit_bias: logit_bias(f.logit_bias.unwrap_or_default())?,
+        use_beam_search: f.use_beam_search.unwrap_or(false),
+        length_penalty: f.length_penalty.unwrap_or(1.0),
+        early_stopping: early_stopping(f.early_stopping)?,
     })
 }
 
@@ -216,6 +270,8 @@ mod tests {
             (json!({"seed": -1}), "seed"),
             (json!({"early_stopping": 3}), "early_stopping"),
             (json!({"max_tokens": 1.5}), "max_tokens"),
+            (json!({"logit_bias": {"1": "x"}}), "logit_bias"),
+            (json!({"user": 3}), "user"),
         ] {
             let e = params(body).unwrap_err();
             assert_eq!((e.status(), e.param()), (400, Some(param)));
