@@ -196,6 +196,9 @@ fn quantized_matmul(x: &Tensor, q: &Arc<QTensor>) -> Result<Tensor> {
     if super::qgemv::applies(x, q) {
         return super::qgemv::matmul(x, q);
     }
+    if super::kgemv::applies(x, q) {
+        return super::kgemv::matmul(x, q);
+    }
     let dtype = x.dtype();
     if !x.device().is_cpu() && dtype == DType::F16 {
         // candle's GPU GGUF kernels take f32 or bf16 activations

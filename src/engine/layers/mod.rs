@@ -4,6 +4,7 @@ pub mod attention;
 pub mod cpu_attention;
 pub mod embedding;
 pub mod gemv;
+pub mod kgemv;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
