@@ -31,8 +31,6 @@ pub struct ModelMeta {
     pub max_position_embeddings: usize,
     /// The context the engine may use: `MAX_MODEL_LENGTH` when set, else the model's limit.
     pub max_model_len: usize,
-    /// `tokenizer_config.json`'s `chat_template` (the `default` one of a list) or `chat_template.jinja`.
-    pub chat_template: Option<String>,
     pub model_dir: PathBuf,
     pub dtype: DType,
     pub device: Device,
@@ -188,36 +186,6 @@ pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option
     Ok((eos, bos))
 }
 
-/// The model's chat template: `tokenizer_config.json`'s `chat_template` (a string, or a list of
-/// `{name, template}` of which `default` is taken), else `chat_template.jinja`.
-pub fn read_chat_template(model_dir: &Path) -> Result<Option<String>> {
-    if let Some(tc) = read_json_opt(&model_dir.join("tokenizer_config.json"))? {
-        match tc.get("chat_template") {
-            Some(Value::String(s)) => return Ok(Some(s.clone())),
-            Some(Value::Array(list)) => {
-                let named = |n: &str| {
-                    list.iter()
-                        .find(|e| e.get("name").and_then(Value::as_str) == Some(n))
-                        .and_then(|e| e.get("template"))
-                        .and_then(Value::as_str)
-                };
-                if let Some(t) = named("default") {
-                    return Ok(Some(t.to_string()));
-                }
-            }
-            _ => {}
-        }
-    }
-    let jinja = model_dir.join("chat_template.jinja");
-    if jinja.exists() {
-        return Ok(Some(
-            std::fs::read_to_string(&jinja)
-                .with_context(|| format!("cannot read {}", jinja.display()))?,
-        ));
-    }
-    Ok(None)
-}
-
 /// Builds rayon's global pool once, before the first kernel runs: `threads` workers, else rayon's
 /// default (`RAYON_NUM_THREADS`, else what the process may use). `main` calls this before the async
 /// runtime starts; a later call (the loader's) finds the pool built and changes nothing. Returns the
@@ -283,7 +251,6 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
         pad_token_id: ids(config.get("pad_token_id")).first().copied(),
         max_position_embeddings: model_max,
         max_model_len,
-        chat_template: read_chat_template(dir)?,
         model_dir: dir.to_path_buf(),
         dtype,
         device,
@@ -386,7 +353,6 @@ fn load_gguf(settings: &EngineSettings, file: &Path) -> Result<LoadedModel> {
         pad_token_id: None,
         max_position_embeddings: model_max,
         max_model_len,
-        chat_template: gguf.chat_template(),
         model_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         dtype,
         device,
@@ -418,21 +384,6 @@ mod tests {
             &json!({"eos_token_id": [3, 4]}),
         )?;
         assert_eq!((eos, bos), (vec![3, 4], None));
-        Ok(())
-    }
-
-    #[test]
-    fn chat_template_list_takes_default_then_jinja_file() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        std::fs::write(
-            dir.path().join("tokenizer_config.json"),
-            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
-        )?;
-        assert_eq!(read_chat_template(dir.path())?.as_deref(), Some("D"));
-        std::fs::write(dir.path().join("tokenizer_config.json"), "{}")?;
-        assert_eq!(read_chat_template(dir.path())?, None);
-        std::fs::write(dir.path().join("chat_template.jinja"), "J")?;
-        assert_eq!(read_chat_template(dir.path())?.as_deref(), Some("J"));
         Ok(())
     }
 

@@ -604,6 +604,56 @@ mod tests {
         );
     }
 
+    /// The source `from_model_dir` found in `dir`, rendered with no messages (`None`: no template).
+    fn found(dir: &Path) -> Option<String> {
+        ChatTemplate::from_model_dir(dir, None)
+            .unwrap()
+            .map(|t| t.render(&[], &RenderOptions::default()).unwrap())
+    }
+
+    #[test]
+    fn model_dir_lookup_takes_the_default_of_a_list_then_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tokenizer_config.json");
+        std::fs::write(
+            &config,
+            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("D"));
+        std::fs::write(&config, r#"{"chat_template": "S"}"#).unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("S"));
+        std::fs::write(&config, "{}").unwrap();
+        assert_eq!(found(dir.path()), None);
+        std::fs::remove_file(&config).unwrap();
+        assert_eq!(found(dir.path()), None);
+    }
+
+    #[test]
+    fn a_jinja_file_wins_over_tokenizer_config() {
+        // transformers (v4.43+): `chat_template.jinja` is preferred to `tokenizer_config.json`'s.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("J"));
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": "C", "bos_token": "<s>"}"#,
+        )
+        .unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("J"));
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "default", "template": "D"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("J"));
+        // `CUSTOM_CHAT_TEMPLATE` wins over both.
+        let custom = ChatTemplate::from_model_dir(dir.path(), Some("X"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(custom.render(&[], &RenderOptions::default()).unwrap(), "X");
+    }
+
     #[test]
     fn syntax_errors_are_template_errors() {
         assert!(matches!(
