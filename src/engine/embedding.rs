@@ -11,14 +11,14 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
+use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use super::error::EngineError;
 use super::kv_cache::KvCache;
 use super::loader::load_causal;
 use super::loader::{read_config, resolve_device, resolve_dtype, safetensors_files};
 use super::models::bert::{BertConfig, BertModel, ENCODER_ARCHITECTURES};
-use super::models::{causal_architecture, CausalLM, ForwardBatch, LogitsWanted, SeqInput};
-use super::runner::{Embedder, EngineParts, Executor, ModelInfo};
-use super::scheduler::SchedulerConfig;
+use super::models::{causal_architecture, CausalLM};
+use super::parts::{Embedder, EngineKind, EngineParts, ModelInfo};
 use super::settings::EngineSettings;
 use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest};
@@ -499,19 +499,13 @@ struct LoadedAny {
     vocab_size: usize,
 }
 
-/// An embedding model is never scheduled (`can_generate` is false), so this executor only explains
-/// itself if ever called.
-struct NoExecutor;
-
-impl Executor for NoExecutor {
-    fn execute(&mut self, _: &[(u32, u32)], _: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
-        bail!("an embedding model cannot generate")
-    }
-}
-
 /// The engine's parts for an embedding model (encoder, or decoder in sentence-transformers layout):
-/// the embedder, the tokenizer, no generation.
-pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
+/// the embedder, the tokenizer, no generation. `None` when the folder is no embedding model (see
+/// `is_embedding_model`).
+pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<Option<EngineParts>> {
+    if !is_embedding_model(&settings.model_path) {
+        return Ok(None);
+    }
     let tok_dir = settings
         .tokenizer_path
         .clone()
@@ -554,8 +548,7 @@ pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts>
         pooling = ?loaded.spec,
         "embedding model loaded"
     );
-    Ok(EngineParts {
-        executor: Box::new(NoExecutor),
+    Ok(Some(EngineParts {
         info: ModelInfo {
             served_model_name: settings.served_model_name.clone(),
             architecture: loaded.architecture,
@@ -566,18 +559,9 @@ pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts>
             created,
         },
         tokenizer,
-        eos_token_ids: Vec::new(),
-        scheduler: SchedulerConfig {
-            block_size: settings.block_size.max(1),
-            num_blocks: 0,
-            max_num_seqs: settings.max_num_seqs.max(1),
-            max_num_batched_tokens: settings.max_num_batched_tokens.max(1),
-            enable_prefix_caching: false,
-        },
         template: None,
-        embedder: Some(loaded.embedder),
-        speculation: None,
-    })
+        kind: EngineKind::Embedder(loaded.embedder),
+    }))
 }
 
 /// Cosine similarity of two vectors (tests, ranking).

@@ -8,7 +8,7 @@
 
 use candle_core::{bail, Result, Tensor};
 
-use super::models::ModelSpec;
+use super::batch::ModelSpec;
 
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,

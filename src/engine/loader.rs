@@ -12,10 +12,10 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::gguf;
+use super::layers::Weights;
 use super::models::{causal_architecture, load_causal_model, CausalLM};
 use super::quant::{self, GgmlDType};
 use super::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
-use super::weights::Weights;
 
 /// What the engine needs to know about a loaded model besides the model itself.
 #[derive(Debug, Clone)]

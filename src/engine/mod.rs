@@ -5,6 +5,7 @@
 // Edition 2024 let-chains: the engine's nested `if let`s stay as they are until next edited.
 #![allow(clippy::collapsible_if)]
 
+pub mod batch;
 pub mod block_allocator;
 pub mod detokenize;
 pub mod embedding;
@@ -14,6 +15,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod models;
+pub mod parts;
 pub mod prefix_cache;
 pub mod quant;
 pub mod runner;
@@ -26,9 +28,9 @@ pub mod template;
 pub mod tokenizer;
 pub mod types;
 pub mod validate;
-pub mod weights;
 
 pub use error::EngineError;
-pub use runner::{Engine, GenerationStream, ModelInfo};
+pub use parts::ModelInfo;
+pub use runner::{Engine, GenerationStream};
 pub use settings::EngineSettings;
 pub use types::*;

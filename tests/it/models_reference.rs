@@ -7,10 +7,11 @@ use std::path::Path;
 
 use crate::common::fixtures::{fixture, floats, ids, reference, CAUSAL};
 use serde_json::Value;
+use worker_candle::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::layers::AttentionImpl;
 use worker_candle::engine::loader::{load_causal, LoadedModel};
-use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
+use worker_candle::engine::models::CausalLM;
 use worker_candle::engine::EngineSettings;
 
 const TOL: f32 = 1e-4;

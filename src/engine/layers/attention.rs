@@ -8,8 +8,8 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::cpu_attention::{PagedAttention, SeqSlots};
+use crate::engine::batch::{ForwardBatch, LogitsWanted};
 use crate::engine::kv_cache::{Gather, KvCache, SlotRun};
-use crate::engine::models::{ForwardBatch, LogitsWanted};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionImpl {

@@ -1,7 +1,7 @@
 //! Feed-forward blocks: gated (SwiGLU / GeGLU, with gate and up fused into one matmul) and plain
 //! two-layer (GPT-2).
 
-use crate::engine::weights::Weights;
+use super::weights::Weights;
 use candle_core::{bail, Result, Tensor};
 
 use super::linear::Linear;

@@ -11,6 +11,7 @@ pub mod pool;
 pub mod qgemv;
 pub mod rope;
 pub mod simd;
+pub mod weights;
 
 pub use attention::{AttentionImpl, AttentionParams, BatchPlan};
 pub use embedding::Embedding;
@@ -18,3 +19,4 @@ pub use linear::Linear;
 pub use mlp::{Activation, GatedMlp, Mlp};
 pub use norm::Norm;
 pub use rope::{Rope, RopeConfig};
+pub use weights::Weights;

@@ -1,7 +1,7 @@
 //! Normalisations: RMSNorm (Gemma's `(1 + w)` variant folds the 1 into the weight at load) and
 //! LayerNorm.
 
-use crate::engine::weights::Weights;
+use super::weights::Weights;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]

@@ -2,10 +2,11 @@
 //! differ only in the switches of [`DecoderConfig`], which each architecture's file fills from its
 //! config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use super::{CausalLM, ForwardBatch, ModelSpec};
+use super::CausalLM;
+use crate::engine::batch::{ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::attention::softcap;
 use crate::engine::layers::{

@@ -2,7 +2,7 @@
 //! scaled by `sqrt(hidden)`, soft-capped attention and final logits, `query_pre_attn_scalar` as the
 //! attention scale, and sliding-window attention on alternate layers.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 

@@ -1,12 +1,13 @@
 //! GPT-2: learned absolute positions, LayerNorm, `Conv1D` weights stored `[in, out]`, fused `c_attn`,
 //! GeLU MLP, head tied to the token embeddings.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::{bail, DType, Result, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{CausalLM, ForwardBatch, ModelSpec};
+use super::CausalLM;
+use crate::engine::batch::{ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::{
     Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, Linear, Mlp, Norm,

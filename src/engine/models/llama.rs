@@ -1,6 +1,6 @@
 //! Llama 2, 3, 3.1, 3.2 (incl. `llama3` RoPE scaling and tied embeddings): the plain decoder.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 

@@ -1,6 +1,6 @@
 //! Mistral: the Llama decoder with a sliding attention window on every layer.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 

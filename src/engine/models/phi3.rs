@@ -1,6 +1,6 @@
 //! Phi-3: the Llama decoder with fused `qkv_proj` and `gate_up_proj` weights and a sliding window.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 

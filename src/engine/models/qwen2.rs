@@ -1,6 +1,6 @@
 //! Qwen2 / Qwen2.5: the Llama decoder with biases on the q/k/v projections (not on o).
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 

@@ -1,7 +1,7 @@
 //! Qwen3: the Llama decoder with an RMSNorm over each head of q and k before RoPE, and an explicit
 //! `head_dim`.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 

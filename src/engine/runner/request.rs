@@ -7,8 +7,8 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::beam::{BeamConfig, BeamSearch, Live};
+use crate::engine::batch::LogitsWanted;
 use crate::engine::detokenize::{DecodeOptions, Detokenizer};
-use crate::engine::models::LogitsWanted;
 use crate::engine::sampling::{log_softmax, top_n, Sampler};
 use crate::engine::scheduler::{Scheduled, Scheduler, SeqId};
 use crate::engine::stop::{StopConditions, StopStrings};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::*;
+use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::types::{
     ChoiceDelta, FinishReason, RequestMetrics, SamplingParams, StopReason, Usage,
 };
@@ -95,11 +96,6 @@ fn toy_engine(
     let tokenizer = tokenizer();
     let vocab = tokenizer.vocab_size();
     Engine::launch(EngineParts {
-        executor: Box::new(ToyExec {
-            slots: vec![0; num_blocks * BS],
-            vocab,
-            bigram,
-        }),
         info: ModelInfo {
             served_model_name: "toy".into(),
             architecture: "toy".into(),
@@ -110,17 +106,23 @@ fn toy_engine(
             created: 0,
         },
         tokenizer,
-        eos_token_ids: eos,
-        scheduler: SchedulerConfig {
-            block_size: BS,
-            num_blocks,
-            max_num_seqs: max_seqs,
-            max_num_batched_tokens: budget,
-            enable_prefix_caching: prefix,
-        },
         template: None,
-        embedder: None,
-        speculation,
+        kind: EngineKind::Generator(Generator {
+            executor: Box::new(ToyExec {
+                slots: vec![0; num_blocks * BS],
+                vocab,
+                bigram,
+            }),
+            eos_token_ids: eos,
+            scheduler: SchedulerConfig {
+                block_size: BS,
+                num_blocks,
+                max_num_seqs: max_seqs,
+                max_num_batched_tokens: budget,
+                enable_prefix_caching: prefix,
+            },
+            speculation,
+        }),
     })
 }
 
@@ -693,14 +695,11 @@ async fn speculative_decoding_matches_plain_decoding_on_every_fixture() {
 fn draft_spec(bigram: bool, num_blocks: usize, k: usize) -> Option<Speculation> {
     let vocab = tokenizer().vocab_size();
     Some(Speculation {
-        proposer: Proposer::Draft(DraftModel::new(
-            Box::new(ToyExec {
-                slots: vec![0; num_blocks * BS],
-                vocab,
-                bigram,
-            }),
-            BS,
-        )),
+        proposer: Proposer::Draft(Box::new(ToyExec {
+            slots: vec![0; num_blocks * BS],
+            vocab,
+            bigram,
+        })),
         num_tokens: k,
         disable_by_batch_size: 64,
     })

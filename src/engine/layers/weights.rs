@@ -7,9 +7,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::gguf::{GgufBackend, GgufFile};
-use super::layers::{Embedding, Linear};
-use super::quant::{self, GgmlDType};
+use super::{Embedding, Linear};
+use crate::engine::gguf::{GgufBackend, GgufFile};
+use crate::engine::quant::{self, GgmlDType};
 
 #[derive(Clone)]
 enum Source {
