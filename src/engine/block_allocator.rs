@@ -35,10 +35,6 @@ impl BlockAllocator {
         alloc
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.refs.len()
-    }
-
     /// Blocks nobody owns (some may still hold a cached prefix; allocating them evicts it).
     pub fn num_free(&self) -> usize {
         self.num_free

@@ -76,14 +76,6 @@ impl PrefixCache {
             self.by_hash.remove(&h);
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.by_hash.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -125,8 +117,8 @@ mod tests {
         assert!(c.is_cached(3) && !c.is_cached(2));
         c.evict(3);
         assert_eq!(c.lookup(h), None);
-        assert!(c.is_empty());
+        assert!(c.by_hash.is_empty());
         assert!(c.insert(h, 2));
-        assert_eq!(c.len(), 1);
+        assert_eq!(c.by_hash.len(), 1);
     }
 }

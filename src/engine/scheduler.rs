@@ -221,10 +221,6 @@ impl Scheduler {
         self.alloc.num_free()
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.alloc.num_blocks()
-    }
-
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
