@@ -44,31 +44,15 @@ pub struct LoadedModel {
 }
 
 /// Reads a folder's config.json.
-pub fn read_config(model_dir: &Path) -> Result<Value> {
+pub(crate) fn read_config(model_dir: &Path) -> Result<Value> {
     let path = model_dir.join("config.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// The first `architectures` entry of config.json (else its `model_type`), so the engine can tell an
-/// embedder (BERT) from a causal LM before loading anything.
-pub fn read_architecture(model_dir: &Path) -> Result<String> {
-    let config = read_config(model_dir)?;
-    let arch = config
-        .get("architectures")
-        .and_then(Value::as_array)
-        .and_then(|a| a.first())
-        .and_then(Value::as_str)
-        .or_else(|| config.get("model_type").and_then(Value::as_str));
-    match arch {
-        Some(a) => Ok(a.to_string()),
-        None => bail!("{}/config.json names no architecture", model_dir.display()),
-    }
-}
-
 /// The device `DEVICE` asks for. `cuda` in a build without the `cuda` feature is an error.
-pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
+pub(crate) fn resolve_device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => cuda_device(),
@@ -88,7 +72,7 @@ fn cuda_device() -> Result<Device> {
 
 /// The compute dtype: `auto` is float32 on CPU (bf16 matmuls are emulated there) and the checkpoint's
 /// own dtype on GPU.
-pub fn resolve_dtype(choice: DTypeChoice, device: &Device, config: &Value) -> Result<DType> {
+pub(crate) fn resolve_dtype(choice: DTypeChoice, device: &Device, config: &Value) -> Result<DType> {
     Ok(match choice {
         DTypeChoice::F32 => DType::F32,
         DTypeChoice::BF16 => DType::BF16,
@@ -111,7 +95,7 @@ pub fn resolve_dtype(choice: DTypeChoice, device: &Device, config: &Value) -> Re
 
 /// The safetensors files of a folder: the shards `model.safetensors.index.json` lists, else
 /// `model.safetensors`, else every `*.safetensors` there.
-pub fn safetensors_files(model_dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(model_dir: &Path) -> Result<Vec<PathBuf>> {
     let index = model_dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index)?;
@@ -168,7 +152,7 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
 }
 
 /// EOS ids from generation_config.json then config.json (union, first-seen order), and the BOS id.
-pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option<u32>)> {
+pub(crate) fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option<u32>)> {
     let r#gen = read_json_opt(&model_dir.join("generation_config.json"))?;
     let mut eos = Vec::new();
     for id in ids(r#gen.as_ref().and_then(|g| g.get("eos_token_id")))

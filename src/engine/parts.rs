@@ -32,7 +32,7 @@ pub struct ModelInfo {
 
 /// Runs one planned step on the model: copies blocks (copy-on-write), then the forward pass. Returns
 /// float32 logits, `rows × vocab` flattened, the rows each sequence asked for, in batch order.
-pub trait Executor: Send {
+pub(crate) trait Executor: Send {
     fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>>;
 }
 
@@ -42,7 +42,7 @@ pub trait Embedder: Send + Sync {
 }
 
 /// Everything an engine is made of, once loaded.
-pub struct EngineParts {
+pub(crate) struct EngineParts {
     pub tokenizer: Tokenizer,
     /// `can_generate` and `can_embed` follow from `kind` when the engine launches.
     pub info: ModelInfo,
@@ -51,7 +51,7 @@ pub struct EngineParts {
 }
 
 /// The one kind of work a loaded model does.
-pub enum EngineKind {
+pub(crate) enum EngineKind {
     /// Text generation: the engine thread schedules requests onto the executor.
     Generator(Generator),
     /// Embeddings only; generation is answered with `EngineError::Unsupported`.
@@ -59,7 +59,7 @@ pub enum EngineKind {
 }
 
 /// A generating model and how the engine thread schedules it.
-pub struct Generator {
+pub(crate) struct Generator {
     pub executor: Box<dyn Executor>,
     /// EOS ids of the tokenizer and `generation_config.json`.
     pub eos_token_ids: Vec<u32>,
@@ -69,7 +69,7 @@ pub struct Generator {
 }
 
 /// How the engine guesses tokens ahead (speculative decoding).
-pub struct Speculation {
+pub(crate) struct Speculation {
     pub proposer: Proposer,
     /// Tokens proposed per step.
     pub num_tokens: usize,
@@ -78,7 +78,7 @@ pub struct Speculation {
 }
 
 /// Where guesses come from.
-pub enum Proposer {
+pub(crate) enum Proposer {
     /// Prompt lookup.
     Ngram(NgramProposer),
     /// A draft model: its executor, over a KV cache in the target's block layout (the scheduler's

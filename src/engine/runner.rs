@@ -71,7 +71,7 @@ impl Engine {
 
     /// Starts the engine thread over already loaded parts (tests and benchmarks use it with their
     /// own executor; `start` with the real model).
-    pub fn launch(parts: EngineParts) -> Engine {
+    pub(crate) fn launch(parts: EngineParts) -> Engine {
         let EngineParts {
             tokenizer,
             mut info,

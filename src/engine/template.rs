@@ -59,7 +59,7 @@ impl ChatTemplate {
     }
 
     /// A default template and an optional `tool_use` one, picked when a request has tools.
-    pub fn with_variants(
+    pub(crate) fn with_variants(
         default: &str,
         tool_use: Option<&str>,
         bos_token: Option<String>,
@@ -96,7 +96,7 @@ impl ChatTemplate {
 
     /// The template a parsed `tokenizer_config.json` holds, unless a `chat_template.jinja` (`jinja`) or
     /// `custom` one wins.
-    pub fn from_tokenizer_config(
+    pub(crate) fn from_tokenizer_config(
         config: &Json,
         jinja: Option<&str>,
         custom: Option<&str>,
@@ -325,7 +325,7 @@ fn sort_json_keys(value: &mut Json) {
 
 /// JSON text as Python's `json.dumps(ensure_ascii=False)` writes it: `", "` and `": "` separators
 /// without indent, `","` and `": "` with it.
-pub fn python_json(value: &Json, indent: Option<usize>) -> String {
+pub(crate) fn python_json(value: &Json, indent: Option<usize>) -> String {
     let mut out = String::new();
     write_python_json(&mut out, value, indent, 0);
     out

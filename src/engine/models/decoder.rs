@@ -15,7 +15,7 @@ use crate::engine::layers::{
 };
 
 #[derive(Debug, Clone)]
-pub struct DecoderConfig {
+pub(crate) struct DecoderConfig {
     pub architecture: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -75,7 +75,7 @@ struct Layer {
     attn: AttentionParams,
 }
 
-pub struct DecoderModel {
+pub(crate) struct DecoderModel {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Norm,
@@ -324,7 +324,7 @@ impl CausalLM for DecoderModel {
 
 /// The config.json fields the Llama family shares, with the defaults transformers uses.
 #[derive(Debug, Clone, serde::Deserialize)]
-pub struct BaseConfig {
+pub(crate) struct BaseConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -402,7 +402,7 @@ impl BaseConfig {
 
     /// Sliding windows per layer: from `layer_types` when given, else the window on every layer
     /// (`all_by_default`) or none.
-    pub fn layer_windows(&self, all_by_default: bool) -> Vec<Option<usize>> {
+    pub(crate) fn layer_windows(&self, all_by_default: bool) -> Vec<Option<usize>> {
         let n = self.num_hidden_layers;
         match (&self.layer_types, self.sliding_window) {
             (_, None) => vec![None; n],

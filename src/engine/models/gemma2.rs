@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::decoder::{BaseConfig, DecoderModel};
 use crate::engine::layers::Activation;
 
-pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+pub(crate) fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
     let base = BaseConfig::parse(config)?;
     let mut cfg = base.decoder("Gemma2ForCausalLM", config)?;
     let get_f = |k: &str| config.get(k).and_then(Value::as_f64);

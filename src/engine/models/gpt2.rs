@@ -52,7 +52,7 @@ struct Block {
     attn: AttentionParams,
 }
 
-pub struct Gpt2 {
+pub(crate) struct Gpt2 {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -62,7 +62,7 @@ pub struct Gpt2 {
     attention_impl: AttentionImpl,
 }
 
-pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<Gpt2> {
+pub(crate) fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<Gpt2> {
     let cfg: Gpt2Config = serde_json::from_value(config.clone())
         .map_err(|e| candle_core::Error::Msg(format!("config.json: {e}")))?;
     if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {

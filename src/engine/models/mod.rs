@@ -37,7 +37,7 @@ pub trait CausalLM: Send {
 }
 
 /// The causal architectures this build runs: (config.json `architectures` entry, `model_type`).
-pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
+pub(crate) const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
     ("LlamaForCausalLM", "llama"),
     ("MistralForCausalLM", "mistral"),
     ("Qwen2ForCausalLM", "qwen2"),
@@ -49,7 +49,7 @@ pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
 
 /// The supported architecture a config.json names (by `architectures`, else `model_type`), or an error
 /// listing the supported ones.
-pub fn causal_architecture(config: &Value) -> Result<&'static str> {
+pub(crate) fn causal_architecture(config: &Value) -> Result<&'static str> {
     let named: Vec<&str> = config
         .get("architectures")
         .and_then(Value::as_array)
@@ -75,7 +75,7 @@ pub fn causal_architecture(config: &Value) -> Result<&'static str> {
 
 /// Builds the model config.json describes from the weights in `vb`. `max_positions` bounds the
 /// sequence length (RoPE tables are built that far).
-pub fn load_causal_model(
+pub(crate) fn load_causal_model(
     config: &Value,
     vb: Weights,
     max_positions: usize,

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::decoder::{BaseConfig, DecoderModel};
 
-pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+pub(crate) fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
     let base = BaseConfig::parse(config)?;
     let mut cfg = base.decoder("Phi3ForCausalLM", config)?;
     cfg.fused_weights = true;

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::decoder::{BaseConfig, DecoderModel};
 
-pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+pub(crate) fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
     let base = BaseConfig::parse(config)?;
     let mut cfg = base.decoder("Qwen3ForCausalLM", config)?;
     cfg.qk_norm = true;

@@ -23,12 +23,12 @@ use crate::engine::speculative::{NgramProposer, SpeculativeMethod};
 
 /// Default KV budget on CPU when `KV_CACHE_MEMORY` is unset: enough for `max_num_seqs` full-length
 /// sequences, capped (a CPU box shares its memory with the weights and everything else).
-pub const DEFAULT_CPU_KV_BYTES: u64 = 1 << 30;
+pub(crate) const DEFAULT_CPU_KV_BYTES: u64 = 1 << 30;
 
 /// How many KV blocks the budget buys. `budget`: `KV_CACHE_MEMORY`, else on GPU the share
 /// `gpu_memory_utilization` of the free memory (`gpu_free`), else the CPU default. Never fewer than
 /// one full-length sequence needs, so every admissible request can run.
-pub fn num_kv_blocks(
+pub(crate) fn num_kv_blocks(
     settings: &EngineSettings,
     bytes_per_block: u64,
     max_model_len: usize,
@@ -48,7 +48,7 @@ pub fn num_kv_blocks(
 }
 
 /// The model and its paged cache: the executor the engine thread drives.
-pub struct CausalExecutor {
+pub(crate) struct CausalExecutor {
     model: Box<dyn CausalLM>,
     cache: KvCache,
 }
