@@ -69,8 +69,8 @@ impl Engine {
         Ok(Self::launch(load::load(&settings)?))
     }
 
-    /// Starts the engine thread over already loaded parts (tests and benchmarks use it with their
-    /// own executor; `start` with the real model).
+    /// Starts the engine over already loaded parts: the engine thread for a generator, none for an
+    /// embedder (`start` with the real model; the runner's tests with their own executor).
     pub(crate) fn launch(parts: EngineParts) -> Engine {
         let EngineParts {
             tokenizer,
