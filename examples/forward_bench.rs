@@ -11,10 +11,11 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use worker_candle::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::layers::AttentionImpl;
 use worker_candle::engine::loader::load_causal;
-use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
+use worker_candle::engine::models::CausalLM;
 use worker_candle::engine::settings::{DTypeChoice, EngineSettings, Quantization};
 
 const BLOCK: usize = 16;

@@ -9,7 +9,7 @@
 const NIL: u32 = u32::MAX;
 
 #[derive(Debug, Clone)]
-pub struct BlockAllocator {
+pub(crate) struct BlockAllocator {
     refs: Vec<u32>,
     prev: Vec<u32>,
     next: Vec<u32>,
@@ -35,26 +35,22 @@ impl BlockAllocator {
         alloc
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.refs.len()
-    }
-
     /// Blocks nobody owns (some may still hold a cached prefix; allocating them evicts it).
-    pub fn num_free(&self) -> usize {
+    pub(crate) fn num_free(&self) -> usize {
         self.num_free
     }
 
-    pub fn ref_count(&self, block: u32) -> u32 {
+    pub(crate) fn ref_count(&self, block: u32) -> u32 {
         self.refs[block as usize]
     }
 
     /// The block `allocate` would hand out next, without taking it (the caller evicts its cached prefix).
-    pub fn peek_free(&self) -> Option<u32> {
+    pub(crate) fn peek_free(&self) -> Option<u32> {
         (self.head != NIL).then_some(self.head)
     }
 
     /// Takes the block at the front of the free queue, owned once.
-    pub fn allocate(&mut self) -> Option<u32> {
+    pub(crate) fn allocate(&mut self) -> Option<u32> {
         let b = self.peek_free()?;
         self.unlink(b);
         self.refs[b as usize] = 1;
@@ -62,7 +58,7 @@ impl BlockAllocator {
     }
 
     /// One more owner for `block`; a free block (a revived cached prefix) leaves the free queue.
-    pub fn acquire(&mut self, block: u32) {
+    pub(crate) fn acquire(&mut self, block: u32) {
         if self.refs[block as usize] == 0 {
             self.unlink(block);
         }

@@ -20,7 +20,7 @@ pub struct DecodeOptions {
 }
 
 impl DecodeOptions {
-    pub fn from_params(params: &SamplingParams) -> Self {
+    pub(crate) fn from_params(params: &SamplingParams) -> Self {
         Self {
             skip_special_tokens: params.skip_special_tokens,
             spaces_between_special_tokens: params.spaces_between_special_tokens,
@@ -47,7 +47,6 @@ pub struct Detokenizer {
     prefix_offset: usize,
     /// End of what has been emitted as text.
     read_offset: usize,
-    context_len: usize,
 }
 
 impl Detokenizer {
@@ -74,7 +73,6 @@ impl Detokenizer {
             ids: context.to_vec(),
             prefix_offset: 0,
             read_offset: context.len(),
-            context_len: context.len(),
         }
     }
 
@@ -109,11 +107,6 @@ impl Detokenizer {
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(text_after(&full, prefix.len()).to_owned())
-    }
-
-    /// The generated tokens so far.
-    pub fn output_ids(&self) -> &[u32] {
-        &self.ids[self.context_len..]
     }
 
     pub fn options(&self) -> DecodeOptions {
@@ -215,7 +208,7 @@ mod tests {
         }
         text.push_str(&d.finish().unwrap());
         assert_eq!(text, " is 世界");
-        assert_eq!(d.output_ids(), &out[..]);
+        assert_eq!(&d.ids[d.ids.len() - out.len()..], &out[..]);
     }
 
     #[test]

@@ -11,14 +11,14 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
+use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use super::error::EngineError;
 use super::kv_cache::KvCache;
 use super::loader::load_causal;
 use super::loader::{read_config, resolve_device, resolve_dtype, safetensors_files};
 use super::models::bert::{BertConfig, BertModel, ENCODER_ARCHITECTURES};
-use super::models::{causal_architecture, CausalLM, ForwardBatch, LogitsWanted, SeqInput};
-use super::runner::{Embedder, EngineParts, Executor, ModelInfo};
-use super::scheduler::SchedulerConfig;
+use super::models::{causal_architecture, CausalLM};
+use super::parts::{Embedder, EngineKind, EngineParts, ModelInfo};
 use super::settings::EngineSettings;
 use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest};
@@ -93,7 +93,7 @@ impl PoolingSpec {
 }
 
 /// The pooling mode a sentence-transformers `Pooling` config selects (exactly one).
-pub fn pooling_from_config(cfg: &Value) -> anyhow::Result<Pooling> {
+pub(crate) fn pooling_from_config(cfg: &Value) -> anyhow::Result<Pooling> {
     if let Some(mode) = cfg.get("pooling_mode").and_then(Value::as_str) {
         return pooling_by_name(mode);
     }
@@ -136,7 +136,7 @@ fn pooling_by_name(name: &str) -> anyhow::Result<Pooling> {
 }
 
 /// Pools one sequence's states `[len, hidden]` (padding already cut off) to `[hidden]`.
-pub fn pool(states: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
+pub(crate) fn pool(states: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
     let len = states.dim(0)?;
     match pooling {
         Pooling::Cls => states.get(0),
@@ -147,13 +147,16 @@ pub fn pool(states: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
 }
 
 /// Scales `v` to unit L2 norm (a zero vector stays zero, as torch's `normalize` with eps leaves it).
-pub fn l2_normalize(v: &mut [f32]) {
+pub(crate) fn l2_normalize(v: &mut [f32]) {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
     v.iter_mut().for_each(|x| *x /= norm);
 }
 
 /// The requested Matryoshka size, checked against the model's: `None` = the whole vector.
-pub fn check_dimensions(dimensions: Option<usize>, model_dim: usize) -> Result<usize, EngineError> {
+pub(crate) fn check_dimensions(
+    dimensions: Option<usize>,
+    model_dim: usize,
+) -> Result<usize, EngineError> {
     match dimensions {
         None => Ok(model_dim),
         Some(0) => Err(EngineError::invalid(
@@ -170,7 +173,7 @@ pub fn check_dimensions(dimensions: Option<usize>, model_dim: usize) -> Result<u
 
 /// Pooled vector → what the client gets: normalised when the model normalises, cut to `dims` and
 /// normalised again (Matryoshka: a prefix of a normalised vector is not unit length).
-pub fn finish_vector(mut v: Vec<f32>, normalize: bool, dims: usize) -> Vec<f32> {
+pub(crate) fn finish_vector(mut v: Vec<f32>, normalize: bool, dims: usize) -> Vec<f32> {
     if normalize {
         l2_normalize(&mut v);
     }
@@ -185,7 +188,7 @@ pub fn finish_vector(mut v: Vec<f32>, normalize: bool, dims: usize) -> Vec<f32> 
 
 /// Checks what every embedder checks: inputs present, non-empty, within the context, token ids within
 /// the vocabulary.
-pub fn validate_inputs(
+pub(crate) fn validate_inputs(
     inputs: &[Vec<u32>],
     max_len: usize,
     vocab: usize,
@@ -221,7 +224,7 @@ pub fn validate_inputs(
 
 /// Splits input indices, sorted by length, into batches whose padded size stays under `max_tokens`
 /// (similar lengths together waste little padding).
-pub fn plan_batches(lens: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
+pub(crate) fn plan_batches(lens: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by_key(|&i| lens[i]);
     let mut batches: Vec<Vec<usize>> = Vec::new();
@@ -280,7 +283,7 @@ impl EncoderEmbedder {
     }
 
     /// The longest input, in tokens.
-    pub fn max_input_len(&self) -> usize {
+    pub(crate) fn max_input_len(&self) -> usize {
         self.model.config().max_input_len()
     }
 
@@ -318,7 +321,7 @@ impl Embedder for EncoderEmbedder {
 }
 
 /// Whether a model folder holds an encoder this engine serves as an embedder.
-pub fn is_encoder_model(dir: &Path) -> bool {
+pub(crate) fn is_encoder_model(dir: &Path) -> bool {
     let Ok(cfg) = read_config(dir) else {
         return false;
     };
@@ -448,7 +451,7 @@ impl Embedder for DecoderEmbedder {
 
 /// Whether a folder holds a decoder packaged as a sentence-transformers embedder (`modules.json`
 /// next to a supported causal architecture).
-pub fn is_decoder_embedder(dir: &Path) -> bool {
+pub(crate) fn is_decoder_embedder(dir: &Path) -> bool {
     dir.join("modules.json").is_file()
         && read_config(dir).is_ok_and(|c| causal_architecture(&c).is_ok())
 }
@@ -499,19 +502,13 @@ struct LoadedAny {
     vocab_size: usize,
 }
 
-/// An embedding model is never scheduled (`can_generate` is false), so this executor only explains
-/// itself if ever called.
-struct NoExecutor;
-
-impl Executor for NoExecutor {
-    fn execute(&mut self, _: &[(u32, u32)], _: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
-        bail!("an embedding model cannot generate")
-    }
-}
-
 /// The engine's parts for an embedding model (encoder, or decoder in sentence-transformers layout):
-/// the embedder, the tokenizer, no generation.
-pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
+/// the embedder, the tokenizer, no generation. `None` when the folder is no embedding model (see
+/// `is_embedding_model`).
+pub(crate) fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<Option<EngineParts>> {
+    if !is_embedding_model(&settings.model_path) {
+        return Ok(None);
+    }
     let tok_dir = settings
         .tokenizer_path
         .clone()
@@ -554,8 +551,7 @@ pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts>
         pooling = ?loaded.spec,
         "embedding model loaded"
     );
-    Ok(EngineParts {
-        executor: Box::new(NoExecutor),
+    Ok(Some(EngineParts {
         info: ModelInfo {
             served_model_name: settings.served_model_name.clone(),
             architecture: loaded.architecture,
@@ -566,18 +562,9 @@ pub fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<EngineParts>
             created,
         },
         tokenizer,
-        eos_token_ids: Vec::new(),
-        scheduler: SchedulerConfig {
-            block_size: settings.block_size.max(1),
-            num_blocks: 0,
-            max_num_seqs: settings.max_num_seqs.max(1),
-            max_num_batched_tokens: settings.max_num_batched_tokens.max(1),
-            enable_prefix_caching: false,
-        },
         template: None,
-        embedder: Some(loaded.embedder),
-        speculation: None,
-    })
+        kind: EngineKind::Embedder(loaded.embedder),
+    }))
 }
 
 /// Cosine similarity of two vectors (tests, ranking).

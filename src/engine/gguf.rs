@@ -17,7 +17,7 @@ use super::quant;
 use super::settings::{EngineSettings, Quantization};
 
 /// GGUF `general.architecture` values this build loads, with the Hugging Face architecture each is.
-pub const SUPPORTED: &[(&str, &str)] = &[
+pub(crate) const SUPPORTED: &[(&str, &str)] = &[
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
@@ -26,7 +26,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
 /// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
 /// `.gguf` files when `QUANTIZATION=gguf` or `GGUF_FILE` is set, or a folder whose only weights are one
 /// `.gguf` file.
-pub fn locate(settings: &EngineSettings) -> anyhow::Result<Option<PathBuf>> {
+pub(crate) fn locate(settings: &EngineSettings) -> anyhow::Result<Option<PathBuf>> {
     let path = &settings.model_path;
     if path.is_file() {
         if is_gguf(path) {
@@ -308,7 +308,11 @@ impl GgufFile {
 
     /// The tensor stored for Hugging Face name `hf`, in the file's block type, rows in Hugging Face
     /// order. `None` if the file has no such tensor.
-    pub fn qtensor(&self, hf: &str, device: &Device) -> candle_core::Result<Option<QTensor>> {
+    pub(crate) fn qtensor(
+        &self,
+        hf: &str,
+        device: &Device,
+    ) -> candle_core::Result<Option<QTensor>> {
         let Some(name) = Self::gguf_name(hf) else {
             return Ok(None);
         };
@@ -360,7 +364,7 @@ impl GgufFile {
     /// The tokenizer the metadata describes, as a Hugging Face `tokenizer.json` document and the
     /// `tokenizer_config.json` that goes with it (special tokens, chat template). Byte-level BPE
     /// (`tokenizer.ggml.model` = `gpt2`) only; others need `TOKENIZER_NAME`.
-    pub fn tokenizer_files(&self) -> anyhow::Result<(Value, Value)> {
+    pub(crate) fn tokenizer_files(&self) -> anyhow::Result<(Value, Value)> {
         let m = self.meta();
         let model = m.string("tokenizer.ggml.model")?;
         if model != "gpt2" {
@@ -554,7 +558,7 @@ fn as_u64(v: &GgufValue) -> Option<u64> {
 
 /// Serves a GGUF file's tensors to a `VarBuilder` by Hugging Face name, dequantized (norms, biases;
 /// linear layers and the embedding table take the quantized blocks through `Weights`).
-pub struct GgufBackend(pub std::sync::Arc<GgufFile>);
+pub(crate) struct GgufBackend(pub std::sync::Arc<GgufFile>);
 
 impl candle_nn::var_builder::SimpleBackend for GgufBackend {
     fn get(

@@ -8,7 +8,7 @@
 
 use candle_core::{bail, Result, Tensor};
 
-use super::models::ModelSpec;
+use super::batch::ModelSpec;
 
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
@@ -69,7 +69,7 @@ impl KvCache {
     }
 
     /// Bytes one block takes over all layers, keys and values.
-    pub fn bytes_per_block(spec: &ModelSpec, block_size: usize) -> usize {
+    pub(crate) fn bytes_per_block(spec: &ModelSpec, block_size: usize) -> usize {
         2 * spec.num_layers
             * spec.num_kv_heads
             * spec.head_dim
@@ -77,7 +77,7 @@ impl KvCache {
             * spec.dtype.size_in_bytes()
     }
 
-    pub fn num_blocks(&self) -> usize {
+    pub(crate) fn num_blocks(&self) -> usize {
         self.num_blocks
     }
 
@@ -85,13 +85,9 @@ impl KvCache {
         self.block_size
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
     /// Copies every layer's keys and values of block `src` into block `dst` (copy-on-write of a shared
     /// prompt block before a sibling sequence writes into it).
-    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+    pub(crate) fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         let (src, dst) = (src as usize, dst as usize);
         if src >= self.num_blocks || dst >= self.num_blocks {
             bail!(
@@ -139,7 +135,7 @@ impl KvCache {
     }
 
     /// A layer's whole key and value tensors, `[kv_heads, slots, head_dim]`.
-    pub fn layer_tensors(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+    pub(crate) fn layer_tensors(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
         self.layer(layer)
     }
 

@@ -12,10 +12,10 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::gguf;
+use super::layers::Weights;
 use super::models::{causal_architecture, load_causal_model, CausalLM};
 use super::quant::{self, GgmlDType};
 use super::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
-use super::weights::Weights;
 
 /// What the engine needs to know about a loaded model besides the model itself.
 #[derive(Debug, Clone)]
@@ -31,8 +31,6 @@ pub struct ModelMeta {
     pub max_position_embeddings: usize,
     /// The context the engine may use: `MAX_MODEL_LENGTH` when set, else the model's limit.
     pub max_model_len: usize,
-    /// `tokenizer_config.json`'s `chat_template` (the `default` one of a list) or `chat_template.jinja`.
-    pub chat_template: Option<String>,
     pub model_dir: PathBuf,
     pub dtype: DType,
     pub device: Device,
@@ -46,31 +44,15 @@ pub struct LoadedModel {
 }
 
 /// Reads a folder's config.json.
-pub fn read_config(model_dir: &Path) -> Result<Value> {
+pub(crate) fn read_config(model_dir: &Path) -> Result<Value> {
     let path = model_dir.join("config.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// The first `architectures` entry of config.json (else its `model_type`), so the engine can tell an
-/// embedder (BERT) from a causal LM before loading anything.
-pub fn read_architecture(model_dir: &Path) -> Result<String> {
-    let config = read_config(model_dir)?;
-    let arch = config
-        .get("architectures")
-        .and_then(Value::as_array)
-        .and_then(|a| a.first())
-        .and_then(Value::as_str)
-        .or_else(|| config.get("model_type").and_then(Value::as_str));
-    match arch {
-        Some(a) => Ok(a.to_string()),
-        None => bail!("{}/config.json names no architecture", model_dir.display()),
-    }
-}
-
 /// The device `DEVICE` asks for. `cuda` in a build without the `cuda` feature is an error.
-pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
+pub(crate) fn resolve_device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => cuda_device(),
@@ -90,7 +72,7 @@ fn cuda_device() -> Result<Device> {
 
 /// The compute dtype: `auto` is float32 on CPU (bf16 matmuls are emulated there) and the checkpoint's
 /// own dtype on GPU.
-pub fn resolve_dtype(choice: DTypeChoice, device: &Device, config: &Value) -> Result<DType> {
+pub(crate) fn resolve_dtype(choice: DTypeChoice, device: &Device, config: &Value) -> Result<DType> {
     Ok(match choice {
         DTypeChoice::F32 => DType::F32,
         DTypeChoice::BF16 => DType::BF16,
@@ -113,7 +95,7 @@ pub fn resolve_dtype(choice: DTypeChoice, device: &Device, config: &Value) -> Re
 
 /// The safetensors files of a folder: the shards `model.safetensors.index.json` lists, else
 /// `model.safetensors`, else every `*.safetensors` there.
-pub fn safetensors_files(model_dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(model_dir: &Path) -> Result<Vec<PathBuf>> {
     let index = model_dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index)?;
@@ -170,7 +152,7 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
 }
 
 /// EOS ids from generation_config.json then config.json (union, first-seen order), and the BOS id.
-pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option<u32>)> {
+pub(crate) fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option<u32>)> {
     let r#gen = read_json_opt(&model_dir.join("generation_config.json"))?;
     let mut eos = Vec::new();
     for id in ids(r#gen.as_ref().and_then(|g| g.get("eos_token_id")))
@@ -186,36 +168,6 @@ pub fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>, Option
         .or(ids(config.get("bos_token_id")).first())
         .copied();
     Ok((eos, bos))
-}
-
-/// The model's chat template: `tokenizer_config.json`'s `chat_template` (a string, or a list of
-/// `{name, template}` of which `default` is taken), else `chat_template.jinja`.
-pub fn read_chat_template(model_dir: &Path) -> Result<Option<String>> {
-    if let Some(tc) = read_json_opt(&model_dir.join("tokenizer_config.json"))? {
-        match tc.get("chat_template") {
-            Some(Value::String(s)) => return Ok(Some(s.clone())),
-            Some(Value::Array(list)) => {
-                let named = |n: &str| {
-                    list.iter()
-                        .find(|e| e.get("name").and_then(Value::as_str) == Some(n))
-                        .and_then(|e| e.get("template"))
-                        .and_then(Value::as_str)
-                };
-                if let Some(t) = named("default") {
-                    return Ok(Some(t.to_string()));
-                }
-            }
-            _ => {}
-        }
-    }
-    let jinja = model_dir.join("chat_template.jinja");
-    if jinja.exists() {
-        return Ok(Some(
-            std::fs::read_to_string(&jinja)
-                .with_context(|| format!("cannot read {}", jinja.display()))?,
-        ));
-    }
-    Ok(None)
 }
 
 /// Builds rayon's global pool once, before the first kernel runs: `threads` workers, else rayon's
@@ -283,7 +235,6 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
         pad_token_id: ids(config.get("pad_token_id")).first().copied(),
         max_position_embeddings: model_max,
         max_model_len,
-        chat_template: read_chat_template(dir)?,
         model_dir: dir.to_path_buf(),
         dtype,
         device,
@@ -386,7 +337,6 @@ fn load_gguf(settings: &EngineSettings, file: &Path) -> Result<LoadedModel> {
         pad_token_id: None,
         max_position_embeddings: model_max,
         max_model_len,
-        chat_template: gguf.chat_template(),
         model_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         dtype,
         device,
@@ -418,21 +368,6 @@ mod tests {
             &json!({"eos_token_id": [3, 4]}),
         )?;
         assert_eq!((eos, bos), (vec![3, 4], None));
-        Ok(())
-    }
-
-    #[test]
-    fn chat_template_list_takes_default_then_jinja_file() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        std::fs::write(
-            dir.path().join("tokenizer_config.json"),
-            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
-        )?;
-        assert_eq!(read_chat_template(dir.path())?.as_deref(), Some("D"));
-        std::fs::write(dir.path().join("tokenizer_config.json"), "{}")?;
-        assert_eq!(read_chat_template(dir.path())?, None);
-        std::fs::write(dir.path().join("chat_template.jinja"), "J")?;
-        assert_eq!(read_chat_template(dir.path())?.as_deref(), Some("J"));
         Ok(())
     }
 

@@ -5,30 +5,32 @@
 // Edition 2024 let-chains: the engine's nested `if let`s stay as they are until next edited.
 #![allow(clippy::collapsible_if)]
 
-pub mod block_allocator;
+pub mod batch;
+pub(crate) mod block_allocator;
 pub mod detokenize;
 pub mod embedding;
-pub mod error;
-pub mod gguf;
+pub(crate) mod error;
+pub(crate) mod gguf;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod models;
-pub mod prefix_cache;
-pub mod quant;
-pub mod runner;
+pub mod parts;
+pub(crate) mod prefix_cache;
+pub(crate) mod quant;
+pub(crate) mod runner;
 pub mod sampling;
-pub mod scheduler;
+pub(crate) mod scheduler;
 pub mod settings;
 pub mod speculative;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
-pub mod types;
-pub mod validate;
-pub mod weights;
+pub(crate) mod types;
+pub(crate) mod validate;
 
 pub use error::EngineError;
-pub use runner::{Engine, GenerationStream, ModelInfo};
+pub use parts::ModelInfo;
+pub use runner::{Engine, EngineStats, GenerationStream};
 pub use settings::EngineSettings;
 pub use types::*;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 /// The name of a full block given the name of the block before it.
-pub fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
+pub(crate) fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
     let mut h = DefaultHasher::new();
     parent.hash(&mut h);
     tokens.hash(&mut h);
@@ -15,7 +15,7 @@ pub fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
 }
 
 /// Names of the full blocks of `tokens`, in order.
-pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+pub(crate) fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
     let mut parent = None;
     tokens
         .chunks_exact(block_size)
@@ -28,7 +28,7 @@ pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
 }
 
 #[derive(Debug, Clone)]
-pub struct PrefixCache {
+pub(crate) struct PrefixCache {
     by_hash: HashMap<u64, u32>,
     hash_of: Vec<Option<u64>>,
 }
@@ -47,7 +47,7 @@ impl PrefixCache {
 
     /// The longest run of cached blocks that starts `tokens`, leaving at least one token uncached (the
     /// model must compute the last position to produce logits).
-    pub fn longest_prefix(&self, tokens: &[u32], block_size: usize) -> Vec<u32> {
+    pub(crate) fn longest_prefix(&self, tokens: &[u32], block_size: usize) -> Vec<u32> {
         let usable = tokens.len().saturating_sub(1);
         block_hashes(&tokens[..usable], block_size)
             .into_iter()
@@ -66,23 +66,15 @@ impl PrefixCache {
         true
     }
 
-    pub fn is_cached(&self, block: u32) -> bool {
+    pub(crate) fn is_cached(&self, block: u32) -> bool {
         self.hash_of[block as usize].is_some()
     }
 
     /// Forgets `block`'s contents (it is about to be overwritten).
-    pub fn evict(&mut self, block: u32) {
+    pub(crate) fn evict(&mut self, block: u32) {
         if let Some(h) = self.hash_of[block as usize].take() {
             self.by_hash.remove(&h);
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_hash.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
     }
 }
 
@@ -125,8 +117,8 @@ mod tests {
         assert!(c.is_cached(3) && !c.is_cached(2));
         c.evict(3);
         assert_eq!(c.lookup(h), None);
-        assert!(c.is_empty());
+        assert!(c.by_hash.is_empty());
         assert!(c.insert(h, 2));
-        assert_eq!(c.len(), 1);
+        assert_eq!(c.by_hash.len(), 1);
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{bail, Result, Tensor};
 use serde_json::Value;
 
 /// The in-situ `QUANTIZATION` names and the ggml block types they stand for.
-pub const IN_SITU: &[(&str, GgmlDType)] = &[
+pub(crate) const IN_SITU: &[(&str, GgmlDType)] = &[
     ("q4_0", GgmlDType::Q4_0),
     ("q4_1", GgmlDType::Q4_1),
     ("q5_0", GgmlDType::Q5_0),
@@ -25,7 +25,7 @@ pub const IN_SITU: &[(&str, GgmlDType)] = &[
 ];
 
 /// The block type an in-situ name stands for.
-pub fn in_situ_dtype(name: &str) -> Option<GgmlDType> {
+pub(crate) fn in_situ_dtype(name: &str) -> Option<GgmlDType> {
     let name = name.to_ascii_lowercase();
     IN_SITU.iter().find(|(n, _)| *n == name).map(|(_, d)| *d)
 }
@@ -33,7 +33,7 @@ pub fn in_situ_dtype(name: &str) -> Option<GgmlDType> {
 /// The type a `[rows, cols]` matrix is stored in when `wanted` is asked for: `wanted` when `cols`
 /// splits into its blocks; else the 32-wide type llama.cpp falls back to for k-quants (so a
 /// 576-wide SmolLM2 projection asked as q4k becomes q5_0); `None` (keep it dense) when not even 32 divides.
-pub fn storage_dtype(wanted: GgmlDType, cols: usize) -> Option<GgmlDType> {
+pub(crate) fn storage_dtype(wanted: GgmlDType, cols: usize) -> Option<GgmlDType> {
     if fits(wanted, cols) {
         return Some(wanted);
     }
@@ -58,7 +58,7 @@ pub fn fits(dtype: GgmlDType, cols: usize) -> bool {
 
 /// The LM head keeps at least 8 bits (its error lands straight on the logits), as llama.cpp keeps
 /// `output.weight` at q6_k or better.
-pub fn lm_head_dtype(wanted: GgmlDType) -> GgmlDType {
+pub(crate) fn lm_head_dtype(wanted: GgmlDType) -> GgmlDType {
     match wanted {
         GgmlDType::Q8K => GgmlDType::Q8K,
         _ => GgmlDType::Q8_0,
@@ -67,7 +67,7 @@ pub fn lm_head_dtype(wanted: GgmlDType) -> GgmlDType {
 
 /// Quantizes a `[out, in]` weight to `wanted` (or its fallback). `None` when the rows fit no block
 /// size, so the caller keeps the weight dense.
-pub fn quantize_matrix(weight: &Tensor, wanted: GgmlDType) -> Result<Option<QTensor>> {
+pub(crate) fn quantize_matrix(weight: &Tensor, wanted: GgmlDType) -> Result<Option<QTensor>> {
     let (_, cols) = weight.dims2()?;
     let Some(dtype) = storage_dtype(wanted, cols) else {
         return Ok(None);
@@ -79,7 +79,7 @@ pub fn quantize_matrix(weight: &Tensor, wanted: GgmlDType) -> Result<Option<QTen
 /// Stacks `[out_i, in]` matrices of one block type into `[sum out_i, in]`. Blocks run along rows, so
 /// a row's bytes are self-contained and stacking is concatenating bytes: quantizing q, k and v apart
 /// and stacking them equals quantizing the stacked float matrix.
-pub fn stack_rows(parts: &[&QTensor]) -> Result<QTensor> {
+pub(crate) fn stack_rows(parts: &[&QTensor]) -> Result<QTensor> {
     let Some(first) = parts.first() else {
         bail!("nothing to stack")
     };
@@ -104,7 +104,7 @@ pub fn stack_rows(parts: &[&QTensor]) -> Result<QTensor> {
 }
 
 /// Reorders the rows of a quantized `[rows, cols]` matrix: row `i` of the result is row `order[i]`.
-pub fn permute_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
+pub(crate) fn permute_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
     if order.len() != rows {
         bail!("row order of {} for {rows} rows", order.len())
@@ -120,7 +120,7 @@ pub fn permute_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
 }
 
 /// A checkpoint's `quantization_config.quant_method` (config.json), lower-cased.
-pub fn checkpoint_quant_method(config: &Value) -> Option<String> {
+pub(crate) fn checkpoint_quant_method(config: &Value) -> Option<String> {
     config
         .get("quantization_config")
         .and_then(|q| q.get("quant_method"))
@@ -129,7 +129,7 @@ pub fn checkpoint_quant_method(config: &Value) -> Option<String> {
 }
 
 /// What the worker says when a checkpoint or a `QUANTIZATION` value needs kernels this build lacks.
-pub fn unsupported_message(what: &str) -> String {
+pub(crate) fn unsupported_message(what: &str) -> String {
     format!(
         "{what} is not supported by this worker: it runs float checkpoints (QUANTIZATION unset or `none`), \
          llama.cpp GGUF files (QUANTIZATION=gguf, or MODEL_NAME naming a .gguf file) and in-situ \

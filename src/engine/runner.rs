@@ -18,74 +18,20 @@ use std::time::Instant;
 use futures::Stream;
 use tokio::sync::mpsc;
 
-pub use self::draft::DraftModel;
+use self::draft::DraftModel;
 use self::request::{Ctx, RequestState, Submission};
+use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use super::error::EngineError;
-use super::models::{ForwardBatch, LogitsWanted, SeqInput};
-use super::scheduler::{Scheduler, SchedulerConfig, SeqId, StepPlan};
+use super::parts::{
+    Embedder, EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
+};
+use super::scheduler::{Scheduler, SeqId, StepPlan};
 use super::settings::EngineSettings;
 use super::speculative::NgramProposer;
+use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest, GenerateRequest, GenerationEvent, Prompt};
 use super::validate::ValidationLimits;
-
-/// Facts about the served model that front doors need.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    /// The name the model answers to.
-    pub served_model_name: String,
-    pub architecture: String,
-    pub max_model_len: usize,
-    pub vocab_size: usize,
-    /// Whether generation is possible (false for encoder-only embedding models).
-    pub can_generate: bool,
-    /// Whether `/v1/embeddings` is possible.
-    pub can_embed: bool,
-    /// Unix seconds at load (OpenAI's `created` for `/v1/models`).
-    pub created: u64,
-}
-
-/// Runs one planned step on the model: copies blocks (copy-on-write), then the forward pass. Returns
-/// float32 logits, `rows × vocab` flattened, the rows each sequence asked for, in batch order.
-pub trait Executor: Send {
-    fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>>;
-}
-
-/// Embeddings, for the embeddings work to plug in (`Engine::embed` calls it off the async runtime).
-pub trait Embedder: Send + Sync {
-    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError>;
-}
-
-/// Everything a generating engine is made of, once loaded.
-pub struct EngineParts {
-    pub executor: Box<dyn Executor>,
-    pub tokenizer: Tokenizer,
-    pub info: ModelInfo,
-    /// EOS ids of the tokenizer and `generation_config.json`.
-    pub eos_token_ids: Vec<u32>,
-    pub scheduler: SchedulerConfig,
-    pub template: Option<super::template::ChatTemplate>,
-    pub embedder: Option<Arc<dyn Embedder>>,
-    /// Speculative decoding (`SPECULATIVE_CONFIG`), if on.
-    pub speculation: Option<Speculation>,
-}
-
-/// How the engine guesses tokens ahead (speculative decoding).
-pub struct Speculation {
-    pub proposer: Proposer,
-    /// Tokens proposed per step.
-    pub num_tokens: usize,
-    /// No speculation in a step with more decoding sequences than this.
-    pub disable_by_batch_size: usize,
-}
-
-/// Where guesses come from.
-pub enum Proposer {
-    /// Prompt lookup.
-    Ngram(NgramProposer),
-    /// A draft model, run after scheduling (the scheduler reserves room for its guesses first).
-    Draft(DraftModel),
-}
 
 /// Live counters of the engine thread (KV blocks, sequences), for metrics and tests.
 #[derive(Debug, Default)]
@@ -111,7 +57,7 @@ pub struct Engine {
 struct EngineInner {
     info: ModelInfo,
     tokenizer: Tokenizer,
-    template: Option<super::template::ChatTemplate>,
+    template: Option<ChatTemplate>,
     embedder: Option<Arc<dyn Embedder>>,
     submit: Option<std_mpsc::Sender<Submission>>,
     stats: Arc<EngineStats>,
@@ -123,45 +69,24 @@ impl Engine {
         Ok(Self::launch(load::load(&settings)?))
     }
 
-    /// Starts the engine thread over already loaded parts (tests and benchmarks use it with their
-    /// own executor; `start` with the real model).
-    pub fn launch(parts: EngineParts) -> Engine {
+    /// Starts the engine over already loaded parts: the engine thread for a generator, none for an
+    /// embedder (`start` with the real model; the runner's tests with their own executor).
+    pub(crate) fn launch(parts: EngineParts) -> Engine {
         let EngineParts {
-            executor,
             tokenizer,
-            info,
-            eos_token_ids,
-            scheduler,
+            mut info,
             template,
-            embedder,
-            speculation,
+            kind,
         } = parts;
+        info.can_generate = matches!(kind, EngineKind::Generator(_));
+        info.can_embed = matches!(kind, EngineKind::Embedder(_));
         let stats = Arc::new(EngineStats::default());
-        stats
-            .total_blocks
-            .store(scheduler.num_blocks, Ordering::Relaxed);
-        let submit = if info.can_generate {
-            let (tx, rx) = std_mpsc::channel();
-            let core = Core {
-                executor,
-                sched: Scheduler::new(scheduler),
-                tokenizer: tokenizer.clone(),
-                eos: eos_token_ids,
-                max_model_len: info.max_model_len,
-                requests: HashMap::new(),
-                owner: HashMap::new(),
-                next_key: 0,
-                stats: stats.clone(),
-                speculation,
-                vocab_size: info.vocab_size,
-            };
-            std::thread::Builder::new()
-                .name("engine".into())
-                .spawn(move || core.run(rx))
-                .map(|_| tx)
-                .ok()
-        } else {
-            None
+        let (submit, embedder) = match kind {
+            EngineKind::Generator(generator) => {
+                let submit = Core::start(generator, &tokenizer, &info, &stats);
+                (submit, None)
+            }
+            EngineKind::Embedder(embedder) => (None, Some(embedder)),
         };
         Engine {
             inner: Arc::new(EngineInner {
@@ -184,7 +109,7 @@ impl Engine {
     }
 
     /// The chat template, if the model (or `CUSTOM_CHAT_TEMPLATE`) has one.
-    pub fn chat_template(&self) -> Option<&super::template::ChatTemplate> {
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.inner.template.as_ref()
     }
 
@@ -286,11 +211,81 @@ struct Core {
     owner: HashMap<SeqId, u64>,
     next_key: u64,
     stats: Arc<EngineStats>,
-    speculation: Option<Speculation>,
+    speculation: Option<Speculating>,
     vocab_size: usize,
 }
 
+/// `Speculation` as the engine thread runs it: a draft model's executor wrapped with its
+/// per-sequence state.
+struct Speculating {
+    guesser: Guesser,
+    num_tokens: usize,
+    disable_by_batch_size: usize,
+}
+
+enum Guesser {
+    Ngram(NgramProposer),
+    Draft(DraftModel),
+}
+
+impl Speculating {
+    fn new(spec: Speculation, block_size: usize) -> Self {
+        let Speculation {
+            proposer,
+            num_tokens,
+            disable_by_batch_size,
+        } = spec;
+        let guesser = match proposer {
+            Proposer::Ngram(p) => Guesser::Ngram(p),
+            Proposer::Draft(exec) => Guesser::Draft(DraftModel::new(exec, block_size)),
+        };
+        Self {
+            guesser,
+            num_tokens,
+            disable_by_batch_size,
+        }
+    }
+}
+
 impl Core {
+    /// Starts the engine thread over a generator; `None` if the thread cannot be spawned.
+    fn start(
+        generator: Generator,
+        tokenizer: &Tokenizer,
+        info: &ModelInfo,
+        stats: &Arc<EngineStats>,
+    ) -> Option<std_mpsc::Sender<Submission>> {
+        let Generator {
+            executor,
+            eos_token_ids,
+            scheduler,
+            speculation,
+        } = generator;
+        stats
+            .total_blocks
+            .store(scheduler.num_blocks, Ordering::Relaxed);
+        let speculation = speculation.map(|s| Speculating::new(s, scheduler.block_size));
+        let (tx, rx) = std_mpsc::channel();
+        let core = Core {
+            executor,
+            sched: Scheduler::new(scheduler),
+            tokenizer: tokenizer.clone(),
+            eos: eos_token_ids,
+            max_model_len: info.max_model_len,
+            requests: HashMap::new(),
+            owner: HashMap::new(),
+            next_key: 0,
+            stats: stats.clone(),
+            speculation,
+            vocab_size: info.vocab_size,
+        };
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || core.run(rx))
+            .map(|_| tx)
+            .ok()
+    }
+
     fn run(mut self, rx: std_mpsc::Receiver<Submission>) {
         loop {
             if self.requests.is_empty() {
@@ -374,9 +369,9 @@ impl Core {
         };
         let on = self.sched.num_running() <= spec.disable_by_batch_size;
         let k_max = spec.num_tokens;
-        let ngram = match &spec.proposer {
-            Proposer::Ngram(p) => Some(*p),
-            Proposer::Draft(_) => None,
+        let ngram = match &spec.guesser {
+            Guesser::Ngram(p) => Some(*p),
+            Guesser::Draft(_) => None,
         };
         let mut propose = |tokens: &[u32], k: usize| match ngram {
             Some(p) => p.propose(tokens, k),
@@ -398,8 +393,8 @@ impl Core {
         self.drop_cancelled();
         self.propose_drafts();
         let mut plan = self.sched.schedule();
-        if let Some(Speculation {
-            proposer: Proposer::Draft(draft),
+        if let Some(Speculating {
+            guesser: Guesser::Draft(draft),
             ..
         }) = &mut self.speculation
         {

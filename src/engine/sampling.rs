@@ -16,7 +16,7 @@ use super::types::SamplingParams;
 mod kernels;
 
 /// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`).
-pub const GREEDY_EPS: f32 = 1e-5;
+pub(crate) const GREEDY_EPS: f32 = 1e-5;
 
 /// One sampling step's result.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,13 +97,8 @@ impl Sampler {
         }
     }
 
-    pub fn is_greedy(&self) -> bool {
+    pub(crate) fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_EPS || self.top_k == 1
-    }
-
-    /// Tokens this sampler has chosen so far.
-    pub fn num_output_tokens(&self) -> usize {
-        self.num_output
     }
 
     /// Picks the next token from one logits row and records it as generated.
@@ -123,7 +118,7 @@ impl Sampler {
     /// `p(draft)` the processed distribution gives it, and otherwise draws from that distribution
     /// without it: the chosen token follows exactly the distribution `sample` draws from. Greedy
     /// sampling picks the argmax, whatever the guess.
-    pub fn sample_draft(&mut self, logits: &[f32], draft: u32) -> Sampled {
+    pub(crate) fn sample_draft(&mut self, logits: &[f32], draft: u32) -> Sampled {
         let token_id = self.choose_against(logits, draft);
         let (logprob, top) = self.raw_logprobs(logits, token_id);
         self.record(token_id);
@@ -298,7 +293,7 @@ impl Sampler {
 }
 
 /// The seed of sibling `index`: the request's seed itself for the first, decorrelated ones after.
-pub fn choice_seed(seed: u64, index: usize) -> u64 {
+pub(crate) fn choice_seed(seed: u64, index: usize) -> u64 {
     if index == 0 {
         seed
     } else {
@@ -328,7 +323,7 @@ fn max_value(values: &[f32]) -> f32 {
 }
 
 /// `log(sum(exp(values)))`, stable for large values.
-pub fn logsumexp(values: &[f32]) -> f32 {
+pub(crate) fn logsumexp(values: &[f32]) -> f32 {
     let max = max_value(values);
     if max == f32::NEG_INFINITY {
         return max;

@@ -14,10 +14,10 @@ use std::collections::{HashMap, VecDeque};
 use super::block_allocator::BlockAllocator;
 use super::prefix_cache::{chain_hash, PrefixCache};
 
-pub type SeqId = u64;
+pub(crate) type SeqId = u64;
 
 #[derive(Debug, Clone)]
-pub struct SchedulerConfig {
+pub(crate) struct SchedulerConfig {
     pub block_size: usize,
     pub num_blocks: usize,
     pub max_num_seqs: usize,
@@ -51,7 +51,7 @@ impl Seq {
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Scheduled {
+pub(crate) struct Scheduled {
     pub id: SeqId,
     /// Tokens already in the cache; the new ones sit at positions `context_len..context_len + num_new`.
     pub context_len: usize,
@@ -65,7 +65,7 @@ pub struct Scheduled {
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct StepPlan {
+pub(crate) struct StepPlan {
     pub seqs: Vec<Scheduled>,
     /// Copy-on-write: (source, destination) blocks to copy before the forward pass.
     pub copies: Vec<(u32, u32)>,
@@ -78,13 +78,13 @@ impl StepPlan {
         self.seqs.is_empty()
     }
 
-    pub fn num_tokens(&self) -> usize {
+    pub(crate) fn num_tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.num_new).sum()
     }
 }
 
 #[derive(Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     cfg: SchedulerConfig,
     alloc: BlockAllocator,
     prefix: PrefixCache,
@@ -141,7 +141,7 @@ impl Scheduler {
     }
 
     /// A copy of `parent` that shares its blocks (copy-on-write for the partially filled last one).
-    pub fn fork(&mut self, parent: SeqId) -> Option<SeqId> {
+    pub(crate) fn fork(&mut self, parent: SeqId) -> Option<SeqId> {
         let mut child = self.seqs.get(&parent)?.clone();
         for &b in &child.blocks {
             self.alloc.acquire(b);
@@ -161,14 +161,14 @@ impl Scheduler {
         Some(id)
     }
 
-    pub fn append_token(&mut self, id: SeqId, token: u32) {
+    pub(crate) fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.tokens.push(token);
         }
     }
 
     /// Whether `id` runs and has only its last token to compute: the next step decodes it.
-    pub fn is_decoding(&self, id: SeqId) -> bool {
+    pub(crate) fn is_decoding(&self, id: SeqId) -> bool {
         self.seqs
             .get(&id)
             .is_some_and(|s| s.running && s.remaining() == 1)
@@ -176,7 +176,7 @@ impl Scheduler {
 
     /// Guessed next tokens for a decoding sequence, computed (and verified) alongside its last token in
     /// the next step when blocks and the token budget allow; dropped otherwise.
-    pub fn set_draft(&mut self, id: SeqId, draft: Vec<u32>) {
+    pub(crate) fn set_draft(&mut self, id: SeqId, draft: Vec<u32>) {
         if let Some(s) = self.seqs.get_mut(&id) {
             s.draft = draft;
         }
@@ -185,7 +185,7 @@ impl Scheduler {
     /// After a step that verified a draft: the first `accepted` draft tokens were right (the runner
     /// appended them, then the model's own next token), so their keys and values already in the
     /// cache count as computed.
-    pub fn accept_draft(&mut self, id: SeqId, accepted: usize) {
+    pub(crate) fn accept_draft(&mut self, id: SeqId, accepted: usize) {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
@@ -213,43 +213,39 @@ impl Scheduler {
     }
 
     /// Prompt tokens served from the prefix cache at the sequence's first admission.
-    pub fn cached_tokens(&self, id: SeqId) -> usize {
+    pub(crate) fn cached_tokens(&self, id: SeqId) -> usize {
         self.seqs.get(&id).map_or(0, |s| s.cached_tokens)
     }
 
-    pub fn num_free_blocks(&self) -> usize {
+    pub(crate) fn num_free_blocks(&self) -> usize {
         self.alloc.num_free()
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.alloc.num_blocks()
-    }
-
-    pub fn num_running(&self) -> usize {
+    pub(crate) fn num_running(&self) -> usize {
         self.running.len()
     }
 
-    pub fn num_waiting(&self) -> usize {
+    pub(crate) fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
 
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.seqs.is_empty()
     }
 
     /// Sends the newest running sequence back to the waiting queue (to break a stall).
-    pub fn preempt_newest(&mut self) -> Option<SeqId> {
+    pub(crate) fn preempt_newest(&mut self) -> Option<SeqId> {
         let id = *self.running.last()?;
         self.preempt(id);
         Some(id)
     }
 
-    pub fn first_waiting(&self) -> Option<SeqId> {
+    pub(crate) fn first_waiting(&self) -> Option<SeqId> {
         self.waiting.front().copied()
     }
 
     /// Plans one step. The caller runs it and then calls `commit`.
-    pub fn schedule(&mut self) -> StepPlan {
+    pub(crate) fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_num_batched_tokens;
         self.schedule_decodes(&mut plan, &mut budget);

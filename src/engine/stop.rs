@@ -34,7 +34,7 @@ impl StopStrings {
         }
     }
 
-    pub fn from_params(params: &SamplingParams) -> Self {
+    pub(crate) fn from_params(params: &SamplingParams) -> Self {
         Self::new(&params.stop, params.include_stop_str_in_output)
     }
 
@@ -84,10 +84,6 @@ impl StopStrings {
         std::mem::take(&mut self.held)
     }
 
-    pub fn matched(&self) -> Option<&str> {
-        self.matched.as_deref()
-    }
-
     /// The earliest occurrence of any stop string (the longest one on a tie).
     fn earliest_match(&self, buf: &str) -> Option<(usize, String)> {
         self.stops
@@ -115,7 +111,7 @@ impl StopStrings {
 /// The token-level stop rules of one choice, in vLLM's order: nothing stops before `min_tokens`; then
 /// EOS (unless `ignore_eos`), a stop token id, and finally the length limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StopConditions {
+pub(crate) struct StopConditions {
     pub eos_token_ids: Vec<u32>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
@@ -144,12 +140,12 @@ impl StopConditions {
     }
 
     /// Whether stop strings may end the choice once `num_generated` tokens exist.
-    pub fn stop_strings_active(&self, num_generated: usize) -> bool {
+    pub(crate) fn stop_strings_active(&self, num_generated: usize) -> bool {
         num_generated >= self.min_tokens
     }
 
     /// The decision after `token` was generated as the `num_generated`-th token (1-based).
-    pub fn check(&self, token: u32, num_generated: usize) -> Option<Finish> {
+    pub(crate) fn check(&self, token: u32, num_generated: usize) -> Option<Finish> {
         if num_generated >= self.min_tokens {
             if !self.ignore_eos && self.eos_token_ids.contains(&token) {
                 return Some(Finish {
@@ -172,7 +168,7 @@ impl StopConditions {
 
     /// Ids the sampler must never pick while fewer than `min_tokens` exist (EOS is allowed through
     /// when `ignore_eos`, since it does not stop then).
-    pub fn min_tokens_suppressed(&self) -> Vec<u32> {
+    pub(crate) fn min_tokens_suppressed(&self) -> Vec<u32> {
         let eos = self.eos_token_ids.iter().filter(|_| !self.ignore_eos);
         let mut ids: Vec<u32> = eos.chain(&self.stop_token_ids).copied().collect();
         ids.sort_unstable();

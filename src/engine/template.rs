@@ -59,7 +59,7 @@ impl ChatTemplate {
     }
 
     /// A default template and an optional `tool_use` one, picked when a request has tools.
-    pub fn with_variants(
+    pub(crate) fn with_variants(
         default: &str,
         tool_use: Option<&str>,
         bos_token: Option<String>,
@@ -96,7 +96,7 @@ impl ChatTemplate {
 
     /// The template a parsed `tokenizer_config.json` holds, unless a `chat_template.jinja` (`jinja`) or
     /// `custom` one wins.
-    pub fn from_tokenizer_config(
+    pub(crate) fn from_tokenizer_config(
         config: &Json,
         jinja: Option<&str>,
         custom: Option<&str>,
@@ -325,7 +325,7 @@ fn sort_json_keys(value: &mut Json) {
 
 /// JSON text as Python's `json.dumps(ensure_ascii=False)` writes it: `", "` and `": "` separators
 /// without indent, `","` and `": "` with it.
-pub fn python_json(value: &Json, indent: Option<usize>) -> String {
+pub(crate) fn python_json(value: &Json, indent: Option<usize>) -> String {
     let mut out = String::new();
     write_python_json(&mut out, value, indent, 0);
     out
@@ -602,6 +602,56 @@ mod tests {
             python_json(&json!([1.0, 0.5, 1e20, -3, 1e-5, 0.0001, 1.5e16]), None),
             "[1.0, 0.5, 1e+20, -3, 1e-05, 0.0001, 1.5e+16]"
         );
+    }
+
+    /// The source `from_model_dir` found in `dir`, rendered with no messages (`None`: no template).
+    fn found(dir: &Path) -> Option<String> {
+        ChatTemplate::from_model_dir(dir, None)
+            .unwrap()
+            .map(|t| t.render(&[], &RenderOptions::default()).unwrap())
+    }
+
+    #[test]
+    fn model_dir_lookup_takes_the_default_of_a_list_then_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tokenizer_config.json");
+        std::fs::write(
+            &config,
+            r#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("D"));
+        std::fs::write(&config, r#"{"chat_template": "S"}"#).unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("S"));
+        std::fs::write(&config, "{}").unwrap();
+        assert_eq!(found(dir.path()), None);
+        std::fs::remove_file(&config).unwrap();
+        assert_eq!(found(dir.path()), None);
+    }
+
+    #[test]
+    fn a_jinja_file_wins_over_tokenizer_config() {
+        // transformers (v4.43+): `chat_template.jinja` is preferred to `tokenizer_config.json`'s.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("chat_template.jinja"), "J").unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("J"));
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": "C", "bos_token": "<s>"}"#,
+        )
+        .unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("J"));
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "default", "template": "D"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(found(dir.path()).as_deref(), Some("J"));
+        // `CUSTOM_CHAT_TEMPLATE` wins over both.
+        let custom = ChatTemplate::from_model_dir(dir.path(), Some("X"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(custom.render(&[], &RenderOptions::default()).unwrap(), "X");
     }
 
     #[test]

@@ -158,23 +158,14 @@ impl Tokenizer {
 
     /// A token's own text, special tokens included, as OpenAI/vLLM show it in logprobs: byte-level
     /// tokens decoded to text (an incomplete UTF-8 sequence shows as U+FFFD).
-    pub fn token_text(&self, id: u32) -> String {
+    pub(crate) fn token_text(&self, id: u32) -> String {
         match self.inner.tok.decode(&[id], false) {
             Ok(text) if !text.is_empty() => text,
             _ => self.inner.tok.id_to_token(id).unwrap_or_default(),
         }
     }
 
-    /// The vocabulary's own spelling of a token (e.g. `Ġhello` in byte-level BPE).
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.tok.id_to_token(id)
-    }
-
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.tok.token_to_id(token)
-    }
-
-    pub fn is_special(&self, id: u32) -> bool {
+    pub(crate) fn is_special(&self, id: u32) -> bool {
         self.inner.special.contains(&id)
     }
 
@@ -203,10 +194,6 @@ impl Tokenizer {
     /// `tokenizer_config.json` as read (`Value::Null` when absent), for the chat template & co.
     pub fn config(&self) -> &Value {
         &self.inner.config
-    }
-
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner.tok
     }
 }
 
@@ -273,7 +260,7 @@ mod tests {
         let ids = tok.encode(" is", false).unwrap();
         assert_eq!(ids.len(), 1);
         assert_eq!(tok.token_text(ids[0]), " is");
-        assert_eq!(tok.id_to_token(ids[0]).as_deref(), Some("Ġis"));
+        assert_eq!(tok.inner.tok.id_to_token(ids[0]).as_deref(), Some("Ġis"));
         assert_eq!(tok.token_text(2), "<|im_end|>");
     }
 

@@ -37,8 +37,10 @@ pub enum EarlyStopping {
     Never,
 }
 
-/// vLLM's `SamplingParams`, field for field (seed `003`, "Sampling Parameters"). Defaults are vLLM's.
-/// Deserialization rejects unknown fields so a typo is an error, not a silent default.
+/// The sampling parameters of one request: vLLM's `SamplingParams` (`vllm/sampling_params.py`),
+/// field for field with vLLM's names, meanings and defaults, so a worker-vllm request means the same
+/// here. Parsing (`SamplingParams::from_json`, in `validate.rs`) rejects unknown fields, so a typo is
+/// an error, not a silent default.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     pub n: usize,

@@ -8,11 +8,11 @@ use super::error::EngineError;
 use super::types::{EarlyStopping, SamplingParams};
 
 /// vLLM's default cap on `logprobs` and `prompt_logprobs`.
-pub const MAX_LOGPROBS: usize = 20;
+pub(crate) const MAX_LOGPROBS: usize = 20;
 
 /// Most sequences one request may ask for (`n`, `best_of`): OpenAI's cap on `n`. Each one costs a
 /// sampler and KV blocks, so an unbounded value would let one request exhaust the engine.
-pub const MAX_SEQUENCES: usize = 128;
+pub(crate) const MAX_SEQUENCES: usize = 128;
 
 /// `logit_bias` values are clamped by OpenAI to this range; vLLM rejects values outside it.
 const MAX_LOGIT_BIAS: f32 = 100.0;
@@ -249,7 +249,7 @@ impl SamplingParams {
 
     /// Reads worker-vllm's `sampling_params` object. Unknown fields and wrong types are errors naming
     /// the field; `null` is the same as leaving a field out. Ranges are checked by `validate`.
-    pub fn from_json(value: &Value) -> Result<Self, EngineError> {
+    pub(crate) fn from_json(value: &Value) -> Result<Self, EngineError> {
         let Value::Object(fields) = value else {
             return Err(invalid(
                 "sampling_params",

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 use serde_json::Value;
+use worker_candle::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::kv_cache::KvCache;
-use worker_candle::engine::models::{CausalLM, ForwardBatch, LogitsWanted, SeqInput};
+use worker_candle::engine::models::CausalLM;
 use worker_candle::engine::{
     ChoiceDelta, Engine, EngineSettings, GenerateRequest, GenerationEvent, Prompt, RequestMetrics,
     SamplingParams,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use worker_candle::engine::embedding::{is_embedding_model, DecoderEmbedder, Pooling};
-use worker_candle::engine::runner::Embedder;
+use worker_candle::engine::parts::Embedder;
 use worker_candle::engine::settings::DeviceChoice;
 use worker_candle::engine::{EmbedRequest, Engine, EngineSettings};
 

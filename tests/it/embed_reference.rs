@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use worker_candle::engine::embedding::{cosine, load_encoder, EncoderEmbedder, Pooling};
-use worker_candle::engine::runner::Embedder;
+use worker_candle::engine::parts::Embedder;
 use worker_candle::engine::settings::{DeviceChoice, EngineSettings};
 use worker_candle::engine::tokenizer::Tokenizer;
 use worker_candle::engine::EmbedRequest;

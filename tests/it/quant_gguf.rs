@@ -513,9 +513,9 @@ async fn the_worker_serves_a_gguf_file_and_an_in_situ_model_over_http() {
 /// with float32 activations (weights rounded, nothing else) scores 0.038 on it.
 #[test]
 fn q8_0_error_against_float32_is_at_llama_cpp_level() {
+    use worker_candle::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
     use worker_candle::engine::kv_cache::KvCache;
     use worker_candle::engine::loader::load_causal;
-    use worker_candle::engine::models::{ForwardBatch, LogitsWanted, SeqInput};
     fn log_softmax(v: &[f32]) -> Vec<f64> {
         let max = v.iter().fold(f32::NEG_INFINITY, |a, x| a.max(*x)) as f64;
         let lse = max + v.iter().map(|x| (*x as f64 - max).exp()).sum::<f64>().ln();

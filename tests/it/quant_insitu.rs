@@ -171,8 +171,8 @@ fn teacher_forced(model: &str, q: &str) -> (usize, usize, f32) {
 /// 256.
 #[test]
 fn q8_0_prefill_quantizes_activations_as_decode_does() {
+    use worker_candle::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
     use worker_candle::engine::kv_cache::KvCache;
-    use worker_candle::engine::models::{ForwardBatch, LogitsWanted, SeqInput};
     let dir = tempfile::tempdir().unwrap();
     crate::common::fixtures::wide_llama(dir.path());
     let mut s = EngineSettings::for_model(dir.path());

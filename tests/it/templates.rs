@@ -48,6 +48,42 @@ fn fixture_templates_render_the_reference_chat_prompts() {
     assert!(checked >= 12, "only {checked} chat cases checked");
 }
 
+/// The engine's one lookup finds each fixture's template where it is kept: `tokenizer_config.json`
+/// (llama), `chat_template.jinja` (mistral).
+#[test]
+fn fixture_templates_come_from_where_they_are_kept() {
+    let messages = [serde_json::json!({"role": "user", "content": "Hi"})];
+    let options = RenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let render = |t: &ChatTemplate| t.render(&messages, &options).unwrap();
+    for (model, source) in [
+        (
+            "llama",
+            read_json(&fixtures().join("llama/tokenizer_config.json"))["chat_template"]
+                .as_str()
+                .expect("llama keeps its template in tokenizer_config.json")
+                .to_string(),
+        ),
+        (
+            "mistral",
+            std::fs::read_to_string(fixtures().join("mistral/chat_template.jinja"))
+                .expect("mistral keeps its template in chat_template.jinja"),
+        ),
+    ] {
+        let dir = fixtures().join(model);
+        let found = ChatTemplate::from_model_dir(&dir, None).unwrap().unwrap();
+        let expected = ChatTemplate::new(
+            &source,
+            found.bos_token().map(str::to_string),
+            found.eos_token().map(str::to_string),
+        )
+        .unwrap();
+        assert_eq!(render(&found), render(&expected), "{model}");
+    }
+}
+
 #[test]
 fn an_embedding_model_has_no_chat_template() {
     let template = ChatTemplate::from_model_dir(&fixtures().join("bert-embed"), None).unwrap();

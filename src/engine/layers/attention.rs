@@ -8,8 +8,8 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::cpu_attention::{PagedAttention, SeqSlots};
+use crate::engine::batch::{ForwardBatch, LogitsWanted};
 use crate::engine::kv_cache::{Gather, KvCache, SlotRun};
-use crate::engine::models::{ForwardBatch, LogitsWanted};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionImpl {
@@ -30,7 +30,7 @@ pub enum AttentionImpl {
 const FUSED_MAX_NEW: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionParams {
+pub(crate) struct AttentionParams {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -44,7 +44,7 @@ pub struct AttentionParams {
 
 /// One sequence's place in the packed batch.
 #[derive(Debug, Clone)]
-pub struct SeqPlan {
+pub(crate) struct SeqPlan {
     pub token_start: usize,
     pub num_new: usize,
     pub context_len: usize,
@@ -56,7 +56,7 @@ pub struct SeqPlan {
 
 /// Everything about a batch that every layer shares, computed once per forward.
 #[derive(Debug, Clone)]
-pub struct BatchPlan {
+pub(crate) struct BatchPlan {
     pub positions: Tensor,
     pub runs: Vec<SlotRun>,
     pub seqs: Vec<SeqPlan>,
@@ -188,13 +188,13 @@ impl BatchPlan {
     }
 
     /// Chooses the attention path (tests compare them).
-    pub fn with_impl(mut self, imp: AttentionImpl) -> Self {
+    pub(crate) fn with_impl(mut self, imp: AttentionImpl) -> Self {
         self.imp = imp;
         self
     }
 
     /// The rows of `x` `[tokens, ..]` whose logits are wanted.
-    pub fn select_rows(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn select_rows(&self, x: &Tensor) -> Result<Tensor> {
         if self.num_rows == self.num_tokens {
             return Ok(x.clone());
         }
@@ -203,7 +203,7 @@ impl BatchPlan {
 
     /// Writes this layer's new keys/values into the cache, then attends. `q` `[tokens, heads, head_dim]`,
     /// `k`/`v` `[tokens, kv_heads, head_dim]`; returns `[tokens, heads * head_dim]`.
-    pub fn attend(
+    pub(crate) fn attend(
         &mut self,
         layer: usize,
         q: &Tensor,
@@ -385,6 +385,6 @@ fn causal_mask(
 }
 
 /// `cap * tanh(x / cap)`.
-pub fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+pub(crate) fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
     (x / cap)?.tanh()? * cap
 }

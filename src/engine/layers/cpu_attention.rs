@@ -10,7 +10,7 @@ use super::simd;
 
 /// One sequence: its rows in the batch and the cache slot of each of its positions.
 #[derive(Debug, Clone)]
-pub struct SeqSlots {
+pub(crate) struct SeqSlots {
     pub token_start: usize,
     pub num_new: usize,
     pub context_len: usize,
@@ -18,7 +18,7 @@ pub struct SeqSlots {
     pub slots: Vec<u32>,
 }
 
-pub struct PagedAttention<'a> {
+pub(crate) struct PagedAttention<'a> {
     pub seqs: &'a [SeqSlots],
     pub params: AttentionParams,
 }

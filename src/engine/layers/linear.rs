@@ -9,7 +9,7 @@ use candle_core::{bail, DType, Module, Result, Tensor};
 use crate::engine::quant;
 
 #[derive(Debug, Clone)]
-pub enum LinearWeight {
+pub(crate) enum LinearWeight {
     /// `[out, in]`, as checkpoints store it.
     Dense(Tensor),
     /// `[out, in]` in ggml blocks along `in`.
@@ -20,7 +20,7 @@ pub enum LinearWeight {
 }
 
 #[derive(Debug, Clone)]
-pub struct Linear {
+pub(crate) struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
     in_dim: usize,
@@ -76,7 +76,7 @@ impl Linear {
 
     /// One layer computing all of `parts` side by side (outputs concatenated), so that q/k/v or
     /// gate/up cost one matmul instead of several.
-    pub fn fuse(parts: &[Linear]) -> Result<Self> {
+    pub(crate) fn fuse(parts: &[Linear]) -> Result<Self> {
         let Some(first) = parts.first() else {
             bail!("nothing to fuse")
         };
@@ -137,18 +137,6 @@ impl Linear {
         Ok(Some(Tensor::cat(&all, 0)?))
     }
 
-    pub fn in_dim(&self) -> usize {
-        self.in_dim
-    }
-
-    pub fn out_dim(&self) -> usize {
-        self.out_dim
-    }
-
-    pub fn weight(&self) -> &LinearWeight {
-        &self.weight
-    }
-
     /// `x`: `[rows, in]` → `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -168,15 +156,6 @@ impl Linear {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
-        }
-    }
-
-    /// The bytes the weights take in memory.
-    pub fn weight_bytes(&self) -> usize {
-        match &self.weight {
-            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
-            LinearWeight::Parts(parts) => parts.iter().map(Linear::weight_bytes).sum(),
         }
     }
 
@@ -213,6 +192,15 @@ mod tests {
     use super::*;
     use candle_core::{Device, D};
 
+    /// The bytes a layer's weights take in memory.
+    fn weight_bytes(l: &Linear) -> usize {
+        match &l.weight {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+            LinearWeight::Parts(parts) => parts.iter().map(weight_bytes).sum(),
+        }
+    }
+
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
         let den = b.sqr().unwrap().sum_all().unwrap();
@@ -233,7 +221,7 @@ mod tests {
             (quant::GgmlDType::Q6K, 0.03),
         ] {
             let q = float.clone().quantize(dtype)?;
-            let LinearWeight::Quantized(qt) = q.weight() else {
+            let LinearWeight::Quantized(qt) = &q.weight else {
                 panic!("{dtype:?} not quantized")
             };
             assert_eq!(qt.dtype(), dtype);
@@ -247,7 +235,7 @@ mod tests {
             // against float32: the weight rounding
             let e = rel_err(&y, &float.forward(&x)?);
             assert!(e < tol, "{dtype:?}: relative error {e}");
-            assert!(q.weight_bytes() < float.weight_bytes() / 3);
+            assert!(weight_bytes(&q) < weight_bytes(&float) / 3);
         }
         Ok(())
     }
@@ -258,7 +246,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (8, 96), &dev)?;
         let q = Arc::new(QTensor::quantize(&w, quant::GgmlDType::Q5_1)?);
         let l = Linear::quantized(q.clone(), None, DType::F32)?;
-        assert!(matches!(l.weight(), LinearWeight::Dense(_)));
+        assert!(matches!(l.weight, LinearWeight::Dense(_)));
         let x = Tensor::randn(0f32, 1.0, (2, 96), &dev)?;
         let want = x.matmul(&q.dequantize(&dev)?.t()?)?;
         assert!(rel_err(&l.forward(&x)?, &want) < 1e-6);
@@ -286,11 +274,11 @@ mod tests {
             Tensor::cat(&outs, D::Minus1)
         };
         let same = Linear::fuse(&[a.clone(), b.clone()])?;
-        assert!(matches!(same.weight(), LinearWeight::Quantized(_)));
+        assert!(matches!(same.weight, LinearWeight::Quantized(_)));
         assert!(rel_err(&same.forward(&x)?, &want(&[&a, &b])?) < 1e-6);
         let mixed = Linear::fuse(&[a.clone(), c.clone()])?;
-        assert!(matches!(mixed.weight(), LinearWeight::Parts(_)));
-        assert_eq!(mixed.out_dim(), 48);
+        assert!(matches!(mixed.weight, LinearWeight::Parts(_)));
+        assert_eq!(mixed.out_dim, 48);
         assert!(rel_err(&mixed.forward(&x)?, &want(&[&a, &c])?) < 1e-6);
         Ok(())
     }

@@ -1,13 +1,13 @@
 //! Feed-forward blocks: gated (SwiGLU / GeGLU, with gate and up fused into one matmul) and plain
 //! two-layer (GPT-2).
 
-use crate::engine::weights::Weights;
+use super::weights::Weights;
 use candle_core::{bail, Result, Tensor};
 
 use super::linear::Linear;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
+pub(crate) enum Activation {
     Silu,
     /// GeLU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
@@ -17,7 +17,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    pub fn from_name(name: &str) -> Result<Self> {
+    pub(crate) fn from_name(name: &str) -> Result<Self> {
         Ok(match name {
             "silu" | "swish" => Self::Silu,
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_tanh" => Self::GeluTanh,
@@ -27,7 +27,7 @@ impl Activation {
         })
     }
 
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Silu => x.silu(),
             Self::GeluTanh => x.gelu(),
@@ -39,7 +39,7 @@ impl Activation {
 
 /// `down(act(gate(x)) * up(x))`, gate and up computed by one fused matmul.
 #[derive(Debug, Clone)]
-pub struct GatedMlp {
+pub(crate) struct GatedMlp {
     gate_up: Linear,
     down: Linear,
     intermediate: usize,
@@ -66,7 +66,7 @@ impl GatedMlp {
     }
 
     /// One `gate_up_proj` weight, gate rows first (Phi-3).
-    pub fn load_fused(
+    pub(crate) fn load_fused(
         w: &Weights,
         hidden: usize,
         intermediate: usize,
@@ -93,7 +93,7 @@ impl GatedMlp {
 
 /// `proj(act(fc(x)))` (GPT-2).
 #[derive(Debug, Clone)]
-pub struct Mlp {
+pub(crate) struct Mlp {
     fc: Linear,
     proj: Linear,
     act: Activation,

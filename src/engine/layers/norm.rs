@@ -1,11 +1,11 @@
 //! Normalisations: RMSNorm (Gemma's `(1 + w)` variant folds the 1 into the weight at load) and
 //! LayerNorm.
 
-use crate::engine::weights::Weights;
+use super::weights::Weights;
 use candle_core::{Result, Tensor};
 
 #[derive(Debug, Clone)]
-pub enum Norm {
+pub(crate) enum Norm {
     Rms {
         weight: Tensor,
         eps: f32,
@@ -18,7 +18,7 @@ pub enum Norm {
 }
 
 impl Norm {
-    pub fn rms(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
+    pub(crate) fn rms(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self::Rms {
             weight: vb.get(size, "weight")?,
             eps: eps as f32,
@@ -26,7 +26,7 @@ impl Norm {
     }
 
     /// Gemma's RMSNorm, which scales by `1 + weight`.
-    pub fn rms_plus_one(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
+    pub(crate) fn rms_plus_one(vb: &Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self::Rms {
             weight: (vb.get(size, "weight")? + 1.0)?,
             eps: eps as f32,

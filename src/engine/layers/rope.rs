@@ -138,7 +138,7 @@ impl RopeConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct Rope {
+pub(crate) struct Rope {
     cos: Tensor,
     sin: Tensor,
     rotary_dim: usize,
@@ -179,7 +179,7 @@ impl Rope {
         })
     }
 
-    pub fn max_positions(&self) -> usize {
+    pub(crate) fn max_positions(&self) -> usize {
         self.max_positions
     }
 
@@ -192,7 +192,7 @@ impl Rope {
     }
 
     /// Rotates `x` `[tokens, heads, head_dim]` with the rows from [`Rope::tables`].
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (t, h, d) = x.dims3()?;
         if self.rotary_dim == d {
             let x = x.contiguous()?.reshape((1, t, h, d))?;

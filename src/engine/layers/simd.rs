@@ -9,7 +9,7 @@ pub(crate) fn avx2_fma() -> bool {
 }
 
 /// `Σ a[i]·b[i]` over the shorter of the two.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     #[cfg(target_arch = "x86_64")]
@@ -36,7 +36,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += alpha·x` over the shorter of the two.
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &mut y[..n]);
     #[cfg(target_arch = "x86_64")]
@@ -58,7 +58,7 @@ pub(crate) mod x86 {
 
     /// Sum of the eight lanes.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);
@@ -68,7 +68,7 @@ pub(crate) mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -95,7 +95,7 @@ pub(crate) mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len();
         let (px, py) = (x.as_ptr(), y.as_mut_ptr());
         let a = _mm256_set1_ps(alpha);

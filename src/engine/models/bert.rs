@@ -2,7 +2,7 @@
 //! Bidirectional attention over a padded batch, no KV cache: an embedding request is one forward
 //! pass. The output is the last hidden state of every position; pooling is `embedding.rs`'s.
 
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -44,7 +44,7 @@ fn default_eps() -> f64 {
 impl BertConfig {
     /// RoBERTa-style models number positions from `pad_token_id + 1` (their embedding table has that
     /// many unused rows in front), BERT from 0.
-    pub fn position_offset(&self) -> usize {
+    pub(crate) fn position_offset(&self) -> usize {
         match self.model_type.as_deref() {
             Some("roberta" | "xlm-roberta" | "camembert") => {
                 self.pad_token_id.unwrap_or(1) as usize + 1
@@ -54,14 +54,14 @@ impl BertConfig {
     }
 
     /// The longest input the position table allows.
-    pub fn max_input_len(&self) -> usize {
+    pub(crate) fn max_input_len(&self) -> usize {
         self.max_position_embeddings
             .saturating_sub(self.position_offset())
     }
 }
 
 /// The encoder architectures this build runs as embedders, as `config.json` names them.
-pub const ENCODER_ARCHITECTURES: &[&str] = &[
+pub(crate) const ENCODER_ARCHITECTURES: &[&str] = &[
     "BertModel",
     "BertForMaskedLM",
     "RobertaModel",
@@ -305,11 +305,4 @@ impl BertModel {
         }
         Ok(x)
     }
-}
-
-/// Reads the last dimension as f32 rows (for tests and pooling).
-pub fn rows_f32(t: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let h = t.dim(D::Minus1)?;
-    let flat = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(flat.chunks(h.max(1)).map(<[f32]>::to_vec).collect())
 }

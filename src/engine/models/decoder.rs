@@ -2,10 +2,11 @@
 //! differ only in the switches of [`DecoderConfig`], which each architecture's file fills from its
 //! config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use super::{CausalLM, ForwardBatch, ModelSpec};
+use super::CausalLM;
+use crate::engine::batch::{ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::attention::softcap;
 use crate::engine::layers::{
@@ -14,7 +15,7 @@ use crate::engine::layers::{
 };
 
 #[derive(Debug, Clone)]
-pub struct DecoderConfig {
+pub(crate) struct DecoderConfig {
     pub architecture: String,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -74,7 +75,7 @@ struct Layer {
     attn: AttentionParams,
 }
 
-pub struct DecoderModel {
+pub(crate) struct DecoderModel {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: Norm,
@@ -323,7 +324,7 @@ impl CausalLM for DecoderModel {
 
 /// The config.json fields the Llama family shares, with the defaults transformers uses.
 #[derive(Debug, Clone, serde::Deserialize)]
-pub struct BaseConfig {
+pub(crate) struct BaseConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -401,7 +402,7 @@ impl BaseConfig {
 
     /// Sliding windows per layer: from `layer_types` when given, else the window on every layer
     /// (`all_by_default`) or none.
-    pub fn layer_windows(&self, all_by_default: bool) -> Vec<Option<usize>> {
+    pub(crate) fn layer_windows(&self, all_by_default: bool) -> Vec<Option<usize>> {
         let n = self.num_hidden_layers;
         match (&self.layer_types, self.sliding_window) {
             (_, None) => vec![None; n],

@@ -2,14 +2,14 @@
 //! scaled by `sqrt(hidden)`, soft-capped attention and final logits, `query_pre_attn_scalar` as the
 //! attention scale, and sliding-window attention on alternate layers.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 
 use super::decoder::{BaseConfig, DecoderModel};
 use crate::engine::layers::Activation;
 
-pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+pub(crate) fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
     let base = BaseConfig::parse(config)?;
     let mut cfg = base.decoder("Gemma2ForCausalLM", config)?;
     let get_f = |k: &str| config.get(k).and_then(Value::as_f64);

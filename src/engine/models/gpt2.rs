@@ -1,12 +1,13 @@
 //! GPT-2: learned absolute positions, LayerNorm, `Conv1D` weights stored `[in, out]`, fused `c_attn`,
 //! GeLU MLP, head tied to the token embeddings.
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::{bail, DType, Result, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{CausalLM, ForwardBatch, ModelSpec};
+use super::CausalLM;
+use crate::engine::batch::{ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::{
     Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, Linear, Mlp, Norm,
@@ -51,7 +52,7 @@ struct Block {
     attn: AttentionParams,
 }
 
-pub struct Gpt2 {
+pub(crate) struct Gpt2 {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -61,7 +62,7 @@ pub struct Gpt2 {
     attention_impl: AttentionImpl,
 }
 
-pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<Gpt2> {
+pub(crate) fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<Gpt2> {
     let cfg: Gpt2Config = serde_json::from_value(config.clone())
         .map_err(|e| candle_core::Error::Msg(format!("config.json: {e}")))?;
     if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {

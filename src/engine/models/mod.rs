@@ -2,12 +2,13 @@
 //! function of (tokens, positions, KV cache): it owns no cache and no sequence state, so the scheduler can
 //! pack any mix of prefill chunks and decodes into one forward pass.
 
-use super::weights::Weights;
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, Device, Result, Tensor};
 use serde_json::Value;
 
+use super::batch::{ForwardBatch, ModelSpec};
 use super::kv_cache::KvCache;
 use super::layers::AttentionImpl;
+use super::layers::Weights;
 
 pub mod bert;
 pub mod decoder;
@@ -18,50 +19,6 @@ pub mod mistral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
-
-/// Which logits a sequence in the batch wants back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsWanted {
-    /// None (a prompt chunk that is not the prompt's last).
-    None,
-    /// The last new position only (decode, or the last prompt chunk).
-    Last,
-    /// Every new position (prompt logprobs).
-    All,
-}
-
-/// One sequence's share of a forward pass.
-#[derive(Debug, Clone)]
-pub struct SeqInput {
-    /// Tokens of this sequence already in the cache (its positions are `context_len..context_len+num_new`).
-    pub context_len: usize,
-    /// New tokens of this sequence in `ForwardBatch::tokens`.
-    pub num_new: usize,
-    /// The sequence's KV blocks, in order; covers at least `context_len + num_new` tokens.
-    pub block_table: Vec<u32>,
-    pub logits: LogitsWanted,
-}
-
-/// A packed batch: the new tokens of every sequence, back to back, in `seqs` order.
-#[derive(Debug, Clone)]
-pub struct ForwardBatch {
-    pub tokens: Vec<u32>,
-    pub seqs: Vec<SeqInput>,
-}
-
-/// The shape facts the engine needs about a loaded model.
-#[derive(Debug, Clone)]
-pub struct ModelSpec {
-    pub architecture: String,
-    pub num_layers: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub hidden_size: usize,
-    pub vocab_size: usize,
-    pub max_position_embeddings: usize,
-    pub dtype: DType,
-    pub device: Device,
-}
 
 pub trait CausalLM: Send {
     /// Runs the batch, writing its keys and values into `cache`, and returns float32 logits
@@ -80,7 +37,7 @@ pub trait CausalLM: Send {
 }
 
 /// The causal architectures this build runs: (config.json `architectures` entry, `model_type`).
-pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
+pub(crate) const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
     ("LlamaForCausalLM", "llama"),
     ("MistralForCausalLM", "mistral"),
     ("Qwen2ForCausalLM", "qwen2"),
@@ -92,7 +49,7 @@ pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
 
 /// The supported architecture a config.json names (by `architectures`, else `model_type`), or an error
 /// listing the supported ones.
-pub fn causal_architecture(config: &Value) -> Result<&'static str> {
+pub(crate) fn causal_architecture(config: &Value) -> Result<&'static str> {
     let named: Vec<&str> = config
         .get("architectures")
         .and_then(Value::as_array)
@@ -118,7 +75,7 @@ pub fn causal_architecture(config: &Value) -> Result<&'static str> {
 
 /// Builds the model config.json describes from the weights in `vb`. `max_positions` bounds the
 /// sequence length (RoPE tables are built that far).
-pub fn load_causal_model(
+pub(crate) fn load_causal_model(
     config: &Value,
     vb: Weights,
     max_positions: usize,

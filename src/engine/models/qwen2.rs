@@ -1,12 +1,12 @@
 //! Qwen2 / Qwen2.5: the Llama decoder with biases on the q/k/v projections (not on o).
 
-use crate::engine::weights::Weights;
+use crate::engine::layers::Weights;
 use candle_core::Result;
 use serde_json::Value;
 
 use super::decoder::{BaseConfig, DecoderModel};
 
-pub fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
+pub(crate) fn load(vb: Weights, config: &Value, max_positions: usize) -> Result<DecoderModel> {
     let base = BaseConfig::parse(config)?;
     let mut cfg = base.decoder("Qwen2ForCausalLM", config)?;
     cfg.qkv_bias = true;

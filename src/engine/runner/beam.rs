@@ -7,7 +7,7 @@ use crate::engine::sampling::top_n;
 use crate::engine::types::{EarlyStopping, Finish, FinishReason};
 
 #[derive(Debug, Clone)]
-pub struct BeamConfig {
+pub(crate) struct BeamConfig {
     pub width: usize,
     pub length_penalty: f32,
     pub early_stopping: EarlyStopping,
@@ -18,13 +18,13 @@ pub struct BeamConfig {
 
 /// A live beam: its output so far and cumulative log-probability.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Live {
+pub(crate) struct Live {
     pub tokens: Vec<u32>,
     pub cum: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Hypothesis {
+pub(crate) struct Hypothesis {
     pub tokens: Vec<u32>,
     pub cum: f64,
     pub score: f64,
@@ -33,13 +33,13 @@ pub struct Hypothesis {
 
 /// The beams to continue with: (index of the parent live beam, token, new cumulative logprob).
 #[derive(Debug, Clone, PartialEq)]
-pub struct StepOutcome {
+pub(crate) struct StepOutcome {
     pub next: Vec<(usize, u32, f64)>,
     pub done: bool,
 }
 
 #[derive(Debug, Clone)]
-pub struct BeamSearch {
+pub(crate) struct BeamSearch {
     cfg: BeamConfig,
     finished: Vec<Hypothesis>,
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use super::Executor;
-use crate::engine::models::{ForwardBatch, LogitsWanted, SeqInput};
+use crate::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use crate::engine::sampling::argmax;
 use crate::engine::scheduler::{Scheduled, Scheduler, SeqId};
 

@@ -6,26 +6,29 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
+use crate::engine::batch::ForwardBatch;
 use crate::engine::gguf::GgufFile;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loader::{load_causal, LoadedModel};
-use crate::engine::models::{CausalLM, ForwardBatch};
+use crate::engine::models::CausalLM;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::settings::EngineSettings;
 use crate::engine::template::ChatTemplate;
 use crate::engine::tokenizer::Tokenizer;
 
-use super::{EngineParts, Executor, ModelInfo};
+use crate::engine::parts::{
+    EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
+};
 use crate::engine::speculative::{NgramProposer, SpeculativeMethod};
 
 /// Default KV budget on CPU when `KV_CACHE_MEMORY` is unset: enough for `max_num_seqs` full-length
 /// sequences, capped (a CPU box shares its memory with the weights and everything else).
-pub const DEFAULT_CPU_KV_BYTES: u64 = 1 << 30;
+pub(crate) const DEFAULT_CPU_KV_BYTES: u64 = 1 << 30;
 
 /// How many KV blocks the budget buys. `budget`: `KV_CACHE_MEMORY`, else on GPU the share
 /// `gpu_memory_utilization` of the free memory (`gpu_free`), else the CPU default. Never fewer than
 /// one full-length sequence needs, so every admissible request can run.
-pub fn num_kv_blocks(
+pub(crate) fn num_kv_blocks(
     settings: &EngineSettings,
     bytes_per_block: u64,
     max_model_len: usize,
@@ -45,7 +48,7 @@ pub fn num_kv_blocks(
 }
 
 /// The model and its paged cache: the executor the engine thread drives.
-pub struct CausalExecutor {
+pub(crate) struct CausalExecutor {
     model: Box<dyn CausalLM>,
     cache: KvCache,
 }
@@ -68,8 +71,8 @@ impl Executor for CausalExecutor {
 
 /// Loads tokenizer, model, chat template and a KV cache sized by the budget.
 pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
-    if crate::engine::embedding::is_embedding_model(&settings.model_path) {
-        return crate::engine::embedding::embedding_parts(settings);
+    if let Some(parts) = crate::engine::embedding::embedding_parts(settings)? {
+        return Ok(parts);
     }
     let LoadedModel { model, meta, gguf } = load_causal(settings)?;
     let (tokenizer, template) = tokenizer_and_template(settings, gguf.as_deref())?;
@@ -104,7 +107,6 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     Ok(EngineParts {
-        executor: Box::new(CausalExecutor::new(model, cache)),
         tokenizer,
         info: ModelInfo {
             served_model_name: settings.served_model_name.clone(),
@@ -115,17 +117,19 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
             can_embed: false,
             created,
         },
-        eos_token_ids,
-        scheduler: SchedulerConfig {
-            block_size,
-            num_blocks,
-            max_num_seqs: settings.max_num_seqs.max(1),
-            max_num_batched_tokens: settings.max_num_batched_tokens.max(1),
-            enable_prefix_caching: settings.enable_prefix_caching,
-        },
         template,
-        embedder: None,
-        speculation: speculation(settings, num_blocks, block_size, spec.vocab_size)?,
+        kind: EngineKind::Generator(Generator {
+            executor: Box::new(CausalExecutor::new(model, cache)),
+            eos_token_ids,
+            scheduler: SchedulerConfig {
+                block_size,
+                num_blocks,
+                max_num_seqs: settings.max_num_seqs.max(1),
+                max_num_batched_tokens: settings.max_num_batched_tokens.max(1),
+                enable_prefix_caching: settings.enable_prefix_caching,
+            },
+            speculation: speculation(settings, num_blocks, block_size, spec.vocab_size)?,
+        }),
     })
 }
 
@@ -136,7 +140,7 @@ fn speculation(
     num_blocks: usize,
     block_size: usize,
     vocab_size: usize,
-) -> anyhow::Result<Option<super::Speculation>> {
+) -> anyhow::Result<Option<Speculation>> {
     let Some(config) = &settings.speculative else {
         return Ok(None);
     };
@@ -144,7 +148,7 @@ fn speculation(
         SpeculativeMethod::Ngram {
             prompt_lookup_min,
             prompt_lookup_max,
-        } => super::Proposer::Ngram(NgramProposer {
+        } => Proposer::Ngram(NgramProposer {
             min: *prompt_lookup_min,
             max: *prompt_lookup_max,
         }),
@@ -172,13 +176,10 @@ fn speculation(
                     / (1 << 20) as f64,
                 "draft model loaded for speculative decoding"
             );
-            super::Proposer::Draft(super::DraftModel::new(
-                Box::new(CausalExecutor::new(m, cache)),
-                block_size,
-            ))
+            Proposer::Draft(Box::new(CausalExecutor::new(m, cache)))
         }
     };
-    Ok(Some(super::Speculation {
+    Ok(Some(Speculation {
         proposer,
         num_tokens: config.num_speculative_tokens,
         disable_by_batch_size: config.disable_by_batch_size,

@@ -7,8 +7,8 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::beam::{BeamConfig, BeamSearch, Live};
+use crate::engine::batch::LogitsWanted;
 use crate::engine::detokenize::{DecodeOptions, Detokenizer};
-use crate::engine::models::LogitsWanted;
 use crate::engine::sampling::{log_softmax, top_n, Sampler};
 use crate::engine::scheduler::{Scheduled, Scheduler, SeqId};
 use crate::engine::stop::{StopConditions, StopStrings};
@@ -19,7 +19,7 @@ use crate::engine::types::{
 };
 
 /// What the engine thread needs of a request to start it.
-pub struct Submission {
+pub(crate) struct Submission {
     pub request_id: String,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
@@ -50,7 +50,7 @@ struct BeamRun {
     beams: Vec<Beam>,
 }
 
-pub struct RequestState {
+pub(crate) struct RequestState {
     pub request_id: String,
     tx: UnboundedSender<GenerationEvent>,
     params: SamplingParams,
@@ -73,7 +73,7 @@ pub struct RequestState {
 }
 
 /// Borrowed engine state a request works with.
-pub struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     pub sched: &'a mut Scheduler,
     pub tokenizer: &'a Tokenizer,
 }
@@ -134,16 +134,16 @@ impl RequestState {
         }
     }
 
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.finished
     }
 
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.tx.is_closed()
     }
 
     /// The scheduler sequences this request still owns.
-    pub fn live_seqs(&self) -> Vec<SeqId> {
+    pub(crate) fn live_seqs(&self) -> Vec<SeqId> {
         if !self.started {
             return vec![self.root];
         }
@@ -154,7 +154,7 @@ impl RequestState {
     }
 
     /// Which logits rows this request wants from a scheduled chunk.
-    pub fn logits_wanted(&self, sc: &Scheduled) -> LogitsWanted {
+    pub(crate) fn logits_wanted(&self, sc: &Scheduled) -> LogitsWanted {
         let wants_prompt = self.prompt_logprobs.is_some()
             && !self.started
             && sc.id == self.root
@@ -168,7 +168,7 @@ impl RequestState {
         }
     }
 
-    pub fn on_scheduled(&mut self, sc: &Scheduled, sched: &Scheduler) {
+    pub(crate) fn on_scheduled(&mut self, sc: &Scheduled, sched: &Scheduler) {
         if self.first_scheduled.is_none() {
             self.first_scheduled = Some(Instant::now());
             if sc.id == self.root {
@@ -178,7 +178,12 @@ impl RequestState {
     }
 
     /// Rows for every new position of a prompt chunk: row `j` predicts position `context_len + j + 1`.
-    pub fn collect_prompt_logprobs(&mut self, sc: &Scheduled, rows: &[f32], tokenizer: &Tokenizer) {
+    pub(crate) fn collect_prompt_logprobs(
+        &mut self,
+        sc: &Scheduled,
+        rows: &[f32],
+        tokenizer: &Tokenizer,
+    ) {
         let (Some(k), Some(out)) = (self.params.prompt_logprobs, self.prompt_logprobs.as_mut())
         else {
             return;
@@ -201,7 +206,7 @@ impl RequestState {
     }
 
     /// The next-token logits of sequence `seq` (its chunk reached its last token).
-    pub fn on_logits(&mut self, seq: SeqId, row: &[f32], ctx: &mut Ctx) {
+    pub(crate) fn on_logits(&mut self, seq: SeqId, row: &[f32], ctx: &mut Ctx) {
         if self.finished {
             return;
         }
@@ -285,7 +290,7 @@ impl RequestState {
 
     /// Guessed next tokens for each choice the next step decodes (speculative decoding), at most `k`
     /// and never past `max_tokens` or the context length.
-    pub fn drafts(
+    pub(crate) fn drafts(
         &self,
         sched: &Scheduler,
         k: usize,
@@ -322,7 +327,7 @@ impl RequestState {
     /// The logits rows of a decode that verified `draft`: row `j` predicts the token after draft
     /// token `j - 1`. Tokens are chosen row by row (`Sampler::sample_draft`) and emitted while they
     /// equal the draft; the first that differs, or the row after the whole draft, ends the step.
-    pub fn on_draft_logits(
+    pub(crate) fn on_draft_logits(
         &mut self,
         seq: SeqId,
         rows: &[f32],
@@ -611,7 +616,7 @@ impl RequestState {
     }
 
     /// Drops the request's sequences (cancellation).
-    pub fn abandon(&mut self, sched: &mut Scheduler) {
+    pub(crate) fn abandon(&mut self, sched: &mut Scheduler) {
         for s in self.live_seqs() {
             sched.remove(s);
         }

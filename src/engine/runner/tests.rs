@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::*;
+use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::types::{
     ChoiceDelta, FinishReason, RequestMetrics, SamplingParams, StopReason, Usage,
 };
@@ -95,11 +96,6 @@ fn toy_engine(
     let tokenizer = tokenizer();
     let vocab = tokenizer.vocab_size();
     Engine::launch(EngineParts {
-        executor: Box::new(ToyExec {
-            slots: vec![0; num_blocks * BS],
-            vocab,
-            bigram,
-        }),
         info: ModelInfo {
             served_model_name: "toy".into(),
             architecture: "toy".into(),
@@ -110,17 +106,23 @@ fn toy_engine(
             created: 0,
         },
         tokenizer,
-        eos_token_ids: eos,
-        scheduler: SchedulerConfig {
-            block_size: BS,
-            num_blocks,
-            max_num_seqs: max_seqs,
-            max_num_batched_tokens: budget,
-            enable_prefix_caching: prefix,
-        },
         template: None,
-        embedder: None,
-        speculation,
+        kind: EngineKind::Generator(Generator {
+            executor: Box::new(ToyExec {
+                slots: vec![0; num_blocks * BS],
+                vocab,
+                bigram,
+            }),
+            eos_token_ids: eos,
+            scheduler: SchedulerConfig {
+                block_size: BS,
+                num_blocks,
+                max_num_seqs: max_seqs,
+                max_num_batched_tokens: budget,
+                enable_prefix_caching: prefix,
+            },
+            speculation,
+        }),
     })
 }
 
@@ -693,14 +695,11 @@ async fn speculative_decoding_matches_plain_decoding_on_every_fixture() {
 fn draft_spec(bigram: bool, num_blocks: usize, k: usize) -> Option<Speculation> {
     let vocab = tokenizer().vocab_size();
     Some(Speculation {
-        proposer: Proposer::Draft(DraftModel::new(
-            Box::new(ToyExec {
-                slots: vec![0; num_blocks * BS],
-                vocab,
-                bigram,
-            }),
-            BS,
-        )),
+        proposer: Proposer::Draft(Box::new(ToyExec {
+            slots: vec![0; num_blocks * BS],
+            vocab,
+            bigram,
+        })),
         num_tokens: k,
         disable_by_batch_size: 64,
     })
@@ -827,4 +826,74 @@ async fn a_quantized_copy_drafts_for_the_float_model() {
     let accepted = st.spec_accepted_tokens.load(Ordering::Relaxed);
     eprintln!("q8_0 draft for float32 llama: accepted {accepted}/{drafted}");
     assert!(accepted * 2 > drafted, "{accepted}/{drafted}");
+}
+
+/// Sums each input's ids into a one-number vector.
+struct ToyEmbedder;
+
+impl Embedder for ToyEmbedder {
+    fn embed(&self, request: &EmbedRequest) -> Result<EmbedOutput, EngineError> {
+        Ok(EmbedOutput {
+            embeddings: request
+                .inputs
+                .iter()
+                .map(|ids| vec![ids.iter().sum::<u32>() as f32])
+                .collect(),
+            prompt_tokens: request.inputs.iter().map(Vec::len).sum(),
+        })
+    }
+}
+
+/// An embedder is an engine of its own kind: it embeds, and generation is unsupported (no engine
+/// thread, no scheduler), whatever the loaded `ModelInfo` said.
+#[tokio::test]
+async fn an_embedding_engine_embeds_and_does_not_generate() {
+    let tokenizer = tokenizer();
+    let vocab = tokenizer.vocab_size();
+    let e = Engine::launch(EngineParts {
+        info: ModelInfo {
+            served_model_name: "embed".into(),
+            architecture: "toy".into(),
+            max_model_len: 64,
+            vocab_size: vocab,
+            can_generate: true,
+            can_embed: false,
+            created: 0,
+        },
+        tokenizer,
+        template: None,
+        kind: EngineKind::Embedder(Arc::new(ToyEmbedder)),
+    });
+    assert!(!e.info().can_generate && e.info().can_embed);
+    assert!(matches!(
+        e.generate(request(prompt(3, 5), |_| {})),
+        Err(EngineError::Unsupported(m)) if m == "the model embed cannot generate text"
+    ));
+    let out = e
+        .embed(EmbedRequest {
+            request_id: "r".into(),
+            inputs: vec![vec![1, 2], vec![3]],
+            dimensions: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(out.embeddings, vec![vec![3.0], vec![3.0]]);
+    assert_eq!(out.prompt_tokens, 3);
+    assert_eq!(e.stats().total_blocks.load(Ordering::Relaxed), 0);
+}
+
+/// A generator does not embed.
+#[tokio::test]
+async fn a_generating_engine_does_not_embed() {
+    let e = engine(8, 16, 2, false, vec![]);
+    assert!(e.info().can_generate && !e.info().can_embed);
+    let err = e
+        .embed(EmbedRequest {
+            request_id: "r".into(),
+            inputs: vec![vec![1]],
+            dimensions: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Unsupported(_)), "{err:?}");
 }

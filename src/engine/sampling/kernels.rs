@@ -26,7 +26,7 @@ pub fn max(values: &[f32]) -> f32 {
 
 /// Index of the first entry equal to `target`, scanning blocks with the vectorised `max` first
 /// (an early-exit scalar loop does not vectorise).
-pub fn position_of_max(values: &[f32], target: f32) -> Option<usize> {
+pub(crate) fn position_of_max(values: &[f32], target: f32) -> Option<usize> {
     const BLOCK: usize = 256;
     values.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
         if max(chunk) == target {
@@ -42,7 +42,7 @@ pub fn position_of_max(values: &[f32], target: f32) -> Option<usize> {
 
 /// Index where the running sum of non-negative `weights` first exceeds `threshold` (block sums first,
 /// then a walk inside one block); the last positive weight when rounding runs past the end.
-pub fn position_of_mass(weights: &[f32], mut threshold: f64) -> Option<usize> {
+pub(crate) fn position_of_mass(weights: &[f32], mut threshold: f64) -> Option<usize> {
     const BLOCK: usize = 256;
     for (b, chunk) in weights.chunks(BLOCK).enumerate() {
         let block_sum = sum(chunk);
@@ -93,7 +93,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// Replaces each `x` by `exp((x - max) * scale)`; returns the sum.
-pub fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f64 {
+pub(crate) fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f64 {
     for x in row.iter_mut() {
         *x = exp((*x - max) * scale);
     }
@@ -101,7 +101,7 @@ pub fn exp_in_place(row: &mut [f32], max: f32, scale: f32) -> f64 {
 }
 
 /// `sum(exp(x - max))` without touching `values`.
-pub fn sum_exp(values: &[f32], max: f32) -> f64 {
+pub(crate) fn sum_exp(values: &[f32], max: f32) -> f64 {
     let mut buf = [0f32; CHUNK];
     let mut total = 0.0;
     for chunk in values.chunks(CHUNK) {

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::gguf::{GgufBackend, GgufFile};
-use super::layers::{Embedding, Linear};
-use super::quant::{self, GgmlDType};
+use super::{Embedding, Linear};
+use crate::engine::gguf::{GgufBackend, GgufFile};
+use crate::engine::quant::{self, GgmlDType};
 
 #[derive(Clone)]
 enum Source {
@@ -24,7 +24,7 @@ enum Source {
 /// A `VarBuilder` (prefix, dtype, device, float tensors by name) that also knows how linear layers and
 /// embedding tables are stored.
 #[derive(Clone)]
-pub struct Weights<'a> {
+pub(crate) struct Weights<'a> {
     vb: VarBuilder<'a>,
     source: Source,
 }
@@ -56,7 +56,7 @@ impl<'a> Weights<'a> {
         }
     }
 
-    pub fn pp(&self, s: impl ToString) -> Self {
+    pub(crate) fn pp(&self, s: impl ToString) -> Self {
         Self {
             vb: self.vb.pp(s),
             source: self.source.clone(),
@@ -68,7 +68,7 @@ impl<'a> Weights<'a> {
         self.vb.get(s, name)
     }
 
-    pub fn contains_tensor(&self, name: &str) -> bool {
+    pub(crate) fn contains_tensor(&self, name: &str) -> bool {
         self.vb.contains_tensor(name)
     }
 
@@ -91,7 +91,7 @@ impl<'a> Weights<'a> {
     }
 
     /// GPT-2's `Conv1D`: the weight is stored `[in, out]`.
-    pub fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    pub(crate) fn conv1d(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
         let weight = self.get((in_dim, out_dim), "weight")?.t()?.contiguous()?;
         let bias = self.get(out_dim, "bias")?;
         self.finish(Linear::new(weight, Some(bias))?, |q| q)
@@ -120,7 +120,7 @@ impl<'a> Weights<'a> {
     }
 
     /// An LM head that shares the embedding table's weights (`tie_word_embeddings`).
-    pub fn tied_lm_head(&self, embedding: &Embedding) -> Result<Linear> {
+    pub(crate) fn tied_lm_head(&self, embedding: &Embedding) -> Result<Linear> {
         match embedding {
             Embedding::Dense(table) => {
                 self.finish(Linear::new(table.clone(), None)?, quant::lm_head_dtype)
