@@ -130,6 +130,16 @@ impl Sampler {
     }
 
     fn choose_against(&mut self, logits: &[f32], draft: u32) -> u32 {
+        self.pick(logits, Some(draft))
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
+        self.pick(logits, None)
+    }
+
+    /// The processed distribution's argmax (greedy), else a draw from it, or (with a `draft`) the
+    /// draft verified against it.
+    fn pick(&mut self, logits: &[f32], draft: Option<u32>) -> u32 {
         if !self.has_processors() && self.is_greedy() {
             return argmax(logits);
         }
@@ -141,43 +151,46 @@ impl Sampler {
             argmax(&work)
         } else {
             let (candidates, total) = self.filter(&mut work);
-            let weight_of = |id: u32| match &candidates {
-                Some(c) => c.iter().find(|(t, _)| *t == id).map_or(0.0, |(_, w)| *w),
-                None => work.get(id as usize).copied().unwrap_or(0.0),
-            };
-            let w_draft = weight_of(draft) as f64;
-            let u: f64 = self.rng.random();
-            if u * total < w_draft {
-                draft
-            } else {
-                let rest = (total - w_draft).max(0.0);
-                let u: f64 = self.rng.random();
-                let without = |(t, w): (u32, f32)| (t, if t == draft { 0.0 } else { w });
-                match &candidates {
-                    Some(c) => draw(c.iter().copied().map(without), rest, u),
-                    None => draw(enumerate(&work).map(without), rest, u),
+            match draft {
+                None => {
+                    let u: f64 = self.rng.random();
+                    match candidates {
+                        Some(c) => draw(c.iter().copied(), total, u),
+                        None => kernels::position_of_mass(&work, u * total).unwrap_or(0) as u32,
+                    }
                 }
+                Some(d) => self.verify(&work, candidates.as_deref(), total, d),
             }
         };
         self.scratch = work;
         token
     }
 
-    fn choose(&mut self, logits: &[f32]) -> u32 {
-        if !self.has_processors() && self.is_greedy() {
-            return argmax(logits);
+    /// Rejection sampling against a point-mass guess: `draft` with probability `p(draft)`, else a
+    /// draw from the distribution without it. `candidates` (else the whole row of `weights`) sum to
+    /// `total`.
+    fn verify(
+        &mut self,
+        weights: &[f32],
+        candidates: Option<&[(u32, f32)]>,
+        total: f64,
+        draft: u32,
+    ) -> u32 {
+        let w_draft = match candidates {
+            Some(c) => c.iter().find(|(t, _)| *t == draft).map_or(0.0, |(_, w)| *w),
+            None => weights.get(draft as usize).copied().unwrap_or(0.0),
+        } as f64;
+        let u: f64 = self.rng.random();
+        if u * total < w_draft {
+            return draft;
         }
-        let mut work = std::mem::take(&mut self.scratch);
-        work.clear();
-        work.extend_from_slice(logits);
-        self.apply_processors(&mut work);
-        let token = if self.is_greedy() || work.iter().all(|v| *v == f32::NEG_INFINITY) {
-            argmax(&work)
-        } else {
-            self.sample_filtered(&mut work)
-        };
-        self.scratch = work;
-        token
+        let rest = (total - w_draft).max(0.0);
+        let u: f64 = self.rng.random();
+        let without = |(t, w): (u32, f32)| (t, if t == draft { 0.0 } else { w });
+        match candidates {
+            Some(c) => draw(c.iter().copied().map(without), rest, u),
+            None => draw(enumerate(weights).map(without), rest, u),
+        }
     }
 
     fn has_processors(&self) -> bool {
@@ -218,20 +231,10 @@ impl Sampler {
         }
     }
 
-    /// Temperature, then top-k, top-p and min-p, then a draw from what is left. The row is turned
+    /// The distribution to draw from, after temperature, top-k, top-p and min-p: the listed candidates
+    /// with their weights, or (`None`) the whole row of weights; and the weights' sum. The row is turned
     /// into unnormalised probabilities once (`exp((l - max) / T)`, so the best token weighs 1); every
     /// filter works on those weights, whose order is the logits' order.
-    fn sample_filtered(&mut self, row: &mut [f32]) -> u32 {
-        let (candidates, total) = self.filter(row);
-        let u: f64 = self.rng.random();
-        match candidates {
-            Some(c) => draw(c.iter().copied(), total, u),
-            None => kernels::position_of_mass(row, u * total).unwrap_or(0) as u32,
-        }
-    }
-
-    /// The distribution to draw from: the listed candidates with their weights, or (`None`) the whole
-    /// row of weights; and the weights' sum.
     fn filter(&self, row: &mut [f32]) -> (Option<Vec<(u32, f32)>>, f64) {
         let total = to_weights(row, 1.0 / self.temperature);
         let vocab = row.len();
