@@ -491,6 +491,22 @@ async fn prompt_logprobs_cover_every_prompt_token() {
     }
 }
 
+/// The outcomes of `requests`, one after another or all submitted at once.
+async fn run_all(e: &Engine, requests: &[GenerateRequest], together: bool) -> Vec<Outcome> {
+    if together {
+        let streams: Vec<_> = requests
+            .iter()
+            .map(|r| e.generate(r.clone()).unwrap())
+            .collect();
+        return futures::future::join_all(streams.into_iter().map(collect)).await;
+    }
+    let mut v = Vec::new();
+    for r in requests {
+        v.push(collect(e.generate(r.clone()).unwrap()).await);
+    }
+    v
+}
+
 fn ngram(k: usize, disable_by_batch_size: usize) -> Option<Speculation> {
     Some(Speculation {
         proposer: Proposer::Ngram(crate::engine::speculative::NgramProposer { min: 1, max: 3 }),
@@ -528,19 +544,7 @@ async fn speculative_greedy_output_equals_plain_decoding() {
         // alone, then all at once in a cache too small for all of them (preemption)
         for (blocks, together) in [(256, false), (24, true)] {
             let spec = toy_engine(blocks, 64, 64, true, vec![], bigram, ngram(4, 64));
-            let got = if together {
-                let streams: Vec<_> = requests
-                    .iter()
-                    .map(|r| spec.generate(r.clone()).unwrap())
-                    .collect();
-                futures::future::join_all(streams.into_iter().map(collect)).await
-            } else {
-                let mut v = Vec::new();
-                for r in &requests {
-                    v.push(collect(spec.generate(r.clone()).unwrap()).await);
-                }
-                v
-            };
+            let got = run_all(&spec, &requests, together).await;
             for (i, (a, b)) in want.iter().zip(&got).enumerate() {
                 assert_eq!(a.choices.len(), b.choices.len());
                 for (ca, cb) in a.choices.iter().zip(&b.choices) {
@@ -742,19 +746,7 @@ async fn draft_model_speculation_equals_plain_decoding() {
             false,
             draft_spec(!same, blocks, 3),
         );
-        let got = if together {
-            let streams: Vec<_> = requests
-                .iter()
-                .map(|r| e.generate(r.clone()).unwrap())
-                .collect();
-            futures::future::join_all(streams.into_iter().map(collect)).await
-        } else {
-            let mut v = Vec::new();
-            for r in &requests {
-                v.push(collect(e.generate(r.clone()).unwrap()).await);
-            }
-            v
-        };
+        let got = run_all(&e, &requests, together).await;
         for (i, (a, b)) in want.iter().zip(&got).enumerate() {
             for (ca, cb) in a.choices.iter().zip(&b.choices) {
                 assert_eq!(
