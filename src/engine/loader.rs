@@ -170,7 +170,8 @@ pub(crate) fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>,
     Ok((eos, bos))
 }
 
-/// Builds rayon's global pool once, before the first kernel runs: `threads` workers, else rayon's
+/// Sets the process up for compute, once, before the first kernel runs: the allocator keeps large
+/// buffers (`keep_large_buffers`), and rayon's global pool gets `threads` workers, else rayon's
 /// default (`RAYON_NUM_THREADS`, else what the process may use). `main` calls this before the async
 /// runtime starts; a later call (the loader's) finds the pool built and changes nothing. Returns the
 /// pool's size.

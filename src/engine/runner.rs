@@ -448,8 +448,7 @@ impl Core {
                     sched: &mut self.sched,
                     tokenizer: &self.tokenizer,
                 };
-                let before = req.speculation().1;
-                req.on_draft_logits(sc.id, chunk, vocab, &sc.draft, &mut ctx);
+                let accepted = req.on_draft_logits(sc.id, chunk, vocab, &sc.draft, &mut ctx);
                 let stats = &self.stats;
                 stats.spec_verify_steps.fetch_add(1, Ordering::Relaxed);
                 stats
@@ -457,7 +456,7 @@ impl Core {
                     .fetch_add(sc.draft.len(), Ordering::Relaxed);
                 stats
                     .spec_accepted_tokens
-                    .fetch_add(req.speculation().1 - before, Ordering::Relaxed);
+                    .fetch_add(accepted, Ordering::Relaxed);
             } else if want == LogitsWanted::All {
                 req.collect_prompt_logprobs(sc, chunk, &self.tokenizer);
             }

@@ -8,6 +8,15 @@ use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// The value of an unlabelled counter in a Prometheus exposition.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in {metrics}"))
+}
+
 fn model_vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut vars = vec![
         (
@@ -136,11 +145,7 @@ async fn serve_answers_runpod_and_openai_routes() {
         .text()
         .await
         .unwrap();
-    let generated: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("worker_candle_generation_tokens_total "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("a generated-token counter");
+    let generated = counter(&metrics, "worker_candle_generation_tokens_total");
     // 4 tokens of /runsync, at least 1 of the chat completion (OpenAI usage counts too).
     assert!(generated >= 5, "{metrics}");
     assert!(
@@ -285,11 +290,7 @@ async fn speculative_decoding_end_to_end() {
         .text()
         .await
         .unwrap();
-    let drafted: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("worker_candle_spec_decode_draft_tokens_total "))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("a draft-token counter");
+    let drafted = counter(&metrics, "worker_candle_spec_decode_draft_tokens_total");
     assert!(drafted > 0, "{metrics}");
     assert!(metrics.contains("worker_candle_spec_decode_accepted_tokens_total"));
     server.terminate();

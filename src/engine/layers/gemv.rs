@@ -54,47 +54,13 @@ impl CustomOp2 for SmallMatmul {
         };
         let x = &s1.as_slice::<f32>()?[x0..x1];
         let w = &s2.as_slice::<f32>()?[w0..w1];
-        let mut y = vec![0f32; m * n];
-        let out = y.as_mut_ptr() as usize;
-        let tasks = n.div_ceil(TASK_ROWS);
         // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
         // and never waits for one that has not started (a decode step runs ~100 of these)
-        super::pool::pool().run(tasks, |range| {
-            for task in range {
-                let rows = task * TASK_ROWS..((task + 1) * TASK_ROWS).min(n);
-                // results come weight-row-major (`[rows, m]`) in a small buffer, then go to their
-                // columns of `y`
-                let mut buf = [0f32; TASK_ROWS * MAX_ROWS];
-                let buf = &mut buf[..rows.len() * m];
-                kernel(x, &w[rows.start * k..rows.end * k], buf, m, k);
-                // SAFETY: columns `rows` of `y` belong to this task alone; `y` outlives the call,
-                // which returns when every task is done.
-                unsafe { scatter(buf, m, rows, out as *mut f32, n) };
-            }
+        let y = super::pool::by_weight_rows(m, n, TASK_ROWS, |rows, buf| {
+            kernel(x, &w[rows.start * k..rows.end * k], buf, m, k)
         });
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
-}
-
-/// Writes `buf` (`[rows, m]`, weight-row-major) into columns `rows` of the `[m, n]` output.
-///
-/// # Safety
-/// `out` holds `m * n` floats and no other thread writes columns `rows` meanwhile.
-pub(crate) unsafe fn scatter(
-    buf: &[f32],
-    m: usize,
-    rows: std::ops::Range<usize>,
-    out: *mut f32,
-    n: usize,
-) {
-    let width = rows.len();
-    for i in 0..m {
-        for (jj, j) in rows.clone().enumerate() {
-            // SAFETY: `i < m` and `j < n` index into `out`; the caller owns these columns.
-            unsafe { *out.add(i * n + j) = buf[jj * m + i] };
-        }
-    }
-    debug_assert_eq!(buf.len(), width * m);
 }
 
 /// `yt[j*m + i] = dot(w[j], x[i])` for the weight rows in `w`.

@@ -81,23 +81,12 @@ fn run<T: GgmlType>(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     for (row, blocks) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
         T::VecDotType::from_float(row, blocks);
     }
-    let mut y = vec![0f32; m * n];
-    let out = y.as_mut_ptr() as usize;
-    super::pool::pool().run(n.div_ceil(ROW_BLOCK), |range| {
-        let mut buf = Vec::new();
-        for task in range {
-            let rows = task * ROW_BLOCK..((task + 1) * ROW_BLOCK).min(n);
-            buf.clear();
-            buf.resize(rows.len() * m, 0f32);
-            for (jj, j) in rows.clone().enumerate() {
-                let wr = &w[j * kb..(j + 1) * kb];
-                for i in 0..m {
-                    buf[jj * m + i] = T::vec_dot(k, wr, &xq[i * kb..(i + 1) * kb]);
-                }
+    let y = super::pool::by_weight_rows(m, n, ROW_BLOCK, |rows, buf| {
+        for (jj, j) in rows.enumerate() {
+            let wr = &w[j * kb..(j + 1) * kb];
+            for i in 0..m {
+                buf[jj * m + i] = T::vec_dot(k, wr, &xq[i * kb..(i + 1) * kb]);
             }
-            // SAFETY: columns `rows` of `y` belong to this task alone; `y` outlives the call, which
-            // returns only when every task has finished.
-            unsafe { super::gemv::scatter(&buf, m, rows, out as *mut f32, n) };
         }
     });
     Tensor::from_vec(y, (m, n), x.device())

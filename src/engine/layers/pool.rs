@@ -210,6 +210,40 @@ fn worker(s: &'static Shared) {
     }
 }
 
+/// `y = x · Wᵀ` (`[m, n]`) computed by blocks of `block` weight rows on the pool: `f(rows, buf)`
+/// fills `buf` (`[rows.len(), m]`, weight-row-major) for one block, whose results then go to their
+/// columns of `y`. Each block owns its columns, so no two threads write the same element.
+pub fn by_weight_rows<F>(m: usize, n: usize, block: usize, f: F) -> Vec<f32>
+where
+    F: Fn(Range<usize>, &mut [f32]) + Sync,
+{
+    let mut y = vec![0f32; m * n];
+    let out = y.as_mut_ptr() as usize;
+    pool().run(n.div_ceil(block), |tasks| {
+        let mut small = [0f32; 256];
+        let mut large = Vec::new();
+        for task in tasks {
+            let rows = task * block..((task + 1) * block).min(n);
+            let len = rows.len() * m;
+            let buf: &mut [f32] = if len <= small.len() {
+                &mut small[..len]
+            } else {
+                large.resize(len, 0.0);
+                &mut large[..]
+            };
+            f(rows.clone(), buf);
+            for i in 0..m {
+                for (jj, j) in rows.clone().enumerate() {
+                    // SAFETY: `i < m`, `j < n`: inside `y`, which outlives `run`; column `j` belongs
+                    // to this task alone.
+                    unsafe { *(out as *mut f32).add(i * n + j) = buf[jj * m + i] };
+                }
+            }
+        }
+    });
+    y
+}
+
 /// The pool, sized by the compute threads (`NUM_THREADS`) on first use.
 pub fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();

@@ -60,10 +60,7 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
             .collect()
     };
     let row_bytes = kb * block_bytes;
-    let mut y = vec![0f32; m * n];
     let dot = Dot::detect();
-    let tasks = n.div_ceil(ROW_BLOCK);
-    let out = y.as_mut_ptr() as usize;
     let act = Activations {
         q: &xq,
         d: &xd,
@@ -72,33 +69,18 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     };
     // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
     // and never waits for one that has not started (a decode step runs ~100 of these)
-    super::pool::pool().run(tasks, |range| {
-        // results come weight-row-major (`[rows, m]`) in a buffer, then go to their columns of `y`
-        let mut small = [0f32; ROW_BLOCK * 16];
-        let mut large = Vec::new();
-        for task in range {
-            let rows = task * ROW_BLOCK..((task + 1) * ROW_BLOCK).min(n);
-            let buf: &mut [f32] = if rows.len() * m <= small.len() {
-                &mut small[..rows.len() * m]
-            } else {
-                large.resize(rows.len() * m, 0.0);
-                &mut large[..]
-            };
-            for (jj, j) in rows.clone().enumerate() {
-                let wr = &data[j * row_bytes..(j + 1) * row_bytes];
-                let y = &mut buf[jj * m..(jj + 1) * m];
-                if format == Format::Q8_0 && m <= 2 {
-                    // two accumulator chains per row: the fastest shape for a single decode row
-                    for (i, v) in y.iter_mut().enumerate() {
-                        *v = dot.run(wr, &xq[i * k..(i + 1) * k], &xd[i * kb..(i + 1) * kb]);
-                    }
-                } else {
-                    dot.run_blocks(format, wr, &act, y);
+    let y = super::pool::by_weight_rows(m, n, ROW_BLOCK, |rows, buf| {
+        for (jj, j) in rows.enumerate() {
+            let wr = &data[j * row_bytes..(j + 1) * row_bytes];
+            let y = &mut buf[jj * m..(jj + 1) * m];
+            if format == Format::Q8_0 && m <= 2 {
+                // two accumulator chains per row: the fastest shape for a single decode row
+                for (i, v) in y.iter_mut().enumerate() {
+                    *v = dot.run(wr, &xq[i * k..(i + 1) * k], &xd[i * kb..(i + 1) * kb]);
                 }
+            } else {
+                dot.run_blocks(format, wr, &act, y);
             }
-            // SAFETY: columns `rows` of `y` belong to this task alone; `y` outlives the call,
-            // which returns only when every task has finished.
-            unsafe { super::gemv::scatter(buf, m, rows, out as *mut f32, n) };
         }
     });
     Tensor::from_vec(y, (m, n), x.device())

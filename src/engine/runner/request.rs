@@ -327,6 +327,7 @@ impl RequestState {
     /// The logits rows of a decode that verified `draft`: row `j` predicts the token after draft
     /// token `j - 1`. Tokens are chosen row by row (`Sampler::sample_draft`) and emitted while they
     /// equal the draft; the first that differs, or the row after the whole draft, ends the step.
+    /// Returns how many draft tokens were accepted.
     pub(crate) fn on_draft_logits(
         &mut self,
         seq: SeqId,
@@ -334,12 +335,12 @@ impl RequestState {
         vocab: usize,
         draft: &[u32],
         ctx: &mut Ctx,
-    ) {
+    ) -> usize {
         let Some(i) = self.choices.iter().position(|c| c.seq == Some(seq)) else {
-            return;
+            return 0;
         };
         if self.finished || !self.started {
-            return;
+            return 0;
         }
         let mut accepted = 0;
         for (j, row) in rows.chunks_exact(vocab).enumerate() {
@@ -360,11 +361,7 @@ impl RequestState {
             ctx.sched.accept_draft(seq, accepted);
         }
         self.finish_if_done(ctx);
-    }
-
-    /// Draft tokens proposed and accepted over the request (speculative decoding).
-    pub fn speculation(&self) -> (usize, usize) {
-        (self.drafted_tokens, self.accepted_tokens)
+        accepted
     }
 
     /// Records and streams one chosen token of choice `i`; false when the choice finished with it.

@@ -74,6 +74,19 @@ fn tokenizer() -> Tokenizer {
     Tokenizer::from_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama")).unwrap()
 }
 
+/// What a toy model says of itself (`Engine::launch` sets `can_generate` / `can_embed` by kind).
+fn toy_info(name: &str, vocab: usize) -> ModelInfo {
+    ModelInfo {
+        served_model_name: name.into(),
+        architecture: "toy".into(),
+        max_model_len: 64,
+        vocab_size: vocab,
+        can_generate: true,
+        can_embed: false,
+        created: 0,
+    }
+}
+
 fn engine(
     num_blocks: usize,
     budget: usize,
@@ -96,15 +109,7 @@ fn toy_engine(
     let tokenizer = tokenizer();
     let vocab = tokenizer.vocab_size();
     Engine::launch(EngineParts {
-        info: ModelInfo {
-            served_model_name: "toy".into(),
-            architecture: "toy".into(),
-            max_model_len: 64,
-            vocab_size: vocab,
-            can_generate: true,
-            can_embed: false,
-            created: 0,
-        },
+        info: toy_info("toy", vocab),
         tokenizer,
         template: None,
         kind: EngineKind::Generator(Generator {
@@ -843,15 +848,7 @@ async fn an_embedding_engine_embeds_and_does_not_generate() {
     let tokenizer = tokenizer();
     let vocab = tokenizer.vocab_size();
     let e = Engine::launch(EngineParts {
-        info: ModelInfo {
-            served_model_name: "embed".into(),
-            architecture: "toy".into(),
-            max_model_len: 64,
-            vocab_size: vocab,
-            can_generate: true,
-            can_embed: false,
-            created: 0,
-        },
+        info: toy_info("embed", vocab),
         tokenizer,
         template: None,
         kind: EngineKind::Embedder(Arc::new(ToyEmbedder)),
