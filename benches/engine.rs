@@ -112,6 +112,8 @@ async fn run_one(engine: &Engine, ids: Vec<u32>, new_tokens: usize) -> anyhow::R
 }
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: the first statement of main; no other thread exists yet.
+    unsafe { worker_candle::engine::loader::prepare_candle_env(None) };
     let args = parse_args()?;
     let mut settings = EngineSettings::for_model(&args.model);
     settings.enable_prefix_caching = false;

@@ -55,6 +55,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main; no other thread exists yet.
+    unsafe { worker_candle::engine::loader::prepare_candle_env(None) };
     let args: Vec<String> = std::env::args().collect();
     let Some(dir) = args.get(1) else {
         bail!("usage: forward_bench MODEL_DIR [PROMPT_TOKENS] [NEW_TOKENS] [RUNS]")

@@ -67,6 +67,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: the first statement of main; no other thread exists yet.
+    unsafe { worker_candle::engine::loader::prepare_candle_env(None) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(model), Some(config)) = (args.first(), args.get(1)) else {
         anyhow::bail!(

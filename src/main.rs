@@ -108,13 +108,11 @@ fn main() -> ExitCode {
         );
     }
     // The compute pools, sized once on this (still the only) thread, before rayon's and tokio's
-    // threads start. candle sizes its own CPU pools from RAYON_NUM_THREADS and has no API for it, so
+    // threads start. candle sizes its own CPU pools from the environment and has no API for it, so
     // NUM_THREADS is passed on there, here and nowhere else.
-    if let Some(n) = config.engine.threads {
-        // SAFETY: no other thread exists yet (the runtime and the pools start below), so nothing
-        // reads or writes the environment concurrently.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    }
+    // SAFETY: no other thread exists yet (the runtime and the pools start below), so nothing reads or
+    // writes the environment concurrently.
+    unsafe { worker_candle::engine::loader::prepare_candle_env(config.engine.threads) };
     let threads = worker_candle::engine::loader::configure_threads(config.engine.threads);
     tracing::debug!(threads, "compute threads");
     let runtime = match tokio::runtime::Builder::new_multi_thread()

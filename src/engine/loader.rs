@@ -170,6 +170,33 @@ pub(crate) fn special_ids(model_dir: &Path, config: &Value) -> Result<(Vec<u32>,
     Ok((eos, bos))
 }
 
+/// How many times candle's elementwise pool threads spin for the next operation before they park
+/// (candle's default: 25,000, about half a millisecond). A spinning pool thread holds a core that the
+/// matrix products' threads need: on a 2-core machine half a prefill went to it. About 50 µs here, as
+/// this engine's own pool (`layers::pool`) spins.
+pub const CANDLE_POOL_SPIN_LIMIT: u32 = 2_000;
+
+/// Passes the thread settings on to candle, which reads them from the environment when its CPU pools
+/// start (it has no API for them): `RAYON_NUM_THREADS` when `threads` is set, and
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` ([`CANDLE_POOL_SPIN_LIMIT`]) unless the user set it.
+///
+/// # Safety
+/// Writes the process environment: call it before any other thread exists.
+pub unsafe fn prepare_candle_env(threads: Option<usize>) {
+    // SAFETY: the caller guarantees no other thread reads or writes the environment.
+    unsafe {
+        if let Some(n) = threads.filter(|n| *n > 0) {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+            std::env::set_var(
+                "CANDLE_BARRIER_POOL_SPIN_LIMIT",
+                CANDLE_POOL_SPIN_LIMIT.to_string(),
+            );
+        }
+    }
+}
+
 /// Sets the process up for compute, once, before the first kernel runs: the allocator keeps large
 /// buffers (`keep_large_buffers`), and rayon's global pool gets `threads` workers, else rayon's
 /// default (`RAYON_NUM_THREADS`, else what the process may use). `main` calls this before the async
