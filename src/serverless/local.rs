@@ -145,7 +145,9 @@ impl LocalEndpoint {
             .route("/models", get(openai))
             .route("/chat/completions", post(openai))
             .route("/completions", post(openai))
-            .route("/embeddings", post(openai));
+            .route("/embeddings", post(openai))
+            .route("/responses", post(openai))
+            .route("/messages", post(openai));
         Router::new()
             .route("/run", post(run))
             .route("/runsync", post(runsync))
@@ -365,10 +367,15 @@ async fn authorize(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.strip_prefix("Bearer "))
+            // Anthropic's clients send the key as `x-api-key`.
+            .or_else(|| {
+                let x_api_key = request.headers().get("x-api-key");
+                x_api_key.and_then(|v| v.to_str().ok())
+            });
         if given != Some(key.expose()) {
             return openai_error(&ApiError::unauthorized(
-                "missing or wrong API key: send `Authorization: Bearer <API_KEY>`",
+                "missing or wrong API key: send `Authorization: Bearer <API_KEY>` (or `x-api-key`)",
             ));
         }
     }
@@ -560,7 +567,7 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
             }
             if done {
                 if let Some(e) = error {
-                    yield e.openai_body().to_string();
+                    yield e.body().to_string();
                 }
                 return;
             }
@@ -598,7 +605,7 @@ fn openai_error(e: &ApiError) -> Response {
         ErrorKind::Cancelled => StatusCode::BAD_REQUEST,
         _ => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     };
-    (status, Json(e.openai_body())).into_response()
+    (status, Json(e.body())).into_response()
 }
 
 #[cfg(test)]
