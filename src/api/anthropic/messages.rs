@@ -34,6 +34,7 @@ const FIELDS: &[&str] = &[
     "metadata",
     "service_tier",
     "thinking",
+    "cache_control",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,6 +51,9 @@ struct Fields {
     metadata: Option<Map<String, Value>>,
     #[allow(dead_code)]
     service_tier: Option<String>,
+    /// A prompt-caching hint; caching here is automatic (prefix caching).
+    #[allow(dead_code)]
+    cache_control: Option<Value>,
 }
 
 /// A parsed Messages request: the chat body it becomes.
