@@ -352,6 +352,26 @@ fn tool_use_block(call: &ToolCall) -> Value {
     json!({"type": "tool_use", "id": tool_use_id(), "name": call.name, "input": input})
 }
 
+/// A whole reply as content blocks (text, then a `tool_use` block per parsed tool call), and
+/// whether it calls tools.
+fn content_blocks(chat: &ChatRequest, reply: &str) -> (Vec<Value>, bool) {
+    let (text, calls) = match parse_tool_calls(reply).filter(|_| chat.parses_tools()) {
+        Some((content, mut calls)) => {
+            if !chat.parallel_tool_calls {
+                calls.truncate(1);
+            }
+            (content.unwrap_or_default(), calls)
+        }
+        None => (reply.to_string(), Vec::new()),
+    };
+    let mut content = Vec::new();
+    if !text.is_empty() || calls.is_empty() {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    content.extend(calls.iter().map(tool_use_block));
+    (content, !calls.is_empty())
+}
+
 pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,
@@ -368,21 +388,8 @@ pub(crate) async fn handle(
     }
     let outcome = collect(events, 1).await?;
     let choice = outcome.choices.first().cloned().unwrap_or_default();
-    let (text, calls) = match parse_tool_calls(&choice.text).filter(|_| chat.parses_tools()) {
-        Some((content, mut calls)) => {
-            if !chat.parallel_tool_calls {
-                calls.truncate(1);
-            }
-            (content.unwrap_or_default(), calls)
-        }
-        None => (choice.text.clone(), Vec::new()),
-    };
-    let mut content = Vec::new();
-    if !text.is_empty() || calls.is_empty() {
-        content.push(json!({"type": "text", "text": text}));
-    }
-    content.extend(calls.iter().map(tool_use_block));
-    let (stop_reason, stop_sequence) = stop(choice.finish.as_ref(), !calls.is_empty());
+    let (content, tool_use) = content_blocks(&chat, &choice.text);
+    let (stop_reason, stop_sequence) = stop(choice.finish.as_ref(), tool_use);
     Ok(OpenAiResponse::Json(json!({
         "id": id,
         "type": "message",
@@ -778,6 +785,27 @@ mod tests {
             json!({"type": "input_json_delta", "partial_json": "{\"city\":\"Paris\"}"})
         );
         assert_eq!(all[8]["delta"]["stop_reason"], json!("tool_use"));
+    }
+
+    #[test]
+    fn tool_calls_in_a_whole_reply_are_tool_use_blocks() {
+        let body = json!({"max_tokens": 9, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]});
+        let chat = chat::parse(&Body(&parse_json(body).unwrap().chat)).unwrap();
+        let reply = "Let me check.\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}</tool_call>";
+        let (content, tool_use) = content_blocks(&chat, reply);
+        assert!(tool_use);
+        assert_eq!(content[0], json!({"type": "text", "text": "Let me check."}));
+        assert_eq!(content[1]["type"], json!("tool_use"));
+        assert_eq!(content[1]["input"], json!({"city": "Paris"}));
+        assert_eq!(content[2]["input"], json!({"city": "Rome"}));
+        assert!(content[1]["id"].as_str().unwrap().starts_with("toolu_"));
+        // Without tools the same text is only text.
+        let body = json!({"max_tokens": 9, "messages": [{"role": "user", "content": "x"}]});
+        let chat = chat::parse(&Body(&parse_json(body).unwrap().chat)).unwrap();
+        let (content, tool_use) = content_blocks(&chat, reply);
+        assert!(!tool_use);
+        assert_eq!(content, vec![json!({"type": "text", "text": reply})]);
     }
 
     #[test]
