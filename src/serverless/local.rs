@@ -374,9 +374,12 @@ async fn authorize(
                 x_api_key.and_then(|v| v.to_str().ok())
             });
         if given != Some(key.expose()) {
-            return openai_error(&ApiError::unauthorized(
+            let e = ApiError::unauthorized(
                 "missing or wrong API key: send `Authorization: Bearer <API_KEY>` (or `x-api-key`)",
-            ));
+            );
+            // Anthropic's route answers in its own shape.
+            let messages = normalize_route(request.uri().path()) == "/v1/messages";
+            return openai_error(&if messages { e.in_anthropic_shape() } else { e });
         }
     }
     next.run(request).await

@@ -98,7 +98,8 @@ def test_tool_results_reach_the_prompt(claude, model):
 def test_the_key_is_taken_from_x_api_key_or_bearer(base_url, model):
     messages = [{"role": "user", "content": "Hi"}]
     wrong = anthropic.Anthropic(base_url=base_url, api_key="wrong", max_retries=0, timeout=120)
-    with pytest.raises(anthropic.AuthenticationError):
+    with pytest.raises(anthropic.AuthenticationError) as e:
         wrong.messages.create(model=model, max_tokens=2, messages=messages)
+    assert e.value.body["error"]["type"] == "authentication_error"
     bearer = anthropic.Anthropic(base_url=base_url, auth_token=KEY, max_retries=0, timeout=120)
     assert bearer.messages.create(model=model, max_tokens=2, messages=messages).usage.output_tokens == 2
