@@ -120,6 +120,7 @@ def test_unsupported_requests_are_refused_clearly(client, model):
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
+        ({"input": "hello " * 20000}, "input"),
     ]
     for extra, param in cases:
         args = {"model": model, "input": "Hi", **GREEDY, **extra}

@@ -372,6 +372,15 @@ fn chat_tool_choice(choice: &Value) -> Result<Value, ApiError> {
     }
 }
 
+/// An error of the chat request this one became, naming this route's parameter.
+fn own_param(e: ApiError) -> ApiError {
+    match e.param() {
+        Some("messages") => e.with_param("input"),
+        Some("max_tokens") => e.with_param("max_output_tokens"),
+        _ => e,
+    }
+}
+
 /// `prefix_` and 32 hex digits, like OpenAI's ids.
 fn new_id(prefix: &str) -> String {
     format!("{prefix}_{:032x}", rand::random::<u128>())
@@ -502,7 +511,7 @@ pub(crate) async fn handle(
 ) -> Result<OpenAiResponse, ApiError> {
     let request = parse(body)?;
     let id = new_id("resp");
-    let (chat, events) = chat::start(engine, &Body(&request.chat), &id)?;
+    let (chat, events) = chat::start(engine, &Body(&request.chat), &id).map_err(own_param)?;
     let reply = Reply {
         id,
         created_at: super::shapes::unix_now(),
@@ -515,7 +524,7 @@ pub(crate) async fn handle(
     if request.stream {
         return Ok(OpenAiResponse::Stream(stream_events(reply, chat, events)));
     }
-    let outcome = collect(events, 1).await?;
+    let outcome = collect(events, 1).await.map_err(own_param)?;
     let choice = outcome.choices.first().cloned().unwrap_or_default();
     let (text, calls) = reply.split(&chat, &choice.text);
     let output = reply.output(&new_id("msg"), &text, &calls);
@@ -698,7 +707,7 @@ fn stream_events(
                     return;
                 }
                 GenerationEvent::Error(e) => {
-                    yield StreamEvent::Error(e.into());
+                    yield StreamEvent::Error(own_param(e.into()));
                     return;
                 }
             }
@@ -972,6 +981,18 @@ mod tests {
         assert_eq!(stored.len(), 2);
         assert_eq!(stored[1]["content"], Value::Null);
         assert_eq!(stored[1]["tool_calls"][0]["id"], json!("call_1"));
+    }
+
+    #[test]
+    fn chat_errors_name_the_responses_parameters() {
+        let e = own_param(ApiError::invalid("messages", "the prompt is too long"));
+        assert_eq!(e.param(), Some("input"));
+        let e = own_param(ApiError::invalid("max_tokens", "too many"));
+        assert_eq!(e.param(), Some("max_output_tokens"));
+        assert_eq!(
+            own_param(ApiError::invalid("top_p", "x")).param(),
+            Some("top_p")
+        );
     }
 
     #[test]
