@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::{run_job, Job, JobHandler, JobResult, Outcome, ResultSink, StopReason};
 use super::metrics::Metrics;
+use crate::api::anthropic::MESSAGES_ROUTE;
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::openai::{normalize_route, sse};
 use crate::config::Secret;
@@ -378,7 +379,7 @@ async fn authorize(
                 "missing or wrong API key: send `Authorization: Bearer <API_KEY>` (or `x-api-key`)",
             );
             // Anthropic's route answers in its own shape.
-            let messages = normalize_route(request.uri().path()) == "/v1/messages";
+            let messages = normalize_route(request.uri().path()) == MESSAGES_ROUTE;
             return openai_error(&if messages { e.in_anthropic_shape() } else { e });
         }
     }
@@ -601,8 +602,9 @@ fn piece_payloads(piece: &Value) -> Vec<String> {
     }
 }
 
-/// An error in OpenAI's shape with its status. A cancelled request (whose client has usually gone)
-/// answers 400, as an HTTP status must be a standard one.
+/// An error in its route's shape (OpenAI's, or Anthropic's on `/v1/messages`) with its status. A
+/// cancelled request (whose client has usually gone) answers 400, as an HTTP status must be a
+/// standard one.
 fn openai_error(e: &ApiError) -> Response {
     let status = match e.kind() {
         ErrorKind::Cancelled => StatusCode::BAD_REQUEST,
