@@ -59,12 +59,21 @@ impl ErrorKind {
     }
 }
 
+/// The wire shape of an error body: OpenAI's, or Anthropic's on the Messages route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ErrorShape {
+    #[default]
+    OpenAi,
+    Anthropic,
+}
+
 /// One failure of a request or a job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     kind: ErrorKind,
     message: String,
     param: Option<String>,
+    shape: ErrorShape,
 }
 
 impl ApiError {
@@ -73,7 +82,14 @@ impl ApiError {
             kind,
             message: message.into(),
             param: None,
+            shape: ErrorShape::OpenAi,
         }
+    }
+
+    /// The same error, shown in Anthropic's shape (see [`ApiError::body`]).
+    pub(crate) fn in_anthropic_shape(mut self) -> Self {
+        self.shape = ErrorShape::Anthropic;
+        self
     }
 
     /// Names the request parameter at fault (OpenAI's `error.param`).
@@ -162,6 +178,27 @@ impl ApiError {
         json!({ "error": self.openai_object() })
     }
 
+    /// Anthropic's error body, `{"type": "error", "error": {"type", "message"}}`.
+    pub(crate) fn anthropic_body(&self) -> Value {
+        let kind = match self.kind {
+            ErrorKind::BadRequest | ErrorKind::MethodNotAllowed => "invalid_request_error",
+            ErrorKind::Unauthorized => "authentication_error",
+            ErrorKind::NotFound => "not_found_error",
+            ErrorKind::TimedOut => "timeout_error",
+            ErrorKind::Unavailable => "overloaded_error",
+            ErrorKind::Cancelled | ErrorKind::Internal => "api_error",
+        };
+        json!({"type": "error", "error": {"type": kind, "message": self.message}})
+    }
+
+    /// The error body of the route that failed: OpenAI's, or Anthropic's for the Messages route.
+    pub(crate) fn body(&self) -> Value {
+        match self.shape {
+            ErrorShape::OpenAi => self.openai_body(),
+            ErrorShape::Anthropic => self.anthropic_body(),
+        }
+    }
+
     /// The object worker-vllm yields for a failed job: `{"message", "type", "code"}`.
     pub(crate) fn runpod_object(&self) -> Value {
         json!({"message": self.message, "type": self.kind.type_name(), "code": self.status()})
@@ -196,6 +233,7 @@ impl From<EngineError> for ApiError {
             kind,
             message: e.to_string(),
             param,
+            shape: ErrorShape::OpenAi,
         }
     }
 }
@@ -229,6 +267,20 @@ mod tests {
             ApiError::from(EngineError::Cancelled).kind(),
             ErrorKind::Cancelled
         );
+    }
+
+    #[test]
+    fn anthropic_errors_have_anthropic_bodies() {
+        let e = ApiError::invalid("max_tokens", "max_tokens: Field required");
+        assert_eq!(e.body(), e.openai_body());
+        let e = e.in_anthropic_shape();
+        assert_eq!(
+            e.body(),
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}})
+        );
+        assert_eq!(e.status(), 400);
+        let e = ApiError::not_found("x").in_anthropic_shape();
+        assert_eq!(e.body()["error"]["type"], json!("not_found_error"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::{run_job, Job, JobHandler, JobResult, Outcome, ResultSink, StopReason};
 use super::metrics::Metrics;
+use crate::api::anthropic::MESSAGES_ROUTE;
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::openai::{normalize_route, sse};
 use crate::config::Secret;
@@ -145,7 +146,9 @@ impl LocalEndpoint {
             .route("/models", get(openai))
             .route("/chat/completions", post(openai))
             .route("/completions", post(openai))
-            .route("/embeddings", post(openai));
+            .route("/embeddings", post(openai))
+            .route("/responses", post(openai))
+            .route("/messages", post(openai));
         Router::new()
             .route("/run", post(run))
             .route("/runsync", post(runsync))
@@ -365,11 +368,19 @@ async fn authorize(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.strip_prefix("Bearer "))
+            // Anthropic's clients send the key as `x-api-key`.
+            .or_else(|| {
+                let x_api_key = request.headers().get("x-api-key");
+                x_api_key.and_then(|v| v.to_str().ok())
+            });
         if given != Some(key.expose()) {
-            return openai_error(&ApiError::unauthorized(
-                "missing or wrong API key: send `Authorization: Bearer <API_KEY>`",
-            ));
+            let e = ApiError::unauthorized(
+                "missing or wrong API key: send `Authorization: Bearer <API_KEY>` (or `x-api-key`)",
+            );
+            // Anthropic's route answers in its own shape.
+            let messages = normalize_route(request.uri().path()) == MESSAGES_ROUTE;
+            return openai_error(&if messages { e.in_anthropic_shape() } else { e });
         }
     }
     next.run(request).await
@@ -560,7 +571,7 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
             }
             if done {
                 if let Some(e) = error {
-                    yield e.openai_body().to_string();
+                    yield e.body().to_string();
                 }
                 return;
             }
@@ -591,14 +602,15 @@ fn piece_payloads(piece: &Value) -> Vec<String> {
     }
 }
 
-/// An error in OpenAI's shape with its status. A cancelled request (whose client has usually gone)
-/// answers 400, as an HTTP status must be a standard one.
+/// An error in its route's shape (OpenAI's, or Anthropic's on `/v1/messages`) with its status. A
+/// cancelled request (whose client has usually gone) answers 400, as an HTTP status must be a
+/// standard one.
 fn openai_error(e: &ApiError) -> Response {
     let status = match e.kind() {
         ErrorKind::Cancelled => StatusCode::BAD_REQUEST,
         _ => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     };
-    (status, Json(e.openai_body())).into_response()
+    (status, Json(e.body())).into_response()
 }
 
 #[cfg(test)]

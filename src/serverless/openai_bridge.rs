@@ -9,7 +9,7 @@ use super::handler::EngineHandler;
 use super::job::PieceStream;
 use super::metrics::Metrics;
 use super::routing::Method;
-use crate::api::openai::{self, sse, OpenAiResponse, OpenAiSettings, StreamEvent};
+use crate::api::openai::{sse, OpenAiResponse, OpenAiSettings, StreamEvent};
 use crate::api::stream_batch::BatchPolicy;
 use crate::engine::template::RenderOptions;
 use crate::engine::{Engine, EngineError};
@@ -34,7 +34,7 @@ pub(crate) fn pieces(
     let route = route.to_string();
     let metrics = handler.metrics().clone();
     async_stream::stream! {
-        match openai::handle(&engine, &settings, &route, method, body).await {
+        match crate::api::handle(&engine, &settings, &route, method, body).await {
             OpenAiResponse::Json(body) => {
                 record_usage(&metrics, &body);
                 yield Ok(body)
@@ -57,12 +57,18 @@ pub(crate) fn pieces(
     .boxed()
 }
 
-/// Counts the tokens of a response (or of the usage chunk of a stream) in the metrics.
+/// Counts the tokens of a response (or of the usage chunk of a stream) in the metrics: OpenAI's
+/// `usage`, or the `input_tokens` / `output_tokens` of the Responses and Anthropic Messages routes
+/// (a streamed Responses reply has it in its last event's `response`).
 fn record_usage(metrics: &Metrics, body: &Value) {
-    let usage = &body["usage"];
+    let usage = match &body["usage"] {
+        Value::Null => &body["response"]["usage"],
+        usage => usage,
+    };
+    let count = |openai: &str, other: &str| usage[openai].as_u64().or(usage[other].as_u64());
     if let (Some(prompt), Some(completion)) = (
-        usage["prompt_tokens"].as_u64(),
-        usage["completion_tokens"].as_u64(),
+        count("prompt_tokens", "input_tokens"),
+        count("completion_tokens", "output_tokens"),
     ) {
         metrics.record_generation(prompt as usize, completion as usize, None);
     }

@@ -50,6 +50,8 @@ pub(crate) const OPENAI_ROUTES: &[(&str, Method)] = &[
     ("/v1/completions", Method::Post),
     ("/v1/models", Method::Get),
     ("/v1/embeddings", Method::Post),
+    ("/v1/responses", Method::Post),
+    ("/v1/messages", Method::Post),
 ];
 
 pub(crate) fn parse(input: &Value) -> Result<JobRequest, ApiError> {

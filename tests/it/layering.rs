@@ -356,3 +356,51 @@ fn the_engine_scanner_reads_paths() {
         Some(("layers".to_string(), false))
     );
 }
+
+/// Inside `api`, the front doors translate one way: `api/anthropic` (and the Responses route)
+/// build on the OpenAI front door's chat machinery; nothing in `api/openai` or `api/error.rs`
+/// reaches into `api/anthropic`, and `api/error.rs` into no front door.
+const API_RULES: &[(&str, &[&str])] = &[
+    ("api/openai", &["api::anthropic"]),
+    (
+        "api/error.rs",
+        &["api::anthropic", "api::openai", "api::native"],
+    ),
+    ("api/native.rs", &["api::anthropic"]),
+    ("api/stream_batch.rs", &["api::anthropic", "api::openai"]),
+];
+
+#[test]
+fn api_front_doors_import_one_way() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src.join("api"), &mut files);
+    assert!(files
+        .iter()
+        .any(|f| f.ends_with("api/anthropic/messages.rs")));
+    let mut wrong = Vec::new();
+    for file in &files {
+        let rel = file
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        let text = std::fs::read_to_string(file).unwrap();
+        for (prefix, forbidden) in API_RULES.iter().filter(|(p, _)| rel.starts_with(p)) {
+            for (n, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for f in forbidden
+                    .iter()
+                    .filter(|f| code.contains(&format!("crate::{f}")))
+                {
+                    wrong.push(format!("{rel}:{}: {prefix} imports {f}", n + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "imports against the api rules:\n{}",
+        wrong.join("\n")
+    );
+}

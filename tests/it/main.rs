@@ -29,3 +29,4 @@ mod serve_cli;
 mod serve_endpoint;
 mod serve_model;
 mod templates;
+mod tool_round_trips;

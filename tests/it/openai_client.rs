@@ -11,12 +11,12 @@ use crate::common::process::{fixture, Running};
 
 const SERVED_NAME: &str = "fixture-llama";
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("WORKER_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 /// Whether the interpreter has what the suite imports.
-fn python_ready(python: &str) -> Result<(), String> {
+pub(crate) fn python_ready(python: &str) -> Result<(), String> {
     let out = Command::new(python)
         .args(["-c", "import openai, pytest"])
         .output()

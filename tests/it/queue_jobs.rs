@@ -401,3 +401,125 @@ async fn sigterm_reports_the_unfinished_job_and_exits_cleanly() {
     let error = error_of(&emulator.result("long"));
     assert_eq!(error["code"], 503);
 }
+
+/// The events of raw SSE posts, as (event name, data).
+fn sse_events(posts: &[Value]) -> Vec<(String, Value)> {
+    posts
+        .iter()
+        .flat_map(|post| {
+            let text = post.as_str().expect("raw SSE text per post").to_string();
+            text.split("\n\n")
+                .filter(|e| !e.is_empty())
+                .map(|event| {
+                    let (name, data) = event.split_once('\n').expect("an event and a data line");
+                    let name = name.strip_prefix("event: ").expect("a named event");
+                    let data = data.strip_prefix("data: ").expect("an SSE data line");
+                    (name.to_string(), serde_json::from_str(data).unwrap())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_and_messages_jobs_streamed_and_not() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let question = "What is the capital of France?";
+    let chat = answer(
+        &emulator,
+        &mut worker,
+        "chat",
+        json!({"openai_route": "/v1/chat/completions", "openai_input": {
+            "messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0}}),
+    )
+    .await;
+    let text = chat["output"][0]["choices"][0]["message"]["content"].clone();
+
+    // /v1/responses as worker-vllm forwards it, whole and streamed.
+    let body = json!({"input": question, "max_output_tokens": 8, "temperature": 0});
+    let response = answer(
+        &emulator,
+        &mut worker,
+        "responses",
+        json!({"openai_route": "/openai/v1/responses", "openai_input": body}),
+    )
+    .await;
+    let object = &response["output"][0];
+    assert_eq!(object["object"], "response");
+    assert_eq!(object["output"][0]["content"][0]["text"], text);
+    assert_eq!(object["usage"]["output_tokens"], 8);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let stream = answer(
+        &emulator,
+        &mut worker,
+        "responses-stream",
+        json!({"openai_route": "/v1/responses", "openai_input": streamed}),
+    )
+    .await;
+    let events = sse_events(stream["output"].as_array().unwrap());
+    for (name, data) in &events {
+        assert_eq!(
+            data["type"],
+            json!(name),
+            "the event is named after its type"
+        );
+    }
+    assert_eq!(events[0].0, "response.created");
+    assert_eq!(events.last().unwrap().0, "response.incomplete");
+    let deltas: String = events
+        .iter()
+        .filter(|(name, _)| name == "response.output_text.delta")
+        .map(|(_, data)| data["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(json!(deltas), text);
+
+    // /v1/messages, whole, streamed, and without its required max_tokens.
+    let body = json!({"messages": [{"role": "user", "content": question}], "max_tokens": 8,
+        "temperature": 0});
+    let message = answer(
+        &emulator,
+        &mut worker,
+        "messages",
+        json!({"openai_route": "/v1/messages", "openai_input": body}),
+    )
+    .await;
+    let object = &message["output"][0];
+    assert_eq!(object["type"], "message");
+    assert_eq!(object["content"][0]["text"], text);
+    assert_eq!(object["stop_reason"], "max_tokens");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let stream = answer(
+        &emulator,
+        &mut worker,
+        "messages-stream",
+        json!({"openai_route": "/v1/messages", "openai_input": streamed}),
+    )
+    .await;
+    let events = sse_events(stream["output"].as_array().unwrap());
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names[..3], ["message_start", "ping", "content_block_start"]);
+    assert_eq!(
+        names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    let deltas: String = events
+        .iter()
+        .filter(|(name, _)| name == "content_block_delta")
+        .map(|(_, data)| data["delta"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(json!(deltas), text);
+    let missing = answer(
+        &emulator,
+        &mut worker,
+        "messages-no-max",
+        json!({"openai_route": "/v1/messages", "openai_input": {
+            "messages": [{"role": "user", "content": question}]}}),
+    )
+    .await;
+    let error = error_of(&missing);
+    assert_eq!(error["code"], 400);
+    assert!(error["message"].as_str().unwrap().contains("max_tokens"));
+}

@@ -319,6 +319,24 @@ pub(crate) fn render(engine: &Engine, request: &ChatRequest) -> Result<String, A
     Ok(template.render(&request.messages, &options)?)
 }
 
+/// A chat body parsed, rendered and started as request `request_id`: the entry point of the routes
+/// that translate onto chat (`/v1/responses`, `/v1/messages`), which shape the events themselves.
+pub(crate) fn start(
+    engine: &Engine,
+    body: &Body<'_>,
+    request_id: &str,
+) -> Result<(ChatRequest, GenerationStream), ApiError> {
+    let request = parse(body)?;
+    let prompt = render(engine, &request)?;
+    let events = engine.generate(GenerateRequest {
+        request_id: request_id.to_string(),
+        prompt: Prompt::Text(prompt),
+        add_special_tokens: false,
+        params: request.params.clone(),
+    })?;
+    Ok((request, events))
+}
+
 pub(crate) async fn handle(
     engine: &Engine,
     settings: &OpenAiSettings,

@@ -1,5 +1,5 @@
 //! The OpenAI-compatible API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
-//! `/v1/embeddings`.
+//! `/v1/embeddings`, `/v1/responses`.
 //!
 //! Transport-neutral: [`handle`] takes a route, a method and a JSON body and answers with a JSON
 //! object, an error or a stream of chunk events, so the local HTTP server and the queue worker
@@ -10,6 +10,8 @@ pub(crate) mod completions;
 pub mod embeddings;
 pub(crate) mod outcome;
 pub(crate) mod params;
+pub(crate) mod response_store;
+pub(crate) mod responses;
 pub(crate) mod shapes;
 pub(crate) mod sse;
 pub(crate) mod tools;
@@ -153,13 +155,19 @@ async fn dispatch(
             check_model(&body, settings)?;
             embeddings::handle(engine, settings, &body).await
         }
-        _ => Err(ApiError::not_found(format!("no OpenAI route {route} (served: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings)"),
+        "/v1/responses" => {
+            post(route)?;
+            let body = Body::from_value(body)?;
+            check_model(&body, settings)?;
+            responses::handle(engine, settings, &body).await
+        }
+        _ => Err(ApiError::not_found(format!("no OpenAI route {route} (served: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/responses, /v1/messages)"),
         )),
     }
 }
 
 /// A `model` other than the served name is a 404, as OpenAI and vLLM answer.
-fn check_model(body: &Body<'_>, settings: &OpenAiSettings) -> Result<(), ApiError> {
+pub(crate) fn check_model(body: &Body<'_>, settings: &OpenAiSettings) -> Result<(), ApiError> {
     match body.get::<String>("model")? {
         Some(model) if model != settings.served_model_name => Err(ApiError::not_found(format!(
             "The model `{model}` does not exist. This worker serves `{}`.",
