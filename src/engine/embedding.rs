@@ -560,6 +560,7 @@ pub(crate) fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<Optio
             can_generate: false,
             can_embed: true,
             created,
+            prefix_caching: false,
         },
         tokenizer,
         template: None,

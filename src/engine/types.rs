@@ -114,6 +114,8 @@ pub struct TokenLogprob {
     pub logprob: f32,
     /// Best alternatives, most likely first: (id, text, logprob).
     pub top: Vec<(u32, String, f32)>,
+    /// The token's rank in the distribution (1 = most likely), inside the alternatives or not.
+    pub rank: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

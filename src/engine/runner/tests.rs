@@ -84,6 +84,7 @@ fn toy_info(name: &str, vocab: usize) -> ModelInfo {
         can_generate: true,
         can_embed: false,
         created: 0,
+        prefix_caching: false,
     }
 }
 
