@@ -207,6 +207,8 @@ pub struct EmbedRequest {
     pub inputs: Vec<Vec<u32>>,
     /// Matryoshka truncation (then re-normalised).
     pub dimensions: Option<usize>,
+    /// vLLM's `normalize`: `None` = as the model's modules say, else L2-normalise or not.
+    pub normalize: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -157,7 +157,7 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
 
 /// Messages as templates expect them: `content` a string (text parts joined) or null, and assistant
 /// tool-call `arguments` parsed from their JSON text into objects (as vLLM hands them to templates).
-fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, ApiError> {
+pub(crate) fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, ApiError> {
     let invalid = |m: String| ApiError::invalid("messages", m);
     let items = match value {
         Some(Value::Array(items)) if !items.is_empty() => items,

@@ -117,6 +117,7 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
             can_embed: false,
             created,
             prefix_caching: false,
+            matryoshka: None,
         },
         template,
         kind: EngineKind::Generator(Generator {
