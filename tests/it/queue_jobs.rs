@@ -401,3 +401,47 @@ async fn sigterm_reports_the_unfinished_job_and_exits_cleanly() {
     let error = error_of(&emulator.result("long"));
     assert_eq!(error["code"], 503);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_jobs_in_worker_vllms_forms() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let served = fixture("llama").display().to_string();
+    // The platform's /openai/v1/models reaches the worker as a POST-style job with an empty body.
+    for (id, input) in [
+        (
+            "posted",
+            json!({"openai_route": "/v1/models", "openai_input": {}}),
+        ),
+        (
+            "prefixed",
+            json!({"openai_route": "/openai/v1/models", "openai_input": {}}),
+        ),
+        ("route", json!({"route": "/v1/models", "method": "GET"})),
+    ] {
+        let result = answer(&emulator, &mut worker, id, input).await;
+        let list = &result["output"][0];
+        assert_eq!(list["object"], "list", "{id}: {result}");
+        assert_eq!(list["data"][0]["id"], served, "{id}");
+    }
+    let card = answer(
+        &emulator,
+        &mut worker,
+        "card",
+        json!({"openai_route": format!("/v1/models/{served}"), "openai_input": {}}),
+    )
+    .await;
+    assert_eq!(card["output"][0]["id"], served, "{card}");
+    let other = answer(
+        &emulator,
+        &mut worker,
+        "other",
+        json!({"openai_route": "/v1/models/no-such-model"}),
+    )
+    .await;
+    let error = error_of(&other);
+    assert_eq!(
+        (&error["type"], &error["code"]),
+        (&json!("NotFoundError"), &json!(404))
+    );
+}
