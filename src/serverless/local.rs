@@ -517,14 +517,12 @@ async fn openai_wrong_method(request: Request) -> Response {
 
 /// A POST body that declares a media type other than JSON: 415 in OpenAI's error shape, as vLLM
 /// answers. (A body without a `Content-Type` is read as JSON.)
-fn check_json_content_type(request: &Request) -> Result<(), Response> {
-    let Some(value) = request.headers().get(header::CONTENT_TYPE) else {
-        return Ok(());
-    };
+fn refuse_non_json(request: &Request) -> Option<Response> {
+    let value = request.headers().get(header::CONTENT_TYPE)?;
     let media = value.to_str().unwrap_or("").split(';').next().unwrap_or("");
     let media = media.trim().to_ascii_lowercase();
     if media == "application/json" || media.ends_with("+json") {
-        return Ok(());
+        return None;
     }
     let body = json!({"error": {
         "message": format!("Unsupported Media Type: only 'application/json' is allowed, got '{media}'"),
@@ -532,7 +530,7 @@ fn check_json_content_type(request: &Request) -> Result<(), Response> {
         "param": null,
         "code": 415,
     }});
-    Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, Json(body)).into_response())
+    Some((StatusCode::UNSUPPORTED_MEDIA_TYPE, Json(body)).into_response())
 }
 
 /// Every OpenAI route: the request as an OpenAI job (see [`openai_job`]).
@@ -541,7 +539,7 @@ async fn openai(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) ->
     if request.method() == axum::http::Method::GET {
         return openai_job(&endpoint, &route, None).await;
     }
-    if let Err(refused) = check_json_content_type(&request) {
+    if let Some(refused) = refuse_non_json(&request) {
         return refused;
     }
     let body = match axum::body::to_bytes(request.into_body(), 64 << 20).await {
