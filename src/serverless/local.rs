@@ -162,8 +162,7 @@ impl LocalEndpoint {
             .route("/health", get(health))
             .fallback(not_found)
             .with_state(self.clone())
-            // As vLLM's default: any origin, method and header (browsers can call the endpoint).
-            .layer(tower_http::cors::CorsLayer::permissive())
+            .layer(cors())
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LocalJob>>> {
@@ -490,6 +489,16 @@ async fn metrics(State(endpoint): State<Arc<LocalEndpoint>>) -> Response {
 
 async fn not_found() -> Response {
     error_response(StatusCode::NOT_FOUND, "no such route")
+}
+
+/// CORS as vLLM's default: any origin and method, and the headers a preflight asks for (mirrored,
+/// since a `*` does not cover `Authorization` in browsers), so a web page can call the endpoint.
+fn cors() -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowHeaders, Any, CorsLayer};
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods(Any)
+        .allow_headers(AllowHeaders::mirror_request())
 }
 
 /// An unknown route under `/v1` or `/openai/v1`: OpenAI's 404 error object.

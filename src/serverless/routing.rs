@@ -40,6 +40,8 @@ const EMBEDDING_FIELDS: &[&str] = &[
     "dimensions",
     "encoding_format",
     "truncate_prompt_tokens",
+    "truncation_side",
+    "normalize",
     "add_special_tokens",
     "model",
 ];
