@@ -95,6 +95,9 @@ const CHAT_FIELDS: &[&str] = &[
     "chat_template_kwargs",
     "echo",
     "add_special_tokens",
+    // Accepted as vLLM accepts them; no effect on a model without a reasoning parser.
+    "reasoning_effort",
+    "include_reasoning",
 ];
 
 pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
