@@ -515,3 +515,30 @@ async fn vllm_extensions_through_openai_jobs() {
     .await;
     assert_eq!(error_of(&bad)["code"], 400);
 }
+
+/// A native job takes vLLM's `truncate_prompt_tokens` and any signed seed in `sampling_params`.
+#[tokio::test(flavor = "multi_thread")]
+async fn native_jobs_truncate_prompts_and_take_signed_seeds() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let result = answer(
+        &emulator,
+        &mut worker,
+        "cut",
+        json!({"prompt": "A robot may not injure a human being",
+               "sampling_params": {"max_tokens": 2, "truncate_prompt_tokens": 3, "seed": -1}}),
+    )
+    .await;
+    let output = result["output"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{result}"));
+    assert_eq!(output.last().unwrap()["usage"]["input"], 3, "{result}");
+    let bad = answer(
+        &emulator,
+        &mut worker,
+        "bad",
+        json!({"prompt": "x", "sampling_params": {"truncate_prompt_tokens": 100000}}),
+    )
+    .await;
+    assert_eq!(error_of(&bad)["code"], 400);
+}
