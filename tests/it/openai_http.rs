@@ -28,10 +28,19 @@ async fn start(role: &str) -> Server {
 }
 
 async fn start_model(model: &str, role: &str) -> Server {
+    start_with(model, role, |_| {}).await
+}
+
+async fn start_with(
+    model: &str,
+    role: &str,
+    configure: impl FnOnce(&mut EngineSettings),
+) -> Server {
     let mut settings = EngineSettings::for_model(fixture(model));
     settings.device = DeviceChoice::Cpu;
     settings.kv_cache_memory = Some(64 << 20);
     settings.served_model_name = "m".into();
+    configure(&mut settings);
     let engine = Engine::start(settings).expect("the llama fixture loads");
     let handler = EngineHandler::new(
         engine,
@@ -310,6 +319,36 @@ async fn routes_methods_media_types_and_cors_answer_as_vllm() {
             .await
             .unwrap();
         assert_eq!(r.headers().get("access-control-allow-origin").unwrap(), "*");
+    }
+}
+
+/// `usage.prompt_tokens_details.cached_tokens` counts prefix-cache hits; with prefix caching off the
+/// details are null, as vLLM leaves them.
+#[tokio::test]
+async fn cached_prompt_tokens_follow_the_prefix_cache_setting() {
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(6);
+    let body = json!({"prompt": prompt, "max_tokens": 2, "temperature": 0});
+    let on = start("assistant").await;
+    let (_, first) = on.post_json("/completions", body.clone()).await;
+    let (_, second) = on.post_json("/completions", body.clone()).await;
+    assert_eq!(
+        first["usage"]["prompt_tokens_details"]["cached_tokens"],
+        json!(0)
+    );
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > 0 && cached < second["usage"]["prompt_tokens"].as_u64().unwrap());
+    let off = start_with("llama", "assistant", |s| s.enable_prefix_caching = false).await;
+    for _ in 0..2 {
+        let (status, r) = off.post_json("/completions", body.clone()).await;
+        assert_eq!(status, 200, "{r}");
+        assert!(
+            r["usage"]
+                .get("prompt_tokens_details")
+                .is_some_and(Value::is_null),
+            "{r}"
+        );
     }
 }
 

@@ -381,6 +381,31 @@ pub(crate) const COMMON_FIELDS: &[&str] = &[
     "safety_identifier",
 ];
 
+/// OpenAI and vLLM fields this worker does not act on and that would change the output: refused
+/// with a message that says so, rather than ignored.
+const UNSUPPORTED_FIELDS: &[&str] = &[
+    "functions",
+    "function_call",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structured_outputs",
+    "bad_words",
+    "allowed_token_ids",
+    "logits_processors",
+    "vllm_xargs",
+    "kv_transfer_params",
+    "mm_processor_kwargs",
+    "prompt_embeds",
+];
+
 /// Refuses a field no list names, as the README promises (a typo is an error, not a silent default).
 pub(crate) fn check_fields(body: &Body<'_>, lists: &[&[&str]]) -> Result<(), ApiError> {
     match body
@@ -389,10 +414,11 @@ pub(crate) fn check_fields(body: &Body<'_>, lists: &[&[&str]]) -> Result<(), Api
         .find(|k| !lists.iter().any(|l| l.contains(&k.as_str())))
     {
         None => Ok(()),
-        Some(key) => Err(ApiError::invalid(
+        Some(key) if UNSUPPORTED_FIELDS.contains(&key.as_str()) => Err(ApiError::invalid(
             key,
-            format!("unknown or unsupported field `{key}`"),
+            format!("`{key}` is not supported by this worker"),
         )),
+        Some(key) => Err(ApiError::invalid(key, format!("unknown field `{key}`"))),
     }
 }
 
