@@ -487,7 +487,11 @@ async fn metrics(State(endpoint): State<Arc<LocalEndpoint>>) -> Response {
         .into_response()
 }
 
-async fn not_found() -> Response {
+async fn not_found(request: Request) -> Response {
+    let path = request.uri().path();
+    if path.starts_with("/v1") || path.starts_with("/openai") {
+        return openai_no_route(request).await;
+    }
     error_response(StatusCode::NOT_FOUND, "no such route")
 }
 
@@ -503,10 +507,14 @@ fn cors() -> tower_http::cors::CorsLayer {
 
 /// An unknown route under `/v1` or `/openai/v1`: OpenAI's 404 error object.
 async fn openai_no_route(request: Request) -> Response {
+    // A nested router sees the path without its prefix; the original one names the route asked for.
+    let path = match request.extensions().get::<axum::extract::OriginalUri>() {
+        Some(original) => original.path().to_string(),
+        None => request.uri().path().to_string(),
+    };
     openai_error(&ApiError::not_found(format!(
-        "no OpenAI route {} {} (served: GET /v1/models, GET /v1/models/{{model}}, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings)",
+        "no OpenAI route {} {path} (served: GET /v1/models, GET /v1/models/{{model}}, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings)",
         request.method(),
-        request.uri().path()
     )))
 }
 

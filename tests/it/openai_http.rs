@@ -204,6 +204,8 @@ async fn routes_methods_media_types_and_cors_answer_as_vllm() {
         for (method, path) in [
             (reqwest::Method::GET, "/no/such/route"),
             (reqwest::Method::POST, "/images/generations"),
+            (reqwest::Method::GET, ""),
+            (reqwest::Method::GET, "/"),
         ] {
             let r = server
                 .http
