@@ -7,7 +7,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::api::stream_batch::{BatchPolicy, BatchSizer};
-use crate::engine::{EngineError, GenerationEvent, SamplingParams};
+use crate::engine::{Engine, EngineError, GenerationEvent, Prompt, SamplingParams};
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +22,9 @@ pub(crate) enum NativePrompt {
 pub(crate) struct NativeInput {
     pub prompt: NativePrompt,
     pub sampling_params: SamplingParams,
+    /// vLLM's `sampling_params.truncate_prompt_tokens`: keep the last N prompt tokens (`None` inside:
+    /// `-1`, up to the model's maximum length).
+    pub truncate_prompt_tokens: Option<Option<usize>>,
     pub stream: bool,
     pub batch: BatchPolicy,
 }
@@ -73,8 +76,26 @@ pub(crate) fn parse_input(
             ))
         }
     };
+    let mut truncate_prompt_tokens = None;
     let sampling_params = match input.get("sampling_params") {
         None | Some(Value::Null) => SamplingParams::default(),
+        Some(Value::Object(fields)) if fields.contains_key("truncate_prompt_tokens") => {
+            let mut fields = fields.clone();
+            truncate_prompt_tokens = match fields.remove("truncate_prompt_tokens") {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_i64() {
+                    Some(-1) => Some(None),
+                    Some(k) if k >= 1 => Some(Some(k as usize)),
+                    _ => {
+                        return Err(EngineError::invalid(
+                            "truncate_prompt_tokens",
+                            format!("`truncate_prompt_tokens` must be at least 1 (or -1 for the model's maximum length), got {v}"),
+                        ))
+                    }
+                },
+            };
+            parse_sampling_params(&Value::Object(fields))?
+        }
         Some(v) => parse_sampling_params(v)?,
     };
     let batch = BatchPolicy {
@@ -96,9 +117,39 @@ pub(crate) fn parse_input(
     Ok(NativeInput {
         prompt,
         sampling_params,
+        truncate_prompt_tokens,
         stream: bool_field(input, "stream", false)?,
         batch,
     })
+}
+
+/// The prompt to generate from: the text, or its last `truncate_prompt_tokens` tokens (vLLM keeps the
+/// end of a truncated prompt); more than the model's maximum length is an error.
+pub(crate) fn prompt(
+    engine: &Engine,
+    text: String,
+    add_special_tokens: bool,
+    truncate: Option<Option<usize>>,
+) -> Result<Prompt, EngineError> {
+    let Some(keep) = truncate else {
+        return Ok(Prompt::Text(text));
+    };
+    let max_len = engine.info().max_model_len;
+    let keep = match keep {
+        None => max_len,
+        Some(k) if k > max_len => {
+            return Err(EngineError::invalid(
+                "truncate_prompt_tokens",
+                format!("`truncate_prompt_tokens` is {k}, more than the model's maximum context length of {max_len} tokens"),
+            ))
+        }
+        Some(k) => k,
+    };
+    let mut ids = engine.tokenizer().encode(&text, add_special_tokens)?;
+    if ids.len() > keep {
+        ids.drain(..ids.len() - keep);
+    }
+    Ok(Prompt::Tokens(ids))
 }
 
 /// `sampling_params` in vLLM's names, strictly (unknown or mistyped fields are errors).
@@ -267,6 +318,30 @@ mod tests {
                 completion_tokens: completion,
             },
             metrics: RequestMetrics::default(),
+        }
+    }
+
+    #[test]
+    fn truncate_prompt_tokens_and_any_signed_seed() {
+        let parse = |p: Value| {
+            parse_input(
+                &obj(json!({"prompt": "p", "sampling_params": p})),
+                BatchPolicy::default(),
+            )
+        };
+        let input = parse(json!({"truncate_prompt_tokens": 4, "seed": -1})).unwrap();
+        assert_eq!(input.truncate_prompt_tokens, Some(Some(4)));
+        assert_eq!(input.sampling_params.seed, Some(u64::MAX));
+        assert_eq!(
+            parse(json!({"truncate_prompt_tokens": -1}))
+                .unwrap()
+                .truncate_prompt_tokens,
+            Some(None)
+        );
+        assert_eq!(parse(json!({})).unwrap().truncate_prompt_tokens, None);
+        for bad in [json!(0), json!(-2), json!("4")] {
+            let e = parse(json!({"truncate_prompt_tokens": bad})).unwrap_err();
+            assert!(e.to_string().contains("truncate_prompt_tokens"), "{e}");
         }
     }
 

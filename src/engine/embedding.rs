@@ -20,6 +20,7 @@ use super::models::bert::{BertConfig, BertModel, ENCODER_ARCHITECTURES};
 use super::models::{causal_architecture, CausalLM};
 use super::parts::{Embedder, EngineKind, EngineParts, ModelInfo};
 use super::settings::EngineSettings;
+use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest};
 
@@ -46,6 +47,14 @@ pub struct PoolingSpec {
 }
 
 impl PoolingSpec {
+    /// The spec for one request: its `normalize` (vLLM's) overrides the model's `Normalize` module.
+    pub(crate) fn for_request(self, normalize: Option<bool>) -> Self {
+        Self {
+            normalize: normalize.unwrap_or(self.normalize),
+            ..self
+        }
+    }
+
     /// One input's hidden states `[tokens, hidden]` → the vector the client gets (`dims` long).
     fn vector(&self, states: &Tensor, dims: usize) -> candle_core::Result<Vec<f32>> {
         let pooled = pool(states, self.pooling)?
@@ -310,7 +319,10 @@ impl Embedder for EncoderEmbedder {
             let hidden = self.model.forward(&seqs)?;
             for (row, &i) in batch.iter().enumerate() {
                 let states = hidden.get(row)?.narrow(0, 0, lens[i])?;
-                out[i] = self.spec.vector(&states, dims)?;
+                out[i] = self
+                    .spec
+                    .for_request(request.normalize)
+                    .vector(&states, dims)?;
             }
         }
         Ok(EmbedOutput {
@@ -439,13 +451,33 @@ impl Embedder for DecoderEmbedder {
                 };
                 let states = hidden.narrow(0, row, rows)?;
                 row += rows;
-                out.push(self.spec.vector(&states, dims)?);
+                out.push(
+                    self.spec
+                        .for_request(request.normalize)
+                        .vector(&states, dims)?,
+                );
             }
         }
         Ok(EmbedOutput {
             embeddings: out,
             prompt_tokens: lens.iter().sum(),
         })
+    }
+}
+
+/// vLLM's `is_matryoshka`: `None` when `config.json` neither lists `matryoshka_dimensions` nor sets
+/// `is_matryoshka` (then `dimensions` is refused); else the dimensions allowed (empty: any).
+pub(crate) fn matryoshka(config: &Value) -> Option<Vec<usize>> {
+    let listed: Option<Vec<usize>> = config
+        .get("matryoshka_dimensions")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .filter(|v: &Vec<usize>| !v.is_empty());
+    match listed {
+        Some(dims) => Some(dims),
+        None if config.get("is_matryoshka").and_then(Value::as_bool) == Some(true) => {
+            Some(Vec::new())
+        }
+        None => None,
     }
 }
 
@@ -560,9 +592,16 @@ pub(crate) fn embedding_parts(settings: &EngineSettings) -> anyhow::Result<Optio
             can_generate: false,
             can_embed: true,
             created,
+            prefix_caching: false,
+            matryoshka: matryoshka(&read_config(&settings.model_path)?),
         },
         tokenizer,
-        template: None,
+        // vLLM embeds chat `messages` rendered with the model's template (or CUSTOM_CHAT_TEMPLATE).
+        template: ChatTemplate::from_model_dir(&tok_dir, settings.custom_chat_template.as_deref())
+            .unwrap_or_else(|e| {
+                tracing::warn!("chat template: {e}; chat-style embedding requests are refused");
+                None
+            }),
         kind: EngineKind::Embedder(loaded.embedder),
     }))
 }

@@ -28,6 +28,11 @@ pub struct ModelInfo {
     pub can_embed: bool,
     /// Unix seconds at load (OpenAI's `created` for `/v1/models`).
     pub created: u64,
+    /// Whether prompts reuse cached blocks (`ENABLE_PREFIX_CACHING`); set when the engine launches.
+    pub prefix_caching: bool,
+    /// Embedding models trained for shorter vectors (vLLM's `is_matryoshka`): `None` = not (the
+    /// `dimensions` parameter is refused), else the allowed sizes (empty = any).
+    pub matryoshka: Option<Vec<usize>>,
 }
 
 /// Runs one planned step on the model: copies blocks (copy-on-write), then the forward pass. Returns

@@ -80,6 +80,8 @@ impl Engine {
         } = parts;
         info.can_generate = matches!(kind, EngineKind::Generator(_));
         info.can_embed = matches!(kind, EngineKind::Embedder(_));
+        info.prefix_caching =
+            matches!(&kind, EngineKind::Generator(g) if g.scheduler.enable_prefix_caching);
         let stats = Arc::new(EngineStats::default());
         let (submit, embedder) = match kind {
             EngineKind::Generator(generator) => {

@@ -27,6 +27,8 @@ pub struct Sampled {
     pub logprob: Option<f32>,
     /// The `logprobs` most likely tokens of the raw distribution, most likely first.
     pub top: Vec<(u32, f32)>,
+    /// The chosen token's rank in the raw distribution (1 = most likely), with its logprob (else 0).
+    pub rank: usize,
 }
 
 /// The per-sequence sampler: its parameters, its random stream and the token counts its penalties need.
@@ -105,11 +107,17 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let token_id = self.choose(logits);
         let (logprob, top) = self.raw_logprobs(logits, token_id);
+        let rank = if logprob.is_some() {
+            rank_of(logits, token_id)
+        } else {
+            0
+        };
         self.record(token_id);
         Sampled {
             token_id,
             logprob,
             top,
+            rank,
         }
     }
 
@@ -121,11 +129,17 @@ impl Sampler {
     pub(crate) fn sample_draft(&mut self, logits: &[f32], draft: u32) -> Sampled {
         let token_id = self.choose_against(logits, draft);
         let (logprob, top) = self.raw_logprobs(logits, token_id);
+        let rank = if logprob.is_some() {
+            rank_of(logits, token_id)
+        } else {
+            0
+        };
         self.record(token_id);
         Sampled {
             token_id,
             logprob,
             top,
+            rank,
         }
     }
 
@@ -326,6 +340,15 @@ fn max_value(values: &[f32]) -> f32 {
 }
 
 /// `log(sum(exp(values)))`, stable for large values.
+/// The rank of `token` among `values` (1 = the largest): one more than the values above it, as vLLM
+/// ranks logprob tokens, inside the top-k or not.
+pub(crate) fn rank_of(values: &[f32], token: u32) -> usize {
+    let Some(&v) = values.get(token as usize) else {
+        return 0;
+    };
+    1 + values.iter().filter(|&&x| x > v).count()
+}
+
 pub(crate) fn logsumexp(values: &[f32]) -> f32 {
     let max = max_value(values);
     if max == f32::NEG_INFINITY {
@@ -804,6 +827,15 @@ mod tests {
             want.sort_unstable();
             assert_eq!(got, want, "top_p {top_p}");
         }
+    }
+
+    #[test]
+    fn ranks_count_the_better_tokens() {
+        let values = [0.5, 3.0, -1.0, 2.0];
+        assert_eq!(rank_of(&values, 1), 1);
+        assert_eq!(rank_of(&values, 0), 3);
+        assert_eq!(rank_of(&values, 2), 4);
+        assert_eq!(rank_of(&values, 9), 0);
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub struct TokenLogprob {
     pub logprob: f32,
     /// Best alternatives, most likely first: (id, text, logprob).
     pub top: Vec<(u32, String, f32)>,
+    /// The token's rank in the distribution (1 = most likely), inside the alternatives or not.
+    pub rank: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +207,8 @@ pub struct EmbedRequest {
     pub inputs: Vec<Vec<u32>>,
     /// Matryoshka truncation (then re-normalised).
     pub dimensions: Option<usize>,
+    /// vLLM's `normalize`: `None` = as the model's modules say, else L2-normalise or not.
+    pub normalize: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

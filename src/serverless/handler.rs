@@ -15,7 +15,7 @@ use crate::api::error::ApiError;
 use crate::api::native::{self, NativeOutput, NativePrompt};
 use crate::api::stream_batch::BatchPolicy;
 use crate::config::Config;
-use crate::engine::{Engine, EngineError, GenerateRequest, GenerationEvent, Prompt};
+use crate::engine::{Engine, EngineError, GenerateRequest, GenerationEvent};
 
 /// What the handler needs from the configuration.
 #[derive(Debug, Clone)]
@@ -119,7 +119,12 @@ impl EngineHandler {
             let n = input.sampling_params.n;
             let request = GenerateRequest {
                 request_id: job_id.to_string(),
-                prompt: Prompt::Text(text),
+                prompt: native::prompt(
+                    &self.engine,
+                    text,
+                    add_special_tokens,
+                    input.truncate_prompt_tokens,
+                )?,
                 add_special_tokens,
                 params: input.sampling_params.clone(),
             };

@@ -144,11 +144,14 @@ impl LocalEndpoint {
     pub fn router(self: &Arc<Self>) -> Router {
         let openai = Router::new()
             .route("/models", get(openai))
+            .route("/models/{*model}", get(openai))
             .route("/chat/completions", post(openai))
             .route("/completions", post(openai))
             .route("/embeddings", post(openai))
             .route("/responses", post(openai))
-            .route("/messages", post(openai));
+            .route("/messages", post(openai))
+            .fallback(openai_no_route)
+            .method_not_allowed_fallback(openai_wrong_method);
         Router::new()
             .route("/run", post(run))
             .route("/runsync", post(runsync))
@@ -162,6 +165,7 @@ impl LocalEndpoint {
             .route("/health", get(health))
             .fallback(not_found)
             .with_state(self.clone())
+            .layer(cors())
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LocalJob>>> {
@@ -494,8 +498,67 @@ async fn metrics(State(endpoint): State<Arc<LocalEndpoint>>) -> Response {
         .into_response()
 }
 
-async fn not_found() -> Response {
+async fn not_found(request: Request) -> Response {
+    let path = request.uri().path();
+    if path.starts_with("/v1") || path.starts_with("/openai") {
+        return openai_no_route(request).await;
+    }
     error_response(StatusCode::NOT_FOUND, "no such route")
+}
+
+/// CORS as vLLM's default: any origin and method, and the headers a preflight asks for (mirrored,
+/// since a `*` does not cover `Authorization` in browsers), so a web page can call the endpoint.
+fn cors() -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowHeaders, Any, CorsLayer};
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods(Any)
+        .allow_headers(AllowHeaders::mirror_request())
+}
+
+/// An unknown route under `/v1` or `/openai/v1`: OpenAI's 404 error object.
+async fn openai_no_route(request: Request) -> Response {
+    // A nested router sees the path without its prefix; the original one names the route asked for.
+    let path = match request.extensions().get::<axum::extract::OriginalUri>() {
+        Some(original) => original.path().to_string(),
+        None => request.uri().path().to_string(),
+    };
+    openai_error(&ApiError::not_found(format!(
+        "no OpenAI route {} {path} (served: GET /v1/models, GET /v1/models/{{model}}, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings)",
+        request.method(),
+    )))
+}
+
+/// A known OpenAI route called with another method: OpenAI's error object with 405.
+async fn openai_wrong_method(request: Request) -> Response {
+    let route = normalize_route(request.uri().path());
+    let allowed = if route.starts_with("/v1/models") {
+        "GET"
+    } else {
+        "POST"
+    };
+    openai_error(&ApiError::method_not_allowed(format!(
+        "{route} takes {allowed}, not {}",
+        request.method()
+    )))
+}
+
+/// A POST body that declares a media type other than JSON: 415 in OpenAI's error shape, as vLLM
+/// answers. (A body without a `Content-Type` is read as JSON.)
+fn refuse_non_json(request: &Request) -> Option<Response> {
+    let value = request.headers().get(header::CONTENT_TYPE)?;
+    let media = value.to_str().unwrap_or("").split(';').next().unwrap_or("");
+    let media = media.trim().to_ascii_lowercase();
+    if media == "application/json" || media.ends_with("+json") {
+        return None;
+    }
+    let body = json!({"error": {
+        "message": format!("Unsupported Media Type: only 'application/json' is allowed, got '{media}'"),
+        "type": "UnsupportedMediaTypeError",
+        "param": null,
+        "code": 415,
+    }});
+    Some((StatusCode::UNSUPPORTED_MEDIA_TYPE, Json(body)).into_response())
 }
 
 /// Every OpenAI route: the request as an OpenAI job (see [`openai_job`]).
@@ -503,6 +566,9 @@ async fn openai(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) ->
     let route = normalize_route(request.uri().path());
     if request.method() == axum::http::Method::GET {
         return openai_job(&endpoint, &route, None).await;
+    }
+    if let Some(refused) = refuse_non_json(&request) {
+        return refused;
     }
     let body = match axum::body::to_bytes(request.into_body(), 64 << 20).await {
         Ok(b) => b,
@@ -532,7 +598,13 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
         Some(body) => input["openai_input"] = body,
         None => input["method"] = json!("GET"),
     }
-    let job = endpoint.submit(input, Map::new(), route);
+    // One metrics label for every model card, whatever id was asked for.
+    let label = if route.starts_with("/v1/models/") {
+        "/v1/models/{model}"
+    } else {
+        route
+    };
+    let job = endpoint.submit(input, Map::new(), label);
     // A client that hangs up cancels its request, so it stops using the engine.
     let guard = CancelOnDrop(job.clone());
     if !streamed {

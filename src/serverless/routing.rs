@@ -40,6 +40,8 @@ const EMBEDDING_FIELDS: &[&str] = &[
     "dimensions",
     "encoding_format",
     "truncate_prompt_tokens",
+    "truncation_side",
+    "normalize",
     "add_special_tokens",
     "model",
 ];
@@ -142,6 +144,15 @@ fn openai(
             )))
         }
     };
+    // The model list (and a model's card) answer whatever the method: the platform's
+    // `/openai/v1/models` arrives as `{"openai_route": "/v1/models", "openai_input": {}}`.
+    if path == "/v1/models" || path.starts_with("/v1/models/") {
+        return Ok(JobRequest::OpenAi {
+            route: path,
+            method: Method::Get,
+            body: None,
+        });
+    }
     let Some((_, expected)) = OPENAI_ROUTES.iter().find(|(r, _)| *r == path) else {
         let known: Vec<&str> = OPENAI_ROUTES.iter().map(|(r, _)| *r).collect();
         return Err(ApiError::not_found(format!(
@@ -198,6 +209,14 @@ mod tests {
         );
         let prefixed = parse(&json!({"openai_route": "/openai/v1/models/"})).unwrap();
         assert_eq!(prefixed, models);
+        // worker-vllm's form of the platform's /openai/v1/models: a POST-style job.
+        let posted = parse(&json!({"openai_route": "/v1/models", "openai_input": {}})).unwrap();
+        assert_eq!(posted, models);
+        let card =
+            parse(&json!({"openai_route": "/openai/v1/models/m", "openai_input": {}})).unwrap();
+        assert!(
+            matches!(card, JobRequest::OpenAi { ref route, method: Method::Get, .. } if route == "/v1/models/m")
+        );
     }
 
     #[test]

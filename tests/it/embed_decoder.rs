@@ -85,6 +85,7 @@ fn last_token_embeddings_match_transformers_alone_and_batched() {
         request_id: "t".into(),
         inputs,
         dimensions: None,
+        normalize: None,
     };
     let batched = e
         .embed(&request(cases.iter().map(|c| c.0.clone()).collect()))
@@ -112,6 +113,7 @@ async fn the_engine_serves_a_decoder_embedder_without_generation() {
             request_id: "t".into(),
             inputs: vec![case.0.clone()],
             dimensions: Some(16),
+            normalize: None,
         })
         .await
         .unwrap();

@@ -17,7 +17,10 @@ struct Worker {
 const MODEL: &str = "bert-test";
 
 fn start() -> Worker {
-    let dir = fixture("bert-embed");
+    start_dir(fixture("bert-embed"))
+}
+
+fn start_dir(dir: std::path::PathBuf) -> Worker {
     let envs = vec![
         ("MODEL_NAME".to_string(), dir.display().to_string()),
         (
@@ -192,4 +195,89 @@ async fn embeddings_over_http() {
         )
         .await;
     assert_eq!(s, 400, "{e}");
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+/// vLLM's extensions: `normalize: false`, chat-style `messages`, and `dimensions` refused on a model
+/// not trained for it.
+#[tokio::test]
+async fn vllm_embedding_extensions() {
+    let w = start();
+    let text = w.reference[0].0.clone();
+    let (s, raw) = w
+        .post("/v1/embeddings", json!({"input": text, "normalize": false}))
+        .await;
+    assert_eq!(s, 200, "{raw}");
+    let raw = vector(&raw["data"][0]);
+    assert!((norm(&raw) - 1.0).abs() > 1e-3, "a raw mean-pooled vector");
+    let unit: Vec<f32> = raw.iter().map(|x| x / norm(&raw)).collect();
+    assert_close(&unit, &w.reference[0].2);
+    let (s, same) = w
+        .post("/v1/embeddings", json!({"input": text, "normalize": true}))
+        .await;
+    assert_eq!(s, 200);
+    assert_close(&vector(&same["data"][0]), &w.reference[0].2);
+
+    // Chat-style: the messages rendered by the template, embedded like that text.
+    let template = "{% for m in messages %}{{ m.content }}{% endfor %}";
+    let (s, chat) = w
+        .post(
+            "/v1/embeddings",
+            json!({"messages": [{"role": "user", "content": text}], "chat_template": template,
+                   "add_special_tokens": true}),
+        )
+        .await;
+    assert_eq!(s, 200, "{chat}");
+    assert_close(&vector(&chat["data"][0]), &w.reference[0].2);
+    assert_eq!(chat["usage"]["prompt_tokens"], w.reference[0].1.len());
+    // Without a template (the fixture has none): a clear 400.
+    let (s, e) = w
+        .post(
+            "/v1/embeddings",
+            json!({"messages": [{"role": "user", "content": text}]}),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+    let (s, e) = w
+        .post("/v1/embeddings", json!({"input": text, "normalise": false}))
+        .await;
+    assert_eq!((s, &e["error"]["param"]), (400, &json!("normalise")));
+
+    // The same encoder without `is_matryoshka` in its config: `dimensions` is a 400, as in vLLM.
+    let plain = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("bert-embed")).unwrap() {
+        let path = entry.unwrap().path();
+        let target = plain.path().join(path.file_name().unwrap());
+        if path.is_dir() {
+            std::fs::create_dir(&target).unwrap();
+            for f in std::fs::read_dir(&path).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, target.join(f.file_name().unwrap())).unwrap();
+            }
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+    let config = plain.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("is_matryoshka");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let w = start_dir(plain.path().to_path_buf());
+    let (s, e) = w
+        .post("/v1/embeddings", json!({"input": text, "dimensions": 8}))
+        .await;
+    assert_eq!(
+        (s, &e["error"]["param"]),
+        (400, &json!("dimensions")),
+        "{e}"
+    );
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("matryoshka"));
+    let (s, _) = w.post("/v1/embeddings", json!({"input": text})).await;
+    assert_eq!(s, 200);
 }

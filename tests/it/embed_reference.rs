@@ -54,6 +54,7 @@ fn embed(e: &EncoderEmbedder, inputs: Vec<Vec<u32>>, dimensions: Option<usize>) 
         request_id: "t".into(),
         inputs,
         dimensions,
+        normalize: None,
     })
     .unwrap()
     .embeddings
@@ -85,6 +86,7 @@ fn embeddings_match_the_reference_alone_and_batched() {
             request_id: "t".into(),
             inputs: cases.iter().map(|c| c.ids.clone()).collect(),
             dimensions: None,
+            normalize: None,
         })
         .unwrap();
     assert_eq!(
@@ -152,6 +154,7 @@ fn dimensions_truncate_and_renormalise() {
             request_id: "t".into(),
             inputs: vec![c.ids.clone()],
             dimensions: Some(65),
+            normalize: None,
         })
         .unwrap_err();
     assert_eq!(err.param(), Some("dimensions"));
@@ -165,6 +168,7 @@ fn over_long_and_bad_inputs_are_client_errors() {
             request_id: "t".into(),
             inputs,
             dimensions: None,
+            normalize: None,
         })
         .unwrap_err()
     };

@@ -28,10 +28,19 @@ async fn start(role: &str) -> Server {
 }
 
 async fn start_model(model: &str, role: &str) -> Server {
+    start_with(model, role, |_| {}).await
+}
+
+async fn start_with(
+    model: &str,
+    role: &str,
+    configure: impl FnOnce(&mut EngineSettings),
+) -> Server {
     let mut settings = EngineSettings::for_model(fixture(model));
     settings.device = DeviceChoice::Cpu;
     settings.kv_cache_memory = Some(64 << 20);
     settings.served_model_name = "m".into();
+    configure(&mut settings);
     let engine = Engine::start(settings).expect("the llama fixture loads");
     let handler = EngineHandler::new(
         engine,
@@ -174,6 +183,175 @@ async fn errors_have_openai_bodies() {
     let models: Value = r.json().await.unwrap();
     assert_eq!(models["data"][0]["id"], json!("m"));
     assert_eq!(models["data"][0]["max_model_len"], json!(512));
+}
+
+/// OpenAI's error object, with its status, for what the client cannot send or meet: unknown routes,
+/// wrong methods, a non-JSON body type; CORS for browsers.
+#[tokio::test]
+async fn routes_methods_media_types_and_cors_answer_as_vllm() {
+    let server = start("assistant").await;
+    let root = server.base.trim_end_matches("/v1").to_string();
+    let openai_error = |status: u16, body: &str, want: u16, kind: &str| {
+        assert_eq!(status, want, "{body}");
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+        assert_eq!(v["error"]["type"], json!(kind), "{v}");
+        assert_eq!(v["error"]["code"], json!(want), "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    };
+    for prefix in ["/v1", "/openai/v1"] {
+        for (method, path) in [
+            (reqwest::Method::GET, "/no/such/route"),
+            (reqwest::Method::POST, "/images/generations"),
+            (reqwest::Method::GET, ""),
+            (reqwest::Method::GET, "/"),
+        ] {
+            let r = server
+                .http
+                .request(method, format!("{root}{prefix}{path}"))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            openai_error(status, &r.text().await.unwrap(), 404, "NotFoundError");
+        }
+        for (method, path) in [
+            (reqwest::Method::POST, "/models"),
+            (reqwest::Method::GET, "/chat/completions"),
+            (reqwest::Method::DELETE, "/completions"),
+        ] {
+            let r = server
+                .http
+                .request(method, format!("{root}{prefix}{path}"))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            openai_error(
+                status,
+                &r.text().await.unwrap(),
+                405,
+                "MethodNotAllowedError",
+            );
+        }
+        let r = server
+            .http
+            .get(format!("{root}{prefix}/models/m"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["id"], json!("m"));
+        let r = server
+            .http
+            .get(format!("{root}{prefix}/models/other"))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        openai_error(status, &r.text().await.unwrap(), 404, "NotFoundError");
+        // A body declared as something other than JSON is a 415, as vLLM answers.
+        for media in ["text/plain", "application/x-www-form-urlencoded"] {
+            let r = server
+                .http
+                .post(format!("{root}{prefix}/completions"))
+                .header("content-type", media)
+                .body(r#"{"prompt": "a", "max_tokens": 1}"#)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            openai_error(
+                status,
+                &r.text().await.unwrap(),
+                415,
+                "UnsupportedMediaTypeError",
+            );
+        }
+        let r = server
+            .http
+            .post(format!("{root}{prefix}/completions"))
+            .header("content-type", "application/json; charset=utf-8")
+            .body(r#"{"prompt": "a", "max_tokens": 1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        // CORS: any origin, as vLLM allows by default; the preflight answers without a body.
+        let r = server
+            .http
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{root}{prefix}/chat/completions"),
+            )
+            .header("origin", "http://app.example")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(header("access-control-allow-origin"), "*");
+        assert!(["*", "POST"]
+            .iter()
+            .any(|m| header("access-control-allow-methods").contains(m)));
+        // Mirrored: a `*` would not cover `Authorization` in browsers.
+        assert!(
+            header("access-control-allow-headers").contains("authorization"),
+            "{}",
+            header("access-control-allow-headers")
+        );
+        let r = server
+            .http
+            .get(format!("{root}{prefix}/models"))
+            .header("origin", "http://app.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers().get("access-control-allow-origin").unwrap(), "*");
+    }
+}
+
+/// `usage.prompt_tokens_details.cached_tokens` counts prefix-cache hits; with prefix caching off the
+/// details are null, as vLLM leaves them.
+#[tokio::test]
+async fn cached_prompt_tokens_follow_the_prefix_cache_setting() {
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(6);
+    let body = json!({"prompt": prompt, "max_tokens": 2, "temperature": 0});
+    let on = start("assistant").await;
+    let (_, first) = on.post_json("/completions", body.clone()).await;
+    let (_, second) = on.post_json("/completions", body.clone()).await;
+    assert_eq!(
+        first["usage"]["prompt_tokens_details"]["cached_tokens"],
+        json!(0)
+    );
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > 0 && cached < second["usage"]["prompt_tokens"].as_u64().unwrap());
+    let off = start_with("llama", "assistant", |s| s.enable_prefix_caching = false).await;
+    for _ in 0..2 {
+        let (status, r) = off.post_json("/completions", body.clone()).await;
+        assert_eq!(status, 200, "{r}");
+        assert!(
+            r["usage"]
+                .get("prompt_tokens_details")
+                .is_some_and(Value::is_null),
+            "{r}"
+        );
+    }
 }
 
 #[tokio::test]

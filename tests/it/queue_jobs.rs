@@ -523,3 +523,144 @@ async fn responses_and_messages_jobs_streamed_and_not() {
     assert_eq!(error["code"], 400);
     assert!(error["message"].as_str().unwrap().contains("max_tokens"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_jobs_in_worker_vllms_forms() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let served = fixture("llama").display().to_string();
+    // The platform's /openai/v1/models reaches the worker as a POST-style job with an empty body.
+    for (id, input) in [
+        (
+            "posted",
+            json!({"openai_route": "/v1/models", "openai_input": {}}),
+        ),
+        (
+            "prefixed",
+            json!({"openai_route": "/openai/v1/models", "openai_input": {}}),
+        ),
+        ("route", json!({"route": "/v1/models", "method": "GET"})),
+    ] {
+        let result = answer(&emulator, &mut worker, id, input).await;
+        let list = &result["output"][0];
+        assert_eq!(list["object"], "list", "{id}: {result}");
+        assert_eq!(list["data"][0]["id"], served, "{id}");
+    }
+    let card = answer(
+        &emulator,
+        &mut worker,
+        "card",
+        json!({"openai_route": format!("/v1/models/{served}"), "openai_input": {}}),
+    )
+    .await;
+    assert_eq!(card["output"][0]["id"], served, "{card}");
+    let other = answer(
+        &emulator,
+        &mut worker,
+        "other",
+        json!({"openai_route": "/v1/models/no-such-model"}),
+    )
+    .await;
+    let error = error_of(&other);
+    assert_eq!(
+        (&error["type"], &error["code"]),
+        (&json!("NotFoundError"), &json!(404))
+    );
+}
+
+/// vLLM's extensions reach the OpenAI routes through `openai_route` jobs too, streamed and not.
+#[tokio::test(flavor = "multi_thread")]
+async fn vllm_extensions_through_openai_jobs() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let body = json!({
+        "prompt": "A robot may not injure a human being", "max_tokens": 4, "temperature": 0,
+        "return_token_ids": true, "truncate_prompt_tokens": 3, "seed": -1,
+    });
+    let whole = answer(
+        &emulator,
+        &mut worker,
+        "whole",
+        json!({"openai_route": "/v1/completions", "openai_input": body}),
+    )
+    .await;
+    let object = &whole["output"][0];
+    let choice = &object["choices"][0];
+    let prompt_ids = choice["prompt_token_ids"].as_array().unwrap();
+    assert_eq!(prompt_ids.len(), 3, "{whole}");
+    assert_eq!(choice["token_ids"].as_array().unwrap().len(), 4);
+    assert_eq!(choice["prompt_logprobs"], Value::Null);
+    assert_eq!(object["usage"]["prompt_tokens"], 3);
+    assert!(object["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+    let stream = answer(
+        &emulator,
+        &mut worker,
+        "stream",
+        json!({"openai_route": "/v1/completions", "openai_input": streamed}),
+    )
+    .await;
+    let mut ids = Vec::new();
+    let mut chunks = 0;
+    for post in stream["output"].as_array().unwrap() {
+        for event in post
+            .as_str()
+            .unwrap()
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+        {
+            let data = event.strip_prefix("data: ").unwrap();
+            if data == "[DONE]" {
+                continue;
+            }
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            assert!(chunk["usage"]["completion_tokens"].is_u64(), "{chunk}");
+            chunks += 1;
+            if let Some(t) = chunk["choices"][0]["token_ids"].as_array() {
+                ids.extend(t.iter().cloned());
+            }
+        }
+    }
+    assert!(chunks >= 4);
+    assert_eq!(Value::Array(ids), choice["token_ids"]);
+
+    let bad = answer(
+        &emulator,
+        &mut worker,
+        "bad",
+        json!({"openai_route": "/v1/chat/completions", "openai_input": {
+            "messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}}),
+    )
+    .await;
+    assert_eq!(error_of(&bad)["code"], 400);
+}
+
+/// A native job takes vLLM's `truncate_prompt_tokens` and any signed seed in `sampling_params`.
+#[tokio::test(flavor = "multi_thread")]
+async fn native_jobs_truncate_prompts_and_take_signed_seeds() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[]);
+    let result = answer(
+        &emulator,
+        &mut worker,
+        "cut",
+        json!({"prompt": "A robot may not injure a human being",
+               "sampling_params": {"max_tokens": 2, "truncate_prompt_tokens": 3, "seed": -1}}),
+    )
+    .await;
+    let output = result["output"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{result}"));
+    assert_eq!(output.last().unwrap()["usage"]["input"], 3, "{result}");
+    let bad = answer(
+        &emulator,
+        &mut worker,
+        "bad",
+        json!({"prompt": "x", "sampling_params": {"truncate_prompt_tokens": 100000}}),
+    )
+    .await;
+    assert_eq!(error_of(&bad)["code"], 400);
+}

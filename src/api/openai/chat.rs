@@ -6,7 +6,10 @@ use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::outcome::{collect, ChoiceOutcome};
-use super::params::{sampling_params, stream_options, Body, MAX_LOGPROBS};
+use super::params::{
+    check_fields, extensions, sampling_params, stream_options, Body, Extensions, StreamOptions,
+    COMMON_FIELDS, MAX_LOGPROBS,
+};
 use super::shapes;
 use super::tools::{parse_tool_calls, ToolCall, ToolCallDetector};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
@@ -14,7 +17,7 @@ use crate::api::error::ApiError;
 use crate::engine::template::{ChatTemplate, RenderOptions};
 use crate::engine::{
     ChoiceDelta, Engine, EngineError, GenerateRequest, GenerationEvent, GenerationStream, Prompt,
-    SamplingParams,
+    SamplingParams, Usage,
 };
 
 /// `tool_choice`.
@@ -44,8 +47,10 @@ pub(crate) struct ChatRequest {
     pub top_logprobs: Option<usize>,
     /// vLLM's `echo`: the reply starts with the last message's content when it has the reply's role.
     pub echo: bool,
-    pub stream: bool,
-    pub include_usage: bool,
+    /// vLLM's `add_special_tokens` (default false: the template writes them).
+    pub add_special_tokens: bool,
+    pub stream: StreamOptions,
+    pub ext: Extensions,
 }
 
 impl ChatRequest {
@@ -70,9 +75,33 @@ struct ChatFields {
     chat_template: Option<String>,
     chat_template_kwargs: Option<Map<String, Value>>,
     echo: Option<bool>,
+    add_special_tokens: Option<bool>,
 }
 
+/// The chat route's own fields (besides [`COMMON_FIELDS`]).
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "parallel_tool_calls",
+    "documents",
+    "chat_template",
+    "chat_template_kwargs",
+    "echo",
+    "add_special_tokens",
+    // Accepted as vLLM accepts them; no effect on a model without a reasoning parser.
+    "reasoning_effort",
+    "include_reasoning",
+];
+
 pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
+    check_fields(body, &[COMMON_FIELDS, CHAT_FIELDS])?;
     let mut messages = parse_messages(body.raw("messages"))?;
     let mut params = sampling_params(body, None)?;
     let f: ChatFields = body.typed()?;
@@ -109,7 +138,7 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
             "`continue_final_message` needs `add_generation_prompt` set to false",
         ));
     }
-    let (stream, include_usage) = stream_options(body)?;
+    let stream = stream_options(body)?;
     Ok(ChatRequest {
         messages,
         tools,
@@ -123,14 +152,15 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
         params,
         top_logprobs: logprobs.then_some(top_logprobs.unwrap_or(0)),
         echo: f.echo.unwrap_or(false),
+        add_special_tokens: f.add_special_tokens.unwrap_or(false),
         stream,
-        include_usage,
+        ext: extensions(body)?,
     })
 }
 
 /// Messages as templates expect them: `content` a string (text parts joined) or null, and assistant
 /// tool-call `arguments` parsed from their JSON text into objects (as vLLM hands them to templates).
-fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, ApiError> {
+pub(crate) fn parse_messages(value: Option<&Value>) -> Result<Vec<Value>, ApiError> {
     let invalid = |m: String| ApiError::invalid("messages", m);
     let items = match value {
         Some(Value::Array(items)) if !items.is_empty() => items,
@@ -233,8 +263,9 @@ fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), ApiE
         },
     };
     match (&choice, &tools) {
-        (ToolChoice::Required | ToolChoice::Named(_), None) => {
-            return Err(invalid("`tool_choice` needs `tools`"))
+        // As vLLM: any `tool_choice` (even "none" or "auto") without `tools` is a 400.
+        (_, None) if body.raw("tool_choice").is_some() => {
+            return Err(invalid("When using `tool_choice`, `tools` must be set."))
         }
         (ToolChoice::Named(name), Some(tools)) => {
             let named: Vec<Value> = tools
@@ -343,12 +374,22 @@ pub(crate) async fn handle(
     body: &Body<'_>,
 ) -> Result<OpenAiResponse, ApiError> {
     let request = parse(body)?;
-    let prompt = render(engine, &request)?;
+    let text = render(engine, &request)?;
+    let prompt = match &request.ext.truncate {
+        None => Prompt::Text(text),
+        Some(t) => {
+            let mut ids = engine
+                .tokenizer()
+                .encode(&text, request.add_special_tokens)?;
+            t.apply(&mut ids, engine.info().max_model_len)?;
+            Prompt::Tokens(ids)
+        }
+    };
     let id = shapes::new_id("chatcmpl");
     let events = engine.generate(GenerateRequest {
         request_id: id.clone(),
-        prompt: Prompt::Text(prompt),
-        add_special_tokens: false,
+        prompt,
+        add_special_tokens: request.add_special_tokens,
         params: request.params.clone(),
     })?;
     let reply = Reply {
@@ -357,13 +398,19 @@ pub(crate) async fn handle(
         model: settings.served_model_name.clone(),
         role: settings.response_role.clone(),
         echo: echoed(&request, &settings.response_role),
+        prefix_caching: engine.info().prefix_caching,
     };
-    if request.stream {
+    if request.stream.stream {
         return Ok(OpenAiResponse::Stream(stream_chunks(
             reply, request, events,
         )));
     }
-    let outcome = collect(events, request.params.n).await?;
+    let mut outcome = collect(events, request.params.n).await?;
+    if request.ext.tokens_as_ids {
+        for c in &mut outcome.choices {
+            shapes::spell_as_ids(&mut c.logprobs);
+        }
+    }
     let choices: Vec<Value> = outcome
         .choices
         .iter()
@@ -371,9 +418,14 @@ pub(crate) async fn handle(
         .map(|(i, c)| reply.choice(i, c, &request))
         .collect();
     let mut body = reply.object("chat.completion", choices);
-    body["usage"] = shapes::usage(&outcome.usage);
-    if let Some(lps) = &outcome.prompt_logprobs {
-        body["prompt_logprobs"] = shapes::prompt_logprobs(&outcome.prompt_token_ids, lps);
+    body["usage"] = shapes::usage(&outcome.usage, reply.cached(outcome.cached_prompt_tokens));
+    // vLLM's fields: `prompt_logprobs` (null unless asked for), `prompt_token_ids` (return_token_ids).
+    body["prompt_logprobs"] = match &outcome.prompt_logprobs {
+        Some(lps) => shapes::prompt_logprobs(&outcome.prompt_token_ids, lps),
+        None => Value::Null,
+    };
+    if request.ext.return_token_ids {
+        body["prompt_token_ids"] = json!(outcome.prompt_token_ids);
     }
     Ok(OpenAiResponse::Json(body))
 }
@@ -399,6 +451,7 @@ struct Reply {
     model: String,
     role: String,
     echo: String,
+    prefix_caching: bool,
 }
 
 fn tool_calls_json(calls: &[ToolCall]) -> Value {
@@ -413,6 +466,11 @@ fn tool_calls_json(calls: &[ToolCall]) -> Value {
 }
 
 impl Reply {
+    /// `cached_tokens` of the usage: none when prefix caching is off.
+    fn cached(&self, cached: usize) -> Option<usize> {
+        self.prefix_caching.then_some(cached)
+    }
+
     fn object(&self, object: &str, choices: Vec<Value>) -> Value {
         json!({
             "id": self.id,
@@ -441,13 +499,17 @@ impl Reply {
         let logprobs = request
             .top_logprobs
             .map_or(Value::Null, |k| shapes::chat_logprobs(&choice.logprobs, k));
-        json!({
+        let mut value = json!({
             "index": index,
             "message": message,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": shapes::stop_reason(choice.finish.as_ref()),
-        })
+        });
+        if request.ext.return_token_ids {
+            value["token_ids"] = json!(choice.token_ids);
+        }
+        value
     }
 
     fn chunk(&self, index: usize, delta: Value, logprobs: Value, finish_reason: Value) -> Value {
@@ -465,11 +527,34 @@ impl Reply {
 
 /// Turns one choice's deltas into chunks, holding back tool calls when they are parsed.
 struct ChoiceStream {
+    index: usize,
     detector: Option<ToolCallDetector>,
 }
 
 impl ChoiceStream {
-    fn on_delta(&mut self, reply: &Reply, request: &ChatRequest, delta: ChoiceDelta) -> Vec<Value> {
+    fn on_delta(
+        &mut self,
+        reply: &Reply,
+        request: &ChatRequest,
+        mut delta: ChoiceDelta,
+    ) -> Vec<Value> {
+        if request.ext.tokens_as_ids {
+            shapes::spell_as_ids(&mut delta.logprobs);
+        }
+        let token_ids = std::mem::take(&mut delta.token_ids);
+        let mut chunks = self.chunks(reply, request, delta);
+        if request.ext.return_token_ids && !token_ids.is_empty() {
+            // vLLM puts a delta's new ids on the choice of its chunk.
+            if chunks.is_empty() {
+                chunks.push(reply.chunk(0, json!({"content": ""}), Value::Null, Value::Null));
+                chunks[0]["choices"][0]["index"] = json!(self.index);
+            }
+            chunks[0]["choices"][0]["token_ids"] = json!(token_ids);
+        }
+        chunks
+    }
+
+    fn chunks(&mut self, reply: &Reply, request: &ChatRequest, delta: ChoiceDelta) -> Vec<Value> {
         let index = delta.index;
         let text = match &mut self.detector {
             Some(d) => d.push(&delta.text),
@@ -532,33 +617,49 @@ fn stream_chunks(
 ) -> BoxStream<'static, StreamEvent> {
     let n = request.params.n;
     let mut choices: Vec<ChoiceStream> = (0..n)
-        .map(|_| ChoiceStream {
+        .map(|index| ChoiceStream {
+            index,
             detector: request.parses_tools().then(ToolCallDetector::default),
         })
         .collect();
+    // vLLM's `continuous_usage_stats`: the usage so far on every chunk.
+    let mut so_far = Usage::default();
+    let continuous = request.stream.continuous_usage;
+    let with_usage = move |mut chunk: Value, so_far: &Usage| {
+        if continuous {
+            chunk["usage"] = shapes::usage(so_far, None);
+        }
+        chunk
+    };
     async_stream::stream! {
         futures::pin_mut!(events);
         while let Some(event) = events.next().await {
             match event {
-                GenerationEvent::Prompt { .. } => {
+                GenerationEvent::Prompt { prompt_token_ids, .. } => {
+                    so_far.prompt_tokens = prompt_token_ids.len();
                     for i in 0..n {
                         let delta = json!({"role": reply.role, "content": reply.echo});
-                        yield StreamEvent::Data(reply.chunk(i, delta, Value::Null, Value::Null));
+                        let mut chunk = reply.chunk(i, delta, Value::Null, Value::Null);
+                        if request.ext.return_token_ids {
+                            chunk["prompt_token_ids"] = json!(prompt_token_ids);
+                        }
+                        yield StreamEvent::Data(with_usage(chunk, &so_far));
                     }
                 }
                 GenerationEvent::Delta(delta) => {
+                    so_far.completion_tokens += delta.token_ids.len();
                     let Some(choice) = choices.get_mut(delta.index) else {
                         yield StreamEvent::Error(ApiError::internal("the engine sent an unknown choice"));
                         break;
                     };
                     for chunk in choice.on_delta(&reply, &request, delta) {
-                        yield StreamEvent::Data(chunk);
+                        yield StreamEvent::Data(with_usage(chunk, &so_far));
                     }
                 }
-                GenerationEvent::Done { usage, .. } => {
-                    if request.include_usage {
+                GenerationEvent::Done { usage, metrics } => {
+                    if request.stream.include_usage {
                         let mut chunk = reply.object("chat.completion.chunk", vec![]);
-                        chunk["usage"] = shapes::usage(&usage);
+                        chunk["usage"] = shapes::usage(&usage, reply.cached(metrics.cached_prompt_tokens));
                         yield StreamEvent::Data(chunk);
                     }
                     yield StreamEvent::Done;
@@ -667,6 +768,9 @@ mod tests {
         assert_eq!(r.tools.unwrap(), vec![tool("b")]);
         for bad in [
             json!({"messages": user("x"), "tool_choice": "required"}),
+            json!({"messages": user("x"), "tool_choice": "auto"}),
+            json!({"messages": user("x"), "tool_choice": "none"}),
+            json!({"messages": user("x"), "functions": []}),
             json!({"messages": user("x"), "tools": tools, "tool_choice": "sometimes"}),
             json!({"messages": user("x"), "tools": tools, "tool_choice": {"type": "function", "function": {"name": "c"}}}),
             json!({"messages": user("x"), "tools": [{"type": "function"}]}),
@@ -702,6 +806,7 @@ mod tests {
             model: "m".into(),
             role: "assistant".into(),
             echo: String::new(),
+            prefix_caching: false,
         }
     }
 
@@ -743,6 +848,7 @@ mod tests {
     fn streamed_tool_calls_arrive_as_deltas_at_the_end() {
         let request = parse_json(json!({"messages": user("x"), "tools": [tool("f")]})).unwrap();
         let mut choice = ChoiceStream {
+            index: 0,
             detector: Some(ToolCallDetector::default()),
         };
         let mut first = finish_delta("Hi <tool_call>{\"name\": \"f\",");

@@ -6,7 +6,10 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::outcome::{collect, Outcome};
-use super::params::{sampling_params, stream_options, Body, MAX_LOGPROBS};
+use super::params::{
+    check_fields, extensions, sampling_params, stream_options, Body, Extensions, StreamOptions,
+    COMMON_FIELDS, MAX_LOGPROBS,
+};
 use super::shapes::{self, LegacyLogprobs};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
 use crate::api::error::ApiError;
@@ -22,8 +25,10 @@ pub(crate) struct CompletionRequest {
     pub prompts: Vec<Prompt>,
     pub params: SamplingParams,
     pub echo: bool,
-    pub stream: bool,
-    pub include_usage: bool,
+    /// vLLM's `add_special_tokens` (default true for completions).
+    pub add_special_tokens: bool,
+    pub stream: StreamOptions,
+    pub ext: Extensions,
 }
 
 /// The completions route's own typed fields (the sampling ones are shared, see `params`).
@@ -32,9 +37,14 @@ pub(crate) struct CompletionRequest {
 struct CompletionFields {
     logprobs: Option<usize>,
     echo: Option<bool>,
+    add_special_tokens: Option<bool>,
 }
 
+/// The completions route's own fields (besides [`COMMON_FIELDS`]).
+const COMPLETION_FIELDS: &[&str] = &["prompt", "suffix", "logprobs", "echo", "add_special_tokens"];
+
 pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
+    check_fields(body, &[COMMON_FIELDS, COMPLETION_FIELDS])?;
     if body.raw("suffix").is_some() {
         return Err(ApiError::invalid(
             "suffix",
@@ -43,7 +53,11 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
     }
     let prompts = parse_prompts(body.raw("prompt"))?;
     let mut params = sampling_params(body, Some(16))?;
-    let CompletionFields { logprobs, echo } = body.typed()?;
+    let CompletionFields {
+        logprobs,
+        echo,
+        add_special_tokens,
+    } = body.typed()?;
     if let Some(k) = logprobs
         && k > MAX_LOGPROBS
     {
@@ -57,13 +71,14 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
     if echo && logprobs.is_some() && params.prompt_logprobs.is_none() {
         params.prompt_logprobs = logprobs;
     }
-    let (stream, include_usage) = stream_options(body)?;
+    let stream = stream_options(body)?;
     Ok(CompletionRequest {
         prompts,
         params,
         echo,
+        add_special_tokens: add_special_tokens.unwrap_or(true),
         stream,
-        include_usage,
+        ext: extensions(body)?,
     })
 }
 
@@ -123,11 +138,24 @@ fn submit(
         .iter()
         .enumerate()
         .map(|(i, prompt)| {
+            let prompt = match (&request.ext.truncate, prompt) {
+                (None, prompt) => prompt.clone(),
+                (Some(t), prompt) => {
+                    let mut ids = match prompt {
+                        Prompt::Text(text) => engine
+                            .tokenizer()
+                            .encode(text, request.add_special_tokens)?,
+                        Prompt::Tokens(ids) => ids.clone(),
+                    };
+                    t.apply(&mut ids, engine.info().max_model_len)?;
+                    Prompt::Tokens(ids)
+                }
+            };
             engine
                 .generate(GenerateRequest {
                     request_id: format!("{id}-{i}"),
-                    prompt: prompt.clone(),
-                    add_special_tokens: true,
+                    prompt,
+                    add_special_tokens: request.add_special_tokens,
                     params: request.params.clone(),
                 })
                 .map_err(|e| {
@@ -155,16 +183,27 @@ pub(crate) async fn handle(
         id,
         created: shapes::unix_now(),
         model: settings.served_model_name.clone(),
+        prefix_caching: engine.info().prefix_caching,
     };
     let tokenizer = engine.tokenizer().clone();
-    if request.stream {
+    if request.stream.stream {
         return Ok(OpenAiResponse::Stream(stream_chunks(
             header, request, streams, tokenizer,
         )));
     }
     let n = request.params.n;
-    let outcomes =
+    let mut outcomes =
         futures::future::try_join_all(streams.into_iter().map(|s| collect(s, n))).await?;
+    if request.ext.tokens_as_ids {
+        for o in &mut outcomes {
+            for c in &mut o.choices {
+                shapes::spell_as_ids(&mut c.logprobs);
+            }
+            for lp in o.prompt_logprobs.iter_mut().flatten().flatten() {
+                shapes::spell_as_ids(std::slice::from_mut(lp));
+            }
+        }
+    }
     let body = response(&header, &request, &outcomes, &tokenizer)?;
     Ok(OpenAiResponse::Json(body))
 }
@@ -174,6 +213,7 @@ struct Header {
     id: String,
     created: u64,
     model: String,
+    prefix_caching: bool,
 }
 
 impl Header {
@@ -220,7 +260,9 @@ fn response(
 ) -> Result<Value, ApiError> {
     let mut choices = Vec::new();
     let mut total = Usage::default();
+    let mut cached = 0;
     for (p, outcome) in outcomes.iter().enumerate() {
+        cached += outcome.cached_prompt_tokens;
         total.prompt_tokens += outcome.usage.prompt_tokens;
         total.completion_tokens += outcome.usage.completion_tokens;
         let echo = if request.echo {
@@ -254,14 +296,20 @@ fn response(
                 "finish_reason": shapes::finish_reason(choice.finish.as_ref()),
                 "stop_reason": shapes::stop_reason(choice.finish.as_ref()),
             });
-            if let Some(lps) = &outcome.prompt_logprobs {
-                value["prompt_logprobs"] = shapes::prompt_logprobs(&outcome.prompt_token_ids, lps);
+            // vLLM's `prompt_logprobs` is null unless asked for.
+            value["prompt_logprobs"] = match &outcome.prompt_logprobs {
+                Some(lps) => shapes::prompt_logprobs(&outcome.prompt_token_ids, lps),
+                None => Value::Null,
+            };
+            if request.ext.return_token_ids {
+                value["prompt_token_ids"] = json!(outcome.prompt_token_ids);
+                value["token_ids"] = json!(choice.token_ids);
             }
             choices.push(value);
         }
     }
     let mut body = header.object(Value::Array(choices));
-    body["usage"] = shapes::usage(&total);
+    body["usage"] = shapes::usage(&total, header.prefix_caching.then_some(cached));
     Ok(body)
 }
 
@@ -299,6 +347,24 @@ impl ChunkState {
         logprobs: Option<&Vec<Option<TokenLogprob>>>,
     ) -> Result<Vec<Value>, ApiError> {
         if !self.request.echo {
+            if self.request.ext.return_token_ids {
+                // vLLM sends the prompt's ids on each choice's first chunk.
+                let n = self.request.params.n;
+                return Ok((0..n)
+                    .map(|i| {
+                        let mut c = self.choice_chunk(
+                            p * n + i,
+                            String::new(),
+                            Value::Null,
+                            Value::Null,
+                            Value::Null,
+                        );
+                        c["choices"][0]["prompt_token_ids"] = json!(ids);
+                        c["choices"][0]["token_ids"] = json!([]);
+                        c
+                    })
+                    .collect());
+            }
             return Ok(Vec::new());
         }
         let text = echo_text(&self.request.prompts[p], &self.tokenizer)?;
@@ -313,20 +379,32 @@ impl ChunkState {
                 l.to_json()
             });
             self.offsets[index] = text.chars().count();
-            chunks.push(self.choice_chunk(
+            let mut chunk = self.choice_chunk(
                 index,
                 text.clone(),
                 lps.unwrap_or(Value::Null),
                 Value::Null,
                 Value::Null,
-            ));
+            );
+            if self.request.ext.return_token_ids {
+                chunk["choices"][0]["prompt_token_ids"] = json!(ids);
+                chunk["choices"][0]["token_ids"] = json!([]);
+            }
+            chunks.push(chunk);
         }
         Ok(chunks)
     }
 
-    fn on_delta(&mut self, p: usize, delta: ChoiceDelta) -> Option<Value> {
+    fn on_delta(&mut self, p: usize, mut delta: ChoiceDelta) -> Option<Value> {
         let index = p * self.request.params.n + delta.index;
-        if delta.text.is_empty() && delta.logprobs.is_empty() && delta.finish.is_none() {
+        if self.request.ext.tokens_as_ids {
+            shapes::spell_as_ids(&mut delta.logprobs);
+        }
+        if delta.text.is_empty()
+            && delta.logprobs.is_empty()
+            && delta.finish.is_none()
+            && (delta.token_ids.is_empty() || !self.request.ext.return_token_ids)
+        {
             return None;
         }
         let logprobs = match self.request.params.logprobs {
@@ -340,13 +418,17 @@ impl ChunkState {
                 l.to_json()
             }
         };
-        Some(self.choice_chunk(
+        let mut chunk = self.choice_chunk(
             index,
             delta.text,
             logprobs,
             shapes::finish_reason(delta.finish.as_ref()),
             shapes::stop_reason(delta.finish.as_ref()),
-        ))
+        );
+        if self.request.ext.return_token_ids {
+            chunk["choices"][0]["token_ids"] = json!(delta.token_ids);
+        }
+        Some(chunk)
     }
 }
 
@@ -358,7 +440,8 @@ fn stream_chunks(
 ) -> BoxStream<'static, StreamEvent> {
     let prompts = streams.len();
     let choices = prompts * request.params.n;
-    let include_usage = request.include_usage;
+    let include_usage = request.stream.include_usage;
+    let continuous = request.stream.continuous_usage;
     let mut state = ChunkState {
         header,
         request,
@@ -375,20 +458,32 @@ fn stream_chunks(
         futures::pin_mut!(merged);
         let mut done = 0;
         let mut usage = Usage::default();
+        let mut cached = 0;
+        // vLLM's `continuous_usage_stats`: the usage so far on every chunk.
+        let mut so_far = Usage::default();
+        let with_usage = move |mut chunk: Value, so_far: &Usage| {
+            if continuous {
+                chunk["usage"] = shapes::usage(so_far, None);
+            }
+            chunk
+        };
         while let Some((p, event)) = merged.next().await {
             match event {
                 GenerationEvent::Prompt { prompt_token_ids, prompt_logprobs } => {
+                    so_far.prompt_tokens += prompt_token_ids.len();
                     match state.on_prompt(p, &prompt_token_ids, prompt_logprobs.as_ref()) {
-                        Ok(chunks) => for c in chunks { yield StreamEvent::Data(c) },
+                        Ok(chunks) => for c in chunks { yield StreamEvent::Data(with_usage(c, &so_far)) },
                         Err(e) => { yield StreamEvent::Error(e); yield StreamEvent::Done; return; }
                     }
                 }
                 GenerationEvent::Delta(delta) => {
+                    so_far.completion_tokens += delta.token_ids.len();
                     if let Some(c) = state.on_delta(p, delta) {
-                        yield StreamEvent::Data(c);
+                        yield StreamEvent::Data(with_usage(c, &so_far));
                     }
                 }
-                GenerationEvent::Done { usage: u, .. } => {
+                GenerationEvent::Done { usage: u, metrics } => {
+                    cached += metrics.cached_prompt_tokens;
                     usage.prompt_tokens += u.prompt_tokens;
                     usage.completion_tokens += u.completion_tokens;
                     done += 1;
@@ -407,7 +502,7 @@ fn stream_chunks(
             yield StreamEvent::Error(ApiError::internal("the engine ended the request without finishing it"));
         } else if include_usage {
             let mut chunk = state.header.object(json!([]));
-            chunk["usage"] = shapes::usage(&usage);
+            chunk["usage"] = shapes::usage(&usage, state.header.prefix_caching.then_some(cached));
             yield StreamEvent::Data(chunk);
         }
         yield StreamEvent::Done;

@@ -5,10 +5,12 @@
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::params::Body;
+use super::chat::parse_messages;
+use super::params::{check_fields, truncation, Body, Truncation};
 use super::{shapes, OpenAiResponse, OpenAiSettings};
 use crate::api::error::ApiError;
-use crate::engine::{EmbedRequest, Engine};
+use crate::engine::template::{ChatTemplate, RenderOptions};
+use crate::engine::{EmbedRequest, Engine, EngineError};
 
 /// One input before tokenization.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,12 +28,27 @@ pub(crate) enum EncodingFormat {
 /// A parsed embeddings request.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct EmbeddingsRequest {
+    /// `input`, or (vLLM's chat-style request) `messages` rendered by the chat template.
     pub inputs: Vec<EmbedInput>,
+    pub chat: Option<ChatInput>,
     pub encoding_format: EncodingFormat,
     pub dimensions: Option<usize>,
-    /// Keep only the first this many tokens of each input (`-1`: the model's maximum).
-    pub truncate_prompt_tokens: Option<i64>,
+    /// `truncate_prompt_tokens` (`-1`: the model's maximum) with `truncation_side` (default
+    /// `right`: the first tokens are kept, as the tokenizers of embedding models truncate).
+    pub truncate: Option<Truncation>,
     pub add_special_tokens: bool,
+    /// vLLM's `normalize` (none: as the model's modules say).
+    pub normalize: Option<bool>,
+}
+
+/// vLLM's chat-style embeddings request: messages and how to render them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ChatInput {
+    pub messages: Vec<Value>,
+    pub chat_template: Option<String>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    pub add_generation_prompt: bool,
+    pub continue_final_message: bool,
 }
 
 fn invalid_input() -> ApiError {
@@ -98,13 +115,41 @@ struct EmbeddingsFields {
     encoding_format: Option<String>,
     dimensions: Option<i64>,
     truncate_prompt_tokens: Option<i64>,
+    truncation_side: Option<String>,
     add_special_tokens: Option<bool>,
+    normalize: Option<bool>,
+    chat_template: Option<String>,
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
     /// Accepted (its type checked) as OpenAI and vLLM do, but not acted on.
     #[allow(dead_code)]
     user: Option<String>,
 }
 
+/// The fields an embeddings request may carry (OpenAI's, vLLM's, and metadata accepted unread).
+const EMBEDDING_FIELDS: &[&str] = &[
+    "model",
+    "input",
+    "messages",
+    "encoding_format",
+    "dimensions",
+    "user",
+    "truncate_prompt_tokens",
+    "truncation_side",
+    "add_special_tokens",
+    "normalize",
+    "chat_template",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+    "request_id",
+    "priority",
+    "metadata",
+];
+
 pub(crate) fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, ApiError> {
+    check_fields(body, &[EMBEDDING_FIELDS])?;
     let f: EmbeddingsFields = body.typed()?;
     let encoding_format = match f.encoding_format.as_deref() {
         None | Some("float") => EncodingFormat::Float,
@@ -125,19 +170,46 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<EmbeddingsRequest, ApiError> {
         }
         d => d.map(|d| d as usize),
     };
-    let truncate_prompt_tokens = f.truncate_prompt_tokens;
-    if matches!(truncate_prompt_tokens, Some(k) if k < 1 && k != -1) {
-        return Err(ApiError::invalid(
-            "truncate_prompt_tokens",
-            "`truncate_prompt_tokens` must be at least 1 (or -1 for the model's maximum)",
-        ));
-    }
+    let truncate = truncation(
+        f.truncate_prompt_tokens,
+        Some(f.truncation_side.as_deref().unwrap_or("right")),
+    )?;
+    let (inputs, chat) = match (body.raw("input"), body.raw("messages")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "send either `input` or `messages`, not both",
+            ))
+        }
+        (None, Some(messages)) => {
+            let add_generation_prompt = f.add_generation_prompt.unwrap_or(false);
+            let continue_final_message = f.continue_final_message.unwrap_or(false);
+            if add_generation_prompt && continue_final_message {
+                return Err(ApiError::invalid(
+                    "continue_final_message",
+                    "`continue_final_message` needs `add_generation_prompt` set to false",
+                ));
+            }
+            let chat = ChatInput {
+                messages: parse_messages(Some(messages))?,
+                chat_template: f.chat_template,
+                chat_template_kwargs: f.chat_template_kwargs,
+                add_generation_prompt,
+                continue_final_message,
+            };
+            (Vec::new(), Some(chat))
+        }
+        (input, None) => (parse_input(input)?, None),
+    };
     Ok(EmbeddingsRequest {
-        inputs: parse_input(body.raw("input"))?,
+        inputs,
         encoding_format,
         dimensions,
-        truncate_prompt_tokens,
-        add_special_tokens: f.add_special_tokens.unwrap_or(true),
+        truncate,
+        // vLLM: the template writes special tokens for messages; plain inputs get them added.
+        add_special_tokens: f.add_special_tokens.unwrap_or(chat.is_none()),
+        normalize: f.normalize,
+        chat,
     })
 }
 
@@ -147,33 +219,74 @@ fn tokenize(
     request: &EmbeddingsRequest,
     max_len: usize,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
-    let keep = match request.truncate_prompt_tokens {
-        None => None,
-        Some(-1) => Some(max_len),
-        Some(k) if k as usize > max_len => {
-            return Err(ApiError::invalid(
-                "truncate_prompt_tokens",
-                format!(
-                    "`truncate_prompt_tokens` is {k}, more than the model's maximum context length of {max_len} tokens (max_position_embeddings)"
-                ),
-            ))
+    let rendered;
+    let inputs = match &request.chat {
+        Some(chat) => {
+            rendered = [EmbedInput::Text(render(engine, chat)?)];
+            &rendered[..]
         }
-        Some(k) => Some(k as usize),
+        None => &request.inputs[..],
     };
-    request
-        .inputs
+    inputs
         .iter()
         .map(|input| {
             let mut ids = match input {
                 EmbedInput::Text(s) => engine.tokenizer().encode(s, request.add_special_tokens)?,
                 EmbedInput::Tokens(t) => t.clone(),
             };
-            if let Some(k) = keep {
-                ids.truncate(k);
+            if let Some(t) = &request.truncate {
+                t.apply(&mut ids, max_len)?;
             }
             Ok(ids)
         })
         .collect()
+}
+
+/// The messages of a chat-style request as one text, by the request's template or the model's.
+fn render(engine: &Engine, chat: &ChatInput) -> Result<String, ApiError> {
+    let own;
+    let template = match &chat.chat_template {
+        Some(source) => {
+            let tokenizer = engine.tokenizer();
+            own = ChatTemplate::new(
+                source,
+                tokenizer.bos_token().map(str::to_string),
+                tokenizer.eos_token().map(str::to_string),
+            )?;
+            &own
+        }
+        None => engine.chat_template().ok_or(EngineError::NoChatTemplate)?,
+    };
+    let options = RenderOptions {
+        add_generation_prompt: chat.add_generation_prompt,
+        continue_final_message: chat.continue_final_message,
+        extra: chat.chat_template_kwargs.as_ref(),
+        ..Default::default()
+    };
+    Ok(template.render(&chat.messages, &options)?)
+}
+
+/// vLLM refuses `dimensions` on a model not trained for shorter vectors (not Matryoshka), and sizes
+/// other than those it lists.
+fn check_matryoshka(
+    dimensions: Option<usize>,
+    matryoshka: Option<&Vec<usize>>,
+    model: &str,
+) -> Result<(), ApiError> {
+    let Some(d) = dimensions else {
+        return Ok(());
+    };
+    match matryoshka {
+        None => Err(ApiError::invalid(
+            "dimensions",
+            format!("Model \"{model}\" does not support matryoshka representation, changing output dimensions will lead to poor results."),
+        )),
+        Some(sizes) if !sizes.is_empty() && !sizes.contains(&d) => Err(ApiError::invalid(
+            "dimensions",
+            format!("Model \"{model}\" only supports {sizes:?} matryoshka dimensions, using other output dimensions will lead to poor results."),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// A vector as base64 of its little-endian float32 bytes (what the OpenAI client decodes).
@@ -242,12 +355,18 @@ pub(crate) async fn handle(
         ));
     }
     let request = parse(body)?;
+    check_matryoshka(
+        request.dimensions,
+        engine.info().matryoshka.as_ref(),
+        &settings.served_model_name,
+    )?;
     let inputs = tokenize(engine, &request, engine.info().max_model_len)?;
     let out = engine
         .embed(EmbedRequest {
             request_id: shapes::new_id("embd"),
             inputs,
             dimensions: request.dimensions,
+            normalize: request.normalize,
         })
         .await?;
     Ok(OpenAiResponse::Json(response(
@@ -302,7 +421,7 @@ mod tests {
     fn parameters() {
         let r = parse(&body(&json!({"input": "x"}))).unwrap();
         assert_eq!(r.encoding_format, EncodingFormat::Float);
-        assert_eq!((r.dimensions, r.truncate_prompt_tokens), (None, None));
+        assert_eq!((r.dimensions, r.truncate), (None, None));
         assert!(r.add_special_tokens);
         let r = parse(&body(
             &json!({"input": "x", "encoding_format": "base64", "dimensions": 8, "truncate_prompt_tokens": -1}),
@@ -310,8 +429,14 @@ mod tests {
         .unwrap();
         assert_eq!(r.encoding_format, EncodingFormat::Base64);
         assert_eq!(
-            (r.dimensions, r.truncate_prompt_tokens),
-            (Some(8), Some(-1))
+            (r.dimensions, r.truncate),
+            (
+                Some(8),
+                Some(Truncation {
+                    keep: None,
+                    left: false
+                })
+            )
         );
         for (bad, param) in [
             (
@@ -328,6 +453,32 @@ mod tests {
             let e = parse(&body(&bad)).unwrap_err();
             assert_eq!(e.param(), Some(param), "{bad}");
         }
+    }
+
+    #[test]
+    fn chat_style_requests_and_matryoshka() {
+        let r = parse(&body(
+            &json!({"messages": [{"role": "user", "content": "hi"}], "normalize": false}),
+        ))
+        .unwrap();
+        assert!(r.chat.is_some() && r.inputs.is_empty() && !r.add_special_tokens);
+        assert_eq!(r.normalize, Some(false));
+        let both = json!({"input": "x", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(parse(&body(&both)).unwrap_err().param(), Some("messages"));
+        assert_eq!(
+            parse(&body(&json!({"input": "x", "typo": 1})))
+                .unwrap_err()
+                .param(),
+            Some("typo")
+        );
+        assert!(check_matryoshka(None, None, "m").is_ok());
+        assert_eq!(
+            check_matryoshka(Some(8), None, "m").unwrap_err().param(),
+            Some("dimensions")
+        );
+        assert!(check_matryoshka(Some(8), Some(&vec![]), "m").is_ok());
+        assert!(check_matryoshka(Some(8), Some(&vec![16, 32]), "m").is_err());
+        assert!(check_matryoshka(Some(16), Some(&vec![16, 32]), "m").is_ok());
     }
 
     #[test]

@@ -161,6 +161,12 @@ async fn dispatch(
             check_model(&body, settings)?;
             responses::handle(engine, settings, &body).await
         }
+        _ if route.starts_with("/v1/models/") => {
+            if method != Method::GET {
+                return Err(ApiError::method_not_allowed("/v1/models/{model} takes GET"));
+            }
+            model(engine, settings, &route["/v1/models/".len()..]).map(OpenAiResponse::Json)
+        }
         _ => Err(ApiError::not_found(format!("no OpenAI route {route} (served: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/responses, /v1/messages)"),
         )),
     }
@@ -179,20 +185,34 @@ pub(crate) fn check_model(body: &Body<'_>, settings: &OpenAiSettings) -> Result<
 }
 
 fn models(engine: &Engine, settings: &OpenAiSettings) -> Value {
+    json!({"object": "list", "data": [model_card(engine, settings)]})
+}
+
+fn model_card(engine: &Engine, settings: &OpenAiSettings) -> Value {
     let info = engine.info();
     json!({
-        "object": "list",
-        "data": [{
-            "id": settings.served_model_name,
-            "object": "model",
-            "created": info.created,
-            "owned_by": "worker-candle",
-            "root": settings.served_model_name,
-            "parent": null,
-            "max_model_len": info.max_model_len,
-            "permission": [],
-        }],
+        "id": settings.served_model_name,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "worker-candle",
+        "root": settings.served_model_name,
+        "parent": null,
+        "max_model_len": info.max_model_len,
+        "permission": [],
     })
+}
+
+/// `GET /v1/models/{model}`: the served model's card; any other id is OpenAI's 404.
+fn model(engine: &Engine, settings: &OpenAiSettings, id: &str) -> Result<Value, ApiError> {
+    if id == settings.served_model_name {
+        Ok(model_card(engine, settings))
+    } else {
+        Err(ApiError::not_found(format!(
+            "The model `{id}` does not exist. This worker serves `{}`.",
+            settings.served_model_name
+        ))
+        .with_param("model"))
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ pub(crate) struct Outcome {
     pub prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
     pub choices: Vec<ChoiceOutcome>,
     pub usage: Usage,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: usize,
 }
 
 /// Reads events to the end. `n` is the number of choices the request returns.
@@ -51,8 +53,9 @@ pub(crate) async fn collect(
                     choice.finish = delta.finish;
                 }
             }
-            GenerationEvent::Done { usage, .. } => {
+            GenerationEvent::Done { usage, metrics } => {
                 outcome.usage = usage;
+                outcome.cached_prompt_tokens = metrics.cached_prompt_tokens;
                 return Ok(outcome);
             }
             GenerationEvent::Error(e) => return Err(e.into()),

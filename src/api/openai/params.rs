@@ -75,7 +75,8 @@ struct SamplingFields {
     top_p: Option<f32>,
     top_k: Option<i64>,
     min_p: Option<f32>,
-    seed: Option<u64>,
+    /// Any signed 64-bit seed, as vLLM takes (a negative one is kept as its two's complement).
+    seed: Option<i64>,
     stop: Option<OneOrMany>,
     stop_token_ids: Option<Vec<u32>>,
     include_stop_str_in_output: Option<bool>,
@@ -162,7 +163,7 @@ pub(crate) fn sampling_params(
         top_p: f.top_p.unwrap_or(1.0),
         top_k: f.top_k.unwrap_or(-1),
         min_p: f.min_p.unwrap_or(0.0),
-        seed: f.seed,
+        seed: f.seed.map(|s| s as u64),
         stop: match f.stop {
             None => Vec::new(),
             Some(OneOrMany::One(s)) => vec![s],
@@ -184,35 +185,241 @@ pub(crate) fn sampling_params(
     })
 }
 
-/// `stream` and `stream_options.include_usage`.
-pub(crate) fn stream_options(body: &Body<'_>) -> Result<(bool, bool), ApiError> {
+/// `stream` and its `stream_options`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StreamOptions {
+    pub stream: bool,
+    /// A last chunk with the request's usage.
+    pub include_usage: bool,
+    /// vLLM's `continuous_usage_stats`: the usage so far in every chunk too (with `include_usage`).
+    pub continuous_usage: bool,
+}
+
+/// `stream` and `stream_options` (`include_usage`, vLLM's `continuous_usage_stats`). As vLLM,
+/// `stream_options` without `stream: true` is a 400.
+pub(crate) fn stream_options(body: &Body<'_>) -> Result<StreamOptions, ApiError> {
     let stream = body.flag("stream", false)?;
-    let include_usage = match body.raw("stream_options") {
-        None => false,
-        Some(Value::Object(o)) => match o.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "stream_options",
-                    "`stream_options.include_usage` must be a boolean",
-                ))
-            }
-        },
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "stream_options",
-                "`stream_options` must be an object",
-            ))
-        }
+    let flag = |o: &Map<String, Value>, key: &str| match o.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::invalid(
+            "stream_options",
+            format!("`stream_options.{key}` must be a boolean"),
+        )),
     };
-    if include_usage && !stream {
+    let Some(options) = body.raw("stream_options") else {
+        return Ok(StreamOptions {
+            stream,
+            ..Default::default()
+        });
+    };
+    let Value::Object(o) = options else {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "`stream_options` must be an object",
+        ));
+    };
+    if let Some(key) = o
+        .keys()
+        .find(|k| !["include_usage", "continuous_usage_stats"].contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(
+            "stream_options",
+            format!("unknown field `stream_options.{key}` (known: include_usage, continuous_usage_stats)"),
+        ));
+    }
+    let include_usage = flag(o, "include_usage")?;
+    let continuous_usage = include_usage && flag(o, "continuous_usage_stats")?;
+    if !stream {
         return Err(ApiError::invalid(
             "stream_options",
             "`stream_options` is only allowed when `stream` is true",
         ));
     }
-    Ok((stream, include_usage))
+    Ok(StreamOptions {
+        stream,
+        include_usage,
+        continuous_usage,
+    })
+}
+
+/// vLLM's extensions that shape a generation's prompt and response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Extensions {
+    /// `return_token_ids`: `prompt_token_ids` and each choice's `token_ids` in the response.
+    pub return_token_ids: bool,
+    /// `return_tokens_as_token_ids`: logprob tokens spelled `token:<id>`.
+    pub tokens_as_ids: bool,
+    /// `truncate_prompt_tokens` (-1 = the model's maximum length) with `truncation_side`.
+    pub truncate: Option<Truncation>,
+}
+
+/// Keep `keep` prompt tokens (`None`: the model's maximum length), from the end (`left`, vLLM's
+/// default: the start is cut) or from the start (`right`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Truncation {
+    pub keep: Option<usize>,
+    pub left: bool,
+}
+
+impl Truncation {
+    /// Cuts `ids` to the kept tokens; more than `max_len` kept is a 400, as vLLM answers.
+    pub(crate) fn apply(&self, ids: &mut Vec<u32>, max_len: usize) -> Result<(), ApiError> {
+        let keep = match self.keep {
+            None => max_len,
+            Some(k) if k > max_len => {
+                return Err(ApiError::invalid(
+                    "truncate_prompt_tokens",
+                    format!(
+                        "`truncate_prompt_tokens` is {k}, more than the model's maximum context length of {max_len} tokens"
+                    ),
+                ))
+            }
+            Some(k) => k,
+        };
+        if ids.len() > keep {
+            if self.left {
+                ids.drain(..ids.len() - keep);
+            } else {
+                ids.truncate(keep);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ExtensionFields {
+    return_token_ids: Option<bool>,
+    return_tokens_as_token_ids: Option<bool>,
+    truncate_prompt_tokens: Option<i64>,
+    truncation_side: Option<String>,
+}
+
+pub(crate) fn extensions(body: &Body<'_>) -> Result<Extensions, ApiError> {
+    let f: ExtensionFields = body.typed()?;
+    Ok(Extensions {
+        return_token_ids: f.return_token_ids.unwrap_or(false),
+        tokens_as_ids: f.return_tokens_as_token_ids.unwrap_or(false),
+        truncate: truncation(f.truncate_prompt_tokens, f.truncation_side.as_deref())?,
+    })
+}
+
+/// `truncate_prompt_tokens` (≥ 1, or -1 for the model's maximum) and `truncation_side`.
+pub(crate) fn truncation(
+    keep: Option<i64>,
+    side: Option<&str>,
+) -> Result<Option<Truncation>, ApiError> {
+    let left = match side {
+        None | Some("left") => true,
+        Some("right") => false,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "truncation_side",
+                format!("`truncation_side` must be \"left\" or \"right\", got \"{other}\""),
+            ))
+        }
+    };
+    match keep {
+        None => Ok(None),
+        Some(-1) => Ok(Some(Truncation { keep: None, left })),
+        Some(k) if k >= 1 => Ok(Some(Truncation {
+            keep: Some(k as usize),
+            left,
+        })),
+        Some(_) => Err(ApiError::invalid(
+            "truncate_prompt_tokens",
+            "`truncate_prompt_tokens` must be at least 1 (or -1 for the model's maximum length)",
+        )),
+    }
+}
+
+/// Request fields every generation route reads: the sampling ones, `stream`/`stream_options`,
+/// vLLM's extensions, and fields accepted as OpenAI and vLLM accept them without acting on them here
+/// (`user`, `metadata`, `store`, `service_tier`, `request_id`, `priority`, `cache_salt`,
+/// `prompt_cache_key`, `safety_identifier`).
+pub(crate) const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "n",
+    "best_of",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "max_tokens",
+    "min_tokens",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "prompt_logprobs",
+    "logit_bias",
+    "use_beam_search",
+    "length_penalty",
+    "early_stopping",
+    "user",
+    "stream",
+    "stream_options",
+    "return_token_ids",
+    "return_tokens_as_token_ids",
+    "truncate_prompt_tokens",
+    "truncation_side",
+    "metadata",
+    "store",
+    "service_tier",
+    "request_id",
+    "priority",
+    "cache_salt",
+    "prompt_cache_key",
+    "safety_identifier",
+];
+
+/// OpenAI and vLLM fields this worker does not act on and that would change the output: refused
+/// with a message that says so, rather than ignored.
+const UNSUPPORTED_FIELDS: &[&str] = &[
+    "functions",
+    "function_call",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structured_outputs",
+    "bad_words",
+    "allowed_token_ids",
+    "logits_processors",
+    "vllm_xargs",
+    "kv_transfer_params",
+    "mm_processor_kwargs",
+    "prompt_embeds",
+];
+
+/// Refuses a field no list names, as the README promises (a typo is an error, not a silent default).
+pub(crate) fn check_fields(body: &Body<'_>, lists: &[&[&str]]) -> Result<(), ApiError> {
+    match body
+        .0
+        .keys()
+        .find(|k| !lists.iter().any(|l| l.contains(&k.as_str())))
+    {
+        None => Ok(()),
+        Some(key) if UNSUPPORTED_FIELDS.contains(&key.as_str()) => Err(ApiError::invalid(
+            key,
+            format!("`{key}` is not supported by this worker"),
+        )),
+        Some(key) => Err(ApiError::invalid(key, format!("unknown field `{key}`"))),
+    }
 }
 
 #[cfg(test)]
@@ -267,7 +474,7 @@ mod tests {
             (json!({"stop": 3}), "stop"),
             (json!({"logit_bias": {"abc": 1}}), "logit_bias"),
             (json!({"logit_bias": {"1": 101}}), "logit_bias"),
-            (json!({"seed": -1}), "seed"),
+            (json!({"seed": 1.5}), "seed"),
             (json!({"early_stopping": 3}), "early_stopping"),
             (json!({"max_tokens": 1.5}), "max_tokens"),
             (json!({"logit_bias": {"1": "x"}}), "logit_bias"),
@@ -280,13 +487,43 @@ mod tests {
 
     #[test]
     fn stream_options_need_stream() {
-        let map = json!({"stream_options": {"include_usage": true}});
-        let e = stream_options(&Body(map.as_object().unwrap())).unwrap_err();
-        assert_eq!(e.param(), Some("stream_options"));
-        let map = json!({"stream": true, "stream_options": {"include_usage": true}});
-        assert_eq!(
-            stream_options(&Body(map.as_object().unwrap())).unwrap(),
-            (true, true)
-        );
+        for map in [
+            json!({"stream_options": {"include_usage": true}}),
+            json!({"stream": false, "stream_options": {"include_usage": false}}),
+            json!({"stream": true, "stream_options": {"typo": true}}),
+        ] {
+            let e = stream_options(&Body(map.as_object().unwrap())).unwrap_err();
+            assert_eq!(e.param(), Some("stream_options"));
+        }
+        let map = json!({"stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}});
+        let o = stream_options(&Body(map.as_object().unwrap())).unwrap();
+        assert!(o.stream && o.include_usage && o.continuous_usage);
+    }
+
+    #[test]
+    fn any_signed_seed_and_truncation() {
+        assert_eq!(params(json!({"seed": -1})).unwrap().seed, Some(u64::MAX));
+        let t = truncation(Some(2), None).unwrap().unwrap();
+        let mut ids = vec![1, 2, 3];
+        t.apply(&mut ids, 10).unwrap();
+        assert_eq!(ids, vec![2, 3]);
+        let t = truncation(Some(2), Some("right")).unwrap().unwrap();
+        let mut ids = vec![1, 2, 3];
+        t.apply(&mut ids, 10).unwrap();
+        assert_eq!(ids, vec![1, 2]);
+        assert!(t.apply(&mut ids, 1).is_err());
+        let t = truncation(Some(-1), None).unwrap().unwrap();
+        let mut ids = vec![1, 2, 3];
+        t.apply(&mut ids, 2).unwrap();
+        assert_eq!(ids, vec![2, 3]);
+        assert!(truncation(Some(0), None).is_err());
+        assert!(truncation(Some(1), Some("middle")).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let map = json!({"temperature": 1, "tempurature": 1});
+        let e = check_fields(&Body(map.as_object().unwrap()), &[COMMON_FIELDS]).unwrap_err();
+        assert_eq!((e.status(), e.param()), (400, Some("tempurature")));
     }
 }

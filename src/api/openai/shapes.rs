@@ -24,12 +24,25 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn usage(u: &Usage) -> Value {
+/// `usage`, with vLLM's `prompt_tokens_details.cached_tokens` (the prompt tokens served from the
+/// prefix cache); `cached` is `None` when prefix caching is off, and the details are then null.
+pub(crate) fn usage(u: &Usage, cached: Option<usize>) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens(),
+        "prompt_tokens_details": cached.map(|c| json!({"cached_tokens": c})),
     })
+}
+
+/// vLLM's `return_tokens_as_token_ids`: every token of the logprobs spelled `token:<id>`.
+pub(crate) fn spell_as_ids(lps: &mut [TokenLogprob]) {
+    for lp in lps {
+        lp.token = format!("token:{}", lp.token_id);
+        for (id, text, _) in &mut lp.top {
+            *text = format!("token:{id}");
+        }
+    }
 }
 
 pub(crate) fn finish_reason(finish: Option<&Finish>) -> Value {
@@ -123,7 +136,8 @@ pub(crate) fn chat_logprobs(lps: &[TokenLogprob], top_n: usize) -> Value {
 }
 
 /// vLLM's `prompt_logprobs`: per prompt token `null` (the first) or `{token_id: {logprob, rank,
-/// decoded_token}}` for the token and its alternatives (rank: 1 = most likely; null when unknown).
+/// decoded_token}}` for the token and its alternatives (rank: 1 = most likely, the true rank even
+/// outside the alternatives, as vLLM gives it).
 pub(crate) fn prompt_logprobs(ids: &[u32], logprobs: &[Option<TokenLogprob>]) -> Value {
     let entries = ids.iter().enumerate().map(|(i, id)| {
         let Some(Some(lp)) = logprobs.get(i) else {
@@ -136,10 +150,9 @@ pub(crate) fn prompt_logprobs(ids: &[u32], logprobs: &[Option<TokenLogprob>]) ->
                 json!({"logprob": finite(*alt_lp), "rank": rank + 1, "decoded_token": text}),
             );
         }
-        let rank = lp.top.iter().position(|(alt, ..)| alt == id).map(|r| r + 1);
         map.insert(
             id.to_string(),
-            json!({"logprob": finite(lp.logprob), "rank": rank, "decoded_token": lp.token}),
+            json!({"logprob": finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.token}),
         );
         Value::Object(map)
     });
@@ -153,6 +166,7 @@ mod tests {
     fn lp(token: &str, logprob: f32, top: &[(&str, f32)]) -> TokenLogprob {
         TokenLogprob {
             token_id: 1,
+            rank: 7,
             token: token.into(),
             logprob,
             top: top.iter().map(|(t, l)| (2, t.to_string(), *l)).collect(),
@@ -196,7 +210,7 @@ mod tests {
         let v = prompt_logprobs(&[5, 1], &[None, Some(lp("x", -0.5, &[]))]);
         assert_eq!(
             v,
-            json!([null, {"1": {"logprob": -0.5, "rank": null, "decoded_token": "x"}}])
+            json!([null, {"1": {"logprob": -0.5, "rank": 7, "decoded_token": "x"}}])
         );
     }
 

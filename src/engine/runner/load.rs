@@ -116,6 +116,8 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
             can_generate: true,
             can_embed: false,
             created,
+            prefix_caching: false,
+            matryoshka: None,
         },
         template,
         kind: EngineKind::Generator(Generator {

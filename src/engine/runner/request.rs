@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::beam::{BeamConfig, BeamSearch, Live};
 use crate::engine::batch::LogitsWanted;
 use crate::engine::detokenize::{DecodeOptions, Detokenizer};
-use crate::engine::sampling::{log_softmax, top_n, Sampler};
+use crate::engine::sampling::{log_softmax, rank_of, top_n, Sampler};
 use crate::engine::scheduler::{Scheduled, Scheduler, SeqId};
 use crate::engine::stop::{StopConditions, StopStrings};
 use crate::engine::tokenizer::Tokenizer;
@@ -199,6 +199,7 @@ impl RequestState {
             out[target] = Some(token_logprob(
                 id,
                 lsm[id as usize],
+                rank_of(&lsm, id),
                 &top_n(&lsm, k),
                 tokenizer,
             ));
@@ -403,7 +404,7 @@ impl RequestState {
         }
         let logprobs = if want_logprobs {
             let lp = s.logprob.unwrap_or(f32::NAN);
-            vec![token_logprob(tok, lp, &s.top, ctx.tokenizer)]
+            vec![token_logprob(tok, lp, s.rank, &s.top, ctx.tokenizer)]
         } else {
             Vec::new()
         };
@@ -647,9 +648,16 @@ fn merge(into: &mut ChoiceDelta, d: ChoiceDelta) {
     }
 }
 
-fn token_logprob(id: u32, logprob: f32, top: &[(u32, f32)], tokenizer: &Tokenizer) -> TokenLogprob {
+fn token_logprob(
+    id: u32,
+    logprob: f32,
+    rank: usize,
+    top: &[(u32, f32)],
+    tokenizer: &Tokenizer,
+) -> TokenLogprob {
     TokenLogprob {
         token_id: id,
+        rank,
         token: tokenizer.token_text(id),
         logprob,
         top: top

@@ -84,6 +84,8 @@ fn toy_info(name: &str, vocab: usize) -> ModelInfo {
         can_generate: true,
         can_embed: false,
         created: 0,
+        prefix_caching: false,
+        matryoshka: None,
     }
 }
 
@@ -863,6 +865,7 @@ async fn an_embedding_engine_embeds_and_does_not_generate() {
             request_id: "r".into(),
             inputs: vec![vec![1, 2], vec![3]],
             dimensions: None,
+            normalize: None,
         })
         .await
         .unwrap();
@@ -881,6 +884,7 @@ async fn a_generating_engine_does_not_embed() {
             request_id: "r".into(),
             inputs: vec![vec![1]],
             dimensions: None,
+            normalize: None,
         })
         .await
         .unwrap_err();
