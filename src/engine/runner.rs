@@ -501,13 +501,12 @@ impl Core {
     /// alone, so one sequence's failure (a position past the model's table, a kernel's error or
     /// panic) fails its request only and the others go on with their own logits. `None` when
     /// nothing is left to commit.
-    #[allow(clippy::type_complexity)]
     fn forward(
         &mut self,
         plan: &StepPlan,
         batch: &ForwardBatch,
         wants: &[LogitsWanted],
-    ) -> Option<(Vec<f32>, Vec<Option<std::ops::Range<usize>>>)> {
+    ) -> Option<StepLogits> {
         let rows: Vec<usize> = plan
             .seqs
             .iter()
@@ -517,7 +516,7 @@ impl Core {
         let total: usize = rows.iter().sum();
         let error = match self.execute(&plan.copies, batch) {
             Ok(logits) if total == 0 || logits.len() % total == 0 => {
-                let vocab = if total == 0 { 0 } else { logits.len() / total };
+                let vocab = logits.len().checked_div(total).unwrap_or(0);
                 let mut at = 0;
                 let ranges = rows
                     .iter()
@@ -673,6 +672,9 @@ impl Core {
         (ForwardBatch { tokens, seqs }, wants)
     }
 }
+
+/// A step's logits, and each scheduled sequence's rows in them (`None`: its request failed).
+type StepLogits = (Vec<f32>, Vec<Option<std::ops::Range<usize>>>);
 
 /// The error a request gets when the engine could not compute its step.
 fn step_failed(reason: &str) -> EngineError {
