@@ -118,6 +118,11 @@ pub const SETTINGS: &[Setting] = &[
     setting("MAX_MODEL_LENGTH", "", "context length"),
     setting("MAX_MODEL_LEN", "", "context length (vLLM's spelling)"),
     setting(
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN",
+        "0",
+        "1: accept a context length past the model's positions",
+    ),
+    setting(
         "QUANTIZATION",
         "none",
         "gguf, or an in-situ kind (q8_0, q4_0, ...)",
@@ -398,6 +403,7 @@ impl Config {
             device: v.get("DEVICE", parse_device)?,
             quantization: v.get("QUANTIZATION", parse_quantization)?,
             max_model_len,
+            allow_long_max_model_len: v.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", boolean)?,
             kv_cache_memory: v.parse("KV_CACHE_MEMORY", |s| {
                 parse_bytes(s)
                     .ok_or_else(|| "a size in bytes, e.g. 4294967296, 4GiB, 512MiB or 2GB".into())

@@ -125,14 +125,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli, config)) {
+    let log_format = config.log_format;
+    let code = match runtime.block_on(dispatch(cli, config)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("worker-candle: {e:#}");
+            // Once: a JSON log line for log collectors, else one plain line.
+            match log_format {
+                LogFormat::Json => tracing::error!("{e:#}"),
+                LogFormat::Human => eprintln!("worker-candle: {e:#}"),
+            }
             ExitCode::FAILURE
         }
-    }
+    };
+    // Blocking tasks still running (a stuck post, an engine call) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
 }
 
 async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {

@@ -241,6 +241,52 @@ fn max_position_embeddings(config: &Value) -> usize {
         .unwrap_or(2048)
 }
 
+/// The longest context the model's positions allow, as vLLM derives it: `max_position_embeddings`
+/// (or `n_positions`, `n_ctx`), times the `factor` of a RoPE scaling that stretches positions
+/// (`linear`, `dynamic`, `yarn`); `llama3` and longrope configs already state their full length.
+fn derived_max_model_len(config: &Value) -> usize {
+    let base = max_position_embeddings(config);
+    let scaling = config
+        .get("rope_parameters")
+        .or_else(|| config.get("rope_scaling"))
+        .filter(|v| v.is_object());
+    let factor = scaling.and_then(|s| {
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str)?;
+        matches!(kind, "linear" | "dynamic" | "yarn")
+            .then(|| s.get("factor").and_then(Value::as_f64))
+            .flatten()
+    });
+    match factor {
+        Some(f) if f > 1.0 => (base as f64 * f) as usize,
+        _ => base,
+    }
+}
+
+/// `MAX_MODEL_LENGTH` past what the model's positions allow is refused at start (vLLM's rule):
+/// requests would otherwise fail, or silently degrade, once they pass the model's table.
+fn check_max_model_len(max_model_len: usize, derived: usize, allow_long: bool) -> Result<()> {
+    if max_model_len <= derived {
+        return Ok(());
+    }
+    if allow_long {
+        tracing::warn!(
+            max_model_len,
+            derived,
+            "MAX_MODEL_LENGTH is past the model's positions (VLLM_ALLOW_LONG_MAX_MODEL_LEN=1); \
+             outputs past them may be wrong and requests past them may fail"
+        );
+        return Ok(());
+    }
+    bail!(
+        "MAX_MODEL_LENGTH={max_model_len} is greater than the model's maximum of {derived} positions \
+         (max_position_embeddings in config.json, times a RoPE scaling factor); lower it, or set \
+         VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it anyway"
+    )
+}
+
 /// Loads the causal LM in `settings.model_path` (a float checkpoint folder, or a GGUF file) with the
 /// dtype, device and quantization the settings ask for.
 pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
@@ -346,6 +392,11 @@ fn placement(settings: &EngineSettings, config: &Value) -> Result<Placement> {
     if max_model_len == 0 {
         bail!("MAX_MODEL_LENGTH must be at least 1")
     }
+    check_max_model_len(
+        max_model_len,
+        derived_max_model_len(config),
+        settings.allow_long_max_model_len,
+    )?;
     Ok(Placement {
         architecture,
         device,
@@ -433,6 +484,30 @@ mod tests {
             DType::BF16
         );
         Ok(())
+    }
+
+    #[test]
+    fn max_model_len_past_the_positions_is_refused_unless_rope_scaling_or_override_allows_it() {
+        let gpt2 = json!({"n_positions": 512});
+        assert_eq!(derived_max_model_len(&gpt2), 512);
+        assert!(check_max_model_len(512, 512, false).is_ok());
+        let err = check_max_model_len(4096, 512, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MAX_MODEL_LENGTH=4096") && err.contains("512"),
+            "{err}"
+        );
+        assert!(check_max_model_len(4096, 512, true).is_ok());
+        let linear = json!({"max_position_embeddings": 512,
+                            "rope_scaling": {"type": "linear", "factor": 8.0}});
+        assert_eq!(derived_max_model_len(&linear), 4096);
+        let yarn = json!({"max_position_embeddings": 512,
+                          "rope_parameters": {"rope_type": "yarn", "factor": 4.0}});
+        assert_eq!(derived_max_model_len(&yarn), 2048);
+        let llama3 = json!({"max_position_embeddings": 131072,
+                            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}});
+        assert_eq!(derived_max_model_len(&llama3), 131072);
     }
 
     #[cfg(not(feature = "cuda"))]

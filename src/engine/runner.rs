@@ -25,7 +25,7 @@ use super::error::EngineError;
 use super::parts::{
     Embedder, EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
 };
-use super::scheduler::{Scheduler, SeqId, StepPlan};
+use super::scheduler::{Scheduled, Scheduler, SeqId, StepPlan};
 use super::settings::EngineSettings;
 use super::speculative::NgramProposer;
 use super::template::ChatTemplate;
@@ -411,72 +411,207 @@ impl Core {
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let (batch, wants) = self.build_batch(&plan);
-        let logits = match self.executor.execute(&plan.copies, &batch) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "forward pass failed");
-                self.fail_plan(&plan, EngineError::Internal(e.to_string()));
-                return;
-            }
+        let Some((logits, ranges)) = self.forward(&plan, &batch, &wants) else {
+            return;
         };
         self.sched.commit(&plan);
         let rows: usize = plan
             .seqs
             .iter()
             .zip(&wants)
-            .map(|(sc, w)| rows_of(*w, sc.num_new))
+            .zip(&ranges)
+            .filter(|(_, r)| r.is_some())
+            .map(|((sc, w), _)| rows_of(*w, sc.num_new))
             .sum();
-        if rows == 0 || logits.len() % rows != 0 {
-            if rows > 0 {
-                let msg = format!("model returned {} logits for {rows} rows", logits.len());
-                self.fail_plan(&plan, EngineError::Internal(msg));
-            }
+        if rows == 0 {
             return;
         }
         let vocab = logits.len() / rows;
-        let mut at = 0;
-        for (sc, want) in plan.seqs.iter().zip(wants) {
-            let n = rows_of(want, sc.num_new) * vocab;
-            let chunk = &logits[at..at + n];
-            at += n;
+        for ((sc, want), range) in plan.seqs.iter().zip(wants).zip(ranges) {
+            let Some(range) = range else {
+                continue;
+            };
+            let chunk = &logits[range];
             let Some(&key) = self.owner.get(&sc.id) else {
                 continue;
             };
-            let Some(req) = self.requests.get_mut(&key) else {
+            if !self.requests.contains_key(&key) {
                 continue;
-            };
-            if !sc.draft.is_empty() {
-                let mut ctx = Ctx {
-                    sched: &mut self.sched,
-                    tokenizer: &self.tokenizer,
-                };
-                let accepted = req.on_draft_logits(sc.id, chunk, vocab, &sc.draft, &mut ctx);
-                let stats = &self.stats;
-                stats.spec_verify_steps.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .spec_draft_tokens
-                    .fetch_add(sc.draft.len(), Ordering::Relaxed);
-                stats
-                    .spec_accepted_tokens
-                    .fetch_add(accepted, Ordering::Relaxed);
-            } else if want == LogitsWanted::All {
-                req.collect_prompt_logprobs(sc, chunk, &self.tokenizer);
             }
-            if sc.completes && n > 0 && sc.draft.is_empty() {
-                let mut ctx = Ctx {
-                    sched: &mut self.sched,
-                    tokenizer: &self.tokenizer,
-                };
-                req.on_logits(sc.id, &chunk[n - vocab..], &mut ctx);
-                for s in req.live_seqs() {
-                    self.owner.insert(s, key);
-                }
-            }
-            if req.is_finished() {
-                self.requests.remove(&key);
-                self.owner.retain(|_, k| *k != key);
+            // A panic in one request's sampling or detokenizing fails that request alone.
+            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.on_seq_logits(key, sc, want, chunk, vocab)
+            }));
+            if handled.is_err() {
+                tracing::error!(
+                    seq = sc.id,
+                    "handling a sequence's logits panicked; failing its request"
+                );
+                self.fail_request(key, step_failed("its sampling step failed"));
             }
         }
+    }
+
+    /// The logits of one scheduled sequence, for its request (`key`).
+    fn on_seq_logits(
+        &mut self,
+        key: u64,
+        sc: &Scheduled,
+        want: LogitsWanted,
+        chunk: &[f32],
+        vocab: usize,
+    ) {
+        let Some(req) = self.requests.get_mut(&key) else {
+            return;
+        };
+        let n = chunk.len();
+        if !sc.draft.is_empty() {
+            let mut ctx = Ctx {
+                sched: &mut self.sched,
+                tokenizer: &self.tokenizer,
+            };
+            let accepted = req.on_draft_logits(sc.id, chunk, vocab, &sc.draft, &mut ctx);
+            let stats = &self.stats;
+            stats.spec_verify_steps.fetch_add(1, Ordering::Relaxed);
+            stats
+                .spec_draft_tokens
+                .fetch_add(sc.draft.len(), Ordering::Relaxed);
+            stats
+                .spec_accepted_tokens
+                .fetch_add(accepted, Ordering::Relaxed);
+        } else if want == LogitsWanted::All {
+            req.collect_prompt_logprobs(sc, chunk, &self.tokenizer);
+        }
+        if sc.completes && n > 0 && sc.draft.is_empty() {
+            let mut ctx = Ctx {
+                sched: &mut self.sched,
+                tokenizer: &self.tokenizer,
+            };
+            req.on_logits(sc.id, &chunk[n - vocab..], &mut ctx);
+            for s in req.live_seqs() {
+                self.owner.insert(s, key);
+            }
+        }
+        if req.is_finished() {
+            self.requests.remove(&key);
+            self.owner.retain(|_, k| *k != key);
+        }
+    }
+
+    /// The step's forward pass: the logits and, per scheduled sequence, its rows in them (`None`
+    /// for a sequence whose request failed). When the batched pass fails, each sequence is run
+    /// alone, so one sequence's failure (a position past the model's table, a kernel's error or
+    /// panic) fails its request only and the others go on with their own logits. `None` when
+    /// nothing is left to commit.
+    fn forward(
+        &mut self,
+        plan: &StepPlan,
+        batch: &ForwardBatch,
+        wants: &[LogitsWanted],
+    ) -> Option<StepLogits> {
+        let rows: Vec<usize> = plan
+            .seqs
+            .iter()
+            .zip(wants)
+            .map(|(sc, w)| rows_of(*w, sc.num_new))
+            .collect();
+        let total: usize = rows.iter().sum();
+        let error = match self.execute(&plan.copies, batch) {
+            Ok(logits) if total == 0 || logits.len() % total == 0 => {
+                let vocab = logits.len().checked_div(total).unwrap_or(0);
+                let mut at = 0;
+                let ranges = rows
+                    .iter()
+                    .map(|r| {
+                        let range = at..at + r * vocab;
+                        at += r * vocab;
+                        Some(range)
+                    })
+                    .collect();
+                return Some((logits, ranges));
+            }
+            Ok(logits) => {
+                anyhow::anyhow!("model returned {} logits for {total} rows", logits.len())
+            }
+            Err(e) => e,
+        };
+        if plan.seqs.len() == 1 {
+            self.fail_seq_of(plan.seqs[0].id, &error);
+            return None;
+        }
+        tracing::warn!(
+            seqs = plan.seqs.len(),
+            "the batched forward pass failed ({}); running its sequences one by one",
+            first_line(&error)
+        );
+        let mut logits = Vec::new();
+        let mut ranges = Vec::with_capacity(plan.seqs.len());
+        let mut copies: &[(u32, u32)] = &plan.copies;
+        let mut at = 0;
+        for (i, sc) in plan.seqs.iter().enumerate() {
+            let start: usize = plan.seqs[..i].iter().map(|s| s.num_new).sum();
+            if !self.sched.contains(sc.id) {
+                // Its request failed with a sibling's pass.
+                ranges.push(None);
+                continue;
+            }
+            let one = ForwardBatch {
+                tokens: batch.tokens[start..start + sc.num_new].to_vec(),
+                seqs: vec![batch.seqs[i].clone()],
+            };
+            match self.execute(copies, &one) {
+                Ok(l) if rows[i] == 0 || (!l.is_empty() && l.len() % rows[i] == 0) => {
+                    copies = &[];
+                    logits.extend_from_slice(&l);
+                    ranges.push(Some(at..at + l.len()));
+                    at += l.len();
+                }
+                Ok(l) => {
+                    let e =
+                        anyhow::anyhow!("model returned {} logits for {} rows", l.len(), rows[i]);
+                    self.fail_seq_of(sc.id, &e);
+                    ranges.push(None);
+                }
+                Err(e) => {
+                    self.fail_seq_of(sc.id, &e);
+                    ranges.push(None);
+                }
+            }
+        }
+        Some((logits, ranges))
+    }
+
+    /// The executor's forward pass, a panic in it turned into an error.
+    fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
+        let executor = &mut self.executor;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            executor.execute(copies, batch)
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the forward pass panicked")))
+    }
+
+    /// Fails the request owning `seq` after its forward pass failed: the full error in the log, its
+    /// first line (never a backtrace) to the client.
+    fn fail_seq_of(&mut self, seq: SeqId, error: &anyhow::Error) {
+        let Some(&key) = self.owner.get(&seq) else {
+            self.sched.remove(seq);
+            return;
+        };
+        let request_id = self
+            .requests
+            .get(&key)
+            .map(|r| r.request_id.clone())
+            .unwrap_or_default();
+        tracing::error!(%request_id, "forward pass failed: {error:?}");
+        let reason = format!("its forward pass failed: {}", first_line(error));
+        self.fail_request(key, step_failed(&reason));
+    }
+
+    fn fail_request(&mut self, key: u64, error: EngineError) {
+        if let Some(mut r) = self.requests.remove(&key) {
+            r.fail(error, &mut self.sched);
+        }
+        self.owner.retain(|_, k| *k != key);
     }
 
     /// Nothing could be scheduled although sequences exist: sequences holding blocks while they wait
@@ -500,18 +635,6 @@ impl Core {
             } else {
                 self.sched.remove(seq);
             }
-        }
-    }
-
-    fn fail_plan(&mut self, plan: &StepPlan, error: EngineError) {
-        for sc in &plan.seqs {
-            let Some(key) = self.owner.get(&sc.id).copied() else {
-                continue;
-            };
-            if let Some(mut r) = self.requests.remove(&key) {
-                r.fail(error.clone(), &mut self.sched);
-            }
-            self.owner.retain(|_, k| *k != key);
         }
     }
 
@@ -550,6 +673,30 @@ impl Core {
         }
         (ForwardBatch { tokens, seqs }, wants)
     }
+}
+
+/// A step's logits, and each scheduled sequence's rows in them (`None`: its request failed).
+type StepLogits = (Vec<f32>, Vec<Option<std::ops::Range<usize>>>);
+
+/// The error a request gets when the engine could not compute its step.
+fn step_failed(reason: &str) -> EngineError {
+    EngineError::Internal(format!("the engine could not run this request: {reason}"))
+}
+
+/// The first line of an error's message: candle appends a backtrace to its errors' text when
+/// `RUST_BACKTRACE` is set, and clients must never see one.
+fn first_line(error: &anyhow::Error) -> String {
+    let text = error.to_string();
+    let line = text.lines().next().unwrap_or_default().trim();
+    let mut line = line.to_string();
+    if line.len() > 300 {
+        let mut cut = 300;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+    }
+    line
 }
 
 fn rows_of(want: LogitsWanted, num_new: usize) -> usize {

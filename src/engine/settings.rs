@@ -49,6 +49,10 @@ pub struct EngineSettings {
     pub quantization: Quantization,
     /// `MAX_MODEL_LENGTH`; `None` = the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+    /// `VLLM_ALLOW_LONG_MAX_MODEL_LEN`: accept a `max_model_len` past the model's positions (vLLM's
+    /// escape hatch; outputs past them may be wrong, and a model whose position table ends there
+    /// fails those requests).
+    pub allow_long_max_model_len: bool,
     /// KV cache budget in bytes (`KV_CACHE_MEMORY`); `None` = a default derived from the device.
     pub kv_cache_memory: Option<u64>,
     /// On GPU: fraction of device memory the engine may use (`GPU_MEMORY_UTILIZATION`).
@@ -81,6 +85,7 @@ impl EngineSettings {
             device: DeviceChoice::Auto,
             quantization: Quantization::None,
             max_model_len: None,
+            allow_long_max_model_len: false,
             kv_cache_memory: None,
             gpu_memory_utilization: 0.9,
             block_size: 16,

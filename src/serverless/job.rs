@@ -112,19 +112,22 @@ pub async fn run_job<S: ResultSink>(
             _ = &mut deadline, if limit.is_some() => {
                 break JobResult::Error(ApiError::timed_out(limit.unwrap_or_default()));
             }
-            reason = wait_for_stop(&mut stop) => {
-                break match reason {
-                    StopReason::Cancelled => JobResult::Error(ApiError::cancelled()),
-                    StopReason::ShuttingDown => JobResult::Error(ApiError::shutting_down()),
-                };
-            }
+            reason = wait_for_stop(&mut stop) => break stopped_result(reason),
             next = pieces.next() => next,
         };
         match next {
             None => break JobResult::Output(aggregate),
             Some(Err(e)) => break JobResult::Error(e),
             Some(Ok(piece)) => {
-                sink.piece(&job.id, &piece).await;
+                // A slow post must not hold a stop: the job's result says how it ended.
+                let stopped = tokio::select! {
+                    biased;
+                    reason = wait_for_stop(&mut stop) => Some(reason),
+                    _ = sink.piece(&job.id, &piece) => None,
+                };
+                if let Some(reason) = stopped {
+                    break stopped_result(reason);
+                }
                 aggregate.push(piece);
             }
         }
@@ -134,6 +137,13 @@ pub async fn run_job<S: ResultSink>(
     let outcome = result.outcome();
     sink.done(&job.id, &result).await;
     outcome
+}
+
+fn stopped_result(reason: StopReason) -> JobResult {
+    match reason {
+        StopReason::Cancelled => JobResult::Error(ApiError::cancelled()),
+        StopReason::ShuttingDown => JobResult::Error(ApiError::shutting_down()),
+    }
 }
 
 /// The job's `policy.executionTimeout` (milliseconds), as RunPod's request policy spells it.
@@ -265,6 +275,33 @@ mod tests {
         assert_eq!(run_job(&Forever, &job, &sink, rx).await, Outcome::TimedOut);
         let results = sink.results.lock().unwrap();
         assert!(matches!(&results[0], JobResult::Error(e) if e.status() == 408));
+    }
+
+    #[tokio::test]
+    async fn a_stop_is_not_held_by_a_piece_post_that_never_answers() {
+        struct Hung(Recorder);
+        impl ResultSink for Hung {
+            async fn piece(&self, _job_id: &str, _piece: &Value) {
+                std::future::pending::<()>().await;
+            }
+            async fn done(&self, job_id: &str, result: &JobResult) {
+                self.0.done(job_id, result).await;
+            }
+        }
+        let handler = Pieces(vec![Ok(json!("a")), Ok(json!("b"))]);
+        let sink = Hung(Recorder::default());
+        let (tx, rx) = watch::channel(None);
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tx.send(Some(StopReason::ShuttingDown)).unwrap();
+            tx
+        });
+        assert_eq!(run_job(&handler, &job(), &sink, rx).await, Outcome::Failed);
+        drop(stopper.await.unwrap());
+        assert_eq!(
+            *sink.0.results.lock().unwrap(),
+            vec![JobResult::Error(ApiError::shutting_down())]
+        );
     }
 
     #[test]

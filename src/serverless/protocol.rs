@@ -1,7 +1,10 @@
 //! The queue's HTTP protocol: job-take (single and batch), job-stream, job-done, the
 //! heartbeat and the job-stop channel. Knows nothing of models; the job loop (`worker.rs`) drives it.
 
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
@@ -113,6 +116,9 @@ pub struct QueueClient {
     timings: Timings,
     /// Whether a heartbeat is sent: only on the platform (with an API key), as the SDK does.
     heartbeat: bool,
+    /// Once shutting down: the instant past which no call waits (each attempt's timeout and each
+    /// retry's pause are cut to it, and no attempt starts after it).
+    deadline: OnceLock<Instant>,
 }
 
 impl QueueClient {
@@ -139,7 +145,27 @@ impl QueueClient {
             urls,
             timings,
             heartbeat: api_key.is_some(),
+            deadline: OnceLock::new(),
         })
+    }
+
+    /// From now on every call ends by `at` (the shutdown deadline); the first call wins.
+    pub(crate) fn set_deadline(&self, at: Instant) {
+        let _ = self.deadline.set(at);
+    }
+
+    /// `wait` cut to the shutdown deadline; an error once it has passed.
+    fn bounded(&self, wait: Duration, what: &str) -> Result<Duration, ProtocolError> {
+        let Some(at) = self.deadline.get() else {
+            return Ok(wait);
+        };
+        let left = at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ProtocolError(format!(
+                "{what}: the shutdown deadline has passed"
+            )));
+        }
+        Ok(wait.min(left))
     }
 
     pub(crate) fn timings(&self) -> &Timings {
@@ -169,7 +195,7 @@ impl QueueClient {
         let response = self
             .http
             .get(&url)
-            .timeout(self.timings.long_poll)
+            .timeout(self.bounded(self.timings.long_poll, "job-take")?)
             .send()
             .await
             .map_err(|e| ProtocolError(format!("job-take failed: {e}")))?;
@@ -236,10 +262,11 @@ impl QueueClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let timeout = self.bounded(self.timings.post, &format!("{what} for job {job_id}"))?;
             let result = self
                 .http
                 .post(url)
-                .timeout(self.timings.post)
+                .timeout(timeout)
                 .header(
                     CONTENT_TYPE,
                     "application/x-www-form-urlencoded; charset=utf-8",
@@ -265,7 +292,8 @@ impl QueueClient {
                 )));
             }
             tracing::warn!(job_id, attempt, "{error}; retrying");
-            tokio::time::sleep(delays.next().unwrap_or(self.timings.retry_base)).await;
+            let pause = delays.next().unwrap_or(self.timings.retry_base);
+            tokio::time::sleep(self.bounded(pause, &error)?).await;
         }
     }
 
@@ -286,7 +314,7 @@ impl QueueClient {
             let result = self
                 .http
                 .get(url.clone())
-                .timeout(self.timings.ping_interval * 2)
+                .timeout(self.bounded(self.timings.ping_interval * 2, "ping")?)
                 .send()
                 .await;
             let error = match result {
@@ -300,7 +328,8 @@ impl QueueClient {
             if attempt > self.timings.retries {
                 return Err(ProtocolError(error));
             }
-            tokio::time::sleep(delays.next().unwrap_or(self.timings.retry_base)).await;
+            let pause = delays.next().unwrap_or(self.timings.retry_base);
+            tokio::time::sleep(self.bounded(pause, &error)?).await;
         }
     }
 
@@ -312,7 +341,7 @@ impl QueueClient {
         let response = self
             .http
             .get(url)
-            .timeout(self.timings.long_poll)
+            .timeout(self.bounded(self.timings.long_poll, "job-stop")?)
             .send()
             .await
             .map_err(|e| ProtocolError(format!("job-stop failed: {e}")))?;
@@ -416,6 +445,30 @@ mod tests {
         assert_eq!(urls.ping.as_deref(), Some("http://q/v2/ping/w1?gpu=A100"));
         assert_eq!(with_param("http://a/b", "x", "1"), "http://a/b?x=1");
         assert_eq!(with_param("http://a/b?y=2", "x", "1"), "http://a/b?y=2&x=1");
+    }
+
+    #[tokio::test]
+    async fn after_the_shutdown_deadline_no_call_waits() {
+        let urls = QueueUrls {
+            take: "http://127.0.0.1:9/v2/job-take/w".into(),
+            done: "http://127.0.0.1:9/v2/job-done/w/$ID".into(),
+            stream: None,
+            ping: None,
+            stop: None,
+        };
+        let client = QueueClient::new(urls, None, Timings::new(Duration::from_secs(10))).unwrap();
+        // Before: a wait is its own; after: cut to the deadline, then refused.
+        assert_eq!(
+            client.bounded(Duration::from_secs(30), "x").unwrap(),
+            Duration::from_secs(30)
+        );
+        client.set_deadline(Instant::now() + Duration::from_secs(1));
+        assert!(client.bounded(Duration::from_secs(30), "x").unwrap() <= Duration::from_secs(1));
+        client.set_deadline(Instant::now());
+        assert!(client.bounded(Duration::from_secs(30), "x").unwrap() <= Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let err = client.post_done("j", &json!({}), true).await.unwrap_err();
+        assert!(err.0.contains("shutdown deadline"), "{err}");
     }
 
     #[test]

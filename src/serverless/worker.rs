@@ -81,6 +81,7 @@ impl Worker {
         tokio::pin!(shutdown);
         let timings = self.client.timings().clone();
         let mut error_backoff = timings.error_backoff;
+        let mut pause: Option<Duration> = None;
         loop {
             // Reap finished jobs so the set does not grow without bound.
             while jobs.try_join_next().is_some() {}
@@ -139,7 +140,7 @@ impl Worker {
                 Ok(TakeOutcome::NoJob) => {
                     drop(permits);
                     // The platform long-polls; this pause only spares a server that does not.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    pause = Some(Duration::from_millis(100));
                 }
                 Ok(TakeOutcome::TooManyRequests) => {
                     drop(permits);
@@ -147,13 +148,20 @@ impl Worker {
                         "job-take answered 429; backing off {:?}",
                         timings.too_many_requests
                     );
-                    tokio::time::sleep(timings.too_many_requests).await;
+                    pause = Some(timings.too_many_requests);
                 }
                 Err(e) => {
                     drop(permits);
                     tracing::error!("{e}; retrying in {error_backoff:?}");
-                    tokio::time::sleep(error_backoff).await;
+                    pause = Some(error_backoff);
                     error_backoff = (error_backoff * 2).min(timings.error_backoff_max);
+                }
+            }
+            // Every back-off gives way to a shutdown.
+            if let Some(wait) = pause.take() {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         }
@@ -161,22 +169,25 @@ impl Worker {
         background.abort_all();
     }
 
+    /// The shutdown: every wait from here ends by `GRACEFUL_SHUTDOWN_TIMEOUT`. Jobs in flight may
+    /// finish until a reserve before that deadline (a quarter of it, at most 2 s); the rest are
+    /// stopped then and report their error in the reserve. Queue calls are cut to the deadline, and
+    /// whatever has not ended by it is dropped (its result could not be delivered in time).
     async fn drain(&self, mut jobs: JoinSet<()>) {
+        let hard = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.client.set_deadline(hard);
+        let reserve = (self.shutdown_timeout / 4).min(Duration::from_secs(2));
         let in_flight = jobs.len();
-        if in_flight > 0 {
-            tracing::info!(
-                in_flight,
-                "shutting down: waiting up to {:?} for jobs in flight",
-                self.shutdown_timeout
-            );
+        if in_flight == 0 {
+            return;
         }
-        let deadline = tokio::time::sleep(self.shutdown_timeout);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                next = jobs.join_next() => if next.is_none() { return },
-                _ = &mut deadline => break,
-            }
+        tracing::info!(
+            in_flight,
+            "shutting down: waiting up to {:?} for jobs in flight",
+            self.shutdown_timeout - reserve
+        );
+        if finish_by(&mut jobs, hard - reserve).await {
+            return;
         }
         let stopped: Vec<String> = {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
@@ -187,10 +198,26 @@ impl Worker {
         };
         tracing::warn!(
             ?stopped,
-            "shutdown deadline passed; reporting unfinished jobs as errors"
+            "shutdown deadline near; reporting unfinished jobs as errors"
         );
-        // Each stopped job now posts its error; the posts have their own timeouts and retries.
-        while jobs.join_next().await.is_some() {}
+        if finish_by(&mut jobs, hard).await {
+            return;
+        }
+        tracing::error!(
+            unreported = ?running_ids(&self.running),
+            "shutdown deadline passed before the queue took these jobs' results"
+        );
+        jobs.shutdown().await;
+    }
+}
+
+/// Waits for every job until `at`; whether all ended.
+async fn finish_by(jobs: &mut JoinSet<()>, at: tokio::time::Instant) -> bool {
+    loop {
+        tokio::select! {
+            next = jobs.join_next() => if next.is_none() { return true },
+            _ = tokio::time::sleep_until(at) => return false,
+        }
     }
 }
 

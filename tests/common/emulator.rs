@@ -1,6 +1,7 @@
 //! A RunPod queue emulator speaking the protocol over real HTTP: job-take and
 //! job-take-batch, job-stream, job-done, ping and job-stop. It records every call and can inject
-//! faults (an error status, a slow answer, a dropped connection) into the next calls of an endpoint.
+//! faults (an error status, a slow answer, a dropped connection, a call never answered) into the
+//! next calls of an endpoint.
 
 #![allow(dead_code)]
 
@@ -35,6 +36,8 @@ pub enum Fault {
     Delay(Duration),
     /// Close the connection without an answer and without processing the call.
     Drop,
+    /// Never answer and never process the call (a hung queue): the connection stays open.
+    Stall,
 }
 
 /// One call as the emulator saw it.
@@ -178,6 +181,13 @@ impl Emulator {
             .push_back(fault);
     }
 
+    /// The same fault for the next `n` calls of an endpoint.
+    pub fn faults(&self, endpoint: Endpoint, fault: Fault, n: usize) {
+        for _ in 0..n {
+            self.fault(endpoint, fault);
+        }
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()
     }
@@ -317,6 +327,7 @@ async fn handle(
         Some(Fault::Status(code)) => return Ok(respond(code, None)),
         Some(Fault::Drop) => return Err(Dropped),
         Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+        Some(Fault::Stall) => std::future::pending::<()>().await,
         None => {}
     }
     let segments: Vec<&str> = path.trim_start_matches("/v2/").split('/').collect();

@@ -26,13 +26,14 @@ use crate::engine::speculative::{NgramProposer, SpeculativeMethod};
 pub(crate) const DEFAULT_CPU_KV_BYTES: u64 = 1 << 30;
 
 /// How many KV blocks the budget buys. `budget`: `KV_CACHE_MEMORY`, else on GPU the share
-/// `gpu_memory_utilization` of the free memory (`gpu_free`), else the CPU default. Never fewer than
-/// one full-length sequence needs, so every admissible request can run.
+/// `gpu_memory_utilization` of the free memory (`gpu_free`), else the CPU default, never more than
+/// half the memory the host has left (`host_free`, when known). At least one block.
 pub(crate) fn num_kv_blocks(
     settings: &EngineSettings,
     bytes_per_block: u64,
     max_model_len: usize,
     gpu_free: Option<u64>,
+    host_free: Option<u64>,
 ) -> usize {
     let bs = settings.block_size.max(1);
     let per_seq = max_model_len.div_ceil(bs) as u64;
@@ -41,10 +42,114 @@ pub(crate) fn num_kv_blocks(
         (None, Some(free)) => (free as f64 * settings.gpu_memory_utilization as f64) as u64,
         (None, None) => {
             let wanted = per_seq * settings.max_num_seqs as u64 * bytes_per_block;
-            wanted.min(DEFAULT_CPU_KV_BYTES)
+            let default = wanted.min(DEFAULT_CPU_KV_BYTES);
+            host_free.map_or(default, |free| default.min(free / 2))
         }
     };
     ((budget / bytes_per_block.max(1)) as usize).max(1)
+}
+
+/// The start-up checks of the KV budget, before anything is allocated: an explicit
+/// `KV_CACHE_MEMORY` must fit the memory the host has left (`host_free`, for a cache in host
+/// memory), and the cache must hold one sequence of `max_model_len` tokens. When neither
+/// `KV_CACHE_MEMORY` nor `MAX_MODEL_LENGTH` was set, the context is lowered to what the default
+/// budget holds instead (logged); set explicitly, it is an error, as in vLLM. The context length to
+/// serve.
+pub(crate) fn check_kv_budget(
+    settings: &EngineSettings,
+    num_blocks: usize,
+    bytes_per_block: u64,
+    max_model_len: usize,
+    host_free: Option<u64>,
+) -> anyhow::Result<usize> {
+    let bytes = num_blocks as u64 * bytes_per_block;
+    if let (Some(asked), Some(free)) = (settings.kv_cache_memory, host_free) {
+        if bytes > free {
+            anyhow::bail!(
+                "KV_CACHE_MEMORY={} is more than the {} of memory this worker has left \
+                 (MemAvailable, or the cgroup's memory.max less its usage); lower KV_CACHE_MEMORY",
+                human_bytes(asked),
+                human_bytes(free)
+            );
+        }
+    }
+    let block_size = settings.block_size.max(1);
+    let capacity = num_blocks * block_size;
+    if capacity >= max_model_len {
+        return Ok(max_model_len);
+    }
+    let explicit = settings.kv_cache_memory.is_some() || settings.max_model_len.is_some();
+    if explicit {
+        let needed = max_model_len.div_ceil(block_size) as u64 * bytes_per_block;
+        anyhow::bail!(
+            "the KV cache ({} for {capacity} tokens) cannot hold one sequence of the context \
+             length {max_model_len} ({} needed); raise KV_CACHE_MEMORY or lower MAX_MODEL_LENGTH \
+             to at most {capacity}",
+            human_bytes(bytes),
+            human_bytes(needed)
+        );
+    }
+    tracing::warn!(
+        capacity,
+        max_model_len,
+        "the default KV cache holds fewer tokens than the model's context length; lowering the \
+         context length to fit (set KV_CACHE_MEMORY to keep it)"
+    );
+    Ok(capacity)
+}
+
+/// `1.5 GiB`, `512 MiB`, `300 B`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Host memory this process may still take: `MemAvailable` of /proc/meminfo, or what the cgroup's
+/// limit leaves (`memory.max` less `memory.current`, cgroup v2; v1's `memory.limit_in_bytes` less
+/// `memory.usage_in_bytes`), whichever is smaller. `None` where neither can be read.
+pub(crate) fn host_memory_available() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let meminfo = read("/proc/meminfo").and_then(|t| mem_available(&t));
+    let cgroup = cgroup_left(
+        read("/sys/fs/cgroup/memory.max").as_deref(),
+        read("/sys/fs/cgroup/memory.current").as_deref(),
+    )
+    .or_else(|| {
+        cgroup_left(
+            read("/sys/fs/cgroup/memory/memory.limit_in_bytes").as_deref(),
+            read("/sys/fs/cgroup/memory/memory.usage_in_bytes").as_deref(),
+        )
+    });
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `MemAvailable` in bytes from the text of /proc/meminfo.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A cgroup's limit less its usage; `None` without a limit (`max`, or v1's huge sentinel).
+fn cgroup_left(limit: Option<&str>, usage: Option<&str>) -> Option<u64> {
+    let limit: u64 = limit?.trim().parse().ok()?;
+    if limit >= 1 << 60 {
+        return None;
+    }
+    let usage: u64 = usage.and_then(|u| u.trim().parse().ok()).unwrap_or(0);
+    Some(limit.saturating_sub(usage))
 }
 
 /// The model and its paged cache: the executor the engine thread drives.
@@ -79,18 +184,27 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     let spec = model.spec().clone();
     let block_size = settings.block_size.max(1);
     let bytes_per_block = KvCache::bytes_per_block(&spec, block_size) as u64;
-    // TODO(cuda): pass the device's free memory so GPU_MEMORY_UTILIZATION applies.
-    let num_blocks = num_kv_blocks(settings, bytes_per_block, meta.max_model_len, None);
-    let capacity = num_blocks * block_size;
-    let mut max_model_len = meta.max_model_len;
-    if capacity < max_model_len {
-        tracing::warn!(
-            capacity,
-            max_model_len,
-            "the KV cache holds fewer tokens than the context length; lowering the context length to fit"
-        );
-        max_model_len = capacity;
-    }
+    // The cache lives in host memory on CPU. TODO(cuda): pass the device's free memory so
+    // GPU_MEMORY_UTILIZATION applies and the budget is checked against it.
+    let host_free = if meta.device.is_cpu() {
+        host_memory_available()
+    } else {
+        None
+    };
+    let num_blocks = num_kv_blocks(
+        settings,
+        bytes_per_block,
+        meta.max_model_len,
+        None,
+        host_free,
+    );
+    let max_model_len = check_kv_budget(
+        settings,
+        num_blocks,
+        bytes_per_block,
+        meta.max_model_len,
+        host_free,
+    )?;
     let cache = KvCache::new(&spec, num_blocks, block_size)?;
     tracing::info!(
         num_blocks,
@@ -242,13 +356,63 @@ mod tests {
     fn explicit_budget_wins_and_default_is_capped() {
         let mut s = EngineSettings::for_model("/x");
         s.kv_cache_memory = Some(10_000);
-        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(1 << 40)), 10);
+        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(1 << 40), None), 10);
         s.kv_cache_memory = None;
         // 256 seqs x 128 blocks x 1 MiB is far above the cap.
-        assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None), 1024);
+        assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None, None), 1024);
+        // ... and a host with 512 MiB left gets half of it.
+        assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None, Some(512 << 20)), 256);
         s.max_num_seqs = 2;
-        assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None), 256);
+        assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None, None), 256);
         s.gpu_memory_utilization = 0.5;
-        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(1_000_000)), 500);
+        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(1_000_000), None), 500);
+    }
+
+    #[test]
+    fn a_budget_past_the_memory_left_or_short_of_one_sequence_is_a_start_up_error() {
+        let mut s = EngineSettings::for_model("/x");
+        s.kv_cache_memory = Some(100 << 30);
+        let blocks = num_kv_blocks(&s, 1 << 20, 512, None, Some(8 << 30));
+        let err = check_kv_budget(&s, blocks, 1 << 20, 512, Some(8 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KV_CACHE_MEMORY=100.0 GiB") && err.contains("8.0 GiB"),
+            "{err}"
+        );
+        // Unknown host memory: no check.
+        assert_eq!(
+            check_kv_budget(&s, blocks, 1 << 20, 512, None).unwrap(),
+            512
+        );
+
+        // One block of 16 tokens cannot hold a 512-token context: an error, as in vLLM...
+        s.kv_cache_memory = Some(1);
+        let blocks = num_kv_blocks(&s, 1 << 10, 512, None, None);
+        assert_eq!(blocks, 1);
+        let err = check_kv_budget(&s, blocks, 1 << 10, 512, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KV_CACHE_MEMORY") && err.contains("at most 16"),
+            "{err}"
+        );
+        // ... and so with an explicit MAX_MODEL_LENGTH; only the defaults lower the context.
+        s.kv_cache_memory = None;
+        s.max_model_len = Some(512);
+        assert!(check_kv_budget(&s, 1, 1 << 10, 512, None).is_err());
+        s.max_model_len = None;
+        assert_eq!(check_kv_budget(&s, 1, 1 << 10, 512, None).unwrap(), 16);
+    }
+
+    #[test]
+    fn host_memory_is_the_smaller_of_meminfo_and_the_cgroup() {
+        let meminfo = "MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    2048 kB\n";
+        assert_eq!(mem_available(meminfo), Some(2 << 20));
+        assert_eq!(cgroup_left(Some("max\n"), Some("5")), None);
+        assert_eq!(cgroup_left(Some("1000\n"), Some("400\n")), Some(600));
+        assert_eq!(cgroup_left(Some("9223372036854771712"), None), None);
+        assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(human_bytes(1), "1 B");
     }
 }

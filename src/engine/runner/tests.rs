@@ -890,3 +890,98 @@ async fn a_generating_engine_does_not_embed() {
         .unwrap_err();
     assert!(matches!(err, EngineError::Unsupported(_)), "{err:?}");
 }
+
+/// A toy model that fails (or panics) on any step whose batch holds `poison`, after writing its
+/// cache slots as a kernel that fails half-way would.
+struct PoisonedExec {
+    inner: ToyExec,
+    poison: u32,
+    panic: bool,
+}
+
+impl Executor for PoisonedExec {
+    fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
+        let out = self.inner.execute(copies, batch)?;
+        if batch.tokens.contains(&self.poison) {
+            if self.panic {
+                panic!("index out of range in a kernel");
+            }
+            anyhow::bail!("index-select invalid index 600\nstack backtrace:\n   0: candle::kernel");
+        }
+        Ok(out)
+    }
+}
+
+/// One sequence whose forward pass fails (an error with a backtrace, or a panic) fails its own
+/// request with a one-line message; the seven sharing its steps finish with the tokens they get
+/// alone.
+#[tokio::test]
+async fn a_poisoned_sequence_fails_alone_and_its_batch_goes_on() {
+    const POISON: u32 = 5;
+    for panic in [false, true] {
+        let tokenizer = tokenizer();
+        let vocab = tokenizer.vocab_size();
+        let poisoned = Engine::launch(EngineParts {
+            info: toy_info("toy", vocab),
+            tokenizer,
+            template: None,
+            kind: EngineKind::Generator(Generator {
+                executor: Box::new(PoisonedExec {
+                    inner: ToyExec {
+                        slots: vec![0; 256 * BS],
+                        vocab,
+                        bigram: false,
+                    },
+                    poison: POISON,
+                    panic,
+                }),
+                eos_token_ids: vec![],
+                scheduler: SchedulerConfig {
+                    block_size: BS,
+                    num_blocks: 256,
+                    max_num_seqs: 64,
+                    max_num_batched_tokens: 256,
+                    enable_prefix_caching: true,
+                },
+                speculation: None,
+            }),
+        });
+        let long = |p: &mut SamplingParams| p.max_tokens = Some(40);
+        let requests: Vec<GenerateRequest> = (0..7)
+            .map(|i| request(prompt(5 + i, i as u32), long))
+            .collect();
+        let alone = run_all(&engine(256, 256, 64, true, vec![]), &requests, false).await;
+        assert!(alone
+            .iter()
+            .all(|a| !a.choices[0].token_ids.contains(&POISON)));
+        let mut streams: Vec<_> = requests
+            .iter()
+            .map(|r| poisoned.generate(r.clone()).unwrap())
+            .collect();
+        let mut bad = prompt(6, 9);
+        bad[3] = POISON;
+        let mut bad = poisoned.generate(request(bad, long)).unwrap();
+        streams.push(poisoned.generate(request(prompt(4, 11), long)).unwrap());
+        let error = loop {
+            match bad.next().await {
+                Some(GenerationEvent::Error(e)) => break e.to_string(),
+                Some(GenerationEvent::Done { .. }) | None => panic!("the poisoned request ended"),
+                Some(_) => {}
+            }
+        };
+        assert!(error.contains("could not run this request"), "{error}");
+        assert!(
+            !error.contains('\n') && !error.contains("backtrace"),
+            "{error}"
+        );
+        let together = futures::future::join_all(streams.into_iter().map(collect)).await;
+        for (a, b) in alone.iter().zip(&together) {
+            assert_eq!(
+                a.choices[0].token_ids, b.choices[0].token_ids,
+                "panic: {panic}"
+            );
+        }
+        assert_eq!(together[7].choices[0].token_ids.len(), 40);
+        wait_idle(&poisoned).await;
+    }
+}
