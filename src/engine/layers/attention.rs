@@ -7,6 +7,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+use super::causal_softmax::CausalSoftmax;
 use super::cpu_attention::{PagedAttention, SeqSlots};
 use crate::engine::batch::{ForwardBatch, LogitsWanted};
 use crate::engine::kv_cache::{Gather, KvCache, SlotRun};
@@ -275,6 +276,24 @@ impl BatchPlan {
                 .permute((1, 2, 0, 3))?
                 .contiguous()?
                 .reshape((kvh, g * n, d))?;
+            if q.device().is_cpu() && qs.dtype() == DType::F32 {
+                // scale, soft cap, mask and softmax in one pass, in place
+                let probs = qs.matmul(&k.t()?)?;
+                probs.inplace_op1(&CausalSoftmax {
+                    ctx: s.context_len,
+                    n,
+                    window: p.sliding_window,
+                    scale: p.scale as f32,
+                    softcap: p.softcap.map(|c| c as f32),
+                })?;
+                let o = probs.matmul(&v.contiguous()?)?; // [kvh, g*n, d]
+                outs.push(
+                    o.reshape((kvh, g, n, d))?
+                        .permute((2, 0, 1, 3))?
+                        .reshape((n, h * d))?,
+                );
+                continue;
+            }
             let mut scores = (qs.matmul(&k.t()?)? * p.scale)?;
             if scores.dtype() != DType::F32 {
                 scores = scores.to_dtype(DType::F32)?;

@@ -111,11 +111,7 @@ impl CustomOp3 for PagedAttention<'_> {
                     max = max.max(x);
                     scores.push(x);
                 }
-                let mut sum = 0f32;
-                for x in scores.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
+                let sum = simd::exp_shifted(scores, max);
                 o.fill(0.0);
                 for (j, w) in (lo..=pos).zip(scores.iter()) {
                     let slot = base + s.slots[j] as usize;

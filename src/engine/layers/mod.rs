@@ -1,6 +1,7 @@
 //! Layers shared by every architecture: written once, so a model file holds only what differs.
 
 pub mod attention;
+pub(crate) mod causal_softmax;
 pub mod cpu_attention;
 pub mod embedding;
 pub mod gemv;
