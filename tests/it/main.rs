@@ -27,5 +27,6 @@ mod sampling_speed;
 mod sampling_stop;
 mod serve_cli;
 mod serve_endpoint;
+mod serve_limits;
 mod serve_model;
 mod templates;
