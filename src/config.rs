@@ -707,6 +707,20 @@ mod tests {
     }
 
     #[test]
+    fn serve_limits_default_as_declared_and_parse_sizes() {
+        assert_eq!(parse(&[]).unwrap().serve_limits, ServeLimits::default());
+        let c = parse(&[
+            ("MAX_REQUEST_BODY_BYTES", "1MiB"),
+            ("FINISHED_JOBS_MAX_AGE", "5"),
+        ])
+        .unwrap();
+        assert_eq!(c.serve_limits.max_body_bytes, 1 << 20);
+        assert_eq!(c.serve_limits.finished_max_age, Duration::from_secs(5));
+        let e = parse(&[("MAX_REQUEST_BODY_BYTES", "lots")]).unwrap_err();
+        assert_eq!(e.name, "MAX_REQUEST_BODY_BYTES");
+    }
+
+    #[test]
     fn defaults_match_worker_vllm() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.max_concurrency, 100);

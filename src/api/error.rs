@@ -224,7 +224,8 @@ impl From<EngineError> for ApiError {
             _ => ErrorKind::Internal,
         };
         let param = e.param().map(str::to_string);
-        let code = matches!(e, EngineError::PromptTooLong { .. }).then_some("context_length_exceeded");
+        let code =
+            matches!(e, EngineError::PromptTooLong { .. }).then_some("context_length_exceeded");
         Self {
             kind,
             message: e.to_string(),

@@ -309,7 +309,10 @@ mod tests {
                 max_model_len,
             }) => {
                 assert_eq!(max_model_len, 512);
-                assert!(prompt_tokens >= 512 && prompt_tokens <= whole, "{prompt_tokens}");
+                assert!(
+                    prompt_tokens >= 512 && prompt_tokens <= whole,
+                    "{prompt_tokens}"
+                );
             }
             other => panic!("{other:?}"),
         }

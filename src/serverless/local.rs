@@ -20,8 +20,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Map, Value};
 use futures::StreamExt;
+use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::{run_job, Job, JobHandler, JobResult, Outcome, ResultSink, StopReason};
@@ -291,7 +291,14 @@ impl LocalEndpoint {
         let route = route.to_string();
         tokio::spawn(async move {
             endpoint
-                .execute(record, Job { id, input, extra }, permit, stop_rx, &route, kept)
+                .execute(
+                    record,
+                    Job { id, input, extra },
+                    permit,
+                    stop_rx,
+                    &route,
+                    kept,
+                )
                 .await;
         });
         job
@@ -419,15 +426,17 @@ impl LocalEndpoint {
             Ok(Bytes::from(data))
         };
         let timeout = self.limits.body_read_timeout;
-        tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
-            Err(ApiError::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "the request body was not received within {} s (HTTP_BODY_READ_TIMEOUT)",
-                    timeout.as_secs()
-                ),
-            ))
-        })
+        tokio::time::timeout(timeout, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "the request body was not received within {} s (HTTP_BODY_READ_TIMEOUT)",
+                        timeout.as_secs()
+                    ),
+                ))
+            })
     }
 
     /// A 400 when a request may produce more than `MAX_REQUEST_OUTPUT_TOKENS`: its sequences
