@@ -154,7 +154,7 @@ pub struct LocalEndpoint {
     limits: ServeLimits,
     /// The model's context length: a request without `max_tokens` may produce up to this many.
     max_model_len: Option<usize>,
-    /// Wakes the task that hands freed memory back to the system (see [`release_memory`]).
+    /// Wakes the task that hands freed memory back to the system (see [`housekeeping`]).
     trim: Arc<Notify>,
     slots: Arc<Semaphore>,
     max_concurrency: usize,
@@ -193,10 +193,7 @@ impl LocalEndpoint {
     ) -> Arc<Self> {
         let max_concurrency = max_concurrency.max(1);
         let trim = Arc::new(Notify::new());
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(release_memory(trim.clone()));
-        }
-        Arc::new(Self {
+        let endpoint = Arc::new(Self {
             handler,
             jobs: Mutex::default(),
             finished: Mutex::default(),
@@ -208,7 +205,11 @@ impl LocalEndpoint {
             metrics,
             api_key,
             http: reqwest::Client::new(),
-        })
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(housekeeping(Arc::downgrade(&endpoint)));
+        }
+        endpoint
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -536,16 +537,24 @@ fn requested_output(input: &Value, max_model_len: Option<usize>) -> Option<u64> 
     )
 }
 
-/// Hands memory that freed responses leave in the allocator back to the system, a second after the
-/// last wake-up (so a burst trims once): glibc keeps freed heap below its trim threshold (256 MiB,
-/// see `engine::loader`) and in every thread's arena, so RSS would stay at a burst's peak.
-async fn release_memory(wake: Arc<Notify>) {
+/// While the endpoint lives: forgets finished records past their age even when no request comes,
+/// and hands memory that freed responses leave in the allocator back to the system a second after
+/// the last wake-up (so a burst trims once): glibc keeps freed heap below its trim threshold (256 MiB,
+/// see `engine::loader`) and in every thread's arena, so RSS would otherwise stay at a burst's peak.
+async fn housekeeping(endpoint: std::sync::Weak<LocalEndpoint>) {
     loop {
-        match tokio::time::timeout(Duration::from_secs(60), wake.notified()).await {
-            // The endpoint is gone.
-            Err(_) if Arc::strong_count(&wake) == 1 => return,
-            Err(_) => continue,
-            Ok(()) => {}
+        let Some(strong) = endpoint.upgrade() else {
+            return;
+        };
+        let wake = strong.trim.clone();
+        let sweep = (strong.limits.finished_max_age / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        drop(strong);
+        if tokio::time::timeout(sweep, wake.notified()).await.is_err() {
+            if let Some(strong) = endpoint.upgrade() {
+                strong.forget_expired();
+            }
+            continue;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
