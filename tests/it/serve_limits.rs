@@ -179,6 +179,8 @@ async fn oversized_bodies_and_prompts_are_refused_within_a_memory_bound() {
 /// RSS, once it has settled at most `margin` above `target` (the allocator trims a second after the
 /// last request), else the last sample after a generous wait.
 async fn settled_rss(pid: u32, target: u64, margin: u64) -> u64 {
+    // The trim comes a second after the last request.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let rss = memory(pid, "VmRSS:");
