@@ -203,6 +203,37 @@ pub const SETTINGS: &[Setting] = &[
     setting("DISABLE_LOG_STATS", "0", "1: no periodic stats log line"),
     setting("LOG_FORMAT", "human", "human or json"),
     setting("API_KEY", "", "bearer token required by `serve`"),
+    // `serve` limits
+    setting(
+        "MAX_REQUEST_BODY_BYTES",
+        "16MiB",
+        "largest request body `serve` reads (413 beyond)",
+    ),
+    setting(
+        "MAX_REQUEST_OUTPUT_TOKENS",
+        "1048576",
+        "most output one request may pin: n × max_tokens × (1 + logprobs)",
+    ),
+    setting(
+        "FINISHED_JOBS_MAX_BYTES",
+        "256MiB",
+        "total size of the finished `/run` records `serve` keeps",
+    ),
+    setting(
+        "FINISHED_JOBS_MAX_AGE",
+        "1800",
+        "seconds `serve` keeps a finished `/run` record",
+    ),
+    setting(
+        "HTTP_HEADER_READ_TIMEOUT",
+        "30",
+        "seconds `serve` waits for a request's headers",
+    ),
+    setting(
+        "HTTP_BODY_READ_TIMEOUT",
+        "60",
+        "seconds `serve` waits for a request's body",
+    ),
     // OpenAI
     setting(
         "RAW_OPENAI_OUTPUT",
@@ -337,6 +368,38 @@ impl RunpodConfig {
     }
 }
 
+/// The local endpoint's bounds: what one request may make it read or hold, and how long finished
+/// records are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeLimits {
+    /// `MAX_REQUEST_BODY_BYTES`: larger bodies get a 413 before they are read whole.
+    pub max_body_bytes: usize,
+    /// `MAX_REQUEST_OUTPUT_TOKENS`: `n × max_tokens × (1 + logprobs)` above this is a 400.
+    pub max_output_tokens: u64,
+    /// `FINISHED_JOBS_MAX_BYTES`: the finished `/run` records kept, in total (oldest go first).
+    pub finished_max_bytes: usize,
+    /// `FINISHED_JOBS_MAX_AGE`: a finished record older than this is forgotten.
+    pub finished_max_age: Duration,
+    /// `HTTP_HEADER_READ_TIMEOUT`: a connection that sends no complete request head in this time
+    /// (idle keep-alive ones too) is closed.
+    pub header_read_timeout: Duration,
+    /// `HTTP_BODY_READ_TIMEOUT`: a request whose body is not read whole in this time gets a 408.
+    pub body_read_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 << 20,
+            max_output_tokens: 1 << 20,
+            finished_max_bytes: 256 << 20,
+            finished_max_age: Duration::from_secs(1800),
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub model: ModelConfig,
@@ -355,6 +418,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `API_KEY`: the bearer token `serve` requires.
     pub api_key: Option<Secret>,
+    /// What `serve` holds for one request or for finished ones.
+    pub serve_limits: ServeLimits,
     pub log_format: LogFormat,
     /// Variables of [`IGNORED_VARIABLES`] that are set.
     pub ignored: Vec<String>,
@@ -458,6 +523,20 @@ impl Config {
                 v.get("GRACEFUL_SHUTDOWN_TIMEOUT", positive)? as u64
             ),
             api_key: v.secret("API_KEY"),
+            serve_limits: ServeLimits {
+                max_body_bytes: v.get("MAX_REQUEST_BODY_BYTES", size)?,
+                max_output_tokens: v.get("MAX_REQUEST_OUTPUT_TOKENS", positive)? as u64,
+                finished_max_bytes: v.get("FINISHED_JOBS_MAX_BYTES", size)?,
+                finished_max_age: Duration::from_secs(
+                    v.get("FINISHED_JOBS_MAX_AGE", positive)? as u64
+                ),
+                header_read_timeout: Duration::from_secs(
+                    v.get("HTTP_HEADER_READ_TIMEOUT", positive)? as u64,
+                ),
+                body_read_timeout: Duration::from_secs(
+                    v.get("HTTP_BODY_READ_TIMEOUT", positive)? as u64
+                ),
+            },
             log_format: v.get("LOG_FORMAT", parse_log_format)?,
             ignored,
         })
@@ -532,6 +611,12 @@ fn positive(v: &str) -> Result<usize, String> {
         Ok(n) if n > 0 => Ok(n),
         _ => Err("a positive integer".into()),
     }
+}
+
+fn size(v: &str) -> Result<usize, String> {
+    parse_bytes(v)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| "a size in bytes, e.g. 16777216, 16MiB or 10MB".into())
 }
 
 fn fraction(v: &str) -> Result<f32, String> {
@@ -625,6 +710,20 @@ mod tests {
 
     fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn serve_limits_default_as_declared_and_parse_sizes() {
+        assert_eq!(parse(&[]).unwrap().serve_limits, ServeLimits::default());
+        let c = parse(&[
+            ("MAX_REQUEST_BODY_BYTES", "1MiB"),
+            ("FINISHED_JOBS_MAX_AGE", "5"),
+        ])
+        .unwrap();
+        assert_eq!(c.serve_limits.max_body_bytes, 1 << 20);
+        assert_eq!(c.serve_limits.finished_max_age, Duration::from_secs(5));
+        let e = parse(&[("MAX_REQUEST_BODY_BYTES", "lots")]).unwrap_err();
+        assert_eq!(e.name, "MAX_REQUEST_BODY_BYTES");
     }
 
     #[test]

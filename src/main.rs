@@ -232,6 +232,12 @@ async fn start_engine(config: &Config, model_name: &str) -> anyhow::Result<Engin
         max_model_len = engine.info().max_model_len,
         "model ready"
     );
+    if engine.info().can_generate {
+        // A prompt past the context is refused after about a context's worth of tokenizing.
+        engine
+            .tokenizer()
+            .limit_prompt_tokens(engine.info().max_model_len);
+    }
     Ok(engine)
 }
 
@@ -288,11 +294,14 @@ async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::default());
     let engine = start_engine(config, &model).await?;
     let _stats = log_stats(config, &metrics);
-    let endpoint = LocalEndpoint::new(
+    let max_model_len = engine.info().max_model_len;
+    let endpoint = LocalEndpoint::with_limits(
         handler(config, engine, metrics.clone()),
         config.max_concurrency,
         metrics,
         config.api_key.clone(),
+        config.serve_limits.clone(),
+        Some(max_model_len),
     );
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -301,10 +310,13 @@ async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!("serving on http://{address}");
     // A line on stdout that scripts (and tests) can wait for.
     println!("listening on http://{address}");
-    axum::serve(listener, endpoint.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the server failed")?;
+    worker_candle::serverless::local::serve(
+        listener,
+        endpoint.router(),
+        config.serve_limits.header_read_timeout,
+        shutdown_signal(),
+    )
+    .await;
     Ok(ExitCode::SUCCESS)
 }
 

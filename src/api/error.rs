@@ -19,8 +19,12 @@ pub(crate) enum ErrorKind {
     NotFound,
     /// The route exists but takes another method (405).
     MethodNotAllowed,
-    /// The job ran past its execution timeout (408).
+    /// The job ran past its execution timeout, or the client sent its body too slowly (408).
     TimedOut,
+    /// The request body is larger than the endpoint reads (413).
+    PayloadTooLarge,
+    /// The body is not in a media type the route reads (415).
+    UnsupportedMediaType,
     /// The client or the queue cancelled the work (499).
     Cancelled,
     /// A fault of the worker (500).
@@ -38,6 +42,8 @@ impl ErrorKind {
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::TimedOut => 408,
+            Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
             Self::Cancelled => 499,
             Self::Internal => 500,
             Self::Unavailable => 503,
@@ -52,6 +58,8 @@ impl ErrorKind {
             Self::NotFound => "NotFoundError",
             Self::MethodNotAllowed => "MethodNotAllowedError",
             Self::TimedOut => "TimeoutError",
+            Self::PayloadTooLarge => "PayloadTooLargeError",
+            Self::UnsupportedMediaType => "UnsupportedMediaTypeError",
             Self::Cancelled => "CancelledError",
             Self::Internal => "InternalServerError",
             Self::Unavailable => "ServiceUnavailableError",
@@ -74,6 +82,8 @@ pub struct ApiError {
     message: String,
     param: Option<String>,
     shape: ErrorShape,
+    /// OpenAI's machine-readable `error.code` (`model_not_found`, ...), where one applies.
+    code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -83,12 +93,19 @@ impl ApiError {
             message: message.into(),
             param: None,
             shape: ErrorShape::OpenAi,
+            code: None,
         }
     }
 
     /// The same error, shown in Anthropic's shape (see [`ApiError::body`]).
     pub(crate) fn in_anthropic_shape(mut self) -> Self {
         self.shape = ErrorShape::Anthropic;
+        self
+    }
+
+    /// Sets OpenAI's `error.code` (a string such as `context_length_exceeded`).
+    pub(crate) fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
         self
     }
 
@@ -120,7 +137,20 @@ impl ApiError {
     }
 
     pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Unauthorized, message)
+        Self::new(ErrorKind::Unauthorized, message).with_code("invalid_api_key")
+    }
+
+    /// A request body over the endpoint's limit of `limit` bytes.
+    pub(crate) fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::UnsupportedMediaType, message)
+    }
+
+    pub(crate) fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            ErrorKind::PayloadTooLarge,
+            format!("the request body is larger than the limit of {limit} bytes (MAX_REQUEST_BODY_BYTES)"),
+        )
+        .with_code("request_too_large")
     }
 
     /// A job cancelled by the client or the queue.
@@ -163,13 +193,23 @@ impl ApiError {
         self.param.as_deref()
     }
 
-    /// OpenAI's `error` object: `{"message", "type", "param", "code"}`.
+    /// OpenAI's `error.code`: a string, or `None` (JSON null) where no code applies. A 404 about
+    /// the `model` parameter is `model_not_found`, as OpenAI answers.
+    pub(crate) fn code(&self) -> Option<&'static str> {
+        self.code.or(match (self.kind, self.param.as_deref()) {
+            (ErrorKind::NotFound, Some("model")) => Some("model_not_found"),
+            _ => None,
+        })
+    }
+
+    /// OpenAI's `error` object: `{"message", "type", "param", "code"}`, every key present (`param`
+    /// and `code` a string or null).
     pub(crate) fn openai_object(&self) -> Value {
         json!({
             "message": self.message,
             "type": self.kind.type_name(),
             "param": self.param,
-            "code": self.status(),
+            "code": self.code(),
         })
     }
 
@@ -181,11 +221,14 @@ impl ApiError {
     /// Anthropic's error body, `{"type": "error", "error": {"type", "message"}}`.
     pub(crate) fn anthropic_body(&self) -> Value {
         let kind = match self.kind {
-            ErrorKind::BadRequest | ErrorKind::MethodNotAllowed => "invalid_request_error",
+            ErrorKind::BadRequest
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::UnsupportedMediaType => "invalid_request_error",
             ErrorKind::Unauthorized => "authentication_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::TimedOut => "timeout_error",
             ErrorKind::Unavailable => "overloaded_error",
+            ErrorKind::PayloadTooLarge => "request_too_large",
             ErrorKind::Cancelled | ErrorKind::Internal => "api_error",
         };
         json!({"type": "error", "error": {"type": kind, "message": self.message}})
@@ -229,11 +272,14 @@ impl From<EngineError> for ApiError {
             _ => ErrorKind::Internal,
         };
         let param = e.param().map(str::to_string);
+        let code =
+            matches!(e, EngineError::PromptTooLong { .. }).then_some("context_length_exceeded");
         Self {
             kind,
             message: e.to_string(),
             param,
             shape: ErrorShape::OpenAi,
+            code,
         }
     }
 }
@@ -248,13 +294,14 @@ mod tests {
         assert_eq!(e.status(), 400);
         assert_eq!(
             e.openai_body(),
-            json!({"error": {"message": "top_p must be in (0, 1]", "type": "BadRequestError", "param": "top_p", "code": 400}})
+            json!({"error": {"message": "top_p must be in (0, 1]", "type": "BadRequestError", "param": "top_p", "code": null}})
         );
         let e = ApiError::from(EngineError::PromptTooLong {
             prompt_tokens: 10,
             max_model_len: 8,
         });
         assert_eq!((e.status(), e.param()), (400, Some("messages")));
+        assert_eq!(e.openai_object()["code"], "context_length_exceeded");
         assert_eq!(
             ApiError::from(EngineError::Internal("x".into())).status(),
             500
@@ -281,6 +328,24 @@ mod tests {
         assert_eq!(e.status(), 400);
         let e = ApiError::not_found("x").in_anthropic_shape();
         assert_eq!(e.body()["error"]["type"], json!("not_found_error"));
+    }
+
+    #[test]
+    fn openai_bodies_always_carry_param_and_a_string_or_null_code() {
+        let plain = ApiError::bad_request("bad").openai_object();
+        assert_eq!(
+            plain,
+            json!({"message": "bad", "type": "BadRequestError", "param": null, "code": null})
+        );
+        let model = ApiError::not_found("no such model").with_param("model");
+        assert_eq!(model.openai_object()["code"], "model_not_found");
+        assert_eq!(
+            ApiError::unauthorized("no").openai_object()["code"],
+            "invalid_api_key"
+        );
+        let big = ApiError::payload_too_large(10);
+        assert_eq!(big.status(), 413);
+        assert_eq!(big.openai_object()["code"], "request_too_large");
     }
 
     #[test]

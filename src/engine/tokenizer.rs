@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context as _;
 use serde_json::Value;
@@ -28,7 +28,13 @@ struct Inner {
     add_bos: bool,
     vocab_size: usize,
     config: Value,
+    /// The most prompt tokens the engine takes (its context length), once set: longer texts are
+    /// counted in bounded pieces and refused before the whole text is tokenized.
+    prompt_limit: OnceLock<usize>,
 }
+
+/// Texts longer than this are counted in pieces of this size before they are tokenized whole.
+const COUNT_PIECE_BYTES: usize = 64 << 10;
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,13 +99,31 @@ impl Tokenizer {
                 add_bos,
                 vocab_size,
                 config,
+                prompt_limit: OnceLock::new(),
             }),
         }
     }
 
+    /// Sets the most tokens a prompt may have (the context length): from then on [`Self::encode`]
+    /// refuses a longer text with [`EngineError::PromptTooLong`] after tokenizing at most about that
+    /// many tokens of it, so megabytes of prompt cost no more than a full context does. The first
+    /// call counts; every clone shares it.
+    pub fn limit_prompt_tokens(&self, max_tokens: usize) {
+        let _ = self.inner.prompt_limit.set(max_tokens);
+    }
+
     /// Token ids of `text`. With `add_special_tokens` the tokenizer's post-processor runs (and BOS is
-    /// prepended when `add_bos_token` asks for it).
+    /// prepended when `add_bos_token` asks for it). A text over the prompt limit (see
+    /// [`Self::limit_prompt_tokens`]) is refused without being tokenized whole.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, EngineError> {
+        if let Some(&limit) = self.inner.prompt_limit.get() {
+            if let Some(at_least) = self.count_past(text, limit)? {
+                return Err(EngineError::PromptTooLong {
+                    prompt_tokens: at_least,
+                    max_model_len: limit,
+                });
+            }
+        }
         let enc = self
             .inner
             .tok
@@ -114,6 +138,36 @@ impl Tokenizer {
             }
         }
         Ok(ids)
+    }
+
+    /// For a text longer than one piece: tokenizes it piece by piece (cut at whitespace) and returns
+    /// `Some(n)` once the text has certainly at least `n >= limit` tokens, `None` when it may fit.
+    /// Cutting a text can change its token count only at the cut (a token split in two, a prefix
+    /// space or BOS added), so each cut discounts two tokens: a text refused here has at least as many
+    /// tokens as said, and a text that fits is always tokenized whole afterwards, exactly.
+    fn count_past(&self, text: &str, limit: usize) -> Result<Option<usize>, EngineError> {
+        if text.len() <= COUNT_PIECE_BYTES {
+            return Ok(None);
+        }
+        let mut counted = 0usize;
+        let mut cuts = 0usize;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let piece = &rest[..piece_end(rest, COUNT_PIECE_BYTES)];
+            rest = &rest[piece.len()..];
+            let enc = self
+                .inner
+                .tok
+                .encode(piece, false)
+                .map_err(|e| EngineError::Internal(format!("tokenizing: {e}")))?;
+            counted += enc.len();
+            let at_least = counted.saturating_sub(2 * cuts);
+            if at_least >= limit {
+                return Ok(Some(at_least));
+            }
+            cuts += 1;
+        }
+        Ok(None)
     }
 
     /// Text of `ids`, as the `tokenizers` library decodes it (no extra spaces around special tokens).
@@ -206,6 +260,28 @@ fn config_token(config: &Value, key: &str) -> Option<String> {
     }
 }
 
+/// Where the first piece of `text` of at most `max` bytes ends: before the last whitespace in its
+/// second half, else at a character boundary.
+fn piece_end(text: &str, max: usize) -> usize {
+    if text.len() <= max {
+        return text.len();
+    }
+    let boundary_at_or_before = |mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let end = boundary_at_or_before(max);
+    let half = boundary_at_or_before(max / 2);
+    match text[half..end].rfind(char::is_whitespace) {
+        Some(i) if half + i > 0 => half + i,
+        _ if end > 0 => end,
+        // `max` is shorter than the first character.
+        _ => text.chars().next().map_or(text.len(), char::len_utf8),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +289,46 @@ mod tests {
     fn fixture() -> Tokenizer {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
         Tokenizer::from_dir(dir).unwrap()
+    }
+
+    #[test]
+    fn a_prompt_past_the_limit_is_refused_and_one_within_is_exact() {
+        let tok = fixture();
+        let text = "The future of AI is bright. ".repeat(20_000);
+        let whole = tok.encode(&text, true).unwrap().len();
+        let limited = fixture();
+        limited.limit_prompt_tokens(whole + 1);
+        // At the limit: tokenized whole, the same ids.
+        assert_eq!(limited.encode(&text, true).unwrap().len(), whole);
+        limited.limit_prompt_tokens(10); // the first limit stays
+        let short = fixture();
+        short.limit_prompt_tokens(512);
+        match short.encode(&text, true) {
+            Err(EngineError::PromptTooLong {
+                prompt_tokens,
+                max_model_len,
+            }) => {
+                assert_eq!(max_model_len, 512);
+                assert!(
+                    prompt_tokens >= 512 && prompt_tokens <= whole,
+                    "{prompt_tokens}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Whitespace that makes few tokens is not refused for its bytes.
+        let spaces = format!("a{}b", " ".repeat(200_000));
+        let n = tok.encode(&spaces, false).unwrap().len();
+        if n < 512 {
+            assert_eq!(short.encode(&spaces, false).unwrap().len(), n);
+        }
+    }
+
+    #[test]
+    fn pieces_end_at_whitespace_or_a_char_boundary() {
+        assert_eq!(piece_end("abc", 10), 3);
+        assert_eq!(piece_end("aaaa bbbb", 8), 4);
+        assert_eq!(piece_end("ééééé", 5), 4);
     }
 
     #[test]

@@ -2,18 +2,25 @@
 //! (`/run`, `/runsync`, `/stream/{id}`, `/status/{id}`, `/cancel/{id}`, `/health`), plus the
 //! OpenAI routes under `/openai/v1` and `/v1` (run as OpenAI jobs, as the platform does) and
 //! Prometheus `/metrics`.
+//!
+//! What one client can make it hold is bounded before work is done ([`ServeLimits`]): the body it
+//! reads (413), the output a request may ask for (400), the time a connection may take to send its
+//! head and body, and the finished `/run` records it keeps (by count, total size and age; OpenAI
+//! requests leave no record).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -22,9 +29,10 @@ use super::metrics::Metrics;
 use crate::api::anthropic::MESSAGES_ROUTE;
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::openai::{normalize_route, sse};
-use crate::config::Secret;
+use crate::config::{Secret, ServeLimits};
 
-/// Finished jobs kept for `/status` and `/stream` before the oldest are forgotten.
+/// Finished jobs kept for `/status` and `/stream` before the oldest are forgotten (also bounded by
+/// `FINISHED_JOBS_MAX_BYTES` and `FINISHED_JOBS_MAX_AGE`).
 const KEPT_FINISHED: usize = 10_000;
 /// How long `/stream/{id}` waits for new output before answering with none.
 const STREAM_WAIT: Duration = Duration::from_secs(10);
@@ -78,6 +86,17 @@ struct LocalJob {
     stop: watch::Sender<Option<StopReason>>,
 }
 
+impl JobState {
+    /// Every piece so far: while running, those streamed; once completed, the result's (the same
+    /// pieces, moved there rather than kept twice).
+    fn pieces(&self) -> &[Value] {
+        match &self.result {
+            Some(JobResult::Output(pieces)) => pieces,
+            _ => &self.stream,
+        }
+    }
+}
+
 impl LocalJob {
     fn lock(&self) -> std::sync::MutexGuard<'_, JobState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -102,17 +121,42 @@ impl ResultSink for LocalSink {
                 Outcome::TimedOut => Status::TimedOut,
                 Outcome::Failed => Status::Failed,
             };
-            state.result = Some(result.clone());
+            state.result = Some(match result {
+                // The pieces are those streamed: keep them once.
+                JobResult::Output(pieces) if pieces.len() == state.stream.len() => {
+                    JobResult::Output(std::mem::take(&mut state.stream))
+                }
+                other => other.clone(),
+            });
             state.finished = Some(Instant::now());
         }
         self.0.changed.notify_waiters();
     }
 }
 
+/// A finished record kept for `/status` and `/stream`: its id, its size and when it finished.
+struct Retired {
+    id: String,
+    bytes: usize,
+    at: Instant,
+}
+
+/// The finished records, oldest first, and their total size.
+#[derive(Default)]
+struct Finished {
+    records: VecDeque<Retired>,
+    bytes: usize,
+}
+
 pub struct LocalEndpoint {
     handler: Arc<dyn JobHandler>,
     jobs: Mutex<HashMap<String, Arc<LocalJob>>>,
-    finished: Mutex<VecDeque<String>>,
+    finished: Mutex<Finished>,
+    limits: ServeLimits,
+    /// The model's context length: a request without `max_tokens` may produce up to this many.
+    max_model_len: Option<usize>,
+    /// Wakes the task that hands freed memory back to the system (see [`housekeeping`]).
+    trim: Arc<Notify>,
     slots: Arc<Semaphore>,
     max_concurrency: usize,
     metrics: Arc<Metrics>,
@@ -128,17 +172,45 @@ impl LocalEndpoint {
         metrics: Arc<Metrics>,
         api_key: Option<Secret>,
     ) -> Arc<Self> {
+        Self::with_limits(
+            handler,
+            max_concurrency,
+            metrics,
+            api_key,
+            ServeLimits::default(),
+            None,
+        )
+    }
+
+    /// An endpoint with the given bounds; `max_model_len` is the model's context length (what a
+    /// request without `max_tokens` may produce). Call within the async runtime.
+    pub fn with_limits(
+        handler: Arc<dyn JobHandler>,
+        max_concurrency: usize,
+        metrics: Arc<Metrics>,
+        api_key: Option<Secret>,
+        limits: ServeLimits,
+        max_model_len: Option<usize>,
+    ) -> Arc<Self> {
         let max_concurrency = max_concurrency.max(1);
-        Arc::new(Self {
+        let trim = Arc::new(Notify::new());
+        let endpoint = Arc::new(Self {
             handler,
             jobs: Mutex::default(),
             finished: Mutex::default(),
+            limits,
+            max_model_len,
+            trim,
             slots: Arc::new(Semaphore::new(max_concurrency)),
             max_concurrency,
             metrics,
             api_key,
             http: reqwest::Client::new(),
-        })
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(housekeeping(Arc::downgrade(&endpoint)));
+        }
+        endpoint
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -173,6 +245,7 @@ impl LocalEndpoint {
     }
 
     fn find(&self, id: &str) -> Option<Arc<LocalJob>> {
+        self.forget_expired();
         self.jobs().get(id).cloned()
     }
 
@@ -188,12 +261,15 @@ impl LocalEndpoint {
         self.metrics.set_load(queued, running);
     }
 
-    /// Registers a job and starts it (as soon as a slot is free).
+    /// Registers a job and starts it (as soon as a slot is free). A `kept` job's record stays for
+    /// `/status` and `/stream` once finished; another's (an OpenAI request's, which no one can fetch)
+    /// goes when it ends.
     fn submit(
         self: &Arc<Self>,
         input: Value,
         extra: Map<String, Value>,
         route: &str,
+        kept: bool,
     ) -> Arc<LocalJob> {
         let id = new_job_id();
         let permit = self.slots.clone().try_acquire_owned().ok();
@@ -223,7 +299,14 @@ impl LocalEndpoint {
         let route = route.to_string();
         tokio::spawn(async move {
             endpoint
-                .execute(record, Job { id, input, extra }, permit, stop_rx, &route)
+                .execute(
+                    record,
+                    Job { id, input, extra },
+                    permit,
+                    stop_rx,
+                    &route,
+                    kept,
+                )
                 .await;
         });
         job
@@ -236,6 +319,7 @@ impl LocalEndpoint {
         permit: Option<OwnedSemaphorePermit>,
         mut stop_rx: watch::Receiver<Option<StopReason>>,
         route: &str,
+        kept: bool,
     ) {
         let started = Instant::now();
         let sink = LocalSink(record.clone());
@@ -270,21 +354,119 @@ impl LocalEndpoint {
                 describe(&record, true),
             ));
         }
-        self.retire(&record.id);
+        if kept {
+            self.retire(&record);
+        } else {
+            self.jobs().remove(&record.id);
+        }
         self.update_load();
+        // What the job held is freed once its HTTP answer is sent: hand it back to the system.
+        self.trim.notify_one();
     }
 
-    fn retire(&self, id: &str) {
-        let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        finished.push_back(id.to_string());
-        while finished.len() > KEPT_FINISHED {
-            if let Some(old) = finished.pop_front() {
-                self.jobs().remove(&old);
+    /// Keeps a finished record, forgetting the oldest past the count, size and age bounds.
+    fn retire(&self, record: &LocalJob) {
+        let bytes = record_bytes(&record.lock());
+        let mut finished = self.finished();
+        finished.bytes += bytes;
+        finished.records.push_back(Retired {
+            id: record.id.clone(),
+            bytes,
+            at: Instant::now(),
+        });
+        drop(finished);
+        self.forget_expired();
+    }
+
+    /// Forgets finished records past `KEPT_FINISHED`, `FINISHED_JOBS_MAX_BYTES` (oldest first) or
+    /// `FINISHED_JOBS_MAX_AGE`.
+    fn forget_expired(&self) {
+        let mut finished = self.finished();
+        let mut forgotten = Vec::new();
+        while let Some(oldest) = finished.records.front() {
+            let over = finished.records.len() > KEPT_FINISHED
+                || finished.bytes > self.limits.finished_max_bytes
+                || oldest.at.elapsed() > self.limits.finished_max_age;
+            if !over {
+                break;
             }
+            if let Some(old) = finished.records.pop_front() {
+                finished.bytes -= old.bytes;
+                forgotten.push(old.id);
+            }
+        }
+        drop(finished);
+        if !forgotten.is_empty() {
+            let mut jobs = self.jobs();
+            for id in &forgotten {
+                jobs.remove(id);
+            }
+            drop(jobs);
+            self.trim.notify_one();
         }
     }
 
+    fn finished(&self) -> std::sync::MutexGuard<'_, Finished> {
+        self.finished.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The body of `request`, read up to `MAX_REQUEST_BODY_BYTES` within `HTTP_BODY_READ_TIMEOUT`.
+    /// A larger body is read to its end and dropped (so the client, still sending, gets the 413).
+    async fn read_body(&self, body: Body) -> Result<Bytes, ApiError> {
+        let limit = self.limits.max_body_bytes;
+        let read = async {
+            let mut chunks = body.into_data_stream();
+            let mut data = Vec::new();
+            let mut too_large = false;
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk
+                    .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
+                if too_large || data.len() + chunk.len() > limit {
+                    too_large = true;
+                    data = Vec::new();
+                    continue;
+                }
+                data.extend_from_slice(&chunk);
+            }
+            if too_large {
+                return Err(ApiError::payload_too_large(limit));
+            }
+            Ok(Bytes::from(data))
+        };
+        let timeout = self.limits.body_read_timeout;
+        tokio::time::timeout(timeout, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "the request body was not received within {} s (HTTP_BODY_READ_TIMEOUT)",
+                        timeout.as_secs()
+                    ),
+                ))
+            })
+    }
+
+    /// A 400 when a request may produce more than `MAX_REQUEST_OUTPUT_TOKENS`: its sequences
+    /// (`n`, `best_of`) × `max_tokens` (else the context length) × (1 + the logprobs per token).
+    fn check_output_size(&self, request: &Value) -> Result<(), ApiError> {
+        let limit = self.limits.max_output_tokens;
+        let Some(asked) = requested_output(request, self.max_model_len) else {
+            return Ok(());
+        };
+        if asked <= limit {
+            return Ok(());
+        }
+        Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "this request may produce {asked} tokens and logprobs (n × max_tokens × (1 + logprobs)), more than this endpoint holds for one request ({limit}, MAX_REQUEST_OUTPUT_TOKENS); lower n, max_tokens or logprobs"
+            ),
+        ))
+    }
+
     fn counts(&self) -> Value {
+        self.forget_expired();
         let mut counts: HashMap<&'static str, usize> = HashMap::new();
         for job in self.jobs().values() {
             *counts.entry(job.lock().status.as_str()).or_default() += 1;
@@ -321,6 +503,72 @@ async fn notify_webhook(http: reqwest::Client, url: String, body: Value) {
             Err(e) => tracing::warn!(url, attempt, "webhook failed: {e}"),
         }
         tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+    }
+}
+
+/// The approximate size of a finished record: its pieces' and result's JSON.
+fn record_bytes(state: &JobState) -> usize {
+    let json_len = |v: &Value| serde_json::to_vec(v).map_or(0, |b| b.len());
+    let pieces: usize = state.pieces().iter().map(json_len).sum();
+    let error = match &state.result {
+        Some(JobResult::Error(e)) => e.message().len(),
+        _ => 0,
+    };
+    pieces + error + 256
+}
+
+/// How many tokens (each with its logprobs) a request may make the worker hold, from an OpenAI body
+/// or a native input's `sampling_params`; `None` when it says too little to tell (the validator
+/// judges malformed values).
+fn requested_output(input: &Value, max_model_len: Option<usize>) -> Option<u64> {
+    let request = input
+        .get("openai_input")
+        .or_else(|| input.get("sampling_params"))
+        .unwrap_or(input);
+    let count = |key: &str| request.get(key).and_then(Value::as_u64);
+    let sequences = count("n").unwrap_or(1).max(count("best_of").unwrap_or(1));
+    let max_tokens = count("max_completion_tokens")
+        .or_else(|| count("max_tokens"))
+        .or(max_model_len.map(|n| n as u64))?;
+    let logprobs = match request.get("logprobs") {
+        // Chat: `logprobs: true` with `top_logprobs` alternatives.
+        Some(Value::Bool(true)) => 1 + count("top_logprobs").unwrap_or(0),
+        // Completions and native: the number of alternatives.
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    };
+    Some(
+        sequences
+            .saturating_mul(max_tokens)
+            .saturating_mul(1 + logprobs),
+    )
+}
+
+/// While the endpoint lives: forgets finished records past their age even when no request comes,
+/// and hands memory that freed responses leave in the allocator back to the system a second after
+/// the last wake-up (so a burst trims once): glibc keeps freed heap below its trim threshold (256 MiB,
+/// see `engine::loader`) and in every thread's arena, so RSS would otherwise stay at a burst's peak.
+async fn housekeeping(endpoint: std::sync::Weak<LocalEndpoint>) {
+    loop {
+        let Some(strong) = endpoint.upgrade() else {
+            return;
+        };
+        let wake = strong.trim.clone();
+        let sweep = (strong.limits.finished_max_age / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        drop(strong);
+        if tokio::time::timeout(sweep, wake.notified()).await.is_err() {
+            if let Some(strong) = endpoint.upgrade() {
+                strong.forget_expired();
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free memory of the allocator's arenas to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
@@ -372,7 +620,7 @@ async fn authorize(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             // Anthropic's clients send the key as `x-api-key`.
             .or_else(|| {
                 let x_api_key = request.headers().get("x-api-key");
@@ -390,12 +638,44 @@ async fn authorize(
     next.run(request).await
 }
 
-async fn run(State(endpoint): State<Arc<LocalEndpoint>>, body: Bytes) -> Response {
-    let (input, extra) = match job_input(&body) {
+/// The token of an `Authorization: Bearer <token>` header; the scheme in any case (RFC 9110).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
+}
+
+/// A RunPod route's error: `{"error": "<message>"}` with the error's status.
+fn runpod_error(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    error_response(status, e.message())
+}
+
+/// A RunPod route's job from its body: read within the limits, parsed, its output size checked.
+async fn runpod_job_input(
+    endpoint: &LocalEndpoint,
+    request: Request,
+) -> Result<(Value, Map<String, Value>), Response> {
+    let body = endpoint
+        .read_body(request.into_body())
+        .await
+        .map_err(|e| runpod_error(&e))?;
+    let (input, extra) =
+        job_input(&body).map_err(|message| error_response(StatusCode::BAD_REQUEST, &message))?;
+    drop(body);
+    endpoint
+        .check_output_size(&input)
+        .map_err(|e| runpod_error(&e))?;
+    Ok((input, extra))
+}
+
+async fn run(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) -> Response {
+    let (input, extra) = match runpod_job_input(&endpoint, request).await {
         Ok(i) => i,
-        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
+        Err(response) => return response,
     };
-    let job = endpoint.submit(input, extra, "/run");
+    let job = endpoint.submit(input, extra, "/run", true);
     Json(describe(&job, false)).into_response()
 }
 
@@ -410,14 +690,23 @@ const RUNSYNC_WAIT: Duration = Duration::from_secs(90);
 
 async fn runsync(
     State(endpoint): State<Arc<LocalEndpoint>>,
-    Query(query): Query<WaitQuery>,
-    body: Bytes,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    request: Request,
 ) -> Response {
-    let (input, extra) = match job_input(&body) {
-        Ok(i) => i,
-        Err(message) => return error_response(StatusCode::BAD_REQUEST, &message),
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad query: {} (`wait` is milliseconds)", e.body_text()),
+            );
+        }
     };
-    let job = endpoint.submit(input, extra, "/runsync");
+    let (input, extra) = match runpod_job_input(&endpoint, request).await {
+        Ok(i) => i,
+        Err(response) => return response,
+    };
+    let job = endpoint.submit(input, extra, "/runsync", true);
     let wait = query
         .wait
         .map(Duration::from_millis)
@@ -445,12 +734,13 @@ async fn stream(State(endpoint): State<Arc<LocalEndpoint>>, Path(id): Path<Strin
         let changed = job.changed.notified();
         {
             let mut state = job.lock();
-            if state.stream.len() > state.stream_cursor || state.status.is_final() {
-                let new: Vec<Value> = state.stream[state.stream_cursor..]
+            let available = state.pieces().len();
+            if available > state.stream_cursor || state.status.is_final() {
+                let new: Vec<Value> = state.pieces()[state.stream_cursor..]
                     .iter()
                     .map(|piece| json!({ "output": piece }))
                     .collect();
-                state.stream_cursor = state.stream.len();
+                state.stream_cursor = available;
                 let mut body = json!({"id": id, "status": state.status.as_str(), "stream": new});
                 if let Some(JobResult::Error(e)) = &state.result {
                     body["error"] = json!(e.runpod_text());
@@ -524,7 +814,7 @@ async fn openai_no_route(request: Request) -> Response {
         None => request.uri().path().to_string(),
     };
     openai_error(&ApiError::not_found(format!(
-        "no OpenAI route {} {path} (served: GET /v1/models, GET /v1/models/{{model}}, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings)",
+        "no OpenAI route {} {path} (served: GET /v1/models, GET /v1/models/{{model}}, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings, POST /v1/responses, POST /v1/messages)",
         request.method(),
     )))
 }
@@ -552,13 +842,9 @@ fn refuse_non_json(request: &Request) -> Option<Response> {
     if media == "application/json" || media.ends_with("+json") {
         return None;
     }
-    let body = json!({"error": {
-        "message": format!("Unsupported Media Type: only 'application/json' is allowed, got '{media}'"),
-        "type": "UnsupportedMediaTypeError",
-        "param": null,
-        "code": 415,
-    }});
-    Some((StatusCode::UNSUPPORTED_MEDIA_TYPE, Json(body)).into_response())
+    Some(openai_error(&ApiError::unsupported_media_type(format!(
+        "Unsupported Media Type: only 'application/json' is allowed, got '{media}'"
+    ))))
 }
 
 /// Every OpenAI route: the request as an OpenAI job (see [`openai_job`]).
@@ -570,23 +856,28 @@ async fn openai(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) ->
     if let Some(refused) = refuse_non_json(&request) {
         return refused;
     }
-    let body = match axum::body::to_bytes(request.into_body(), 64 << 20).await {
+    let body = match endpoint.read_body(request.into_body()).await {
         Ok(b) => b,
+        Err(e) => return openai_error(&e),
+    };
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(body) => body,
         Err(e) => {
-            return openai_error(&ApiError::bad_request(format!("cannot read the body: {e}")));
+            return openai_error(&ApiError::bad_request(format!(
+                "the body is not valid JSON: {e}"
+            )));
         }
     };
-    match serde_json::from_slice(&body) {
-        Ok(body) => openai_job(&endpoint, &route, Some(body)).await,
-        Err(e) => openai_error(&ApiError::bad_request(format!(
-            "the body is not valid JSON: {e}"
-        ))),
+    if let Err(e) = endpoint.check_output_size(&body) {
+        return openai_error(&e);
     }
+    openai_job(&endpoint, &route, Some(body)).await
 }
 
 /// Runs an OpenAI request (a POST with its body, or a GET without) as a job, the way the platform
 /// turns `/openai/v1/...` into one, and answers with the response object or, for streams, the SSE
-/// events as they come.
+/// events as they come. A stream is answered only once its first piece is there: a request refused
+/// before it produces anything gets its error status and body, as unstreamed.
 async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Value>) -> Response {
     let streamed = body
         .as_ref()
@@ -604,7 +895,7 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
     } else {
         route
     };
-    let job = endpoint.submit(input, Map::new(), label);
+    let job = endpoint.submit(input, Map::new(), label, false);
     // A client that hangs up cancels its request, so it stops using the engine.
     let guard = CancelOnDrop(job.clone());
     if !streamed {
@@ -620,7 +911,24 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
             None => openai_error(&ApiError::internal("the request ended without a result")),
         };
     }
-    // Streamed: relay the pieces' events as they are posted.
+    // Streamed: wait for the first piece or the end, whichever comes first.
+    loop {
+        let changed = job.changed.notified();
+        {
+            let state = job.lock();
+            if !state.pieces().is_empty() {
+                break;
+            }
+            if state.status.is_final() {
+                if let Some(JobResult::Error(e)) = &state.result {
+                    return openai_error(e);
+                }
+                break;
+            }
+        }
+        changed.await;
+    }
+    // Relay the pieces' events as they are posted.
     let payloads = async_stream::stream! {
         let _guard = guard;
         let mut sent = 0;
@@ -628,7 +936,7 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
             let changed = job.changed.notified();
             let (new, done, error) = {
                 let state = job.lock();
-                let new: Vec<Value> = state.stream[sent..].to_vec();
+                let new: Vec<Value> = state.pieces()[sent..].to_vec();
                 let error = match &state.result {
                     Some(JobResult::Error(e)) => Some(e.clone()),
                     _ => None,
@@ -672,6 +980,66 @@ fn piece_payloads(piece: &Value) -> Vec<String> {
         Value::Array(chunks) => chunks.iter().map(Value::to_string).collect(),
         other => vec![other.to_string()],
     }
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets the open connections finish
+/// (axum's `serve`, with a header read timeout: a connection that sends no complete request head
+/// within `header_read_timeout`, a half-open or idle one, is closed).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection holds a receiver; `closed` says when the last one has ended.
+    let (open_tx, open_rx) = watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let mut stop = stop_rx.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let stopping = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopping => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.as_mut().await;
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_rx);
+    open_tx.closed().await;
 }
 
 /// An error in its route's shape (OpenAI's, or Anthropic's on `/v1/messages`) with its status. A

@@ -271,3 +271,21 @@ def test_streamed_chat_with_tools_still_streams_plain_text(client, model, chat_c
     plain = client.chat.completions.create(model=model, messages=case["messages"], tools=tools, **GREEDY)
     assert content == (plain.choices[0].message.content or "")
     assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def test_streamed_bad_requests_get_their_status_before_the_stream(client, model):
+    chat = [{"role": "user", "content": "a"}]
+    cases = [
+        (lambda: client.completions.create(model=model, prompt="a", n=1000, stream=True), 400),
+        (lambda: client.completions.create(model=model, prompt="a", max_tokens=-1, stream=True), 400),
+        (lambda: client.completions.create(model=model, prompt="hello " * 20000, max_tokens=2, stream=True), 400),
+        (lambda: client.completions.create(model="no-such-model", prompt="a", stream=True), 404),
+        (lambda: client.chat.completions.create(model=model, messages=chat, n=1000, stream=True), 400),
+        (lambda: client.chat.completions.create(model="no-such-model", messages=chat, stream=True), 404),
+    ]
+    for call, status in cases:
+        e = _error(lambda: list(call()))
+        assert e.status_code == status, e
+        assert e.body.get("message") and "param" in e.body and "code" in e.body, e.body
+    e = _error(lambda: list(client.completions.create(model="no-such-model", prompt="a", stream=True)))
+    assert e.code == "model_not_found"

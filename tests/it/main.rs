@@ -29,6 +29,7 @@ mod sampling_speed;
 mod sampling_stop;
 mod serve_cli;
 mod serve_endpoint;
+mod serve_limits;
 mod serve_model;
 mod templates;
 mod tool_round_trips;

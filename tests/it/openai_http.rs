@@ -159,7 +159,7 @@ async fn errors_have_openai_bodies() {
     assert_eq!(status, 400);
     assert_eq!(body["error"]["param"], json!("top_p"));
     assert_eq!(body["error"]["type"], json!("BadRequestError"));
-    assert_eq!(body["error"]["code"], json!(400));
+    assert_eq!(body["error"]["code"], Value::Null);
     let (status, body) = server
         .post_json("/completions", json!({"model": "other", "prompt": "a"}))
         .await;
@@ -195,7 +195,12 @@ async fn routes_methods_media_types_and_cors_answer_as_vllm() {
         assert_eq!(status, want, "{body}");
         let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
         assert_eq!(v["error"]["type"], json!(kind), "{v}");
-        assert_eq!(v["error"]["code"], json!(want), "{v}");
+        // OpenAI's `code` is a string or null, never the status
+        assert!(
+            v["error"]["code"].is_null() || v["error"]["code"].is_string(),
+            "{v}"
+        );
+        assert!(v["error"].get("param").is_some(), "{v}");
         assert!(v["error"]["message"]
             .as_str()
             .is_some_and(|m| !m.is_empty()));
