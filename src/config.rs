@@ -229,6 +229,16 @@ pub const SETTINGS: &[Setting] = &[
     setting("RUNPOD_POD_ID", "", "this worker's id"),
     setting("RUNPOD_ENDPOINT_ID", "", "the endpoint's id"),
     setting("RUNPOD_POD_HOSTNAME", "", "this worker's host name"),
+    setting(
+        "PORT",
+        "",
+        "load-balancing endpoint: `serve`'s port (binds 0.0.0.0); set, it makes `serve` the default mode",
+    ),
+    setting(
+        "PORT_HEALTH",
+        "",
+        "load-balancing endpoint: the port of `GET /ping` when it differs from `PORT`",
+    ),
 ];
 
 /// The variables, read through their declarations: an unset or blank variable takes its default.
@@ -345,6 +355,10 @@ pub struct Config {
     pub hub: HubSettings,
     pub openai: OpenAiConfig,
     pub runpod: RunpodConfig,
+    /// `PORT`: a load-balancing endpoint's HTTP port.
+    pub port: Option<u16>,
+    /// `PORT_HEALTH`: where `GET /ping` answers when it is not `PORT`.
+    pub port_health: Option<u16>,
     /// `DEFAULT_BATCH_SIZE`, `DEFAULT_MIN_BATCH_SIZE`, `DEFAULT_BATCH_SIZE_GROWTH_FACTOR`.
     pub stream_batch: BatchPolicy,
     /// `MAX_CONCURRENCY`: jobs (or local requests) run at once.
@@ -450,6 +464,8 @@ impl Config {
             hub,
             openai,
             runpod,
+            port: v.parse("PORT", port)?,
+            port_health: v.parse("PORT_HEALTH", port)?,
             stream_batch,
             max_concurrency: v.get("MAX_CONCURRENCY", positive)?,
             disable_log_stats: v.get("DISABLE_LOG_STATS", boolean)?,
@@ -531,6 +547,13 @@ fn positive(v: &str) -> Result<usize, String> {
     match v.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err("a positive integer".into()),
+    }
+}
+
+fn port(v: &str) -> Result<u16, String> {
+    match v.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("a TCP port, 1 to 65535".into()),
     }
 }
 

@@ -30,5 +30,6 @@ mod sampling_stop;
 mod serve_cli;
 mod serve_endpoint;
 mod serve_model;
+mod serve_platform;
 mod templates;
 mod tool_round_trips;
