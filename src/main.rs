@@ -107,10 +107,25 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    for name in &config.ignored {
+    if let Some(path) = &config.config_file {
         tracing::info!(
-            "{name} is a worker-vllm setting that means nothing to this engine; ignored"
+            "settings from {} (environment variables win)",
+            path.display()
         );
+    }
+    if !config.unknown_file_keys.is_empty() {
+        tracing::warn!(
+            "unknown keys in the config file, ignored: {}",
+            config.unknown_file_keys.join(", ")
+        );
+    }
+    if !config.no_effect.is_empty() {
+        let list: Vec<String> = config
+            .no_effect
+            .iter()
+            .map(|(name, why)| format!("{name} ({why})"))
+            .collect();
+        tracing::info!("accepted, no effect on this engine: {}", list.join("; "));
     }
     // The compute pools, sized once on this (still the only) thread, before rayon's and tokio's
     // threads start. candle sizes its own CPU pools from the environment and has no API for it, so
@@ -212,6 +227,7 @@ fn model_source(config: &Config, name: &str) -> worker_candle::hub::ModelSource 
         tokenizer_name: m.tokenizer_name.clone(),
         tokenizer_revision: m.tokenizer_revision.clone(),
         gguf_file: m.gguf_file.clone(),
+        download_dir: m.download_dir.clone(),
     }
 }
 

@@ -17,6 +17,7 @@ mod layering;
 mod models_reference;
 mod openai_client;
 mod openai_http;
+mod platform_config;
 mod quant_gguf;
 mod quant_insitu;
 mod queue_jobs;
