@@ -135,3 +135,17 @@ fn max_logprobs_caps_a_request() {
     assert!(error.contains("logprobs must be at most 2"), "{result}");
     assert!(error.contains("400"), "{result}");
 }
+
+#[test]
+fn disable_sliding_window_caps_the_context_at_the_window() {
+    let model = fixture("mistral_sw").display().to_string();
+    let max_len = |extra: &[(&str, &str)]| {
+        let mut all = vec![("MODEL_NAME", model.as_str())];
+        all.extend_from_slice(extra);
+        let (ok, result, stderr) = job(&all, MODELS);
+        assert!(ok, "{stderr}");
+        result["output"][0]["data"][0]["max_model_len"].clone()
+    };
+    assert_eq!(max_len(&[]), 512);
+    assert_eq!(max_len(&[("DISABLE_SLIDING_WINDOW", "1")]), 5);
+}
