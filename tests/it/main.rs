@@ -24,6 +24,7 @@ mod queue_jobs;
 mod queue_protocol;
 mod queue_shutdown;
 mod readme_settings;
+mod runpod_hub;
 mod sampling_detokenize;
 mod sampling_reference;
 mod sampling_speed;
