@@ -130,6 +130,7 @@ async fn ping_answers_204_while_loading_then_200_on_port_health() {
         ("KV_CACHE_MEMORY", "64MiB".into()),
         ("PORT", port.to_string()),
         ("PORT_HEALTH", health_port.to_string()),
+        ("DOWNLOAD_DIR", base.path().join("dl").display().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -181,6 +182,12 @@ async fn ping_answers_204_while_loading_then_200_on_port_health() {
     let (status, body) = get(&http, &format!("{main}/v1/models")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["data"][0]["id"], REPO);
+    // DOWNLOAD_DIR is the hub cache the model went into (not the one under BASE_PATH).
+    assert!(base
+        .path()
+        .join("dl/models--org--tiny-llama/snapshots")
+        .is_dir());
+    assert!(!base.path().join("huggingface-cache").exists());
 
     worker.terminate();
     assert!(worker.wait(LIMIT).success(), "{}", worker.stderr());
