@@ -149,3 +149,27 @@ fn disable_sliding_window_caps_the_context_at_the_window() {
     assert_eq!(max_len(&[]), 512);
     assert_eq!(max_len(&[("DISABLE_SLIDING_WINDOW", "1")]), 5);
 }
+
+/// Engine steps to generate one token after a 40-token prompt with a step budget of 8 tokens.
+async fn steps_for_a_long_prompt(chunked: bool) -> usize {
+    use crate::common::fixtures;
+    let engine = fixtures::start("llama", |s| {
+        s.max_num_batched_tokens = 8;
+        s.enable_chunked_prefill = chunked;
+        s.enable_prefix_caching = false;
+    });
+    let prompt: Vec<u32> = (1..=40).collect();
+    fixtures::collect(&engine, fixtures::greedy(prompt, 1, None)).await;
+    engine
+        .stats()
+        .steps
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn enable_chunked_prefill_off_prefills_a_prompt_in_one_step() {
+    // Chunked: 40 prompt tokens at 8 a step.
+    assert_eq!(steps_for_a_long_prompt(true).await, 5);
+    // ENABLE_CHUNKED_PREFILL=0: the budget holds the whole prompt.
+    assert_eq!(steps_for_a_long_prompt(false).await, 1);
+}
