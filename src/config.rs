@@ -884,7 +884,13 @@ impl ConfigFile {
                 .find(|(vllm, _)| *vllm == name)
                 .map_or(name, |(_, ours)| ours.to_string());
             if SETTINGS.iter().any(|s| s.name == name) {
-                if let Some(text) = yaml_text(&name, value)? {
+                if let Some(mut text) = yaml_text(&name, value)? {
+                    // vLLM's `chat-template` is a file's path or the template itself.
+                    if name == "CUSTOM_CHAT_TEMPLATE" && std::path::Path::new(text.trim()).is_file()
+                    {
+                        text = std::fs::read_to_string(text.trim())
+                            .map_err(|e| format!("chat-template {}: {e}", text.trim()))?;
+                    }
                     file.values.push((name, text));
                 }
             } else if let Some(why) = no_effect_reason(&name) {
@@ -897,8 +903,9 @@ impl ConfigFile {
     }
 }
 
-/// A YAML value as the variable's text: scalars as written, a one-item list as its item (vLLM's
-/// `served-model-name`), mappings and lists as JSON (`speculative-config`); `null` as unset.
+/// A YAML value as the variable's text: scalars as written, a one-item list as its item, vLLM's
+/// `served-model-name` list as its first name (the one the model answers to), mappings and lists
+/// as JSON (`speculative-config`); `null` as unset.
 fn yaml_text(name: &str, value: serde_norway::Value) -> Result<Option<String>, String> {
     use serde_norway::Value as Y;
     Ok(match value {
@@ -907,7 +914,9 @@ fn yaml_text(name: &str, value: serde_norway::Value) -> Result<Option<String>, S
         Y::Number(n) => Some(n.to_string()),
         Y::String(s) => Some(s),
         Y::Sequence(items)
-            if items.len() == 1 && !matches!(items[0], Y::Mapping(_) | Y::Sequence(_)) =>
+            if !items.is_empty()
+                && (items.len() == 1 || name == "OPENAI_SERVED_MODEL_NAME_OVERRIDE")
+                && !matches!(items[0], Y::Mapping(_) | Y::Sequence(_)) =>
         {
             yaml_text(name, items.into_iter().next().unwrap_or(Y::Null))?
         }
@@ -1222,6 +1231,34 @@ mod tests {
         assert_eq!(c.unknown_file_keys, vec!["no-such-option"]);
         assert_eq!(c.no_effect.len(), 1);
         assert_eq!(c.no_effect[0].0, "ENFORCE_EAGER");
+    }
+
+    #[test]
+    fn the_config_file_reads_a_chat_template_path_and_the_first_served_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("t.jinja");
+        std::fs::write(&template, "{{ messages }}").unwrap();
+        let c = with_file(
+            &format!(
+                "chat-template: {}\nserved-model-name: [first, second]\n",
+                template.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.engine.custom_chat_template.as_deref(),
+            Some("{{ messages }}")
+        );
+        assert_eq!(
+            c.openai.served_model_name_override.as_deref(),
+            Some("first")
+        );
+        let c = with_file("chat-template: \"{{ 'inline' }}\"\n", &[]).unwrap();
+        assert_eq!(
+            c.engine.custom_chat_template.as_deref(),
+            Some("{{ 'inline' }}")
+        );
     }
 
     #[test]
