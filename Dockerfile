@@ -47,4 +47,7 @@ ENV MODEL_NAME=${MODEL_NAME} \
 # The token is a BuildKit secret, visible to this step only.
 RUN --mount=type=secret,id=HF_TOKEN,required=false /usr/local/bin/download-model.sh
 
+# One entry point for both endpoint kinds: the queue worker when the platform sets RUNPOD_WEBHOOK_GET_JOB
+# (queue endpoints); `serve` on 0.0.0.0:$PORT, GET /ping on $PORT_HEALTH, when PORT is set without a queue
+# (load-balancing endpoints).
 ENTRYPOINT ["/usr/local/bin/worker-candle"]

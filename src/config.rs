@@ -18,33 +18,209 @@ use crate::hub::HubConfig;
 /// The model `serve` uses when `MODEL_NAME` is not set.
 pub const DEFAULT_SERVE_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
-/// worker-vllm variables that mean nothing to this engine: accepted (so existing endpoint
-/// configurations keep working) and logged as ignored.
-pub const IGNORED_VARIABLES: &[&str] = &[
-    "LOAD_FORMAT",
-    "TRUST_REMOTE_CODE",
-    "TENSOR_PARALLEL_SIZE",
-    "PIPELINE_PARALLEL_SIZE",
-    "VLLM_CPU_FRACTION",
-    "MAX_PARALLEL_LOADING_WORKERS",
-    "ENFORCE_EAGER",
-    "KV_CACHE_DTYPE",
-    "SWAP_SPACE",
-    "DISTRIBUTED_EXECUTOR_BACKEND",
-    "MAX_SEQ_LEN_TO_CAPTURE",
-    "DISABLE_CUSTOM_ALL_REDUCE",
-    "ENABLE_CHUNKED_PREFILL",
-    "MAX_LOGPROBS",
-    "TOKENIZER_MODE",
-    "WORKER_CUDA_VERSION",
-    "SEED",
-    "ENABLE_LORA",
-    "MAX_LORAS",
-    "MAX_LORA_RANK",
-    "LORA_MODULES",
-    "SPECULATIVE_MODEL",
-    "NUM_SPECULATIVE_TOKENS",
+/// worker-vllm / `vllm serve` settings accepted with no effect on this engine, each with the
+/// reason; logged in one start-up line when set (as variables or in `CONFIG_FILE`).
+pub const NO_EFFECT: &[(&str, &str)] = &[
+    (
+        "TRUST_REMOTE_CODE",
+        "no Python model code runs here; the architectures are built in",
+    ),
+    (
+        "ENFORCE_EAGER",
+        "candle runs eagerly; there are no CUDA graphs to capture",
+    ),
+    ("MAX_SEQ_LEN_TO_CAPTURE", "there are no CUDA graphs"),
+    ("DISTRIBUTED_EXECUTOR_BACKEND", "one process on one device"),
+    ("DISABLE_CUSTOM_ALL_REDUCE", "no multi-GPU all-reduce"),
+    (
+        "SWAP_SPACE",
+        "preempted sequences are recomputed, not swapped out",
+    ),
+    (
+        "VLLM_CPU_FRACTION",
+        "the KV cache's budget is KV_CACHE_MEMORY",
+    ),
+    (
+        "WORKER_CUDA_VERSION",
+        "a build argument of the CUDA image, not a run-time setting",
+    ),
+    ("ENABLE_LORA", "LoRA adapters are not supported"),
+    ("MAX_LORAS", "LoRA adapters are not supported"),
+    ("MAX_LORA_RANK", "LoRA adapters are not supported"),
+    ("LORA_MODULES", "LoRA adapters are not supported"),
+    (
+        "SPECULATIVE_MODEL",
+        "worker-vllm's older name: use SPECULATIVE_CONFIG",
+    ),
+    (
+        "NUM_SPECULATIVE_TOKENS",
+        "worker-vllm's older name: use SPECULATIVE_CONFIG",
+    ),
+    (
+        "DATA_PARALLEL_SIZE",
+        "one replica per worker: scale with workers",
+    ),
+    ("CPU_OFFLOAD_GB", "weights stay on the device they load on"),
+    ("COMPILATION_CONFIG", "no torch.compile"),
+    (
+        "NUM_SCHEDULER_STEPS",
+        "the scheduler plans one step at a time",
+    ),
+    (
+        "GUIDED_DECODING_BACKEND",
+        "guided decoding is not implemented",
+    ),
 ];
+
+/// Other `vllm serve` options (the names as variables: upper case, underscores): accepted and
+/// reported as having no effect, never silently dropped.
+const VLLM_OPTIONS: &[&str] = &[
+    "HF_CONFIG_PATH",
+    "TASK",
+    "RUNNER",
+    "CONVERT",
+    "ENABLE_PROMPT_EMBEDS",
+    "ALLOWED_LOCAL_MEDIA_PATH",
+    "CONFIG_FORMAT",
+    "CODE_REVISION",
+    "ROPE_SCALING",
+    "ROPE_THETA",
+    "HF_OVERRIDES",
+    "CUDA_GRAPH_SIZES",
+    "MAX_CUDAGRAPH_CAPTURE_SIZE",
+    "DATA_PARALLEL_RANK",
+    "DATA_PARALLEL_SIZE_LOCAL",
+    "DATA_PARALLEL_ADDRESS",
+    "DATA_PARALLEL_RPC_PORT",
+    "DATA_PARALLEL_BACKEND",
+    "ENABLE_EXPERT_PARALLEL",
+    "ENABLE_EPLB",
+    "RAY_WORKERS_USE_NSIGHT",
+    "PREFIX_CACHING_HASH_ALGO",
+    "DISABLE_CASCADE_ATTN",
+    "NUM_GPU_BLOCKS_OVERRIDE",
+    "MAX_NUM_PARTIAL_PREFILLS",
+    "MAX_LONG_PARTIAL_PREFILLS",
+    "LONG_PREFILL_TOKEN_THRESHOLD",
+    "LOGPROBS_MODE",
+    "LIMIT_MM_PER_PROMPT",
+    "MM_PROCESSOR_KWARGS",
+    "DISABLE_MM_PREPROCESSOR_CACHE",
+    "ENABLE_LORA_BIAS",
+    "FULLY_SHARDED_LORAS",
+    "MAX_CPU_LORAS",
+    "LORA_DTYPE",
+    "LORA_EXTRA_VOCAB_SIZE",
+    "LONG_LORA_SCALING_FACTORS",
+    "MULTI_STEP_STREAM_OUTPUTS",
+    "NUM_LOOKAHEAD_SLOTS",
+    "MODEL_LOADER_EXTRA_CONFIG",
+    "IGNORE_PATTERNS",
+    "PREEMPTION_MODE",
+    "SCHEDULER_DELAY_FACTOR",
+    "DISABLE_CHUNKED_MM_INPUT",
+    "GUIDED_DECODING_DISABLE_FALLBACK",
+    "GUIDED_DECODING_DISABLE_ANY_WHITESPACE",
+    "GUIDED_DECODING_DISABLE_ADDITIONAL_PROPERTIES",
+    "LOGITS_PROCESSOR_PATTERN",
+    "QLORA_ADAPTER_NAME_OR_PATH",
+    "SHOW_HIDDEN_METRICS_FOR_VERSION",
+    "OTLP_TRACES_ENDPOINT",
+    "COLLECT_DETAILED_TRACES",
+    "DISABLE_ASYNC_OUTPUT_PROC",
+    "SCHEDULING_POLICY",
+    "SCHEDULER_CLS",
+    "OVERRIDE_NEURON_CONFIG",
+    "OVERRIDE_POOLER_CONFIG",
+    "WORKER_CLS",
+    "WORKER_EXTENSION_CLS",
+    "KV_TRANSFER_CONFIG",
+    "KV_EVENTS_CONFIG",
+    "GENERATION_CONFIG",
+    "OVERRIDE_GENERATION_CONFIG",
+    "ENABLE_SLEEP_MODE",
+    "MODEL_IMPL",
+    "CALCULATE_KV_SCALES",
+    "ADDITIONAL_CONFIG",
+    "ENABLE_REASONING",
+    "REASONING_PARSER",
+    "USE_TQDM_ON_LOAD",
+    "PT_LOAD_MAP_LOCATION",
+    "STRUCTURED_OUTPUTS_CONFIG",
+    "ASYNC_SCHEDULING",
+    "KV_SHARING_FAST_PREFILL",
+    "MM_ENCODER_TP_MODE",
+    "ENABLE_DBO",
+    "SPECULATIVE_DRAFT_TENSOR_PARALLEL_SIZE",
+    // the OpenAI server's options
+    "UVICORN_LOG_LEVEL",
+    "DISABLE_UVICORN_ACCESS_LOG",
+    "ALLOW_CREDENTIALS",
+    "ALLOWED_ORIGINS",
+    "ALLOWED_METHODS",
+    "ALLOWED_HEADERS",
+    "PROMPT_ADAPTERS",
+    "CHAT_TEMPLATE_CONTENT_FORMAT",
+    "SSL_KEYFILE",
+    "SSL_CERTFILE",
+    "SSL_CA_CERTS",
+    "ENABLE_SSL_REFRESH",
+    "SSL_CERT_REQS",
+    "RETURN_TOKENS_AS_TOKEN_IDS",
+    "DISABLE_FRONTEND_MULTIPROCESSING",
+    "ENABLE_REQUEST_ID_HEADERS",
+    "ENABLE_AUTO_TOOL_CHOICE",
+    "TOOL_CALL_PARSER",
+    "TOOL_PARSER_PLUGIN",
+    "EXPAND_TOOLS_EVEN_IF_TOOL_CHOICE_NONE",
+    "EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE",
+    "LOG_CONFIG_FILE",
+    "MAX_LOG_LEN",
+    "DISABLE_FASTAPI_DOCS",
+    "ENABLE_PROMPT_TOKENS_DETAILS",
+    "ENABLE_SERVER_LOAD_TRACKING",
+    "ENABLE_FORCE_INCLUDE_USAGE",
+    "ENABLE_TOKENIZER_INFO_ENDPOINT",
+    "API_SERVER_COUNT",
+    "H11_MAX_INCOMPLETE_EVENT_SIZE",
+    "H11_MAX_HEADER_COUNT",
+    "LOG_ERROR_STACK",
+    "TOKENS_ONLY",
+];
+
+/// `vllm serve` options whose upper-cased names are too common to claim from the environment
+/// (they count only in `CONFIG_FILE`).
+const FILE_ONLY_OPTIONS: &[&str] = &[
+    "HOST",
+    "ROOT_PATH",
+    "MIDDLEWARE",
+    "HEADLESS",
+    "UDS",
+    "CONFIG",
+];
+
+/// `vllm serve`'s names (in a config file) for this worker's variables, where they differ.
+const VLLM_ALIASES: &[(&str, &str)] = &[
+    ("MODEL", "MODEL_NAME"),
+    ("REVISION", "MODEL_REVISION"),
+    ("TOKENIZER", "TOKENIZER_NAME"),
+    ("SERVED_MODEL_NAME", "OPENAI_SERVED_MODEL_NAME_OVERRIDE"),
+    ("CHAT_TEMPLATE", "CUSTOM_CHAT_TEMPLATE"),
+    ("RESPONSE_ROLE", "OPENAI_RESPONSE_ROLE"),
+    ("KV_CACHE_MEMORY_BYTES", "KV_CACHE_MEMORY"),
+];
+
+/// Why a recognised vLLM option has no effect here.
+fn no_effect_reason(name: &str) -> Option<&'static str> {
+    NO_EFFECT
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, why)| *why)
+        .or_else(|| {
+            (VLLM_OPTIONS.contains(&name) || FILE_ONLY_OPTIONS.contains(&name))
+                .then_some("a vLLM option with no counterpart in this engine")
+        })
+}
 
 /// A secret read from the environment; `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -96,9 +272,16 @@ const fn setting(name: &'static str, default: &'static str, doc: &'static str) -
     Setting { name, default, doc }
 }
 
-/// Every variable this worker reads (worker-vllm's ignored ones aside, see [`IGNORED_VARIABLES`]).
+/// Every variable this worker reads (worker-vllm's ignored ones aside, see [`NO_EFFECT`]).
 /// [`Config::from_vars`] parses each through [`Vars`], which refuses a name not declared here.
 pub const SETTINGS: &[Setting] = &[
+    // Config file
+    setting(
+        "CONFIG_FILE",
+        "",
+        "a YAML file of `vllm serve` options; environment variables win over it",
+    ),
+    setting("VLLM_CONFIG_FILE", "", "the same (worker-vllm's name)"),
     // Model
     setting(
         "MODEL_NAME",
@@ -133,6 +316,36 @@ pub const SETTINGS: &[Setting] = &[
         "which `.gguf` file of a folder or hub repository to load",
     ),
     setting("DTYPE", "auto", "float32, bfloat16, float16"),
+    setting(
+        "LOAD_FORMAT",
+        "auto",
+        "auto, safetensors or gguf (the weights this engine loads); others refused",
+    ),
+    setting(
+        "TOKENIZER_MODE",
+        "auto",
+        "auto, hf or slow (all load tokenizer.json); mistral refused",
+    ),
+    setting(
+        "SKIP_TOKENIZER_INIT",
+        "0",
+        "1 is refused: the engine needs its tokenizer",
+    ),
+    setting(
+        "DOWNLOAD_DIR",
+        "",
+        "the hub cache to download into and load from, instead of `$BASE_PATH/huggingface-cache/hub`",
+    ),
+    setting(
+        "MAX_PARALLEL_LOADING_WORKERS",
+        "4",
+        "model files downloaded at once",
+    ),
+    setting(
+        "DISABLE_SLIDING_WINDOW",
+        "0",
+        "1: cap the context length at the model's sliding window",
+    ),
     setting("DEVICE", "auto", "cpu, cuda"),
     // Hub
     setting(
@@ -165,6 +378,36 @@ pub const SETTINGS: &[Setting] = &[
     ),
     setting("MAX_NUM_SEQS", "256", "sequences per scheduler step"),
     setting("MAX_NUM_BATCHED_TOKENS", "2048", "tokens per step"),
+    setting(
+        "ENABLE_CHUNKED_PREFILL",
+        "1",
+        "0: a prompt is never split across steps (a step's budget covers a whole prompt)",
+    ),
+    setting(
+        "KV_CACHE_DTYPE",
+        "auto",
+        "auto (the model's dtype); fp8 caches are refused",
+    ),
+    setting(
+        "TENSOR_PARALLEL_SIZE",
+        "1",
+        "1 only: one device per worker",
+    ),
+    setting(
+        "PIPELINE_PARALLEL_SIZE",
+        "1",
+        "1 only: one device per worker",
+    ),
+    setting(
+        "SEED",
+        "",
+        "seeds the sampling of requests without a `seed` (reproducible runs)",
+    ),
+    setting(
+        "MAX_LOGPROBS",
+        "20",
+        "most `logprobs` / `prompt_logprobs` a request may ask",
+    ),
     setting(
         "ENABLE_PREFIX_CACHING",
         "1",
@@ -200,6 +443,11 @@ pub const SETTINGS: &[Setting] = &[
         "seconds SIGTERM waits for jobs in flight",
     ),
     setting("DISABLE_LOG_REQUESTS", "0", "1: do not log job inputs"),
+    setting(
+        "ENABLE_LOG_REQUESTS",
+        "",
+        "vLLM's newer switch: 1 logs job inputs, 0 does not (wins over DISABLE_LOG_REQUESTS)",
+    ),
     setting("DISABLE_LOG_STATS", "0", "1: no periodic stats log line"),
     setting("LOG_FORMAT", "human", "human or json"),
     setting("API_KEY", "", "bearer token required by `serve`"),
@@ -260,6 +508,16 @@ pub const SETTINGS: &[Setting] = &[
     setting("RUNPOD_POD_ID", "", "this worker's id"),
     setting("RUNPOD_ENDPOINT_ID", "", "the endpoint's id"),
     setting("RUNPOD_POD_HOSTNAME", "", "this worker's host name"),
+    setting(
+        "PORT",
+        "",
+        "load-balancing endpoint: `serve`'s port (binds 0.0.0.0); set, it makes `serve` the default mode",
+    ),
+    setting(
+        "PORT_HEALTH",
+        "",
+        "load-balancing endpoint: the port of `GET /ping` when it differs from `PORT`",
+    ),
 ];
 
 /// The variables, read through their declarations: an unset or blank variable takes its default.
@@ -272,12 +530,12 @@ impl Vars {
             .iter()
             .find(|s| s.name == name)
             .unwrap_or_else(|| panic!("{name} is not declared in config::SETTINGS"));
+        // The environment follows the config file: the last non-blank value wins.
         self.0
             .iter()
             .rev()
-            .find(|(k, _)| k == name)
+            .find(|(k, v)| k == name && !v.trim().is_empty())
             .map(|(_, v)| v.clone())
-            .filter(|v| !v.trim().is_empty())
             .or_else(|| (!declared.default.is_empty()).then(|| declared.default.to_string()))
     }
 
@@ -326,6 +584,8 @@ pub struct ModelConfig {
     pub tokenizer_name: Option<String>,
     pub tokenizer_revision: Option<String>,
     pub gguf_file: Option<String>,
+    /// `DOWNLOAD_DIR`: the hub cache to use instead of the one under `BASE_PATH`.
+    pub download_dir: Option<PathBuf>,
 }
 
 /// The hub client's settings from the environment (`HF_ENDPOINT`, `HF_HUB_OFFLINE`, the cache).
@@ -335,6 +595,8 @@ pub struct HubSettings {
     pub offline: bool,
     /// Where downloads go when `BASE_PATH` is not writable.
     pub fallback_cache: PathBuf,
+    /// `MAX_PARALLEL_LOADING_WORKERS`: files downloaded at once.
+    pub loading_workers: usize,
 }
 
 /// The OpenAI front door's settings.
@@ -408,6 +670,10 @@ pub struct Config {
     pub hub: HubSettings,
     pub openai: OpenAiConfig,
     pub runpod: RunpodConfig,
+    /// `PORT`: a load-balancing endpoint's HTTP port.
+    pub port: Option<u16>,
+    /// `PORT_HEALTH`: where `GET /ping` answers when it is not `PORT`.
+    pub port_health: Option<u16>,
     /// `DEFAULT_BATCH_SIZE`, `DEFAULT_MIN_BATCH_SIZE`, `DEFAULT_BATCH_SIZE_GROWTH_FACTOR`.
     pub stream_batch: BatchPolicy,
     /// `MAX_CONCURRENCY`: jobs (or local requests) run at once.
@@ -421,8 +687,12 @@ pub struct Config {
     /// What `serve` holds for one request or for finished ones.
     pub serve_limits: ServeLimits,
     pub log_format: LogFormat,
-    /// Variables of [`IGNORED_VARIABLES`] that are set.
-    pub ignored: Vec<String>,
+    /// vLLM options set (as variables or in the config file) that mean nothing here, with the reason.
+    pub no_effect: Vec<(String, &'static str)>,
+    /// `CONFIG_FILE` (or `VLLM_CONFIG_FILE`), when set.
+    pub config_file: Option<PathBuf>,
+    /// Keys of the config file that are neither a `vllm serve` option nor a variable of this worker.
+    pub unknown_file_keys: Vec<String>,
 }
 
 impl Config {
@@ -438,16 +708,65 @@ impl Config {
         K: Into<String>,
         V: Into<String>,
     {
-        let v = Vars(
-            vars.into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        );
-        let ignored = IGNORED_VARIABLES
-            .iter()
-            .filter(|name| v.0.iter().any(|(k, _)| k == *name))
-            .map(|name| name.to_string())
+        let env: Vec<(String, String)> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
             .collect();
+        // `CONFIG_FILE` (else `VLLM_CONFIG_FILE`): a second source, beneath the environment.
+        let file_var = ["CONFIG_FILE", "VLLM_CONFIG_FILE"]
+            .into_iter()
+            .find_map(|name| {
+                env.iter()
+                    .rev()
+                    .find(|(k, v)| k == name && !v.trim().is_empty())
+                    .map(|(k, v)| (k.clone(), v.trim().to_string()))
+            });
+        let file = match &file_var {
+            Some((name, path)) => ConfigFile::read(name, path)?,
+            None => ConfigFile::default(),
+        };
+        let mut no_effect: Vec<(String, &'static str)> = Vec::new();
+        for (name, value) in &env {
+            let declared = SETTINGS.iter().any(|s| s.name == name);
+            if declared || value.trim().is_empty() || FILE_ONLY_OPTIONS.contains(&name.as_str()) {
+                continue;
+            }
+            if let Some(why) = no_effect_reason(name)
+                && !no_effect.iter().any(|(n, _)| n == name)
+            {
+                no_effect.push((name.clone(), why));
+            }
+        }
+        for (name, why) in file.no_effect {
+            if !no_effect.iter().any(|(n, _)| *n == name) {
+                no_effect.push((name, why));
+            }
+        }
+        let mut all = file.values;
+        all.extend(env);
+        let v = Vars(all);
+        for name in ["TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE"] {
+            v.get(name, |s| match positive(s)? {
+                1 => Ok(()),
+                _ => Err("1: this worker runs on one device (multi-GPU is not implemented)".into()),
+            })?;
+        }
+        v.get("KV_CACHE_DTYPE", |s| match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(()),
+            _ => Err("auto: the KV cache is kept in the model's dtype (fp8 KV caches are not implemented in this engine)".into()),
+        })?;
+        v.get("LOAD_FORMAT", |s| match s.to_ascii_lowercase().as_str() {
+            "auto" | "safetensors" | "gguf" => Ok(()),
+            _ => Err("auto, safetensors or gguf: the weight formats this engine loads".into()),
+        })?;
+        v.get("TOKENIZER_MODE", |s| match s.to_ascii_lowercase().as_str() {
+            "auto" | "hf" | "slow" | "fast" => Ok(()),
+            _ => Err("auto, hf or slow: the tokenizer is always tokenizer.json (mistral_common is not supported)".into()),
+        })?;
+        v.get("SKIP_TOKENIZER_INIT", |s| match boolean(s)? {
+            false => Ok(()),
+            true => Err("0: the engine needs its tokenizer (chat templates, stop strings, detokenized streams)".into()),
+        })?;
         let text = |name| v.text(name);
         let max_model_len = match v.parse("MAX_MODEL_LENGTH", positive)? {
             Some(n) => Some(n),
@@ -461,6 +780,7 @@ impl Config {
             tokenizer_name: text("TOKENIZER_NAME"),
             tokenizer_revision: text("TOKENIZER_REVISION"),
             gguf_file: text("GGUF_FILE"),
+            download_dir: text("DOWNLOAD_DIR").map(PathBuf::from),
         };
         let engine = EngineSettings {
             gguf_file: model.gguf_file.clone(),
@@ -481,12 +801,23 @@ impl Config {
             custom_chat_template: text("CUSTOM_CHAT_TEMPLATE"),
             threads: v.parse("NUM_THREADS", positive)?,
             speculative: v.parse("SPECULATIVE_CONFIG", SpeculativeConfig::parse)?,
+            enable_chunked_prefill: v.get("ENABLE_CHUNKED_PREFILL", boolean)?,
+            disable_sliding_window: v.get("DISABLE_SLIDING_WINDOW", boolean)?,
+            seed: v.parse("SEED", |s| {
+                s.parse::<u64>()
+                    .map_err(|_| "a non-negative integer".to_string())
+            })?,
+            max_logprobs: v.get("MAX_LOGPROBS", |s| {
+                s.parse::<usize>()
+                    .map_err(|_| "a non-negative integer".to_string())
+            })?,
             ..EngineSettings::for_model(PathBuf::new())
         };
         let hub = HubSettings {
             endpoint: v.get("HF_ENDPOINT", |s| Ok(s.to_string()))?,
             offline: v.get("HF_HUB_OFFLINE", boolean)?,
             fallback_cache: fallback_cache(text("HF_HOME"), text("XDG_CACHE_HOME"), text("HOME")),
+            loading_workers: v.get("MAX_PARALLEL_LOADING_WORKERS", positive)?,
         };
         let stream_batch = BatchPolicy {
             max_batch_size: v.get("DEFAULT_BATCH_SIZE", positive)?,
@@ -515,10 +846,15 @@ impl Config {
             hub,
             openai,
             runpod,
+            port: v.parse("PORT", port)?,
+            port_health: v.parse("PORT_HEALTH", port)?,
             stream_batch,
             max_concurrency: v.get("MAX_CONCURRENCY", positive)?,
             disable_log_stats: v.get("DISABLE_LOG_STATS", boolean)?,
-            disable_log_requests: v.get("DISABLE_LOG_REQUESTS", boolean)?,
+            disable_log_requests: match v.parse("ENABLE_LOG_REQUESTS", boolean)? {
+                Some(enable) => !enable,
+                None => v.get("DISABLE_LOG_REQUESTS", boolean)?,
+            },
             shutdown_timeout: Duration::from_secs(
                 v.get("GRACEFUL_SHUTDOWN_TIMEOUT", positive)? as u64
             ),
@@ -538,7 +874,9 @@ impl Config {
                 ),
             },
             log_format: v.get("LOG_FORMAT", parse_log_format)?,
-            ignored,
+            no_effect,
+            config_file: file_var.map(|(_, path)| PathBuf::from(path)),
+            unknown_file_keys: file.unknown,
         })
     }
 
@@ -574,11 +912,95 @@ impl Config {
             offline: self.hub.offline,
             attempts: 6,
             backoff: Duration::from_millis(500),
-            concurrency: 4,
+            concurrency: self.hub.loading_workers,
             progress: true,
             fallback_cache: self.hub.fallback_cache.clone(),
         }
     }
+}
+
+/// A `vllm serve` YAML config file, turned into variables.
+#[derive(Debug, Default)]
+struct ConfigFile {
+    /// (variable, value) for the settings this worker reads.
+    values: Vec<(String, String)>,
+    no_effect: Vec<(String, &'static str)>,
+    unknown: Vec<String>,
+}
+
+impl ConfigFile {
+    fn read(var: &str, path: &str) -> Result<Self, ConfigError> {
+        let error = |expected: String| ConfigError {
+            name: var.to_string(),
+            value: path.to_string(),
+            expected,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error(format!("a readable YAML file ({e})")))?;
+        Self::parse(&text)
+            .map_err(|e| error(format!("a YAML mapping of `vllm serve` options: {e}")))
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let value: serde_norway::Value = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        let mapping = match value {
+            serde_norway::Value::Null => return Ok(Self::default()),
+            serde_norway::Value::Mapping(m) => m,
+            _ => return Err("the file is not a mapping (`key: value` lines)".into()),
+        };
+        let mut file = Self::default();
+        for (key, value) in mapping {
+            let serde_norway::Value::String(key) = key else {
+                return Err(format!("the key {key:?} is not a string"));
+            };
+            let name = key
+                .trim()
+                .trim_start_matches("--")
+                .replace('-', "_")
+                .to_ascii_uppercase();
+            let name = VLLM_ALIASES
+                .iter()
+                .find(|(vllm, _)| *vllm == name)
+                .map_or(name, |(_, ours)| ours.to_string());
+            if SETTINGS.iter().any(|s| s.name == name) {
+                if let Some(mut text) = yaml_text(&name, value)? {
+                    // vLLM's `chat-template` is a file's path or the template itself.
+                    if name == "CUSTOM_CHAT_TEMPLATE" && std::path::Path::new(text.trim()).is_file()
+                    {
+                        text = std::fs::read_to_string(text.trim())
+                            .map_err(|e| format!("chat-template {}: {e}", text.trim()))?;
+                    }
+                    file.values.push((name, text));
+                }
+            } else if let Some(why) = no_effect_reason(&name) {
+                file.no_effect.push((name, why));
+            } else {
+                file.unknown.push(key);
+            }
+        }
+        Ok(file)
+    }
+}
+
+/// A YAML value as the variable's text: scalars as written, a one-item list as its item, vLLM's
+/// `served-model-name` list as its first name (the one the model answers to), mappings and lists
+/// as JSON (`speculative-config`); `null` as unset.
+fn yaml_text(name: &str, value: serde_norway::Value) -> Result<Option<String>, String> {
+    use serde_norway::Value as Y;
+    Ok(match value {
+        Y::Null => None,
+        Y::Bool(b) => Some(b.to_string()),
+        Y::Number(n) => Some(n.to_string()),
+        Y::String(s) => Some(s),
+        Y::Sequence(items)
+            if !items.is_empty()
+                && (items.len() == 1 || name == "OPENAI_SERVED_MODEL_NAME_OVERRIDE")
+                && !matches!(items[0], Y::Mapping(_) | Y::Sequence(_)) =>
+        {
+            yaml_text(name, items.into_iter().next().unwrap_or(Y::Null))?
+        }
+        other => Some(serde_json::to_string(&other).map_err(|e| format!("{name}: {e}"))?),
+    })
 }
 
 /// Where downloads go when `BASE_PATH` is not writable: `$HF_HOME/hub`, else the user cache.
@@ -617,6 +1039,13 @@ fn size(v: &str) -> Result<usize, String> {
     parse_bytes(v)
         .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| "a size in bytes, e.g. 16777216, 16MiB or 10MB".into())
+}
+
+fn port(v: &str) -> Result<u16, String> {
+    match v.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("a TCP port, 1 to 65535".into()),
+    }
 }
 
 fn fraction(v: &str) -> Result<f32, String> {
@@ -737,7 +1166,7 @@ mod tests {
         assert_eq!(c.runpod.ping_interval, Duration::from_millis(10_000));
         assert!(!c.runpod.has_queue());
         assert_eq!(c.engine.quantization, Quantization::None);
-        assert!(c.ignored.is_empty());
+        assert!(c.no_effect.is_empty());
     }
 
     #[test]
@@ -810,9 +1239,143 @@ mod tests {
     }
 
     #[test]
-    fn worker_vllm_only_variables_are_accepted_and_listed() {
-        let c = parse(&[("LOAD_FORMAT", "auto"), ("TENSOR_PARALLEL_SIZE", "2")]).unwrap();
-        assert_eq!(c.ignored, vec!["LOAD_FORMAT", "TENSOR_PARALLEL_SIZE"]);
+    fn vllm_options_without_effect_are_listed_with_their_reason() {
+        let c = parse(&[
+            ("ENFORCE_EAGER", "true"),
+            ("ROPE_THETA", "10000"),
+            ("HOST", "x"),
+            ("PATH", "/bin"),
+        ])
+        .unwrap();
+        let names: Vec<&str> = c.no_effect.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["ENFORCE_EAGER", "ROPE_THETA"]);
+        assert!(c.no_effect[0].1.contains("CUDA graphs"));
+    }
+
+    #[test]
+    fn vllm_settings_mean_something_or_are_refused() {
+        for (name, value, why) in [
+            ("TENSOR_PARALLEL_SIZE", "2", "one device"),
+            ("PIPELINE_PARALLEL_SIZE", "4", "one device"),
+            ("KV_CACHE_DTYPE", "fp8", "fp8"),
+            ("KV_CACHE_DTYPE", "fp8_e4m3", "fp8"),
+            ("LOAD_FORMAT", "pt", "safetensors"),
+            ("TOKENIZER_MODE", "mistral", "mistral"),
+            ("SKIP_TOKENIZER_INIT", "1", "tokenizer"),
+            ("SEED", "-3", "integer"),
+            ("MAX_LOGPROBS", "many", "integer"),
+        ] {
+            let e = parse(&[(name, value)]).unwrap_err();
+            assert_eq!(e.name, name);
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let c = parse(&[
+            ("TENSOR_PARALLEL_SIZE", "1"),
+            ("KV_CACHE_DTYPE", "auto"),
+            ("LOAD_FORMAT", "safetensors"),
+            ("TOKENIZER_MODE", "auto"),
+            ("SEED", "42"),
+            ("MAX_LOGPROBS", "5"),
+            ("ENABLE_CHUNKED_PREFILL", "false"),
+            ("DISABLE_SLIDING_WINDOW", "1"),
+            ("DOWNLOAD_DIR", "/cache"),
+            ("MAX_PARALLEL_LOADING_WORKERS", "2"),
+            ("DISABLE_LOG_REQUESTS", "1"),
+            ("ENABLE_LOG_REQUESTS", "1"),
+        ])
+        .unwrap();
+        assert_eq!(c.engine.seed, Some(42));
+        assert_eq!(c.engine.max_logprobs, 5);
+        assert!(!c.engine.enable_chunked_prefill);
+        assert!(c.engine.disable_sliding_window);
+        assert_eq!(c.model.download_dir, Some(PathBuf::from("/cache")));
+        assert_eq!(c.hub_config().concurrency, 2);
+        assert!(!c.disable_log_requests, "ENABLE_LOG_REQUESTS wins");
+        assert!(c.no_effect.is_empty());
+    }
+
+    fn with_file(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, text).unwrap();
+        let path = path.display().to_string();
+        let mut all = vec![("VLLM_CONFIG_FILE", path.as_str())];
+        all.extend_from_slice(vars);
+        parse(&all)
+    }
+
+    #[test]
+    fn the_config_file_takes_vllm_names_beneath_the_environment() {
+        let c = with_file(
+            "model: org/model\nmax-model-len: 2048\nmax_num_seqs: 8\nenable-prefix-caching: false\n\
+             served-model-name: [served]\nspeculative-config: {method: ngram, num_speculative_tokens: 3}\n\
+             enforce-eager: true\nno-such-option: 1\nseed: 7\n",
+            &[("MAX_NUM_SEQS", "4"), ("MAX_MODEL_LEN", "")],
+        )
+        .unwrap();
+        assert_eq!(c.model.name.as_deref(), Some("org/model"));
+        assert_eq!(
+            c.engine.max_model_len,
+            Some(2048),
+            "a blank variable does not hide the file"
+        );
+        assert_eq!(c.engine.max_num_seqs, 4, "the environment wins");
+        assert!(!c.engine.enable_prefix_caching);
+        assert_eq!(
+            c.openai.served_model_name_override.as_deref(),
+            Some("served")
+        );
+        assert!(c.engine.speculative.is_some());
+        assert_eq!(c.engine.seed, Some(7));
+        assert_eq!(c.unknown_file_keys, vec!["no-such-option"]);
+        assert_eq!(c.no_effect.len(), 1);
+        assert_eq!(c.no_effect[0].0, "ENFORCE_EAGER");
+    }
+
+    #[test]
+    fn the_config_file_reads_a_chat_template_path_and_the_first_served_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("t.jinja");
+        std::fs::write(&template, "{{ messages }}").unwrap();
+        let c = with_file(
+            &format!(
+                "chat-template: {}\nserved-model-name: [first, second]\n",
+                template.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.engine.custom_chat_template.as_deref(),
+            Some("{{ messages }}")
+        );
+        assert_eq!(
+            c.openai.served_model_name_override.as_deref(),
+            Some("first")
+        );
+        let c = with_file("chat-template: \"{{ 'inline' }}\"\n", &[]).unwrap();
+        assert_eq!(
+            c.engine.custom_chat_template.as_deref(),
+            Some("{{ 'inline' }}")
+        );
+    }
+
+    #[test]
+    fn a_malformed_or_missing_config_file_is_a_start_up_error() {
+        for text in [
+            "model: [unclosed",
+            "- a list\n- of things\n",
+            "max-model-len: lots\n",
+        ] {
+            let e = with_file(text, &[]).unwrap_err();
+            assert!(
+                e.name == "VLLM_CONFIG_FILE" || e.name == "MAX_MODEL_LEN",
+                "{e}"
+            );
+        }
+        let e = parse(&[("CONFIG_FILE", "/no/such/file.yaml")]).unwrap_err();
+        assert_eq!(e.name, "CONFIG_FILE");
+        assert!(e.to_string().contains("/no/such/file.yaml"), "{e}");
     }
 
     #[test]
@@ -842,8 +1405,10 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), SETTINGS.len());
         assert!(SETTINGS.iter().all(|s| !s.doc.is_empty()));
-        assert!(IGNORED_VARIABLES
+        assert!(NO_EFFECT
             .iter()
+            .map(|(n, _)| n)
+            .chain(VLLM_OPTIONS)
             .all(|i| SETTINGS.iter().all(|s| s.name != *i)));
     }
 

@@ -86,6 +86,8 @@ pub struct ModelSource {
     pub tokenizer_name: Option<String>,
     pub tokenizer_revision: Option<String>,
     pub gguf_file: Option<String>,
+    /// `DOWNLOAD_DIR`: the hub cache to use instead of `$BASE_PATH/huggingface-cache/hub`.
+    pub download_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ModelSource {
@@ -98,6 +100,7 @@ impl std::fmt::Debug for ModelSource {
             .field("tokenizer_name", &self.tokenizer_name)
             .field("tokenizer_revision", &self.tokenizer_revision)
             .field("gguf_file", &self.gguf_file)
+            .field("download_dir", &self.download_dir)
             .finish()
     }
 }
@@ -434,15 +437,19 @@ impl Hub {
             gguf_file: non_empty(source.gguf_file.as_deref()).map(str::to_string),
         };
         let revision = non_empty(source.revision.as_deref());
+        let primary = source
+            .download_dir
+            .clone()
+            .unwrap_or_else(|| cache_dir(&source.base_path));
         let model = self
-            .resolve(&source.name, revision, &source.base_path, &set)
+            .resolve_in(&source.name, revision, primary.clone(), &set)
             .await?;
         let tokenizer = match non_empty(source.tokenizer_name.as_deref()) {
             None => None,
             Some(name) => {
                 let rev = non_empty(source.tokenizer_revision.as_deref());
                 let path = self
-                    .resolve(name, rev, &source.base_path, &FileSet::Tokenizer)
+                    .resolve_in(name, rev, primary.clone(), &FileSet::Tokenizer)
                     .await
                     .with_context(|| format!("resolving TOKENIZER_NAME `{name}`"))?;
                 Some(path)
@@ -457,6 +464,18 @@ impl Hub {
         name: &str,
         revision: Option<&str>,
         base_path: &Path,
+        set: &FileSet,
+    ) -> Result<PathBuf> {
+        self.resolve_in(name, revision, cache_dir(base_path), set)
+            .await
+    }
+
+    /// [`Hub::resolve`] with the primary hub cache named (`DOWNLOAD_DIR`, else under `BASE_PATH`).
+    async fn resolve_in(
+        &self,
+        name: &str,
+        revision: Option<&str>,
+        primary: PathBuf,
         set: &FileSet,
     ) -> Result<PathBuf> {
         let name = name.trim();
@@ -476,7 +495,6 @@ impl Hub {
             .unwrap_or(DEFAULT_REVISION);
         validate_revision(revision)?;
 
-        let primary = cache_dir(base_path);
         let fallback = self.config.fallback_cache.clone();
         for cache in [&primary, &fallback] {
             if let Some(dir) = cached_snapshot(cache, name, revision, set) {
@@ -494,9 +512,9 @@ impl Hub {
             primary
         } else {
             tracing::warn!(
-                base_path = %base_path.display(),
+                cache = %primary.display(),
                 fallback = %fallback.display(),
-                "BASE_PATH is not writable; downloading into the local cache"
+                "the cache (BASE_PATH or DOWNLOAD_DIR) is not writable; downloading into the local cache"
             );
             fallback
         };

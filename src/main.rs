@@ -1,6 +1,7 @@
 //! worker-candle's command line: the queue worker (default), `serve` (a local endpoint),
 //! `--test-input` (one job), `download` and `run-batch`.
 
+use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use worker_candle::engine::speculative::SpeculativeMethod;
 use worker_candle::config::{Config, LogFormat, DEFAULT_SERVE_MODEL};
 use worker_candle::engine::Engine;
 use worker_candle::serverless::handler::{EngineHandler, HandlerSettings};
+use worker_candle::serverless::health::Readiness;
 use worker_candle::serverless::job::{run_job, Job, JobHandler, JobResult, ResultSink};
 use worker_candle::serverless::local::LocalEndpoint;
 use worker_candle::serverless::metrics::Metrics;
@@ -26,6 +28,7 @@ worker-candle: nothing to do.
 This is a RunPod serverless worker; it takes jobs from the queue named by RUNPOD_WEBHOOK_GET_JOB, which
 the platform sets. To try it locally:
   worker-candle serve --port 8000                       a local endpoint (/run, /runsync, /openai/v1/...)
+  PORT=80 worker-candle                                 the same on 0.0.0.0:80 (a load-balancing endpoint)
   worker-candle --test-input '{\"input\": {\"prompt\": \"Hello\"}}'   run one job and print its output
   (or put a test_input.json in the working directory)
 Set MODEL_NAME to a local model folder or a Hugging Face repository id.";
@@ -71,12 +74,14 @@ enum Command {
     RunBatch(RunBatchArgs),
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 struct ServeArgs {
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    #[arg(long, default_value_t = 8000)]
-    port: u16,
+    /// The address to listen on [default: 0.0.0.0 when PORT is set, else 127.0.0.1].
+    #[arg(long)]
+    host: Option<String>,
+    /// The port [default: PORT, else 8000].
+    #[arg(long)]
+    port: Option<u16>,
 }
 
 #[derive(Args, Debug)]
@@ -102,10 +107,25 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    for name in &config.ignored {
+    if let Some(path) = &config.config_file {
         tracing::info!(
-            "{name} is a worker-vllm setting that means nothing to this engine; ignored"
+            "settings from {} (environment variables win)",
+            path.display()
         );
+    }
+    if !config.unknown_file_keys.is_empty() {
+        tracing::warn!(
+            "unknown keys in the config file, ignored: {}",
+            config.unknown_file_keys.join(", ")
+        );
+    }
+    if !config.no_effect.is_empty() {
+        let list: Vec<String> = config
+            .no_effect
+            .iter()
+            .map(|(name, why)| format!("{name} ({why})"))
+            .collect();
+        tracing::info!("accepted, no effect on this engine: {}", list.join("; "));
     }
     // The compute pools, sized once on this (still the only) thread, before rayon's and tokio's
     // threads start. candle sizes its own CPU pools from the environment and has no API for it, so
@@ -148,8 +168,8 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
     }
     if cli.rp_serve_api {
         let args = ServeArgs {
-            host: cli.rp_api_host.clone(),
-            port: cli.rp_api_port,
+            host: Some(cli.rp_api_host.clone()),
+            port: Some(cli.rp_api_port),
         };
         return serve(&config, &args).await;
     }
@@ -161,6 +181,10 @@ async fn dispatch(cli: Cli, config: Config) -> anyhow::Result<ExitCode> {
         None => {
             if config.runpod.has_queue() {
                 return queue_worker(&config).await;
+            }
+            // A load-balancing endpoint: the platform sets PORT and sends plain HTTP.
+            if config.port.is_some() {
+                return serve(&config, &ServeArgs::default()).await;
             }
             let local = Path::new("test_input.json");
             if local.is_file() {
@@ -203,6 +227,7 @@ fn model_source(config: &Config, name: &str) -> worker_candle::hub::ModelSource 
         tokenizer_name: m.tokenizer_name.clone(),
         tokenizer_revision: m.tokenizer_revision.clone(),
         gguf_file: m.gguf_file.clone(),
+        download_dir: m.download_dir.clone(),
     }
 }
 
@@ -285,14 +310,66 @@ async fn queue_worker(config: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `serve`: listens at once (`GET /ping` answers 204 while the model loads, other routes 503),
+/// then serves the model; SIGTERM lets requests in flight finish within `GRACEFUL_SHUTDOWN_TIMEOUT`.
 async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let model = config
         .model
         .name
         .clone()
         .unwrap_or_else(|| DEFAULT_SERVE_MODEL.to_string());
+    let port = args.port.or(config.port).unwrap_or(8000);
+    // In a container (a load-balancing endpoint sets PORT) the platform reaches the worker from outside.
+    let host = args.host.clone().unwrap_or_else(|| {
+        if config.port.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        }
+        .to_string()
+    });
+    let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let address = listener.local_addr()?;
+    let readiness = Readiness::new();
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut health_task = None;
+    match config.port_health.filter(|p| *p != address.port()) {
+        Some(health_port) => {
+            let health = tokio::net::TcpListener::bind((host.as_str(), health_port))
+                .await
+                .with_context(|| format!("cannot listen on {host}:{health_port} (PORT_HEALTH)"))?;
+            let health_address = health.local_addr()?;
+            println!("ping on http://{health_address}/ping");
+            let server = axum::serve(health, readiness.health_router())
+                .with_graceful_shutdown(until_stopped(stopped.clone()));
+            health_task = Some(tokio::spawn(server.into_future()));
+        }
+        None => println!("ping on http://{address}/ping"),
+    }
+    // local::serve: axum's accept loop with a header read timeout (half-open connections are closed)
+    let server = worker_candle::serverless::local::serve(
+        listener,
+        readiness.router(),
+        config.serve_limits.header_read_timeout,
+        until_stopped(stopped.clone()),
+    );
+    let mut server = tokio::spawn(server);
+    tracing::info!("GET /ping on http://{address} answers 204 until the model is ready");
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
     let metrics = Arc::new(Metrics::default());
-    let engine = start_engine(config, &model).await?;
+    let engine = tokio::select! {
+        engine = start_engine(config, &model) => engine?,
+        _ = &mut signal => {
+            let _ = stop.send(true);
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let _stats = log_stats(config, &metrics);
     let max_model_len = engine.info().max_model_len;
     let endpoint = LocalEndpoint::with_limits(
@@ -303,20 +380,35 @@ async fn serve(config: &Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         config.serve_limits.clone(),
         Some(max_model_len),
     );
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-    let address = listener.local_addr()?;
+    readiness.open(endpoint.router());
     tracing::info!("serving on http://{address}");
-    // A line on stdout that scripts (and tests) can wait for.
+    // A line on stdout that scripts (and tests) can wait for: the model is ready.
     println!("listening on http://{address}");
-    worker_candle::serverless::local::serve(
-        listener,
-        endpoint.router(),
-        config.serve_limits.header_read_timeout,
-        shutdown_signal(),
-    )
-    .await;
+    tokio::select! {
+        result = &mut server => {
+            result.context("the server task failed")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ = &mut signal => {}
+    }
+    // New connections stop; requests in flight get GRACEFUL_SHUTDOWN_TIMEOUT to finish.
+    let _ = stop.send(true);
+    match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
+        Ok(result) => {
+            result.context("the server task failed")?;
+            tracing::info!("server stopped");
+        }
+        Err(_) => {
+            tracing::warn!(
+                "requests still in flight after GRACEFUL_SHUTDOWN_TIMEOUT ({}s); exiting",
+                config.shutdown_timeout.as_secs()
+            );
+            server.abort();
+        }
+    }
+    if let Some(task) = health_task {
+        task.abort();
+    }
     Ok(ExitCode::SUCCESS)
 }
 

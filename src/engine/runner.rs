@@ -61,12 +61,30 @@ struct EngineInner {
     embedder: Option<Arc<dyn Embedder>>,
     submit: Option<std_mpsc::Sender<Submission>>,
     stats: Arc<EngineStats>,
+    /// `SEED`: draws the seed of each request that has none (reproducible runs).
+    seeds: Option<std::sync::Mutex<rand::rngs::StdRng>>,
+    /// `MAX_LOGPROBS`.
+    max_logprobs: usize,
 }
 
 impl Engine {
     /// Loads the model and starts the engine thread.
     pub fn start(settings: EngineSettings) -> anyhow::Result<Engine> {
-        Ok(Self::launch(load::load(&settings)?))
+        let mut engine = Self::launch(load::load(&settings)?);
+        if let Some(inner) = Arc::get_mut(&mut engine.inner) {
+            inner.seeds = settings.seed.map(|seed| {
+                std::sync::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(
+                    seed,
+                ))
+            });
+            inner.max_logprobs = settings.max_logprobs;
+        }
+        Ok(engine)
+    }
+
+    /// `MAX_LOGPROBS`: the most `logprobs` a request may ask.
+    pub fn max_logprobs(&self) -> usize {
+        self.inner.max_logprobs
     }
 
     /// Starts the engine over already loaded parts: the engine thread for a generator, none for an
@@ -98,6 +116,8 @@ impl Engine {
                 embedder,
                 submit,
                 stats,
+                seeds: None,
+                max_logprobs: super::validate::MAX_LOGPROBS,
             }),
         }
     }
@@ -121,7 +141,7 @@ impl Engine {
 
     /// Validates and tokenizes the request, then queues it. Errors here are the client's (bad
     /// parameters, prompt too long); later errors arrive as `GenerationEvent::Error`.
-    pub fn generate(&self, request: GenerateRequest) -> Result<GenerationStream, EngineError> {
+    pub fn generate(&self, mut request: GenerateRequest) -> Result<GenerationStream, EngineError> {
         let info = &self.inner.info;
         let Some(submit) = &self.inner.submit else {
             return Err(EngineError::Unsupported(format!(
@@ -129,9 +149,16 @@ impl Engine {
                 info.served_model_name
             )));
         };
-        request
-            .params
-            .validate(&ValidationLimits::new(info.vocab_size))?;
+        request.params.validate(&ValidationLimits {
+            max_logprobs: self.inner.max_logprobs,
+            ..ValidationLimits::new(info.vocab_size)
+        })?;
+        if request.params.seed.is_none()
+            && let Some(seeds) = &self.inner.seeds
+        {
+            let mut seeds = seeds.lock().unwrap_or_else(|e| e.into_inner());
+            request.params.seed = Some(rand::RngCore::next_u64(&mut *seeds));
+        }
         let prompt = match request.prompt {
             Prompt::Text(text) => self
                 .inner

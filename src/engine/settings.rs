@@ -70,6 +70,15 @@ pub struct EngineSettings {
     pub threads: Option<usize>,
     /// `SPECULATIVE_CONFIG`: speculative decoding, if on.
     pub speculative: Option<super::speculative::SpeculativeConfig>,
+    /// `ENABLE_CHUNKED_PREFILL`: false = a step's token budget covers a whole prompt
+    /// (at least `max_model_len`), so prompts are not split across steps.
+    pub enable_chunked_prefill: bool,
+    /// `DISABLE_SLIDING_WINDOW`: cap the context at the model's sliding window (vLLM's meaning).
+    pub disable_sliding_window: bool,
+    /// `SEED`: seeds the engine's generator of per-request seeds (requests without a `seed`).
+    pub seed: Option<u64>,
+    /// `MAX_LOGPROBS`: most `logprobs` / `prompt_logprobs` per request.
+    pub max_logprobs: usize,
 }
 
 impl EngineSettings {
@@ -95,6 +104,10 @@ impl EngineSettings {
             custom_chat_template: None,
             threads: None,
             speculative: None,
+            enable_chunked_prefill: true,
+            disable_sliding_window: false,
+            seed: None,
+            max_logprobs: super::validate::MAX_LOGPROBS,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! local endpoint.
 
 pub mod handler;
+pub mod health;
 pub mod job;
 pub mod local;
 pub mod metrics;

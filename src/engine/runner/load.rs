@@ -174,6 +174,18 @@ impl Executor for CausalExecutor {
     }
 }
 
+/// The model's sliding window from its `config.json` (`None` when it has none, or it is switched
+/// off by `use_sliding_window: false`).
+fn sliding_window(settings: &EngineSettings) -> Option<usize> {
+    let text = std::fs::read_to_string(settings.model_path.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if config.get("use_sliding_window") == Some(&serde_json::Value::Bool(false)) {
+        return None;
+    }
+    let window = config.get("sliding_window")?.as_u64()?;
+    usize::try_from(window).ok().filter(|w| *w > 0)
+}
+
 /// Loads tokenizer, model, chat template and a KV cache sized by the budget.
 pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     if let Some(parts) = crate::engine::embedding::embedding_parts(settings)? {
@@ -205,6 +217,17 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
         meta.max_model_len,
         host_free,
     )?;
+    // DISABLE_SLIDING_WINDOW (vLLM's meaning): full attention, the context capped at the window.
+    let max_model_len = match sliding_window(settings).filter(|_| settings.disable_sliding_window) {
+        Some(window) if window < max_model_len => {
+            tracing::info!(
+                window,
+                "DISABLE_SLIDING_WINDOW: the context length is capped at the sliding window"
+            );
+            window
+        }
+        _ => max_model_len,
+    };
     let cache = KvCache::new(&spec, num_blocks, block_size)?;
     tracing::info!(
         num_blocks,
@@ -241,7 +264,12 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
                 block_size,
                 num_blocks,
                 max_num_seqs: settings.max_num_seqs.max(1),
-                max_num_batched_tokens: settings.max_num_batched_tokens.max(1),
+                // ENABLE_CHUNKED_PREFILL=0: a step's budget holds a whole prompt.
+                max_num_batched_tokens: if settings.enable_chunked_prefill {
+                    settings.max_num_batched_tokens.max(1)
+                } else {
+                    settings.max_num_batched_tokens.max(max_model_len)
+                },
                 enable_prefix_caching: settings.enable_prefix_caching,
             },
             speculation: speculation(settings, num_blocks, block_size, spec.vocab_size)?,
