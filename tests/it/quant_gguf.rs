@@ -249,6 +249,50 @@ async fn a_float32_gguf_computes_what_transformers_computes() {
     }
 }
 
+/// The gemma3 fixture as llama.cpp's converter writes Gemma 3 (`tests/fixtures/gguf/make_gemma3.py`:
+/// its tensor names, norms stored as `1 + w`, `gemma3.*` metadata with the sliding-window layer pattern
+/// and linear RoPE scaling, a SentencePiece vocabulary): transformers' greedy tokens and top-5 on every
+/// prompt (llama.cpp too, on all 7: `gemma3-reference.json`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemma3_gguf_computes_what_transformers_computes() {
+    let dir = fixture("gguf");
+    let engine = start_at(&dir.join("gemma3-f32.gguf"), |_| {});
+    assert_eq!(engine.info().vocab_size, 1024);
+    let reference = read_json(&dir.join("gemma3-reference.json"));
+    for (i, case) in cases("gemma3").iter().enumerate() {
+        let llama_cpp = &reference["runs"][i];
+        assert_eq!(llama_cpp["greedy_ids"], serde_json::json!(case.greedy_ids));
+        let mut req = greedy(case.input_ids.clone(), case.greedy_ids.len(), Some(5));
+        req.params.ignore_eos = true;
+        let out = collect(&engine, req).await;
+        assert_eq!(out.choice.token_ids, case.greedy_ids, "gemma3 case {i}");
+        for (step, want) in case.top5.iter().enumerate() {
+            let got = &out.choice.logprobs[step].top;
+            for ((id, _, lp), (wid, wlp)) in got.iter().zip(want) {
+                assert_eq!(id, wid, "gemma3 case {i} step {step}");
+                assert!((lp - wlp).abs() < 1e-4, "gemma3 case {i} step {step}");
+            }
+        }
+    }
+}
+
+/// A SentencePiece (`tokenizer.ggml.model = llama`) GGUF brings its tokenizer: texts (spaces, new
+/// lines, tabs, accents, CJK and an emoji through the byte tokens, control tokens) become the ids
+/// llama.cpp gives them, BOS first, and decode back to the text.
+#[test]
+fn a_sentencepiece_gguf_tokenizes_like_llama_cpp() {
+    let dir = fixture("gguf");
+    let engine = Engine::start(EngineSettings::for_model(dir.join("gemma3-f32.gguf"))).unwrap();
+    let tok = engine.tokenizer();
+    let reference = read_json(&dir.join("gemma3-reference.json"));
+    for case in reference["tokenize"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want = crate::common::fixtures::ids(&case["ids"]);
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want[1..], false).unwrap(), text);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn q8_0_blocks_from_a_gguf_equal_in_situ_q8_0() {
     let dir = tempfile::tempdir().unwrap();
