@@ -620,9 +620,10 @@ fn q8_0_error_against_float32_is_at_llama_cpp_level() {
 /// The documented real-model check (README, "The engine"): a real GGUF file (`REAL_GGUF`, e.g. Gemma 3
 /// 270M Q4_K_M from PyPI) against what llama.cpp does with it (`REAL_GGUF_REFERENCE`, written by
 /// `tests/fixtures/gguf/llama_cpp_greedy.py`): the prompts tokenize to llama.cpp's ids, the greedy
-/// continuations start with llama.cpp's token, and with llama.cpp's path fed in (teacher forcing) the
-/// engine's top token is llama.cpp's at nearly every position (free-running continuations part where
-/// llama.cpp's own top two are within quantization noise). Ignored: it needs the download.
+/// continuations start with llama.cpp's token wherever llama.cpp's own top two logits are more than
+/// 0.1 apart (closer is quantization noise: llama.cpp itself flips such tokens between a batched and a
+/// token-by-token pass), and with llama.cpp's path fed in (teacher forcing) the engine's top token is
+/// llama.cpp's at 90% of the positions or more. Ignored: it needs the download.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn a_real_gguf_continues_prompts_as_llama_cpp_does() {
@@ -638,7 +639,7 @@ async fn a_real_gguf_continues_prompts_as_llama_cpp_does() {
         s.max_model_len = Some(512);
     });
     let reference = read_json(Path::new(&reference));
-    let (mut same, mut total, mut first) = (0, 0, 0);
+    let (mut same, mut total, mut first, mut clear) = (0, 0, 0, 0);
     let runs = reference["runs"].as_array().unwrap();
     for run in runs {
         let prompt = run["prompt"].as_str().unwrap();
@@ -666,9 +667,14 @@ async fn a_real_gguf_continues_prompts_as_llama_cpp_does() {
         same += agree;
         total += want.len();
         first += usize::from(agree > 0);
+        if run["margins"][0].as_f64().unwrap() > 0.1 {
+            clear += 1;
+            assert!(agree > 0, "{prompt:?}: first token");
+        }
     }
     eprintln!(
-        "first tokens equal on {first}/{}; leading agreement {same}/{total} tokens",
+        "first tokens equal on {first}/{} ({clear} with llama.cpp's top two over 0.1 apart); \
+         leading agreement {same}/{total} tokens",
         runs.len()
     );
     drop(engine);
@@ -684,6 +690,5 @@ async fn a_real_gguf_continues_prompts_as_llama_cpp_does() {
         .collect();
     let (hits, n, _) = teacher_forced(loaded.model.as_ref(), &paths);
     eprintln!("teacher-forced: llama.cpp's next token at {hits}/{n} positions");
-    assert_eq!(first, runs.len());
     assert!(hits * 10 >= n * 9, "{hits}/{n}");
 }
