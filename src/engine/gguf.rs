@@ -21,6 +21,7 @@ pub(crate) const SUPPORTED: &[(&str, &str)] = &[
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
+    ("gemma3", "Gemma3ForCausalLM"),
 ];
 
 /// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
@@ -97,6 +98,8 @@ pub struct GgufFile {
     config: Value,
     /// `(heads, kv_heads, head_dim)` when q/k rows were permuted by llama.cpp's converter (llama).
     permuted_qk: Option<(usize, usize, usize)>,
+    /// Gemma: llama.cpp's converter stores RMSNorm weights as `1 + w`; they are served as `w`.
+    norms_plus_one: bool,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -133,7 +136,9 @@ impl GgufFile {
             arch,
             config: Value::Null,
             permuted_qk: None,
+            norms_plus_one: false,
         };
+        gguf.norms_plus_one = gguf.arch == "gemma3";
         gguf.config = gguf.hf_config()?;
         if gguf.arch == "llama" {
             let c = &gguf.config;
@@ -203,7 +208,54 @@ impl GgufFile {
         if let Some(scaling) = self.rope_scaling(head_dim)? {
             c["rope_scaling"] = scaling;
         }
+        if self.arch == "gemma3" {
+            self.gemma3_config(&mut c, heads, head_dim)?;
+        }
         Ok(c)
+    }
+
+    /// Gemma 3's fields, as llama.cpp reads them: sliding window and its layer pattern (every sixth
+    /// layer global unless the file says otherwise), the sliding layers' RoPE base (10000 unless
+    /// `rope.freq_base_swa`), the attention scale (`1/sqrt(head_dim)`; `1/sqrt(hidden/heads)` for the
+    /// 62-layer 27B).
+    fn gemma3_config(&self, c: &mut Value, heads: usize, head_dim: usize) -> anyhow::Result<()> {
+        let m = self.meta();
+        let a = |k: &str| format!("{}.{k}", self.arch);
+        let layers = m.uint(&a("block_count"))?;
+        let sliding: Vec<bool> = match m.get(&a("attention.sliding_window_pattern")) {
+            Ok(GgufValue::Array(per_layer)) => per_layer
+                .iter()
+                .map(|v| v.to_bool().unwrap_or(false))
+                .collect(),
+            Ok(v) => {
+                let period = as_u64(v).unwrap_or(6).max(1) as usize;
+                (0..layers).map(|i| (i + 1) % period != 0).collect()
+            }
+            Err(_) => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
+        };
+        let types: Vec<&str> = sliding
+            .iter()
+            .map(|s| {
+                if *s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        let hidden = m.uint(&a("embedding_length"))?;
+        let scalar = if layers == 62 {
+            hidden / heads.max(1)
+        } else {
+            head_dim
+        };
+        c["hidden_activation"] = json!("gelu_pytorch_tanh");
+        c["query_pre_attn_scalar"] = json!(scalar);
+        c["sliding_window"] = json!(m.uint(&a("attention.sliding_window")).ok());
+        c["layer_types"] = json!(types);
+        c["rope_theta"] = json!(m.float(&a("rope.freq_base")).unwrap_or(1e6));
+        c["rope_local_base_freq"] = json!(m.float(&a("rope.freq_base_swa")).unwrap_or(1e4));
+        Ok(())
     }
 
     /// RoPE scaling from the metadata, or the per-frequency divisors of `rope_freqs.weight` that
@@ -272,7 +324,7 @@ impl GgufFile {
     }
 
     /// The GGUF tensor a Hugging Face tensor name stands for.
-    fn gguf_name(hf: &str) -> Option<String> {
+    fn gguf_name(&self, hf: &str) -> Option<String> {
         let top = match hf {
             "model.embed_tokens.weight" => Some("token_embd.weight"),
             "model.norm.weight" => Some("output_norm.weight"),
@@ -287,6 +339,10 @@ impl GgufFile {
         let (module, suffix) = rest.rsplit_once('.')?;
         let name = match module {
             "input_layernorm" => "attn_norm",
+            // Gemma's four norms per layer
+            "post_attention_layernorm" if self.norms_plus_one => "post_attention_norm",
+            "pre_feedforward_layernorm" => "ffn_norm",
+            "post_feedforward_layernorm" => "post_ffw_norm",
             "post_attention_layernorm" => "ffn_norm",
             "self_attn.q_proj" => "attn_q",
             "self_attn.k_proj" => "attn_k",
@@ -303,7 +359,8 @@ impl GgufFile {
     }
 
     pub fn contains(&self, hf: &str) -> bool {
-        Self::gguf_name(hf).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+        self.gguf_name(hf)
+            .is_some_and(|n| self.content.tensor_infos.contains_key(&n))
     }
 
     /// The tensor stored for Hugging Face name `hf`, in the file's block type, rows in Hugging Face
@@ -313,7 +370,7 @@ impl GgufFile {
         hf: &str,
         device: &Device,
     ) -> candle_core::Result<Option<QTensor>> {
-        let Some(name) = Self::gguf_name(hf) else {
+        let Some(name) = self.gguf_name(hf) else {
             return Ok(None);
         };
         let Some(info) = self.content.tensor_infos.get(&name) else {
@@ -363,19 +420,130 @@ impl GgufFile {
 
     /// The tokenizer the metadata describes, as a Hugging Face `tokenizer.json` document and the
     /// `tokenizer_config.json` that goes with it (special tokens, chat template). Byte-level BPE
-    /// (`tokenizer.ggml.model` = `gpt2`) only; others need `TOKENIZER_NAME`.
+    /// (`tokenizer.ggml.model` = `gpt2`) and SentencePiece (`llama`); others need `TOKENIZER_NAME`.
     pub(crate) fn tokenizer_files(&self) -> anyhow::Result<(Value, Value)> {
         let m = self.meta();
         let model = m.string("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            bail!(
-                "{}: the GGUF tokenizer `{model}` cannot be rebuilt from metadata by this build; \
-                 set TOKENIZER_NAME to the original model's repository or folder",
-                self.path.display()
-            )
-        }
         let tokens = m.strings("tokenizer.ggml.tokens")?;
         let types = m.uints("tokenizer.ggml.token_type").unwrap_or_default();
+        // CONTROL (3) and USER_DEFINED (4) tokens are never split; only CONTROL ones are special
+        let added: Vec<Value> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, 3 | 4))
+            .filter_map(|(i, t)| {
+                tokens.get(i).map(|content| {
+                    json!({"id": i, "content": content, "single_word": false, "lstrip": false,
+                        "rstrip": false, "normalized": false, "special": *t == 3})
+                })
+            })
+            .collect();
+        let tokenizer = match model.as_str() {
+            "gpt2" => self.byte_level_bpe(&tokens, added)?,
+            "llama" => self.sentencepiece(&tokens, &types, added)?,
+            _ => bail!(
+                "{}: the GGUF tokenizer `{model}` cannot be rebuilt from metadata by this build \
+                 (it rebuilds `gpt2` and `llama`); set TOKENIZER_NAME to the original model's \
+                 repository or folder",
+                self.path.display()
+            ),
+        };
+        Ok((tokenizer, self.tokenizer_config_for(&tokens)))
+    }
+
+    /// llama.cpp's SentencePiece tokenizer as a `tokenizers` BPE model: spaces become `▁` (with one in
+    /// front when `add_space_prefix`), adjacent pieces merge highest score first (so the merges are
+    /// every split of a vocabulary piece into two pieces, ranked by the whole piece's score), and text
+    /// no piece covers falls back to the `<0xXX>` byte tokens.
+    fn sentencepiece(
+        &self,
+        tokens: &[String],
+        types: &[u64],
+        added: Vec<Value>,
+    ) -> anyhow::Result<Value> {
+        let m = self.meta();
+        let scores = m.floats("tokenizer.ggml.scores").with_context(|| {
+            format!(
+                "{}: a SentencePiece tokenizer needs its scores; set TOKENIZER_NAME to the original \
+                 model's repository or folder",
+                self.path.display()
+            )
+        })?;
+        if scores.len() != tokens.len() {
+            bail!(
+                "{}: {} tokenizer scores for {} tokens",
+                self.path.display(),
+                scores.len(),
+                tokens.len()
+            )
+        }
+        // pieces that merge: normal (1) and user-defined (4) ones; the first id of a repeated text
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if matches!(types.get(i).copied().unwrap_or(1), 1 | 4) {
+                ids.entry(t.as_str()).or_insert(i);
+            }
+        }
+        let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
+        for (&piece, &id) in &ids {
+            for (cut, _) in piece.char_indices().skip(1) {
+                let (a, b) = piece.split_at(cut);
+                if let (Some(&l), Some(&r)) = (ids.get(a), ids.get(b)) {
+                    merges.push((scores[id], id, l, r));
+                }
+            }
+        }
+        // best score first; ties by the merged piece's id, then the left piece's (stable across runs)
+        merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|(_, _, l, r)| json!([tokens[*l], tokens[*r]]))
+            .collect();
+        let vocab: Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        let prefix = m.bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let normalizer = if prefix {
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+        } else {
+            replace
+        };
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let unk = self
+            .special_id("unknown")
+            .and_then(|i| tokens.get(i as usize))
+            .cloned();
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    /// Byte-level BPE (`gpt2`): the vocabulary, the merges and the pre-tokenizer `tokenizer.ggml.pre`
+    /// names.
+    fn byte_level_bpe(&self, tokens: &[String], added: Vec<Value>) -> anyhow::Result<Value> {
+        let m = self.meta();
         let merges = m.strings("tokenizer.ggml.merges")?;
         let pre = m
             .string("tokenizer.ggml.pre")
@@ -396,18 +564,6 @@ impl GgufFile {
             .filter_map(|m| m.split_once(' '))
             .map(|(a, b)| json!([a, b]))
             .collect();
-        // CONTROL (3) and USER_DEFINED (4) tokens are never split; only CONTROL ones are special
-        let added: Vec<Value> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| matches!(t, 3 | 4))
-            .filter_map(|(i, t)| {
-                tokens.get(i).map(|content| {
-                    json!({"id": i, "content": content, "single_word": false, "lstrip": false,
-                        "rstrip": false, "normalized": false, "special": *t == 3})
-                })
-            })
-            .collect();
         let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
             "trim_offsets": true, "use_regex": true});
         let tokenizer = json!({
@@ -425,7 +581,7 @@ impl GgufFile {
                 "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab,
                 "merges": merges},
         });
-        Ok((tokenizer, self.tokenizer_config_for(&tokens)))
+        Ok(tokenizer)
     }
 
     /// The `tokenizer_config.json` the metadata implies: special tokens by name, `add_bos_token`, the
@@ -533,6 +689,18 @@ impl Meta<'_> {
             .collect()
     }
 
+    fn floats(&self, key: &str) -> anyhow::Result<Vec<f64>> {
+        self.get(key)?
+            .to_vec()?
+            .iter()
+            .map(|v| match v {
+                GgufValue::F32(f) => Ok(*f as f64),
+                GgufValue::F64(f) => Ok(*f),
+                _ => bail!("GGUF `{key}` holds a non-number"),
+            })
+            .collect()
+    }
+
     fn uints(&self, key: &str) -> anyhow::Result<Vec<u64>> {
         self.get(key)?
             .to_vec()?
@@ -578,6 +746,9 @@ impl candle_nn::var_builder::SimpleBackend for GgufBackend {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.0.qtensor(name, dev)? {
+            Some(q) if self.0.norms_plus_one && name.ends_with("norm.weight") => {
+                (q.dequantize(dev)? - 1.0)?.to_dtype(dtype)
+            }
             Some(q) => q.dequantize(dev)?.to_dtype(dtype),
             None => Err(candle_core::Error::CannotFindTensor {
                 path: name.to_string(),

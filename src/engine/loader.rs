@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::gguf;
 use super::layers::Weights;
-use super::models::{causal_architecture, load_causal_model, CausalLM};
+use super::models::{causal_architecture, load_causal_model, text_config, CausalLM};
 use super::quant::{self, GgmlDType};
 use super::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
 
@@ -297,7 +297,7 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
     if !dir.is_dir() {
         bail!("model path {} is not a folder", dir.display())
     }
-    let config = read_config(dir)?;
+    let config = text_config(read_config(dir)?);
     let in_situ = in_situ_dtype(settings, &config)?;
     let Placement {
         architecture,

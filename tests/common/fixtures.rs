@@ -24,6 +24,7 @@ pub const CAUSAL: &[&str] = &[
     "qwen3",
     "llama31",
     "mistral_sw",
+    "gemma3",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -3,7 +3,10 @@
 //! batching invariants the scheduler relies on (packed = alone, chunked = whole, both attention paths
 //! agree) and the loader's layouts (sharded weights, both RoPE config layouts, unsupported architecture).
 
+use std::collections::HashMap;
 use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
 
 use crate::common::fixtures::{fixture, floats, ids, reference, CAUSAL};
 use serde_json::Value;
@@ -196,6 +199,78 @@ fn llama31_matches_reference() {
 #[test]
 fn mistral_sliding_window_matches_reference() {
     check_reference("mistral_sw");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: sliding window 4 on two layers of three, each layer kind with
+/// its own RoPE base (linear scaling on the global ones), q/k norms, random `(1 + w)` norms.
+#[test]
+fn gemma3_matches_reference() {
+    check_reference("gemma3");
+}
+
+/// The gemma3 fixture as the language model of a `Gemma3ForConditionalGeneration` checkpoint, in both
+/// weight layouts transformers has written (`language_model.model.*` before 4.52, `model.language_model.*`
+/// since) next to a vision tower that is not read, and with the older config keys (`rope_theta`,
+/// `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern` instead of `layer_types`): the same
+/// logits as the text model.
+#[test]
+fn gemma3_multimodal_checkpoints_run_their_language_model() {
+    let bytes = std::fs::read(fixture("gemma3").join("model.safetensors")).expect("weights");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let text: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("gemma3").join("config.json")).expect("config"),
+    )
+    .expect("json");
+    let mut old = text.clone();
+    let obj = old.as_object_mut().expect("object");
+    for k in ["rope_parameters", "layer_types", "_sliding_window_pattern"] {
+        obj.remove(k);
+    }
+    old["rope_theta"] = serde_json::json!(1000000.0);
+    old["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 8.0});
+    old["rope_local_base_freq"] = serde_json::json!(10000.0);
+    old["sliding_window_pattern"] = serde_json::json!(3);
+    let p = prompts("gemma3")
+        .into_iter()
+        .max_by_key(Vec::len)
+        .expect("prompt");
+    let want = last_logits_of(&fixture("gemma3"), &p);
+    let vision = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).expect("tensor");
+    for (layout, text_config) in [
+        ("model.language_model", &text),
+        ("language_model.model", &old),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        copy_fixture("gemma3", tmp.path(), true);
+        let mut tensors: HashMap<String, Tensor> = st
+            .names()
+            .into_iter()
+            .map(|n| {
+                let t = Tensor::from_raw_buffer(
+                    st.tensor(n).expect("tensor").data(),
+                    DType::F32,
+                    st.tensor(n).expect("tensor").shape(),
+                    &Device::Cpu,
+                )
+                .expect("tensor");
+                (n.replacen("model", layout, 1), t)
+            })
+            .collect();
+        tensors.insert(
+            "vision_tower.vision_model.patch.weight".into(),
+            vision.clone(),
+        );
+        candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors"))
+            .expect("save");
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+            "text_config": text_config, "vision_config": {"model_type": "siglip_vision_model"},
+            "eos_token_id": [1, 106],
+        });
+        std::fs::write(tmp.path().join("config.json"), config.to_string()).expect("config");
+        let d = max_diff(&last_logits_of(tmp.path(), &p), &want);
+        assert!(d < TOL, "{layout}: logits differ by {d}");
+    }
 }
 
 /// Every attention path masks the same keys out of the window, and the window changes the result.

@@ -1,4 +1,4 @@
-//! The pre-norm decoder shared by the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2): they
+//! The pre-norm decoder shared by the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3): they
 //! differ only in the switches of [`DecoderConfig`], which each architecture's file fills from its
 //! config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
 
@@ -48,6 +48,11 @@ pub(crate) struct DecoderConfig {
     pub attn_scale: f64,
     /// Per layer: its sliding window, if any.
     pub layer_windows: Vec<Option<usize>>,
+    /// Gemma 3: the RoPE of the sliding-window layers, when it differs from `rope`.
+    pub rope_local: Option<RopeConfig>,
+    /// Where `embed_tokens`, `layers` and `norm` live (`model`), and the output head (`lm_head`).
+    pub prefix: String,
+    pub lm_head_prefix: String,
 }
 
 impl DecoderConfig {
@@ -81,6 +86,7 @@ pub(crate) struct DecoderModel {
     norm: Norm,
     lm_head: Linear,
     rope: Rope,
+    rope_local: Option<Rope>,
     cfg: DecoderConfig,
     window: Option<usize>,
     spec: ModelSpec,
@@ -223,7 +229,7 @@ impl DecoderModel {
             )
         }
         let window = cfg.window()?;
-        let m = vb.pp("model");
+        let m = vb.pp(&cfg.prefix);
         let embed = m
             .pp("embed_tokens")
             .embedding(cfg.vocab_size, cfg.hidden_size)?;
@@ -231,18 +237,16 @@ impl DecoderModel {
             .map(|i| Layer::load(&m.pp(format!("layers.{i}")), &cfg, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = load_norm(&m.pp("norm"), &cfg, cfg.hidden_size)?;
-        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+        let head = vb.pp(&cfg.lm_head_prefix);
+        let lm_head = if cfg.tie_word_embeddings || !head.contains_tensor("weight") {
             vb.tied_lm_head(&embed)?
         } else {
-            vb.pp("lm_head").lm_head(cfg.hidden_size, cfg.vocab_size)?
+            head.lm_head(cfg.hidden_size, cfg.vocab_size)?
         };
-        let rope = Rope::new(
-            &cfg.rope,
-            cfg.head_dim,
-            max_positions,
-            vb.dtype(),
-            vb.device(),
-        )?;
+        let rope_of =
+            |r: &RopeConfig| Rope::new(r, cfg.head_dim, max_positions, vb.dtype(), vb.device());
+        let rope = rope_of(&cfg.rope)?;
+        let rope_local = cfg.rope_local.as_ref().map(rope_of).transpose()?;
         let spec = ModelSpec {
             architecture: cfg.architecture.clone(),
             num_layers: cfg.num_layers,
@@ -260,6 +264,7 @@ impl DecoderModel {
             norm,
             lm_head,
             rope,
+            rope_local,
             cfg,
             window,
             spec,
@@ -285,9 +290,17 @@ impl DecoderModel {
             let s = Tensor::new(s as f32, device)?.to_dtype(self.spec.dtype)?;
             x = x.broadcast_mul(&s)?;
         }
-        let (cos, sin) = self.rope.tables(&plan.positions)?;
+        let global = self.rope.tables(&plan.positions)?;
+        let local = match &self.rope_local {
+            Some(r) => Some((r, r.tables(&plan.positions)?)),
+            None => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(i, &x, &self.rope, &cos, &sin, &mut plan, cache)?;
+            let (rope, (cos, sin)) = match &local {
+                Some((r, tables)) if layer.attn.sliding_window.is_some() => (*r, tables),
+                _ => (&self.rope, &global),
+            };
+            x = layer.forward(i, &x, rope, cos, sin, &mut plan, cache)?;
         }
         if plan.num_rows == 0 {
             return Tensor::zeros((0, self.cfg.hidden_size), self.spec.dtype, device);
@@ -397,6 +410,9 @@ impl BaseConfig {
             final_softcap: None,
             attn_scale: 1.0 / (head_dim as f64).sqrt(),
             layer_windows: self.layer_windows(false),
+            rope_local: None,
+            prefix: "model".into(),
+            lm_head_prefix: "lm_head".into(),
         })
     }
 

@@ -13,6 +13,7 @@ use super::layers::Weights;
 pub mod bert;
 pub mod decoder;
 pub mod gemma2;
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 pub mod mistral;
@@ -44,8 +45,12 @@ pub(crate) const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
     ("Qwen3ForCausalLM", "qwen3"),
     ("Phi3ForCausalLM", "phi3"),
     ("Gemma2ForCausalLM", "gemma2"),
+    ("Gemma3ForCausalLM", "gemma3_text"),
+    ("Gemma3ForConditionalGeneration", "gemma3"),
     ("GPT2LMHeadModel", "gpt2"),
 ];
+
+pub(crate) use gemma3::text_config;
 
 /// The supported architecture a config.json names (by `architectures`, else `model_type`), or an error
 /// listing the supported ones.
@@ -87,6 +92,9 @@ pub(crate) fn load_causal_model(
         "Qwen3ForCausalLM" => Box::new(qwen3::load(vb, config, max_positions)?),
         "Phi3ForCausalLM" => Box::new(phi3::load(vb, config, max_positions)?),
         "Gemma2ForCausalLM" => Box::new(gemma2::load(vb, config, max_positions)?),
+        "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => {
+            Box::new(gemma3::load(vb, config, max_positions)?)
+        }
         "GPT2LMHeadModel" => Box::new(gpt2::load(vb, config, max_positions)?),
         other => bail!("architecture {other} is listed as supported but has no loader"),
     })
