@@ -460,7 +460,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "MAX_REQUEST_OUTPUT_TOKENS",
         "1048576",
-        "most output one request may pin: n × max_tokens × (1 + logprobs)",
+        "most output one request (or queue job) may pin: n × max_tokens × (1 + logprobs)",
     ),
     setting(
         "FINISHED_JOBS_MAX_BYTES",

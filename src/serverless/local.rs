@@ -26,6 +26,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::{run_job, Job, JobHandler, JobResult, Outcome, ResultSink, StopReason};
 use super::metrics::Metrics;
+use super::routing;
 use crate::api::anthropic::MESSAGES_ROUTE;
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::openai::{normalize_route, sse};
@@ -447,22 +448,10 @@ impl LocalEndpoint {
             })
     }
 
-    /// A 400 when a request may produce more than `MAX_REQUEST_OUTPUT_TOKENS`: its sequences
-    /// (`n`, `best_of`) × `max_tokens` (else the context length) × (1 + the logprobs per token).
+    /// A 400 when a request may produce more than `MAX_REQUEST_OUTPUT_TOKENS` (see
+    /// [`routing::check_output_size`], which queue jobs pass too).
     fn check_output_size(&self, request: &Value) -> Result<(), ApiError> {
-        let limit = self.limits.max_output_tokens;
-        let Some(asked) = requested_output(request, self.max_model_len) else {
-            return Ok(());
-        };
-        if asked <= limit {
-            return Ok(());
-        }
-        Err(ApiError::invalid(
-            "max_tokens",
-            format!(
-                "this request may produce {asked} tokens and logprobs (n × max_tokens × (1 + logprobs)), more than this endpoint holds for one request ({limit}, MAX_REQUEST_OUTPUT_TOKENS); lower n, max_tokens or logprobs"
-            ),
-        ))
+        routing::check_output_size(request, self.limits.max_output_tokens, self.max_model_len)
     }
 
     fn counts(&self) -> Value {
@@ -515,33 +504,6 @@ fn record_bytes(state: &JobState) -> usize {
         _ => 0,
     };
     pieces + error + 256
-}
-
-/// How many tokens (each with its logprobs) a request may make the worker hold, from an OpenAI body
-/// or a native input's `sampling_params`; `None` when it says too little to tell (the validator
-/// judges malformed values).
-fn requested_output(input: &Value, max_model_len: Option<usize>) -> Option<u64> {
-    let request = input
-        .get("openai_input")
-        .or_else(|| input.get("sampling_params"))
-        .unwrap_or(input);
-    let count = |key: &str| request.get(key).and_then(Value::as_u64);
-    let sequences = count("n").unwrap_or(1).max(count("best_of").unwrap_or(1));
-    let max_tokens = count("max_completion_tokens")
-        .or_else(|| count("max_tokens"))
-        .or(max_model_len.map(|n| n as u64))?;
-    let logprobs = match request.get("logprobs") {
-        // Chat: `logprobs: true` with `top_logprobs` alternatives.
-        Some(Value::Bool(true)) => 1 + count("top_logprobs").unwrap_or(0),
-        // Completions and native: the number of alternatives.
-        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
-        _ => 0,
-    };
-    Some(
-        sequences
-            .saturating_mul(max_tokens)
-            .saturating_mul(1 + logprobs),
-    )
 }
 
 /// While the endpoint lives: forgets finished records past their age even when no request comes,

@@ -104,6 +104,57 @@ fn embedding_job(input: &Value, fields: &Map<String, Value>) -> JobRequest {
     }
 }
 
+/// A 400 when a job may produce more than `limit` (`MAX_REQUEST_OUTPUT_TOKENS`) tokens and logprobs:
+/// its sequences (`n`, `best_of`) × `max_tokens` (else the context length) × (1 + the logprobs per
+/// token). Every request passes here before it reaches the engine: `serve`'s routes and queue jobs.
+pub(crate) fn check_output_size(
+    input: &Value,
+    limit: u64,
+    max_model_len: Option<usize>,
+) -> Result<(), ApiError> {
+    let Some(asked) = requested_output(input, max_model_len) else {
+        return Ok(());
+    };
+    if asked <= limit {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "max_tokens",
+        format!(
+            "this request may produce {asked} tokens and logprobs (n × max_tokens × (1 + logprobs)), more than this endpoint holds for one request ({limit}, MAX_REQUEST_OUTPUT_TOKENS); lower n, max_tokens or logprobs"
+        ),
+    ))
+}
+
+/// How many tokens (each with its logprobs) a request may make the worker hold, from an OpenAI body
+/// (alone, or a job's `openai_input` or `body`) or a native input's `sampling_params`; `None` when it
+/// says too little to tell (the validator judges malformed values).
+fn requested_output(input: &Value, max_model_len: Option<usize>) -> Option<u64> {
+    let request = input
+        .get("openai_input")
+        .or_else(|| input.get("body"))
+        .or_else(|| input.get("sampling_params"))
+        .unwrap_or(input);
+    let count = |key: &str| request.get(key).and_then(Value::as_u64);
+    let sequences = count("n").unwrap_or(1).max(count("best_of").unwrap_or(1));
+    let max_tokens = count("max_completion_tokens")
+        .or_else(|| count("max_tokens"))
+        .or_else(|| count("max_output_tokens"))
+        .or(max_model_len.map(|n| n as u64))?;
+    let logprobs = match request.get("logprobs") {
+        // Chat: `logprobs: true` with `top_logprobs` alternatives.
+        Some(Value::Bool(true)) => 1 + count("top_logprobs").unwrap_or(0),
+        // Completions and native: the number of alternatives.
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    };
+    Some(
+        sequences
+            .saturating_mul(max_tokens)
+            .saturating_mul(1 + logprobs),
+    )
+}
+
 fn non_null(v: Option<&Value>) -> Option<&Value> {
     v.filter(|v| !v.is_null())
 }

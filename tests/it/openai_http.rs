@@ -49,6 +49,7 @@ async fn start_with(
             raw_openai_output: true,
             response_role: role.into(),
             log_requests: false,
+            max_output_tokens: 1 << 20,
         },
         Arc::default(),
     );

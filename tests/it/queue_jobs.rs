@@ -316,6 +316,66 @@ async fn bad_jobs_get_clear_errors_and_the_worker_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn queue_jobs_are_held_to_the_per_request_output_cap() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[("MAX_REQUEST_OUTPUT_TOKENS", "100")]);
+    // n × max_tokens × (1 + logprobs) = 3 × 10 × 6 = 180 > 100, in every job form.
+    let completion = json!({"prompt": "hi", "n": 3, "max_tokens": 10, "logprobs": 5});
+    let chat = json!({
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 3, "max_tokens": 10, "logprobs": true, "top_logprobs": 4,
+    });
+    let mut streamed_chat = chat.clone();
+    streamed_chat["stream"] = json!(true);
+    let cases = [
+        (
+            "native",
+            json!({"prompt": "hi", "sampling_params": {"n": 3, "max_tokens": 10, "logprobs": 5}}),
+        ),
+        (
+            "native-stream",
+            json!({"prompt": "hi", "stream": true, "sampling_params": {"n": 3, "max_tokens": 10, "logprobs": 5}}),
+        ),
+        (
+            "completions",
+            json!({"openai_route": "/v1/completions", "openai_input": completion}),
+        ),
+        (
+            "chat",
+            json!({"openai_route": "/v1/chat/completions", "openai_input": chat}),
+        ),
+        (
+            "chat-stream",
+            json!({"openai_route": "/v1/chat/completions", "openai_input": streamed_chat}),
+        ),
+        (
+            "generic-route",
+            json!({"route": "/v1/completions", "method": "POST", "body": completion}),
+        ),
+    ];
+    for (id, input) in cases {
+        let result = answer(&emulator, &mut worker, id, input).await;
+        assert!(result.get("output").is_none(), "{id}: {result}");
+        let error = error_of(&result);
+        assert_eq!(error["code"], 400, "{id}: {error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("MAX_REQUEST_OUTPUT_TOKENS"),
+            "{id}: {message}"
+        );
+    }
+    // Under the cap, the same forms are served.
+    let ok = answer(
+        &emulator,
+        &mut worker,
+        "under",
+        json!({"openai_route": "/v1/completions", "openai_input": {"prompt": "hi", "n": 2, "max_tokens": 5, "logprobs": 2}}),
+    )
+    .await;
+    assert!(ok.get("output").is_some(), "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_jobs_under_queue_faults_are_each_answered_once() {
     let emulator = Emulator::start().await;
     emulator.fault(Endpoint::Take, Fault::Status(500));
