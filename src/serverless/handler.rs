@@ -27,6 +27,8 @@ pub struct HandlerSettings {
     pub log_requests: bool,
     /// `MAX_REQUEST_OUTPUT_TOKENS`: what one job may produce (`n × max_tokens × (1 + logprobs)`).
     pub max_output_tokens: u64,
+    /// The stored `/v1/responses` bounds: count, bytes, age (`RESPONSES_STORE_MAX_*`).
+    pub responses_store: (usize, usize, std::time::Duration),
 }
 
 impl HandlerSettings {
@@ -37,6 +39,11 @@ impl HandlerSettings {
             response_role: config.openai.response_role.clone(),
             log_requests: !config.disable_log_requests,
             max_output_tokens: config.serve_limits.max_output_tokens,
+            responses_store: (
+                config.openai.responses_store_max_count,
+                config.openai.responses_store_max_bytes,
+                config.openai.responses_store_max_age,
+            ),
         }
     }
 }
@@ -67,6 +74,8 @@ impl EngineHandler {
 
     pub fn new(engine: Engine, settings: HandlerSettings, metrics: Arc<Metrics>) -> Self {
         metrics.watch_engine(&engine);
+        let (count, bytes, age) = settings.responses_store;
+        crate::api::openai::response_store::configure(count, bytes, age);
         Self {
             engine,
             settings: Arc::new(settings),

@@ -222,6 +222,7 @@ impl LocalEndpoint {
             .route("/completions", post(openai))
             .route("/embeddings", post(openai))
             .route("/responses", post(openai))
+            .route("/responses/{id}", get(openai).delete(openai))
             .route("/messages", post(openai))
             .fallback(openai_no_route)
             .method_not_allowed_fallback(openai_wrong_method);
@@ -786,6 +787,8 @@ async fn openai_wrong_method(request: Request) -> Response {
     let route = normalize_route(request.uri().path());
     let allowed = if route.starts_with("/v1/models") {
         "GET"
+    } else if route.starts_with("/v1/responses/") {
+        "GET or DELETE"
     } else {
         "POST"
     };
@@ -795,18 +798,18 @@ async fn openai_wrong_method(request: Request) -> Response {
     )))
 }
 
-/// A POST body that declares a media type other than JSON: 415 in OpenAI's error shape, as vLLM
-/// answers. (A body without a `Content-Type` is read as JSON.)
-fn refuse_non_json(request: &Request) -> Option<Response> {
+/// A POST body that declares a media type other than JSON: 415, as vLLM answers. (A body without a
+/// `Content-Type` is read as JSON.)
+fn refuse_non_json(request: &Request) -> Option<ApiError> {
     let value = request.headers().get(header::CONTENT_TYPE)?;
     let media = value.to_str().unwrap_or("").split(';').next().unwrap_or("");
     let media = media.trim().to_ascii_lowercase();
     if media == "application/json" || media.ends_with("+json") {
         return None;
     }
-    Some(openai_error(&ApiError::unsupported_media_type(format!(
+    Some(ApiError::unsupported_media_type(format!(
         "Unsupported Media Type: only 'application/json' is allowed, got '{media}'"
-    ))))
+    )))
 }
 
 /// Every OpenAI route: the request as an OpenAI job (see [`openai_job`]).
@@ -815,23 +818,35 @@ async fn openai(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) ->
     if request.method() == axum::http::Method::GET {
         return openai_job(&endpoint, &route, None).await;
     }
+    if request.method() == axum::http::Method::DELETE {
+        let input = json!({ "openai_route": route, "method": "DELETE" });
+        return openai_job_input(&endpoint, &route, input, false).await;
+    }
+    // What is refused before the job answers in the route's shape (Anthropic's on `/v1/messages`).
+    let refuse = |e: ApiError| {
+        openai_error(&if route == MESSAGES_ROUTE {
+            e.in_anthropic_shape()
+        } else {
+            e
+        })
+    };
     if let Some(refused) = refuse_non_json(&request) {
-        return refused;
+        return refuse(refused);
     }
     let body = match endpoint.read_body(request.into_body()).await {
         Ok(b) => b,
-        Err(e) => return openai_error(&e),
+        Err(e) => return refuse(e),
     };
     let body: Value = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => {
-            return openai_error(&ApiError::bad_request(format!(
+            return refuse(ApiError::bad_request(format!(
                 "the body is not valid JSON: {e}"
             )));
         }
     };
     if let Err(e) = endpoint.check_output_size(&body) {
-        return openai_error(&e);
+        return refuse(e);
     }
     openai_job(&endpoint, &route, Some(body)).await
 }
@@ -851,9 +866,21 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
         Some(body) => input["openai_input"] = body,
         None => input["method"] = json!("GET"),
     }
+    openai_job_input(endpoint, route, input, streamed).await
+}
+
+/// Runs an OpenAI job's `input` (see [`openai_job`]).
+async fn openai_job_input(
+    endpoint: &Arc<LocalEndpoint>,
+    route: &str,
+    input: Value,
+    streamed: bool,
+) -> Response {
     // One metrics label for every model card, whatever id was asked for.
     let label = if route.starts_with("/v1/models/") {
         "/v1/models/{model}"
+    } else if route.starts_with("/v1/responses/") {
+        "/v1/responses/{id}"
     } else {
         route
     };

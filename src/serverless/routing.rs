@@ -10,6 +10,7 @@ use crate::api::openai::normalize_route;
 pub(crate) enum Method {
     Get,
     Post,
+    Delete,
 }
 
 impl Method {
@@ -17,6 +18,7 @@ impl Method {
         match self {
             Self::Get => "GET",
             Self::Post => "POST",
+            Self::Delete => "DELETE",
         }
     }
 }
@@ -68,7 +70,8 @@ pub(crate) fn parse(input: &Value) -> Result<JobRequest, ApiError> {
     };
     if let Some(route) = non_null(fields.get("openai_route")) {
         let body = non_null(fields.get("openai_input"));
-        return openai(route, "openai_route", body, "openai_input", None);
+        let method = non_null(fields.get("method"));
+        return openai(route, "openai_route", body, "openai_input", method);
     }
     if let Some(route) = non_null(fields.get("route")) {
         let body = non_null(fields.get("body"));
@@ -189,12 +192,29 @@ fn openai(
         }
         Some(Value::String(m)) if m.eq_ignore_ascii_case("GET") => Method::Get,
         Some(Value::String(m)) if m.eq_ignore_ascii_case("POST") => Method::Post,
+        Some(Value::String(m)) if m.eq_ignore_ascii_case("DELETE") => Method::Delete,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
-                "`method` must be \"GET\" or \"POST\", got {other}"
+                "`method` must be \"GET\", \"POST\" or \"DELETE\", got {other}"
             )))
         }
     };
+    // A stored response: retrieved (GET, also without a `method`) or deleted (DELETE).
+    if let Some(id) = path.strip_prefix("/v1/responses/") {
+        let method = if method == Method::Delete {
+            Method::Delete
+        } else {
+            Method::Get
+        };
+        if id.is_empty() || id.contains('/') {
+            return Err(ApiError::not_found(format!("unknown route `{route}`")));
+        }
+        return Ok(JobRequest::OpenAi {
+            route: path,
+            method,
+            body: None,
+        });
+    }
     // The model list (and a model's card) answer whatever the method: the platform's
     // `/openai/v1/models` arrives as `{"openai_route": "/v1/models", "openai_input": {}}`.
     if path == "/v1/models" || path.starts_with("/v1/models/") {
@@ -338,7 +358,7 @@ mod tests {
         assert_eq!(no_body.status(), 405);
         assert!(no_body.message().contains("openai_input"));
         assert_eq!(
-            parse(&json!({"route": "/v1/models", "method": "DELETE"}))
+            parse(&json!({"route": "/v1/models", "method": "PUT"}))
                 .unwrap_err()
                 .status(),
             400

@@ -482,6 +482,66 @@ fn sse_events(posts: &[Value]) -> Vec<(String, Value)> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn stored_responses_are_retrieved_and_deleted_through_jobs_within_their_bounds() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[("RESPONSES_STORE_MAX_COUNT", "1")]);
+    let create = |input: &str| {
+        json!({"openai_route": "/v1/responses", "openai_input": {
+            "input": input, "max_output_tokens": 4, "temperature": 0}})
+    };
+    let first = answer(&emulator, &mut worker, "first", create("Hello")).await;
+    let first = first["output"][0].clone();
+    let id = first["id"].as_str().unwrap().to_string();
+    let route = format!("/openai/v1/responses/{id}");
+    // Retrieved as the platform forwards a GET: no body, or `method`.
+    let got = answer(
+        &emulator,
+        &mut worker,
+        "get",
+        json!({"openai_route": route}),
+    )
+    .await;
+    assert_eq!(got["output"][0], first, "{got}");
+    let got = answer(
+        &emulator,
+        &mut worker,
+        "get-method",
+        json!({"route": route, "method": "GET"}),
+    )
+    .await;
+    assert_eq!(got["output"][0]["id"], json!(id), "{got}");
+    let deleted = answer(
+        &emulator,
+        &mut worker,
+        "delete",
+        json!({"openai_route": route, "method": "DELETE"}),
+    )
+    .await;
+    assert_eq!(
+        deleted["output"][0],
+        json!({"id": id, "object": "response", "deleted": true})
+    );
+    for (job, input) in [
+        ("gone", json!({"openai_route": route})),
+        (
+            "gone-delete",
+            json!({"openai_route": route, "method": "DELETE"}),
+        ),
+    ] {
+        let error = error_of(&answer(&emulator, &mut worker, job, input).await);
+        assert_eq!(error["code"], 404, "{job}: {error}");
+    }
+    // RESPONSES_STORE_MAX_COUNT=1: a second stored response pushes the first out.
+    let a = answer(&emulator, &mut worker, "a", create("One")).await;
+    let b = answer(&emulator, &mut worker, "b", create("Two")).await;
+    let get = |r: &Value| json!({"openai_route": format!("/v1/responses/{}", r["output"][0]["id"].as_str().unwrap())});
+    let error = error_of(&answer(&emulator, &mut worker, "a-gone", get(&a)).await);
+    assert_eq!(error["code"], 404, "{error}");
+    let kept = answer(&emulator, &mut worker, "b-kept", get(&b)).await;
+    assert_eq!(kept["output"][0]["id"], b["output"][0]["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn responses_and_messages_jobs_streamed_and_not() {
     let emulator = Emulator::start().await;
     let mut worker = start_worker(&emulator, &[]);
