@@ -460,7 +460,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "MAX_REQUEST_OUTPUT_TOKENS",
         "1048576",
-        "most output one request may pin: n × max_tokens × (1 + logprobs)",
+        "most output one request (or queue job) may pin: n × max_tokens × (1 + logprobs)",
     ),
     setting(
         "FINISHED_JOBS_MAX_BYTES",
@@ -497,6 +497,21 @@ pub const SETTINGS: &[Setting] = &[
         "OPENAI_RESPONSE_ROLE",
         "assistant",
         "role of generated chat messages",
+    ),
+    setting(
+        "RESPONSES_STORE_MAX_COUNT",
+        "10000",
+        "most stored `/v1/responses` responses kept (oldest forgotten first)",
+    ),
+    setting(
+        "RESPONSES_STORE_MAX_BYTES",
+        "64MiB",
+        "total size of the stored `/v1/responses` responses",
+    ),
+    setting(
+        "RESPONSES_STORE_MAX_AGE",
+        "86400",
+        "seconds a stored `/v1/responses` response is kept",
     ),
     // Platform
     setting("RUNPOD_WEBHOOK_GET_JOB", "", "job-take URL"),
@@ -607,6 +622,12 @@ pub struct OpenAiConfig {
     pub served_model_name_override: Option<String>,
     /// `OPENAI_RESPONSE_ROLE`: the role of generated chat messages.
     pub response_role: String,
+    /// `RESPONSES_STORE_MAX_COUNT`: most stored `/v1/responses` responses.
+    pub responses_store_max_count: usize,
+    /// `RESPONSES_STORE_MAX_BYTES`: most bytes of stored responses (their JSON).
+    pub responses_store_max_bytes: usize,
+    /// `RESPONSES_STORE_MAX_AGE`: how long a stored response is kept.
+    pub responses_store_max_age: Duration,
 }
 
 /// The platform's variables (RunPod sets them on its workers).
@@ -828,6 +849,11 @@ impl Config {
             raw_output: v.get("RAW_OPENAI_OUTPUT", boolean)?,
             served_model_name_override: text("OPENAI_SERVED_MODEL_NAME_OVERRIDE"),
             response_role: v.get("OPENAI_RESPONSE_ROLE", |s| Ok(s.to_string()))?,
+            responses_store_max_count: v.get("RESPONSES_STORE_MAX_COUNT", positive)?,
+            responses_store_max_bytes: v.get("RESPONSES_STORE_MAX_BYTES", size)?,
+            responses_store_max_age: Duration::from_secs(
+                v.get("RESPONSES_STORE_MAX_AGE", positive)? as u64,
+            ),
         };
         let runpod = RunpodConfig {
             webhook_get_job: text("RUNPOD_WEBHOOK_GET_JOB"),

@@ -25,6 +25,10 @@ pub struct HandlerSettings {
     pub raw_openai_output: bool,
     pub response_role: String,
     pub log_requests: bool,
+    /// `MAX_REQUEST_OUTPUT_TOKENS`: what one job may produce (`n × max_tokens × (1 + logprobs)`).
+    pub max_output_tokens: u64,
+    /// The stored `/v1/responses` bounds: count, bytes, age (`RESPONSES_STORE_MAX_*`).
+    pub responses_store: (usize, usize, std::time::Duration),
 }
 
 impl HandlerSettings {
@@ -34,6 +38,12 @@ impl HandlerSettings {
             raw_openai_output: config.openai.raw_output,
             response_role: config.openai.response_role.clone(),
             log_requests: !config.disable_log_requests,
+            max_output_tokens: config.serve_limits.max_output_tokens,
+            responses_store: (
+                config.openai.responses_store_max_count,
+                config.openai.responses_store_max_bytes,
+                config.openai.responses_store_max_age,
+            ),
         }
     }
 }
@@ -64,6 +74,8 @@ impl EngineHandler {
 
     pub fn new(engine: Engine, settings: HandlerSettings, metrics: Arc<Metrics>) -> Self {
         metrics.watch_engine(&engine);
+        let (count, bytes, age) = settings.responses_store;
+        crate::api::openai::response_store::configure(count, bytes, age);
         Self {
             engine,
             settings: Arc::new(settings),
@@ -89,7 +101,11 @@ impl JobHandler for EngineHandler {
         if self.settings.log_requests {
             tracing::debug!(job_id = %job.id, input = %job.input, "job input");
         }
-        match routing::parse(&job.input) {
+        let max_model_len = Some(self.engine.info().max_model_len);
+        let checked =
+            routing::check_output_size(&job.input, self.settings.max_output_tokens, max_model_len)
+                .and_then(|()| routing::parse(&job.input));
+        match checked {
             Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
             Ok(JobRequest::Native(input)) => self.native(&job.id, &input),
             Ok(JobRequest::OpenAi {

@@ -26,6 +26,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::job::{run_job, Job, JobHandler, JobResult, Outcome, ResultSink, StopReason};
 use super::metrics::Metrics;
+use super::routing;
 use crate::api::anthropic::MESSAGES_ROUTE;
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::openai::{normalize_route, sse};
@@ -221,6 +222,7 @@ impl LocalEndpoint {
             .route("/completions", post(openai))
             .route("/embeddings", post(openai))
             .route("/responses", post(openai))
+            .route("/responses/{id}", get(openai).delete(openai))
             .route("/messages", post(openai))
             .fallback(openai_no_route)
             .method_not_allowed_fallback(openai_wrong_method);
@@ -447,22 +449,10 @@ impl LocalEndpoint {
             })
     }
 
-    /// A 400 when a request may produce more than `MAX_REQUEST_OUTPUT_TOKENS`: its sequences
-    /// (`n`, `best_of`) × `max_tokens` (else the context length) × (1 + the logprobs per token).
+    /// A 400 when a request may produce more than `MAX_REQUEST_OUTPUT_TOKENS` (see
+    /// [`routing::check_output_size`], which queue jobs pass too).
     fn check_output_size(&self, request: &Value) -> Result<(), ApiError> {
-        let limit = self.limits.max_output_tokens;
-        let Some(asked) = requested_output(request, self.max_model_len) else {
-            return Ok(());
-        };
-        if asked <= limit {
-            return Ok(());
-        }
-        Err(ApiError::invalid(
-            "max_tokens",
-            format!(
-                "this request may produce {asked} tokens and logprobs (n × max_tokens × (1 + logprobs)), more than this endpoint holds for one request ({limit}, MAX_REQUEST_OUTPUT_TOKENS); lower n, max_tokens or logprobs"
-            ),
-        ))
+        routing::check_output_size(request, self.limits.max_output_tokens, self.max_model_len)
     }
 
     fn counts(&self) -> Value {
@@ -515,33 +505,6 @@ fn record_bytes(state: &JobState) -> usize {
         _ => 0,
     };
     pieces + error + 256
-}
-
-/// How many tokens (each with its logprobs) a request may make the worker hold, from an OpenAI body
-/// or a native input's `sampling_params`; `None` when it says too little to tell (the validator
-/// judges malformed values).
-fn requested_output(input: &Value, max_model_len: Option<usize>) -> Option<u64> {
-    let request = input
-        .get("openai_input")
-        .or_else(|| input.get("sampling_params"))
-        .unwrap_or(input);
-    let count = |key: &str| request.get(key).and_then(Value::as_u64);
-    let sequences = count("n").unwrap_or(1).max(count("best_of").unwrap_or(1));
-    let max_tokens = count("max_completion_tokens")
-        .or_else(|| count("max_tokens"))
-        .or(max_model_len.map(|n| n as u64))?;
-    let logprobs = match request.get("logprobs") {
-        // Chat: `logprobs: true` with `top_logprobs` alternatives.
-        Some(Value::Bool(true)) => 1 + count("top_logprobs").unwrap_or(0),
-        // Completions and native: the number of alternatives.
-        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
-        _ => 0,
-    };
-    Some(
-        sequences
-            .saturating_mul(max_tokens)
-            .saturating_mul(1 + logprobs),
-    )
 }
 
 /// While the endpoint lives: forgets finished records past their age even when no request comes,
@@ -824,6 +787,8 @@ async fn openai_wrong_method(request: Request) -> Response {
     let route = normalize_route(request.uri().path());
     let allowed = if route.starts_with("/v1/models") {
         "GET"
+    } else if route.starts_with("/v1/responses/") {
+        "GET or DELETE"
     } else {
         "POST"
     };
@@ -833,18 +798,18 @@ async fn openai_wrong_method(request: Request) -> Response {
     )))
 }
 
-/// A POST body that declares a media type other than JSON: 415 in OpenAI's error shape, as vLLM
-/// answers. (A body without a `Content-Type` is read as JSON.)
-fn refuse_non_json(request: &Request) -> Option<Response> {
+/// A POST body that declares a media type other than JSON: 415, as vLLM answers. (A body without a
+/// `Content-Type` is read as JSON.)
+fn refuse_non_json(request: &Request) -> Option<ApiError> {
     let value = request.headers().get(header::CONTENT_TYPE)?;
     let media = value.to_str().unwrap_or("").split(';').next().unwrap_or("");
     let media = media.trim().to_ascii_lowercase();
     if media == "application/json" || media.ends_with("+json") {
         return None;
     }
-    Some(openai_error(&ApiError::unsupported_media_type(format!(
+    Some(ApiError::unsupported_media_type(format!(
         "Unsupported Media Type: only 'application/json' is allowed, got '{media}'"
-    ))))
+    )))
 }
 
 /// Every OpenAI route: the request as an OpenAI job (see [`openai_job`]).
@@ -853,23 +818,35 @@ async fn openai(State(endpoint): State<Arc<LocalEndpoint>>, request: Request) ->
     if request.method() == axum::http::Method::GET {
         return openai_job(&endpoint, &route, None).await;
     }
+    if request.method() == axum::http::Method::DELETE {
+        let input = json!({ "openai_route": route, "method": "DELETE" });
+        return openai_job_input(&endpoint, &route, input, false).await;
+    }
+    // What is refused before the job answers in the route's shape (Anthropic's on `/v1/messages`).
+    let refuse = |e: ApiError| {
+        openai_error(&if route == MESSAGES_ROUTE {
+            e.in_anthropic_shape()
+        } else {
+            e
+        })
+    };
     if let Some(refused) = refuse_non_json(&request) {
-        return refused;
+        return refuse(refused);
     }
     let body = match endpoint.read_body(request.into_body()).await {
         Ok(b) => b,
-        Err(e) => return openai_error(&e),
+        Err(e) => return refuse(e),
     };
     let body: Value = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => {
-            return openai_error(&ApiError::bad_request(format!(
+            return refuse(ApiError::bad_request(format!(
                 "the body is not valid JSON: {e}"
             )));
         }
     };
     if let Err(e) = endpoint.check_output_size(&body) {
-        return openai_error(&e);
+        return refuse(e);
     }
     openai_job(&endpoint, &route, Some(body)).await
 }
@@ -889,9 +866,21 @@ async fn openai_job(endpoint: &Arc<LocalEndpoint>, route: &str, body: Option<Val
         Some(body) => input["openai_input"] = body,
         None => input["method"] = json!("GET"),
     }
+    openai_job_input(endpoint, route, input, streamed).await
+}
+
+/// Runs an OpenAI job's `input` (see [`openai_job`]).
+async fn openai_job_input(
+    endpoint: &Arc<LocalEndpoint>,
+    route: &str,
+    input: Value,
+    streamed: bool,
+) -> Response {
     // One metrics label for every model card, whatever id was asked for.
     let label = if route.starts_with("/v1/models/") {
         "/v1/models/{model}"
+    } else if route.starts_with("/v1/responses/") {
+        "/v1/responses/{id}"
     } else {
         route
     };

@@ -30,6 +30,7 @@ pub(crate) fn pieces(
     let method = match method {
         Method::Get => axum::http::Method::GET,
         Method::Post => axum::http::Method::POST,
+        Method::Delete => axum::http::Method::DELETE,
     };
     let route = route.to_string();
     let metrics = handler.metrics().clone();

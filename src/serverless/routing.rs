@@ -10,6 +10,7 @@ use crate::api::openai::normalize_route;
 pub(crate) enum Method {
     Get,
     Post,
+    Delete,
 }
 
 impl Method {
@@ -17,6 +18,7 @@ impl Method {
         match self {
             Self::Get => "GET",
             Self::Post => "POST",
+            Self::Delete => "DELETE",
         }
     }
 }
@@ -68,7 +70,8 @@ pub(crate) fn parse(input: &Value) -> Result<JobRequest, ApiError> {
     };
     if let Some(route) = non_null(fields.get("openai_route")) {
         let body = non_null(fields.get("openai_input"));
-        return openai(route, "openai_route", body, "openai_input", None);
+        let method = non_null(fields.get("method"));
+        return openai(route, "openai_route", body, "openai_input", method);
     }
     if let Some(route) = non_null(fields.get("route")) {
         let body = non_null(fields.get("body"));
@@ -102,6 +105,57 @@ fn embedding_job(input: &Value, fields: &Map<String, Value>) -> JobRequest {
         method: Method::Post,
         body: Some(Value::Object(body)),
     }
+}
+
+/// A 400 when a job may produce more than `limit` (`MAX_REQUEST_OUTPUT_TOKENS`) tokens and logprobs:
+/// its sequences (`n`, `best_of`) × `max_tokens` (else the context length) × (1 + the logprobs per
+/// token). Every request passes here before it reaches the engine: `serve`'s routes and queue jobs.
+pub(crate) fn check_output_size(
+    input: &Value,
+    limit: u64,
+    max_model_len: Option<usize>,
+) -> Result<(), ApiError> {
+    let Some(asked) = requested_output(input, max_model_len) else {
+        return Ok(());
+    };
+    if asked <= limit {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "max_tokens",
+        format!(
+            "this request may produce {asked} tokens and logprobs (n × max_tokens × (1 + logprobs)), more than this endpoint holds for one request ({limit}, MAX_REQUEST_OUTPUT_TOKENS); lower n, max_tokens or logprobs"
+        ),
+    ))
+}
+
+/// How many tokens (each with its logprobs) a request may make the worker hold, from an OpenAI body
+/// (alone, or a job's `openai_input` or `body`) or a native input's `sampling_params`; `None` when it
+/// says too little to tell (the validator judges malformed values).
+fn requested_output(input: &Value, max_model_len: Option<usize>) -> Option<u64> {
+    let request = input
+        .get("openai_input")
+        .or_else(|| input.get("body"))
+        .or_else(|| input.get("sampling_params"))
+        .unwrap_or(input);
+    let count = |key: &str| request.get(key).and_then(Value::as_u64);
+    let sequences = count("n").unwrap_or(1).max(count("best_of").unwrap_or(1));
+    let max_tokens = count("max_completion_tokens")
+        .or_else(|| count("max_tokens"))
+        .or_else(|| count("max_output_tokens"))
+        .or(max_model_len.map(|n| n as u64))?;
+    let logprobs = match request.get("logprobs") {
+        // Chat: `logprobs: true` with `top_logprobs` alternatives.
+        Some(Value::Bool(true)) => 1 + count("top_logprobs").unwrap_or(0),
+        // Completions and native: the number of alternatives.
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    };
+    Some(
+        sequences
+            .saturating_mul(max_tokens)
+            .saturating_mul(1 + logprobs),
+    )
 }
 
 fn non_null(v: Option<&Value>) -> Option<&Value> {
@@ -138,12 +192,29 @@ fn openai(
         }
         Some(Value::String(m)) if m.eq_ignore_ascii_case("GET") => Method::Get,
         Some(Value::String(m)) if m.eq_ignore_ascii_case("POST") => Method::Post,
+        Some(Value::String(m)) if m.eq_ignore_ascii_case("DELETE") => Method::Delete,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
-                "`method` must be \"GET\" or \"POST\", got {other}"
+                "`method` must be \"GET\", \"POST\" or \"DELETE\", got {other}"
             )))
         }
     };
+    // A stored response: retrieved (GET, also without a `method`) or deleted (DELETE).
+    if let Some(id) = path.strip_prefix("/v1/responses/") {
+        let method = if method == Method::Delete {
+            Method::Delete
+        } else {
+            Method::Get
+        };
+        if id.is_empty() || id.contains('/') {
+            return Err(ApiError::not_found(format!("unknown route `{route}`")));
+        }
+        return Ok(JobRequest::OpenAi {
+            route: path,
+            method,
+            body: None,
+        });
+    }
     // The model list (and a model's card) answer whatever the method: the platform's
     // `/openai/v1/models` arrives as `{"openai_route": "/v1/models", "openai_input": {}}`.
     if path == "/v1/models" || path.starts_with("/v1/models/") {
@@ -287,7 +358,7 @@ mod tests {
         assert_eq!(no_body.status(), 405);
         assert!(no_body.message().contains("openai_input"));
         assert_eq!(
-            parse(&json!({"route": "/v1/models", "method": "DELETE"}))
+            parse(&json!({"route": "/v1/models", "method": "PUT"}))
                 .unwrap_err()
                 .status(),
             400

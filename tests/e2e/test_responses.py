@@ -2,6 +2,8 @@
 a translation onto chat, so its replies are checked against the chat route's on the same greedy
 request (random weights: the text is compared, not read)."""
 
+import json
+
 import openai
 import pytest
 
@@ -104,6 +106,34 @@ def test_previous_response_id_continues_a_stored_conversation(client, model):
     with pytest.raises(openai.NotFoundError) as e:
         client.responses.create(model=model, input="Hi", previous_response_id=unstored.id, **GREEDY)
     assert e.value.body["param"] == "previous_response_id"
+
+
+def test_stored_responses_are_retrieved_and_deleted(client, model):
+    created = client.responses.create(model=model, input="Hello there", **GREEDY)
+    got = client.responses.retrieve(created.id)
+    assert got.id == created.id and got.object == "response"
+    assert got.output_text == created.output_text and got.usage.output_tokens == created.usage.output_tokens
+    assert got.status == created.status
+    # A streamed response is stored as its final object.
+    with client.responses.stream(model=model, input="Tell me a story", **GREEDY) as stream:
+        final = list(stream)[-1].response
+    stored = client.responses.retrieve(final.id)
+    assert stored.output_text == final.output_text and stored.status == final.status
+    deleted = client.with_raw_response.responses.delete(created.id)
+    assert deleted.http_request.method == "DELETE"
+    assert json.loads(deleted.text) == {"id": created.id, "object": "response", "deleted": True}
+    for call in (lambda: client.responses.retrieve(created.id), lambda: client.responses.delete(created.id)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.status_code == 404 and "not found" in e.value.body["message"]
+    # A deleted response can no longer be continued; one never stored cannot be retrieved.
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=model, input="Again", previous_response_id=created.id, **GREEDY)
+    unstored = client.responses.create(model=model, input="Hi", store=False, **GREEDY)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_unknown")
 
 
 def test_function_tools_are_accepted(client, model):

@@ -49,6 +49,8 @@ async fn start_with(
             raw_openai_output: true,
             response_role: role.into(),
             log_requests: false,
+            max_output_tokens: 1 << 20,
+            responses_store: (10_000, 64 << 20, std::time::Duration::from_secs(86_400)),
         },
         Arc::default(),
     );

@@ -316,6 +316,66 @@ async fn bad_jobs_get_clear_errors_and_the_worker_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn queue_jobs_are_held_to_the_per_request_output_cap() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[("MAX_REQUEST_OUTPUT_TOKENS", "100")]);
+    // n × max_tokens × (1 + logprobs) = 3 × 10 × 6 = 180 > 100, in every job form.
+    let completion = json!({"prompt": "hi", "n": 3, "max_tokens": 10, "logprobs": 5});
+    let chat = json!({
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 3, "max_tokens": 10, "logprobs": true, "top_logprobs": 4,
+    });
+    let mut streamed_chat = chat.clone();
+    streamed_chat["stream"] = json!(true);
+    let cases = [
+        (
+            "native",
+            json!({"prompt": "hi", "sampling_params": {"n": 3, "max_tokens": 10, "logprobs": 5}}),
+        ),
+        (
+            "native-stream",
+            json!({"prompt": "hi", "stream": true, "sampling_params": {"n": 3, "max_tokens": 10, "logprobs": 5}}),
+        ),
+        (
+            "completions",
+            json!({"openai_route": "/v1/completions", "openai_input": completion}),
+        ),
+        (
+            "chat",
+            json!({"openai_route": "/v1/chat/completions", "openai_input": chat}),
+        ),
+        (
+            "chat-stream",
+            json!({"openai_route": "/v1/chat/completions", "openai_input": streamed_chat}),
+        ),
+        (
+            "generic-route",
+            json!({"route": "/v1/completions", "method": "POST", "body": completion}),
+        ),
+    ];
+    for (id, input) in cases {
+        let result = answer(&emulator, &mut worker, id, input).await;
+        assert!(result.get("output").is_none(), "{id}: {result}");
+        let error = error_of(&result);
+        assert_eq!(error["code"], 400, "{id}: {error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("MAX_REQUEST_OUTPUT_TOKENS"),
+            "{id}: {message}"
+        );
+    }
+    // Under the cap, the same forms are served.
+    let ok = answer(
+        &emulator,
+        &mut worker,
+        "under",
+        json!({"openai_route": "/v1/completions", "openai_input": {"prompt": "hi", "n": 2, "max_tokens": 5, "logprobs": 2}}),
+    )
+    .await;
+    assert!(ok.get("output").is_some(), "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_jobs_under_queue_faults_are_each_answered_once() {
     let emulator = Emulator::start().await;
     emulator.fault(Endpoint::Take, Fault::Status(500));
@@ -419,6 +479,66 @@ fn sse_events(posts: &[Value]) -> Vec<(String, Value)> {
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_responses_are_retrieved_and_deleted_through_jobs_within_their_bounds() {
+    let emulator = Emulator::start().await;
+    let mut worker = start_worker(&emulator, &[("RESPONSES_STORE_MAX_COUNT", "1")]);
+    let create = |input: &str| {
+        json!({"openai_route": "/v1/responses", "openai_input": {
+            "input": input, "max_output_tokens": 4, "temperature": 0}})
+    };
+    let first = answer(&emulator, &mut worker, "first", create("Hello")).await;
+    let first = first["output"][0].clone();
+    let id = first["id"].as_str().unwrap().to_string();
+    let route = format!("/openai/v1/responses/{id}");
+    // Retrieved as the platform forwards a GET: no body, or `method`.
+    let got = answer(
+        &emulator,
+        &mut worker,
+        "get",
+        json!({"openai_route": route}),
+    )
+    .await;
+    assert_eq!(got["output"][0], first, "{got}");
+    let got = answer(
+        &emulator,
+        &mut worker,
+        "get-method",
+        json!({"route": route, "method": "GET"}),
+    )
+    .await;
+    assert_eq!(got["output"][0]["id"], json!(id), "{got}");
+    let deleted = answer(
+        &emulator,
+        &mut worker,
+        "delete",
+        json!({"openai_route": route, "method": "DELETE"}),
+    )
+    .await;
+    assert_eq!(
+        deleted["output"][0],
+        json!({"id": id, "object": "response", "deleted": true})
+    );
+    for (job, input) in [
+        ("gone", json!({"openai_route": route})),
+        (
+            "gone-delete",
+            json!({"openai_route": route, "method": "DELETE"}),
+        ),
+    ] {
+        let error = error_of(&answer(&emulator, &mut worker, job, input).await);
+        assert_eq!(error["code"], 404, "{job}: {error}");
+    }
+    // RESPONSES_STORE_MAX_COUNT=1: a second stored response pushes the first out.
+    let a = answer(&emulator, &mut worker, "a", create("One")).await;
+    let b = answer(&emulator, &mut worker, "b", create("Two")).await;
+    let get = |r: &Value| json!({"openai_route": format!("/v1/responses/{}", r["output"][0]["id"].as_str().unwrap())});
+    let error = error_of(&answer(&emulator, &mut worker, "a-gone", get(&a)).await);
+    assert_eq!(error["code"], 404, "{error}");
+    let kept = answer(&emulator, &mut worker, "b-kept", get(&b)).await;
+    assert_eq!(kept["output"][0]["id"], b["output"][0]["id"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -498,3 +498,110 @@ fn a_model_load_error_is_printed_once() {
         .count();
     assert_eq!(lines, 1, "{stderr}");
 }
+
+#[tokio::test]
+async fn the_openai_routes_honour_the_configured_logprobs_cap() {
+    let chat = |k: u64| {
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "logprobs": true, "top_logprobs": k})
+    };
+    let completion = |k: u64| json!({"prompt": "hi", "max_tokens": 2, "logprobs": k});
+    let refused = |body: &Value, param: &str| {
+        assert_openai_error(body);
+        assert_eq!(body["error"]["param"], param, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(param), "{message}");
+    };
+    // MAX_LOGPROBS=30: 25 alternatives are served on both routes, 31 are refused.
+    let s = serve(&[("MAX_LOGPROBS", "30")]);
+    let (status, body) = s.post("/v1/chat/completions", &chat(25)).await;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert!(!content.is_empty());
+    for item in content {
+        assert_eq!(item["top_logprobs"].as_array().unwrap().len(), 25, "{item}");
+    }
+    let (status, body) = s.post("/v1/completions", &completion(25)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["choices"][0]["logprobs"]["top_logprobs"].is_array(),
+        "{body}"
+    );
+    let (status, body) = s.post("/v1/chat/completions", &chat(31)).await;
+    assert_eq!(status, 400, "{body}");
+    refused(&body, "top_logprobs");
+    let (status, body) = s.post("/openai/v1/completions", &completion(31)).await;
+    assert_eq!(status, 400, "{body}");
+    refused(&body, "logprobs");
+    drop(s);
+    // The default is vLLM's: 20.
+    let s = serve(&[]);
+    let (status, body) = s.post("/v1/chat/completions", &chat(20)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s.post("/v1/chat/completions", &chat(21)).await;
+    assert_eq!(status, 400, "{body}");
+    refused(&body, "top_logprobs");
+    let (status, body) = s.post("/v1/completions", &completion(21)).await;
+    assert_eq!(status, 400, "{body}");
+    refused(&body, "logprobs");
+}
+
+#[tokio::test]
+async fn refusals_before_the_job_answer_in_anthropics_shape_on_messages() {
+    let s = serve(&[("MAX_REQUEST_BODY_BYTES", "64KiB")]);
+    let send = |path: &str, media: &str, body: String| {
+        s.http
+            .post(format!("{}{path}", s.base))
+            .header("content-type", media.to_string())
+            .body(body)
+            .send()
+    };
+    let message = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let big =
+        json!({"messages": [{"role": "user", "content": "a".repeat(100_000)}], "max_tokens": 2});
+    let cases = [
+        (
+            "text/plain",
+            message.to_string(),
+            415,
+            "invalid_request_error",
+        ),
+        (
+            "application/x-www-form-urlencoded",
+            message.to_string(),
+            415,
+            "invalid_request_error",
+        ),
+        (
+            "application/json",
+            "{not json".to_string(),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            "application/json",
+            big.to_string(),
+            413,
+            "request_too_large",
+        ),
+    ];
+    for prefix in ["/v1", "/openai/v1"] {
+        for (media, body, status, kind) in &cases {
+            let path = format!("{prefix}/messages");
+            let r = send(&path, media, body.clone()).await.unwrap();
+            assert_eq!(r.status(), *status, "{path} {media}");
+            let answer: Value = r.json().await.unwrap();
+            assert_eq!(answer["type"], "error", "{path} {media}: {answer}");
+            assert_eq!(answer["error"]["type"], *kind, "{path} {media}: {answer}");
+            assert!(answer["error"]["message"].is_string(), "{answer}");
+        }
+    }
+    // The OpenAI routes keep OpenAI's shape.
+    let r = send("/v1/chat/completions", "text/plain", message.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    assert_openai_error(&r.json().await.unwrap());
+}

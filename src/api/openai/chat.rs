@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use super::outcome::{collect, ChoiceOutcome};
 use super::params::{
     check_fields, extensions, sampling_params, stream_options, Body, Extensions, StreamOptions,
-    COMMON_FIELDS, MAX_LOGPROBS,
+    COMMON_FIELDS,
 };
 use super::shapes;
 use super::tools::{parse_tool_calls, ToolCall, ToolCallDetector};
@@ -110,13 +110,8 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
     }
     let logprobs = f.logprobs.unwrap_or(false);
     let top_logprobs = f.top_logprobs;
+    // The count is judged by the engine against `MAX_LOGPROBS` (see [`top_logprobs_param`]).
     match top_logprobs {
-        Some(k) if k > MAX_LOGPROBS => {
-            return Err(ApiError::invalid(
-                "top_logprobs",
-                format!("`top_logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
-            ))
-        }
         Some(_) if !logprobs => {
             return Err(ApiError::invalid(
                 "top_logprobs",
@@ -352,6 +347,20 @@ pub(crate) fn render(engine: &Engine, request: &ChatRequest) -> Result<String, A
 
 /// A chat body parsed, rendered and started as request `request_id`: the entry point of the routes
 /// that translate onto chat (`/v1/responses`, `/v1/messages`), which shape the events themselves.
+/// The engine judges the alternatives per token against `MAX_LOGPROBS` as `logprobs`; on chat that
+/// count is `top_logprobs`, and the error names it (as vLLM's does).
+fn top_logprobs_param(e: EngineError) -> ApiError {
+    let e = ApiError::from(e);
+    if e.param() != Some("logprobs") {
+        return e;
+    }
+    let message = e
+        .message()
+        .replacen("logprobs", "`top_logprobs`", 1)
+        .replacen(", got", " (MAX_LOGPROBS), got", 1);
+    ApiError::invalid("top_logprobs", message)
+}
+
 pub(crate) fn start(
     engine: &Engine,
     body: &Body<'_>,
@@ -359,12 +368,14 @@ pub(crate) fn start(
 ) -> Result<(ChatRequest, GenerationStream), ApiError> {
     let request = parse(body)?;
     let prompt = render(engine, &request)?;
-    let events = engine.generate(GenerateRequest {
-        request_id: request_id.to_string(),
-        prompt: Prompt::Text(prompt),
-        add_special_tokens: false,
-        params: request.params.clone(),
-    })?;
+    let events = engine
+        .generate(GenerateRequest {
+            request_id: request_id.to_string(),
+            prompt: Prompt::Text(prompt),
+            add_special_tokens: false,
+            params: request.params.clone(),
+        })
+        .map_err(top_logprobs_param)?;
     Ok((request, events))
 }
 
@@ -386,12 +397,14 @@ pub(crate) async fn handle(
         }
     };
     let id = shapes::new_id("chatcmpl");
-    let events = engine.generate(GenerateRequest {
-        request_id: id.clone(),
-        prompt,
-        add_special_tokens: request.add_special_tokens,
-        params: request.params.clone(),
-    })?;
+    let events = engine
+        .generate(GenerateRequest {
+            request_id: id.clone(),
+            prompt,
+            add_special_tokens: request.add_special_tokens,
+            params: request.params.clone(),
+        })
+        .map_err(top_logprobs_param)?;
     let reply = Reply {
         id,
         created: shapes::unix_now(),

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::outcome::{collect, Outcome};
 use super::params::{
     check_fields, extensions, sampling_params, stream_options, Body, Extensions, StreamOptions,
-    COMMON_FIELDS, MAX_LOGPROBS,
+    COMMON_FIELDS,
 };
 use super::shapes::{self, LegacyLogprobs};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
@@ -58,14 +58,7 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<CompletionRequest, ApiError> {
         echo,
         add_special_tokens,
     } = body.typed()?;
-    if let Some(k) = logprobs
-        && k > MAX_LOGPROBS
-    {
-        return Err(ApiError::invalid(
-            "logprobs",
-            format!("`logprobs` must be at most {MAX_LOGPROBS}, got {k}"),
-        ));
-    }
+    // `logprobs` is judged by the engine against `MAX_LOGPROBS`.
     let echo = echo.unwrap_or(false);
     params.logprobs = logprobs;
     if echo && logprobs.is_some() && params.prompt_logprobs.is_none() {
@@ -558,6 +551,13 @@ mod tests {
         let r = parse_json(json!({"prompt": "a", "logprobs": 2})).unwrap();
         assert_eq!(r.params.prompt_logprobs, None);
         assert_eq!(r.params.max_tokens, Some(16));
-        assert!(parse_json(json!({"prompt": "a", "logprobs": 21})).is_err());
+        // Past 20 is the engine's to judge, against `MAX_LOGPROBS`.
+        assert_eq!(
+            parse_json(json!({"prompt": "a", "logprobs": 21}))
+                .unwrap()
+                .params
+                .logprobs,
+            Some(21)
+        );
     }
 }

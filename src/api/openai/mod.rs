@@ -161,6 +161,16 @@ async fn dispatch(
             check_model(&body, settings)?;
             responses::handle(engine, settings, &body).await
         }
+        _ if route.starts_with("/v1/responses/") => {
+            let id = &route["/v1/responses/".len()..];
+            match method {
+                Method::GET => responses::retrieve(id).map(OpenAiResponse::Json),
+                Method::DELETE => responses::delete(id).map(OpenAiResponse::Json),
+                _ => Err(ApiError::method_not_allowed(
+                    "/v1/responses/{response_id} takes GET or DELETE",
+                )),
+            }
+        }
         _ if route.starts_with("/v1/models/") => {
             if method != Method::GET {
                 return Err(ApiError::method_not_allowed("/v1/models/{model} takes GET"));

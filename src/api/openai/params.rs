@@ -10,9 +10,6 @@ use serde_json::{Map, Value};
 use crate::api::error::ApiError;
 use crate::engine::{EarlyStopping, SamplingParams};
 
-/// Most alternatives per token OpenAI allows (`top_logprobs`, legacy `logprobs`).
-pub(crate) const MAX_LOGPROBS: usize = 20;
-
 /// A request body (a JSON object) read field by field.
 pub(crate) struct Body<'a>(pub &'a Map<String, Value>);
 

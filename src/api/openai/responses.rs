@@ -454,8 +454,9 @@ impl Reply {
             "arguments": call.arguments, "status": status})
     }
 
-    /// Keeps the conversation with this reply for a later `previous_response_id`.
-    fn remember(&self, text: &str, calls: &[ToolCall]) {
+    /// Keeps the conversation with this reply for a later `previous_response_id`, and the response
+    /// object for `GET /v1/responses/{id}`.
+    fn remember(&self, text: &str, calls: &[ToolCall], object: &Value) {
         if !self.store {
             return;
         }
@@ -473,7 +474,7 @@ impl Reply {
             }
         }
         conversation.push(reply);
-        response_store::put(&self.id, conversation);
+        response_store::put(&self.id, conversation, object.clone());
     }
 
     /// Text and tool calls of a whole reply.
@@ -504,6 +505,26 @@ impl Reply {
     }
 }
 
+/// `GET /v1/responses/{id}`: a stored response object; OpenAI's 404 when unknown or expired.
+pub(crate) fn retrieve(id: &str) -> Result<Value, ApiError> {
+    response_store::retrieve(id).ok_or_else(|| not_stored(id))
+}
+
+/// `DELETE /v1/responses/{id}`: forgets a stored response; OpenAI's 404 when unknown or expired.
+pub(crate) fn delete(id: &str) -> Result<Value, ApiError> {
+    if response_store::delete(id) {
+        Ok(json!({"id": id, "object": "response", "deleted": true}))
+    } else {
+        Err(not_stored(id))
+    }
+}
+
+fn not_stored(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "Response with id '{id}' not found (responses are kept in this worker's memory, within the RESPONSES_STORE_* bounds, when `store` is true)"
+    ))
+}
+
 pub(crate) async fn handle(
     engine: &crate::engine::Engine,
     settings: &OpenAiSettings,
@@ -528,14 +549,15 @@ pub(crate) async fn handle(
     let choice = outcome.choices.first().cloned().unwrap_or_default();
     let (text, calls) = reply.split(&chat, &choice.text);
     let output = reply.output(&new_id("msg"), &text, &calls);
-    reply.remember(&text, &calls);
     let finish = choice.finish.as_ref();
-    Ok(OpenAiResponse::Json(reply.object(
+    let object = reply.object(
         Reply::status(finish),
         &output,
         usage(&outcome.usage),
         finish,
-    )))
+    );
+    reply.remember(&text, &calls, &object);
+    Ok(OpenAiResponse::Json(object))
 }
 
 /// The Responses events of one streamed reply, numbered by `sequence_number`.
@@ -702,8 +724,11 @@ fn stream_events(
                 GenerationEvent::Done { usage: u, .. } => {
                     let status = Reply::status(state.finish.as_ref());
                     let kind = if status == "incomplete" { "response.incomplete" } else { "response.completed" };
-                    state.reply.remember(&state.text, &state.calls);
-                    yield state.lifecycle(kind, status, usage(&u));
+                    let last = state.lifecycle(kind, status, usage(&u));
+                    if let StreamEvent::Data(event) = &last {
+                        state.reply.remember(&state.text, &state.calls, &event["response"]);
+                    }
+                    yield last;
                     return;
                 }
                 GenerationEvent::Error(e) => {
@@ -827,7 +852,7 @@ mod tests {
             json!({"role": "user", "content": "Hi"}),
             json!({"role": "assistant", "content": "Hello"}),
         ];
-        response_store::put("resp_test_previous", stored);
+        response_store::put("resp_test_previous", stored, Value::Null);
         let r = parse_json(json!({"input": "Again", "instructions": "New rules.",
             "previous_response_id": "resp_test_previous"}))
         .unwrap();
@@ -976,7 +1001,11 @@ mod tests {
             name: "f".into(),
             arguments: "{}".into(),
         };
-        r.remember("", &[call]);
+        r.remember(
+            "",
+            &[call],
+            &json!({"id": "resp_test_stored", "object": "response"}),
+        );
         let stored = response_store::get("resp_test_stored").unwrap();
         assert_eq!(stored.len(), 2);
         assert_eq!(stored[1]["content"], Value::Null);
