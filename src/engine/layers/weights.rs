@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 
 use super::{Embedding, Linear};
 use crate::engine::gguf::{GgufBackend, GgufFile};
+use crate::engine::quant::checkpoint::{self, CheckpointQuant, Loaded, Method};
 use crate::engine::quant::{self, GgmlDType};
 
 #[derive(Clone)]
@@ -19,6 +20,9 @@ enum Source {
     InSitu(GgmlDType),
     /// Linear layers and the embedding table keep the GGUF file's blocks.
     Gguf(Arc<GgufFile>),
+    /// A checkpoint published quantized (AWQ, GPTQ, FP8): its quantized linear layers are repacked
+    /// into ggml blocks as they load, one at a time; the rest is float.
+    Checkpoint(Arc<CheckpointQuant>),
 }
 
 /// A `VarBuilder` (prefix, dtype, device, float tensors by name) that also knows how linear layers and
@@ -43,6 +47,14 @@ impl<'a> Weights<'a> {
         Self {
             vb,
             source: Source::InSitu(dtype),
+        }
+    }
+
+    /// A quantized checkpoint (`quantization_config`): its AWQ / GPTQ / FP8 layers become ggml blocks.
+    pub fn checkpoint(vb: VarBuilder<'a>, quant: CheckpointQuant) -> Self {
+        Self {
+            vb,
+            source: Source::Checkpoint(Arc::new(quant)),
         }
     }
 
@@ -114,7 +126,7 @@ impl<'a> Weights<'a> {
                 }
                 return Ok(Embedding::Dense(table));
             }
-            Source::Float => {}
+            Source::Float | Source::Checkpoint(_) => {}
         }
         Ok(Embedding::Dense(self.get((vocab, hidden), "weight")?))
     }
@@ -155,8 +167,75 @@ impl<'a> Weights<'a> {
                 return Linear::quantized(Arc::new(q), bias, self.dtype());
             }
         }
+        if let Source::Checkpoint(q) = &self.source {
+            if let Some(linear) = self.checkpoint_linear(q, in_dim, out_dim, bias.clone())? {
+                return Ok(linear);
+            }
+        }
         let weight = self.get((out_dim, in_dim), "weight")?;
         self.finish(Linear::new(weight, bias)?, head)
+    }
+
+    /// A quantized checkpoint's layer in ggml blocks; `None` for a layer the checkpoint keeps in
+    /// float (`modules_to_not_convert`, the LM head).
+    fn checkpoint_linear(
+        &self,
+        q: &CheckpointQuant,
+        in_dim: usize,
+        out_dim: usize,
+        bias: Option<Tensor>,
+    ) -> Result<Option<Linear>> {
+        let raw = |name: &str, dtype: DType| self.vb.get_unchecked_dtype(name, dtype);
+        let name = self.full_name("weight");
+        let loaded = match q.method {
+            Method::Awq | Method::Gptq { .. } => {
+                if !self.contains_tensor("qweight") {
+                    return Ok(None);
+                }
+                let g_idx = if self.contains_tensor("g_idx") {
+                    Some(raw("g_idx", DType::I32)?)
+                } else {
+                    None
+                };
+                let int4 = checkpoint::unpack_int4(
+                    q,
+                    &raw("qweight", DType::I32)?,
+                    &raw("qzeros", DType::I32)?,
+                    &raw("scales", DType::F32)?,
+                    g_idx.as_ref(),
+                    (out_dim, in_dim),
+                )
+                .map_err(|e| e.context(format!("{name} ({})", q.name())))?;
+                int4.repack(self.device())?
+            }
+            Method::Fp8 => {
+                let scale = ["weight_scale_inv", "weight_scale"]
+                    .into_iter()
+                    .find(|s| self.contains_tensor(s));
+                let Some(scale) = scale else {
+                    return Ok(None);
+                };
+                let w = raw("weight", DType::F8E4M3)?;
+                if w.dims2()? != (out_dim, in_dim) {
+                    candle_core::bail!("{name}: {:?}, expected ({out_dim}, {in_dim})", w.shape())
+                }
+                let dense = checkpoint::dequantize_fp8(&w, &raw(scale, DType::F32)?, q.block)?;
+                drop(w);
+                match quant::quantize_matrix(&dense, GgmlDType::Q8_0)? {
+                    Some(blocks) => Loaded::Blocks(blocks),
+                    None => Loaded::Dense(dense.to_dtype(self.dtype())?),
+                }
+            }
+        };
+        let linear = match loaded {
+            Loaded::Blocks(blocks) => Linear::quantized(Arc::new(blocks), bias, self.dtype())?,
+            Loaded::Gathered(blocks, order) => Linear::gathered(
+                order,
+                Linear::quantized(Arc::new(blocks), bias, self.dtype())?,
+            )?,
+            Loaded::Dense(w) => Linear::new(w.to_dtype(self.dtype())?, bias)?,
+        };
+        Ok(Some(linear))
     }
 
     /// Quantizes a freshly loaded float layer when loading in situ.
