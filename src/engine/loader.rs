@@ -352,21 +352,18 @@ fn load_as(settings: &EngineSettings, config: &Value) -> Result<LoadAs> {
             "QUANTIZATION=gguf but {} holds no .gguf file",
             settings.model_path.display()
         ),
-        Quantization::Awq | Quantization::Gptq => bail!(
-            "QUANTIZATION={} but {} is not an {} checkpoint (its config.json has no \
-             quantization_config)",
-            if settings.quantization == Quantization::Awq {
+        Quantization::Awq | Quantization::Gptq => {
+            let name = if settings.quantization == Quantization::Awq {
                 "awq"
             } else {
                 "gptq"
-            },
-            settings.model_path.display(),
-            if settings.quantization == Quantization::Awq {
-                "AWQ"
-            } else {
-                "GPTQ"
-            },
-        ),
+            };
+            bail!(
+                "QUANTIZATION={name} but {} is not quantized with {name} (its config.json has no \
+                 quantization_config): leave QUANTIZATION unset for a float checkpoint",
+                settings.model_path.display(),
+            )
+        }
     }
 }
 

@@ -16,6 +16,7 @@ mod layering;
 mod models_reference;
 mod openai_client;
 mod openai_http;
+mod quant_checkpoint;
 mod quant_gguf;
 mod quant_insitu;
 mod queue_jobs;
