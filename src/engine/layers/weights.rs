@@ -99,7 +99,12 @@ impl<'a> Weights<'a> {
 
     /// The output projection to the vocabulary: like `linear`, but quantized in situ to at least 8 bits.
     pub fn lm_head(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
-        self.linear_as(in_dim, out_dim, false, quant::lm_head_dtype)
+        let head = self.linear_as(in_dim, out_dim, false, quant::lm_head_dtype)?;
+        match self.source {
+            // a quantized checkpoint's float head (AWQ/GPTQ keep it in f16) at 8 bits, as in situ
+            Source::Checkpoint(_) => head.quantize(GgmlDType::Q8_0),
+            _ => Ok(head),
+        }
     }
 
     /// GPT-2's `Conv1D`: the weight is stored `[in, out]`.
@@ -109,8 +114,9 @@ impl<'a> Weights<'a> {
         self.finish(Linear::new(weight, Some(bias))?, |q| q)
     }
 
-    /// The embedding table `{prefix}.weight` `[vocab, hidden]`. Quantized in situ it is kept at 8 bits
-    /// (as llama.cpp keeps `token_embd`): often the largest matrix, and a tied LM head shares it.
+    /// The embedding table `{prefix}.weight` `[vocab, hidden]`. Quantized in situ, or in a quantized
+    /// checkpoint (which keeps it in f16), it is kept at 8 bits (as llama.cpp keeps `token_embd`):
+    /// often the largest matrix, and a tied LM head shares it.
     pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Embedding> {
         match &self.source {
             Source::Gguf(file) => {
@@ -119,14 +125,18 @@ impl<'a> Weights<'a> {
                     return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
                 }
             }
-            Source::InSitu(wanted) => {
+            Source::InSitu(_) | Source::Checkpoint(_) => {
+                let wanted = match &self.source {
+                    Source::InSitu(wanted) => quant::lm_head_dtype(*wanted),
+                    _ => GgmlDType::Q8_0,
+                };
                 let table = self.get((vocab, hidden), "weight")?;
-                if let Some(q) = quant::quantize_matrix(&table, quant::lm_head_dtype(*wanted))? {
+                if let Some(q) = quant::quantize_matrix(&table, wanted)? {
                     return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
                 }
                 return Ok(Embedding::Dense(table));
             }
-            Source::Float | Source::Checkpoint(_) => {}
+            Source::Float => {}
         }
         Ok(Embedding::Dense(self.get((vocab, hidden), "weight")?))
     }
