@@ -120,7 +120,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "QUANTIZATION",
         "none",
-        "gguf, or an in-situ kind (q8_0, q4_0, ...)",
+        "gguf, awq, gptq (checked against config.json's quantization_config), or an in-situ kind (q8_0, q4_0, ...)",
     ),
     setting(
         "GGUF_FILE",

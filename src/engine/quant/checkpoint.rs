@@ -21,8 +21,8 @@ const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 /// What this build runs, for the errors naming what it does not.
 const SUPPORTED: &str = "supported: AWQ 4-bit GEMM checkpoints (zero_point true, version gemm), \
     GPTQ 4-bit checkpoints (checkpoint_format gptq or gptq_v2, with or without desc_act, sym or \
-    asym), group sizes that are multiples of 32 (or -1), and FP8 (quant_method fp8, per-tensor or \
-    block-wise scales)";
+    asym), group sizes that are multiples of 32 (or -1), and FP8 (quant_method fp8, or \
+    compressed-tensors float-quantized; per-tensor, per-channel or block-wise scales)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Method {
@@ -147,11 +147,52 @@ pub(crate) fn from_config(config: &Value) -> Result<Option<CheckpointQuant>> {
                 block,
             }))
         }
+        "compressed-tensors" => compressed_tensors_fp8(qc).map(Some),
         "" => Err(unsupported(
             "a quantization_config without quant_method".into(),
         )),
         other => Err(unsupported(format!("quant_method {other}"))),
     }
+}
+
+/// llm-compressor's `compressed-tensors` checkpoints, of which this build runs the FP8 weight format
+/// (`format: float-quantized`, 8-bit `float` weights per tensor, channel or block).
+fn compressed_tensors_fp8(qc: &Value) -> Result<CheckpointQuant> {
+    let format = qc.get("format").and_then(Value::as_str).unwrap_or("");
+    if format != "float-quantized" {
+        return Err(unsupported(format!("compressed-tensors format {format:?}")));
+    }
+    let mut block = None;
+    let groups = qc.get("config_groups").and_then(Value::as_object);
+    for (name, group) in groups.into_iter().flatten() {
+        let w = &group["weights"];
+        let (kind, bits) = (w["type"].as_str(), w["num_bits"].as_u64());
+        if kind != Some("float") || bits != Some(8) {
+            return Err(unsupported(format!(
+                "compressed-tensors group {name} with {}-bit {} weights",
+                bits.map_or("?".into(), |b| b.to_string()),
+                kind.unwrap_or("?")
+            )));
+        }
+        if let Some(b) = w["block_structure"].as_array() {
+            match (
+                b.first().and_then(Value::as_u64),
+                b.get(1).and_then(Value::as_u64),
+            ) {
+                (Some(r), Some(c)) if r > 0 && c > 0 => block = Some((r as usize, c as usize)),
+                _ => {
+                    return Err(unsupported(format!(
+                        "compressed-tensors block_structure {b:?}"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(CheckpointQuant {
+        method: Method::Fp8,
+        group_size: None,
+        block,
+    })
 }
 
 /// What a quantized checkpoint's linear layer becomes.
@@ -438,6 +479,15 @@ mod tests {
         assert_eq!(v2.method, Method::Gptq { zero_offset: 0 });
         assert_eq!(v2.group_size, None);
         assert_eq!(from_config(&json!({})).unwrap(), None);
+        let ct = from_config(
+            &json!({"quantization_config": {"quant_method": "compressed-tensors",
+            "format": "float-quantized", "config_groups": {"group_0": {"targets": ["Linear"],
+            "weights": {"type": "float", "num_bits": 8, "strategy": "block",
+            "block_structure": [128, 128]}}}}}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((ct.method, ct.block), (Method::Fp8, Some((128, 128))));
         for (cfg, named) in [
             (
                 json!({"quant_method": "gptq", "bits": 3, "group_size": 128}),
