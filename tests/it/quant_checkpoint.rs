@@ -189,3 +189,39 @@ async fn sequences_batched_together_get_what_they_get_alone() {
         }
     }
 }
+
+/// The FP8 fixture as llm-compressor writes it (`compressed-tensors`, `float-quantized`, block-wise
+/// `weight_scale`) loads and computes what the `fp8` layout of the same weights computes.
+#[test]
+fn compressed_tensors_fp8_loads_like_fp8() {
+    let dir = variant("fp8", |qc| {
+        *qc = serde_json::json!({"quant_method": "compressed-tensors", "format": "float-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"type": "float",
+            "num_bits": 8, "strategy": "block", "block_structure": [128, 128]}}},
+            "ignore": ["lm_head"]});
+    });
+    let bytes = std::fs::read(fixture("fp8").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .names()
+        .into_iter()
+        .map(|n| {
+            let renamed = n.replace(".weight_scale_inv", ".weight_scale");
+            (renamed, st.tensor(n).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let paths: Vec<_> = cases("fp8")
+        .into_iter()
+        .map(|c| TokenPath {
+            prompt: c.input_ids,
+            next: c.greedy_ids,
+            last_logits: c.last_logits,
+        })
+        .collect();
+    let ours = load_causal(&EngineSettings::for_model(dir.path())).unwrap();
+    let theirs = load_causal(&EngineSettings::for_model(fixture("fp8"))).unwrap();
+    let a = crate::common::fixtures::teacher_forced(ours.model.as_ref(), &paths);
+    let b = crate::common::fixtures::teacher_forced(theirs.model.as_ref(), &paths);
+    assert_eq!(a, b);
+}
