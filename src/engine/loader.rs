@@ -326,10 +326,11 @@ fn load_as(settings: &EngineSettings, config: &Value) -> Result<LoadAs> {
             Quantization::None => Ok(LoadAs::Checkpoint(cq)),
             Quantization::Awq if method == "awq" => Ok(LoadAs::Checkpoint(cq)),
             Quantization::Gptq if method == "gptq" => Ok(LoadAs::Checkpoint(cq)),
-            Quantization::Awq | Quantization::Gptq => bail!(
+            Quantization::Fp8 if method == "fp8" => Ok(LoadAs::Checkpoint(cq)),
+            Quantization::Awq | Quantization::Gptq | Quantization::Fp8 => bail!(
                 "QUANTIZATION={} but this checkpoint is quantized with `{method}` (config.json \
                  quantization_config): set QUANTIZATION={method} or leave it unset",
-                if settings.quantization == Quantization::Awq { "awq" } else { "gptq" }
+                checkpoint_name(&settings.quantization)
             ),
             Quantization::InSitu(name) => bail!(
                 "QUANTIZATION={name} quantizes float checkpoints; this one is already quantized with \
@@ -352,18 +353,28 @@ fn load_as(settings: &EngineSettings, config: &Value) -> Result<LoadAs> {
             "QUANTIZATION=gguf but {} holds no .gguf file",
             settings.model_path.display()
         ),
+        Quantization::Fp8 => {
+            tracing::info!(
+                "QUANTIZATION=fp8 on a float checkpoint: linear layers quantized to q8_0 at load"
+            );
+            Ok(LoadAs::InSitu(GgmlDType::Q8_0))
+        }
         Quantization::Awq | Quantization::Gptq => {
-            let name = if settings.quantization == Quantization::Awq {
-                "awq"
-            } else {
-                "gptq"
-            };
+            let name = checkpoint_name(&settings.quantization);
             bail!(
                 "QUANTIZATION={name} but {} is not quantized with {name} (its config.json has no \
                  quantization_config): leave QUANTIZATION unset for a float checkpoint",
                 settings.model_path.display(),
             )
         }
+    }
+}
+
+fn checkpoint_name(q: &Quantization) -> &'static str {
+    match q {
+        Quantization::Awq => "awq",
+        Quantization::Gptq => "gptq",
+        _ => "fp8",
     }
 }
 

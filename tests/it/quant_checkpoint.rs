@@ -90,7 +90,11 @@ fn start_err(path: &Path, q: Quantization) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quantization_is_checked_against_the_checkpoint() {
     // the right name, or none, loads
-    for (model, q) in [("awq", Quantization::Awq), ("gptq_act", Quantization::Gptq)] {
+    for (model, q) in [
+        ("awq", Quantization::Awq),
+        ("gptq_act", Quantization::Gptq),
+        ("fp8", Quantization::Fp8),
+    ] {
         let engine = start_at(&fixture(model), |s| s.quantization = q);
         let case = &cases(model)[0];
         let out = collect(&engine, greedy(case.input_ids.clone(), 2, None)).await;
@@ -112,6 +116,16 @@ async fn quantization_is_checked_against_the_checkpoint() {
     assert!(err.contains("not quantized with awq"), "{err}");
     let err = start_err(&fixture("llama"), Quantization::Gptq);
     assert!(err.contains("not quantized with gptq"), "{err}");
+    let err = start_err(&fixture("awq"), Quantization::Fp8);
+    assert!(
+        err.contains("QUANTIZATION=fp8") && err.contains("`awq`"),
+        "{err}"
+    );
+    // vLLM's `fp8` on a float checkpoint quantizes it at load: here to q8_0
+    let engine = start("llama", |s| s.quantization = Quantization::Fp8);
+    let case = &cases("llama")[0];
+    let out = collect(&engine, greedy(case.input_ids.clone(), 1, None)).await;
+    assert_eq!(out.choice.token_ids, case.greedy_ids[..1]);
 }
 
 /// A copy of `model` with `edit` applied to its `quantization_config`.
