@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{bail, DType, Device, Result, Tensor};
 use half::f16;
+use rayon::prelude::*;
 use serde_json::Value;
 
 /// AutoAWQ's GEMM packing: nibble `i` of a packed int32 holds column `8c + AWQ_ORDER[i]`.
@@ -206,7 +207,7 @@ pub(crate) enum Loaded {
     Dense(Tensor),
 }
 
-/// A 4-bit layer unpacked: `q[k * out + n]` for input column `k` and output `n`, per group `zeros`
+/// A 4-bit layer unpacked: `q[n * in + k]` for output `n` and input column `k`, per group `zeros`
 /// and `scales` (`[groups * out]`), and each input column's group.
 pub(crate) struct Int4 {
     pub in_dim: usize,
@@ -228,7 +229,7 @@ impl Int4 {
                     self.scales[g * self.out_dim + n],
                     self.zeros[g * self.out_dim + n],
                 );
-                w[n * self.in_dim + k] = s * (self.q[k * self.out_dim + n] as i32 - z) as f32;
+                w[n * self.in_dim + k] = s * (self.q[n * self.in_dim + k] as i32 - z) as f32;
             }
         }
         w
@@ -249,22 +250,24 @@ impl Int4 {
             }
         }
         let mut bytes = vec![0u8; out * blocks * 20];
-        for n in 0..out {
-            for b in 0..blocks {
-                let cols = &order[b * 32..(b + 1) * 32];
-                let g = self.g_idx[cols[0]] as usize;
-                let (s, z) = (self.scales[g * out + n], self.zeros[g * out + n]);
-                let at = (n * blocks + b) * 20;
-                let blk = &mut bytes[at..at + 20];
-                blk[0..2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
-                blk[2..4].copy_from_slice(&f16::from_f32(-(s * z as f32)).to_le_bytes());
-                for j in 0..16 {
-                    let lo = self.q[cols[j] * out + n];
-                    let hi = self.q[cols[j + 16] * out + n];
-                    blk[4 + j] = lo | (hi << 4);
+        // one output row's blocks per task: large layers repack on every core
+        bytes
+            .par_chunks_mut(blocks * 20)
+            .enumerate()
+            .for_each(|(n, row_bytes)| {
+                let q = &self.q[n * in_dim..(n + 1) * in_dim];
+                for b in 0..blocks {
+                    let cols = &order[b * 32..(b + 1) * 32];
+                    let g = self.g_idx[cols[0]] as usize;
+                    let (s, z) = (self.scales[g * out + n], self.zeros[g * out + n]);
+                    let blk = &mut row_bytes[b * 20..(b + 1) * 20];
+                    blk[0..2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
+                    blk[2..4].copy_from_slice(&f16::from_f32(-(s * z as f32)).to_le_bytes());
+                    for j in 0..16 {
+                        blk[4 + j] = q[cols[j]] | (q[cols[j + 16]] << 4);
+                    }
                 }
-            }
-        }
+            });
         Some(bytes)
     }
 
@@ -336,11 +339,11 @@ pub(crate) fn unpack_int4(
         Method::Awq => {
             expect(qweight, "qweight", (in_dim, out_dim / 8))?;
             let packed = i32s(qweight)?;
-            for k in 0..in_dim {
-                for c in 0..out_dim / 8 {
+            for c in 0..out_dim / 8 {
+                for k in 0..in_dim {
                     let v = packed[k * out_dim / 8 + c];
                     for (i, &col) in AWQ_ORDER.iter().enumerate() {
-                        q[k * out_dim + 8 * c + col] = nibble(v, i);
+                        q[(8 * c + col) * in_dim + k] = nibble(v, i);
                     }
                 }
             }
@@ -357,11 +360,11 @@ pub(crate) fn unpack_int4(
         Method::Gptq { zero_offset } => {
             expect(qweight, "qweight", (in_dim / 8, out_dim))?;
             let packed = i32s(qweight)?;
-            for r in 0..in_dim / 8 {
-                for n in 0..out_dim {
+            for n in 0..out_dim {
+                for r in 0..in_dim / 8 {
                     let v = packed[r * out_dim + n];
                     for j in 0..8 {
-                        q[(8 * r + j) * out_dim + n] = nibble(v, j);
+                        q[n * in_dim + 8 * r + j] = nibble(v, j);
                     }
                 }
             }
