@@ -3,7 +3,10 @@ same weights: float32, q8_0 and 4-bit (our in-situ q4k and llama.cpp's q4_k_m fi
 through our loader). Each configuration runs in its own process; rounds alternate the systems so that
 machine noise hits both alike; prints medians over rounds and the per-round ratio to llama.cpp.
 
-usage: python scripts/bench_quant.py MODEL_DIR GGUF_PREFIX [PROMPT=128] [NEW=128] [ROUNDS=3]
+usage: python scripts/bench_quant.py MODEL_DIR GGUF_PREFIX [PROMPT=128] [NEW=128] [ROUNDS=3] [AWQ_DIR]
+
+With AWQ_DIR (the same weights as an AWQ 4-bit checkpoint: scripts/to_awq.py MODEL_DIR AWQ_DIR 64) it also
+runs that checkpoint beside llama.cpp's q4_0 file (PREFIX-q4_0.gguf); ONLY=awq runs just those two rows.
 
 MODEL_DIR: a float32 Hugging Face folder (shared/bench/bench_model.py); GGUF_PREFIX: the same weights as
 GGUF (shared/bench/to_gguf.py writes PREFIX-f32.gguf, -q8_0.gguf, -q4_k_m.gguf). Needs
@@ -20,6 +23,7 @@ model_dir, prefix = sys.argv[1], sys.argv[2]
 P = int(sys.argv[3]) if len(sys.argv) > 3 else 128
 N = int(sys.argv[4]) if len(sys.argv) > 4 else 128
 ROUNDS = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+awq_dir = sys.argv[6] if len(sys.argv) > 6 else None
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ours_bin = os.path.join(root, "target", "release", "examples", "forward_bench")
 
@@ -69,6 +73,12 @@ CONFIGS = [
     ("worker-candle q4k (in situ)", lambda: ours(model_dir, "q4k"), "llama.cpp q4_k_m"),
     ("worker-candle q4_k_m (GGUF)", lambda: ours(f"{prefix}-q4_k_m.gguf", None), "llama.cpp q4_k_m"),
 ]
+if awq_dir:
+    AWQ = [
+        ("llama.cpp q4_0", lambda: llama("q4_0"), None),
+        ("worker-candle AWQ 4-bit checkpoint", lambda: ours(awq_dir, None), "llama.cpp q4_0"),
+    ]
+    CONFIGS = AWQ if os.environ.get("ONLY") == "awq" else CONFIGS + AWQ
 
 results = {label: [] for label, _, _ in CONFIGS}
 for r in range(ROUNDS):

@@ -308,7 +308,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "QUANTIZATION",
         "none",
-        "gguf, or an in-situ kind (q8_0, q4_0, ...)",
+        "gguf, awq, gptq, fp8 (checked against config.json's quantization_config), or an in-situ kind (q8_0, q4_0, ...)",
     ),
     setting(
         "GGUF_FILE",
@@ -1119,9 +1119,10 @@ fn parse_quantization(v: &str) -> Result<Quantization, String> {
         "gguf" => Ok(Quantization::Gguf),
         "awq" => Ok(Quantization::Awq),
         "gptq" => Ok(Quantization::Gptq),
+        "fp8" => Ok(Quantization::Fp8),
         q if IN_SITU.contains(&q) => Ok(Quantization::InSitu(q.to_string())),
         _ => Err(format!(
-            "one of none, gguf, awq, gptq, {}",
+            "one of none, gguf, awq, gptq, fp8, {}",
             IN_SITU.join(", ")
         )),
     }

@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::gguf;
 use super::layers::Weights;
 use super::models::{causal_architecture, load_causal_model, text_config, CausalLM};
+use super::quant::checkpoint::{self, CheckpointQuant};
 use super::quant::{self, GgmlDType};
 use super::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
 
@@ -298,7 +299,7 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
         bail!("model path {} is not a folder", dir.display())
     }
     let config = text_config(read_config(dir)?);
-    let in_situ = in_situ_dtype(settings, &config)?;
+    let load_as = load_as(settings, &config)?;
     let Placement {
         architecture,
         device,
@@ -310,14 +311,24 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
     // SAFETY: the files are memory-mapped read-only; like every mmap loader we rely on nobody
     // truncating them while the worker runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device)? };
-    let weights = match in_situ {
-        Some(q) => Weights::in_situ(vb, q),
-        None => Weights::float(vb),
+    let (weights, note) = match load_as {
+        LoadAs::InSitu(q) => (
+            Weights::in_situ(vb, q),
+            Some(format!("linear layers quantized at load to {q:?}")),
+        ),
+        LoadAs::Checkpoint(cq) => {
+            let note = format!(
+                "{} checkpoint: 4-bit layers repacked into q5_0 (asymmetric) or q4_0 (symmetric) blocks, FP8 layers into q8_0",
+                cq.name()
+            );
+            (Weights::checkpoint(vb, cq), Some(note))
+        }
+        LoadAs::Float => (Weights::float(vb), None),
     };
     let model = load_causal_model(&config, weights, max_model_len)
         .with_context(|| format!("cannot load the {architecture} model in {}", dir.display()))?;
-    if let Some(q) = in_situ {
-        tracing::info!(quantization = ?q, "linear layers quantized at load");
+    if let Some(note) = note {
+        tracing::info!("{note}");
     }
     let (eos_token_ids, bos_token_id) = special_ids(dir, &config)?;
     let meta = ModelMeta {
@@ -342,30 +353,74 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
     })
 }
 
-/// The block type `QUANTIZATION` asks float weights to be quantized to at load, `None` to keep them;
-/// a clear error for values and checkpoints this build cannot run.
-fn in_situ_dtype(settings: &EngineSettings, config: &Value) -> Result<Option<GgmlDType>> {
-    if let Some(method) = quant::checkpoint_quant_method(config) {
-        bail!(quant::unsupported_message(&format!(
-            "this checkpoint is quantized with `{method}` (config.json quantization_config), which"
-        )))
+/// How a float-checkpoint folder's linear layers load.
+enum LoadAs {
+    Float,
+    /// Quantized to this block type at load (`QUANTIZATION=q8_0`, ...).
+    InSitu(GgmlDType),
+    /// Published quantized (`quantization_config`): repacked into ggml blocks at load.
+    Checkpoint(CheckpointQuant),
+}
+
+/// What `QUANTIZATION` and the checkpoint's `quantization_config` ask for together; a clear error
+/// for values and checkpoints this build cannot run, and for a `QUANTIZATION` that contradicts the
+/// checkpoint.
+fn load_as(settings: &EngineSettings, config: &Value) -> Result<LoadAs> {
+    if let Some(cq) = checkpoint::from_config(config)? {
+        let method = cq.name();
+        return match &settings.quantization {
+            Quantization::None => Ok(LoadAs::Checkpoint(cq)),
+            Quantization::Awq if method == "awq" => Ok(LoadAs::Checkpoint(cq)),
+            Quantization::Gptq if method == "gptq" => Ok(LoadAs::Checkpoint(cq)),
+            Quantization::Fp8 if method == "fp8" => Ok(LoadAs::Checkpoint(cq)),
+            Quantization::Awq | Quantization::Gptq | Quantization::Fp8 => bail!(
+                "QUANTIZATION={} but this checkpoint is quantized with `{method}` (config.json \
+                 quantization_config): set QUANTIZATION={method} or leave it unset",
+                checkpoint_name(&settings.quantization)
+            ),
+            Quantization::InSitu(name) => bail!(
+                "QUANTIZATION={name} quantizes float checkpoints; this one is already quantized with \
+                 `{method}` (config.json quantization_config): leave QUANTIZATION unset{}",
+                if method == "fp8" { "" } else { " or set it to the checkpoint's method" }
+            ),
+            Quantization::Gguf => bail!(
+                "QUANTIZATION=gguf but {} holds no .gguf file (it is a `{method}` checkpoint)",
+                settings.model_path.display()
+            ),
+        };
     }
     match &settings.quantization {
-        Quantization::None => Ok(None),
+        Quantization::None => Ok(LoadAs::Float),
         Quantization::InSitu(name) => match quant::in_situ_dtype(name) {
-            Some(d) => Ok(Some(d)),
+            Some(d) => Ok(LoadAs::InSitu(d)),
             None => bail!(quant::unsupported_message(&format!("QUANTIZATION={name}"))),
         },
         Quantization::Gguf => bail!(
             "QUANTIZATION=gguf but {} holds no .gguf file",
             settings.model_path.display()
         ),
-        Quantization::Awq => bail!(quant::unsupported_message(
-            "QUANTIZATION=awq (AWQ checkpoints need kernels this build lacks)"
-        )),
-        Quantization::Gptq => bail!(quant::unsupported_message(
-            "QUANTIZATION=gptq (GPTQ checkpoints need kernels this build lacks)"
-        )),
+        Quantization::Fp8 => {
+            tracing::info!(
+                "QUANTIZATION=fp8 on a float checkpoint: linear layers quantized to q8_0 at load"
+            );
+            Ok(LoadAs::InSitu(GgmlDType::Q8_0))
+        }
+        Quantization::Awq | Quantization::Gptq => {
+            let name = checkpoint_name(&settings.quantization);
+            bail!(
+                "QUANTIZATION={name} but {} is not quantized with {name} (its config.json has no \
+                 quantization_config): leave QUANTIZATION unset for a float checkpoint",
+                settings.model_path.display(),
+            )
+        }
+    }
+}
+
+fn checkpoint_name(q: &Quantization) -> &'static str {
+    match q {
+        Quantization::Awq => "awq",
+        Quantization::Gptq => "gptq",
+        _ => "fp8",
     }
 }
 

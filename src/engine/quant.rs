@@ -1,13 +1,14 @@
 //! Quantized weight formats: which ggml block type a `QUANTIZATION` name means, the fallback when a
-//! matrix's rows don't split into that type's blocks (as llama.cpp's quantizer does), and the checks
-//! that turn checkpoints this build can't run (AWQ, GPTQ, ...) into a clear start-up error.
+//! matrix's rows don't split into that type's blocks (as llama.cpp's quantizer does), and (in
+//! `checkpoint`) checkpoints published quantized: AWQ / GPTQ repacked into ggml blocks, FP8.
 
 use std::borrow::Cow;
+
+pub(crate) mod checkpoint;
 
 pub use candle_core::quantized::GgmlDType;
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{bail, Result, Tensor};
-use serde_json::Value;
 
 /// The in-situ `QUANTIZATION` names and the ggml block types they stand for.
 pub(crate) const IN_SITU: &[(&str, GgmlDType)] = &[
@@ -119,22 +120,13 @@ pub(crate) fn permute_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
     QTensor::new(storage, (rows, cols))
 }
 
-/// A checkpoint's `quantization_config.quant_method` (config.json), lower-cased.
-pub(crate) fn checkpoint_quant_method(config: &Value) -> Option<String> {
-    config
-        .get("quantization_config")
-        .and_then(|q| q.get("quant_method"))
-        .and_then(Value::as_str)
-        .map(str::to_ascii_lowercase)
-}
-
 /// What the worker says when a checkpoint or a `QUANTIZATION` value needs kernels this build lacks.
 pub(crate) fn unsupported_message(what: &str) -> String {
     format!(
         "{what} is not supported by this worker: it runs float checkpoints (QUANTIZATION unset or `none`), \
-         llama.cpp GGUF files (QUANTIZATION=gguf, or MODEL_NAME naming a .gguf file) and in-situ \
-         quantization of float checkpoints at load (QUANTIZATION={}). For an AWQ/GPTQ model, point \
-         MODEL_NAME at its float original (and set QUANTIZATION=q4k or q8_0) or at a GGUF conversion",
+         llama.cpp GGUF files (QUANTIZATION=gguf, or MODEL_NAME naming a .gguf file), AWQ / GPTQ 4-bit \
+         and FP8 checkpoints (read from config.json's quantization_config; QUANTIZATION=awq|gptq \
+         optional) and in-situ quantization of float checkpoints at load (QUANTIZATION={})",
         IN_SITU
             .iter()
             .map(|(n, _)| *n)
@@ -196,10 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn quant_method_is_read_from_config() {
-        let cfg = serde_json::json!({"quantization_config": {"quant_method": "AWQ", "bits": 4}});
-        assert_eq!(checkpoint_quant_method(&cfg).as_deref(), Some("awq"));
-        assert_eq!(checkpoint_quant_method(&serde_json::json!({})), None);
+    fn unsupported_values_list_what_runs() {
         let msg = unsupported_message("QUANTIZATION=awq");
         assert!(msg.contains("q8_0") && msg.contains("gguf"), "{msg}");
     }

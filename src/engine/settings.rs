@@ -30,9 +30,11 @@ pub enum Quantization {
     Gguf,
     /// In-situ quantization at load: `q8_0`, `q4_0`, `q4k`, `q6k`, ...
     InSitu(String),
-    /// Checkpoints quantized by AWQ / GPTQ (`quantization_config` in config.json).
+    /// Checkpoints quantized by AWQ / GPTQ / FP8 (`quantization_config` in config.json); `Fp8` on a
+    /// float checkpoint quantizes it to 8 bits at load (q8_0), as vLLM's dynamic FP8 does.
     Awq,
     Gptq,
+    Fp8,
 }
 
 #[derive(Debug, Clone)]

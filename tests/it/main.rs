@@ -18,6 +18,7 @@ mod models_reference;
 mod openai_client;
 mod openai_http;
 mod platform_config;
+mod quant_checkpoint;
 mod quant_gguf;
 mod quant_insitu;
 mod queue_jobs;

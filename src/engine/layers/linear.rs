@@ -17,6 +17,9 @@ pub(crate) enum LinearWeight {
     /// Layers of different storage side by side, outputs concatenated: q/k/v or gate/up that a GGUF
     /// stores at different precisions and so cannot be stacked into one matrix.
     Parts(Vec<Linear>),
+    /// `inner` over the input's columns taken in `order` (`x[:, order]`): a GPTQ act-order layer
+    /// whose weight columns were sorted by group at load (`quant::checkpoint`).
+    Gathered { order: Tensor, inner: Box<Linear> },
 }
 
 #[derive(Debug, Clone)]
@@ -74,12 +77,47 @@ impl Linear {
         }
     }
 
+    /// `inner` applied to `x[:, order]`.
+    pub(crate) fn gathered(order: Vec<u32>, inner: Linear) -> Result<Self> {
+        let order = Tensor::from_vec(order, inner.in_dim, &inner.device())?;
+        Ok(Self {
+            in_dim: inner.in_dim,
+            out_dim: inner.out_dim,
+            bias: None,
+            weight: LinearWeight::Gathered {
+                order,
+                inner: Box::new(inner),
+            },
+        })
+    }
+
+    fn device(&self) -> candle_core::Device {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.device().clone(),
+            LinearWeight::Quantized(q) => q.device(),
+            LinearWeight::Parts(p) => p[0].device(),
+            LinearWeight::Gathered { order, .. } => order.device().clone(),
+        }
+    }
+
     /// One layer computing all of `parts` side by side (outputs concatenated), so that q/k/v or
     /// gate/up cost one matmul instead of several.
     pub(crate) fn fuse(parts: &[Linear]) -> Result<Self> {
         let Some(first) = parts.first() else {
             bail!("nothing to fuse")
         };
+        if let Some((order, inners)) = Self::same_gather(parts)? {
+            let inner = Self::fuse(&inners)?;
+            return Ok(Self {
+                in_dim: inner.in_dim,
+                out_dim: inner.out_dim,
+                bias: None,
+                weight: LinearWeight::Gathered {
+                    order,
+                    inner: Box::new(inner),
+                },
+            });
+        }
         let dense: Vec<&Tensor> = parts
             .iter()
             .filter_map(|p| match &p.weight {
@@ -120,6 +158,29 @@ impl Linear {
         })
     }
 
+    /// When every part gathers its input in the same order (GPTQ act-order q/k/v share one): that
+    /// order and the parts without it, so that they fuse.
+    fn same_gather(parts: &[Linear]) -> Result<Option<(Tensor, Vec<Linear>)>> {
+        let mut first: Option<(&Tensor, Vec<u32>)> = None;
+        let mut inners = Vec::new();
+        for p in parts {
+            let LinearWeight::Gathered { order, inner } = &p.weight else {
+                return Ok(None);
+            };
+            let ids = order.to_vec1::<u32>()?;
+            match &first {
+                Some((_, want)) if *want != ids => return Ok(None),
+                Some(_) => {}
+                None => first = Some((order, ids)),
+            }
+            if p.bias.is_some() {
+                return Ok(None);
+            }
+            inners.push((**inner).clone());
+        }
+        Ok(first.map(|(order, _)| (order.clone(), inners)))
+    }
+
     /// The parts' biases end to end (zeros for a part without one), or `None` if none has one.
     fn fused_bias(parts: &[Linear]) -> Result<Option<Tensor>> {
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
@@ -152,6 +213,7 @@ impl Linear {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&outs, 1)?
             }
+            LinearWeight::Gathered { order, inner } => inner.forward(&x.index_select(order, 1)?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -198,6 +260,7 @@ mod tests {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
             LinearWeight::Parts(parts) => parts.iter().map(weight_bytes).sum(),
+            LinearWeight::Gathered { inner, .. } => weight_bytes(inner),
         }
     }
 

@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 
 use super::{Embedding, Linear};
 use crate::engine::gguf::{GgufBackend, GgufFile};
+use crate::engine::quant::checkpoint::{self, CheckpointQuant, Loaded, Method};
 use crate::engine::quant::{self, GgmlDType};
 
 #[derive(Clone)]
@@ -19,6 +20,9 @@ enum Source {
     InSitu(GgmlDType),
     /// Linear layers and the embedding table keep the GGUF file's blocks.
     Gguf(Arc<GgufFile>),
+    /// A checkpoint published quantized (AWQ, GPTQ, FP8): its quantized linear layers are repacked
+    /// into ggml blocks as they load, one at a time; the rest is float.
+    Checkpoint(Arc<CheckpointQuant>),
 }
 
 /// A `VarBuilder` (prefix, dtype, device, float tensors by name) that also knows how linear layers and
@@ -43,6 +47,14 @@ impl<'a> Weights<'a> {
         Self {
             vb,
             source: Source::InSitu(dtype),
+        }
+    }
+
+    /// A quantized checkpoint (`quantization_config`): its AWQ / GPTQ / FP8 layers become ggml blocks.
+    pub fn checkpoint(vb: VarBuilder<'a>, quant: CheckpointQuant) -> Self {
+        Self {
+            vb,
+            source: Source::Checkpoint(Arc::new(quant)),
         }
     }
 
@@ -87,7 +99,12 @@ impl<'a> Weights<'a> {
 
     /// The output projection to the vocabulary: like `linear`, but quantized in situ to at least 8 bits.
     pub fn lm_head(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
-        self.linear_as(in_dim, out_dim, false, quant::lm_head_dtype)
+        let head = self.linear_as(in_dim, out_dim, false, quant::lm_head_dtype)?;
+        match self.source {
+            // a quantized checkpoint's float head (AWQ/GPTQ keep it in f16) at 8 bits, as in situ
+            Source::Checkpoint(_) => head.quantize(GgmlDType::Q8_0),
+            _ => Ok(head),
+        }
     }
 
     /// GPT-2's `Conv1D`: the weight is stored `[in, out]`.
@@ -97,8 +114,9 @@ impl<'a> Weights<'a> {
         self.finish(Linear::new(weight, Some(bias))?, |q| q)
     }
 
-    /// The embedding table `{prefix}.weight` `[vocab, hidden]`. Quantized in situ it is kept at 8 bits
-    /// (as llama.cpp keeps `token_embd`): often the largest matrix, and a tied LM head shares it.
+    /// The embedding table `{prefix}.weight` `[vocab, hidden]`. Quantized in situ, or in a quantized
+    /// checkpoint (which keeps it in f16), it is kept at 8 bits (as llama.cpp keeps `token_embd`):
+    /// often the largest matrix, and a tied LM head shares it.
     pub fn embedding(&self, vocab: usize, hidden: usize) -> Result<Embedding> {
         match &self.source {
             Source::Gguf(file) => {
@@ -107,9 +125,13 @@ impl<'a> Weights<'a> {
                     return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
                 }
             }
-            Source::InSitu(wanted) => {
+            Source::InSitu(_) | Source::Checkpoint(_) => {
+                let wanted = match &self.source {
+                    Source::InSitu(wanted) => quant::lm_head_dtype(*wanted),
+                    _ => GgmlDType::Q8_0,
+                };
                 let table = self.get((vocab, hidden), "weight")?;
-                if let Some(q) = quant::quantize_matrix(&table, quant::lm_head_dtype(*wanted))? {
+                if let Some(q) = quant::quantize_matrix(&table, wanted)? {
                     return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
                 }
                 return Ok(Embedding::Dense(table));
@@ -155,8 +177,75 @@ impl<'a> Weights<'a> {
                 return Linear::quantized(Arc::new(q), bias, self.dtype());
             }
         }
+        if let Source::Checkpoint(q) = &self.source {
+            if let Some(linear) = self.checkpoint_linear(q, in_dim, out_dim, bias.clone())? {
+                return Ok(linear);
+            }
+        }
         let weight = self.get((out_dim, in_dim), "weight")?;
         self.finish(Linear::new(weight, bias)?, head)
+    }
+
+    /// A quantized checkpoint's layer in ggml blocks; `None` for a layer the checkpoint keeps in
+    /// float (`modules_to_not_convert`, the LM head).
+    fn checkpoint_linear(
+        &self,
+        q: &CheckpointQuant,
+        in_dim: usize,
+        out_dim: usize,
+        bias: Option<Tensor>,
+    ) -> Result<Option<Linear>> {
+        let raw = |name: &str, dtype: DType| self.vb.get_unchecked_dtype(name, dtype);
+        let name = self.full_name("weight");
+        let loaded = match q.method {
+            Method::Awq | Method::Gptq { .. } => {
+                if !self.contains_tensor("qweight") {
+                    return Ok(None);
+                }
+                let g_idx = if self.contains_tensor("g_idx") {
+                    Some(raw("g_idx", DType::I32)?)
+                } else {
+                    None
+                };
+                let int4 = checkpoint::unpack_int4(
+                    q,
+                    &raw("qweight", DType::I32)?,
+                    &raw("qzeros", DType::I32)?,
+                    &raw("scales", DType::F32)?,
+                    g_idx.as_ref(),
+                    (out_dim, in_dim),
+                )
+                .map_err(|e| e.context(format!("{name} ({})", q.name())))?;
+                int4.repack(self.device())?
+            }
+            Method::Fp8 => {
+                let scale = ["weight_scale_inv", "weight_scale"]
+                    .into_iter()
+                    .find(|s| self.contains_tensor(s));
+                let Some(scale) = scale else {
+                    return Ok(None);
+                };
+                let w = raw("weight", DType::F8E4M3)?;
+                if w.dims2()? != (out_dim, in_dim) {
+                    candle_core::bail!("{name}: {:?}, expected ({out_dim}, {in_dim})", w.shape())
+                }
+                let dense = checkpoint::dequantize_fp8(&w, &raw(scale, DType::F32)?, q.block)?;
+                drop(w);
+                match quant::quantize_matrix(&dense, GgmlDType::Q8_0)? {
+                    Some(blocks) => Loaded::Blocks(blocks),
+                    None => Loaded::Dense(dense.to_dtype(self.dtype())?),
+                }
+            }
+        };
+        let linear = match loaded {
+            Loaded::Blocks(blocks) => Linear::quantized(Arc::new(blocks), bias, self.dtype())?,
+            Loaded::Gathered(blocks, order) => Linear::gathered(
+                order,
+                Linear::quantized(Arc::new(blocks), bias, self.dtype())?,
+            )?,
+            Loaded::Dense(w) => Linear::new(w.to_dtype(self.dtype())?, bias)?,
+        };
+        Ok(Some(linear))
     }
 
     /// Quantizes a freshly loaded float layer when loading in situ.
