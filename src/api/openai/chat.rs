@@ -1,6 +1,8 @@
 //! `POST /v1/chat/completions`: messages rendered by the chat template, then one generation with `n`
 //! choices; tool calls parsed out of the output; chat-shaped logprobs; streaming as OpenAI does.
 
+use std::borrow::Cow;
+
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
@@ -315,21 +317,28 @@ fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(
     Ok(())
 }
 
-/// Renders the conversation with the request's template, else the model's (or CUSTOM_CHAT_TEMPLATE).
-pub(crate) fn render(engine: &Engine, request: &ChatRequest) -> Result<String, ApiError> {
-    let own;
-    let template = match &request.chat_template {
+/// The template a request renders with: its own `chat_template`, else the model's (or
+/// CUSTOM_CHAT_TEMPLATE).
+pub(crate) fn template<'e>(
+    engine: &'e Engine,
+    source: Option<&str>,
+) -> Result<Cow<'e, ChatTemplate>, ApiError> {
+    Ok(match source {
         Some(source) => {
             let tokenizer = engine.tokenizer();
-            own = ChatTemplate::new(
+            Cow::Owned(ChatTemplate::new(
                 source,
                 tokenizer.bos_token().map(str::to_string),
                 tokenizer.eos_token().map(str::to_string),
-            )?;
-            &own
+            )?)
         }
-        None => engine.chat_template().ok_or(EngineError::NoChatTemplate)?,
-    };
+        None => Cow::Borrowed(engine.chat_template().ok_or(EngineError::NoChatTemplate)?),
+    })
+}
+
+/// Renders the conversation with the request's template, else the model's (or CUSTOM_CHAT_TEMPLATE).
+pub(crate) fn render(engine: &Engine, request: &ChatRequest) -> Result<String, ApiError> {
+    let template = template(engine, request.chat_template.as_deref())?;
     let tools = if request.tool_choice == ToolChoice::None {
         None
     } else {

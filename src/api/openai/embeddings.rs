@@ -9,8 +9,8 @@ use super::chat::parse_messages;
 use super::params::{check_fields, truncation, Body, Truncation};
 use super::{shapes, OpenAiResponse, OpenAiSettings};
 use crate::api::error::ApiError;
-use crate::engine::template::{ChatTemplate, RenderOptions};
-use crate::engine::{EmbedRequest, Engine, EngineError};
+use crate::engine::template::RenderOptions;
+use crate::engine::{EmbedRequest, Engine};
 
 /// One input before tokenization.
 #[derive(Debug, Clone, PartialEq)]
@@ -244,19 +244,7 @@ fn tokenize(
 
 /// The messages of a chat-style request as one text, by the request's template or the model's.
 fn render(engine: &Engine, chat: &ChatInput) -> Result<String, ApiError> {
-    let own;
-    let template = match &chat.chat_template {
-        Some(source) => {
-            let tokenizer = engine.tokenizer();
-            own = ChatTemplate::new(
-                source,
-                tokenizer.bos_token().map(str::to_string),
-                tokenizer.eos_token().map(str::to_string),
-            )?;
-            &own
-        }
-        None => engine.chat_template().ok_or(EngineError::NoChatTemplate)?,
-    };
+    let template = super::chat::template(engine, chat.chat_template.as_deref())?;
     let options = RenderOptions {
         add_generation_prompt: chat.add_generation_prompt,
         continue_final_message: chat.continue_final_message,
