@@ -80,7 +80,11 @@ impl Linear {
     /// `inner` applied to `x[:, order]`.
     pub(crate) fn gathered(order: Vec<u32>, inner: Linear) -> Result<Self> {
         let order = Tensor::from_vec(order, inner.in_dim, &inner.device())?;
-        Ok(Self {
+        Ok(Self::gathered_by(order, inner))
+    }
+
+    fn gathered_by(order: Tensor, inner: Linear) -> Self {
+        Self {
             in_dim: inner.in_dim,
             out_dim: inner.out_dim,
             bias: None,
@@ -88,7 +92,7 @@ impl Linear {
                 order,
                 inner: Box::new(inner),
             },
-        })
+        }
     }
 
     fn device(&self) -> candle_core::Device {
@@ -107,16 +111,7 @@ impl Linear {
             bail!("nothing to fuse")
         };
         if let Some((order, inners)) = Self::same_gather(parts)? {
-            let inner = Self::fuse(&inners)?;
-            return Ok(Self {
-                in_dim: inner.in_dim,
-                out_dim: inner.out_dim,
-                bias: None,
-                weight: LinearWeight::Gathered {
-                    order,
-                    inner: Box::new(inner),
-                },
-            });
+            return Ok(Self::gathered_by(order, Self::fuse(&inners)?));
         }
         let dense: Vec<&Tensor> = parts
             .iter()
