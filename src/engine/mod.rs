@@ -8,6 +8,7 @@
 pub mod batch;
 pub(crate) mod block_allocator;
 pub mod detokenize;
+pub(crate) mod device_memory;
 pub mod embedding;
 pub(crate) mod error;
 pub(crate) mod gguf;

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 
 use crate::engine::batch::ForwardBatch;
+use crate::engine::device_memory::{activation_reserve, gpu_kv_budget, MemoryProbe};
 use crate::engine::gguf::GgufFile;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loader::{load_causal, LoadedModel};
@@ -25,21 +26,21 @@ use crate::engine::speculative::{NgramProposer, SpeculativeMethod};
 /// sequences, capped (a CPU box shares its memory with the weights and everything else).
 pub(crate) const DEFAULT_CPU_KV_BYTES: u64 = 1 << 30;
 
-/// How many KV blocks the budget buys. `budget`: `KV_CACHE_MEMORY`, else on GPU the share
-/// `gpu_memory_utilization` of the free memory (`gpu_free`), else the CPU default, never more than
-/// half the memory the host has left (`host_free`, when known). At least one block.
+/// How many KV blocks the budget buys. `budget`: `KV_CACHE_MEMORY`, else on GPU `gpu_budget` (what
+/// `device_memory::gpu_kv_budget` leaves of `GPU_MEMORY_UTILIZATION`), else the CPU default, never
+/// more than half the memory the host has left (`host_free`, when known). At least one block.
 pub(crate) fn num_kv_blocks(
     settings: &EngineSettings,
     bytes_per_block: u64,
     max_model_len: usize,
-    gpu_free: Option<u64>,
+    gpu_budget: Option<u64>,
     host_free: Option<u64>,
 ) -> usize {
     let bs = settings.block_size.max(1);
     let per_seq = max_model_len.div_ceil(bs) as u64;
-    let budget = match (settings.kv_cache_memory, gpu_free) {
+    let budget = match (settings.kv_cache_memory, gpu_budget) {
         (Some(b), _) => b,
-        (None, Some(free)) => (free as f64 * settings.gpu_memory_utilization as f64) as u64,
+        (None, Some(budget)) => budget,
         (None, None) => {
             let wanted = per_seq * settings.max_num_seqs as u64 * bytes_per_block;
             let default = wanted.min(DEFAULT_CPU_KV_BYTES);
@@ -67,7 +68,8 @@ pub(crate) fn check_kv_budget(
         if bytes > free {
             anyhow::bail!(
                 "KV_CACHE_MEMORY={} is more than the {} of memory this worker has left \
-                 (MemAvailable, or the cgroup's memory.max less its usage); lower KV_CACHE_MEMORY",
+                 (on a GPU its free memory; on CPU MemAvailable, or the cgroup's memory.max less its \
+                 usage); lower KV_CACHE_MEMORY",
                 human_bytes(asked),
                 human_bytes(free)
             );
@@ -196,18 +198,35 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     let spec = model.spec().clone();
     let block_size = settings.block_size.max(1);
     let bytes_per_block = KvCache::bytes_per_block(&spec, block_size) as u64;
-    // The cache lives in host memory on CPU. TODO(cuda): pass the device's free memory so
-    // GPU_MEMORY_UTILIZATION applies and the budget is checked against it.
-    let host_free = if meta.device.is_cpu() {
-        host_memory_available()
-    } else {
-        None
+    // The cache lives in host memory on CPU; on a GPU, in the device's memory, whose figures are
+    // read now that the weights are loaded (GPU_MEMORY_UTILIZATION applies, as in vLLM).
+    let gpu_memory = meta.device.memory();
+    let host_free = match gpu_memory {
+        Some(gpu) => Some(gpu.free),
+        None if meta.device.is_cpu() => host_memory_available(),
+        None => None,
+    };
+    let gpu_budget = match gpu_memory {
+        Some(gpu) if settings.kv_cache_memory.is_none() => {
+            let reserve = activation_reserve(
+                settings.max_num_batched_tokens,
+                settings.max_num_seqs,
+                spec.hidden_size,
+                spec.vocab_size,
+                spec.dtype.size_in_bytes(),
+            );
+            Some(
+                gpu_kv_budget(gpu, settings.gpu_memory_utilization, reserve)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        _ => None,
     };
     let num_blocks = num_kv_blocks(
         settings,
         bytes_per_block,
         meta.max_model_len,
-        None,
+        gpu_budget,
         host_free,
     );
     let max_model_len = check_kv_budget(
@@ -392,8 +411,8 @@ mod tests {
         assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None, Some(512 << 20)), 256);
         s.max_num_seqs = 2;
         assert_eq!(num_kv_blocks(&s, 1 << 20, 2048, None, None), 256);
-        s.gpu_memory_utilization = 0.5;
-        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(1_000_000), None), 500);
+        // On a GPU the budget is what device_memory left of GPU_MEMORY_UTILIZATION.
+        assert_eq!(num_kv_blocks(&s, 1000, 2048, Some(500_000), None), 500);
     }
 
     #[test]
