@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 
 use super::types::SamplingParams;
 
+pub(crate) mod device;
 mod kernels;
 
 /// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`).
