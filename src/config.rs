@@ -347,6 +347,11 @@ pub const SETTINGS: &[Setting] = &[
         "1: cap the context length at the model's sliding window",
     ),
     setting("DEVICE", "auto", "cpu, cuda"),
+    setting(
+        "SAMPLE_ON_DEVICE",
+        "auto",
+        "choose greedy and plain-temperature tokens (and their logprobs) on the model's device; auto: on a GPU",
+    ),
     // Hub
     setting(
         "HF_ENDPOINT",
@@ -824,6 +829,14 @@ impl Config {
             speculative: v.parse("SPECULATIVE_CONFIG", SpeculativeConfig::parse)?,
             enable_chunked_prefill: v.get("ENABLE_CHUNKED_PREFILL", boolean)?,
             disable_sliding_window: v.get("DISABLE_SLIDING_WINDOW", boolean)?,
+            sample_on_device: v.get("SAMPLE_ON_DEVICE", |s| {
+                match s.to_ascii_lowercase().as_str() {
+                    "auto" => Ok(None),
+                    other => boolean(other)
+                        .map(Some)
+                        .map_err(|_| "auto, or a boolean: 1, 0, true or false".to_string()),
+                }
+            })?,
             seed: v.parse("SEED", |s| {
                 s.parse::<u64>()
                     .map_err(|_| "a non-negative integer".to_string())
@@ -1305,6 +1318,7 @@ mod tests {
             ("MAX_LOGPROBS", "5"),
             ("ENABLE_CHUNKED_PREFILL", "false"),
             ("DISABLE_SLIDING_WINDOW", "1"),
+            ("SAMPLE_ON_DEVICE", "true"),
             ("DOWNLOAD_DIR", "/cache"),
             ("MAX_PARALLEL_LOADING_WORKERS", "2"),
             ("DISABLE_LOG_REQUESTS", "1"),
@@ -1315,6 +1329,9 @@ mod tests {
         assert_eq!(c.engine.max_logprobs, 5);
         assert!(!c.engine.enable_chunked_prefill);
         assert!(c.engine.disable_sliding_window);
+        assert_eq!(c.engine.sample_on_device, Some(true));
+        assert_eq!(parse(&[]).unwrap().engine.sample_on_device, None);
+        assert!(parse(&[("SAMPLE_ON_DEVICE", "gpu")]).is_err());
         assert_eq!(c.model.download_dir, Some(PathBuf::from("/cache")));
         assert_eq!(c.hub_config().concurrency, 2);
         assert!(!c.disable_log_requests, "ENABLE_LOG_REQUESTS wins");

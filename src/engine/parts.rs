@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use super::batch::ForwardBatch;
 use super::error::EngineError;
+use super::sampling::device::RowPlan;
+use super::sampling::Sampled;
 use super::scheduler::SchedulerConfig;
 use super::speculative::NgramProposer;
 use super::template::ChatTemplate;
@@ -39,6 +41,24 @@ pub struct ModelInfo {
 /// float32 logits, `rows × vocab` flattened, the rows each sequence asked for, in batch order.
 pub(crate) trait Executor: Send {
     fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>>;
+
+    /// Whether [`Executor::execute_sampling`] chooses tokens where the logits are (`SAMPLE_ON_DEVICE`).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// `execute`, with the logits rows listed in `on_device` (row index, plan; ascending rows) chosen
+    /// on the model's device instead of copied back: the other rows' logits (flattened, in order) and
+    /// the tokens chosen, in `on_device`'s order. Called only when `samples_on_device`.
+    fn execute_sampling(
+        &mut self,
+        copies: &[(u32, u32)],
+        batch: &ForwardBatch,
+        on_device: &[(usize, RowPlan)],
+    ) -> anyhow::Result<(Vec<f32>, Vec<Sampled>)> {
+        let _ = (copies, batch, on_device);
+        anyhow::bail!("this executor does not sample on its device")
+    }
 }
 
 /// Embeddings (`Engine::embed` calls it off the async runtime).

@@ -25,6 +25,8 @@ use super::error::EngineError;
 use super::parts::{
     Embedder, EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
 };
+use super::sampling::device::RowPlan;
+use super::sampling::Sampled;
 use super::scheduler::{Scheduled, Scheduler, SeqId, StepPlan};
 use super::settings::EngineSettings;
 use super::speculative::NgramProposer;
@@ -438,7 +440,9 @@ impl Core {
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let (batch, wants) = self.build_batch(&plan);
-        let Some((logits, ranges)) = self.forward(&plan, &batch, &wants) else {
+        let on_device = self.device_plans(&plan, &wants);
+        let Some((logits, ranges, sampled)) = self.forward(&plan, &batch, &wants, &on_device)
+        else {
             return;
         };
         self.sched.commit(&plan);
@@ -450,15 +454,8 @@ impl Core {
             .filter(|(_, r)| r.is_some())
             .map(|((sc, w), _)| rows_of(*w, sc.num_new))
             .sum();
-        if rows == 0 {
-            return;
-        }
-        let vocab = logits.len() / rows;
-        for ((sc, want), range) in plan.seqs.iter().zip(wants).zip(ranges) {
-            let Some(range) = range else {
-                continue;
-            };
-            let chunk = &logits[range];
+        let vocab = logits.len().checked_div(rows).unwrap_or(0);
+        for (((sc, want), range), sampled) in plan.seqs.iter().zip(wants).zip(ranges).zip(sampled) {
             let Some(&key) = self.owner.get(&sc.id) else {
                 continue;
             };
@@ -466,9 +463,12 @@ impl Core {
                 continue;
             }
             // A panic in one request's sampling or detokenizing fails that request alone.
-            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.on_seq_logits(key, sc, want, chunk, vocab)
-            }));
+            let handled =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match (range, sampled) {
+                    (_, Some(s)) => self.on_seq_sampled(key, sc, s),
+                    (Some(range), None) => self.on_seq_logits(key, sc, want, &logits[range], vocab),
+                    (None, None) => {}
+                }));
             if handled.is_err() {
                 tracing::error!(
                     seq = sc.id,
@@ -476,6 +476,42 @@ impl Core {
                 );
                 self.fail_request(key, step_failed("its sampling step failed"));
             }
+        }
+    }
+
+    /// Which of the step's sequences have their next token chosen on the model's device (when the
+    /// executor samples there): a decoding sequence wanting its last row only, no draft to verify,
+    /// whose sampler qualifies (`Sampler::device_plan`, which draws the row's uniform).
+    fn device_plans(&mut self, plan: &StepPlan, wants: &[LogitsWanted]) -> Vec<Option<RowPlan>> {
+        if !self.executor.samples_on_device() {
+            return vec![None; plan.seqs.len()];
+        }
+        plan.seqs
+            .iter()
+            .zip(wants)
+            .map(|(sc, want)| {
+                if *want != LogitsWanted::Last || !sc.completes || !sc.draft.is_empty() {
+                    return None;
+                }
+                let key = self.owner.get(&sc.id)?;
+                self.requests.get_mut(key)?.device_plan(sc.id)
+            })
+            .collect()
+    }
+
+    /// A token chosen on the device for one scheduled sequence, for its request (`key`).
+    fn on_seq_sampled(&mut self, key: u64, sc: &Scheduled, sampled: Sampled) {
+        let Some(req) = self.requests.get_mut(&key) else {
+            return;
+        };
+        let mut ctx = Ctx {
+            sched: &mut self.sched,
+            tokenizer: &self.tokenizer,
+        };
+        req.on_device_sampled(sc.id, sampled, &mut ctx);
+        if req.is_finished() {
+            self.requests.remove(&key);
+            self.owner.retain(|_, k| *k != key);
         }
     }
 
@@ -535,6 +571,7 @@ impl Core {
         plan: &StepPlan,
         batch: &ForwardBatch,
         wants: &[LogitsWanted],
+        on_device: &[Option<RowPlan>],
     ) -> Option<StepLogits> {
         let rows: Vec<usize> = plan
             .seqs
@@ -542,22 +579,45 @@ impl Core {
             .zip(wants)
             .map(|(sc, w)| rows_of(*w, sc.num_new))
             .collect();
-        let total: usize = rows.iter().sum();
-        let error = match self.execute(&plan.copies, batch) {
-            Ok(logits) if total == 0 || logits.len() % total == 0 => {
+        // The rows chosen on the device leave no logits on the host.
+        let host_rows: Vec<usize> = rows
+            .iter()
+            .zip(on_device)
+            .map(|(r, d)| if d.is_some() { 0 } else { *r })
+            .collect();
+        let total: usize = host_rows.iter().sum();
+        let mut device_rows = Vec::new();
+        let mut row = 0;
+        for (r, d) in rows.iter().zip(on_device) {
+            if let Some(p) = d {
+                device_rows.push((row, *p));
+            }
+            row += r;
+        }
+        let error = match self.execute(&plan.copies, batch, &device_rows) {
+            Ok((logits, sampled)) if total == 0 || logits.len() % total == 0 => {
                 let vocab = logits.len().checked_div(total).unwrap_or(0);
                 let mut at = 0;
-                let ranges = rows
+                let mut sampled = sampled.into_iter();
+                let ranges = host_rows
                     .iter()
-                    .map(|r| {
+                    .zip(on_device)
+                    .map(|(r, d)| {
+                        if d.is_some() {
+                            return None;
+                        }
                         let range = at..at + r * vocab;
                         at += r * vocab;
                         Some(range)
                     })
                     .collect();
-                return Some((logits, ranges));
+                let sampled = on_device
+                    .iter()
+                    .map(|d| d.and_then(|_| sampled.next()))
+                    .collect();
+                return Some((logits, ranges, sampled));
             }
-            Ok(logits) => {
+            Ok((logits, _)) => {
                 anyhow::anyhow!("model returned {} logits for {total} rows", logits.len())
             }
             Err(e) => e,
@@ -573,6 +633,7 @@ impl Core {
         );
         let mut logits = Vec::new();
         let mut ranges = Vec::with_capacity(plan.seqs.len());
+        let mut sampled = Vec::with_capacity(plan.seqs.len());
         let mut copies: &[(u32, u32)] = &plan.copies;
         let mut at = 0;
         for (i, sc) in plan.seqs.iter().enumerate() {
@@ -580,39 +641,63 @@ impl Core {
             if !self.sched.contains(sc.id) {
                 // Its request failed with a sibling's pass.
                 ranges.push(None);
+                sampled.push(None);
                 continue;
             }
             let one = ForwardBatch {
                 tokens: batch.tokens[start..start + sc.num_new].to_vec(),
                 seqs: vec![batch.seqs[i].clone()],
             };
-            match self.execute(copies, &one) {
-                Ok(l) if rows[i] == 0 || (!l.is_empty() && l.len() % rows[i] == 0) => {
+            let device_row: Vec<(usize, RowPlan)> =
+                on_device[i].map(|p| (0, p)).into_iter().collect();
+            match self.execute(copies, &one, &device_row) {
+                Ok((_, mut s)) if !device_row.is_empty() && s.len() == 1 => {
+                    copies = &[];
+                    ranges.push(None);
+                    sampled.push(s.pop());
+                }
+                Ok((l, _))
+                    if device_row.is_empty()
+                        && (rows[i] == 0 || (!l.is_empty() && l.len() % rows[i] == 0)) =>
+                {
                     copies = &[];
                     logits.extend_from_slice(&l);
                     ranges.push(Some(at..at + l.len()));
+                    sampled.push(None);
                     at += l.len();
                 }
-                Ok(l) => {
+                Ok((l, _)) => {
                     let e =
                         anyhow::anyhow!("model returned {} logits for {} rows", l.len(), rows[i]);
                     self.fail_seq_of(sc.id, &e);
                     ranges.push(None);
+                    sampled.push(None);
                 }
                 Err(e) => {
                     self.fail_seq_of(sc.id, &e);
                     ranges.push(None);
+                    sampled.push(None);
                 }
             }
         }
-        Some((logits, ranges))
+        Some((logits, ranges, sampled))
     }
 
     /// The executor's forward pass, a panic in it turned into an error.
-    fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
+    /// `on_device`: the rows chosen on the model's device (see `Executor::execute_sampling`).
+    fn execute(
+        &mut self,
+        copies: &[(u32, u32)],
+        batch: &ForwardBatch,
+        on_device: &[(usize, RowPlan)],
+    ) -> anyhow::Result<(Vec<f32>, Vec<Sampled>)> {
         let executor = &mut self.executor;
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            executor.execute(copies, batch)
+            if on_device.is_empty() {
+                executor.execute(copies, batch).map(|l| (l, Vec::new()))
+            } else {
+                executor.execute_sampling(copies, batch, on_device)
+            }
         }))
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the forward pass panicked")))
     }
@@ -703,7 +788,13 @@ impl Core {
 }
 
 /// A step's logits, and each scheduled sequence's rows in them (`None`: its request failed).
-type StepLogits = (Vec<f32>, Vec<Option<std::ops::Range<usize>>>);
+/// A step's host logits, each sequence's rows in them (`None`: failed, or chosen on the device) and
+/// the tokens chosen on the device.
+type StepLogits = (
+    Vec<f32>,
+    Vec<Option<std::ops::Range<usize>>>,
+    Vec<Option<Sampled>>,
+);
 
 /// The error a request gets when the engine could not compute its step.
 fn step_failed(reason: &str) -> EngineError {

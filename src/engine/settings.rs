@@ -81,6 +81,9 @@ pub struct EngineSettings {
     pub seed: Option<u64>,
     /// `MAX_LOGPROBS`: most `logprobs` / `prompt_logprobs` per request.
     pub max_logprobs: usize,
+    /// `SAMPLE_ON_DEVICE`: choose tokens where the logits are (greedy and plain-temperature rows,
+    /// their logprobs) instead of copying whole rows back; `None` = on a GPU only.
+    pub sample_on_device: Option<bool>,
 }
 
 impl EngineSettings {
@@ -110,6 +113,7 @@ impl EngineSettings {
             disable_sliding_window: false,
             seed: None,
             max_logprobs: super::validate::MAX_LOGPROBS,
+            sample_on_device: None,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use candle_core::Tensor;
 
 use crate::engine::batch::ForwardBatch;
 use crate::engine::device_memory::{activation_reserve, gpu_kv_budget, MemoryProbe};
@@ -12,6 +13,8 @@ use crate::engine::gguf::GgufFile;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loader::{load_causal, LoadedModel};
 use crate::engine::models::CausalLM;
+use crate::engine::sampling::device::{sample_rows, RowPlan};
+use crate::engine::sampling::Sampled;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::settings::EngineSettings;
 use crate::engine::template::ChatTemplate;
@@ -158,21 +161,73 @@ fn cgroup_left(limit: Option<&str>, usage: Option<&str>) -> Option<u64> {
 pub(crate) struct CausalExecutor {
     model: Box<dyn CausalLM>,
     cache: KvCache,
+    /// Choose eligible rows' tokens on the model's device (`SAMPLE_ON_DEVICE`).
+    sample_on_device: bool,
 }
 
 impl CausalExecutor {
     pub fn new(model: Box<dyn CausalLM>, cache: KvCache) -> Self {
-        Self { model, cache }
+        Self {
+            model,
+            cache,
+            sample_on_device: false,
+        }
+    }
+
+    /// Samples eligible rows on the model's device (`SAMPLE_ON_DEVICE`).
+    pub fn sampling_on_device(mut self, on: bool) -> Self {
+        self.sample_on_device = on;
+        self
+    }
+
+    fn forward(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Tensor> {
+        for &(src, dst) in copies {
+            self.cache.copy_block(src, dst)?;
+        }
+        Ok(self.model.forward(batch, &mut self.cache)?)
     }
 }
 
 impl Executor for CausalExecutor {
     fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>> {
-        for &(src, dst) in copies {
-            self.cache.copy_block(src, dst)?;
-        }
-        let logits = self.model.forward(batch, &mut self.cache)?;
+        let logits = self.forward(copies, batch)?;
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    fn samples_on_device(&self) -> bool {
+        self.sample_on_device
+    }
+
+    fn execute_sampling(
+        &mut self,
+        copies: &[(u32, u32)],
+        batch: &ForwardBatch,
+        on_device: &[(usize, RowPlan)],
+    ) -> anyhow::Result<(Vec<f32>, Vec<Sampled>)> {
+        let logits = self.forward(copies, batch)?;
+        let rows = logits.dim(0)?;
+        let device = logits.device().clone();
+        let picked: Vec<u32> = on_device.iter().map(|(r, _)| *r as u32).collect();
+        if picked.iter().any(|r| *r as usize >= rows) {
+            anyhow::bail!("a device-sampled row past the {rows} logits rows");
+        }
+        let plans: Vec<RowPlan> = on_device.iter().map(|(_, p)| *p).collect();
+        let sampled = sample_rows(
+            &logits.index_select(&Tensor::new(picked.as_slice(), &device)?, 0)?,
+            &plans,
+        )?;
+        let rest: Vec<u32> = (0..rows as u32)
+            .filter(|r| picked.binary_search(r).is_err())
+            .collect();
+        let host = if rest.is_empty() {
+            Vec::new()
+        } else {
+            logits
+                .index_select(&Tensor::new(rest.as_slice(), &device)?, 0)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
+        Ok((host, sampled))
     }
 }
 
@@ -277,7 +332,10 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
         },
         template,
         kind: EngineKind::Generator(Generator {
-            executor: Box::new(CausalExecutor::new(model, cache)),
+            executor: Box::new(
+                CausalExecutor::new(model, cache)
+                    .sampling_on_device(settings.sample_on_device.unwrap_or(!meta.device.is_cpu())),
+            ),
             eos_token_ids,
             scheduler: SchedulerConfig {
                 block_size,

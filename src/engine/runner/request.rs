@@ -9,7 +9,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::beam::{BeamConfig, BeamSearch, Live};
 use crate::engine::batch::LogitsWanted;
 use crate::engine::detokenize::{DecodeOptions, Detokenizer};
-use crate::engine::sampling::{log_softmax, rank_of, top_n, Sampler};
+use crate::engine::sampling::device::RowPlan;
+use crate::engine::sampling::{log_softmax, rank_of, top_n, Sampled, Sampler};
 use crate::engine::scheduler::{Scheduled, Scheduler, SeqId};
 use crate::engine::stop::{StopConditions, StopStrings};
 use crate::engine::tokenizer::Tokenizer;
@@ -223,6 +224,29 @@ impl RequestState {
             self.beam_step_if_ready(ctx);
         } else if let Some(i) = self.choices.iter().position(|c| c.seq == Some(seq)) {
             self.sample_choice(i, row, ctx);
+        }
+        self.finish_if_done(ctx);
+    }
+
+    /// The device plan for `seq`'s next token (see `Sampler::device_plan`): only for a started,
+    /// unfinished request sampling choices (not beam search); `None` leaves the row to the host.
+    pub(crate) fn device_plan(&mut self, seq: SeqId) -> Option<RowPlan> {
+        if self.finished || !self.started || self.beam.is_some() {
+            return None;
+        }
+        let choice = self.choices.iter_mut().find(|c| c.seq == Some(seq))?;
+        choice.sampler.device_plan()
+    }
+
+    /// A token the device chose for `seq` by its `device_plan`: recorded and emitted as `on_logits`
+    /// would.
+    pub(crate) fn on_device_sampled(&mut self, seq: SeqId, sampled: Sampled, ctx: &mut Ctx) {
+        if self.finished {
+            return;
+        }
+        if let Some(i) = self.choices.iter().position(|c| c.seq == Some(seq)) {
+            self.choices[i].sampler.accept_device(&sampled);
+            self.emit(i, sampled, ctx);
         }
         self.finish_if_done(ctx);
     }

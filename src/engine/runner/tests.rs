@@ -12,7 +12,7 @@ use futures::StreamExt;
 use super::*;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::types::{
-    ChoiceDelta, FinishReason, RequestMetrics, SamplingParams, StopReason, Usage,
+    ChoiceDelta, FinishReason, RequestMetrics, SamplingParams, StopReason, TokenLogprob, Usage,
 };
 
 const BS: usize = 4;
@@ -983,5 +983,102 @@ async fn a_poisoned_sequence_fails_alone_and_its_batch_goes_on() {
         }
         assert_eq!(together[7].choices[0].token_ids.len(), 40);
         wait_idle(&poisoned).await;
+    }
+}
+
+/// Sampling on the model's device (`SAMPLE_ON_DEVICE`, run here on the CPU through the same tensor
+/// ops a GPU runs) gives the host path's greedy tokens, logprobs, top alternatives and ranks, alone and
+/// in a batch that mixes device rows with host rows (penalties, top-p) and a seeded sampled request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_on_the_device_matches_the_host_path() {
+    use crate::engine::settings::{DeviceChoice, EngineSettings};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for name in ["llama", "qwen2", "gguf/llama-q8_0.gguf"] {
+        let path = root.join(name);
+        let settings = |on: bool| {
+            let mut s = EngineSettings::for_model(&path);
+            s.device = DeviceChoice::Cpu;
+            s.kv_cache_memory = Some(8 << 20);
+            s.sample_on_device = Some(on);
+            s
+        };
+        let host = Engine::start(settings(false)).unwrap();
+        let device = Engine::start(settings(true)).unwrap();
+        let tok = host.tokenizer().clone();
+        let prompts: Vec<Vec<u32>> = ["the cat sat on the mat", "one two three", "Hello"]
+            .iter()
+            .map(|t| tok.encode(t, false).unwrap())
+            .collect();
+        let greedy = |p: &Vec<u32>| {
+            request(p.clone(), |p| {
+                p.max_tokens = Some(16);
+                p.logprobs = Some(3);
+            })
+        };
+        let penalised = |p: &Vec<u32>| {
+            request(p.clone(), |p| {
+                p.max_tokens = Some(16);
+                p.temperature = 0.8;
+                p.top_p = 0.9;
+                p.repetition_penalty = 1.3;
+                p.seed = Some(5);
+            })
+        };
+        let sampled = |p: &Vec<u32>| {
+            request(p.clone(), |p| {
+                p.max_tokens = Some(16);
+                p.temperature = 1.0;
+                p.seed = Some(7);
+                p.n = 2;
+                p.logprobs = Some(2);
+            })
+        };
+        let same = |a: &Outcome, b: &Outcome, what: &str| {
+            assert_eq!(a.choices.len(), b.choices.len(), "{name} {what}");
+            for (x, y) in a.choices.iter().zip(&b.choices) {
+                assert_eq!(x.token_ids, y.token_ids, "{name} {what}");
+                for (l, m) in x.logprobs.iter().zip(&y.logprobs) {
+                    assert!((l.logprob - m.logprob).abs() < 1e-4, "{name} {what}");
+                    assert_eq!(l.rank, m.rank, "{name} {what}");
+                    let ids = |t: &TokenLogprob| t.top.iter().map(|a| a.0).collect::<Vec<_>>();
+                    assert_eq!(ids(l), ids(m), "{name} {what}");
+                }
+            }
+        };
+        for p in &prompts {
+            let want = collect(host.generate(greedy(p)).unwrap()).await;
+            let got = collect(device.generate(greedy(p)).unwrap()).await;
+            assert_eq!(got.choices[0].logprobs.len(), 16);
+            same(&want, &got, "greedy alone");
+        }
+        // One batch: device rows (greedy, sampled) beside host rows (penalties and top-p).
+        let mut want = Vec::new();
+        for p in &prompts {
+            want.push(collect(host.generate(greedy(p)).unwrap()).await);
+            want.push(collect(host.generate(penalised(p)).unwrap()).await);
+        }
+        let mut streams = Vec::new();
+        for p in &prompts {
+            streams.push(device.generate(greedy(p)).unwrap());
+            streams.push(device.generate(penalised(p)).unwrap());
+            streams.push(device.generate(sampled(p)).unwrap());
+        }
+        let got = futures::future::join_all(streams.into_iter().map(collect)).await;
+        for (i, w) in want.iter().enumerate() {
+            same(w, &got[i / 2 * 3 + i % 2], "batched");
+        }
+        // The sampled request (n = 2, its first token from the host, the rest from the device)
+        // finishes both choices, with logprobs that are log-probabilities of the tokens drawn.
+        for s in (0..prompts.len()).map(|i| &got[i * 3 + 2]) {
+            assert_eq!(s.choices.len(), 2);
+            for c in &s.choices {
+                assert_eq!(c.token_ids.len(), 16, "{name}");
+                for (t, l) in c.token_ids.iter().zip(&c.logprobs) {
+                    assert_eq!(*t, l.token_id);
+                    assert!(l.logprob <= 0.0 && l.rank >= 1 && l.top.len() == 2);
+                    assert!(l.top[0].2 >= l.logprob - 1e-5);
+                }
+            }
+        }
     }
 }
