@@ -7,6 +7,7 @@
 #
 #   bash scripts/check-cuda.sh                       # cargo check --features cuda --all-targets
 #   CUDA_CHECK_CMD=build bash scripts/check-cuda.sh  # a full build (links libcudart from the wheel)
+#   bash scripts/check-cuda.sh --env-only            # only the toolkit: writes target/cuda-venv/env.sh
 #
 # Environment: CUDA_COMPUTE_CAP (default 80: Ampere; no nvidia-smi here to detect one),
 # CUDA_WHEEL_VERSION (pip version specifier for the wheels, default "==13.0.*").
@@ -49,6 +50,13 @@ export PATH="$root/bin:$PATH"
 export LIBRARY_PATH="$lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
+cat > "$venv/env.sh" <<ENV
+export CUDA_ROOT="$root" CUDA_HOME="$root" CUDA_PATH="$root" CUDA_COMPUTE_CAP="$CUDA_COMPUTE_CAP"
+export PATH="$PATH" LIBRARY_PATH="$LIBRARY_PATH" LD_LIBRARY_PATH="$LD_LIBRARY_PATH"
+ENV
+if [ "${1:-}" = "--env-only" ]; then
+  exit 0
+fi
 
 start=$SECONDS
 cargo "${CUDA_CHECK_CMD:-check}" --features cuda --all-targets

@@ -13,6 +13,8 @@ mod embed_http;
 mod embed_reference;
 mod engine_fixtures;
 mod engine_isolation;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod layering;
 mod models_reference;
 mod openai_client;
