@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::batch::ForwardBatch;
 use super::error::EngineError;
+use super::lora::AdapterInfo;
 use super::scheduler::SchedulerConfig;
 use super::speculative::NgramProposer;
 use super::template::ChatTemplate;
@@ -71,6 +72,8 @@ pub(crate) struct Generator {
     pub scheduler: SchedulerConfig,
     /// Speculative decoding (`SPECULATIVE_CONFIG`), if on.
     pub speculation: Option<Speculation>,
+    /// The LoRA adapters loaded into the executor's model (`LORA_MODULES`).
+    pub adapters: Vec<AdapterInfo>,
 }
 
 /// How the engine guesses tokens ahead (speculative decoding).

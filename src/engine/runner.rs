@@ -22,6 +22,7 @@ use self::draft::DraftModel;
 use self::request::{Ctx, RequestState, Submission};
 use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use super::error::EngineError;
+use super::lora::AdapterInfo;
 use super::parts::{
     Embedder, EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
 };
@@ -52,6 +53,8 @@ pub struct EngineStats {
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<EngineInner>,
+    /// The LoRA adapter this handle's requests run with (0: the base model); see `with_adapter`.
+    adapter: u32,
 }
 
 struct EngineInner {
@@ -65,6 +68,8 @@ struct EngineInner {
     seeds: Option<std::sync::Mutex<rand::rngs::StdRng>>,
     /// `MAX_LOGPROBS`.
     max_logprobs: usize,
+    /// The LoRA adapters served beside the base model.
+    adapters: Vec<AdapterInfo>,
 }
 
 impl Engine {
@@ -101,12 +106,13 @@ impl Engine {
         info.prefix_caching =
             matches!(&kind, EngineKind::Generator(g) if g.scheduler.enable_prefix_caching);
         let stats = Arc::new(EngineStats::default());
-        let (submit, embedder) = match kind {
-            EngineKind::Generator(generator) => {
+        let (submit, embedder, adapters) = match kind {
+            EngineKind::Generator(mut generator) => {
+                let adapters = std::mem::take(&mut generator.adapters);
                 let submit = Core::start(generator, &tokenizer, &info, &stats);
-                (submit, None)
+                (submit, None, adapters)
             }
-            EngineKind::Embedder(embedder) => (None, Some(embedder)),
+            EngineKind::Embedder(embedder) => (None, Some(embedder), Vec::new()),
         };
         Engine {
             inner: Arc::new(EngineInner {
@@ -118,12 +124,34 @@ impl Engine {
                 stats,
                 seeds: None,
                 max_logprobs: super::validate::MAX_LOGPROBS,
+                adapters,
             }),
+            adapter: 0,
         }
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.inner.info
+    }
+
+    /// The LoRA adapters served beside the base model (`LORA_MODULES`).
+    pub fn adapters(&self) -> &[AdapterInfo] {
+        &self.inner.adapters
+    }
+
+    /// This engine with its requests run under the LoRA adapter `name`; `None` when no adapter has
+    /// that name.
+    pub fn with_adapter(&self, name: &str) -> Option<Engine> {
+        let a = self.inner.adapters.iter().find(|a| a.name == name)?;
+        Some(Engine {
+            inner: self.inner.clone(),
+            adapter: a.id,
+        })
+    }
+
+    /// The adapter this handle's requests run with, if any.
+    pub fn adapter(&self) -> Option<&AdapterInfo> {
+        self.inner.adapters.iter().find(|a| a.id == self.adapter)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -192,6 +220,7 @@ impl Engine {
                 params: request.params,
                 tx,
                 arrival: Instant::now(),
+                adapter: self.adapter,
             })
             .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
         Ok(GenerationStream::new(rx))
@@ -289,6 +318,7 @@ impl Core {
             eos_token_ids,
             scheduler,
             speculation,
+            adapters: _,
         } = generator;
         stats
             .total_blocks
@@ -585,6 +615,7 @@ impl Core {
             let one = ForwardBatch {
                 tokens: batch.tokens[start..start + sc.num_new].to_vec(),
                 seqs: vec![batch.seqs[i].clone()],
+                adapters: batch.adapters.get(i).map(|&a| vec![a]).unwrap_or_default(),
             };
             match self.execute(copies, &one) {
                 Ok(l) if rows[i] == 0 || (!l.is_empty() && l.len() % rows[i] == 0) => {
@@ -669,7 +700,9 @@ impl Core {
         let mut tokens = Vec::with_capacity(plan.num_tokens());
         let mut seqs = Vec::with_capacity(plan.seqs.len());
         let mut wants = Vec::with_capacity(plan.seqs.len());
+        let mut adapters = Vec::with_capacity(plan.seqs.len());
         for sc in &plan.seqs {
+            adapters.push(sc.adapter);
             let want = match self
                 .owner
                 .get(&sc.id)
@@ -698,7 +731,19 @@ impl Core {
             });
             wants.push(want);
         }
-        (ForwardBatch { tokens, seqs }, wants)
+        let adapters = if adapters.iter().any(|&a| a != 0) {
+            adapters
+        } else {
+            Vec::new()
+        };
+        (
+            ForwardBatch {
+                tokens,
+                seqs,
+                adapters,
+            },
+            wants,
+        )
     }
 }
 

@@ -10,6 +10,7 @@ use crate::engine::batch::ForwardBatch;
 use crate::engine::gguf::GgufFile;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loader::{load_causal, LoadedModel};
+use crate::engine::lora::{load_adapter, AdapterInfo};
 use crate::engine::models::CausalLM;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::settings::EngineSettings;
@@ -174,6 +175,38 @@ impl Executor for CausalExecutor {
     }
 }
 
+/// `LORA_MODULES`: each adapter loaded into `model` (ids from 1; 0 is the base model).
+fn load_adapters(
+    settings: &EngineSettings,
+    model: &mut dyn CausalLM,
+) -> anyhow::Result<Vec<AdapterInfo>> {
+    let Some(lora) = &settings.lora else {
+        return Ok(Vec::new());
+    };
+    let spec = model.spec().clone();
+    let mut out = Vec::new();
+    for (i, a) in lora.modules.iter().enumerate() {
+        let weights = load_adapter(&a.path, lora.max_lora_rank, spec.dtype, &spec.device)
+            .with_context(|| format!("loading the LoRA adapter `{}`", a.name))?;
+        let id = i as u32 + 1;
+        model.add_adapter(id, &weights).with_context(|| {
+            format!(
+                "the LoRA adapter `{}` ({}) does not fit the base model",
+                a.name,
+                a.path.display()
+            )
+        })?;
+        tracing::info!(adapter = %a.name, rank = weights.rank, path = %a.path.display(), "LoRA adapter loaded");
+        out.push(AdapterInfo {
+            id,
+            name: a.name.clone(),
+            path: a.path.clone(),
+            rank: weights.rank,
+        });
+    }
+    Ok(out)
+}
+
 /// The model's sliding window from its `config.json` (`None` when it has none, or it is switched
 /// off by `use_sliding_window: false`).
 fn sliding_window(settings: &EngineSettings) -> Option<usize> {
@@ -191,7 +224,12 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     if let Some(parts) = crate::engine::embedding::embedding_parts(settings)? {
         return Ok(parts);
     }
-    let LoadedModel { model, meta, gguf } = load_causal(settings)?;
+    let LoadedModel {
+        mut model,
+        meta,
+        gguf,
+    } = load_causal(settings)?;
+    let adapters = load_adapters(settings, model.as_mut())?;
     let (tokenizer, template) = tokenizer_and_template(settings, gguf.as_deref())?;
     let spec = model.spec().clone();
     let block_size = settings.block_size.max(1);
@@ -271,8 +309,10 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
                     settings.max_num_batched_tokens.max(max_model_len)
                 },
                 enable_prefix_caching: settings.enable_prefix_caching,
+                max_loras: settings.lora.as_ref().map_or(1, |l| l.max_loras.max(1)),
             },
             speculation: speculation(settings, num_blocks, block_size, spec.vocab_size)?,
+            adapters,
         }),
     })
 }
