@@ -441,11 +441,14 @@ impl Embedder for DecoderEmbedder {
                 });
                 next_block += blocks;
             }
-            let hidden = model.hidden_states(&ForwardBatch {
+            let hidden = model.hidden_states(
+                &ForwardBatch {
                     tokens,
                     seqs,
                     adapters: Vec::new(),
-                }, cache)?;
+                },
+                cache,
+            )?;
             let mut row = 0;
             for &i in &batch {
                 let rows = if wanted == LogitsWanted::Last {

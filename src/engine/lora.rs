@@ -100,8 +100,8 @@ pub fn load_adapter(
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .map_err(|e| err(dir, format!("cannot read adapter_config.json: {e}")))?;
-    let cfg: AdapterConfig = serde_json::from_str(&text)
-        .map_err(|e| err(dir, format!("adapter_config.json: {e}")))?;
+    let cfg: AdapterConfig =
+        serde_json::from_str(&text).map_err(|e| err(dir, format!("adapter_config.json: {e}")))?;
     check_config(dir, &cfg)?;
     let weights = ["adapter_model.safetensors", "adapter_model.bin"]
         .iter()
@@ -198,10 +198,16 @@ fn check_config(dir: &Path, cfg: &AdapterConfig) -> anyhow::Result<()> {
         ));
     }
     if let Some(b) = cfg.bias.as_deref().filter(|b| *b != "none") {
-        return Err(err(dir, format!("bias `{b}` (trained biases) is not supported")));
+        return Err(err(
+            dir,
+            format!("bias `{b}` (trained biases) is not supported"),
+        ));
     }
     if cfg.fan_in_fan_out {
-        return Err(err(dir, "fan_in_fan_out (Conv1D bases such as GPT-2) is not supported"));
+        return Err(err(
+            dir,
+            "fan_in_fan_out (Conv1D bases such as GPT-2) is not supported",
+        ));
     }
     if cfg.r == 0 {
         return Err(err(dir, "r is 0"));
@@ -244,10 +250,7 @@ mod tests {
             parse_name("base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight"),
             Some((0, "mlp.gate_up_proj".into(), 'B'))
         );
-        assert_eq!(
-            parse_name("base_model.model.lm_head.lora_A.weight"),
-            None
-        );
+        assert_eq!(parse_name("base_model.model.lm_head.lora_A.weight"), None);
     }
 
     #[test]
@@ -281,7 +284,10 @@ mod tests {
         let e = load_adapter(&fixture("llama-r16-mlp"), 8, DType::F32, &dev)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("rank 16") && e.contains("MAX_LORA_RANK=8"), "{e}");
+        assert!(
+            e.contains("rank 16") && e.contains("MAX_LORA_RANK=8"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         for f in ["adapter_model.safetensors"] {
             std::fs::copy(fixture("llama-r8-attn").join(f), dir.path().join(f)).unwrap();

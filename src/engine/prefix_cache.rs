@@ -115,7 +115,10 @@ mod tests {
     fn an_adapter_roots_its_own_chain() {
         let toks = [1, 2, 3, 4, 5];
         let mut c = PrefixCache::new(8);
-        for (i, h) in block_hashes(adapter_root(3), &toks, 2).into_iter().enumerate() {
+        for (i, h) in block_hashes(adapter_root(3), &toks, 2)
+            .into_iter()
+            .enumerate()
+        {
             assert!(c.insert(h, i as u32));
         }
         assert_eq!(c.longest_prefix(adapter_root(3), &toks, 2), vec![0, 1]);
@@ -132,7 +135,10 @@ mod tests {
             assert!(c.insert(h, i as u32));
         }
         assert_eq!(c.longest_prefix(None, &toks, 2), vec![0, 1]);
-        assert_eq!(c.longest_prefix(None, &[1, 2, 3, 4, 5, 6, 7], 2), vec![0, 1, 2]);
+        assert_eq!(
+            c.longest_prefix(None, &[1, 2, 3, 4, 5, 6, 7], 2),
+            vec![0, 1, 2]
+        );
         assert_eq!(c.longest_prefix(None, &[1, 2, 0, 0, 5, 6, 7], 2), vec![0]);
         assert!(c.longest_prefix(None, &[7, 2, 3], 2).is_empty());
     }

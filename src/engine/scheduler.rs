@@ -129,7 +129,12 @@ impl Scheduler {
     }
 
     /// `add` for a sequence run with LoRA adapter `adapter` (0: the base model).
-    pub(crate) fn add_for(&mut self, tokens: Vec<u32>, use_prefix_cache: bool, adapter: u32) -> SeqId {
+    pub(crate) fn add_for(
+        &mut self,
+        tokens: Vec<u32>,
+        use_prefix_cache: bool,
+        adapter: u32,
+    ) -> SeqId {
         assert!(!tokens.is_empty(), "a sequence needs at least one token");
         let id = self.new_id();
         let arrival = self.next_arrival;

@@ -44,12 +44,7 @@ impl LoraRows {
         })
     }
 
-    fn mask(
-        &self,
-        cols: &[(u32, usize, usize)],
-        width: usize,
-        like: &Tensor,
-    ) -> Result<Tensor> {
+    fn mask(&self, cols: &[(u32, usize, usize)], width: usize, like: &Tensor) -> Result<Tensor> {
         if let Some((_, m)) = self.masks.borrow().iter().find(|(c, _)| c == cols) {
             return Ok(m.clone());
         }
@@ -265,7 +260,11 @@ mod tests {
     fn each_row_gets_its_own_adapter_in_one_pass() -> Result<()> {
         let dev = Device::Cpu;
         let mut site = LoraSite::new(8, &[("q_proj", 6), ("k_proj", 4), ("v_proj", 4)]);
-        let (q1, k1, v1) = (pair("q_proj", 2, 8, 6)?, pair("k_proj", 2, 8, 4)?, pair("v_proj", 2, 8, 4)?);
+        let (q1, k1, v1) = (
+            pair("q_proj", 2, 8, 6)?,
+            pair("k_proj", 2, 8, 4)?,
+            pair("v_proj", 2, 8, 4)?,
+        );
         let (q2, v2) = (pair("q_proj", 3, 8, 6)?, pair("v_proj", 3, 8, 4)?);
         let one = site.prepare(&[&q1, &k1, &v1])?.unwrap();
         let two = site.prepare(&[&q2, &v2])?.unwrap();
@@ -293,7 +292,10 @@ mod tests {
     #[test]
     fn a_pair_of_the_wrong_shape_is_an_error() -> Result<()> {
         let site = LoraSite::new(8, &[("o_proj", 8)]);
-        let e = site.prepare(&[&pair("o_proj", 2, 16, 8)?]).unwrap_err().to_string();
+        let e = site
+            .prepare(&[&pair("o_proj", 2, 16, 8)?])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("another base model"), "{e}");
         assert!(site.prepare(&[&pair("q_proj", 2, 8, 8)?])?.is_none());
         Ok(())

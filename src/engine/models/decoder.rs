@@ -10,11 +10,11 @@ use crate::engine::batch::{ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::attention::softcap;
 use crate::engine::layers::lora::{LoraRows, LoraSite};
-use crate::engine::lora::LoraWeights;
 use crate::engine::layers::{
     Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, GatedMlp, Linear, Norm, Rope,
     RopeConfig,
 };
+use crate::engine::lora::LoraWeights;
 
 #[derive(Debug, Clone)]
 pub(crate) struct DecoderConfig {
@@ -163,7 +163,10 @@ impl Layer {
             ]
         } else {
             [
-                LoraSite::new(hs, &[("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)]),
+                LoraSite::new(
+                    hs,
+                    &[("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)],
+                ),
                 LoraSite::new(q_out, &[("o_proj", hs)]),
                 LoraSite::new(hs, &[("gate_proj", i), ("up_proj", i)]),
                 LoraSite::new(i, &[("down_proj", hs)]),
@@ -230,9 +233,11 @@ impl Layer {
             a = n.forward(&a)?;
         }
         let x = (x + a)?;
-        let mut m = self.mlp.forward_with(&self.pre_mlp_norm.forward(&x)?, |p, i, y| {
-            self.lora[2 + p].apply(lora, i, y)
-        })?;
+        let mut m = self
+            .mlp
+            .forward_with(&self.pre_mlp_norm.forward(&x)?, |p, i, y| {
+                self.lora[2 + p].apply(lora, i, y)
+            })?;
         if let Some(n) = &self.post_mlp_norm {
             m = n.forward(&m)?;
         }
