@@ -14,6 +14,7 @@ mod embed_reference;
 mod engine_fixtures;
 mod engine_isolation;
 mod layering;
+mod lora;
 mod models_reference;
 mod openai_client;
 mod openai_http;
