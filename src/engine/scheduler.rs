@@ -599,6 +599,33 @@ mod tests {
         (0..n as u32).map(|i| base + i).collect()
     }
 
+    /// MAX_LORAS: a sequence of a third adapter waits while two others run; base-model sequences
+    /// and sequences of a running adapter are admitted; each step names its sequences' adapters.
+    #[test]
+    fn max_loras_bounds_the_adapters_running_at_once() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_loras: 2,
+            ..cfg(64, 64, 8, false)
+        });
+        let a = s.add_for(tokens(3, 10), true, 1);
+        let b = s.add_for(tokens(3, 20), true, 2);
+        let c = s.add_for(tokens(3, 30), true, 3);
+        let plan = step(&mut s);
+        let ran: Vec<(SeqId, u32)> = plan.seqs.iter().map(|sc| (sc.id, sc.adapter)).collect();
+        assert_eq!(ran, [(a, 1), (b, 2)]);
+        let d = s.add_for(tokens(3, 40), true, 1);
+        s.remove(c);
+        let e = s.add_for(tokens(3, 50), true, 0);
+        let plan = step(&mut s);
+        let ids: Vec<SeqId> = plan.seqs.iter().map(|sc| sc.id).collect();
+        assert_eq!(ids, [a, b, d, e]);
+        let f = s.add_for(tokens(3, 60), true, 3);
+        s.remove(a);
+        s.remove(d);
+        step(&mut s);
+        assert!(s.seqs[&f].running, "adapter 1 finished: adapter 3 runs");
+    }
+
     #[test]
     fn long_prompt_is_chunked_and_decodes_ride_along() {
         let mut s = Scheduler::new(cfg(64, 8, 16, false));
