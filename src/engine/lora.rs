@@ -289,9 +289,8 @@ mod tests {
             "{e}"
         );
         let dir = tempfile::tempdir().unwrap();
-        for f in ["adapter_model.safetensors"] {
-            std::fs::copy(fixture("llama-r8-attn").join(f), dir.path().join(f)).unwrap();
-        }
+        let f = "adapter_model.safetensors";
+        std::fs::copy(fixture("llama-r8-attn").join(f), dir.path().join(f)).unwrap();
         std::fs::write(
             dir.path().join("adapter_config.json"),
             r#"{"r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head"]}"#,

@@ -48,12 +48,11 @@ fn start_with(base: &Path, names: &[&str], f: impl FnOnce(&mut EngineSettings)) 
     })
 }
 
+/// Greedy ids and, per step, the top-5 (id, logprob).
+type Greedy = (Vec<u32>, Vec<Vec<(u32, f32)>>);
+
 /// The greedy ids and per-step top-5 of `engine` (an adapter's, or the base's) on `prompt`.
-async fn run_greedy(
-    engine: &Engine,
-    prompt: Vec<u32>,
-    n: usize,
-) -> (Vec<u32>, Vec<Vec<(u32, f32)>>) {
+async fn run_greedy(engine: &Engine, prompt: Vec<u32>, n: usize) -> Greedy {
     let out = collect(engine, greedy(prompt, n, Some(5))).await;
     let tops = out
         .choice
@@ -64,7 +63,7 @@ async fn run_greedy(
     (out.choice.token_ids, tops)
 }
 
-fn assert_matches(name: &str, case: &Value, got: &(Vec<u32>, Vec<Vec<(u32, f32)>>)) {
+fn assert_matches(name: &str, case: &Value, got: &Greedy) {
     assert_eq!(got.0, ids(&case["greedy_ids"]), "{name}: greedy ids");
     for (step, want) in case["top5_logprobs_first_steps"]
         .as_array()

@@ -15,12 +15,15 @@ use candle_core::{bail, DType, Result, Tensor};
 use crate::engine::batch::ForwardBatch;
 use crate::engine::lora::LoraPair;
 
+/// Each adapter's columns in a stack: `(id, start, width)`.
+type Columns = Vec<(u32, usize, usize)>;
+
 /// Which adapter each row of a forward pass runs with, and the adapters present.
 pub(crate) struct LoraRows {
     rows: Vec<u32>,
     active: Vec<u32>,
     /// Masks already built this pass, by column layout (sites of one kind share one).
-    masks: RefCell<Vec<(Vec<(u32, usize, usize)>, Tensor)>>,
+    masks: RefCell<Vec<(Columns, Tensor)>>,
 }
 
 impl LoraRows {
@@ -68,7 +71,7 @@ struct Stacked {
     ids: Vec<u32>,
     a_t: Tensor,
     b_t: Tensor,
-    cols: Vec<(u32, usize, usize)>,
+    cols: Columns,
 }
 
 /// One projection's adapters.

@@ -83,7 +83,6 @@ impl GatedMlp {
         })
     }
 
-    #[cfg(test)]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_with(x, |_, _, y| Ok(y))
     }

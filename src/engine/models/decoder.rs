@@ -233,11 +233,13 @@ impl Layer {
             a = n.forward(&a)?;
         }
         let x = (x + a)?;
-        let mut m = self
-            .mlp
-            .forward_with(&self.pre_mlp_norm.forward(&x)?, |p, i, y| {
-                self.lora[2 + p].apply(lora, i, y)
-            })?;
+        let h = self.pre_mlp_norm.forward(&x)?;
+        let mut m = match lora {
+            None => self.mlp.forward(&h)?,
+            Some(_) => self
+                .mlp
+                .forward_with(&h, |p, i, y| self.lora[2 + p].apply(lora, i, y))?,
+        };
         if let Some(n) = &self.post_mlp_norm {
             m = n.forward(&m)?;
         }
