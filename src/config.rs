@@ -422,6 +422,11 @@ pub const SETTINGS: &[Setting] = &[
     setting("MAX_LORAS", "1", "LoRA adapters the running requests may use at once"),
     setting("MAX_LORA_RANK", "16", "the largest LoRA rank an adapter may have"),
     setting(
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+        "0",
+        "`POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (with ENABLE_LORA)",
+    ),
+    setting(
         "LORA_MODULES",
         "",
         "LoRA adapters loaded at start: JSON list of `{\"name\", \"path\"}` or `name=path` pairs",
@@ -829,6 +834,7 @@ impl Config {
             threads: v.parse("NUM_THREADS", positive)?,
             speculative: v.parse("SPECULATIVE_CONFIG", SpeculativeConfig::parse)?,
             lora: lora_settings(&v)?,
+            allow_runtime_lora_updating: v.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", boolean)?,
             enable_chunked_prefill: v.get("ENABLE_CHUNKED_PREFILL", boolean)?,
             disable_sliding_window: v.get("DISABLE_SLIDING_WINDOW", boolean)?,
             seed: v.parse("SEED", |s| {

@@ -36,7 +36,8 @@ pub(crate) fn engine_for(engine: &Engine, input: &Map<String, Value>) -> Result<
     match input.get("lora") {
         None | Some(Value::Null) => Ok(engine.clone()),
         Some(Value::String(name)) => engine.with_adapter(name).ok_or_else(|| {
-            let known: Vec<&str> = engine.adapters().iter().map(|a| a.name.as_str()).collect();
+            let adapters = engine.adapters();
+            let known: Vec<&str> = adapters.iter().map(|a| a.name.as_str()).collect();
             ApiError::not_found(format!(
                 "The LoRA adapter `{name}` does not exist. This worker serves {}.",
                 if known.is_empty() {

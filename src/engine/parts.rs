@@ -4,6 +4,7 @@
 //! `embedding`) build these; the runner consumes them; neither imports the other. A leaf of the
 //! engine's assembly: it names the types it holds and imports no loader, model or runner.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::batch::ForwardBatch;
@@ -40,6 +41,14 @@ pub struct ModelInfo {
 /// float32 logits, `rows × vocab` flattened, the rows each sequence asked for, in batch order.
 pub(crate) trait Executor: Send {
     fn execute(&mut self, copies: &[(u32, u32)], batch: &ForwardBatch) -> anyhow::Result<Vec<f32>>;
+
+    /// Loads the LoRA adapter in `dir` as `id` (its rank at most `max_rank`); returns its rank.
+    fn load_adapter(&mut self, _id: u32, _dir: &Path, _max_rank: usize) -> anyhow::Result<usize> {
+        anyhow::bail!("this engine does not serve LoRA adapters")
+    }
+
+    /// Forgets LoRA adapter `id`.
+    fn unload_adapter(&mut self, _id: u32) {}
 }
 
 /// Embeddings (`Engine::embed` calls it off the async runtime).

@@ -6,6 +6,7 @@
 mod beam;
 mod draft;
 pub mod load;
+mod lora;
 mod request;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use self::draft::DraftModel;
+use self::lora::{AdapterChange, Inbox};
 use self::request::{Ctx, RequestState, Submission};
 use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use super::error::EngineError;
@@ -62,14 +64,18 @@ struct EngineInner {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     embedder: Option<Arc<dyn Embedder>>,
-    submit: Option<std_mpsc::Sender<Submission>>,
+    submit: Option<std_mpsc::Sender<Inbox>>,
     stats: Arc<EngineStats>,
     /// `SEED`: draws the seed of each request that has none (reproducible runs).
     seeds: Option<std::sync::Mutex<rand::rngs::StdRng>>,
     /// `MAX_LOGPROBS`.
     max_logprobs: usize,
     /// The LoRA adapters served beside the base model.
-    adapters: Vec<AdapterInfo>,
+    adapters: std::sync::RwLock<Vec<AdapterInfo>>,
+    /// The next adapter id (ids are never reused).
+    next_adapter: std::sync::atomic::AtomicU32,
+    /// `MAX_LORA_RANK` when LoRA is on, and whether adapters may be loaded at run time.
+    lora: Option<(usize, bool)>,
 }
 
 impl Engine {
@@ -83,6 +89,10 @@ impl Engine {
                 ))
             });
             inner.max_logprobs = settings.max_logprobs;
+            inner.lora = settings
+                .lora
+                .as_ref()
+                .map(|l| (l.max_lora_rank, settings.allow_runtime_lora_updating));
         }
         Ok(engine)
     }
@@ -107,8 +117,8 @@ impl Engine {
             matches!(&kind, EngineKind::Generator(g) if g.scheduler.enable_prefix_caching);
         let stats = Arc::new(EngineStats::default());
         let (submit, embedder, adapters) = match kind {
-            EngineKind::Generator(mut generator) => {
-                let adapters = std::mem::take(&mut generator.adapters);
+            EngineKind::Generator(generator) => {
+                let adapters = generator.adapters.clone();
                 let submit = Core::start(generator, &tokenizer, &info, &stats);
                 (submit, None, adapters)
             }
@@ -124,7 +134,9 @@ impl Engine {
                 stats,
                 seeds: None,
                 max_logprobs: super::validate::MAX_LOGPROBS,
-                adapters,
+                next_adapter: (adapters.iter().map(|a| a.id).max().unwrap_or(0) + 1).into(),
+                adapters: adapters.into(),
+                lora: None,
             }),
             adapter: 0,
         }
@@ -134,24 +146,124 @@ impl Engine {
         &self.inner.info
     }
 
-    /// The LoRA adapters served beside the base model (`LORA_MODULES`).
-    pub fn adapters(&self) -> &[AdapterInfo] {
-        &self.inner.adapters
+    /// The LoRA adapters served beside the base model (`LORA_MODULES`, and those loaded since).
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.inner
+            .adapters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// This engine with its requests run under the LoRA adapter `name`; `None` when no adapter has
     /// that name.
     pub fn with_adapter(&self, name: &str) -> Option<Engine> {
-        let a = self.inner.adapters.iter().find(|a| a.name == name)?;
+        let id = self.adapters().iter().find(|a| a.name == name)?.id;
         Some(Engine {
             inner: self.inner.clone(),
-            adapter: a.id,
+            adapter: id,
         })
     }
 
     /// The adapter this handle's requests run with, if any.
-    pub fn adapter(&self) -> Option<&AdapterInfo> {
-        self.inner.adapters.iter().find(|a| a.id == self.adapter)
+    pub fn adapter(&self) -> Option<AdapterInfo> {
+        self.adapters().into_iter().find(|a| a.id == self.adapter)
+    }
+
+    /// Loads the LoRA adapter in the folder `path` as `name` while serving
+    /// (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`).
+    pub async fn load_adapter(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Result<AdapterInfo, EngineError> {
+        let max_rank = self.runtime_lora()?;
+        if name.is_empty() || name == self.inner.info.served_model_name {
+            return Err(EngineError::invalid(
+                "lora_name",
+                format!("`{name}` cannot name an adapter: it is empty or the base model's name"),
+            ));
+        }
+        if self.with_adapter(name).is_some() {
+            return Err(EngineError::invalid(
+                "lora_name",
+                format!("The lora adapter '{name}' has already been loaded."),
+            ));
+        }
+        let id = self.inner.next_adapter.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Inbox::Adapter(AdapterChange::Load {
+            id,
+            path: path.to_path_buf(),
+            max_rank,
+            reply,
+        }))?;
+        let rank = answer
+            .await
+            .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?
+            .map_err(|e| EngineError::invalid("lora_path", e))?;
+        let info = AdapterInfo {
+            id,
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            rank,
+        };
+        let mut adapters = self
+            .inner
+            .adapters
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        adapters.push(info.clone());
+        Ok(info)
+    }
+
+    /// Unloads the LoRA adapter `name` (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`); refused while requests
+    /// use it.
+    pub async fn unload_adapter(&self, name: &str) -> Result<(), EngineError> {
+        self.runtime_lora()?;
+        let Some(id) = self.with_adapter(name).map(|e| e.adapter) else {
+            return Err(EngineError::invalid(
+                "lora_name",
+                format!("The lora adapter '{name}' cannot be found."),
+            ));
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Inbox::Adapter(AdapterChange::Unload { id, reply }))?;
+        answer
+            .await
+            .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?
+            .map_err(|e| EngineError::invalid("lora_name", e))?;
+        let mut adapters = self
+            .inner
+            .adapters
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        adapters.retain(|a| a.id != id);
+        Ok(())
+    }
+
+    /// `MAX_LORA_RANK`, when adapters may be loaded at run time.
+    fn runtime_lora(&self) -> Result<usize, EngineError> {
+        match self.inner.lora {
+            Some((max_rank, true)) => Ok(max_rank),
+            _ => Err(EngineError::Unsupported(
+                "loading LoRA adapters at run time needs ENABLE_LORA=1 and \
+                 VLLM_ALLOW_RUNTIME_LORA_UPDATING=1"
+                    .into(),
+            )),
+        }
+    }
+
+    fn send(&self, msg: Inbox) -> Result<(), EngineError> {
+        let Some(submit) = &self.inner.submit else {
+            return Err(EngineError::Unsupported(format!(
+                "the model {} cannot generate text",
+                self.inner.info.served_model_name
+            )));
+        };
+        submit
+            .send(msg)
+            .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -214,14 +326,14 @@ impl Engine {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         submit
-            .send(Submission {
+            .send(Inbox::Request(Submission {
                 request_id: request.request_id,
                 prompt,
                 params: request.params,
                 tx,
                 arrival: Instant::now(),
                 adapter: self.adapter,
-            })
+            }))
             .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
         Ok(GenerationStream::new(rx))
     }
@@ -271,6 +383,8 @@ struct Core {
     stats: Arc<EngineStats>,
     speculation: Option<Speculating>,
     vocab_size: usize,
+    /// The LoRA adapters the executor holds.
+    adapters: Vec<u32>,
 }
 
 /// `Speculation` as the engine thread runs it: a draft model's executor wrapped with its
@@ -312,13 +426,13 @@ impl Core {
         tokenizer: &Tokenizer,
         info: &ModelInfo,
         stats: &Arc<EngineStats>,
-    ) -> Option<std_mpsc::Sender<Submission>> {
+    ) -> Option<std_mpsc::Sender<Inbox>> {
         let Generator {
             executor,
             eos_token_ids,
             scheduler,
             speculation,
-            adapters: _,
+            adapters,
         } = generator;
         stats
             .total_blocks
@@ -337,6 +451,7 @@ impl Core {
             stats: stats.clone(),
             speculation,
             vocab_size: info.vocab_size,
+            adapters: adapters.iter().map(|a| a.id).collect(),
         };
         std::thread::Builder::new()
             .name("engine".into())
@@ -345,16 +460,16 @@ impl Core {
             .ok()
     }
 
-    fn run(mut self, rx: std_mpsc::Receiver<Submission>) {
+    fn run(mut self, rx: std_mpsc::Receiver<Inbox>) {
         loop {
             if self.requests.is_empty() {
                 match rx.recv() {
-                    Ok(sub) => self.add(sub),
+                    Ok(msg) => self.receive(msg),
                     Err(_) => return,
                 }
             }
-            while let Ok(sub) = rx.try_recv() {
-                self.add(sub);
+            while let Ok(msg) = rx.try_recv() {
+                self.receive(msg);
             }
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if stepped.is_err() {
@@ -364,7 +479,23 @@ impl Core {
         }
     }
 
+    fn receive(&mut self, msg: Inbox) {
+        match msg {
+            Inbox::Request(sub) => self.add(sub),
+            Inbox::Adapter(change) => {
+                lora::apply(change, &mut *self.executor, &self.sched, &mut self.adapters)
+            }
+        }
+    }
+
     fn add(&mut self, sub: Submission) {
+        if sub.adapter != 0 && !self.adapters.contains(&sub.adapter) {
+            let _ = sub.tx.send(GenerationEvent::Error(EngineError::invalid(
+                "model",
+                "the LoRA adapter this request names was unloaded",
+            )));
+            return;
+        }
         let key = self.next_key;
         self.next_key += 1;
         let req = RequestState::new(

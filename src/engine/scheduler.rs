@@ -408,6 +408,11 @@ impl Scheduler {
         }
     }
 
+    /// How many sequences (running or waiting) run with LoRA adapter `adapter`.
+    pub(crate) fn sequences_of_adapter(&self, adapter: u32) -> usize {
+        self.seqs.values().filter(|s| s.adapter == adapter).count()
+    }
+
     /// Whether a sequence of `adapter` may run beside the running ones without more than
     /// `max_loras` adapters at once.
     fn adapter_fits(&self, adapter: u32) -> bool {

@@ -74,6 +74,8 @@ pub struct EngineSettings {
     pub speculative: Option<super::speculative::SpeculativeConfig>,
     /// `ENABLE_LORA`: LoRA adapters, if on.
     pub lora: Option<LoraSettings>,
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING`: adapters may be loaded and unloaded while serving.
+    pub allow_runtime_lora_updating: bool,
     /// `ENABLE_CHUNKED_PREFILL`: false = a step's token budget covers a whole prompt
     /// (at least `max_model_len`), so prompts are not split across steps.
     pub enable_chunked_prefill: bool,
@@ -109,6 +111,7 @@ impl EngineSettings {
             threads: None,
             speculative: None,
             lora: None,
+            allow_runtime_lora_updating: false,
             enable_chunked_prefill: true,
             disable_sliding_window: false,
             seed: None,

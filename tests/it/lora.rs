@@ -270,6 +270,60 @@ fn bad_adapters_are_clear_errors() {
     assert_eq!(engine.adapters().len(), 1);
 }
 
+/// VLLM_ALLOW_RUNTIME_LORA_UPDATING: an adapter loaded while serving computes what peft computes;
+/// a second load of its name, an unload of an unknown name are refused; once unloaded, a handle
+/// taken before fails its request rather than run the base model; without the setting, no loads.
+#[tokio::test(flavor = "multi_thread")]
+async fn adapters_load_and_unload_at_run_time() {
+    let name = "llama-r4-all";
+    let r = adapter_ref(name);
+    let engine = start_with(&fixture("llama"), &[], |s| {
+        s.allow_runtime_lora_updating = true
+    });
+    assert!(engine.with_adapter("x").is_none());
+    let info = engine.load_adapter("x", &adapter_dir(name)).await.unwrap();
+    assert_eq!(info.rank, 4);
+    let x = engine.with_adapter("x").unwrap();
+    let case = &r["cases"][0];
+    assert_matches(
+        name,
+        case,
+        &run_greedy(&x, ids(&case["input_ids"]), 12).await,
+    );
+    let again = engine
+        .load_adapter("x", &adapter_dir(name))
+        .await
+        .unwrap_err();
+    assert!(again.to_string().contains("already been loaded"), "{again}");
+    let wide = engine
+        .load_adapter("w", &adapter_dir("wide-r4"))
+        .await
+        .unwrap_err();
+    assert!(wide.to_string().contains("another base model"), "{wide}");
+    assert!(engine.with_adapter("w").is_none());
+    engine.unload_adapter("x").await.unwrap();
+    assert!(engine.with_adapter("x").is_none());
+    assert!(engine.unload_adapter("x").await.is_err());
+    let mut stream = x
+        .generate(greedy(ids(&case["input_ids"]), 4, None))
+        .unwrap();
+    let first = futures::StreamExt::next(&mut stream).await.unwrap();
+    assert!(
+        matches!(first, worker_candle::engine::GenerationEvent::Error(_)),
+        "{first:?}"
+    );
+
+    let fixed = start_with(&fixture("llama"), &[name], |_| {});
+    let e = fixed
+        .load_adapter("y", &adapter_dir(name))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
+        "{e}"
+    );
+}
+
 fn serve_vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut vars = vec![
         (
@@ -293,6 +347,7 @@ async fn serve_picks_adapters_by_model_name_and_native_lora() {
             ("ENABLE_LORA", "1"),
             ("LORA_MODULES", &modules),
             ("OPENAI_SERVED_MODEL_NAME_OVERRIDE", "base"),
+            ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1"),
         ]),
         &["serve", "--host", "127.0.0.1", "--port", "0"],
     );
@@ -393,6 +448,44 @@ async fn serve_picks_adapters_by_model_name_and_native_lora() {
         text.as_str(),
         "{bridged}"
     );
+
+    // vLLM's runtime routes
+    let admin =
+        |route: &str, body: Value| http.post(format!("{base}/v1/{route}")).json(&body).send();
+    let mlp = adapter_dir("llama-r16-mlp").display().to_string();
+    let loaded = admin(
+        "load_lora_adapter",
+        json!({"lora_name": "mlp", "lora_path": mlp}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(loaded.status(), 200);
+    let models: Value = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 3, "{models}");
+    assert_eq!(completion("mlp").await.unwrap().status(), 200);
+    let again = admin(
+        "load_lora_adapter",
+        json!({"lora_name": "mlp", "lora_path": mlp}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.status(), 400);
+    let gone = admin("unload_lora_adapter", json!({"lora_name": "mlp"}))
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 200);
+    assert_eq!(completion("mlp").await.unwrap().status(), 404);
+    let missing = admin("unload_lora_adapter", json!({"lora_name": "mlp"}))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 400);
     server.terminate();
 }
 

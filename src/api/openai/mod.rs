@@ -8,6 +8,7 @@
 pub(crate) mod chat;
 pub(crate) mod completions;
 pub mod embeddings;
+pub(crate) mod lora_adapters;
 pub(crate) mod outcome;
 pub(crate) mod params;
 pub(crate) mod response_store;
@@ -154,6 +155,15 @@ async fn dispatch(
             let body = Body::from_value(body)?;
             let (engine, settings) = &for_model(&body, settings, engine)?;
             embeddings::handle(engine, settings, &body).await
+        }
+        "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" => {
+            post(route)?;
+            let body = Body::from_value(body)?;
+            if route == "/v1/load_lora_adapter" {
+                lora_adapters::load(engine, &body).await
+            } else {
+                lora_adapters::unload(engine, &body).await
+            }
         }
         "/v1/responses" => {
             post(route)?;

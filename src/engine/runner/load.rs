@@ -173,6 +173,17 @@ impl Executor for CausalExecutor {
         let logits = self.model.forward(batch, &mut self.cache)?;
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
+
+    fn load_adapter(&mut self, id: u32, dir: &Path, max_rank: usize) -> anyhow::Result<usize> {
+        let spec = self.model.spec().clone();
+        let weights = load_adapter(dir, max_rank, spec.dtype, &spec.device)?;
+        self.model.add_adapter(id, &weights)?;
+        Ok(weights.rank)
+    }
+
+    fn unload_adapter(&mut self, id: u32) {
+        self.model.remove_adapter(id);
+    }
 }
 
 /// `LORA_MODULES`: each adapter loaded into `model` (ids from 1; 0 is the base model).
