@@ -326,14 +326,14 @@ impl Engine {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         submit
-            .send(Inbox::Request(Submission {
+            .send(Inbox::Request(Box::new(Submission {
                 request_id: request.request_id,
                 prompt,
                 params: request.params,
                 tx,
                 arrival: Instant::now(),
                 adapter: self.adapter,
-            }))
+            })))
             .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
         Ok(GenerationStream::new(rx))
     }
@@ -481,7 +481,7 @@ impl Core {
 
     fn receive(&mut self, msg: Inbox) {
         match msg {
-            Inbox::Request(sub) => self.add(sub),
+            Inbox::Request(sub) => self.add(*sub),
             Inbox::Adapter(change) => {
                 lora::apply(change, &mut *self.executor, &self.sched, &mut self.adapters)
             }

@@ -11,7 +11,7 @@ use crate::engine::scheduler::Scheduler;
 
 /// What the engine thread receives.
 pub(crate) enum Inbox {
-    Request(Submission),
+    Request(Box<Submission>),
     Adapter(AdapterChange),
 }
 
