@@ -5,7 +5,7 @@ base model alone, in one engine (examples/lora_bench.rs; rounds alternate the tw
 usage: python scripts/bench_lora.py MODEL_DIR [ADAPTERS=4] [RANK=16] [STREAMS=16] [NEW=64] [ROUNDS=3]
 
 MODEL_DIR: a float32 Llama-family folder (shared/bench/bench_model.py writes SmolLM2-135M's shape).
-Writes the adapters (PEFT layout, random weights) under MODEL_DIR/lora-r{RANK}-{i}; needs torch and
+Writes the adapters (PEFT layout, random weights) beside it, MODEL_DIR-lora-r{RANK}-{i}; needs torch and
 safetensors, and builds `cargo build --release --example lora_bench`.
 """
 import json
@@ -33,7 +33,7 @@ shapes = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_
           "mlp.down_proj": (inter, h)}
 dirs = []
 for a in range(n_adapters):
-    out = os.path.join(model_dir, f"lora-r{rank}-{a}")
+    out = f"{model_dir.rstrip('/')}-lora-r{rank}-{a}"
     dirs.append(out)
     if os.path.isfile(os.path.join(out, "adapter_model.safetensors")):
         continue
@@ -50,7 +50,8 @@ for a in range(n_adapters):
                "target_modules": [n.split(".")[1] for n in shapes], "base_model_name_or_path": model_dir},
               open(os.path.join(out, "adapter_config.json"), "w"), indent=2)
 
-subprocess.run(["cargo", "build", "--release", "--example", "lora_bench"], cwd=root, check=True)
+if not os.environ.get("NO_BUILD"):  # NO_BUILD=1: run the example as last built
+    subprocess.run(["cargo", "build", "--release", "--example", "lora_bench"], cwd=root, check=True)
 print("load average before:", open("/proc/loadavg").read().split()[:3])
 subprocess.run([os.path.join(root, "target", "release", "examples", "lora_bench"), model_dir, *dirs,
                 "--streams", streams, "--new-tokens", new, "--rounds", rounds],

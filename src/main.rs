@@ -490,6 +490,17 @@ async fn download(config: &Config) -> anyhow::Result<ExitCode> {
     if let Some(tokenizer) = tokenizer {
         println!("{}", tokenizer.display());
     }
+    // the LoRA adapters too, so an image can carry them
+    if let Some(lora) = &config.engine.lora {
+        let hub = worker_candle::hub::Hub::new(config.hub_config())?;
+        let source = model_source(config, name);
+        for a in &lora.modules {
+            let path = hub
+                .resolve_adapter(&source, &a.path.display().to_string())
+                .await?;
+            println!("{}", path.display());
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
