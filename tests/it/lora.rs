@@ -10,6 +10,7 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 use worker_candle::engine::lora::AdapterSpec;
 use worker_candle::engine::settings::{LoraSettings, Quantization};
+use worker_candle::engine::speculative::SpeculativeConfig;
 use worker_candle::engine::{Engine, EngineSettings};
 
 use crate::common::fixtures::{collect, fixture, greedy, ids, reference, start_at};
@@ -232,6 +233,32 @@ async fn adapters_over_quantized_bases() {
         base_out != lora_out || base_top != lora_top,
         "AWQ: the adapter changes nothing"
     );
+}
+
+/// Speculative decoding stays exact with adapters: prompt lookup, and a draft model (the base
+/// model itself, guessing without the adapter) both give transformers + peft's greedy tokens.
+#[tokio::test(flavor = "multi_thread")]
+async fn speculative_decoding_keeps_the_adapters_output() {
+    let name = "llama-r8-attn";
+    let r = adapter_ref(name);
+    let draft = fixture("llama").display().to_string();
+    for config in [
+        r#"{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}"#.to_string(),
+        format!(r#"{{"model": "{draft}", "num_speculative_tokens": 3}}"#),
+    ] {
+        let spec = SpeculativeConfig::parse(&config).unwrap();
+        let engine = start_with(&fixture("llama"), &[name], |s| s.speculative = Some(spec));
+        let adapted = engine.with_adapter(name).unwrap();
+        for case in r["cases"].as_array().unwrap() {
+            let got = run_greedy(&adapted, ids(&case["input_ids"]), 12).await;
+            assert_eq!(got.0, ids(&case["greedy_ids"]), "{config}");
+        }
+        let drafted = engine
+            .stats()
+            .spec_draft_tokens
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(drafted > 0, "{config}: nothing was speculated");
+    }
 }
 
 fn start_err(base: &Path, l: LoraSettings) -> String {

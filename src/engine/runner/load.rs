@@ -197,6 +197,12 @@ fn load_adapters(
     let spec = model.spec().clone();
     let mut out = Vec::new();
     for (i, a) in lora.modules.iter().enumerate() {
+        if a.name == settings.served_model_name {
+            anyhow::bail!(
+                "the LoRA adapter `{}` has the served model's name; name it differently",
+                a.name
+            );
+        }
         let weights = load_adapter(&a.path, lora.max_lora_rank, spec.dtype, &spec.device)
             .with_context(|| format!("loading the LoRA adapter `{}`", a.name))?;
         let id = i as u32 + 1;
@@ -233,6 +239,13 @@ fn sliding_window(settings: &EngineSettings) -> Option<usize> {
 /// Loads tokenizer, model, chat template and a KV cache sized by the budget.
 pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     if let Some(parts) = crate::engine::embedding::embedding_parts(settings)? {
+        if settings
+            .lora
+            .as_ref()
+            .is_some_and(|l| !l.modules.is_empty())
+        {
+            anyhow::bail!("LoRA adapters (LORA_MODULES) need a model that generates text; this one serves embeddings");
+        }
         return Ok(parts);
     }
     let LoadedModel {
