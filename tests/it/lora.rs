@@ -548,3 +548,127 @@ fn serve_refuses_lora_modules_without_enable_lora_and_ranks_above_the_maximum() 
         "{stderr}"
     );
 }
+
+const REPO: &str = "org/sql-lora";
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A hub serving `files` as the repository `REPO`.
+async fn start_hub(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    use axum::extract::Request;
+    use axum::response::IntoResponse;
+    let files: std::sync::Arc<std::collections::BTreeMap<String, Vec<u8>>> =
+        std::sync::Arc::new(files.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let files = files.clone();
+        async move {
+            let path = request.uri().path().to_string();
+            if path == format!("/api/models/{REPO}/revision/main") {
+                let siblings: Vec<Value> = files
+                    .iter()
+                    .map(|(name, bytes)| json!({"rfilename": name, "size": bytes.len()}))
+                    .collect();
+                return axum::Json(json!({"id": REPO, "sha": COMMIT, "siblings": siblings}))
+                    .into_response();
+            }
+            match path
+                .strip_prefix(&format!("/{REPO}/resolve/{COMMIT}/"))
+                .and_then(|f| files.get(f))
+            {
+                Some(bytes) => bytes.clone().into_response(),
+                None => axum::http::StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.ok();
+    });
+    url
+}
+
+fn hub_at(endpoint: &str, offline: bool, fallback: &Path) -> worker_candle::hub::Hub {
+    worker_candle::hub::Hub::new(worker_candle::hub::HubConfig {
+        endpoint: endpoint.to_string(),
+        token: None,
+        offline,
+        attempts: 2,
+        backoff: Duration::from_millis(10),
+        concurrency: 2,
+        progress: false,
+        fallback_cache: fallback.to_path_buf(),
+    })
+    .unwrap()
+}
+
+/// An adapter named by a hub repository downloads into the model's cache (its two files only),
+/// then loads from there without the network; a repository without adapter weights is an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adapter_from_the_hub_lands_in_the_model_cache() {
+    let name = "llama-r8-attn";
+    let read = |f: &str| std::fs::read(adapter_dir(name).join(f)).unwrap();
+    let url = start_hub(vec![
+        ("adapter_config.json", read("adapter_config.json")),
+        (
+            "adapter_model.safetensors",
+            read("adapter_model.safetensors"),
+        ),
+        ("README.md", b"# card".to_vec()),
+    ])
+    .await;
+    let base = tempfile::tempdir().unwrap();
+    let source = worker_candle::hub::ModelSource {
+        name: "unused".into(),
+        revision: None,
+        base_path: base.path().to_path_buf(),
+        token: None,
+        tokenizer_name: None,
+        tokenizer_revision: None,
+        gguf_file: None,
+        download_dir: None,
+    };
+    let path = hub_at(&url, false, base.path())
+        .resolve_adapter(&source, REPO)
+        .await
+        .unwrap();
+    assert!(path.starts_with(base.path()), "{}", path.display());
+    assert!(path.join("adapter_model.safetensors").is_file() && !path.join("README.md").exists());
+    let cached = hub_at("http://127.0.0.1:1", true, base.path())
+        .resolve_adapter(&source, REPO)
+        .await
+        .unwrap();
+    assert_eq!(cached, path);
+    let engine = start_at(&fixture("llama"), |s| {
+        s.lora = Some(LoraSettings {
+            max_loras: 1,
+            max_lora_rank: 16,
+            modules: vec![AdapterSpec {
+                name: "sql".into(),
+                path,
+            }],
+        })
+    });
+    let case = &adapter_ref(name)["cases"][0];
+    let got = run_greedy(
+        &engine.with_adapter("sql").unwrap(),
+        ids(&case["input_ids"]),
+        12,
+    )
+    .await;
+    assert_eq!(got.0, ids(&case["greedy_ids"]));
+
+    let bare = start_hub(vec![("adapter_config.json", read("adapter_config.json"))]).await;
+    let other = tempfile::tempdir().unwrap();
+    let source = worker_candle::hub::ModelSource {
+        base_path: other.path().to_path_buf(),
+        ..source
+    };
+    let e = hub_at(&bare, false, other.path())
+        .resolve_adapter(&source, REPO)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("adapter_model.safetensors"),
+        "{e:#}"
+    );
+}
