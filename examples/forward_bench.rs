@@ -44,6 +44,7 @@ fn step(
             logits: LogitsWanted::Last,
         }],
         tokens,
+        adapters: Vec::new(),
     };
     let logits = model.forward(&batch, cache)?.squeeze(0)?;
     Ok(logits.argmax(0)?.to_scalar::<u32>()?)

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::stream_batch::BatchPolicy;
+use crate::engine::lora::AdapterSpec;
+use crate::engine::settings::LoraSettings;
 use crate::engine::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
 use crate::engine::speculative::SpeculativeConfig;
 use crate::hub::HubConfig;
@@ -44,10 +46,6 @@ pub const NO_EFFECT: &[(&str, &str)] = &[
         "WORKER_CUDA_VERSION",
         "a build argument of the CUDA image, not a run-time setting",
     ),
-    ("ENABLE_LORA", "LoRA adapters are not supported"),
-    ("MAX_LORAS", "LoRA adapters are not supported"),
-    ("MAX_LORA_RANK", "LoRA adapters are not supported"),
-    ("LORA_MODULES", "LoRA adapters are not supported"),
     (
         "SPECULATIVE_MODEL",
         "worker-vllm's older name: use SPECULATIVE_CONFIG",
@@ -424,6 +422,19 @@ pub const SETTINGS: &[Setting] = &[
         "SPECULATIVE_CONFIG",
         "",
         "speculative decoding (JSON: ngram prompt lookup or a draft model)",
+    ),
+    setting("ENABLE_LORA", "0", "serve LoRA adapters (`LORA_MODULES`)"),
+    setting("MAX_LORAS", "1", "LoRA adapters the running requests may use at once"),
+    setting("MAX_LORA_RANK", "16", "the largest LoRA rank an adapter may have"),
+    setting(
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+        "0",
+        "`POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (with ENABLE_LORA)",
+    ),
+    setting(
+        "LORA_MODULES",
+        "",
+        "LoRA adapters loaded at start: JSON list of `{\"name\", \"path\"}` or `name=path` pairs",
     ),
     // Serverless
     setting(
@@ -827,6 +838,8 @@ impl Config {
             custom_chat_template: text("CUSTOM_CHAT_TEMPLATE"),
             threads: v.parse("NUM_THREADS", positive)?,
             speculative: v.parse("SPECULATIVE_CONFIG", SpeculativeConfig::parse)?,
+            lora: lora_settings(&v)?,
+            allow_runtime_lora_updating: v.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", boolean)?,
             enable_chunked_prefill: v.get("ENABLE_CHUNKED_PREFILL", boolean)?,
             disable_sliding_window: v.get("DISABLE_SLIDING_WINDOW", boolean)?,
             sample_on_device: v.get("SAMPLE_ON_DEVICE", |s| {
@@ -1057,6 +1070,79 @@ fn fallback_cache(hf_home: Option<String>, xdg: Option<String>, home: Option<Str
             .join("hub"),
         None => std::env::temp_dir().join("huggingface").join("hub"),
     }
+}
+
+/// `ENABLE_LORA`, `MAX_LORAS`, `MAX_LORA_RANK` and `LORA_MODULES` (each path still a name for the
+/// hub to resolve); `LORA_MODULES` without `ENABLE_LORA` is an error, as in vLLM.
+fn lora_settings(v: &Vars) -> Result<Option<LoraSettings>, ConfigError> {
+    let modules = v.parse("LORA_MODULES", parse_lora_modules)?;
+    if !v.get("ENABLE_LORA", boolean)? {
+        if let Some(m) = modules.filter(|m| !m.is_empty()) {
+            return Err(ConfigError {
+                name: "LORA_MODULES".into(),
+                value: m
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                expected: "ENABLE_LORA=1 as well: LoRA adapters are served only with ENABLE_LORA, \
+                           as in vLLM"
+                    .into(),
+            });
+        }
+        return Ok(None);
+    }
+    Ok(Some(LoraSettings {
+        max_loras: v.get("MAX_LORAS", positive)?,
+        max_lora_rank: v.get("MAX_LORA_RANK", positive)?,
+        modules: modules.unwrap_or_default(),
+    }))
+}
+
+/// `LORA_MODULES` as worker-vllm passes it (a JSON list of `{"name", "path", "base_model_name"?}`,
+/// or one such object) or as `vllm serve --lora-modules` takes it (`name=path`, space separated).
+fn parse_lora_modules(s: &str) -> Result<Vec<AdapterSpec>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Module {
+        name: String,
+        path: String,
+        #[serde(default)]
+        #[allow(dead_code)]
+        base_model_name: Option<String>,
+    }
+    let expected = "a JSON list of {\"name\": ..., \"path\": ..., \"base_model_name\"?: ...} or \
+                    space-separated name=path pairs";
+    let modules: Vec<(String, String)> = if s.starts_with('[') || s.starts_with('{') {
+        let list: Vec<Module> = if s.starts_with('[') {
+            serde_json::from_str(s).map_err(|e| format!("{expected} ({e})"))?
+        } else {
+            vec![serde_json::from_str(s).map_err(|e| format!("{expected} ({e})"))?]
+        };
+        list.into_iter().map(|m| (m.name, m.path)).collect()
+    } else {
+        s.split_whitespace()
+            .map(|pair| match pair.split_once('=') {
+                Some((n, p)) => Ok((n.to_string(), p.to_string())),
+                None => Err(format!("{expected} (`{pair}` has no `=`)")),
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut out: Vec<AdapterSpec> = Vec::new();
+    for (name, path) in modules {
+        let (name, path) = (name.trim().to_string(), path.trim().to_string());
+        if name.is_empty() || path.is_empty() {
+            return Err(format!("{expected} (an empty name or path)"));
+        }
+        if out.iter().any(|a| a.name == name) {
+            return Err(format!("{expected} (the name `{name}` twice)"));
+        }
+        out.push(AdapterSpec {
+            name,
+            path: PathBuf::from(path),
+        });
+    }
+    Ok(out)
 }
 
 fn boolean(v: &str) -> Result<bool, String> {
@@ -1488,6 +1574,48 @@ mod tests {
         assert_eq!(parse_bytes("0"), None);
         assert_eq!(parse_bytes("GiB"), None);
         assert_eq!(parse_bytes("-1"), None);
+    }
+
+    #[test]
+    fn lora_modules_parse_in_both_forms_and_need_enable_lora() {
+        let c = parse(&[
+            ("ENABLE_LORA", "1"),
+            ("MAX_LORAS", "4"),
+            ("MAX_LORA_RANK", "64"),
+            (
+                "LORA_MODULES",
+                r#"[{"name": "sql", "path": "org/sql-lora", "base_model_name": "m"}, {"name": "b", "path": "/a/b"}]"#,
+            ),
+        ])
+        .unwrap();
+        let l = c.engine.lora.unwrap();
+        assert_eq!((l.max_loras, l.max_lora_rank), (4, 64));
+        let names: Vec<_> = l
+            .modules
+            .iter()
+            .map(|a| (a.name.as_str(), a.path.to_str().unwrap()))
+            .collect();
+        assert_eq!(names, [("sql", "org/sql-lora"), ("b", "/a/b")]);
+        let c = parse(&[("ENABLE_LORA", "true"), ("LORA_MODULES", "a=/x b=org/y")]).unwrap();
+        let l = c.engine.lora.unwrap();
+        assert_eq!((l.max_loras, l.max_lora_rank, l.modules.len()), (1, 16, 2));
+        assert_eq!(l.modules[1].path, PathBuf::from("org/y"));
+        assert!(parse(&[]).unwrap().engine.lora.is_none());
+        let e = parse(&[("LORA_MODULES", "a=/x")]).unwrap_err().to_string();
+        assert!(
+            e.contains("LORA_MODULES") && e.contains("ENABLE_LORA=1"),
+            "{e}"
+        );
+        for bad in [
+            "a",
+            "[{\"name\": \"a\"}]",
+            "a=/x a=/y",
+            "{\"name\": \"a\", \"path\": \"p\", \"x\": 1}",
+        ] {
+            let e = parse(&[("ENABLE_LORA", "1"), ("LORA_MODULES", bad)]);
+            assert!(e.is_err(), "{bad}");
+        }
+        assert!(parse(&[("ENABLE_LORA", "1"), ("MAX_LORA_RANK", "0")]).is_err());
     }
 
     #[test]

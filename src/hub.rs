@@ -34,6 +34,9 @@ pub enum FileSet {
     Model { gguf_file: Option<String> },
     /// Configs and tokenizer files only (`TOKENIZER_NAME`).
     Tokenizer,
+    /// A PEFT LoRA adapter (`LORA_MODULES`): `adapter_config.json` and
+    /// `adapter_model.safetensors`.
+    Adapter,
 }
 
 #[derive(Clone)]
@@ -255,6 +258,12 @@ fn select_weights(
     let listed: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let gguf_file = match set {
         FileSet::Tokenizer => return Ok(Vec::new()),
+        FileSet::Adapter if listed.contains(ADAPTER_WEIGHTS) => {
+            return Ok(vec![ADAPTER_WEIGHTS.to_string()]);
+        }
+        FileSet::Adapter => {
+            bail!("the repository has no {ADAPTER_WEIGHTS}: it is not a PEFT LoRA adapter saved with safetensors")
+        }
         FileSet::Model { gguf_file } => gguf_file.as_deref(),
     };
     if let Some(gguf) = gguf_file {
@@ -327,6 +336,14 @@ pub(crate) fn index_shards(index_json: &Path) -> Result<BTreeSet<String>> {
 /// Checks that a snapshot folder can be loaded: config present, and every shard named by the
 /// index present. Used after a download and before trusting a cached snapshot.
 pub(crate) fn verify_snapshot(dir: &Path, set: &FileSet) -> Result<()> {
+    if matches!(set, FileSet::Adapter) {
+        for f in ["adapter_config.json", ADAPTER_WEIGHTS] {
+            if !dir.join(f).is_file() {
+                bail!("snapshot {} has no {f}", dir.display());
+            }
+        }
+        return Ok(());
+    }
     let weights_needed = matches!(set, FileSet::Model { gguf_file: None });
     if let FileSet::Model { gguf_file: Some(g) } = set {
         if !dir.join(g).is_file() {
@@ -396,6 +413,9 @@ fn writable(dir: &Path) -> bool {
     ok
 }
 
+/// A PEFT adapter's weights file.
+const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
 /// The downloader.
 pub struct Hub {
     config: HubConfig,
@@ -456,6 +476,18 @@ impl Hub {
             }
         };
         Ok(Resolved { model, tokenizer })
+    }
+
+    /// A LoRA adapter (`LORA_MODULES`): a local folder as is, a repository id from the model's cache
+    /// (`DOWNLOAD_DIR`, else under `BASE_PATH`) or downloaded into it.
+    pub async fn resolve_adapter(&self, source: &ModelSource, name: &str) -> Result<PathBuf> {
+        let primary = source
+            .download_dir
+            .clone()
+            .unwrap_or_else(|| cache_dir(&source.base_path));
+        self.resolve_in(name, None, primary, &FileSet::Adapter)
+            .await
+            .with_context(|| format!("resolving the LoRA adapter `{name}`"))
     }
 
     /// Local path → itself; repo id → a cached snapshot or a fresh download.

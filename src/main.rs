@@ -248,6 +248,16 @@ async fn start_engine(config: &Config, model_name: &str) -> anyhow::Result<Engin
         let resolved = hub.resolve_source(&source).await?;
         *model = resolved.model.display().to_string();
     }
+    // LoRA adapters come from where the model does: a folder, or the hub cache
+    if let Some(lora) = settings.lora.as_mut() {
+        let hub = worker_candle::hub::Hub::new(config.hub_config())?;
+        let source = model_source(config, model_name);
+        for a in &mut lora.modules {
+            a.path = hub
+                .resolve_adapter(&source, &a.path.display().to_string())
+                .await?;
+        }
+    }
     tracing::info!(model = %model_name, "loading the model");
     let engine = tokio::task::spawn_blocking(move || Engine::start(settings))
         .await
@@ -479,6 +489,17 @@ async fn download(config: &Config) -> anyhow::Result<ExitCode> {
     println!("{}", model.display());
     if let Some(tokenizer) = tokenizer {
         println!("{}", tokenizer.display());
+    }
+    // the LoRA adapters too, so an image can carry them
+    if let Some(lora) = &config.engine.lora {
+        let hub = worker_candle::hub::Hub::new(config.hub_config())?;
+        let source = model_source(config, name);
+        for a in &lora.modules {
+            let path = hub
+                .resolve_adapter(&source, &a.path.display().to_string())
+                .await?;
+            println!("{}", path.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

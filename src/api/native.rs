@@ -1,11 +1,12 @@
 //! worker-vllm's native input and output (its README's "Non-OpenAI Usage").
 //!
-//! Input: `prompt` or `messages` (which wins), `apply_chat_template`, `sampling_params`, `stream` and
-//! the batch-size knobs. Output pieces: `{"choices": [{"tokens": [..]}, ..], "usage": {"input",
+//! Input: `prompt` or `messages` (which wins), `apply_chat_template`, `sampling_params`, `stream`,
+//! `lora` (a LoRA adapter's name) and the batch-size knobs. Output pieces: `{"choices": [{"tokens": [..]}, ..], "usage": {"input",
 //! "output"}}`, batched by the dynamic policy when streaming, one piece with the whole text otherwise.
 
 use serde_json::{json, Map, Value};
 
+use crate::api::error::ApiError;
 use crate::api::stream_batch::{BatchPolicy, BatchSizer};
 use crate::engine::{Engine, EngineError, GenerationEvent, Prompt, SamplingParams};
 
@@ -27,6 +28,35 @@ pub(crate) struct NativeInput {
     pub truncate_prompt_tokens: Option<Option<usize>>,
     pub stream: bool,
     pub batch: BatchPolicy,
+}
+
+/// The engine a native job runs on: the base model's, or with `{"lora": "<adapter name>"}` that
+/// LoRA adapter's (an unknown name is a 404, a name that is not a string a 400).
+pub(crate) fn engine_for(engine: &Engine, input: &Map<String, Value>) -> Result<Engine, ApiError> {
+    match input.get("lora") {
+        None | Some(Value::Null) => Ok(engine.clone()),
+        Some(Value::String(name)) => engine.with_adapter(name).ok_or_else(|| {
+            let adapters = engine.adapters();
+            let known: Vec<&str> = adapters.iter().map(|a| a.name.as_str()).collect();
+            ApiError::not_found(format!(
+                "The LoRA adapter `{name}` does not exist. This worker serves {}.",
+                if known.is_empty() {
+                    "no adapters (set ENABLE_LORA and LORA_MODULES)".to_string()
+                } else {
+                    format!("`{}`", known.join("`, `"))
+                }
+            ))
+            .with_param("lora")
+        }),
+        Some(other) => Err(EngineError::invalid(
+            "lora",
+            format!(
+                "`lora` must be an adapter's name (a string), got {}",
+                type_name(other)
+            ),
+        )
+        .into()),
+    }
 }
 
 /// Parses a native job input; `defaults` are the `DEFAULT_*BATCH_SIZE*` settings.

@@ -32,6 +32,9 @@ pub struct SeqInput {
 pub struct ForwardBatch {
     pub tokens: Vec<u32>,
     pub seqs: Vec<SeqInput>,
+    /// Per sequence, the LoRA adapter it runs with (0: the base model); empty: every sequence runs
+    /// the base model.
+    pub adapters: Vec<u32>,
 }
 
 /// The shape facts the engine needs about a loaded model.

@@ -441,7 +441,14 @@ impl Embedder for DecoderEmbedder {
                 });
                 next_block += blocks;
             }
-            let hidden = model.hidden_states(&ForwardBatch { tokens, seqs }, cache)?;
+            let hidden = model.hidden_states(
+                &ForwardBatch {
+                    tokens,
+                    seqs,
+                    adapters: Vec::new(),
+                },
+                cache,
+            )?;
             let mut row = 0;
             for &i in &batch {
                 let rows = if wanted == LogitsWanted::Last {

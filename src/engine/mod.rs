@@ -15,6 +15,7 @@ pub(crate) mod gguf;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
+pub mod lora;
 pub mod models;
 pub mod parts;
 pub(crate) mod prefix_cache;

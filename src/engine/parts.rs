@@ -4,12 +4,14 @@
 //! `embedding`) build these; the runner consumes them; neither imports the other. A leaf of the
 //! engine's assembly: it names the types it holds and imports no loader, model or runner.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::batch::ForwardBatch;
 use super::error::EngineError;
 use super::sampling::device::RowPlan;
 use super::sampling::Sampled;
+use super::lora::AdapterInfo;
 use super::scheduler::SchedulerConfig;
 use super::speculative::NgramProposer;
 use super::template::ChatTemplate;
@@ -59,6 +61,13 @@ pub(crate) trait Executor: Send {
         let _ = (copies, batch, on_device);
         anyhow::bail!("this executor does not sample on its device")
     }
+    /// Loads the LoRA adapter in `dir` as `id` (its rank at most `max_rank`); returns its rank.
+    fn load_adapter(&mut self, _id: u32, _dir: &Path, _max_rank: usize) -> anyhow::Result<usize> {
+        anyhow::bail!("this engine does not serve LoRA adapters")
+    }
+
+    /// Forgets LoRA adapter `id`.
+    fn unload_adapter(&mut self, _id: u32) {}
 }
 
 /// Embeddings (`Engine::embed` calls it off the async runtime).
@@ -91,6 +100,8 @@ pub(crate) struct Generator {
     pub scheduler: SchedulerConfig,
     /// Speculative decoding (`SPECULATIVE_CONFIG`), if on.
     pub speculation: Option<Speculation>,
+    /// The LoRA adapters loaded into the executor's model (`LORA_MODULES`).
+    pub adapters: Vec<AdapterInfo>,
 }
 
 /// How the engine guesses tokens ahead (speculative decoding).

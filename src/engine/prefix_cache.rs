@@ -14,9 +14,20 @@ pub(crate) fn chain_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
     h.finish()
 }
 
-/// Names of the full blocks of `tokens`, in order.
-pub(crate) fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    let mut parent = None;
+/// The name the first block of a sequence run with LoRA adapter `adapter` chains from: none for
+/// the base model, the adapter's own otherwise, so the same tokens under different adapters (whose
+/// keys and values differ) never share blocks.
+pub(crate) fn adapter_root(adapter: u32) -> Option<u64> {
+    (adapter != 0).then(|| {
+        let mut h = DefaultHasher::new();
+        ("lora", adapter).hash(&mut h);
+        h.finish()
+    })
+}
+
+/// Names of the full blocks of `tokens`, in order, the first chained from `root`.
+pub(crate) fn block_hashes(root: Option<u64>, tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut parent = root;
     tokens
         .chunks_exact(block_size)
         .map(|chunk| {
@@ -47,9 +58,14 @@ impl PrefixCache {
 
     /// The longest run of cached blocks that starts `tokens`, leaving at least one token uncached (the
     /// model must compute the last position to produce logits).
-    pub(crate) fn longest_prefix(&self, tokens: &[u32], block_size: usize) -> Vec<u32> {
+    pub(crate) fn longest_prefix(
+        &self,
+        root: Option<u64>,
+        tokens: &[u32],
+        block_size: usize,
+    ) -> Vec<u32> {
         let usable = tokens.len().saturating_sub(1);
-        block_hashes(&tokens[..usable], block_size)
+        block_hashes(root, &tokens[..usable], block_size)
             .into_iter()
             .map_while(|h| self.lookup(h))
             .collect()
@@ -84,28 +100,47 @@ mod tests {
 
     #[test]
     fn hash_depends_on_the_whole_prefix() {
-        let a = block_hashes(&[1, 2, 3, 4], 2);
-        let b = block_hashes(&[9, 9, 3, 4], 2);
+        let a = block_hashes(None, &[1, 2, 3, 4], 2);
+        let b = block_hashes(None, &[9, 9, 3, 4], 2);
         assert_eq!(a.len(), 2);
         assert_ne!(a[1], b[1], "same block tokens after a different prefix");
         assert_eq!(
-            block_hashes(&[1, 2, 3, 4, 5], 2),
+            block_hashes(None, &[1, 2, 3, 4, 5], 2),
             a,
             "partial block has no name"
         );
     }
 
     #[test]
+    fn an_adapter_roots_its_own_chain() {
+        let toks = [1, 2, 3, 4, 5];
+        let mut c = PrefixCache::new(8);
+        for (i, h) in block_hashes(adapter_root(3), &toks, 2)
+            .into_iter()
+            .enumerate()
+        {
+            assert!(c.insert(h, i as u32));
+        }
+        assert_eq!(c.longest_prefix(adapter_root(3), &toks, 2), vec![0, 1]);
+        assert!(c.longest_prefix(None, &toks, 2).is_empty());
+        assert!(c.longest_prefix(adapter_root(4), &toks, 2).is_empty());
+        assert_eq!(adapter_root(0), None);
+    }
+
+    #[test]
     fn longest_prefix_leaves_one_token_to_compute() {
         let mut c = PrefixCache::new(8);
         let toks = [1, 2, 3, 4, 5, 6];
-        for (i, h) in block_hashes(&toks, 2).into_iter().enumerate() {
+        for (i, h) in block_hashes(None, &toks, 2).into_iter().enumerate() {
             assert!(c.insert(h, i as u32));
         }
-        assert_eq!(c.longest_prefix(&toks, 2), vec![0, 1]);
-        assert_eq!(c.longest_prefix(&[1, 2, 3, 4, 5, 6, 7], 2), vec![0, 1, 2]);
-        assert_eq!(c.longest_prefix(&[1, 2, 0, 0, 5, 6, 7], 2), vec![0]);
-        assert!(c.longest_prefix(&[7, 2, 3], 2).is_empty());
+        assert_eq!(c.longest_prefix(None, &toks, 2), vec![0, 1]);
+        assert_eq!(
+            c.longest_prefix(None, &[1, 2, 3, 4, 5, 6, 7], 2),
+            vec![0, 1, 2]
+        );
+        assert_eq!(c.longest_prefix(None, &[1, 2, 0, 0, 5, 6, 7], 2), vec![0]);
+        assert!(c.longest_prefix(None, &[7, 2, 3], 2).is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod beam;
 mod draft;
 pub mod load;
+mod lora;
 mod request;
 
 use std::collections::HashMap;
@@ -19,9 +20,11 @@ use futures::Stream;
 use tokio::sync::mpsc;
 
 use self::draft::DraftModel;
+use self::lora::Inbox;
 use self::request::{Ctx, RequestState, Submission};
 use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use super::error::EngineError;
+use super::lora::AdapterInfo;
 use super::parts::{
     Embedder, EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
 };
@@ -54,6 +57,8 @@ pub struct EngineStats {
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<EngineInner>,
+    /// The LoRA adapter this handle's requests run with (0: the base model); see `with_adapter`.
+    adapter: u32,
 }
 
 struct EngineInner {
@@ -61,12 +66,18 @@ struct EngineInner {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     embedder: Option<Arc<dyn Embedder>>,
-    submit: Option<std_mpsc::Sender<Submission>>,
+    submit: Option<std_mpsc::Sender<Inbox>>,
     stats: Arc<EngineStats>,
     /// `SEED`: draws the seed of each request that has none (reproducible runs).
     seeds: Option<std::sync::Mutex<rand::rngs::StdRng>>,
     /// `MAX_LOGPROBS`.
     max_logprobs: usize,
+    /// The LoRA adapters served beside the base model.
+    adapters: std::sync::RwLock<Vec<AdapterInfo>>,
+    /// The next adapter id (ids are never reused).
+    next_adapter: std::sync::atomic::AtomicU32,
+    /// `MAX_LORA_RANK` when LoRA is on, and whether adapters may be loaded at run time.
+    lora: Option<(usize, bool)>,
 }
 
 impl Engine {
@@ -80,6 +91,10 @@ impl Engine {
                 ))
             });
             inner.max_logprobs = settings.max_logprobs;
+            inner.lora = settings
+                .lora
+                .as_ref()
+                .map(|l| (l.max_lora_rank, settings.allow_runtime_lora_updating));
         }
         Ok(engine)
     }
@@ -103,12 +118,13 @@ impl Engine {
         info.prefix_caching =
             matches!(&kind, EngineKind::Generator(g) if g.scheduler.enable_prefix_caching);
         let stats = Arc::new(EngineStats::default());
-        let (submit, embedder) = match kind {
+        let (submit, embedder, adapters) = match kind {
             EngineKind::Generator(generator) => {
+                let adapters = generator.adapters.clone();
                 let submit = Core::start(generator, &tokenizer, &info, &stats);
-                (submit, None)
+                (submit, None, adapters)
             }
-            EngineKind::Embedder(embedder) => (None, Some(embedder)),
+            EngineKind::Embedder(embedder) => (None, Some(embedder), Vec::new()),
         };
         Engine {
             inner: Arc::new(EngineInner {
@@ -120,12 +136,40 @@ impl Engine {
                 stats,
                 seeds: None,
                 max_logprobs: super::validate::MAX_LOGPROBS,
+                next_adapter: (adapters.iter().map(|a| a.id).max().unwrap_or(0) + 1).into(),
+                adapters: adapters.into(),
+                lora: None,
             }),
+            adapter: 0,
         }
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.inner.info
+    }
+
+    /// The LoRA adapters served beside the base model (`LORA_MODULES`, and those loaded since).
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.inner
+            .adapters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// This engine with its requests run under the LoRA adapter `name`; `None` when no adapter has
+    /// that name.
+    pub fn with_adapter(&self, name: &str) -> Option<Engine> {
+        let id = self.adapters().iter().find(|a| a.name == name)?.id;
+        Some(Engine {
+            inner: self.inner.clone(),
+            adapter: id,
+        })
+    }
+
+    /// The adapter this handle's requests run with, if any.
+    pub fn adapter(&self) -> Option<AdapterInfo> {
+        self.adapters().into_iter().find(|a| a.id == self.adapter)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -188,13 +232,14 @@ impl Engine {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         submit
-            .send(Submission {
+            .send(Inbox::Request(Box::new(Submission {
                 request_id: request.request_id,
                 prompt,
                 params: request.params,
                 tx,
                 arrival: Instant::now(),
-            })
+                adapter: self.adapter,
+            })))
             .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
         Ok(GenerationStream::new(rx))
     }
@@ -244,6 +289,8 @@ struct Core {
     stats: Arc<EngineStats>,
     speculation: Option<Speculating>,
     vocab_size: usize,
+    /// The LoRA adapters the executor holds.
+    adapters: Vec<u32>,
 }
 
 /// `Speculation` as the engine thread runs it: a draft model's executor wrapped with its
@@ -285,12 +332,13 @@ impl Core {
         tokenizer: &Tokenizer,
         info: &ModelInfo,
         stats: &Arc<EngineStats>,
-    ) -> Option<std_mpsc::Sender<Submission>> {
+    ) -> Option<std_mpsc::Sender<Inbox>> {
         let Generator {
             executor,
             eos_token_ids,
             scheduler,
             speculation,
+            adapters,
         } = generator;
         stats
             .total_blocks
@@ -309,6 +357,7 @@ impl Core {
             stats: stats.clone(),
             speculation,
             vocab_size: info.vocab_size,
+            adapters: adapters.iter().map(|a| a.id).collect(),
         };
         std::thread::Builder::new()
             .name("engine".into())
@@ -317,16 +366,16 @@ impl Core {
             .ok()
     }
 
-    fn run(mut self, rx: std_mpsc::Receiver<Submission>) {
+    fn run(mut self, rx: std_mpsc::Receiver<Inbox>) {
         loop {
             if self.requests.is_empty() {
                 match rx.recv() {
-                    Ok(sub) => self.add(sub),
+                    Ok(msg) => self.receive(msg),
                     Err(_) => return,
                 }
             }
-            while let Ok(sub) = rx.try_recv() {
-                self.add(sub);
+            while let Ok(msg) = rx.try_recv() {
+                self.receive(msg);
             }
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if stepped.is_err() {
@@ -336,7 +385,23 @@ impl Core {
         }
     }
 
+    fn receive(&mut self, msg: Inbox) {
+        match msg {
+            Inbox::Request(sub) => self.add(*sub),
+            Inbox::Adapter(change) => {
+                lora::apply(change, &mut *self.executor, &self.sched, &mut self.adapters)
+            }
+        }
+    }
+
     fn add(&mut self, sub: Submission) {
+        if sub.adapter != 0 && !self.adapters.contains(&sub.adapter) {
+            let _ = sub.tx.send(GenerationEvent::Error(EngineError::invalid(
+                "model",
+                "the LoRA adapter this request names was unloaded",
+            )));
+            return;
+        }
         let key = self.next_key;
         self.next_key += 1;
         let req = RequestState::new(
@@ -647,6 +712,7 @@ impl Core {
             let one = ForwardBatch {
                 tokens: batch.tokens[start..start + sc.num_new].to_vec(),
                 seqs: vec![batch.seqs[i].clone()],
+                adapters: batch.adapters.get(i).map(|&a| vec![a]).unwrap_or_default(),
             };
             let device_row: Vec<(usize, RowPlan)> =
                 on_device[i].map(|p| (0, p)).into_iter().collect();
@@ -754,7 +820,9 @@ impl Core {
         let mut tokens = Vec::with_capacity(plan.num_tokens());
         let mut seqs = Vec::with_capacity(plan.seqs.len());
         let mut wants = Vec::with_capacity(plan.seqs.len());
+        let mut adapters = Vec::with_capacity(plan.seqs.len());
         for sc in &plan.seqs {
+            adapters.push(sc.adapter);
             let want = match self
                 .owner
                 .get(&sc.id)
@@ -783,7 +851,19 @@ impl Core {
             });
             wants.push(want);
         }
-        (ForwardBatch { tokens, seqs }, wants)
+        let adapters = if adapters.iter().any(|&a| a != 0) {
+            adapters
+        } else {
+            Vec::new()
+        };
+        (
+            ForwardBatch {
+                tokens,
+                seqs,
+                adapters,
+            },
+            wants,
+        )
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub enable_prefix_caching: bool,
+    /// `MAX_LORAS`: the most LoRA adapters the running sequences may use at once.
+    pub max_loras: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ struct Seq {
     running: bool,
     /// Guessed next tokens to verify in the next step (speculative decoding); never in `tokens`.
     draft: Vec<u32>,
+    /// The LoRA adapter it runs with (0: the base model); it also roots its blocks' names.
+    adapter: u32,
 }
 
 impl Seq {
@@ -62,6 +66,8 @@ pub(crate) struct Scheduled {
     /// Guessed tokens computed after the last one (positions `context_len + 1..`), whose logits rows
     /// verify them; `num_new` counts them. Empty unless the runner set a draft for this decode.
     pub draft: Vec<u32>,
+    /// The LoRA adapter (0: the base model).
+    pub adapter: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -117,7 +123,18 @@ impl Scheduler {
 
     /// Queues a new sequence. `use_prefix_cache = false` forces every prompt position to be computed
     /// (needed for prompt logprobs).
+    #[cfg(test)]
     pub fn add(&mut self, tokens: Vec<u32>, use_prefix_cache: bool) -> SeqId {
+        self.add_for(tokens, use_prefix_cache, 0)
+    }
+
+    /// `add` for a sequence run with LoRA adapter `adapter` (0: the base model).
+    pub(crate) fn add_for(
+        &mut self,
+        tokens: Vec<u32>,
+        use_prefix_cache: bool,
+        adapter: u32,
+    ) -> SeqId {
         assert!(!tokens.is_empty(), "a sequence needs at least one token");
         let id = self.new_id();
         let arrival = self.next_arrival;
@@ -134,6 +151,7 @@ impl Scheduler {
                 cached_tokens: 0,
                 running: false,
                 draft: Vec::new(),
+                adapter,
             },
         );
         self.waiting.push_back(id);
@@ -279,7 +297,10 @@ impl Scheduler {
         while seq.hashes.len() < seq.num_computed / bs {
             let i = seq.hashes.len();
             let h = chain_hash(
-                seq.hashes.last().copied(),
+                seq.hashes
+                    .last()
+                    .copied()
+                    .or_else(|| super::prefix_cache::adapter_root(seq.adapter)),
                 &seq.tokens[i * bs..(i + 1) * bs],
             );
             seq.hashes.push(h);
@@ -365,6 +386,10 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            if !self.adapter_fits(self.seqs[&id].adapter) {
+                // MAX_LORAS adapters already run: it waits for one of them to finish
+                break;
+            }
             let hits = self.take_cached_prefix(id);
             let rem = self.seqs[&id].remaining();
             let n = rem.min(*budget).min(self.tokens_that_fit(id));
@@ -383,6 +408,28 @@ impl Scheduler {
         }
     }
 
+    /// How many sequences (running or waiting) run with LoRA adapter `adapter`.
+    pub(crate) fn sequences_of_adapter(&self, adapter: u32) -> usize {
+        self.seqs.values().filter(|s| s.adapter == adapter).count()
+    }
+
+    /// Whether a sequence of `adapter` may run beside the running ones without more than
+    /// `max_loras` adapters at once.
+    fn adapter_fits(&self, adapter: u32) -> bool {
+        if adapter == 0 {
+            return true;
+        }
+        let mut used: Vec<u32> = self
+            .running
+            .iter()
+            .map(|id| self.seqs[id].adapter)
+            .filter(|&a| a != 0)
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        used.contains(&adapter) || used.len() < self.cfg.max_loras
+    }
+
     /// Prefix-cache hits for a sequence with nothing computed yet; returns how many blocks it took.
     fn take_cached_prefix(&mut self, id: SeqId) -> usize {
         let bs = self.cfg.block_size;
@@ -390,12 +437,13 @@ impl Scheduler {
         if !seq.use_prefix_cache || seq.num_computed > 0 || !seq.blocks.is_empty() {
             return 0;
         }
-        let hits = self.prefix.longest_prefix(&seq.tokens, bs);
+        let root = super::prefix_cache::adapter_root(seq.adapter);
+        let hits = self.prefix.longest_prefix(root, &seq.tokens, bs);
         for &b in &hits {
             self.alloc.acquire(b);
         }
         let seq = self.seqs.get_mut(&id).expect("checked above");
-        seq.hashes = super::prefix_cache::block_hashes(&seq.tokens[..hits.len() * bs], bs);
+        seq.hashes = super::prefix_cache::block_hashes(root, &seq.tokens[..hits.len() * bs], bs);
         seq.num_computed = hits.len() * bs;
         if seq.cached_tokens == 0 {
             seq.cached_tokens = seq.num_computed;
@@ -501,6 +549,7 @@ impl Scheduler {
             block_table: seq.blocks.clone(),
             completes: seq.num_computed + n == seq.tokens.len(),
             draft: Vec::new(),
+            adapter: seq.adapter,
         }
     }
 
@@ -535,6 +584,7 @@ mod tests {
             max_num_seqs: max_seqs,
             max_num_batched_tokens: budget,
             enable_prefix_caching: prefix,
+            max_loras: 1,
         }
     }
 
@@ -552,6 +602,33 @@ mod tests {
 
     fn tokens(n: usize, base: u32) -> Vec<u32> {
         (0..n as u32).map(|i| base + i).collect()
+    }
+
+    /// MAX_LORAS: a sequence of a third adapter waits while two others run; base-model sequences
+    /// and sequences of a running adapter are admitted; each step names its sequences' adapters.
+    #[test]
+    fn max_loras_bounds_the_adapters_running_at_once() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_loras: 2,
+            ..cfg(64, 64, 8, false)
+        });
+        let a = s.add_for(tokens(3, 10), true, 1);
+        let b = s.add_for(tokens(3, 20), true, 2);
+        let c = s.add_for(tokens(3, 30), true, 3);
+        let plan = step(&mut s);
+        let ran: Vec<(SeqId, u32)> = plan.seqs.iter().map(|sc| (sc.id, sc.adapter)).collect();
+        assert_eq!(ran, [(a, 1), (b, 2)]);
+        let d = s.add_for(tokens(3, 40), true, 1);
+        s.remove(c);
+        let e = s.add_for(tokens(3, 50), true, 0);
+        let plan = step(&mut s);
+        let ids: Vec<SeqId> = plan.seqs.iter().map(|sc| sc.id).collect();
+        assert_eq!(ids, [a, b, d, e]);
+        let f = s.add_for(tokens(3, 60), true, 3);
+        s.remove(a);
+        s.remove(d);
+        step(&mut s);
+        assert!(s.seqs[&f].running, "adapter 1 finished: adapter 3 runs");
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub struct EngineSettings {
     pub threads: Option<usize>,
     /// `SPECULATIVE_CONFIG`: speculative decoding, if on.
     pub speculative: Option<super::speculative::SpeculativeConfig>,
+    /// `ENABLE_LORA`: LoRA adapters, if on.
+    pub lora: Option<LoraSettings>,
+    /// `VLLM_ALLOW_RUNTIME_LORA_UPDATING`: adapters may be loaded and unloaded while serving.
+    pub allow_runtime_lora_updating: bool,
     /// `ENABLE_CHUNKED_PREFILL`: false = a step's token budget covers a whole prompt
     /// (at least `max_model_len`), so prompts are not split across steps.
     pub enable_chunked_prefill: bool,
@@ -109,6 +113,8 @@ impl EngineSettings {
             custom_chat_template: None,
             threads: None,
             speculative: None,
+            lora: None,
+            allow_runtime_lora_updating: false,
             enable_chunked_prefill: true,
             disable_sliding_window: false,
             seed: None,
@@ -116,4 +122,15 @@ impl EngineSettings {
             sample_on_device: None,
         }
     }
+}
+
+/// LoRA serving (`ENABLE_LORA`, vLLM's meanings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    /// `MAX_LORAS`: adapters the running sequences may use at once.
+    pub max_loras: usize,
+    /// `MAX_LORA_RANK`: the largest rank an adapter may have.
+    pub max_lora_rank: usize,
+    /// `LORA_MODULES`, each resolved to a local folder, loaded at start.
+    pub modules: Vec<super::lora::AdapterSpec>,
 }

@@ -120,6 +120,10 @@ impl JobHandler for EngineHandler {
 
 impl EngineHandler {
     fn native(&self, job_id: &str, input: &serde_json::Map<String, Value>) -> PieceStream {
+        let engine = match native::engine_for(&self.engine, input) {
+            Ok(engine) => engine,
+            Err(e) => return futures::stream::once(async move { Err(e) }).boxed(),
+        };
         let prepared = native::parse_input(input, self.settings.batch_defaults).and_then(|input| {
             let (text, add_special_tokens) = match &input.prompt {
                 NativePrompt::Text {
@@ -127,16 +131,16 @@ impl EngineHandler {
                     chat: false,
                 } => (prompt.clone(), true),
                 NativePrompt::Text { prompt, chat: true } => (
-                    render_chat(&self.engine, &[json!({"role": "user", "content": prompt})])?,
+                    render_chat(&engine, &[json!({"role": "user", "content": prompt})])?,
                     false,
                 ),
-                NativePrompt::Messages(messages) => (render_chat(&self.engine, messages)?, false),
+                NativePrompt::Messages(messages) => (render_chat(&engine, messages)?, false),
             };
             let n = input.sampling_params.n;
             let request = GenerateRequest {
                 request_id: job_id.to_string(),
                 prompt: native::prompt(
-                    &self.engine,
+                    &engine,
                     text,
                     add_special_tokens,
                     input.truncate_prompt_tokens,
@@ -144,7 +148,7 @@ impl EngineHandler {
                 add_special_tokens,
                 params: input.sampling_params.clone(),
             };
-            let events = self.engine.generate(request)?;
+            let events = engine.generate(request)?;
             Ok((events, NativeOutput::new(n, input.stream, input.batch)))
         });
         let (mut events, mut output) = match prepared {

@@ -224,6 +224,8 @@ impl LocalEndpoint {
             .route("/responses", post(openai))
             .route("/responses/{id}", get(openai).delete(openai))
             .route("/messages", post(openai))
+            .route("/load_lora_adapter", post(openai))
+            .route("/unload_lora_adapter", post(openai))
             .fallback(openai_no_route)
             .method_not_allowed_fallback(openai_wrong_method);
         Router::new()

@@ -56,6 +56,8 @@ pub(crate) const OPENAI_ROUTES: &[(&str, Method)] = &[
     ("/v1/embeddings", Method::Post),
     ("/v1/responses", Method::Post),
     ("/v1/messages", Method::Post),
+    ("/v1/load_lora_adapter", Method::Post),
+    ("/v1/unload_lora_adapter", Method::Post),
 ];
 
 pub(crate) fn parse(input: &Value) -> Result<JobRequest, ApiError> {

@@ -188,6 +188,7 @@ pub fn teacher_forced(model: &dyn CausalLM, paths: &[TokenPath]) -> (usize, usiz
         let blocks = tokens.len().div_ceil(4);
         let mut cache = KvCache::new(model.spec(), blocks, 4).unwrap();
         let batch = ForwardBatch {
+            adapters: Vec::new(),
             tokens: tokens.clone(),
             seqs: vec![SeqInput {
                 context_len: 0,

@@ -154,6 +154,7 @@ const ENGINE_FOUNDATIONS: &[&str] = &[
     "block_allocator",
     "prefix_cache",
     "device_memory",
+    "lora",
 ];
 
 /// What the foundations may not import.

@@ -16,6 +16,7 @@ mod engine_isolation;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod layering;
+mod lora;
 mod models_reference;
 mod openai_client;
 mod openai_http;

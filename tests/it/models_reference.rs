@@ -61,6 +61,7 @@ fn forward(
     parts: Vec<(Vec<u32>, SeqInput)>,
 ) -> Vec<Vec<f32>> {
     let mut batch = ForwardBatch {
+        adapters: Vec::new(),
         tokens: Vec::new(),
         seqs: Vec::new(),
     };
@@ -618,6 +619,7 @@ fn malformed_batches_are_errors() {
     let model = load(&fixture("llama")).model;
     let mut cache = new_cache(model.as_ref(), 4);
     let seq = |tokens: Vec<u32>, blocks: Vec<u32>| ForwardBatch {
+        adapters: Vec::new(),
         seqs: vec![SeqInput {
             context_len: 0,
             num_new: tokens.len(),

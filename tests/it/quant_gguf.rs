@@ -584,6 +584,7 @@ fn q8_0_error_against_float32_is_at_llama_cpp_level() {
         let blocks = ids.len().div_ceil(4);
         let mut cache = KvCache::new(model.spec(), blocks, 4).unwrap();
         let batch = ForwardBatch {
+            adapters: Vec::new(),
             tokens: ids.clone(),
             seqs: vec![SeqInput {
                 context_len: 0,

@@ -161,6 +161,7 @@ fn q8_0_prefill_quantizes_activations_as_decode_does() {
     let whole = model
         .forward(
             &ForwardBatch {
+                adapters: Vec::new(),
                 tokens: tokens.clone(),
                 seqs: vec![SeqInput {
                     context_len: 0,
@@ -180,6 +181,7 @@ fn q8_0_prefill_quantizes_activations_as_decode_does() {
         let row = model
             .forward(
                 &ForwardBatch {
+                    adapters: Vec::new(),
                     tokens: vec![*t],
                     seqs: vec![SeqInput {
                         context_len: p,

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::api::error::ApiError;
 use crate::api::openai::params::Body;
-use crate::api::openai::{check_model, OpenAiResponse, OpenAiSettings};
+use crate::api::openai::{for_model, OpenAiResponse, OpenAiSettings};
 use crate::engine::Engine;
 
 /// The route this front door serves (after `normalize_route`).
@@ -27,7 +27,7 @@ pub(crate) async fn handle(
             return Err(ApiError::method_not_allowed("/v1/messages takes POST"));
         }
         let body = Body::from_value(body.as_ref())?;
-        check_model(&body, settings)?;
+        let (engine, settings) = &for_model(&body, settings, engine)?;
         messages::handle(engine, settings, &body).await
     };
     match answer.await {

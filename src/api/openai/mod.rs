@@ -8,6 +8,7 @@
 pub(crate) mod chat;
 pub(crate) mod completions;
 pub mod embeddings;
+pub(crate) mod lora_adapters;
 pub(crate) mod outcome;
 pub(crate) mod params;
 pub(crate) mod response_store;
@@ -140,25 +141,34 @@ async fn dispatch(
         "/v1/completions" => {
             post(route)?;
             let body = Body::from_value(body)?;
-            check_model(&body, settings)?;
+            let (engine, settings) = &for_model(&body, settings, engine)?;
             completions::handle(engine, settings, &body).await
         }
         "/v1/chat/completions" => {
             post(route)?;
             let body = Body::from_value(body)?;
-            check_model(&body, settings)?;
+            let (engine, settings) = &for_model(&body, settings, engine)?;
             chat::handle(engine, settings, &body).await
         }
         "/v1/embeddings" => {
             post(route)?;
             let body = Body::from_value(body)?;
-            check_model(&body, settings)?;
+            let (engine, settings) = &for_model(&body, settings, engine)?;
             embeddings::handle(engine, settings, &body).await
+        }
+        "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" => {
+            post(route)?;
+            let body = Body::from_value(body)?;
+            if route == "/v1/load_lora_adapter" {
+                lora_adapters::load(engine, &body).await
+            } else {
+                lora_adapters::unload(engine, &body).await
+            }
         }
         "/v1/responses" => {
             post(route)?;
             let body = Body::from_value(body)?;
-            check_model(&body, settings)?;
+            let (engine, settings) = &for_model(&body, settings, engine)?;
             responses::handle(engine, settings, &body).await
         }
         _ if route.starts_with("/v1/responses/") => {
@@ -183,19 +193,76 @@ async fn dispatch(
 }
 
 /// A `model` other than the served name is a 404, as OpenAI and vLLM answer.
+#[cfg(test)]
 pub(crate) fn check_model(body: &Body<'_>, settings: &OpenAiSettings) -> Result<(), ApiError> {
     match body.get::<String>("model")? {
-        Some(model) if model != settings.served_model_name => Err(ApiError::not_found(format!(
-            "The model `{model}` does not exist. This worker serves `{}`.",
-            settings.served_model_name
-        ))
-        .with_param("model")),
+        Some(model) if model != settings.served_model_name => Err(unknown_model(&model, settings)),
         _ => Ok(()),
     }
 }
 
+/// The engine and settings a request's `model` names: the base model's, or a LoRA adapter's (its
+/// requests run with the adapter, and answers carry its name as `model`, as vLLM's do); any other
+/// name is OpenAI's 404 (`model_not_found`).
+pub(crate) fn for_model(
+    body: &Body<'_>,
+    settings: &OpenAiSettings,
+    engine: &Engine,
+) -> Result<(Engine, OpenAiSettings), ApiError> {
+    let Some(model) = body.get::<String>("model")? else {
+        return Ok((engine.clone(), settings.clone()));
+    };
+    if model == settings.served_model_name {
+        return Ok((engine.clone(), settings.clone()));
+    }
+    match engine.with_adapter(&model) {
+        Some(adapted) => Ok((
+            adapted,
+            OpenAiSettings {
+                served_model_name: model,
+                ..settings.clone()
+            },
+        )),
+        None => Err(unknown_model(&model, settings)),
+    }
+}
+
+fn unknown_model(model: &str, settings: &OpenAiSettings) -> ApiError {
+    ApiError::not_found(format!(
+        "The model `{model}` does not exist. This worker serves `{}`.",
+        settings.served_model_name
+    ))
+    .with_param("model")
+}
+
 fn models(engine: &Engine, settings: &OpenAiSettings) -> Value {
-    json!({"object": "list", "data": [model_card(engine, settings)]})
+    let mut data = vec![model_card(engine, settings)];
+    data.extend(
+        engine
+            .adapters()
+            .iter()
+            .map(|a| adapter_card(engine, settings, a)),
+    );
+    json!({"object": "list", "data": data})
+}
+
+/// A LoRA adapter's card: vLLM's, `root` its path and `parent` the base model.
+fn adapter_card(
+    engine: &Engine,
+    settings: &OpenAiSettings,
+    a: &crate::engine::lora::AdapterInfo,
+) -> Value {
+    let info = engine.info();
+    json!({
+        "id": a.name,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "worker-candle",
+        "root": a.path.display().to_string(),
+        "parent": settings.served_model_name,
+        "max_model_len": info.max_model_len,
+        "permission": [],
+    })
 }
 
 fn model_card(engine: &Engine, settings: &OpenAiSettings) -> Value {
@@ -215,13 +282,11 @@ fn model_card(engine: &Engine, settings: &OpenAiSettings) -> Value {
 /// `GET /v1/models/{model}`: the served model's card; any other id is OpenAI's 404.
 fn model(engine: &Engine, settings: &OpenAiSettings, id: &str) -> Result<Value, ApiError> {
     if id == settings.served_model_name {
-        Ok(model_card(engine, settings))
-    } else {
-        Err(ApiError::not_found(format!(
-            "The model `{id}` does not exist. This worker serves `{}`.",
-            settings.served_model_name
-        ))
-        .with_param("model"))
+        return Ok(model_card(engine, settings));
+    }
+    match engine.adapters().iter().find(|a| a.name == id) {
+        Some(a) => Ok(adapter_card(engine, settings, a)),
+        None => Err(unknown_model(id, settings)),
     }
 }
 

@@ -84,17 +84,27 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = self.gate_up.forward(x)?;
+        self.forward_with(x, |_, _, y| Ok(y))
+    }
+
+    /// `forward` with `adjust(projection, input, output)` applied to each projection's output
+    /// (0: gate/up, 1: down), where LoRA adds its products.
+    pub(crate) fn forward_with(
+        &self,
+        x: &Tensor,
+        adjust: impl Fn(usize, &Tensor, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let gu = adjust(0, x, self.gate_up.forward(x)?)?;
         if self.act == Activation::Silu && gu.device().is_cpu() && gu.dtype() == DType::F32 {
             let h = gu.apply_op1_no_bwd(&SiluMul {
                 intermediate: self.intermediate,
             })?;
-            return self.down.forward(&h);
+            return adjust(1, &h, self.down.forward(&h)?);
         }
         let gate = gu.narrow(1, 0, self.intermediate)?;
         let up = gu.narrow(1, self.intermediate, self.intermediate)?;
         let h = (self.act.apply(&gate)? * up)?;
-        self.down.forward(&h)
+        adjust(1, &h, self.down.forward(&h)?)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod gemv;
 pub mod kgemv;
 pub mod linear;
+pub(crate) mod lora;
 pub mod mlp;
 pub mod norm;
 pub mod pool;

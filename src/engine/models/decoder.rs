@@ -9,10 +9,12 @@ use super::CausalLM;
 use crate::engine::batch::{ForwardBatch, ModelSpec};
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::attention::softcap;
+use crate::engine::layers::lora::{LoraRows, LoraSite};
 use crate::engine::layers::{
     Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, GatedMlp, Linear, Norm, Rope,
     RopeConfig,
 };
+use crate::engine::lora::LoraWeights;
 
 #[derive(Debug, Clone)]
 pub(crate) struct DecoderConfig {
@@ -78,6 +80,8 @@ struct Layer {
     mlp: GatedMlp,
     post_mlp_norm: Option<Norm>,
     attn: AttentionParams,
+    /// LoRA adapters at qkv, o, gate/up and down.
+    lora: [LoraSite; 4],
 }
 
 pub(crate) struct DecoderModel {
@@ -149,7 +153,27 @@ impl Layer {
                 None,
             )
         };
+        let i = cfg.intermediate_size;
+        let lora = if cfg.fused_weights {
+            [
+                LoraSite::new(hs, &[("qkv_proj", q_out + 2 * kv_out)]),
+                LoraSite::new(q_out, &[("o_proj", hs)]),
+                LoraSite::new(hs, &[("gate_up_proj", 2 * i)]),
+                LoraSite::new(i, &[("down_proj", hs)]),
+            ]
+        } else {
+            [
+                LoraSite::new(
+                    hs,
+                    &[("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)],
+                ),
+                LoraSite::new(q_out, &[("o_proj", hs)]),
+                LoraSite::new(hs, &[("gate_proj", i), ("up_proj", i)]),
+                LoraSite::new(i, &[("down_proj", hs)]),
+            ]
+        };
         Ok(Self {
+            lora,
             input_norm: load_norm(&vb.pp("input_layernorm"), cfg, hs)?,
             qkv,
             q_norm,
@@ -180,6 +204,7 @@ impl Layer {
         sin: &Tensor,
         plan: &mut BatchPlan,
         cache: &mut KvCache,
+        lora: Option<&LoraRows>,
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, d) = (
@@ -187,7 +212,8 @@ impl Layer {
             self.attn.num_kv_heads,
             self.attn.head_dim,
         );
-        let qkv = self.qkv.forward(&self.input_norm.forward(x)?)?;
+        let xn = self.input_norm.forward(x)?;
+        let qkv = self.lora[0].apply(lora, &xn, self.qkv.forward(&xn)?)?;
         let v = qkv
             .narrow(1, (h + kvh) * d, kvh * d)?
             .reshape((t, kvh, d))?;
@@ -202,12 +228,18 @@ impl Layer {
             (qk.narrow(1, 0, h)?, qk.narrow(1, h, kvh)?)
         };
         let a = plan.attend(idx, &q, &k, &v, cache, &self.attn)?;
-        let mut a = self.o_proj.forward(&a)?;
+        let mut a = self.lora[1].apply(lora, &a, self.o_proj.forward(&a)?)?;
         if let Some(n) = &self.post_attn_norm {
             a = n.forward(&a)?;
         }
         let x = (x + a)?;
-        let mut m = self.mlp.forward(&self.pre_mlp_norm.forward(&x)?)?;
+        let h = self.pre_mlp_norm.forward(&x)?;
+        let mut m = match lora {
+            None => self.mlp.forward(&h)?,
+            Some(_) => self
+                .mlp
+                .forward_with(&h, |p, i, y| self.lora[2 + p].apply(lora, i, y))?,
+        };
         if let Some(n) = &self.post_mlp_norm {
             m = n.forward(&m)?;
         }
@@ -284,6 +316,7 @@ impl DecoderModel {
         )?
         .with_impl(self.attention_impl);
         let ids = super::token_tensor(&batch.tokens, self.cfg.vocab_size, device)?;
+        let lora = LoraRows::new(batch);
         let mut x = self.embed.forward(&ids)?;
         if let Some(s) = self.cfg.embed_scale {
             // the reference rounds the scale to the model's dtype first
@@ -300,7 +333,7 @@ impl DecoderModel {
                 Some((r, tables)) if layer.attn.sliding_window.is_some() => (*r, tables),
                 _ => (&self.rope, &global),
             };
-            x = layer.forward(i, &x, rope, cos, sin, &mut plan, cache)?;
+            x = layer.forward(i, &x, rope, cos, sin, &mut plan, cache, lora.as_ref())?;
         }
         if plan.num_rows == 0 {
             return Tensor::zeros((0, self.cfg.hidden_size), self.spec.dtype, device);
@@ -332,6 +365,48 @@ impl CausalLM for DecoderModel {
 
     fn set_attention_impl(&mut self, imp: AttentionImpl) {
         self.attention_impl = imp;
+    }
+
+    fn add_adapter(&mut self, id: u32, weights: &LoraWeights) -> Result<()> {
+        let n = self.layers.len();
+        let mut ready = Vec::new();
+        for p in &weights.pairs {
+            let Some(layer) = self.layers.get(p.layer) else {
+                bail!(
+                    "the adapter has weights for layer {} but the base model has {n} layers \
+                     (an adapter for another base model?)",
+                    p.layer
+                )
+            };
+            if !layer.lora.iter().any(|s| s.covers(&p.module)) {
+                bail!(
+                    "the adapter targets `{}`, which is not a projection of this {} model \
+                     (an adapter for another base model?)",
+                    p.module,
+                    self.cfg.architecture
+                )
+            }
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let pairs: Vec<_> = weights.pairs.iter().filter(|p| p.layer == li).collect();
+            for (si, site) in layer.lora.iter().enumerate() {
+                if let Some(ab) = site.prepare(&pairs)? {
+                    ready.push((li, si, ab));
+                }
+            }
+        }
+        for (li, si, ab) in ready {
+            self.layers[li].lora[si].insert(id, ab);
+        }
+        Ok(())
+    }
+
+    fn remove_adapter(&mut self, id: u32) {
+        for layer in &mut self.layers {
+            for site in &mut layer.lora {
+                site.remove(id);
+            }
+        }
     }
 }
 

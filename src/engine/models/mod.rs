@@ -9,6 +9,7 @@ use super::batch::{ForwardBatch, ModelSpec};
 use super::kv_cache::KvCache;
 use super::layers::AttentionImpl;
 use super::layers::Weights;
+use super::lora::LoraWeights;
 
 pub mod bert;
 pub mod decoder;
@@ -35,6 +36,15 @@ pub trait CausalLM: Send {
     /// Picks the attention path (the default chooses per batch; tests force the portable loop to
     /// compare the two).
     fn set_attention_impl(&mut self, _imp: AttentionImpl) {}
+
+    /// Adds LoRA adapter `id` (its pairs checked against the projections' shapes); sequences of the
+    /// batch that name `id` run with it.
+    fn add_adapter(&mut self, _id: u32, _weights: &LoraWeights) -> Result<()> {
+        bail!("LoRA adapters are supported on the Llama-family decoders (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3) only")
+    }
+
+    /// Forgets adapter `id`.
+    fn remove_adapter(&mut self, _id: u32) {}
 }
 
 /// The causal architectures this build runs: (config.json `architectures` entry, `model_type`).

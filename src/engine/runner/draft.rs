@@ -46,6 +46,7 @@ impl DraftModel {
         let max_k = wanted.iter().copied().max().unwrap_or(0);
         for pass in 0..max_k {
             let mut batch = ForwardBatch {
+                adapters: Vec::new(),
                 tokens: Vec::new(),
                 seqs: Vec::new(),
             };

@@ -12,6 +12,7 @@ use crate::engine::device_memory::{activation_reserve, gpu_kv_budget, MemoryProb
 use crate::engine::gguf::GgufFile;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::loader::{load_causal, LoadedModel};
+use crate::engine::lora::{load_adapter, AdapterInfo};
 use crate::engine::models::CausalLM;
 use crate::engine::sampling::device::{sample_rows, RowPlan};
 use crate::engine::sampling::Sampled;
@@ -229,6 +230,54 @@ impl Executor for CausalExecutor {
         };
         Ok((host, sampled))
     }
+    fn load_adapter(&mut self, id: u32, dir: &Path, max_rank: usize) -> anyhow::Result<usize> {
+        let spec = self.model.spec().clone();
+        let weights = load_adapter(dir, max_rank, spec.dtype, &spec.device)?;
+        self.model.add_adapter(id, &weights)?;
+        Ok(weights.rank)
+    }
+
+    fn unload_adapter(&mut self, id: u32) {
+        self.model.remove_adapter(id);
+    }
+}
+
+/// `LORA_MODULES`: each adapter loaded into `model` (ids from 1; 0 is the base model).
+fn load_adapters(
+    settings: &EngineSettings,
+    model: &mut dyn CausalLM,
+) -> anyhow::Result<Vec<AdapterInfo>> {
+    let Some(lora) = &settings.lora else {
+        return Ok(Vec::new());
+    };
+    let spec = model.spec().clone();
+    let mut out = Vec::new();
+    for (i, a) in lora.modules.iter().enumerate() {
+        if a.name == settings.served_model_name {
+            anyhow::bail!(
+                "the LoRA adapter `{}` has the served model's name; name it differently",
+                a.name
+            );
+        }
+        let weights = load_adapter(&a.path, lora.max_lora_rank, spec.dtype, &spec.device)
+            .with_context(|| format!("loading the LoRA adapter `{}`", a.name))?;
+        let id = i as u32 + 1;
+        model.add_adapter(id, &weights).with_context(|| {
+            format!(
+                "the LoRA adapter `{}` ({}) does not fit the base model",
+                a.name,
+                a.path.display()
+            )
+        })?;
+        tracing::info!(adapter = %a.name, rank = weights.rank, path = %a.path.display(), "LoRA adapter loaded");
+        out.push(AdapterInfo {
+            id,
+            name: a.name.clone(),
+            path: a.path.clone(),
+            rank: weights.rank,
+        });
+    }
+    Ok(out)
 }
 
 /// The model's sliding window from its `config.json` (`None` when it has none, or it is switched
@@ -246,9 +295,21 @@ fn sliding_window(settings: &EngineSettings) -> Option<usize> {
 /// Loads tokenizer, model, chat template and a KV cache sized by the budget.
 pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     if let Some(parts) = crate::engine::embedding::embedding_parts(settings)? {
+        if settings
+            .lora
+            .as_ref()
+            .is_some_and(|l| !l.modules.is_empty())
+        {
+            anyhow::bail!("LoRA adapters (LORA_MODULES) need a model that generates text; this one serves embeddings");
+        }
         return Ok(parts);
     }
-    let LoadedModel { model, meta, gguf } = load_causal(settings)?;
+    let LoadedModel {
+        mut model,
+        meta,
+        gguf,
+    } = load_causal(settings)?;
+    let adapters = load_adapters(settings, model.as_mut())?;
     let (tokenizer, template) = tokenizer_and_template(settings, gguf.as_deref())?;
     let spec = model.spec().clone();
     let block_size = settings.block_size.max(1);
@@ -348,8 +409,10 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
                     settings.max_num_batched_tokens.max(max_model_len)
                 },
                 enable_prefix_caching: settings.enable_prefix_caching,
+                max_loras: settings.lora.as_ref().map_or(1, |l| l.max_loras.max(1)),
             },
             speculation: speculation(settings, num_blocks, block_size, spec.vocab_size)?,
+            adapters,
         }),
     })
 }

@@ -26,6 +26,8 @@ pub(crate) struct Submission {
     pub params: SamplingParams,
     pub tx: UnboundedSender<GenerationEvent>,
     pub arrival: Instant,
+    /// The LoRA adapter the request runs with (0: the base model).
+    pub adapter: u32,
 }
 
 struct Choice {
@@ -89,7 +91,7 @@ impl RequestState {
     ) -> Self {
         let p = &sub.params;
         let stop = StopConditions::new(p, eos, sub.prompt.len(), max_model_len);
-        let root = sched.add(sub.prompt.clone(), p.prompt_logprobs.is_none());
+        let root = sched.add_for(sub.prompt.clone(), p.prompt_logprobs.is_none(), sub.adapter);
         let width = p.best_of.unwrap_or(p.n).max(p.n);
         let suppressed = stop.min_tokens_suppressed();
         let choices = if p.use_beam_search {

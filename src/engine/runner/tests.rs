@@ -127,8 +127,10 @@ fn toy_engine(
                 max_num_seqs: max_seqs,
                 max_num_batched_tokens: budget,
                 enable_prefix_caching: prefix,
+                max_loras: 1,
             },
             speculation,
+            adapters: Vec::new(),
         }),
     })
 }
@@ -942,8 +944,10 @@ async fn a_poisoned_sequence_fails_alone_and_its_batch_goes_on() {
                     max_num_seqs: 64,
                     max_num_batched_tokens: 256,
                     enable_prefix_caching: true,
+                    max_loras: 1,
                 },
                 speculation: None,
+                adapters: Vec::new(),
             }),
         });
         let long = |p: &mut SamplingParams| p.max_tokens = Some(40);
