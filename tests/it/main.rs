@@ -13,6 +13,7 @@ mod embed_http;
 mod embed_reference;
 mod engine_fixtures;
 mod engine_isolation;
+mod kv_cache_8bit;
 mod layering;
 mod models_reference;
 mod openai_client;
