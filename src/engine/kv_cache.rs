@@ -229,11 +229,7 @@ impl KvCache {
 
     /// Bytes one block takes over all layers, keys and values, stored as `dtype` (an 8-bit kind:
     /// one byte per value and a float32 scale per head and token).
-    pub(crate) fn bytes_per_block(
-        spec: &ModelSpec,
-        block_size: usize,
-        dtype: KvCacheDtype,
-    ) -> usize {
+    pub fn bytes_per_block(spec: &ModelSpec, block_size: usize, dtype: KvCacheDtype) -> usize {
         let per_head_token = match Kv8Format::of(dtype) {
             None => spec.head_dim * spec.dtype.size_in_bytes(),
             Some(_) => spec.head_dim + std::mem::size_of::<f32>(),
