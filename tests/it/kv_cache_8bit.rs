@@ -2,11 +2,13 @@
 //! causal fixture it keeps the greedy path and the log-probabilities of the float32 cache within the
 //! bounds stated here (and in the README); through the real binary, greedy output stays within them,
 //! the cache holds the smaller bytes' worth of tokens more for the same `KV_CACHE_MEMORY`, and a
-//! context that the float32 cache cannot hold in a budget fits in the 8-bit one.
+//! context that the float32 cache cannot hold in a budget fits in the 8-bit one; batching, prefix
+//! caching and preemption keep each request's output exactly as it is alone.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::common::fixtures::{fixture, ids, reference, CAUSAL};
+use crate::common::fixtures::{cases, collect, fixture, greedy, ids, reference, start, CAUSAL};
 use crate::common::process::run;
 use serde_json::Value;
 use worker_candle::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
@@ -14,7 +16,7 @@ use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::loader::load_causal;
 use worker_candle::engine::models::CausalLM;
 use worker_candle::engine::settings::KvCacheDtype;
-use worker_candle::engine::EngineSettings;
+use worker_candle::engine::{Engine, EngineSettings};
 
 const BLOCK: usize = 4;
 
@@ -340,5 +342,88 @@ fn greedy_output_through_the_binary_stays_with_the_float_cache() {
         println!("{dtype}: teacher-forced top-1 agreement {same}/{n} = {agree:.3}, mean |Δ log p| {mean:.4}");
         assert!(agree >= min_agree, "{dtype}: agreement {agree}");
         assert!(mean <= max_mean, "{dtype}: mean |Δ log p| {mean}");
+    }
+}
+
+/// Each fixture case's greedy ids on `engine`, all requests at once beside eight sampled neighbours
+/// of other lengths.
+async fn batched(engine: &Engine, model: &str) -> Vec<Vec<u32>> {
+    let mut tasks = Vec::new();
+    for k in 0..8usize {
+        let e = engine.clone();
+        let mut r = greedy(
+            (0..(5 + 13 * k) as u32)
+                .map(|t| 40 + (t * 31 + k as u32) % 900)
+                .collect(),
+            8 + 5 * k,
+            None,
+        );
+        r.params.temperature = 0.8;
+        r.params.seed = Some(k as u64);
+        tasks.push(tokio::spawn(async move { collect(&e, r).await }));
+    }
+    let runs = cases(model).into_iter().map(|c| {
+        let e = engine.clone();
+        let mut req = greedy(c.input_ids, 24, None);
+        req.params.ignore_eos = true;
+        async move { collect(&e, req).await.choice.token_ids }
+    });
+    let outs = futures::future::join_all(runs).await;
+    for t in tasks {
+        t.await.expect("neighbour");
+    }
+    outs
+}
+
+/// The engine's invariants hold over an 8-bit cache on every architecture: a request's greedy output
+/// alone equals its output batched among others (chunked prefill of 64-token steps) and after a
+/// prefix-cache hit (its prompt's blocks shared, already quantized); on llama, a cache too small for
+/// everyone preempts and still gives the same outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_8_bit_cache_keeps_batching_prefix_caching_and_preemption_exact() {
+    for model in CAUSAL {
+        for dtype in [KvCacheDtype::Int8, KvCacheDtype::Fp8E4m3] {
+            let engine = start(model, |s| {
+                s.kv_cache_dtype = dtype;
+                s.enable_prefix_caching = true;
+            });
+            let mut alone = Vec::new();
+            for c in cases(model) {
+                let mut req = greedy(c.input_ids.clone(), 24, None);
+                req.params.ignore_eos = true;
+                let miss = collect(&engine, req.clone()).await;
+                let hit = collect(&engine, req).await;
+                assert_eq!(
+                    hit.metrics.cached_prompt_tokens,
+                    (c.input_ids.len() - 1) / 16 * 16,
+                    "{model} {dtype:?}"
+                );
+                assert_eq!(
+                    hit.choice.token_ids, miss.choice.token_ids,
+                    "{model} {dtype:?}: prefix hit"
+                );
+                alone.push(miss.choice.token_ids);
+            }
+            let engine = start(model, |s| {
+                s.kv_cache_dtype = dtype;
+                s.max_num_batched_tokens = 64;
+            });
+            assert_eq!(
+                batched(&engine, model).await,
+                alone,
+                "{model} {dtype:?}: batched"
+            );
+            if *model == "llama" {
+                // 10 blocks of 16 tokens: 2 layers x 2 kv heads x (16 codes + a 4-byte scale) x 2
+                let engine = start(model, |s| {
+                    s.kv_cache_dtype = dtype;
+                    s.kv_cache_memory = Some(10 * 2 * 2 * 2 * 16 * (16 + 4));
+                    s.max_model_len = Some(160);
+                });
+                assert_eq!(engine.stats().total_blocks.load(Ordering::Relaxed), 10);
+                assert_eq!(batched(&engine, model).await, alone, "{dtype:?}: preempted");
+                assert!(engine.stats().preemptions.load(Ordering::Relaxed) > 0);
+            }
+        }
     }
 }
