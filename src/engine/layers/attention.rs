@@ -148,7 +148,8 @@ impl BatchPlan {
                 let slots: Vec<u32> = (0..len).map(|p| slot(p) as u32).collect();
                 Gather::Slots(Tensor::new(slots, device)?)
             };
-            if device.is_cpu() && dtype == DType::F32 {
+            // the fused kernel: a float32 cache, or an 8-bit one whatever the model's dtype
+            if device.is_cpu() && (dtype == DType::F32 || cache.format().is_some()) {
                 slots.push(SeqSlots {
                     token_start,
                     num_new: s.num_new,
@@ -226,7 +227,8 @@ impl BatchPlan {
             )
         }
         cache.write(layer, k, v, &self.runs)?;
-        let fused_ok = !self.slots.is_empty() && q.dtype() == DType::F32;
+        let fused_ok =
+            !self.slots.is_empty() && (q.dtype() == DType::F32 || cache.format().is_some());
         let varlen_ok = q.device().is_cpu()
             && matches!(q.dtype(), DType::F32 | DType::F16)
             && p.softcap.is_none();
@@ -427,7 +429,7 @@ mod tests {
     use crate::engine::batch::{ModelSpec, SeqInput};
     use crate::engine::settings::KvCacheDtype;
 
-    fn spec(kv_heads: usize, head_dim: usize) -> ModelSpec {
+    fn spec(kv_heads: usize, head_dim: usize, dtype: DType) -> ModelSpec {
         ModelSpec {
             architecture: "test".into(),
             num_layers: 1,
@@ -436,7 +438,7 @@ mod tests {
             hidden_size: 0,
             vocab_size: 0,
             max_position_embeddings: 4096,
-            dtype: DType::F32,
+            dtype,
             device: Device::Cpu,
         }
     }
@@ -457,6 +459,7 @@ mod tests {
     /// Two sequences (one with a cached context and scattered blocks, one fresh), a prefill chunk
     /// then a decode step; every step's output of the cache `dtype` on path `imp`.
     fn run(
+        model_dtype: DType,
         dtype: KvCacheDtype,
         imp: AttentionImpl,
         (h, kvh, d): (usize, usize, usize),
@@ -464,7 +467,7 @@ mod tests {
     ) -> Result<Vec<Vec<f32>>> {
         let dev = Device::Cpu;
         let bs = 4;
-        let mut cache = KvCache::with_dtype(&spec(kvh, d), 24, bs, dtype)?;
+        let mut cache = KvCache::with_dtype(&spec(kvh, d, model_dtype), 24, bs, dtype)?;
         let tables = [(0..12u32).rev().collect::<Vec<_>>(), (12..24).collect()];
         let mut outs = Vec::new();
         let mut seen = [0usize, 0];
@@ -485,11 +488,17 @@ mod tests {
             let q = Tensor::from_vec(noise(t * h * d, 3 * step + 1, 1.0), (t, h, d), &dev)?;
             let k = Tensor::from_vec(noise(t * kvh * d, 3 * step + 2, 3.0), (t, kvh, d), &dev)?;
             let v = Tensor::from_vec(noise(t * kvh * d, 3 * step + 3, 1.0), (t, kvh, d), &dev)?;
+            let (q, k, v) = (
+                q.to_dtype(model_dtype)?,
+                k.to_dtype(model_dtype)?,
+                v.to_dtype(model_dtype)?,
+            );
             let mut plan =
-                BatchPlan::new(&batch, &cache, p.sliding_window, 4096, &dev, DType::F32)?
+                BatchPlan::new(&batch, &cache, p.sliding_window, 4096, &dev, model_dtype)?
                     .with_impl(imp);
             let o = plan.attend(0, &q, &k, &v, &mut cache, p)?;
-            outs.push(o.flatten_all()?.to_vec1::<f32>()?);
+            assert_eq!(o.dtype(), model_dtype);
+            outs.push(o.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
             for i in 0..2 {
                 seen[i] += news[i];
             }
@@ -519,15 +528,37 @@ mod tests {
                 KvCacheDtype::Fp8E4m3,
                 KvCacheDtype::Fp8E5m2,
             ] {
-                let fused = run(dtype, AttentionImpl::Fused, (h, kvh, d), &p)?;
-                let looped = run(dtype, AttentionImpl::Loop, (h, kvh, d), &p)?;
-                let float = run(KvCacheDtype::Auto, AttentionImpl::Loop, (h, kvh, d), &p)?;
+                let f32 = DType::F32;
+                let fused = run(f32, dtype, AttentionImpl::Fused, (h, kvh, d), &p)?;
+                let looped = run(f32, dtype, AttentionImpl::Loop, (h, kvh, d), &p)?;
+                let float = run(
+                    f32,
+                    KvCacheDtype::Auto,
+                    AttentionImpl::Loop,
+                    (h, kvh, d),
+                    &p,
+                )?;
+                // a bfloat16 model reads the 8-bit cache through the same fused kernel
+                let bf16 = run(DType::BF16, dtype, AttentionImpl::Auto, (h, kvh, d), &p)?;
                 // bound on the quantization error, relative to the output's size
                 let bound = match dtype {
                     KvCacheDtype::Int8 => 0.03,
                     KvCacheDtype::Fp8E4m3 => 0.12,
                     _ => 0.25,
                 };
+                for (a, c) in bf16.iter().zip(&float) {
+                    let size = c.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                    let err = a
+                        .iter()
+                        .zip(c)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    // bfloat16 rounds inputs and output to 8 bits of mantissa besides
+                    assert!(
+                        err < (bound + 0.03) * size,
+                        "{dtype:?} bf16: {err} of {size}"
+                    );
+                }
                 for (step, ((a, b), c)) in fused.iter().zip(&looped).zip(&float).enumerate() {
                     let exact = a
                         .iter()

@@ -4,7 +4,7 @@
 //! The same loop reads an 8-bit cache through [`KvRows`] (`layers/kv8.rs`), dequantizing inside the
 //! dot products.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::attention::AttentionParams;
@@ -32,13 +32,13 @@ impl PagedAttention<'_> {
         q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, self)
     }
 
-    /// The same over any store of key/value rows (an 8-bit cache layer: `layers/kv8.rs`); `q` in
-    /// float32.
+    /// The same over any store of key/value rows (an 8-bit cache layer: `layers/kv8.rs`); computed
+    /// in float32, returned in `q`'s dtype.
     pub(crate) fn forward_rows<R: KvRows>(&self, q: &Tensor, kv: &R) -> Result<Tensor> {
         let (t, h, d) = q.dims3()?;
-        let qs = q.flatten_all()?.to_vec1::<f32>()?;
+        let qs = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let out = self.attend(&qs, t, h, d, kv)?;
-        Tensor::from_vec(out, (t, h * d), q.device())
+        Tensor::from_vec(out, (t, h * d), q.device())?.to_dtype(q.dtype())
     }
 
     /// The work: one item per (token, head), its output row of `head_dim`.
