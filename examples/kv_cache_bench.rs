@@ -11,7 +11,8 @@
 //! - speed: a CONTEXT-token prompt prefilled (chunks of 256), then NEW greedy decode steps timed;
 //!   the kinds alternate within each round; medians over ROUNDS.
 //!
-//! `RAYON_NUM_THREADS` sets the thread count; `KINDS=auto,int8,fp8_e4m3` the kinds timed.
+//! `RAYON_NUM_THREADS` sets the thread count; `KINDS=auto,int8,fp8_e4m3` the kinds timed;
+//! `QUANTIZATION=q8_0|q4k|...` quantizes the weights at load.
 
 use std::time::Instant;
 
@@ -20,7 +21,7 @@ use worker_candle::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use worker_candle::engine::kv_cache::KvCache;
 use worker_candle::engine::loader::load_causal;
 use worker_candle::engine::models::CausalLM;
-use worker_candle::engine::settings::{EngineSettings, KvCacheDtype};
+use worker_candle::engine::settings::{EngineSettings, KvCacheDtype, Quantization};
 use worker_candle::engine::tokenizer::Tokenizer;
 
 const BLOCK: usize = 16;
@@ -102,7 +103,13 @@ fn main() -> Result<()> {
         .split(',')
         .map(|k| Ok((k.to_string(), kind(k)?)))
         .collect::<Result<_>>()?;
-    let settings = EngineSettings::for_model(dir);
+    let mut settings = EngineSettings::for_model(dir);
+    if let Ok(q) = std::env::var("QUANTIZATION")
+        && !q.is_empty()
+        && q != "none"
+    {
+        settings.quantization = Quantization::InSitu(q);
+    }
     let loaded = load_causal(&settings)?;
     let model = loaded.model.as_ref();
     let spec = model.spec().clone();

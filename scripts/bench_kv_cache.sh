@@ -5,7 +5,7 @@
 # within each round, medians over the rounds. Prints the machine's load before and after.
 #
 # usage: scripts/bench_kv_cache.sh MODEL_DIR [CONTEXT=2048] [NEW=64] [ROUNDS=3] [TEXT_FILE=README.md]
-# env:   RAYON_NUM_THREADS (default 2), KINDS (default auto,int8,fp8_e4m3)
+# env:   RAYON_NUM_THREADS (default 2), KINDS (default auto,int8,fp8_e4m3), QUANTIZATION (weights, e.g. q8_0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --example kv_cache_bench
