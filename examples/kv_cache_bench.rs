@@ -8,8 +8,10 @@
 //!   first 16 tokens prefilled, then one decode step per following token (at most 512), on each
 //!   cache: the share of steps whose top token is the float cache's and the mean / worst
 //!   `|Δ log p|` of that token;
-//! - speed: a CONTEXT-token prompt prefilled (chunks of 256), then NEW greedy decode steps timed;
-//!   the kinds alternate within each round; medians over ROUNDS.
+//! - speed: a CONTEXT-token prompt prefilled (chunks of 256) into each kind's cache, then in each
+//!   round NEW greedy decode steps from the end of the context, timed in wall time and in the
+//!   process's CPU time (steadier on a shared machine); the kinds alternate within each round;
+//!   medians over ROUNDS.
 //!
 //! `RAYON_NUM_THREADS` sets the thread count; `KINDS=auto,int8,fp8_e4m3` the kinds timed;
 //! `QUANTIZATION=q8_0|q4k|...` quantizes the weights at load.
@@ -196,38 +198,62 @@ fn main() -> Result<()> {
         .collect();
     let nblocks = (context + new).div_ceil(BLOCK);
     let blocks: Vec<u32> = (0..nblocks as u32).collect();
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    // each kind's cache prefilled once; every round decodes from the end of the context again
+    let mut caches = Vec::new();
+    for (name, dtype) in &kinds {
+        let t = Instant::now();
+        let mut cache = KvCache::with_dtype(&spec, nblocks, BLOCK, *dtype)?;
+        let mut last = Vec::new();
+        for (c, chunk) in prompt.chunks(256).enumerate() {
+            last = step(model, &mut cache, chunk, c * 256, &blocks)?;
+        }
+        eprintln!("{name}: prefilled in {:.1}s", t.elapsed().as_secs_f64());
+        caches.push((cache, argmax(&last)));
+    }
+    let mut rates: Vec<Vec<(f64, f64)>> = vec![Vec::new(); kinds.len()];
     for round in 0..rounds {
         for j in 0..kinds.len() {
             // alternate the order: round r starts with kind r
             let k = (j + round) % kinds.len();
-            let mut cache = KvCache::with_dtype(&spec, nblocks, BLOCK, kinds[k].1)?;
-            let mut last = Vec::new();
-            for (c, chunk) in prompt.chunks(256).enumerate() {
-                last = step(model, &mut cache, chunk, c * 256, &blocks)?;
-            }
-            let mut tok = argmax(&last);
-            let t = Instant::now();
+            let (cache, first) = &mut caches[k];
+            let mut tok = *first;
+            let (t, cpu) = (Instant::now(), cpu_seconds());
             for i in 0..new {
-                tok = argmax(&step(model, &mut cache, &[tok], context + i, &blocks)?);
+                tok = argmax(&step(model, cache, &[tok], context + i, &blocks)?);
             }
-            let rate = new as f64 / t.elapsed().as_secs_f64();
-            eprintln!("round {round}: {} {rate:.1} tok/s", kinds[k].0);
-            rates[k].push(rate);
+            let wall = new as f64 / t.elapsed().as_secs_f64();
+            let per_cpu = new as f64 / (cpu_seconds() - cpu).max(1e-3);
+            eprintln!(
+                "round {round}: {} {wall:.1} tok/s, {per_cpu:.1} tok per CPU-second",
+                kinds[k].0
+            );
+            rates[k].push((wall, per_cpu));
         }
     }
-    let base = median(rates[0].clone());
+    let med = |k: usize, f: fn(&(f64, f64)) -> f64| median(rates[k].iter().map(f).collect());
+    let (base_wall, base_cpu) = (med(0, |r| r.0), med(0, |r| r.1));
     for (k, (name, _)) in kinds.iter().enumerate() {
-        let m = median(rates[k].clone());
+        let (wall, cpu) = (med(k, |r| r.0), med(k, |r| r.1));
         println!(
-            "{name:>9}: decode {m:.1} tok/s ({:.2}x {}), rounds {:?}",
-            m / base,
+            "{name:>9}: decode {wall:.1} tok/s ({:.2}x {}), {cpu:.1} tok per CPU-second ({:.2}x)",
+            wall / base_wall,
             kinds[0].0,
-            rates[k]
-                .iter()
-                .map(|r| (r * 10.0).round() / 10.0)
-                .collect::<Vec<_>>()
+            cpu / base_cpu
         );
     }
     Ok(())
+}
+
+/// User + system CPU time of this process, seconds (/proc/self/stat, clock ticks of 1/100 s); 0
+/// where /proc is absent.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
 }

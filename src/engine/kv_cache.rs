@@ -7,9 +7,10 @@
 //! the `[kv_heads, len, head_dim]` shape attention multiplies with.
 //!
 //! With `KV_CACHE_DTYPE` `int8`, `fp8_e4m3` or `fp8_e5m2` (CPU only) a layer stores one byte per value
-//! in that layout and one float32 scale per `(kv_head, slot)` (`[kv_heads, slots]`): each head's row of
-//! `head_dim` values is quantized when it is written, symmetric around zero, its largest magnitude
-//! mapped to the format's largest code (127, 448 or 57344). The fused CPU attention reads the bytes and
+//! in that layout and one float32 scale per 32 values of a head's row (per row where `head_dim` is not
+//! a multiple of 32; `[kv_heads, slots, head_dim / 32]`): each group is quantized when it is
+//! written, symmetric around zero, its largest magnitude mapped to the format's largest code (127,
+//! 448 or 57344). The fused CPU attention reads the bytes and
 //! scales directly (`layers/kv8.rs`); other paths get a float copy of one sequence's context
 //! ([`KvCache::gather`]).
 
@@ -120,8 +121,20 @@ fn fp8_encode(v: f32, m: u32, bias: u32, max_code: u32) -> u8 {
     sign | code.min(max_code) as u8
 }
 
-/// One layer of an 8-bit cache: codes `[kv_heads, slots, head_dim]`, scales `[kv_heads, slots]`.
+/// Values per scale in an 8-bit cache: 32 (as llama.cpp's q8_0) where the head dimension splits into
+/// 32s, else the whole head.
+pub fn scale_group(head_dim: usize) -> usize {
+    if head_dim % 32 == 0 {
+        32
+    } else {
+        head_dim.max(1)
+    }
+}
+
+/// One layer of an 8-bit cache: codes `[kv_heads, slots, head_dim]`, scales `[kv_heads, slots,
+/// head_dim / group]` (one per `group` values of a head's row).
 pub(crate) struct Kv8Layer {
+    pub group: usize,
     pub k: Vec<u8>,
     pub v: Vec<u8>,
     pub k_scale: Vec<f32>,
@@ -207,11 +220,14 @@ impl KvCache {
                 )),
                 Some(_) => {
                     let n = spec.num_kv_heads * slots;
+                    let group = scale_group(spec.head_dim);
+                    let scales = n * (spec.head_dim / group);
                     Ok(Layer::Eight(Kv8Layer {
+                        group,
                         k: vec![0; n * spec.head_dim],
                         v: vec![0; n * spec.head_dim],
-                        k_scale: vec![0.0; n],
-                        v_scale: vec![0.0; n],
+                        k_scale: vec![0.0; scales],
+                        v_scale: vec![0.0; scales],
                     }))
                 }
             })
@@ -228,11 +244,14 @@ impl KvCache {
     }
 
     /// Bytes one block takes over all layers, keys and values, stored as `dtype` (an 8-bit kind:
-    /// one byte per value and a float32 scale per head and token).
+    /// one byte per value and a float32 scale per [`scale_group`] values).
     pub fn bytes_per_block(spec: &ModelSpec, block_size: usize, dtype: KvCacheDtype) -> usize {
         let per_head_token = match Kv8Format::of(dtype) {
             None => spec.head_dim * spec.dtype.size_in_bytes(),
-            Some(_) => spec.head_dim + std::mem::size_of::<f32>(),
+            Some(_) => {
+                spec.head_dim
+                    + std::mem::size_of::<f32>() * (spec.head_dim / scale_group(spec.head_dim))
+            }
         };
         2 * spec.num_layers * spec.num_kv_heads * block_size * per_head_token
     }
@@ -277,13 +296,14 @@ impl KvCache {
                     }
                 }
                 Layer::Eight(l) => {
+                    let g = d / l.group;
                     for h in 0..self.kv_heads {
                         let (a, b) = (h * slots + src * bs, h * slots + dst * bs);
                         for codes in [&mut l.k, &mut l.v] {
                             codes.copy_within(a * d..(a + bs) * d, b * d);
                         }
                         for scales in [&mut l.k_scale, &mut l.v_scale] {
-                            scales.copy_within(a..a + bs, b);
+                            scales.copy_within(a * g..(a + bs) * g, b * g);
                         }
                     }
                 }
@@ -330,10 +350,14 @@ impl KvCache {
                         for h in 0..kvh {
                             let src = ((run.token_start + i) * kvh + h) * d;
                             let dst = h * slots + run.slot_start + i;
-                            l.k_scale[dst] = format
-                                .quantize_row(&ks[src..src + d], &mut l.k[dst * d..(dst + 1) * d]);
-                            l.v_scale[dst] = format
-                                .quantize_row(&vs[src..src + d], &mut l.v[dst * d..(dst + 1) * d]);
+                            let gs = l.group;
+                            for j in 0..d / gs {
+                                let (x, o) = (src + j * gs, dst * d + j * gs);
+                                l.k_scale[o / gs] =
+                                    format.quantize_row(&ks[x..x + gs], &mut l.k[o..o + gs]);
+                                l.v_scale[o / gs] =
+                                    format.quantize_row(&vs[x..x + gs], &mut l.v[o..o + gs]);
+                            }
                         }
                     }
                 }
@@ -368,10 +392,11 @@ impl KvCache {
                     for h in 0..kvh {
                         for (p, s) in slots.iter().enumerate() {
                             let i = h * n + *s as usize;
-                            let scale = scales[i];
                             let o = &mut out[(h * len + p) * d..][..d];
-                            for (o, b) in o.iter_mut().zip(&codes[i * d..(i + 1) * d]) {
-                                *o = format.decode(*b) * scale;
+                            for (j, (o, b)) in
+                                o.iter_mut().zip(&codes[i * d..(i + 1) * d]).enumerate()
+                            {
+                                *o = format.decode(*b) * scales[(i * d + j) / l.group];
                             }
                         }
                     }
@@ -445,7 +470,7 @@ mod tests {
             KvCache::bytes_per_block(&spec(), 4, KvCacheDtype::Auto),
             2 * 2 * 2 * 3 * 4 * 4
         );
-        // one byte per value and a float32 scale per head and token
+        // one byte per value and a float32 scale per head and token (a head of 3: one group)
         for dtype in [
             KvCacheDtype::Int8,
             KvCacheDtype::Fp8E4m3,
@@ -456,6 +481,17 @@ mod tests {
                 2 * 2 * 2 * 4 * (3 + 4)
             );
         }
+        // a head of 64: a scale per 32 values
+        let wide = ModelSpec {
+            head_dim: 64,
+            ..spec()
+        };
+        assert_eq!(
+            KvCache::bytes_per_block(&wide, 4, KvCacheDtype::Int8),
+            2 * 2 * 2 * 4 * (64 + 2 * 4)
+        );
+        assert_eq!(scale_group(64), 32);
+        assert_eq!(scale_group(80), 80);
     }
 
     #[test]

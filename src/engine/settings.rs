@@ -43,11 +43,11 @@ pub enum KvCacheDtype {
     /// The model's dtype.
     #[default]
     Auto,
-    /// 8-bit integers, one float32 scale per (token, kv head) (`int8`).
+    /// 8-bit integers, one float32 scale per 32 values of a token's kv head (`int8`).
     Int8,
-    /// fp8 e4m3 codes, one float32 scale per (token, kv head) (`fp8`, `fp8_e4m3`).
+    /// fp8 e4m3 codes, one float32 scale per 32 values of a token's kv head (`fp8`, `fp8_e4m3`).
     Fp8E4m3,
-    /// fp8 e5m2 codes, one float32 scale per (token, kv head) (`fp8_e5m2`).
+    /// fp8 e5m2 codes, one float32 scale per 32 values of a token's kv head (`fp8_e5m2`).
     Fp8E5m2,
 }
 

@@ -1,7 +1,7 @@
 //! The dot products of attention over an 8-bit KV cache (`KV_CACHE_DTYPE` `int8`, `fp8_e4m3`,
 //! `fp8_e5m2`), with the dequantization fused in: a key row's codes are widened to float32 in
 //! registers, eight at a time, and multiplied with the query (`dot`), a value row's are scaled into
-//! the output (`axpy`); the row's scale is applied once, outside. Nothing is dequantized to memory.
+//! the output (`axpy`); each group's scale is applied once, outside. Nothing is dequantized to memory.
 //!
 //! fp8 codes become float32 by bit arithmetic: the sign moves to bit 31, exponent and mantissa
 //! shift into float32's and the exponent is rebiased by an integer add; code 0 is zero (the cache
@@ -60,24 +60,37 @@ pub(crate) struct Kv8Rows<'a> {
 
 impl KvRows for Kv8Rows<'_> {
     fn rows(&self) -> usize {
-        self.layer.k_scale.len()
+        self.layer.k.len() / self.head_dim.max(1)
     }
 
     #[inline]
     fn dot(&self, row: usize, q: &[f32]) -> f32 {
-        let d = self.head_dim;
-        dot(self.format, q, &self.layer.k[row * d..][..d]) * self.layer.k_scale[row]
+        let (d, g) = (self.head_dim, self.layer.group);
+        let (codes, scales) = (
+            &self.layer.k[row * d..][..d],
+            &self.layer.k_scale[row * d / g..],
+        );
+        q.chunks_exact(g)
+            .zip(codes.chunks_exact(g))
+            .zip(scales)
+            .map(|((q, c), s)| dot(self.format, q, c) * s)
+            .sum()
     }
 
     #[inline]
     fn axpy(&self, row: usize, w: f32, out: &mut [f32]) {
-        let d = self.head_dim;
-        axpy(
-            self.format,
-            w * self.layer.v_scale[row],
+        let (d, g) = (self.head_dim, self.layer.group);
+        let (codes, scales) = (
             &self.layer.v[row * d..][..d],
-            out,
-        )
+            &self.layer.v_scale[row * d / g..],
+        );
+        for ((o, c), s) in out
+            .chunks_exact_mut(g)
+            .zip(codes.chunks_exact(g))
+            .zip(scales)
+        {
+            axpy(self.format, w * s, c, o)
+        }
     }
 }
 
