@@ -70,6 +70,27 @@ impl Kv8Format {
         }
     }
 
+    /// `out[i] = decode(codes[i]) * scale`.
+    pub fn dequantize(self, codes: &[u8], scale: f32, out: &mut [f32]) {
+        match self {
+            Kv8Format::Int8 => {
+                for (o, b) in out.iter_mut().zip(codes) {
+                    *o = *b as i8 as f32 * scale;
+                }
+            }
+            Kv8Format::E4m3 => {
+                for (o, b) in out.iter_mut().zip(codes) {
+                    *o = fp8_decode(*b, 3, 7) * scale;
+                }
+            }
+            Kv8Format::E5m2 => {
+                for (o, b) in out.iter_mut().zip(codes) {
+                    *o = fp8_decode(*b, 2, 15) * scale;
+                }
+            }
+        }
+    }
+
     /// Quantizes one row: its codes into `out`, its scale returned (`x[i] ≈ decode(out[i]) * scale`).
     pub fn quantize_row(self, x: &[f32], out: &mut [u8]) -> f32 {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -393,10 +414,13 @@ impl KvCache {
                         for (p, s) in slots.iter().enumerate() {
                             let i = h * n + *s as usize;
                             let o = &mut out[(h * len + p) * d..][..d];
-                            for (j, (o, b)) in
-                                o.iter_mut().zip(&codes[i * d..(i + 1) * d]).enumerate()
+                            let (g, c) = (l.group, &codes[i * d..(i + 1) * d]);
+                            for ((o, c), s) in o
+                                .chunks_exact_mut(g)
+                                .zip(c.chunks_exact(g))
+                                .zip(&scales[i * d / g..])
                             {
-                                *o = format.decode(*b) * scales[(i * d + j) / l.group];
+                                format.dequantize(c, *s, o);
                             }
                         }
                     }

@@ -66,10 +66,22 @@ impl KvRows for Kv8Rows<'_> {
     #[inline]
     fn dot(&self, row: usize, q: &[f32]) -> f32 {
         let (d, g) = (self.head_dim, self.layer.group);
-        let (codes, scales) = (
-            &self.layer.k[row * d..][..d],
-            &self.layer.k_scale[row * d / g..],
-        );
+        let codes = &self.layer.k[row * d..][..d];
+        let scales = &self.layer.k_scale[row * d / g..][..d / g];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if g % 8 == 0 && q.len() == d && super::simd::avx2_fma() {
+                // SAFETY: AVX2 and FMA are available; `q` and `codes` hold `d` values, `scales` one
+                // per `g` of them, `g` a multiple of 8.
+                return unsafe {
+                    match self.format {
+                        Kv8Format::Int8 => x86::dot_groups::<0>(q, codes, scales, g),
+                        Kv8Format::E4m3 => x86::dot_groups::<1>(q, codes, scales, g),
+                        Kv8Format::E5m2 => x86::dot_groups::<2>(q, codes, scales, g),
+                    }
+                };
+            }
+        }
         q.chunks_exact(g)
             .zip(codes.chunks_exact(g))
             .zip(scales)
@@ -80,10 +92,22 @@ impl KvRows for Kv8Rows<'_> {
     #[inline]
     fn axpy(&self, row: usize, w: f32, out: &mut [f32]) {
         let (d, g) = (self.head_dim, self.layer.group);
-        let (codes, scales) = (
-            &self.layer.v[row * d..][..d],
-            &self.layer.v_scale[row * d / g..],
-        );
+        let codes = &self.layer.v[row * d..][..d];
+        let scales = &self.layer.v_scale[row * d / g..][..d / g];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if g % 8 == 0 && out.len() == d && super::simd::avx2_fma() {
+                // SAFETY: as in `dot`.
+                unsafe {
+                    match self.format {
+                        Kv8Format::Int8 => x86::axpy_groups::<0>(w, codes, scales, g, out),
+                        Kv8Format::E4m3 => x86::axpy_groups::<1>(w, codes, scales, g, out),
+                        Kv8Format::E5m2 => x86::axpy_groups::<2>(w, codes, scales, g, out),
+                    }
+                }
+                return;
+            }
+        }
         for ((o, c), s) in out
             .chunks_exact_mut(g)
             .zip(codes.chunks_exact(g))
@@ -153,6 +177,53 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    /// `Σ_j scales[j] · Σ_{i in group j} q[i]·decode(x[i])`, groups of `g` (a multiple of 8).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_groups<const F: u8>(
+        q: &[f32],
+        x: &[u8],
+        scales: &[f32],
+        g: usize,
+    ) -> f32 {
+        let (pq, px) = (q.as_ptr(), x.as_ptr());
+        let mut total = _mm256_setzero_ps();
+        for (j, s) in scales.iter().enumerate() {
+            let mut acc = _mm256_setzero_ps();
+            let mut i = j * g;
+            let end = i + g;
+            while i < end {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), load8::<F>(px.add(i)), acc);
+                i += 8;
+            }
+            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(*s), total);
+        }
+        crate::engine::layers::simd::x86::hsum(total)
+    }
+
+    /// `y[i] += alpha · scales[i / g] · decode(x[i])`, groups of `g` (a multiple of 8).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_groups<const F: u8>(
+        alpha: f32,
+        x: &[u8],
+        scales: &[f32],
+        g: usize,
+        y: &mut [f32],
+    ) {
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        for (j, s) in scales.iter().enumerate() {
+            let a = _mm256_set1_ps(alpha * s);
+            let mut i = j * g;
+            let end = i + g;
+            while i < end {
+                _mm256_storeu_ps(
+                    py.add(i),
+                    _mm256_fmadd_ps(a, load8::<F>(px.add(i)), _mm256_loadu_ps(py.add(i))),
+                );
+                i += 8;
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
