@@ -145,7 +145,7 @@ fn fp8_encode(v: f32, m: u32, bias: u32, max_code: u32) -> u8 {
 /// Values per scale in an 8-bit cache: 32 (as llama.cpp's q8_0) where the head dimension splits into
 /// 32s, else the whole head.
 pub fn scale_group(head_dim: usize) -> usize {
-    if head_dim % 32 == 0 {
+    if head_dim.is_multiple_of(32) {
         32
     } else {
         head_dim.max(1)

@@ -52,7 +52,7 @@ impl PagedAttention<'_> {
     ) -> Result<Vec<f32>> {
         let p = &self.params;
         let kvh = p.num_kv_heads;
-        if h != p.num_heads || d != p.head_dim || kvh == 0 || kv.rows() % kvh != 0 {
+        if h != p.num_heads || d != p.head_dim || kvh == 0 || !kv.rows().is_multiple_of(kvh) {
             bail!(
                 "paged attention: q [{t}, {h}, {d}] / cache of {} rows do not match the layer",
                 kv.rows()

@@ -70,7 +70,7 @@ impl KvRows for Kv8Rows<'_> {
         let scales = &self.layer.k_scale[row * d / g..][..d / g];
         #[cfg(target_arch = "x86_64")]
         {
-            if g % 8 == 0 && q.len() == d && super::simd::avx2_fma() {
+            if g.is_multiple_of(8) && q.len() == d && super::simd::avx2_fma() {
                 // SAFETY: AVX2 and FMA are available; `q` and `codes` hold `d` values, `scales` one
                 // per `g` of them, `g` a multiple of 8.
                 return unsafe {
@@ -96,7 +96,7 @@ impl KvRows for Kv8Rows<'_> {
         let scales = &self.layer.v_scale[row * d / g..][..d / g];
         #[cfg(target_arch = "x86_64")]
         {
-            if g % 8 == 0 && out.len() == d && super::simd::avx2_fma() {
+            if g.is_multiple_of(8) && out.len() == d && super::simd::avx2_fma() {
                 // SAFETY: as in `dot`.
                 unsafe {
                     match self.format {
