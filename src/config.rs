@@ -13,7 +13,9 @@ use std::time::Duration;
 use crate::api::stream_batch::BatchPolicy;
 use crate::engine::lora::AdapterSpec;
 use crate::engine::settings::LoraSettings;
-use crate::engine::settings::{DTypeChoice, DeviceChoice, EngineSettings, Quantization};
+use crate::engine::settings::{
+    DTypeChoice, DeviceChoice, EngineSettings, KvCacheDtype, Quantization,
+};
 use crate::engine::speculative::SpeculativeConfig;
 use crate::hub::HubConfig;
 
@@ -389,7 +391,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "KV_CACHE_DTYPE",
         "auto",
-        "auto (the model's dtype); fp8 caches are refused",
+        "auto (the model's dtype), int8, fp8 / fp8_e4m3 or fp8_e5m2 (8-bit keys and values, CPU only)",
     ),
     setting(
         "TENSOR_PARALLEL_SIZE",
@@ -788,10 +790,6 @@ impl Config {
                 _ => Err("1: this worker runs on one device (multi-GPU is not implemented)".into()),
             })?;
         }
-        v.get("KV_CACHE_DTYPE", |s| match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(()),
-            _ => Err("auto: the KV cache is kept in the model's dtype (fp8 KV caches are not implemented in this engine)".into()),
-        })?;
         v.get("LOAD_FORMAT", |s| match s.to_ascii_lowercase().as_str() {
             "auto" | "safetensors" | "gguf" => Ok(()),
             _ => Err("auto, safetensors or gguf: the weight formats this engine loads".into()),
@@ -830,6 +828,7 @@ impl Config {
                 parse_bytes(s)
                     .ok_or_else(|| "a size in bytes, e.g. 4294967296, 4GiB, 512MiB or 2GB".into())
             })?,
+            kv_cache_dtype: v.get("KV_CACHE_DTYPE", parse_kv_cache_dtype)?,
             gpu_memory_utilization: v.get("GPU_MEMORY_UTILIZATION", fraction)?,
             max_num_seqs: v.get("MAX_NUM_SEQS", positive)?,
             max_num_batched_tokens: v.get("MAX_NUM_BATCHED_TOKENS", positive)?,
@@ -1211,6 +1210,17 @@ const IN_SITU: &[&str] = &[
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2k", "q3k", "q4k", "q5k", "q6k", "q8k",
 ];
 
+/// `KV_CACHE_DTYPE`: vLLM's names (`auto`, `fp8`, `fp8_e4m3`, `fp8_e5m2`) and `int8`.
+fn parse_kv_cache_dtype(v: &str) -> Result<KvCacheDtype, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "auto" => Ok(KvCacheDtype::Auto),
+        "int8" => Ok(KvCacheDtype::Int8),
+        "fp8" | "fp8_e4m3" => Ok(KvCacheDtype::Fp8E4m3),
+        "fp8_e5m2" => Ok(KvCacheDtype::Fp8E5m2),
+        _ => Err("auto (the model's dtype), int8, fp8, fp8_e4m3 or fp8_e5m2".into()),
+    }
+}
+
 fn parse_quantization(v: &str) -> Result<Quantization, String> {
     let lower = v.to_ascii_lowercase();
     match lower.as_str() {
@@ -1379,12 +1389,37 @@ mod tests {
     }
 
     #[test]
+    fn kv_cache_dtype_takes_vllms_names_and_int8() {
+        assert_eq!(
+            parse(&[]).unwrap().engine.kv_cache_dtype,
+            KvCacheDtype::Auto
+        );
+        for (value, want) in [
+            ("auto", KvCacheDtype::Auto),
+            ("int8", KvCacheDtype::Int8),
+            ("INT8", KvCacheDtype::Int8),
+            ("fp8", KvCacheDtype::Fp8E4m3),
+            ("fp8_e4m3", KvCacheDtype::Fp8E4m3),
+            ("fp8_e5m2", KvCacheDtype::Fp8E5m2),
+        ] {
+            let c = parse(&[("KV_CACHE_DTYPE", value)]).unwrap();
+            assert_eq!(c.engine.kv_cache_dtype, want, "{value}");
+        }
+        let e = parse(&[("KV_CACHE_DTYPE", "q4")]).unwrap_err();
+        assert_eq!(e.name, "KV_CACHE_DTYPE");
+        assert!(
+            e.to_string().contains("int8, fp8, fp8_e4m3 or fp8_e5m2"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn vllm_settings_mean_something_or_are_refused() {
         for (name, value, why) in [
             ("TENSOR_PARALLEL_SIZE", "2", "one device"),
             ("PIPELINE_PARALLEL_SIZE", "4", "one device"),
-            ("KV_CACHE_DTYPE", "fp8", "fp8"),
-            ("KV_CACHE_DTYPE", "fp8_e4m3", "fp8"),
+            ("KV_CACHE_DTYPE", "fp16", "int8, fp8"),
+            ("KV_CACHE_DTYPE", "fp8_e3m4", "fp8_e5m2"),
             ("LOAD_FORMAT", "pt", "safetensors"),
             ("TOKENIZER_MODE", "mistral", "mistral"),
             ("SKIP_TOKENIZER_INIT", "1", "tokenizer"),

@@ -37,6 +37,32 @@ pub enum Quantization {
     Fp8,
 }
 
+/// `KV_CACHE_DTYPE`: how keys and values are stored in the paged cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// The model's dtype.
+    #[default]
+    Auto,
+    /// 8-bit integers, one float32 scale per 32 values of a token's kv head (`int8`).
+    Int8,
+    /// fp8 e4m3 codes, one float32 scale per 32 values of a token's kv head (`fp8`, `fp8_e4m3`).
+    Fp8E4m3,
+    /// fp8 e5m2 codes, one float32 scale per 32 values of a token's kv head (`fp8_e5m2`).
+    Fp8E5m2,
+}
+
+impl KvCacheDtype {
+    /// The setting's value for this kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::Int8 => "int8",
+            KvCacheDtype::Fp8E4m3 => "fp8_e4m3",
+            KvCacheDtype::Fp8E5m2 => "fp8_e5m2",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     /// A local model folder or a `.gguf` file (hub ids are resolved to folders before this point).
@@ -57,6 +83,8 @@ pub struct EngineSettings {
     pub allow_long_max_model_len: bool,
     /// KV cache budget in bytes (`KV_CACHE_MEMORY`); `None` = a default derived from the device.
     pub kv_cache_memory: Option<u64>,
+    /// `KV_CACHE_DTYPE`: the KV cache's storage (8-bit kinds on CPU only).
+    pub kv_cache_dtype: KvCacheDtype,
     /// On GPU: fraction of device memory the engine may use (`GPU_MEMORY_UTILIZATION`).
     pub gpu_memory_utilization: f32,
     /// Tokens per KV block.
@@ -105,6 +133,7 @@ impl EngineSettings {
             max_model_len: None,
             allow_long_max_model_len: false,
             kv_cache_memory: None,
+            kv_cache_dtype: KvCacheDtype::Auto,
             gpu_memory_utilization: 0.9,
             block_size: 16,
             max_num_seqs: 256,

@@ -15,6 +15,7 @@ mod engine_fixtures;
 mod engine_isolation;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod kv_cache_8bit;
 mod layering;
 mod lora;
 mod models_reference;

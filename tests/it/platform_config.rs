@@ -1,6 +1,6 @@
 //! `CONFIG_FILE` / `VLLM_CONFIG_FILE` and the vLLM variables through the real binary: file values
 //! applied beneath the environment, a malformed file refused, `SEED` making sampled output
-//! reproducible, `MAX_LOGPROBS` capping requests, multi-GPU and fp8 settings refused at start.
+//! reproducible, `MAX_LOGPROBS` capping requests, multi-GPU settings and an unknown KV cache dtype refused at start.
 
 use std::time::Duration;
 
@@ -89,11 +89,11 @@ fn a_malformed_config_file_stops_the_worker_naming_it() {
 }
 
 #[test]
-fn multi_gpu_and_fp8_kv_cache_are_refused_at_start() {
+fn multi_gpu_and_an_unknown_kv_cache_dtype_are_refused_at_start() {
     for (name, value) in [
         ("TENSOR_PARALLEL_SIZE", "2"),
         ("PIPELINE_PARALLEL_SIZE", "2"),
-        ("KV_CACHE_DTYPE", "fp8"),
+        ("KV_CACHE_DTYPE", "fp4"),
     ] {
         let out = run(&vars(&[(name, value)]), &["--test-input", MODELS], LIMIT);
         assert_eq!(out.status.code(), Some(2), "{name}={value}");

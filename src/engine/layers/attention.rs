@@ -4,11 +4,16 @@
 //!
 //! Two interchangeable paths: a per-sequence loop of matmul/softmax (any device, any dtype) and candle's
 //! packed CPU flash attention (`flash_attn_varlen_cpu`). Tests hold them to the same results.
+//!
+//! Over an 8-bit cache (`KV_CACHE_DTYPE`, CPU) the fused kernel reads the codes directly; the loop and
+//! the packed path, which serve chunks of more than `FUSED_MAX_NEW` new tokens, multiply a float
+//! copy of the sequence's context (its cost shared by the chunk's tokens).
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use super::causal_softmax::CausalSoftmax;
 use super::cpu_attention::{PagedAttention, SeqSlots};
+use super::kv8::Kv8Rows;
 use crate::engine::batch::{ForwardBatch, LogitsWanted};
 use crate::engine::kv_cache::{Gather, KvCache, SlotRun};
 
@@ -143,7 +148,8 @@ impl BatchPlan {
                 let slots: Vec<u32> = (0..len).map(|p| slot(p) as u32).collect();
                 Gather::Slots(Tensor::new(slots, device)?)
             };
-            if device.is_cpu() && dtype == DType::F32 {
+            // the fused kernel: a float32 cache, or an 8-bit one whatever the model's dtype
+            if device.is_cpu() && (dtype == DType::F32 || cache.format().is_some()) {
                 slots.push(SeqSlots {
                     token_start,
                     num_new: s.num_new,
@@ -221,7 +227,8 @@ impl BatchPlan {
             )
         }
         cache.write(layer, k, v, &self.runs)?;
-        let fused_ok = !self.slots.is_empty() && q.dtype() == DType::F32;
+        let fused_ok =
+            !self.slots.is_empty() && (q.dtype() == DType::F32 || cache.format().is_some());
         let varlen_ok = q.device().is_cpu()
             && matches!(q.dtype(), DType::F32 | DType::F16)
             && p.softcap.is_none();
@@ -241,12 +248,20 @@ impl BatchPlan {
         cache: &KvCache,
         p: &AttentionParams,
     ) -> Result<Tensor> {
-        let (k, v) = cache.layer_tensors(layer)?;
-        PagedAttention {
+        let op = PagedAttention {
             seqs: &self.slots,
             params: *p,
+        };
+        if let Some((format, eight)) = cache.eight_bit(layer)? {
+            let rows = Kv8Rows {
+                format,
+                layer: eight,
+                head_dim: p.head_dim,
+            };
+            return op.forward_rows(q, &rows);
         }
-        .forward(q, k, v)
+        let (k, v) = cache.layer_tensors(layer)?;
+        op.forward(q, k, v)
     }
 
     fn attend_loop(
@@ -406,4 +421,168 @@ fn causal_mask(
 /// `cap * tanh(x / cap)`.
 pub(crate) fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
     (x / cap)?.tanh()? * cap
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::batch::{ModelSpec, SeqInput};
+    use crate::engine::settings::KvCacheDtype;
+
+    fn spec(kv_heads: usize, head_dim: usize, dtype: DType) -> ModelSpec {
+        ModelSpec {
+            architecture: "test".into(),
+            num_layers: 1,
+            num_kv_heads: kv_heads,
+            head_dim,
+            hidden_size: 0,
+            vocab_size: 0,
+            max_position_embeddings: 4096,
+            dtype,
+            device: Device::Cpu,
+        }
+    }
+
+    /// Deterministic values in `[-amp, amp]`.
+    fn noise(n: usize, seed: usize, amp: f32) -> Vec<f32> {
+        let mut s = (seed as u32).wrapping_mul(2_654_435_761) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 * 2.0 - 1.0) * amp
+            })
+            .collect()
+    }
+
+    /// Two sequences (one with a cached context and scattered blocks, one fresh), a prefill chunk
+    /// then a decode step; every step's output of the cache `dtype` on path `imp`.
+    fn run(
+        model_dtype: DType,
+        dtype: KvCacheDtype,
+        imp: AttentionImpl,
+        (h, kvh, d): (usize, usize, usize),
+        p: &AttentionParams,
+    ) -> Result<Vec<Vec<f32>>> {
+        let dev = Device::Cpu;
+        let bs = 4;
+        let mut cache = KvCache::with_dtype(&spec(kvh, d, model_dtype), 24, bs, dtype)?;
+        let tables = [(0..12u32).rev().collect::<Vec<_>>(), (12..24).collect()];
+        let mut outs = Vec::new();
+        let mut seen = [0usize, 0];
+        for (step, news) in [[19usize, 7], [1, 1], [5, 2], [1, 1]].iter().enumerate() {
+            let seqs: Vec<SeqInput> = (0..2)
+                .map(|i| SeqInput {
+                    context_len: seen[i],
+                    num_new: news[i],
+                    block_table: tables[i].clone(),
+                    logits: LogitsWanted::All,
+                })
+                .collect();
+            let t: usize = news.iter().sum();
+            let batch = ForwardBatch {
+                tokens: vec![0; t],
+                seqs,
+            };
+            let q = Tensor::from_vec(noise(t * h * d, 3 * step + 1, 1.0), (t, h, d), &dev)?;
+            let k = Tensor::from_vec(noise(t * kvh * d, 3 * step + 2, 3.0), (t, kvh, d), &dev)?;
+            let v = Tensor::from_vec(noise(t * kvh * d, 3 * step + 3, 1.0), (t, kvh, d), &dev)?;
+            let (q, k, v) = (
+                q.to_dtype(model_dtype)?,
+                k.to_dtype(model_dtype)?,
+                v.to_dtype(model_dtype)?,
+            );
+            let mut plan =
+                BatchPlan::new(&batch, &cache, p.sliding_window, 4096, &dev, model_dtype)?
+                    .with_impl(imp);
+            let o = plan.attend(0, &q, &k, &v, &mut cache, p)?;
+            assert_eq!(o.dtype(), model_dtype);
+            outs.push(o.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            for i in 0..2 {
+                seen[i] += news[i];
+            }
+        }
+        Ok(outs)
+    }
+
+    #[test]
+    fn fused_kernel_over_an_8_bit_cache_equals_the_dequantized_reference_on_odd_shapes(
+    ) -> Result<()> {
+        for (h, kvh, d, window, softcap) in [
+            (6, 2, 13, None, None),
+            (3, 3, 20, Some(5), None),
+            (4, 1, 64, None, Some(3.0)),
+            (2, 2, 7, Some(9), Some(2.0)),
+        ] {
+            let p = AttentionParams {
+                num_heads: h,
+                num_kv_heads: kvh,
+                head_dim: d,
+                scale: 1.0 / (d as f64).sqrt(),
+                softcap,
+                sliding_window: window,
+            };
+            for dtype in [
+                KvCacheDtype::Int8,
+                KvCacheDtype::Fp8E4m3,
+                KvCacheDtype::Fp8E5m2,
+            ] {
+                let f32 = DType::F32;
+                let fused = run(f32, dtype, AttentionImpl::Fused, (h, kvh, d), &p)?;
+                let looped = run(f32, dtype, AttentionImpl::Loop, (h, kvh, d), &p)?;
+                let float = run(
+                    f32,
+                    KvCacheDtype::Auto,
+                    AttentionImpl::Loop,
+                    (h, kvh, d),
+                    &p,
+                )?;
+                // a bfloat16 model reads the 8-bit cache through the same fused kernel
+                let bf16 = run(DType::BF16, dtype, AttentionImpl::Auto, (h, kvh, d), &p)?;
+                // bound on the quantization error, relative to the output's size
+                let bound = match dtype {
+                    KvCacheDtype::Int8 => 0.03,
+                    KvCacheDtype::Fp8E4m3 => 0.12,
+                    _ => 0.25,
+                };
+                for (a, c) in bf16.iter().zip(&float) {
+                    let size = c.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                    let err = a
+                        .iter()
+                        .zip(c)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    // bfloat16 rounds inputs and output to 8 bits of mantissa besides
+                    assert!(
+                        err < (bound + 0.03) * size,
+                        "{dtype:?} bf16: {err} of {size}"
+                    );
+                }
+                for (step, ((a, b), c)) in fused.iter().zip(&looped).zip(&float).enumerate() {
+                    let exact = a
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        exact < 1e-5,
+                        "{dtype:?} {h}/{kvh}x{d} step {step}: fused vs dequantized {exact}"
+                    );
+                    let size = c.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                    let err = a
+                        .iter()
+                        .zip(c)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    assert!(err > 0.0, "{dtype:?}: no quantization at all?");
+                    assert!(
+                        err < bound * size,
+                        "{dtype:?} {h}/{kvh}x{d} step {step}: {err} of {size}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,8 +1,10 @@
 //! Attention read straight out of the paged cache on CPU, in float32: one fused op for the whole packed
 //! batch instead of a gather, two matmuls, a softmax and their reshapes per sequence. It serves decode
 //! steps and short chunks, where per-op overhead dominates; long prefills go to the matmul paths.
+//! The same loop reads an 8-bit cache through [`KvRows`] (`layers/kv8.rs`), dequantizing inside the
+//! dot products.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::attention::AttentionParams;
@@ -29,6 +31,112 @@ impl PagedAttention<'_> {
     pub fn forward(&self, q: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<Tensor> {
         q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, self)
     }
+
+    /// The same over any store of key/value rows (an 8-bit cache layer: `layers/kv8.rs`); computed
+    /// in float32, returned in `q`'s dtype.
+    pub(crate) fn forward_rows<R: KvRows>(&self, q: &Tensor, kv: &R) -> Result<Tensor> {
+        let (t, h, d) = q.dims3()?;
+        let qs = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let out = self.attend(&qs, t, h, d, kv)?;
+        Tensor::from_vec(out, (t, h * d), q.device())?.to_dtype(q.dtype())
+    }
+
+    /// The work: one item per (token, head), its output row of `head_dim`.
+    fn attend<R: KvRows>(
+        &self,
+        q: &[f32],
+        t: usize,
+        h: usize,
+        d: usize,
+        kv: &R,
+    ) -> Result<Vec<f32>> {
+        let p = &self.params;
+        let kvh = p.num_kv_heads;
+        if h != p.num_heads || d != p.head_dim || kvh == 0 || !kv.rows().is_multiple_of(kvh) {
+            bail!(
+                "paged attention: q [{t}, {h}, {d}] / cache of {} rows do not match the layer",
+                kv.rows()
+            )
+        }
+        let num_slots = kv.rows() / kvh;
+        let group = h / kvh;
+        let mut out = vec![0f32; t * h * d];
+        let mut items: Vec<(usize, usize, &SeqSlots)> = Vec::with_capacity(t);
+        for s in self.seqs {
+            if s.slots.iter().any(|x| *x as usize >= num_slots) {
+                bail!("paged attention: slot outside the cache")
+            }
+            for i in 0..s.num_new {
+                items.push((s.token_start + i, s.context_len + i, s));
+            }
+        }
+        if items.len() != t {
+            bail!(
+                "paged attention: the sequences cover {} of {t} tokens",
+                items.len()
+            )
+        }
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (row, o)| {
+                let (tok, head) = (row / h, row % h);
+                let (token, pos, s) = items[tok];
+                debug_assert_eq!(token, tok);
+                let kv_head = head / group;
+                let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let qv = &q[(tok * h + head) * d..][..d];
+                let base = kv_head * num_slots;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in lo..=pos {
+                    let mut x = kv.dot(base + s.slots[j] as usize, qv) * p.scale as f32;
+                    if let Some(cap) = p.softcap {
+                        x = (x / cap as f32).tanh() * cap as f32;
+                    }
+                    max = max.max(x);
+                    scores.push(x);
+                }
+                let sum = simd::exp_shifted(scores, max);
+                o.fill(0.0);
+                for (j, w) in (lo..=pos).zip(scores.iter()) {
+                    kv.axpy(base + s.slots[j] as usize, *w / sum, o);
+                }
+            });
+        Ok(out)
+    }
+}
+
+/// Keys and values as the fused kernel reads them: row `kv_head * slots + slot` of each.
+pub(crate) trait KvRows: Sync {
+    /// How many rows (kv heads × slots).
+    fn rows(&self) -> usize;
+    /// `q · key[row]`.
+    fn dot(&self, row: usize, q: &[f32]) -> f32;
+    /// `out += w · value[row]`.
+    fn axpy(&self, row: usize, w: f32, out: &mut [f32]);
+}
+
+/// A float32 cache layer, `[kv_heads, slots, head_dim]` each.
+struct F32Rows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    d: usize,
+}
+
+impl KvRows for F32Rows<'_> {
+    fn rows(&self) -> usize {
+        self.k.len() / self.d
+    }
+
+    #[inline]
+    fn dot(&self, row: usize, q: &[f32]) -> f32 {
+        simd::dot(q, &self.k[row * self.d..][..self.d])
+    }
+
+    #[inline]
+    fn axpy(&self, row: usize, w: f32, out: &mut [f32]) {
+        simd::axpy(w, &self.v[row * self.d..][..self.d], out)
+    }
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -54,7 +162,7 @@ impl CustomOp3 for PagedAttention<'_> {
     ) -> Result<(CpuStorage, Shape)> {
         let p = &self.params;
         let (t, h, d) = l1.shape().dims3()?;
-        let (kvh, num_slots, d2) = l2.shape().dims3()?;
+        let (kvh, _, d2) = l2.shape().dims3()?;
         if h != p.num_heads
             || kvh != p.num_kv_heads
             || d != p.head_dim
@@ -72,52 +180,7 @@ impl CustomOp3 for PagedAttention<'_> {
             slice(s2, l2, "k")?,
             slice(s3, l3, "v")?,
         );
-        let group = h / kvh;
-        // one work item per (token, head): its output row of `d`
-        let mut out = vec![0f32; t * h * d];
-        let mut items: Vec<(usize, usize, &SeqSlots)> = Vec::with_capacity(t);
-        for s in self.seqs {
-            if s.slots.iter().any(|x| *x as usize >= num_slots) {
-                bail!("paged attention: slot outside the cache")
-            }
-            for i in 0..s.num_new {
-                items.push((s.token_start + i, s.context_len + i, s));
-            }
-        }
-        if items.len() != t {
-            bail!(
-                "paged attention: the sequences cover {} of {t} tokens",
-                items.len()
-            )
-        }
-        out.par_chunks_mut(d)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (row, o)| {
-                let (tok, head) = (row / h, row % h);
-                let (token, pos, s) = items[tok];
-                debug_assert_eq!(token, tok);
-                let kv = head / group;
-                let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let qv = &q[(tok * h + head) * d..][..d];
-                let base = kv * num_slots;
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for j in lo..=pos {
-                    let slot = base + s.slots[j] as usize;
-                    let mut x = simd::dot(qv, &kc[slot * d..][..d]) * p.scale as f32;
-                    if let Some(cap) = p.softcap {
-                        x = (x / cap as f32).tanh() * cap as f32;
-                    }
-                    max = max.max(x);
-                    scores.push(x);
-                }
-                let sum = simd::exp_shifted(scores, max);
-                o.fill(0.0);
-                for (j, w) in (lo..=pos).zip(scores.iter()) {
-                    let slot = base + s.slots[j] as usize;
-                    simd::axpy(*w / sum, &vc[slot * d..][..d], o);
-                }
-            });
+        let out = self.attend(q, t, h, d, &F32Rows { k: kc, v: vc, d })?;
         Ok((CpuStorage::F32(out), Shape::from((t, h * d))))
     }
 }

@@ -6,6 +6,7 @@ pub mod cpu_attention;
 pub mod embedding;
 pub mod gemv;
 pub mod kgemv;
+pub(crate) mod kv8;
 pub mod linear;
 pub(crate) mod lora;
 pub mod mlp;

@@ -313,7 +313,8 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
     let (tokenizer, template) = tokenizer_and_template(settings, gguf.as_deref())?;
     let spec = model.spec().clone();
     let block_size = settings.block_size.max(1);
-    let bytes_per_block = KvCache::bytes_per_block(&spec, block_size) as u64;
+    let kv_dtype = settings.kv_cache_dtype;
+    let bytes_per_block = KvCache::bytes_per_block(&spec, block_size, kv_dtype) as u64;
     // The cache lives in host memory on CPU; on a GPU, in the device's memory, whose figures are
     // read now that the weights are loaded (GPU_MEMORY_UTILIZATION applies, as in vLLM).
     let gpu_memory = meta.device.memory();
@@ -363,10 +364,13 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
         }
         _ => max_model_len,
     };
-    let cache = KvCache::new(&spec, num_blocks, block_size)?;
+    let cache = KvCache::with_dtype(&spec, num_blocks, block_size, kv_dtype)?;
     tracing::info!(
         num_blocks,
         block_size,
+        kv_cache_dtype = kv_dtype.name(),
+        kv_cache_tokens = num_blocks * block_size,
+        kv_bytes_per_token = bytes_per_block / block_size as u64,
         kv_cache_mib = (num_blocks as u64 * bytes_per_block) as f64 / (1 << 20) as f64,
         max_model_len,
         "KV cache allocated"
@@ -453,10 +457,12 @@ fn speculation(
             if spec.vocab_size < vocab_size.min(spec.vocab_size) {
                 anyhow::bail!("the draft model's vocabulary does not cover the target's");
             }
-            let cache = KvCache::new(&spec, num_blocks, block_size)?;
+            let kv_dtype = settings.kv_cache_dtype;
+            let cache = KvCache::with_dtype(&spec, num_blocks, block_size, kv_dtype)?;
             tracing::info!(
                 draft = %model,
-                kv_cache_mib = (num_blocks * KvCache::bytes_per_block(&spec, block_size)) as f64
+                kv_cache_mib = (num_blocks * KvCache::bytes_per_block(&spec, block_size, kv_dtype))
+                    as f64
                     / (1 << 20) as f64,
                 "draft model loaded for speculative decoding"
             );
