@@ -38,6 +38,8 @@ pub struct StructuredOutput {
     /// The constraint starts after this text appears in the output (the end of a reasoning block,
     /// `</think>`); `None` = from the first token.
     pub starts_after: Option<String>,
+    /// The request field the constraint came from (named by errors).
+    pub param: String,
 }
 
 impl StructuredOutput {
@@ -46,6 +48,7 @@ impl StructuredOutput {
             structure,
             whitespace_pattern: None,
             starts_after: None,
+            param: "structured_outputs".into(),
         }
     }
 

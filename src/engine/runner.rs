@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use self::draft::DraftModel;
 use self::request::{Ctx, RequestState, Submission};
 use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
+use super::constraint::{Grammars, SeqConstraint};
 use super::error::EngineError;
 use super::parts::{
     Embedder, EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
@@ -65,6 +66,8 @@ struct EngineInner {
     seeds: Option<std::sync::Mutex<rand::rngs::StdRng>>,
     /// `MAX_LOGPROBS`.
     max_logprobs: usize,
+    /// Compiles structured-output constraints (generators only).
+    grammars: Option<Grammars>,
 }
 
 impl Engine {
@@ -101,6 +104,14 @@ impl Engine {
         info.prefix_caching =
             matches!(&kind, EngineKind::Generator(g) if g.scheduler.enable_prefix_caching);
         let stats = Arc::new(EngineStats::default());
+        let grammars = match &kind {
+            EngineKind::Generator(g) => Some(Grammars::new(
+                tokenizer.clone(),
+                info.vocab_size,
+                g.eos_token_ids.clone(),
+            )),
+            EngineKind::Embedder(_) => None,
+        };
         let (submit, embedder) = match kind {
             EngineKind::Generator(generator) => {
                 let submit = Core::start(generator, &tokenizer, &info, &stats);
@@ -118,6 +129,7 @@ impl Engine {
                 stats,
                 seeds: None,
                 max_logprobs: super::validate::MAX_LOGPROBS,
+                grammars,
             }),
         }
     }
@@ -159,6 +171,21 @@ impl Engine {
             let mut seeds = seeds.lock().unwrap_or_else(|e| e.into_inner());
             request.params.seed = Some(rand::RngCore::next_u64(&mut *seeds));
         }
+        let constraint = match (&request.params.structured, &self.inner.grammars) {
+            (None, _) => None,
+            (Some(spec), _) if request.params.use_beam_search => {
+                return Err(EngineError::invalid(
+                    spec.param.clone(),
+                    "structured output cannot be combined with beam search",
+                ));
+            }
+            (Some(spec), Some(grammars)) => Some(
+                grammars
+                    .compile(spec)
+                    .map_err(|e| EngineError::invalid(spec.param.clone(), e))?,
+            ),
+            (Some(_), None) => None,
+        };
         let prompt = match request.prompt {
             Prompt::Text(text) => self
                 .inner
@@ -190,6 +217,7 @@ impl Engine {
                 request_id: request.request_id,
                 prompt,
                 params: request.params,
+                constraint,
                 tx,
                 arrival: Instant::now(),
             })
@@ -438,7 +466,28 @@ impl Core {
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let (batch, wants) = self.build_batch(&plan);
-        let Some((logits, ranges)) = self.forward(&plan, &batch, &wants) else {
+        let mut masks = self.take_constraints(&plan);
+        let forward = if masks.is_empty() {
+            self.forward(&plan, &batch, &wants)
+        } else {
+            // The next masks of the constrained sequences are computed while the model runs.
+            std::thread::scope(|scope| {
+                let work = scope.spawn(|| {
+                    for (_, _, c) in masks.iter_mut() {
+                        c.prepare();
+                    }
+                });
+                let out = self.forward(&plan, &batch, &wants);
+                let _ = work.join();
+                out
+            })
+        };
+        for (key, seq, c) in masks {
+            if let Some(req) = self.requests.get_mut(&key) {
+                req.put_constraint(seq, c);
+            }
+        }
+        let Some((logits, ranges)) = forward else {
             return;
         };
         self.sched.commit(&plan);
@@ -477,6 +526,25 @@ impl Core {
                 self.fail_request(key, step_failed("its sampling step failed"));
             }
         }
+    }
+
+    /// The matchers of the constrained sequences this step samples, taken out of their requests
+    /// so their masks can be computed beside the forward pass (`put_constraint` gives them back).
+    fn take_constraints(&mut self, plan: &StepPlan) -> Vec<(u64, SeqId, SeqConstraint)> {
+        let mut out = Vec::new();
+        for sc in plan.seqs.iter().filter(|sc| sc.completes && sc.draft.is_empty()) {
+            let Some(&key) = self.owner.get(&sc.id) else {
+                continue;
+            };
+            if let Some(c) = self
+                .requests
+                .get_mut(&key)
+                .and_then(|r| r.take_constraint(sc.id))
+            {
+                out.push((key, sc.id, c));
+            }
+        }
+        out
     }
 
     /// The logits of one scheduled sequence, for its request (`key`).

@@ -153,6 +153,7 @@ const ENGINE_FOUNDATIONS: &[&str] = &[
     "scheduler",
     "block_allocator",
     "prefix_cache",
+    "constraint",
 ];
 
 /// What the foundations may not import.

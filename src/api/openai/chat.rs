@@ -85,7 +85,6 @@ const CHAT_FIELDS: &[&str] = &[
     "messages",
     "tools",
     "tool_choice",
-    "response_format",
     "max_completion_tokens",
     "logprobs",
     "top_logprobs",
@@ -104,7 +103,7 @@ const CHAT_FIELDS: &[&str] = &[
 
 pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
     check_fields(body, &[COMMON_FIELDS, CHAT_FIELDS])?;
-    let mut messages = parse_messages(body.raw("messages"))?;
+    let messages = parse_messages(body.raw("messages"))?;
     let mut params = sampling_params(body, None)?;
     let f: ChatFields = body.typed()?;
     if let Some(max) = f.max_completion_tokens {
@@ -126,7 +125,6 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
         params.logprobs = Some(top_logprobs.unwrap_or(0));
     }
     let (tools, tool_choice) = parse_tools(body)?;
-    apply_response_format(body, &mut messages)?;
     let add_generation_prompt = f.add_generation_prompt.unwrap_or(true);
     let continue_final_message = f.continue_final_message.unwrap_or(false);
     if add_generation_prompt && continue_final_message {
@@ -279,42 +277,6 @@ fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), ApiE
         _ => {}
     }
     Ok((tools, choice))
-}
-
-/// `response_format`: `json_object` / `json_schema` are best effort (no constrained decoding): the
-/// system message asks for JSON (and the schema).
-fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(), ApiError> {
-    let Some(format) = body.raw("response_format") else {
-        return Ok(());
-    };
-    let hint = match format.get("type").and_then(Value::as_str) {
-        Some("text") => return Ok(()),
-        Some("json_object") => {
-            "Respond with a single valid JSON object and nothing else.".to_string()
-        }
-        Some("json_schema") => {
-            let schema = format
-                .pointer("/json_schema/schema")
-                .map(Value::to_string)
-                .unwrap_or_else(|| "{}".into());
-            format!("Respond with a single valid JSON object that follows this JSON schema, and nothing else: {schema}")
-        }
-        _ => {
-            return Err(ApiError::invalid(
-                "response_format",
-                "`response_format.type` must be text, json_object or json_schema",
-            ))
-        }
-    };
-    match messages.first_mut() {
-        Some(first) if first.get("role").and_then(Value::as_str) == Some("system") => {
-            let content = first.get("content").and_then(Value::as_str).unwrap_or("");
-            first["content"] =
-                Value::String(format!("{content}\n\n{hint}").trim_start().to_string());
-        }
-        _ => messages.insert(0, json!({"role": "system", "content": hint})),
-    }
-    Ok(())
 }
 
 /// The template a request renders with: its own `chat_template`, else the model's (or
@@ -803,18 +765,13 @@ mod tests {
     }
 
     #[test]
-    fn json_response_format_adds_a_system_hint() {
+    fn response_format_is_a_constraint_and_leaves_the_messages_alone() {
         let r =
             parse_json(json!({"messages": user("x"), "response_format": {"type": "json_object"}}))
                 .unwrap();
-        assert_eq!(r.messages[0]["role"], json!("system"));
-        assert!(r.messages[0]["content"].as_str().unwrap().contains("JSON"));
-        let r = parse_json(json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}}))
-        .unwrap();
-        let system = r.messages[0]["content"].as_str().unwrap();
-        assert!(system.starts_with("Be brief.") && system.contains(r#"{"type":"object"}"#));
-        assert_eq!(r.messages.len(), 2);
+        assert_eq!(r.messages.len(), 1);
+        let s = r.params.structured.unwrap();
+        assert_eq!(s.structure, crate::engine::constraint::Structure::JsonObject);
         assert!(
             parse_json(json!({"messages": user("x"), "response_format": {"type": "yaml"}}))
                 .is_err()
