@@ -162,9 +162,8 @@ pub(crate) fn parse_sampling_params(value: &Value) -> Result<SamplingParams, Eng
     let mut rest = fields.clone();
     rest.retain(|k, _| !crate::api::structured::FIELDS.contains(&k.as_str()));
     let mut params = SamplingParams::from_json(&Value::Object(rest))?;
-    params.structured = crate::api::structured::read(fields).map_err(|e| {
-        EngineError::invalid(e.param().unwrap_or("sampling_params"), e.message())
-    })?;
+    params.structured = crate::api::structured::read(fields)
+        .map_err(|e| EngineError::invalid(e.param().unwrap_or("sampling_params"), e.message()))?;
     Ok(params)
 }
 

@@ -50,7 +50,12 @@ pub(crate) fn read(fields: &Map<String, Value>) -> Result<Option<StructuredOutpu
             whitespace = whitespace.or(ws);
         }
     }
-    for key in ["guided_json", "guided_regex", "guided_choice", "guided_grammar"] {
+    for key in [
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    ] {
         if let Some(v) = get(key) {
             found.push((key.into(), kind(key, &key["guided_".len()..], v)?));
         }
@@ -115,7 +120,10 @@ fn structured_outputs(
     v: &Value,
 ) -> Result<(Option<Structure>, Option<String>), ApiError> {
     let Value::Object(o) = v else {
-        return Err(ApiError::invalid(param, format!("`{param}` must be an object")));
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be an object"),
+        ));
     };
     if let Some(k) = o
         .keys()
@@ -192,7 +200,10 @@ fn json_schema(param: &str, v: &Value) -> Result<Value, ApiError> {
                 "the JSON schema text is not a JSON object",
             )),
         },
-        _ => Err(ApiError::invalid(param, "the JSON schema must be an object")),
+        _ => Err(ApiError::invalid(
+            param,
+            "the JSON schema must be an object",
+        )),
     }
 }
 
@@ -287,7 +298,10 @@ mod tests {
             ),
             (json!({"guided_choice": []}), "guided_choice"),
             (json!({"guided_regex": 3}), "guided_regex"),
-            (json!({"response_format": {"type": "xml"}}), "response_format"),
+            (
+                json!({"response_format": {"type": "xml"}}),
+                "response_format",
+            ),
         ] {
             let e = read_json(body.clone()).unwrap_err();
             assert_eq!(e.param(), Some(param), "{body}");

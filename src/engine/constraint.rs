@@ -217,7 +217,11 @@ impl SeqConstraint {
     /// Computes the next step's mask now, if not done yet.
     pub fn prepare(&mut self) {
         if self.is_active() && self.mask.is_none() {
-            self.mask = Some(self.matcher.compute_mask_or_eos().map_err(|e| e.to_string()));
+            self.mask = Some(
+                self.matcher
+                    .compute_mask_or_eos()
+                    .map_err(|e| e.to_string()),
+            );
         }
     }
 
@@ -351,7 +355,11 @@ fn tok_env(tokenizer: &Tokenizer, vocab_size: usize, eos: &[u32]) -> Result<TokE
     }
     let eos0 = eos.first().copied().unwrap_or(0);
     let info = TokRxInfo::new(n as u32, eos0);
-    let eos_all = if eos.is_empty() { vec![eos0] } else { eos.to_vec() };
+    let eos_all = if eos.is_empty() {
+        vec![eos0]
+    } else {
+        eos.to_vec()
+    };
     let trie = TokTrie::from(&info, &words).with_eos_tokens(&eos_all);
     Ok(Arc::new(TrieEnv { trie }))
 }

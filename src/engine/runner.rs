@@ -27,7 +27,7 @@ use super::parts::{
     Embedder, EngineKind, EngineParts, Executor, Generator, ModelInfo, Proposer, Speculation,
 };
 use super::scheduler::{Scheduled, Scheduler, SeqId, StepPlan};
-use super::settings::EngineSettings;
+use super::settings::{EngineSettings, OutputSyntax};
 use super::speculative::NgramProposer;
 use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
@@ -68,6 +68,7 @@ struct EngineInner {
     max_logprobs: usize,
     /// Compiles structured-output constraints (generators only).
     grammars: Option<Grammars>,
+    output_syntax: OutputSyntax,
 }
 
 impl Engine {
@@ -81,6 +82,7 @@ impl Engine {
                 ))
             });
             inner.max_logprobs = settings.max_logprobs;
+            inner.output_syntax = settings.output_syntax.clone();
         }
         Ok(engine)
     }
@@ -130,8 +132,14 @@ impl Engine {
                 seeds: None,
                 max_logprobs: super::validate::MAX_LOGPROBS,
                 grammars,
+                output_syntax: OutputSyntax::default(),
             }),
         }
+    }
+
+    /// How the model writes tool calls and reasoning (`TOOL_CALL_PARSER`, `REASONING_PARSER`).
+    pub fn output_syntax(&self) -> &OutputSyntax {
+        &self.inner.output_syntax
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -532,7 +540,11 @@ impl Core {
     /// so their masks can be computed beside the forward pass (`put_constraint` gives them back).
     fn take_constraints(&mut self, plan: &StepPlan) -> Vec<(u64, SeqId, SeqConstraint)> {
         let mut out = Vec::new();
-        for sc in plan.seqs.iter().filter(|sc| sc.completes && sc.draft.is_empty()) {
+        for sc in plan
+            .seqs
+            .iter()
+            .filter(|sc| sc.completes && sc.draft.is_empty())
+        {
             let Some(&key) = self.owner.get(&sc.id) else {
                 continue;
             };

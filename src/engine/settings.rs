@@ -81,6 +81,20 @@ pub struct EngineSettings {
     pub seed: Option<u64>,
     /// `MAX_LOGPROBS`: most `logprobs` / `prompt_logprobs` per request.
     pub max_logprobs: usize,
+    /// How the model writes tool calls and reasoning (`TOOL_CALL_PARSER`, `REASONING_PARSER`).
+    pub output_syntax: OutputSyntax,
+}
+
+/// How the model writes tool calls and reasoning, as vLLM's parsers name it: the front doors
+/// parse the output (and force tool calls) with these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputSyntax {
+    /// `TOOL_CALL_PARSER` (`hermes`, `llama3_json`, `mistral`, ...); `None` = detect.
+    pub tool_call_parser: Option<String>,
+    /// `REASONING_PARSER` (`deepseek_r1`, `qwen3`, ...); `None` = no reasoning split.
+    pub reasoning_parser: Option<String>,
+    /// `ENABLE_AUTO_TOOL_CHOICE`.
+    pub enable_auto_tool_choice: bool,
 }
 
 impl EngineSettings {
@@ -110,6 +124,7 @@ impl EngineSettings {
             disable_sliding_window: false,
             seed: None,
             max_logprobs: super::validate::MAX_LOGPROBS,
+            output_syntax: OutputSyntax::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub(crate) mod completions;
 pub mod embeddings;
 pub(crate) mod outcome;
 pub(crate) mod params;
+pub(crate) mod reasoning;
 pub(crate) mod response_store;
 pub(crate) mod responses;
 pub(crate) mod shapes;

@@ -63,7 +63,10 @@ fn json_schema_walks_give_valid_json() {
         assert!(ended, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         assert!(v["name"].as_str().unwrap().chars().count() <= 5, "{text}");
-        assert!(["cat", "dog"].contains(&v["kind"].as_str().unwrap()), "{text}");
+        assert!(
+            ["cat", "dog"].contains(&v["kind"].as_str().unwrap()),
+            "{text}"
+        );
         assert!(v["tags"].as_array().unwrap().len() <= 3, "{text}");
         assert!(v["ok"].is_boolean(), "{text}");
     }
@@ -93,7 +96,11 @@ fn regex_choice_and_lark_walks_match() {
         if ended {
             let opens = text.matches('(').count();
             assert_eq!(opens, text.matches(')').count(), "{text}");
-            assert!(text.chars().all(|c| c.is_ascii_digit() || "()+".contains(c)), "{text}");
+            assert!(
+                text.chars()
+                    .all(|c| c.is_ascii_digit() || "()+".contains(c)),
+                "{text}"
+            );
         }
     }
 }
@@ -139,7 +146,10 @@ fn the_constraint_starts_after_the_marker() {
     let mut spec = StructuredOutput::new(Structure::Regex("[0-9]+".into()));
     spec.starts_after = Some("</think>".into());
     let mut c = g.compile(&spec).unwrap().start();
-    let think = g.tokenizer.encode("hmm, let me see</think>", false).unwrap();
+    let think = g
+        .tokenizer
+        .encode("hmm, let me see</think>", false)
+        .unwrap();
     let mut row = vec![0.0; g.vocab_size];
     for t in think {
         assert!(!c.is_active());
@@ -159,5 +169,8 @@ fn forced_tokens_spell_what_the_grammar_forces() {
     let mut c = g.compile(&spec).unwrap().start();
     let forced = c.forced_tokens();
     let text = g.tokenizer.decode(&forced, true).unwrap();
-    assert!(!forced.is_empty() && "hello world ".starts_with(&text), "{text:?}");
+    assert!(
+        !forced.is_empty() && "hello world ".starts_with(&text),
+        "{text:?}"
+    );
 }
