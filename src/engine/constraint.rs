@@ -229,6 +229,12 @@ impl SeqConstraint {
     /// allows nothing more (it failed, or cannot go on): the sequence must end.
     pub fn apply(&mut self, logits: &mut [f32]) -> bool {
         if !self.is_active() {
+            // Free text until the marker, but no end before the constrained part.
+            for &e in self.eos.iter() {
+                if let Some(l) = logits.get_mut(e as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
             return true;
         }
         self.prepare();
@@ -251,7 +257,7 @@ impl SeqConstraint {
     /// Whether `token` is allowed next (speculative drafts, tests).
     pub fn allows(&mut self, token: u32) -> bool {
         if !self.is_active() {
-            return true;
+            return !self.eos.contains(&token);
         }
         self.prepare();
         match &self.mask {

@@ -153,6 +153,7 @@ fn the_constraint_starts_after_the_marker() {
     let mut row = vec![0.0; g.vocab_size];
     for t in think {
         assert!(!c.is_active());
+        assert!(!c.allows(g.eos[0]), "no end before the constrained part");
         assert!(c.apply(&mut row));
         c.advance(t).unwrap();
     }
