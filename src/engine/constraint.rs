@@ -24,7 +24,7 @@ pub enum Structure {
     Regex(String),
     /// One of these strings exactly.
     Choice(Vec<String>),
-    /// A Lark grammar (llguidance's dialect, which also reads GBNF-style `::=` rules), or EBNF.
+    /// A Lark grammar (llguidance's dialect).
     Grammar(String),
 }
 

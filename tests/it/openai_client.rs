@@ -125,7 +125,10 @@ fn the_official_openai_client_reads_reasoning_content() {
     let model = fixture("llama");
     let vars = vec![
         ("MODEL_NAME".to_string(), model.display().to_string()),
-        ("OPENAI_SERVED_MODEL_NAME_OVERRIDE".to_string(), "m".to_string()),
+        (
+            "OPENAI_SERVED_MODEL_NAME_OVERRIDE".to_string(),
+            "m".to_string(),
+        ),
         ("KV_CACHE_MEMORY".to_string(), "64MiB".to_string()),
         ("REASONING_PARSER".to_string(), "qwen3".to_string()),
     ];

@@ -568,3 +568,21 @@ async fn a_constraint_waits_for_the_end_of_the_reasoning() {
         assert_eq!(content, None);
     }
 }
+
+#[tokio::test]
+async fn responses_text_format_json_schema_is_enforced() {
+    let s = start(|_| {}).await;
+    let (status, r) = s
+        .post(
+            "/v1/responses",
+            json!({"model": "m", "input": "A pet?", "temperature": 1.0, "max_output_tokens": 200, "store": false,
+                   "text": {"format": {"type": "json_schema", "name": "pet", "schema": pet_schema(), "strict": true}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["text"]["format"]["type"], json!("json_schema"));
+    let text = r["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"));
+    assert_pet(text);
+}
