@@ -36,10 +36,10 @@ pub(crate) fn read(fields: &Map<String, Value>) -> Result<Option<StructuredOutpu
     let get = |k: &str| fields.get(k).filter(|v| !v.is_null());
     let mut found: Vec<(String, Structure)> = Vec::new();
     let mut whitespace: Option<String> = None;
-    if let Some(format) = get("response_format") {
-        if let Some(s) = response_format(format)? {
-            found.push(("response_format".into(), s));
-        }
+    if let Some(format) = get("response_format")
+        && let Some(s) = response_format(format)?
+    {
+        found.push(("response_format".into(), s));
     }
     for key in ["structured_outputs", "guided_decoding"] {
         if let Some(v) = get(key) {
