@@ -242,16 +242,28 @@ impl SeqConstraint {
             return false;
         };
         let eos_ok = self.eos.iter().any(|&e| mask.is_allowed(e));
-        let mut any = false;
-        for (i, l) in logits.iter_mut().enumerate() {
-            let ok = (i < mask.len() && mask.get(i)) || (eos_ok && self.eos.contains(&(i as u32)));
-            if !ok {
-                *l = f32::NEG_INFINITY;
-            } else {
-                any = true;
+        // Every EOS id ends the sequence: one allowed allows them all.
+        let saved: Vec<(usize, f32)> = if eos_ok {
+            self.eos
+                .iter()
+                .filter_map(|&e| logits.get(e as usize).map(|&l| (e as usize, l)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let n = mask.len().min(logits.len());
+        mask.iter_unset_entries(|i| {
+            if i < n {
+                logits[i] = f32::NEG_INFINITY;
             }
+        });
+        for l in &mut logits[n..] {
+            *l = f32::NEG_INFINITY;
         }
-        any
+        for (i, l) in saved {
+            logits[i] = l;
+        }
+        eos_ok || !mask.is_zero()
     }
 
     /// Whether `token` is allowed next (speculative drafts, tests).
