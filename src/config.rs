@@ -14,7 +14,7 @@ use crate::api::stream_batch::BatchPolicy;
 use crate::engine::lora::AdapterSpec;
 use crate::engine::settings::LoraSettings;
 use crate::engine::settings::{
-    DTypeChoice, DeviceChoice, EngineSettings, KvCacheDtype, Quantization,
+    DTypeChoice, DeviceChoice, EngineSettings, KvCacheDtype, OutputSyntax, Quantization,
 };
 use crate::engine::speculative::SpeculativeConfig;
 use crate::hub::HubConfig;
@@ -65,10 +65,6 @@ pub const NO_EFFECT: &[(&str, &str)] = &[
     (
         "NUM_SCHEDULER_STEPS",
         "the scheduler plans one step at a time",
-    ),
-    (
-        "GUIDED_DECODING_BACKEND",
-        "guided decoding is not implemented",
     ),
 ];
 
@@ -143,7 +139,6 @@ const VLLM_OPTIONS: &[&str] = &[
     "CALCULATE_KV_SCALES",
     "ADDITIONAL_CONFIG",
     "ENABLE_REASONING",
-    "REASONING_PARSER",
     "USE_TQDM_ON_LOAD",
     "PT_LOAD_MAP_LOCATION",
     "STRUCTURED_OUTPUTS_CONFIG",
@@ -169,8 +164,6 @@ const VLLM_OPTIONS: &[&str] = &[
     "RETURN_TOKENS_AS_TOKEN_IDS",
     "DISABLE_FRONTEND_MULTIPROCESSING",
     "ENABLE_REQUEST_ID_HEADERS",
-    "ENABLE_AUTO_TOOL_CHOICE",
-    "TOOL_CALL_PARSER",
     "TOOL_PARSER_PLUGIN",
     "EXPAND_TOOLS_EVEN_IF_TOOL_CHOICE_NONE",
     "EXCLUDE_TOOLS_WHEN_TOOL_CHOICE_NONE",
@@ -407,6 +400,26 @@ pub const SETTINGS: &[Setting] = &[
         "SEED",
         "",
         "seeds the sampling of requests without a `seed` (reproducible runs)",
+    ),
+    setting(
+        "GUIDED_DECODING_BACKEND",
+        "auto",
+        "structured output backend; every name (auto, guidance, xgrammar, outlines, lm-format-enforcer) means llguidance",
+    ),
+    setting(
+        "TOOL_CALL_PARSER",
+        "auto",
+        "how tool calls are written: hermes, llama3_json, mistral, or auto (detect any)",
+    ),
+    setting(
+        "ENABLE_AUTO_TOOL_CHOICE",
+        "false",
+        "accepted as vLLM's flag; tool calls are parsed whenever a request has tools",
+    ),
+    setting(
+        "REASONING_PARSER",
+        "",
+        "deepseek_r1 or qwen3: text between <think> and </think> goes to reasoning_content",
     ),
     setting(
         "MAX_LOGPROBS",
@@ -817,6 +830,8 @@ impl Config {
             gguf_file: text("GGUF_FILE"),
             download_dir: text("DOWNLOAD_DIR").map(PathBuf::from),
         };
+        // Every structured-output backend name means llguidance: checked, nothing to choose.
+        v.get("GUIDED_DECODING_BACKEND", guided_backend)?;
         let engine = EngineSettings {
             gguf_file: model.gguf_file.clone(),
             dtype: v.get("DTYPE", parse_dtype)?,
@@ -857,6 +872,13 @@ impl Config {
                 s.parse::<usize>()
                     .map_err(|_| "a non-negative integer".to_string())
             })?,
+            output_syntax: OutputSyntax {
+                enable_auto_tool_choice: v.get("ENABLE_AUTO_TOOL_CHOICE", boolean)?,
+                tool_call_parser: v
+                    .get("TOOL_CALL_PARSER", tool_call_parser)?
+                    .filter(|p| p != "auto"),
+                reasoning_parser: v.parse("REASONING_PARSER", reasoning_parser)?,
+            },
             ..EngineSettings::for_model(PathBuf::new())
         };
         let hub = HubSettings {
@@ -1142,6 +1164,54 @@ fn parse_lora_modules(s: &str) -> Result<Vec<AdapterSpec>, String> {
         });
     }
     Ok(out)
+}
+
+/// `TOOL_CALL_PARSER`: vLLM's parser names this worker can read and force.
+fn tool_call_parser(v: &str) -> Result<Option<String>, String> {
+    const NAMES: &[&str] = &[
+        "auto",
+        "hermes",
+        "qwen",
+        "qwen2_5",
+        "llama3_json",
+        "llama4_json",
+        "mistral",
+    ];
+    let name = v.trim().to_ascii_lowercase();
+    if NAMES.contains(&name.as_str()) {
+        Ok(Some(name))
+    } else {
+        Err(format!("one of {}", NAMES.join(", ")))
+    }
+}
+
+/// `GUIDED_DECODING_BACKEND`: vLLM's backend names, all served by llguidance.
+fn guided_backend(v: &str) -> Result<(), String> {
+    const NAMES: &[&str] = &[
+        "auto",
+        "guidance",
+        "llguidance",
+        "xgrammar",
+        "outlines",
+        "lm-format-enforcer",
+    ];
+    let name = v.trim().to_ascii_lowercase();
+    if NAMES.contains(&name.as_str()) {
+        Ok(())
+    } else {
+        Err(format!("one of {}", NAMES.join(", ")))
+    }
+}
+
+/// `REASONING_PARSER`: the parsers whose `<think>` blocks this worker splits out.
+fn reasoning_parser(v: &str) -> Result<String, String> {
+    const NAMES: &[&str] = &["deepseek_r1", "qwen3", "deepseek_v3", "granite", "glm45"];
+    let name = v.trim().to_ascii_lowercase();
+    if NAMES.contains(&name.as_str()) {
+        Ok(name)
+    } else {
+        Err(format!("one of {}", NAMES.join(", ")))
+    }
 }
 
 fn boolean(v: &str) -> Result<bool, String> {

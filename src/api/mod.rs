@@ -8,6 +8,7 @@ pub mod error;
 pub(crate) mod native;
 pub mod openai;
 pub mod stream_batch;
+pub(crate) mod structured;
 
 /// Answers one request of the OpenAI-style routes: `/v1/messages` goes to the Anthropic front door,
 /// every other route to the OpenAI one.

@@ -183,8 +183,18 @@ pub(crate) fn prompt(
 }
 
 /// `sampling_params` in vLLM's names, strictly (unknown or mistyped fields are errors).
+/// The structured-output keys (`structured_outputs`, `guided_json`, ...) are read as on the OpenAI
+/// routes (`api/structured.rs`).
 pub(crate) fn parse_sampling_params(value: &Value) -> Result<SamplingParams, EngineError> {
-    SamplingParams::from_json(value)
+    let Value::Object(fields) = value else {
+        return SamplingParams::from_json(value);
+    };
+    let mut rest = fields.clone();
+    rest.retain(|k, _| !crate::api::structured::FIELDS.contains(&k.as_str()));
+    let mut params = SamplingParams::from_json(&Value::Object(rest))?;
+    params.structured = crate::api::structured::read(fields)
+        .map_err(|e| EngineError::invalid(e.param().unwrap_or("sampling_params"), e.message()))?;
+    Ok(params)
 }
 
 fn type_name(v: &Value) -> &'static str {

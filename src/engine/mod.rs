@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub(crate) mod block_allocator;
+pub mod constraint;
 pub mod detokenize;
 pub(crate) mod device_memory;
 pub mod embedding;

@@ -23,6 +23,7 @@ use self::draft::DraftModel;
 use self::lora::Inbox;
 use self::request::{Ctx, RequestState, Submission};
 use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
+use super::constraint::{Grammars, SeqConstraint};
 use super::error::EngineError;
 use super::lora::AdapterInfo;
 use super::parts::{
@@ -31,7 +32,7 @@ use super::parts::{
 use super::sampling::device::RowPlan;
 use super::sampling::Sampled;
 use super::scheduler::{Scheduled, Scheduler, SeqId, StepPlan};
-use super::settings::EngineSettings;
+use super::settings::{EngineSettings, OutputSyntax};
 use super::speculative::NgramProposer;
 use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
@@ -78,6 +79,9 @@ struct EngineInner {
     next_adapter: std::sync::atomic::AtomicU32,
     /// `MAX_LORA_RANK` when LoRA is on, and whether adapters may be loaded at run time.
     lora: Option<(usize, bool)>,
+    /// Compiles structured-output constraints (generators only).
+    grammars: Option<Grammars>,
+    output_syntax: OutputSyntax,
 }
 
 impl Engine {
@@ -95,6 +99,7 @@ impl Engine {
                 .lora
                 .as_ref()
                 .map(|l| (l.max_lora_rank, settings.allow_runtime_lora_updating));
+            inner.output_syntax = settings.output_syntax.clone();
         }
         Ok(engine)
     }
@@ -118,6 +123,14 @@ impl Engine {
         info.prefix_caching =
             matches!(&kind, EngineKind::Generator(g) if g.scheduler.enable_prefix_caching);
         let stats = Arc::new(EngineStats::default());
+        let grammars = match &kind {
+            EngineKind::Generator(g) => Some(Grammars::new(
+                tokenizer.clone(),
+                info.vocab_size,
+                g.eos_token_ids.clone(),
+            )),
+            EngineKind::Embedder(_) => None,
+        };
         let (submit, embedder, adapters) = match kind {
             EngineKind::Generator(generator) => {
                 let adapters = generator.adapters.clone();
@@ -139,9 +152,16 @@ impl Engine {
                 next_adapter: (adapters.iter().map(|a| a.id).max().unwrap_or(0) + 1).into(),
                 adapters: adapters.into(),
                 lora: None,
+                grammars,
+                output_syntax: OutputSyntax::default(),
             }),
             adapter: 0,
         }
+    }
+
+    /// How the model writes tool calls and reasoning (`TOOL_CALL_PARSER`, `REASONING_PARSER`).
+    pub fn output_syntax(&self) -> &OutputSyntax {
+        &self.inner.output_syntax
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -205,6 +225,21 @@ impl Engine {
             let mut seeds = seeds.lock().unwrap_or_else(|e| e.into_inner());
             request.params.seed = Some(rand::RngCore::next_u64(&mut *seeds));
         }
+        let constraint = match (&request.params.structured, &self.inner.grammars) {
+            (None, _) => None,
+            (Some(spec), _) if request.params.use_beam_search => {
+                return Err(EngineError::invalid(
+                    spec.param.clone(),
+                    "structured output cannot be combined with beam search",
+                ));
+            }
+            (Some(spec), Some(grammars)) => Some(
+                grammars
+                    .compile(spec)
+                    .map_err(|e| EngineError::invalid(spec.param.clone(), e))?,
+            ),
+            (Some(_), None) => None,
+        };
         let prompt = match request.prompt {
             Prompt::Text(text) => self
                 .inner
@@ -236,6 +271,7 @@ impl Engine {
                 request_id: request.request_id,
                 prompt,
                 params: request.params,
+                constraint,
                 tx,
                 arrival: Instant::now(),
                 adapter: self.adapter,
@@ -506,8 +542,28 @@ impl Core {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let (batch, wants) = self.build_batch(&plan);
         let on_device = self.device_plans(&plan, &wants);
-        let Some((logits, ranges, sampled)) = self.forward(&plan, &batch, &wants, &on_device)
-        else {
+        let mut masks = self.take_constraints(&plan);
+        let forward = if masks.is_empty() {
+            self.forward(&plan, &batch, &wants, &on_device)
+        } else {
+            // The next masks of the constrained sequences are computed while the model runs.
+            std::thread::scope(|scope| {
+                let work = scope.spawn(|| {
+                    for (_, _, c) in masks.iter_mut() {
+                        c.prepare();
+                    }
+                });
+                let out = self.forward(&plan, &batch, &wants, &on_device);
+                let _ = work.join();
+                out
+            })
+        };
+        for (key, seq, c) in masks {
+            if let Some(req) = self.requests.get_mut(&key) {
+                req.put_constraint(seq, c);
+            }
+        }
+        let Some((logits, ranges, sampled)) = forward else {
             return;
         };
         self.sched.commit(&plan);
@@ -578,6 +634,29 @@ impl Core {
             self.requests.remove(&key);
             self.owner.retain(|_, k| *k != key);
         }
+    }
+
+    /// The matchers of the constrained sequences this step samples, taken out of their requests
+    /// so their masks can be computed beside the forward pass (`put_constraint` gives them back).
+    fn take_constraints(&mut self, plan: &StepPlan) -> Vec<(u64, SeqId, SeqConstraint)> {
+        let mut out = Vec::new();
+        for sc in plan
+            .seqs
+            .iter()
+            .filter(|sc| sc.completes && sc.draft.is_empty())
+        {
+            let Some(&key) = self.owner.get(&sc.id) else {
+                continue;
+            };
+            if let Some(c) = self
+                .requests
+                .get_mut(&key)
+                .and_then(|r| r.take_constraint(sc.id))
+            {
+                out.push((key, sc.id, c));
+            }
+        }
+        out
     }
 
     /// The logits of one scheduled sequence, for its request (`key`).

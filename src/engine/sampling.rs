@@ -122,6 +122,29 @@ impl Sampler {
         }
     }
 
+    /// The token `sample` would pick from a row already masked by a constraint (disallowed tokens
+    /// at -inf), not yet recorded (`take` records it, with the raw distribution's logprobs).
+    pub(crate) fn choose_masked(&mut self, masked: &[f32]) -> u32 {
+        self.choose(masked)
+    }
+
+    /// Records `token_id` as chosen, with its raw-distribution (`logits`) logprobs.
+    pub(crate) fn take(&mut self, logits: &[f32], token_id: u32) -> Sampled {
+        let (logprob, top) = self.raw_logprobs(logits, token_id);
+        let rank = if logprob.is_some() {
+            rank_of(logits, token_id)
+        } else {
+            0
+        };
+        self.record(token_id);
+        Sampled {
+            token_id,
+            logprob,
+            top,
+            rank,
+        }
+    }
+
     /// Verifies a guessed next token (speculative decoding) against one logits row and records the
     /// token chosen. A guess is a point mass, so rejection sampling accepts it with the probability
     /// `p(draft)` the processed distribution gives it, and otherwise draws from that distribution

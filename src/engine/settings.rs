@@ -116,6 +116,20 @@ pub struct EngineSettings {
     /// `SAMPLE_ON_DEVICE`: choose tokens where the logits are (greedy and plain-temperature rows,
     /// their logprobs) instead of copying whole rows back; `None` = on a GPU only.
     pub sample_on_device: Option<bool>,
+    /// How the model writes tool calls and reasoning (`TOOL_CALL_PARSER`, `REASONING_PARSER`).
+    pub output_syntax: OutputSyntax,
+}
+
+/// How the model writes tool calls and reasoning, as vLLM's parsers name it: the front doors
+/// parse the output (and force tool calls) with these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputSyntax {
+    /// `TOOL_CALL_PARSER` (`hermes`, `llama3_json`, `mistral`, ...); `None` = detect.
+    pub tool_call_parser: Option<String>,
+    /// `REASONING_PARSER` (`deepseek_r1`, `qwen3`, ...); `None` = no reasoning split.
+    pub reasoning_parser: Option<String>,
+    /// `ENABLE_AUTO_TOOL_CHOICE`.
+    pub enable_auto_tool_choice: bool,
 }
 
 impl EngineSettings {
@@ -149,6 +163,7 @@ impl EngineSettings {
             seed: None,
             max_logprobs: super::validate::MAX_LOGPROBS,
             sample_on_device: None,
+            output_syntax: OutputSyntax::default(),
         }
     }
 }

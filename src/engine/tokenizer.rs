@@ -219,6 +219,11 @@ impl Tokenizer {
         }
     }
 
+    /// The underlying Hugging Face tokenizer (the vocabulary for constrained decoding).
+    pub(crate) fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner.tok
+    }
+
     pub(crate) fn is_special(&self, id: u32) -> bool {
         self.inner.special.contains(&id)
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::constraint::StructuredOutput;
 use super::error::EngineError;
 
 /// What to generate from: text (tokenized by the engine) or token ids given by the client.
@@ -72,6 +73,9 @@ pub struct SamplingParams {
     pub use_beam_search: bool,
     pub length_penalty: f32,
     pub early_stopping: EarlyStopping,
+    /// Structured output: the grammar every choice's output must match (vLLM's
+    /// `structured_outputs` / `guided_*`, OpenAI's `response_format`, enforced tool calls).
+    pub structured: Option<StructuredOutput>,
 }
 
 impl Default for SamplingParams {
@@ -101,6 +105,7 @@ impl Default for SamplingParams {
             use_beam_search: false,
             length_penalty: 1.0,
             early_stopping: EarlyStopping::False,
+            structured: None,
         }
     }
 }

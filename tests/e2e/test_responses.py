@@ -146,7 +146,7 @@ def test_function_tools_are_accepted(client, model):
 
 def test_unsupported_requests_are_refused_clearly(client, model):
     cases = [
-        ({"text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}}}, "text"),
+        ({"text": {"format": {"type": "xml"}}}, "text"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
@@ -160,5 +160,12 @@ def test_unsupported_requests_are_refused_clearly(client, model):
         assert e.value.body["message"]
     r = client.responses.create(model=model, input="Hi", text={"format": {"type": "text"}}, **GREEDY)
     assert r.text.format.type == "text"
+    # structured output is enforced: a JSON object that validates
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.responses.create(model=model, input="Hi", temperature=0, max_output_tokens=20,
+                                text={"format": {"type": "json_schema", "name": "s", "schema": schema, "strict": True}})
+    assert r.text.format.type == "json_schema"
+    assert isinstance(json.loads(r.output_text)["ok"], bool)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="no-such-model", input="Hi", **GREEDY)

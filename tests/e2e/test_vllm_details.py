@@ -72,8 +72,8 @@ def test_any_signed_64_bit_seed(client, model):
 def test_unknown_fields_are_refused_and_known_ones_accepted(client, model):
     e = _error(lambda: client.chat.completions.create(model=model, messages=HI, extra_body={"tempurature": 0.5}, **GREEDY))
     assert e.status_code == 400 and e.body["param"] == "tempurature"
-    e = _error(lambda: client.completions.create(model=model, prompt="Hi", extra_body={"guided_json": {}}, **GREEDY))
-    assert e.status_code == 400 and e.body["param"] == "guided_json"
+    e = _error(lambda: client.completions.create(model=model, prompt="Hi", extra_body={"bad_words": ["x"]}, **GREEDY))
+    assert e.status_code == 400 and e.body["param"] == "bad_words"
     r = client.chat.completions.create(
         model=model, messages=HI, user="u", metadata={"a": "b"}, store=False, service_tier="auto",
         extra_body={"request_id": "r1", "priority": 0, "add_special_tokens": False, "truncation_side": "left"}, **GREEDY

@@ -155,6 +155,7 @@ const ENGINE_FOUNDATIONS: &[&str] = &[
     "prefix_cache",
     "device_memory",
     "lora",
+    "constraint",
 ];
 
 /// What the foundations may not import.

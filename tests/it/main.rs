@@ -39,5 +39,6 @@ mod serve_endpoint;
 mod serve_limits;
 mod serve_model;
 mod serve_platform;
+mod structured_output;
 mod templates;
 mod tool_round_trips;

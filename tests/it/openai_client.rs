@@ -110,3 +110,46 @@ fn the_official_openai_client_uses_vllms_embedding_extensions() {
         server.stderr()
     );
 }
+
+/// `REASONING_PARSER` through the official client, against `serve` on the llama fixture.
+#[test]
+fn the_official_openai_client_reads_reasoning_content() {
+    let python = python();
+    if let Err(why) = python_ready(&python) {
+        if std::env::var("REQUIRE_PYTHON_E2E").as_deref() == Ok("1") {
+            panic!("REQUIRE_PYTHON_E2E=1 but {why} (pip install -r tests/e2e/requirements.txt)");
+        }
+        eprintln!("SKIPPED the reasoning e2e suite: {why}");
+        return;
+    }
+    let model = fixture("llama");
+    let vars = vec![
+        ("MODEL_NAME".to_string(), model.display().to_string()),
+        (
+            "OPENAI_SERVED_MODEL_NAME_OVERRIDE".to_string(),
+            "m".to_string(),
+        ),
+        ("KV_CACHE_MEMORY".to_string(), "64MiB".to_string()),
+        ("REASONING_PARSER".to_string(), "qwen3".to_string()),
+    ];
+    let mut server = Running::start(&vars, &["serve", "--host", "127.0.0.1", "--port", "0"]);
+    let base_url = server.wait_listening(Duration::from_secs(120));
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/test_reasoning.py");
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(&suite)
+        .env("WORKER_REASONING_BASE_URL", &base_url)
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{report}");
+    assert!(
+        out.status.success() && report.contains("2 passed"),
+        "the reasoning e2e suite failed:\n{report}\n--- server stderr ---\n{}",
+        server.stderr()
+    );
+}

@@ -12,10 +12,14 @@ use super::params::{
     check_fields, extensions, sampling_params, stream_options, Body, Extensions, StreamOptions,
     COMMON_FIELDS,
 };
+use super::reasoning::{starts_in_reasoning, ReasoningSplitter, THINK_END};
 use super::shapes;
-use super::tools::{parse_tool_calls, ToolCall, ToolCallDetector};
+use super::tools::{
+    forced_calls_grammar, parse_tool_calls, ToolCall, ToolCallDetector, ToolSyntax,
+};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
 use crate::api::error::ApiError;
+use crate::engine::constraint::{Structure, StructuredOutput};
 use crate::engine::template::{ChatTemplate, RenderOptions};
 use crate::engine::{
     ChoiceDelta, Engine, EngineError, GenerateRequest, GenerationEvent, GenerationStream, Prompt,
@@ -53,6 +57,8 @@ pub(crate) struct ChatRequest {
     pub add_special_tokens: bool,
     pub stream: StreamOptions,
     pub ext: Extensions,
+    /// `REASONING_PARSER` on: whether the output starts inside the reasoning block (`None`: off).
+    pub reasoning: Option<bool>,
 }
 
 impl ChatRequest {
@@ -85,7 +91,6 @@ const CHAT_FIELDS: &[&str] = &[
     "messages",
     "tools",
     "tool_choice",
-    "response_format",
     "max_completion_tokens",
     "logprobs",
     "top_logprobs",
@@ -104,7 +109,7 @@ const CHAT_FIELDS: &[&str] = &[
 
 pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
     check_fields(body, &[COMMON_FIELDS, CHAT_FIELDS])?;
-    let mut messages = parse_messages(body.raw("messages"))?;
+    let messages = parse_messages(body.raw("messages"))?;
     let mut params = sampling_params(body, None)?;
     let f: ChatFields = body.typed()?;
     if let Some(max) = f.max_completion_tokens {
@@ -126,7 +131,6 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
         params.logprobs = Some(top_logprobs.unwrap_or(0));
     }
     let (tools, tool_choice) = parse_tools(body)?;
-    apply_response_format(body, &mut messages)?;
     let add_generation_prompt = f.add_generation_prompt.unwrap_or(true);
     let continue_final_message = f.continue_final_message.unwrap_or(false);
     if add_generation_prompt && continue_final_message {
@@ -152,7 +156,63 @@ pub(crate) fn parse(body: &Body<'_>) -> Result<ChatRequest, ApiError> {
         add_special_tokens: f.add_special_tokens.unwrap_or(false),
         stream,
         ext: extensions(body)?,
+        reasoning: None,
     })
+}
+
+/// A chat body parsed and rendered for `engine`: `tool_choice` required or named becomes a grammar
+/// over the model's tool-call syntax, and with a reasoning parser a structured-output constraint
+/// starts after the reasoning. The rendered prompt with it.
+pub(crate) fn prepare(engine: &Engine, body: &Body<'_>) -> Result<(ChatRequest, String), ApiError> {
+    let mut request = parse(body)?;
+    enforce_tool_choice(engine, &mut request)?;
+    let prompt = render(engine, &request)?;
+    if let Some(parser) = engine.output_syntax().reasoning_parser.as_deref() {
+        let in_reasoning = starts_in_reasoning(parser, &prompt);
+        request.reasoning = Some(in_reasoning);
+        if let Some(s) = request.params.structured.as_mut()
+            && in_reasoning
+        {
+            s.starts_after = Some(THINK_END.to_string());
+        }
+    }
+    Ok((request, prompt))
+}
+
+/// `tool_choice: "required"` or a named function: the reply is forced to be tool calls (one when
+/// named or `parallel_tool_calls` is false) whose arguments match the tools' `parameters`.
+fn enforce_tool_choice(engine: &Engine, request: &mut ChatRequest) -> Result<(), ApiError> {
+    let one = match &request.tool_choice {
+        ToolChoice::Required => !request.parallel_tool_calls,
+        ToolChoice::Named(_) => true,
+        ToolChoice::None | ToolChoice::Auto => return Ok(()),
+    };
+    let Some(tools) = request.tools.as_deref() else {
+        return Ok(());
+    };
+    if let Some(other) = &request.params.structured {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            format!(
+                "`tool_choice` {} cannot be combined with `{}`: only one structured output constraint may be given",
+                if one { "naming a function" } else { "\"required\"" },
+                other.param
+            ),
+        ));
+    }
+    let tokenizer = engine.tokenizer();
+    let token_id = |marker: &str| match tokenizer.encode(marker, false).ok()?.as_slice() {
+        [id] if tokenizer.token_text(*id) == marker => Some(*id),
+        _ => None,
+    };
+    let syntax = ToolSyntax::choose(engine.output_syntax().tool_call_parser.as_deref(), |m| {
+        token_id(m).is_some()
+    });
+    let grammar = forced_calls_grammar(tools, syntax, one, token_id);
+    let mut structured = StructuredOutput::new(Structure::Grammar(grammar));
+    structured.param = "tool_choice".into();
+    request.params.structured = Some(structured);
+    Ok(())
 }
 
 /// Messages as templates expect them: `content` a string (text parts joined) or null, and assistant
@@ -281,42 +341,6 @@ fn parse_tools(body: &Body<'_>) -> Result<(Option<Vec<Value>>, ToolChoice), ApiE
     Ok((tools, choice))
 }
 
-/// `response_format`: `json_object` / `json_schema` are best effort (no constrained decoding): the
-/// system message asks for JSON (and the schema).
-fn apply_response_format(body: &Body<'_>, messages: &mut Vec<Value>) -> Result<(), ApiError> {
-    let Some(format) = body.raw("response_format") else {
-        return Ok(());
-    };
-    let hint = match format.get("type").and_then(Value::as_str) {
-        Some("text") => return Ok(()),
-        Some("json_object") => {
-            "Respond with a single valid JSON object and nothing else.".to_string()
-        }
-        Some("json_schema") => {
-            let schema = format
-                .pointer("/json_schema/schema")
-                .map(Value::to_string)
-                .unwrap_or_else(|| "{}".into());
-            format!("Respond with a single valid JSON object that follows this JSON schema, and nothing else: {schema}")
-        }
-        _ => {
-            return Err(ApiError::invalid(
-                "response_format",
-                "`response_format.type` must be text, json_object or json_schema",
-            ))
-        }
-    };
-    match messages.first_mut() {
-        Some(first) if first.get("role").and_then(Value::as_str) == Some("system") => {
-            let content = first.get("content").and_then(Value::as_str).unwrap_or("");
-            first["content"] =
-                Value::String(format!("{content}\n\n{hint}").trim_start().to_string());
-        }
-        _ => messages.insert(0, json!({"role": "system", "content": hint})),
-    }
-    Ok(())
-}
-
 /// The template a request renders with: its own `chat_template`, else the model's (or
 /// CUSTOM_CHAT_TEMPLATE).
 pub(crate) fn template<'e>(
@@ -375,8 +399,7 @@ pub(crate) fn start(
     body: &Body<'_>,
     request_id: &str,
 ) -> Result<(ChatRequest, GenerationStream), ApiError> {
-    let request = parse(body)?;
-    let prompt = render(engine, &request)?;
+    let (request, prompt) = prepare(engine, body)?;
     let events = engine
         .generate(GenerateRequest {
             request_id: request_id.to_string(),
@@ -393,8 +416,7 @@ pub(crate) async fn handle(
     settings: &OpenAiSettings,
     body: &Body<'_>,
 ) -> Result<OpenAiResponse, ApiError> {
-    let request = parse(body)?;
-    let text = render(engine, &request)?;
+    let (request, text) = prepare(engine, body)?;
     let prompt = match &request.ext.truncate {
         None => Prompt::Text(text),
         Some(t) => {
@@ -505,9 +527,21 @@ impl Reply {
     }
 
     fn choice(&self, index: usize, choice: &ChoiceOutcome, request: &ChatRequest) -> Value {
-        let text = format!("{}{}", self.echo, choice.text);
+        let mut text = format!("{}{}", self.echo, choice.text);
         let mut finish_reason = shapes::finish_reason(choice.finish.as_ref());
+        let mut reasoning = None;
+        if let Some(in_reasoning) = request.reasoning {
+            let (r, answer) = ReasoningSplitter::split(in_reasoning, &text);
+            reasoning = r;
+            text = answer;
+        }
         let mut message = json!({"role": self.role, "content": text});
+        if let Some(r) = reasoning {
+            message["reasoning_content"] = Value::String(r);
+            if text.is_empty() {
+                message["content"] = Value::Null;
+            }
+        }
         if request.parses_tools()
             && let Some((content, mut calls)) = parse_tool_calls(&text)
         {
@@ -551,6 +585,7 @@ impl Reply {
 struct ChoiceStream {
     index: usize,
     detector: Option<ToolCallDetector>,
+    reasoning: Option<ReasoningSplitter>,
 }
 
 impl ChoiceStream {
@@ -578,9 +613,28 @@ impl ChoiceStream {
 
     fn chunks(&mut self, reply: &Reply, request: &ChatRequest, delta: ChoiceDelta) -> Vec<Value> {
         let index = delta.index;
+        let mut chunks = Vec::new();
+        let mut answer = delta.text;
+        if let Some(splitter) = &mut self.reasoning {
+            let (mut r, mut a) = splitter.push(&answer);
+            if delta.finish.is_some() {
+                let (r2, a2) = splitter.finish();
+                r.push_str(&r2);
+                a.push_str(&a2);
+            }
+            if !r.is_empty() {
+                chunks.push(reply.chunk(
+                    index,
+                    json!({"reasoning_content": r}),
+                    Value::Null,
+                    Value::Null,
+                ));
+            }
+            answer = a;
+        }
         let text = match &mut self.detector {
-            Some(d) => d.push(&delta.text),
-            None => delta.text,
+            Some(d) => d.push(&answer),
+            None => answer,
         };
         let logprobs = request
             .top_logprobs
@@ -588,11 +642,11 @@ impl ChoiceStream {
             .map_or(Value::Null, |k| shapes::chat_logprobs(&delta.logprobs, k));
         let Some(finish) = delta.finish else {
             if text.is_empty() && logprobs.is_null() {
-                return Vec::new();
+                return chunks;
             }
-            return vec![reply.chunk(index, json!({"content": text}), logprobs, Value::Null)];
+            chunks.push(reply.chunk(index, json!({"content": text}), logprobs, Value::Null));
+            return chunks;
         };
-        let mut chunks = Vec::new();
         let mut finish_reason = shapes::finish_reason(Some(&finish));
         let mut text = text;
         let mut calls = Vec::new();
@@ -642,6 +696,7 @@ fn stream_chunks(
         .map(|index| ChoiceStream {
             index,
             detector: request.parses_tools().then(ToolCallDetector::default),
+            reasoning: request.reasoning.map(ReasoningSplitter::new),
         })
         .collect();
     // vLLM's `continuous_usage_stats`: the usage so far on every chunk.
@@ -803,18 +858,16 @@ mod tests {
     }
 
     #[test]
-    fn json_response_format_adds_a_system_hint() {
+    fn response_format_is_a_constraint_and_leaves_the_messages_alone() {
         let r =
             parse_json(json!({"messages": user("x"), "response_format": {"type": "json_object"}}))
                 .unwrap();
-        assert_eq!(r.messages[0]["role"], json!("system"));
-        assert!(r.messages[0]["content"].as_str().unwrap().contains("JSON"));
-        let r = parse_json(json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}}))
-        .unwrap();
-        let system = r.messages[0]["content"].as_str().unwrap();
-        assert!(system.starts_with("Be brief.") && system.contains(r#"{"type":"object"}"#));
-        assert_eq!(r.messages.len(), 2);
+        assert_eq!(r.messages.len(), 1);
+        let s = r.params.structured.unwrap();
+        assert_eq!(
+            s.structure,
+            crate::engine::constraint::Structure::JsonObject
+        );
         assert!(
             parse_json(json!({"messages": user("x"), "response_format": {"type": "yaml"}}))
                 .is_err()
@@ -872,6 +925,7 @@ mod tests {
         let mut choice = ChoiceStream {
             index: 0,
             detector: Some(ToolCallDetector::default()),
+            reasoning: None,
         };
         let mut first = finish_delta("Hi <tool_call>{\"name\": \"f\",");
         first.finish = None;

@@ -11,6 +11,7 @@ pub mod embeddings;
 pub(crate) mod lora_adapters;
 pub(crate) mod outcome;
 pub(crate) mod params;
+pub(crate) mod reasoning;
 pub(crate) mod response_store;
 pub(crate) mod responses;
 pub(crate) mod shapes;

@@ -179,6 +179,7 @@ pub(crate) fn sampling_params(
         use_beam_search: f.use_beam_search.unwrap_or(false),
         length_penalty: f.length_penalty.unwrap_or(1.0),
         early_stopping: early_stopping(f.early_stopping)?,
+        structured: crate::api::structured::read(body.0)?,
     })
 }
 
@@ -376,6 +377,15 @@ pub(crate) const COMMON_FIELDS: &[&str] = &[
     "cache_salt",
     "prompt_cache_key",
     "safety_identifier",
+    // structured output (`api/structured.rs`)
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+    "guided_decoding_backend",
 ];
 
 /// OpenAI and vLLM fields this worker does not act on and that would change the output: refused
@@ -387,13 +397,6 @@ const UNSUPPORTED_FIELDS: &[&str] = &[
     "audio",
     "prediction",
     "web_search_options",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "guided_decoding_backend",
-    "guided_whitespace_pattern",
-    "structured_outputs",
     "bad_words",
     "allowed_token_ids",
     "logits_processors",

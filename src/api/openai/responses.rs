@@ -116,7 +116,7 @@ fn parse(body: &Body<'_>) -> Result<Request, ApiError> {
     }) {
         return Err(unsupported("reasoning", "`reasoning` is not supported"));
     }
-    let text = text_format(body.raw("text"))?;
+    let (text, response_format) = text_format(body.raw("text"))?;
     let stream = f.stream.unwrap_or(false);
     let store = f.store.unwrap_or(true);
 
@@ -159,6 +159,9 @@ fn parse(body: &Body<'_>) -> Result<Request, ApiError> {
     if let Some(parallel) = f.parallel_tool_calls {
         chat.insert("parallel_tool_calls".into(), json!(parallel));
     }
+    if let Some(format) = response_format {
+        chat.insert("response_format".into(), format);
+    }
 
     let mut echo = Map::new();
     echo.insert("instructions".into(), json!(f.instructions));
@@ -189,11 +192,12 @@ fn parse(body: &Body<'_>) -> Result<Request, ApiError> {
     })
 }
 
-/// `text`: only `{"format": {"type": "text"}}` until constrained decoding exists.
-fn text_format(text: Option<&Value>) -> Result<Value, ApiError> {
+/// `text`: its echo and, for `format` `json_schema` (`{name, schema, strict}`) or `json_object`, chat's
+/// `response_format` (enforced by constrained decoding).
+fn text_format(text: Option<&Value>) -> Result<(Value, Option<Value>), ApiError> {
     let plain = json!({"format": {"type": "text"}});
     let Some(text) = text else {
-        return Ok(plain);
+        return Ok((plain, None));
     };
     let Some(fields) = text.as_object() else {
         return Err(unsupported("text", "`text` must be an object"));
@@ -204,17 +208,32 @@ fn text_format(text: Option<&Value>) -> Result<Value, ApiError> {
             format!("`text.{key}` is not supported"),
         ));
     }
-    match fields.get("format") {
-        None | Some(Value::Null) => Ok(plain),
-        Some(format) if format.get("type").and_then(Value::as_str) == Some("text") => Ok(plain),
-        Some(format) => Err(unsupported(
-            "text",
-            format!(
-                "`text.format` of type {} is not supported yet (no constrained decoding); use {{\"type\": \"text\"}}",
-                format.get("type").unwrap_or(&Value::Null)
-            ),
-        )),
-    }
+    let Some(format) = fields.get("format").filter(|f| !f.is_null()) else {
+        return Ok((plain, None));
+    };
+    let chat_format = match format.get("type").and_then(Value::as_str) {
+        Some("text") => return Ok((plain, None)),
+        Some("json_object") => json!({"type": "json_object"}),
+        Some("json_schema") => {
+            let mut schema = Map::new();
+            for key in ["name", "schema", "strict", "description"] {
+                if let Some(v) = format.get(key) {
+                    schema.insert(key.into(), v.clone());
+                }
+            }
+            json!({"type": "json_schema", "json_schema": schema})
+        }
+        _ => {
+            return Err(unsupported(
+                "text",
+                format!(
+                    "`text.format` must be text, json_object or json_schema, got {}",
+                    format.get("type").unwrap_or(&Value::Null)
+                ),
+            ))
+        }
+    };
+    Ok((text.clone(), Some(chat_format)))
 }
 
 /// The text of a content: a string, or `input_text` / `output_text` parts.
@@ -799,7 +818,7 @@ mod tests {
         for (body, param) in [
             (json!({"input": "x", "frobnicate": 1}), "frobnicate"),
             (
-                json!({"input": "x", "text": {"format": {"type": "json_schema", "name": "s", "schema": {}}}}),
+                json!({"input": "x", "text": {"format": {"type": "xml"}}}),
                 "text",
             ),
             (

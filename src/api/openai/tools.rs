@@ -309,3 +309,95 @@ mod tests {
         assert_eq!(format!("{sent}{}", done.text), "héllo wörld é");
     }
 }
+
+/// The tool-call syntaxes this worker parses and can force (vLLM's `TOOL_CALL_PARSER` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ToolSyntax {
+    /// `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` (Hermes, Qwen).
+    Hermes,
+    /// `{"name": ..., "parameters": ...}`, several joined by `; ` (Llama 3.x JSON).
+    Llama3Json,
+    /// `[TOOL_CALLS][{"name": ..., "arguments": ...}, ...]`.
+    Mistral,
+}
+
+impl ToolSyntax {
+    /// `TOOL_CALL_PARSER`'s syntax; `None` (auto) = the one whose marker is a single token of the
+    /// vocabulary (`is_token`), else Hermes.
+    pub(crate) fn choose(parser: Option<&str>, is_token: impl Fn(&str) -> bool) -> Self {
+        match parser {
+            Some("llama3_json" | "llama4_json") => Self::Llama3Json,
+            Some("mistral") => Self::Mistral,
+            Some(_) => Self::Hermes,
+            None if is_token(HERMES_START) => Self::Hermes,
+            None if is_token(MISTRAL_START) => Self::Mistral,
+            None if is_token(PYTHON_TAG) => Self::Llama3Json,
+            None => Self::Hermes,
+        }
+    }
+}
+
+/// A Lark grammar (llguidance's dialect) that forces the reply to be tool calls in `syntax`: each
+/// names one of `tools` and has `arguments` valid against that tool's `parameters` schema; one call
+/// when `one`, else one or more. `token_id` gives a marker's id when the vocabulary has it as one
+/// token (the grammar then asks for that token, as the model writes it).
+pub(crate) fn forced_calls_grammar(
+    tools: &[Value],
+    syntax: ToolSyntax,
+    one: bool,
+    token_id: impl Fn(&str) -> Option<u32>,
+) -> String {
+    let args_key = match syntax {
+        ToolSyntax::Llama3Json => "parameters",
+        _ => "arguments",
+    };
+    let alternatives: Vec<Value> = tools
+        .iter()
+        .filter_map(|t| {
+            let name = t.pointer("/function/name")?.as_str()?;
+            let params = t
+                .pointer("/function/parameters")
+                .filter(|p| p.is_object())
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            Some(serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, args_key: params},
+                "required": ["name", args_key],
+                "additionalProperties": false,
+            }))
+        })
+        .collect();
+    let schema = serde_json::json!({
+        "anyOf": alternatives,
+        "x-guidance": {"whitespace_flexible": false},
+    });
+    let marker = |m: &str| match token_id(m) {
+        Some(id) => format!("<[{id}]>"),
+        None => Value::String(m.to_string()).to_string(),
+    };
+    let many = |call: &str, sep: &str| {
+        if one {
+            call.to_string()
+        } else {
+            format!("{call} ({sep} {call})*")
+        }
+    };
+    let call = format!("call: %json {schema}");
+    match syntax {
+        ToolSyntax::Hermes => format!(
+            "start: {}\nblock: {} \"\\n\" call \"\\n\" {}\n{call}\n",
+            many("block", "\"\\n\""),
+            marker(HERMES_START),
+            marker(HERMES_END),
+        ),
+        ToolSyntax::Llama3Json => {
+            format!("start: {}\n{call}\n", many("call", "\"; \""))
+        }
+        ToolSyntax::Mistral => format!(
+            "start: {} \"[\" {} \"]\"\n{call}\n",
+            marker(MISTRAL_START),
+            many("call", "\", \""),
+        ),
+    }
+}

@@ -8,6 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::beam::{BeamConfig, BeamSearch, Live};
 use crate::engine::batch::LogitsWanted;
+use crate::engine::constraint::{Compiled, SeqConstraint};
 use crate::engine::detokenize::{DecodeOptions, Detokenizer};
 use crate::engine::sampling::device::RowPlan;
 use crate::engine::sampling::{log_softmax, rank_of, top_n, Sampled, Sampler};
@@ -24,6 +25,8 @@ pub(crate) struct Submission {
     pub request_id: String,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// The request's compiled structured-output constraint.
+    pub constraint: Option<Compiled>,
     pub tx: UnboundedSender<GenerationEvent>,
     pub arrival: Instant,
     /// The LoRA adapter the request runs with (0: the base model).
@@ -40,6 +43,10 @@ struct Choice {
     finish: Option<Finish>,
     /// Everything emitted so far, kept when output is held back until the end (best_of > n).
     held: Option<ChoiceDelta>,
+    /// The choice's structured-output matcher (`None` when unconstrained).
+    constraint: Option<SeqConstraint>,
+    /// Its row after the constraint's mask.
+    masked: Vec<f32>,
 }
 
 struct Beam {
@@ -111,6 +118,8 @@ impl RequestState {
                     cum_logprob: 0.0,
                     finish: None,
                     held: None,
+                    constraint: sub.constraint.as_ref().map(Compiled::start),
+                    masked: Vec::new(),
                 })
                 .collect()
         };
@@ -231,12 +240,17 @@ impl RequestState {
     }
 
     /// The device plan for `seq`'s next token (see `Sampler::device_plan`): only for a started,
-    /// unfinished request sampling choices (not beam search); `None` leaves the row to the host.
+    /// unfinished request sampling choices (not beam search) without a structured-output
+    /// constraint; `None` leaves the row to the host.
     pub(crate) fn device_plan(&mut self, seq: SeqId) -> Option<RowPlan> {
         if self.finished || !self.started || self.beam.is_some() {
             return None;
         }
         let choice = self.choices.iter_mut().find(|c| c.seq == Some(seq))?;
+        if choice.constraint.is_some() {
+            // A structured-output mask applies on the host.
+            return None;
+        }
         choice.sampler.device_plan()
     }
 
@@ -308,11 +322,73 @@ impl RequestState {
     }
 
     fn sample_choice(&mut self, i: usize, row: &[f32], ctx: &mut Ctx) {
-        if self.choices[i].seq.is_none() {
+        let c = &mut self.choices[i];
+        if c.seq.is_none() {
             return;
         }
-        let s = self.choices[i].sampler.sample(row);
+        let Some(constraint) = c.constraint.as_mut() else {
+            let s = c.sampler.sample(row);
+            self.emit(i, s, ctx);
+            return;
+        };
+        let mut masked = std::mem::take(&mut c.masked);
+        masked.clear();
+        masked.extend_from_slice(row);
+        let open = constraint.apply(&mut masked);
+        let mut token = c.sampler.choose_masked(&masked);
+        if open && !constraint.allows(token) {
+            // The processors (min_tokens, a bias) masked every token the grammar allows: the
+            // grammar wins, with its most likely token.
+            token = crate::engine::sampling::argmax(&masked);
+        }
+        c.masked = masked;
+        let s = c.sampler.take(row, token);
+        // The grammar allows nothing more: the output cannot be completed, which is reported as
+        // running out of room, never as a stop.
+        if !open || !constraint.allows(s.token_id) || constraint.advance(s.token_id).is_err() {
+            self.end_choice(i, length(), ctx);
+            return;
+        }
         self.emit(i, s, ctx);
+    }
+
+    /// Ends choice `i` without a new token.
+    fn end_choice(&mut self, i: usize, finish: Finish, ctx: &mut Ctx) {
+        let hold = self.holds_output();
+        let c = &mut self.choices[i];
+        let Some(seq) = c.seq.take() else {
+            return;
+        };
+        ctx.sched.remove(seq);
+        let mut text = c.detok.finish().unwrap_or_default();
+        text = c.stops.push(&text, false).text;
+        text.push_str(&c.stops.flush());
+        c.finish = Some(finish.clone());
+        let delta = ChoiceDelta {
+            index: i,
+            text,
+            token_ids: Vec::new(),
+            logprobs: Vec::new(),
+            finish: Some(finish),
+        };
+        if hold {
+            merge(c.held.get_or_insert_with(|| empty_delta(i)), delta);
+        } else {
+            let _ = self.tx.send(GenerationEvent::Delta(delta));
+        }
+    }
+
+    /// Takes out the matcher of the choice decoding `seq` (see `Core::take_constraints`).
+    pub(crate) fn take_constraint(&mut self, seq: SeqId) -> Option<SeqConstraint> {
+        let c = self.choices.iter_mut().find(|c| c.seq == Some(seq))?;
+        c.constraint.take()
+    }
+
+    /// Gives back a matcher taken by `take_constraint`.
+    pub(crate) fn put_constraint(&mut self, seq: SeqId, constraint: SeqConstraint) {
+        if let Some(c) = self.choices.iter_mut().find(|c| c.seq == Some(seq)) {
+            c.constraint = Some(constraint);
+        }
     }
 
     /// Guessed next tokens for each choice the next step decodes (speculative decoding), at most `k`
@@ -327,7 +403,8 @@ impl RequestState {
             return Vec::new();
         }
         let mut out = Vec::new();
-        for c in &self.choices {
+        // A constrained choice never speculates: a guess is not checked against its grammar.
+        for c in self.choices.iter().filter(|c| c.constraint.is_none()) {
             let Some(seq) = c.seq.filter(|s| sched.is_decoding(*s)) else {
                 continue;
             };
