@@ -25,6 +25,9 @@ pub const CAUSAL: &[&str] = &[
     "llama31",
     "mistral_sw",
     "gemma3",
+    "qwen3_moe",
+    "mixtral",
+    "qwen2_moe",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

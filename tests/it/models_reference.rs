@@ -208,6 +208,27 @@ fn gemma3_matches_reference() {
     check_reference("gemma3");
 }
 
+/// Made by `tests/fixtures/gen_extra.py`: a mixture of 4 experts, top 2 renormalised, on layers 0 and 2
+/// and a dense MLP on layer 1 (`mlp_only_layers`), q/k norms.
+#[test]
+fn qwen3_moe_matches_reference() {
+    check_reference("qwen3_moe");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: `block_sparse_moe` with experts `w1`/`w3`/`w2`, a softmax over
+/// the top 2 of 4 router logits.
+#[test]
+fn mixtral_matches_reference() {
+    check_reference("mixtral");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: top 2 of 4 experts not renormalised, plus a shared expert
+/// under a sigmoid gate; q/k/v biases.
+#[test]
+fn qwen2_moe_matches_reference() {
+    check_reference("qwen2_moe");
+}
+
 /// The gemma3 fixture as the language model of a `Gemma3ForConditionalGeneration` checkpoint, in both
 /// weight layouts transformers has written (`language_model.model.*` before 4.52, `model.language_model.*`
 /// since) next to a vision tower that is not read, and with the older config keys (`rope_theta`,
