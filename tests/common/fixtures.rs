@@ -28,6 +28,10 @@ pub const CAUSAL: &[&str] = &[
     "qwen3_moe",
     "mixtral",
     "qwen2_moe",
+    "smollm3",
+    "olmo2",
+    "granite",
+    "phi4",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

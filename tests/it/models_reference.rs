@@ -208,8 +208,7 @@ fn gemma3_matches_reference() {
     check_reference("gemma3");
 }
 
-/// Made by `tests/fixtures/gen_extra.py`: a mixture of 4 experts, top 2 renormalised, on layers 0 and 2
-/// and a dense MLP on layer 1 (`mlp_only_layers`), q/k norms.
+/// Made by `tests/fixtures/gen_extra.py`: a mixture of 4 experts, top 2 renormalised, q/k norms.
 #[test]
 fn qwen3_moe_matches_reference() {
     check_reference("qwen3_moe");
@@ -223,10 +222,37 @@ fn mixtral_matches_reference() {
 }
 
 /// Made by `tests/fixtures/gen_extra.py`: top 2 of 4 experts not renormalised, plus a shared expert
-/// under a sigmoid gate; q/k/v biases.
+/// under a sigmoid gate, a dense MLP on layer 1 (`mlp_only_layers`); q/k/v biases.
 #[test]
 fn qwen2_moe_matches_reference() {
     check_reference("qwen2_moe");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: RoPE on layers 0 and 2 only (`no_rope_layers`).
+#[test]
+fn smollm3_matches_reference() {
+    check_reference("smollm3");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: norms after attention and MLP only (random weights), q/k
+/// norms over the whole projections.
+#[test]
+fn olmo2_matches_reference() {
+    check_reference("olmo2");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: embedding, attention and residual multipliers and
+/// `logits_scaling`, all away from 1.
+#[test]
+fn granite_matches_reference() {
+    check_reference("granite");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: Phi-4-mini's Phi-3 (partial rotary 3/4, `longrope`) with an
+/// original context of 4, so every prompt runs on the long factors and the attention factor.
+#[test]
+fn phi4_longrope_matches_reference() {
+    check_reference("phi4");
 }
 
 /// The gemma3 fixture as the language model of a `Gemma3ForConditionalGeneration` checkpoint, in both
