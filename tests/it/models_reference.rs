@@ -427,6 +427,71 @@ fn packed_batch_equals_each_alone() {
     }
 }
 
+/// A mixture of experts routes each token alone: a decode step shared with other sequences' prefill
+/// chunks (whose tokens send other rows to every expert, so each expert's gathered batch differs)
+/// gives each row what it gets alone.
+#[test]
+fn moe_rows_route_alone_whatever_shares_the_step() {
+    for name in ["qwen3_moe", "mixtral", "qwen2_moe"] {
+        let model = load(&fixture(name)).model;
+        let ps: Vec<Vec<u32>> = prompts(name).into_iter().take(4).collect();
+        let per = 40;
+        let blocks = |i: usize| {
+            (0..per as u32)
+                .map(|b| b * 4 + i as u32)
+                .collect::<Vec<_>>()
+        };
+        // alone: each prompt but its last token, then that token as a decode step
+        let alone: Vec<Vec<f32>> = ps
+            .iter()
+            .map(|p| {
+                let mut cache = new_cache(model.as_ref(), per * 4);
+                let mut s = Seq::new(p.clone(), blocks(0));
+                forward(
+                    model.as_ref(),
+                    &mut cache,
+                    vec![s.input(p.len() - 1, LogitsWanted::None)],
+                );
+                s.cached = p.len() - 1;
+                forward(
+                    model.as_ref(),
+                    &mut cache,
+                    vec![s.input(1, LogitsWanted::Last)],
+                )
+                .remove(0)
+            })
+            .collect();
+        // together: prompt 0 decodes its last token in the same step as prompts 1.. prefill whole
+        let mut cache = new_cache(model.as_ref(), per * 4);
+        let mut first = Seq::new(ps[0].clone(), blocks(0));
+        forward(
+            model.as_ref(),
+            &mut cache,
+            vec![first.input(ps[0].len() - 1, LogitsWanted::None)],
+        );
+        first.cached = ps[0].len() - 1;
+        let others: Vec<Seq> = ps[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Seq::new(p.clone(), blocks(i + 1)))
+            .collect();
+        let mut parts = vec![first.input(1, LogitsWanted::Last)];
+        parts.extend(
+            others
+                .iter()
+                .map(|s| s.input(s.tokens.len(), LogitsWanted::Last)),
+        );
+        let together = forward(model.as_ref(), &mut cache, parts);
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let d = max_diff(a, b);
+            assert!(
+                d < TOL,
+                "{name}: prompt {i} differs by {d} in a shared step"
+            );
+        }
+    }
+}
+
 /// A prompt prefilled in chunks (odd sizes, across block boundaries) ends with the same logits as in
 /// one go, and `LogitsWanted::All` rows equal the last-row logits of each prefix.
 #[test]
