@@ -23,6 +23,7 @@ pub(crate) const SUPPORTED: &[(&str, &str)] = &[
     ("qwen3", "Qwen3ForCausalLM"),
     ("gemma3", "Gemma3ForCausalLM"),
     ("qwen3moe", "Qwen3MoeForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
 ];
 
 /// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
@@ -223,6 +224,9 @@ impl GgufFile {
         if self.arch == "gemma3" {
             self.gemma3_config(&mut c, heads, head_dim)?;
         }
+        if self.arch == "phi3" {
+            self.phi3_config(&mut c, head_dim)?;
+        }
         if experts > 0 {
             c["num_experts"] = json!(experts);
             c["num_experts_per_tok"] = json!(m.uint(&a("expert_used_count"))?);
@@ -277,6 +281,57 @@ impl GgufFile {
         c["rope_theta"] = json!(m.float(&a("rope.freq_base")).unwrap_or(1e6));
         c["rope_local_base_freq"] = json!(m.float(&a("rope.freq_base_swa")).unwrap_or(1e4));
         Ok(())
+    }
+
+    /// Phi-3 / Phi-4's fields as llama.cpp's converter writes them: the rotated share of each head
+    /// (`rope.dimension_count`), the sliding window, and `longrope` from the `rope_factors_long` /
+    /// `rope_factors_short` tensors, `rope.scaling.original_context_length` and
+    /// `rope.scaling.attn_factor`.
+    fn phi3_config(&self, c: &mut Value, head_dim: usize) -> anyhow::Result<()> {
+        let m = self.meta();
+        let a = |k: &str| format!("{}.{k}", self.arch);
+        if let Ok(rot) = m.uint(&a("rope.dimension_count")) {
+            c["partial_rotary_factor"] = json!(rot as f64 / head_dim as f64);
+        }
+        // the converter writes 0 for none (Phi-4)
+        let window = m
+            .uint(&a("attention.sliding_window"))
+            .ok()
+            .filter(|w| *w > 0);
+        c["sliding_window"] = json!(window);
+        let (Some(long), Some(short)) = (
+            self.f32_tensor("rope_factors_long.weight")?,
+            self.f32_tensor("rope_factors_short.weight")?,
+        ) else {
+            return Ok(());
+        };
+        let original = m
+            .uint(&a("rope.scaling.original_context_length"))
+            .context("longrope factors without rope.scaling.original_context_length")?;
+        let mut scaling = json!({"rope_type": "longrope", "long_factor": long,
+            "short_factor": short, "original_max_position_embeddings": original});
+        if let Ok(f) = m.float(&a("rope.scaling.attn_factor")) {
+            scaling["attention_factor"] = json!(f);
+        }
+        c["rope_scaling"] = scaling;
+        Ok(())
+    }
+
+    /// A small float tensor's values (RoPE factors), if the file has it.
+    fn f32_tensor(&self, name: &str) -> anyhow::Result<Option<Vec<f32>>> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        let t = info.read(
+            &mut Cursor::new(&self.bytes[..]),
+            self.content.tensor_data_offset,
+            &Device::Cpu,
+        )?;
+        Ok(Some(
+            t.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ))
     }
 
     /// RoPE scaling from the metadata, or the per-frequency divisors of `rope_freqs.weight` that
@@ -400,6 +455,9 @@ impl GgufFile {
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
+            // Phi-3's fused layers
+            "self_attn.qkv_proj" => "attn_qkv",
+            "mlp.gate_up_proj" => "ffn_up",
             // a mixture's router
             "mlp.gate" => "ffn_gate_inp",
             _ => return None,

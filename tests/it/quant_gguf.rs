@@ -693,31 +693,48 @@ async fn a_real_gguf_continues_prompts_as_llama_cpp_does() {
     assert!(hits * 10 >= n * 9, "{hits}/{n}");
 }
 
+/// A float32 GGUF of fixture `model` against transformers: the same greedy tokens (which llama.cpp's
+/// run on the file, `llama_cpp`, equals too) and top-5 log-probabilities.
+async fn gguf_computes_what_transformers_computes(file: &str, model: &str, llama_cpp: &Value) {
+    let engine = start_at(&fixture("gguf").join(file), |_| {});
+    for (i, case) in cases(model).iter().enumerate() {
+        assert_eq!(
+            llama_cpp[i]["greedy_ids"],
+            serde_json::json!(case.greedy_ids)
+        );
+        let mut req = greedy(case.input_ids.clone(), case.greedy_ids.len(), Some(5));
+        req.params.ignore_eos = true;
+        let out = collect(&engine, req).await;
+        assert_eq!(out.choice.token_ids, case.greedy_ids, "{model} case {i}");
+        for (step, want) in case.top5.iter().enumerate() {
+            let got = &out.choice.logprobs[step].top;
+            for ((id, _, lp), (wid, wlp)) in got.iter().zip(want) {
+                assert_eq!(id, wid, "{model} case {i} step {step}");
+                assert!((lp - wlp).abs() < 1e-4, "{model} case {i} step {step}");
+            }
+        }
+    }
+}
+
+/// The `phi4` fixture as llama.cpp's converter writes Phi-3 / Phi-4-mini (`make_phi4.py`): fused
+/// `attn_qkv` and `ffn_up`, partial rotary from `rope.dimension_count`, longrope from the
+/// `rope_factors_long` / `rope_factors_short` tensors and `rope.scaling.*`, sliding window 0 for none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phi4_gguf_computes_what_transformers_computes() {
+    let reference = read_json(&fixture("gguf").join("phi4-reference.json"));
+    gguf_computes_what_transformers_computes("phi4-f32.gguf", "phi4", &reference["runs"]).await;
+}
+
 /// The mixtures of experts as llama.cpp's converter writes them (`tests/fixtures/gguf/make_moe.py`):
 /// `qwen3moe`, and Mixtral as `llama` with `expert_count`, router `ffn_gate_inp` and each layer's experts
 /// stacked in 3-D `ffn_{gate,up,down}_exps` tensors (each expert's matrix read from its own bytes).
 /// Float32: transformers' greedy tokens and top-5 on every prompt, as llama.cpp's (`moe-reference.json`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moe_ggufs_compute_what_transformers_computes() {
-    let dir = fixture("gguf");
-    let reference = read_json(&dir.join("moe-reference.json"));
+    let reference = read_json(&fixture("gguf").join("moe-reference.json"));
     for model in ["qwen3_moe", "mixtral"] {
-        let engine = start_at(&dir.join(format!("{model}-f32.gguf")), |_| {});
-        for (i, case) in cases(model).iter().enumerate() {
-            let llama_cpp = &reference[format!("{model}-f32")][i];
-            assert_eq!(llama_cpp["greedy_ids"], serde_json::json!(case.greedy_ids));
-            let mut req = greedy(case.input_ids.clone(), case.greedy_ids.len(), Some(5));
-            req.params.ignore_eos = true;
-            let out = collect(&engine, req).await;
-            assert_eq!(out.choice.token_ids, case.greedy_ids, "{model} case {i}");
-            for (step, want) in case.top5.iter().enumerate() {
-                let got = &out.choice.logprobs[step].top;
-                for ((id, _, lp), (wid, wlp)) in got.iter().zip(want) {
-                    assert_eq!(id, wid, "{model} case {i} step {step}");
-                    assert!((lp - wlp).abs() < 1e-4, "{model} case {i} step {step}");
-                }
-            }
-        }
+        let runs = &reference[format!("{model}-f32")];
+        gguf_computes_what_transformers_computes(&format!("{model}-f32.gguf"), model, runs).await;
     }
 }
 

@@ -1,6 +1,6 @@
-//! The pre-norm decoder shared by the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3): they
-//! differ only in the switches of [`DecoderConfig`], which each architecture's file fills from its
-//! config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
+//! The decoder shared by the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3, SmolLM3, OLMo 2,
+//! Granite, and the mixtures of experts Mixtral and Qwen2/3-MoE): they differ only in the switches of
+//! [`DecoderConfig`], which each architecture's file fills from its config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
 
 use crate::engine::layers::Weights;
 use candle_core::{bail, DType, Device, Result, Tensor};
