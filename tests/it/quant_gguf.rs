@@ -738,6 +738,60 @@ async fn moe_ggufs_compute_what_transformers_computes() {
     }
 }
 
+/// An older Mixtral GGUF, one tensor per expert (`blk.N.ffn_gate.E.weight`, ...) instead of the 3-D
+/// stacks: the same model, the same logits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixtral_gguf_with_one_tensor_per_expert_loads_the_same() {
+    let stacked = fixture("gguf").join("mixtral-f32.gguf");
+    let mut reader = std::fs::File::open(&stacked).unwrap();
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, info) in &content.tensor_infos {
+        let q = info
+            .read(&mut reader, content.tensor_data_offset, &Device::Cpu)
+            .unwrap();
+        let Some(kind) = ["gate", "up", "down"]
+            .into_iter()
+            .find(|k| name.ends_with(&format!(".ffn_{k}_exps.weight")))
+        else {
+            tensors.push((name.clone(), q));
+            continue;
+        };
+        let block = name.split('.').nth(1).unwrap();
+        let all = q.dequantize(&Device::Cpu).unwrap();
+        for e in 0..all.dim(0).unwrap() {
+            // a copy of its own (quantize reads the storage from its start)
+            let one = all.get(e).unwrap();
+            let values = one.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let one = Tensor::from_vec(values, one.shape(), &Device::Cpu).unwrap();
+            let one = QTensor::quantize(&one, GgmlDType::F32).unwrap();
+            tensors.push((format!("blk.{block}.ffn_{kind}.{e}.weight"), one));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixtral-per-expert.gguf");
+    let meta: Vec<(&str, &G)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut file, &meta, &refs).unwrap();
+    drop(file);
+    let case = &cases("mixtral")[0];
+    let run = |p: PathBuf| {
+        let req = greedy(case.input_ids.clone(), 8, Some(5));
+        async move { collect(&start_at(&p, |_| {}), req).await }
+    };
+    let (a, b) = (run(stacked).await, run(path).await);
+    assert_eq!(a.choice.token_ids, b.choice.token_ids);
+    assert_eq!(a.choice.token_ids, case.greedy_ids[..8]);
+    for (x, y) in a.choice.logprobs.iter().zip(&b.choice.logprobs) {
+        assert!((x.logprob - y.logprob).abs() < 1e-6);
+    }
+}
+
 /// llama.cpp's q8_0 of the qwen3moe GGUF (3-D q8_0 expert stacks): the experts' blocks are used as
 /// stored, and the greedy tokens follow llama.cpp's on the same file. Measured: the first token on all 7
 /// prompts, 89/168 tokens before the first difference (the fixture's random weights leave greedy
