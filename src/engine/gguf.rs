@@ -24,6 +24,7 @@ pub(crate) const SUPPORTED: &[(&str, &str)] = &[
     ("gemma3", "Gemma3ForCausalLM"),
     ("qwen3moe", "Qwen3MoeForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
+    ("granite", "GraniteForCausalLM"),
 ];
 
 /// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
@@ -142,7 +143,8 @@ impl GgufFile {
         };
         gguf.norms_plus_one = gguf.arch == "gemma3";
         gguf.config = gguf.hf_config()?;
-        if gguf.arch == "llama" {
+        // Granite's converter is Llama's: q/k rows permuted too
+        if gguf.arch == "llama" || gguf.arch == "granite" {
             let c = &gguf.config;
             let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
             gguf.permuted_qk = Some((
@@ -226,6 +228,19 @@ impl GgufFile {
         }
         if self.arch == "phi3" {
             self.phi3_config(&mut c, head_dim)?;
+        }
+        if self.arch == "granite" {
+            // the converter writes Granite's multipliers as `*_scale` (each only when set)
+            for (key, hf) in [
+                ("attention.scale", "attention_multiplier"),
+                ("embedding_scale", "embedding_multiplier"),
+                ("residual_scale", "residual_multiplier"),
+                ("logit_scale", "logits_scaling"),
+            ] {
+                if let Ok(v) = m.float(&a(key)) {
+                    c[hf] = json!(v);
+                }
+            }
         }
         if experts > 0 {
             c["num_experts"] = json!(experts);

@@ -725,6 +725,16 @@ async fn a_phi4_gguf_computes_what_transformers_computes() {
     gguf_computes_what_transformers_computes("phi4-f32.gguf", "phi4", &reference["runs"]).await;
 }
 
+/// The `granite` fixture as llama.cpp's converter writes Granite (`make_granite.py`): Llama's layout,
+/// q/k rows permuted, the four multipliers as `granite.attention.scale`, `embedding_scale`,
+/// `residual_scale` and `logit_scale`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granite_gguf_computes_what_transformers_computes() {
+    let reference = read_json(&fixture("gguf").join("granite-reference.json"));
+    gguf_computes_what_transformers_computes("granite-f32.gguf", "granite", &reference["runs"])
+        .await;
+}
+
 /// The mixtures of experts as llama.cpp's converter writes them (`tests/fixtures/gguf/make_moe.py`):
 /// `qwen3moe`, and Mixtral as `llama` with `expert_count`, router `ffn_gate_inp` and each layer's experts
 /// stacked in 3-D `ffn_{gate,up,down}_exps` tensors (each expert's matrix read from its own bytes).
