@@ -25,6 +25,7 @@ pub(crate) const SUPPORTED: &[(&str, &str)] = &[
     ("qwen3moe", "Qwen3MoeForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
     ("granite", "GraniteForCausalLM"),
+    ("olmo2", "Olmo2ForCausalLM"),
 ];
 
 /// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
@@ -457,7 +458,9 @@ impl GgufFile {
         let name = match module {
             "input_layernorm" => "attn_norm",
             // Gemma's four norms per layer
-            "post_attention_layernorm" if self.norms_plus_one => "post_attention_norm",
+            "post_attention_layernorm" if self.norms_plus_one || self.arch == "olmo2" => {
+                "post_attention_norm"
+            }
             "pre_feedforward_layernorm" => "ffn_norm",
             "post_feedforward_layernorm" => "post_ffw_norm",
             "post_attention_layernorm" => "ffn_norm",

@@ -735,6 +735,14 @@ async fn a_granite_gguf_computes_what_transformers_computes() {
         .await;
 }
 
+/// The `olmo2` fixture as llama.cpp's converter writes OLMo 2 (`make_olmo2.py`): whole-projection
+/// `attn_q_norm`/`attn_k_norm`, `post_attention_norm` and `post_ffw_norm`, q/k rows not permuted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_olmo2_gguf_computes_what_transformers_computes() {
+    let reference = read_json(&fixture("gguf").join("olmo2-reference.json"));
+    gguf_computes_what_transformers_computes("olmo2-f32.gguf", "olmo2", &reference["runs"]).await;
+}
+
 /// The mixtures of experts as llama.cpp's converter writes them (`tests/fixtures/gguf/make_moe.py`):
 /// `qwen3moe`, and Mixtral as `llama` with `expert_count`, router `ffn_gate_inp` and each layer's experts
 /// stacked in 3-D `ffn_{gate,up,down}_exps` tensors (each expert's matrix read from its own bytes).
