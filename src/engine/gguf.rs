@@ -26,6 +26,7 @@ pub(crate) const SUPPORTED: &[(&str, &str)] = &[
     ("phi3", "Phi3ForCausalLM"),
     ("granite", "GraniteForCausalLM"),
     ("olmo2", "Olmo2ForCausalLM"),
+    ("smollm3", "SmolLM3ForCausalLM"),
 ];
 
 /// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
@@ -144,8 +145,8 @@ impl GgufFile {
         };
         gguf.norms_plus_one = gguf.arch == "gemma3";
         gguf.config = gguf.hf_config()?;
-        // Granite's converter is Llama's: q/k rows permuted too
-        if gguf.arch == "llama" || gguf.arch == "granite" {
+        // Granite's and SmolLM3's converters are Llama's: q/k rows permuted too
+        if ["llama", "granite", "smollm3"].contains(&gguf.arch.as_str()) {
             let c = &gguf.config;
             let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
             gguf.permuted_qk = Some((
@@ -229,6 +230,10 @@ impl GgufFile {
         }
         if self.arch == "phi3" {
             self.phi3_config(&mut c, head_dim)?;
+        }
+        if self.arch == "smollm3" {
+            // the converter writes no layer pattern; llama.cpp leaves RoPE out of every 4th layer
+            c["no_rope_layer_interval"] = json!(4);
         }
         if self.arch == "granite" {
             // the converter writes Granite's multipliers as `*_scale` (each only when set)

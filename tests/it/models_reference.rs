@@ -228,7 +228,7 @@ fn qwen2_moe_matches_reference() {
     check_reference("qwen2_moe");
 }
 
-/// Made by `tests/fixtures/gen_extra.py`: RoPE on layers 0 and 2 only (`no_rope_layers`).
+/// Made by `tests/fixtures/gen_extra.py`: no RoPE on layer 3 (`no_rope_layers`).
 #[test]
 fn smollm3_matches_reference() {
     check_reference("smollm3");

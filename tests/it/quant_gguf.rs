@@ -743,6 +743,15 @@ async fn an_olmo2_gguf_computes_what_transformers_computes() {
     gguf_computes_what_transformers_computes("olmo2-f32.gguf", "olmo2", &reference["runs"]).await;
 }
 
+/// The `smollm3` fixture as llama.cpp's converter writes SmolLM3 (`make_smollm3.py`): Llama's layout,
+/// no layer pattern in the metadata (RoPE left out of every 4th layer, as llama.cpp assumes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smollm3_gguf_computes_what_transformers_computes() {
+    let reference = read_json(&fixture("gguf").join("smollm3-reference.json"));
+    gguf_computes_what_transformers_computes("smollm3-f32.gguf", "smollm3", &reference["runs"])
+        .await;
+}
+
 /// The mixtures of experts as llama.cpp's converter writes them (`tests/fixtures/gguf/make_moe.py`):
 /// `qwen3moe`, and Mixtral as `llama` with `expert_count`, router `ffn_gate_inp` and each layer's experts
 /// stacked in 3-D `ffn_{gate,up,down}_exps` tensors (each expert's matrix read from its own bytes).
