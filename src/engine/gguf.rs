@@ -22,6 +22,11 @@ pub(crate) const SUPPORTED: &[(&str, &str)] = &[
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("gemma3", "Gemma3ForCausalLM"),
+    ("qwen3moe", "Qwen3MoeForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
+    ("granite", "GraniteForCausalLM"),
+    ("olmo2", "Olmo2ForCausalLM"),
+    ("smollm3", "SmolLM3ForCausalLM"),
 ];
 
 /// The GGUF file the settings point at, if any: `MODEL_NAME` naming a `.gguf` file, or a folder with
@@ -140,7 +145,8 @@ impl GgufFile {
         };
         gguf.norms_plus_one = gguf.arch == "gemma3";
         gguf.config = gguf.hf_config()?;
-        if gguf.arch == "llama" {
+        // Granite's and SmolLM3's converters are Llama's: q/k rows permuted too
+        if ["llama", "granite", "smollm3"].contains(&gguf.arch.as_str()) {
             let c = &gguf.config;
             let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
             gguf.permuted_qk = Some((
@@ -177,16 +183,27 @@ impl GgufFile {
         let head_dim = m
             .uint(&a("attention.key_length"))
             .unwrap_or(hidden / heads.max(1));
+        let experts = m.uint(&a("expert_count")).unwrap_or(0);
         let hf_arch = SUPPORTED
             .iter()
             .find(|(g, _)| *g == self.arch)
             .map(|(_, h)| *h)
             .unwrap_or_default();
+        // llama.cpp writes Mixtral as `llama` with experts
+        let hf_arch = if self.arch == "llama" && experts > 0 {
+            "MixtralForCausalLM"
+        } else {
+            hf_arch
+        };
+        let expert_ffn = m.uint(&a("expert_feed_forward_length")).ok();
         let mut c = json!({
             "architectures": [hf_arch],
             "model_type": self.arch,
             "hidden_size": hidden,
-            "intermediate_size": m.uint(&a("feed_forward_length"))?,
+            "intermediate_size": match (m.uint(&a("feed_forward_length")), expert_ffn) {
+                (Ok(n), _) | (Err(_), Some(n)) => n,
+                (Err(e), None) => return Err(e),
+            },
             "num_hidden_layers": m.uint(&a("block_count"))?,
             "num_attention_heads": heads,
             "num_key_value_heads": m.uint(&a("attention.head_count_kv")).unwrap_or(heads),
@@ -210,6 +227,35 @@ impl GgufFile {
         }
         if self.arch == "gemma3" {
             self.gemma3_config(&mut c, heads, head_dim)?;
+        }
+        if self.arch == "phi3" {
+            self.phi3_config(&mut c, head_dim)?;
+        }
+        if self.arch == "smollm3" {
+            // the converter writes no layer pattern; llama.cpp leaves RoPE out of every 4th layer
+            c["no_rope_layer_interval"] = json!(4);
+        }
+        if self.arch == "granite" {
+            // the converter writes Granite's multipliers as `*_scale` (each only when set)
+            for (key, hf) in [
+                ("attention.scale", "attention_multiplier"),
+                ("embedding_scale", "embedding_multiplier"),
+                ("residual_scale", "residual_multiplier"),
+                ("logit_scale", "logits_scaling"),
+            ] {
+                if let Ok(v) = m.float(&a(key)) {
+                    c[hf] = json!(v);
+                }
+            }
+        }
+        if experts > 0 {
+            c["num_experts"] = json!(experts);
+            c["num_experts_per_tok"] = json!(m.uint(&a("expert_used_count"))?);
+            if let Some(n) = expert_ffn {
+                c["moe_intermediate_size"] = json!(n);
+            }
+            // llama.cpp renormalises qwen3moe's top-k weights unless the file says otherwise
+            c["norm_topk_prob"] = json!(m.bool(&a("expert_weights_norm")).unwrap_or(true));
         }
         Ok(c)
     }
@@ -256,6 +302,57 @@ impl GgufFile {
         c["rope_theta"] = json!(m.float(&a("rope.freq_base")).unwrap_or(1e6));
         c["rope_local_base_freq"] = json!(m.float(&a("rope.freq_base_swa")).unwrap_or(1e4));
         Ok(())
+    }
+
+    /// Phi-3 / Phi-4's fields as llama.cpp's converter writes them: the rotated share of each head
+    /// (`rope.dimension_count`), the sliding window, and `longrope` from the `rope_factors_long` /
+    /// `rope_factors_short` tensors, `rope.scaling.original_context_length` and
+    /// `rope.scaling.attn_factor`.
+    fn phi3_config(&self, c: &mut Value, head_dim: usize) -> anyhow::Result<()> {
+        let m = self.meta();
+        let a = |k: &str| format!("{}.{k}", self.arch);
+        if let Ok(rot) = m.uint(&a("rope.dimension_count")) {
+            c["partial_rotary_factor"] = json!(rot as f64 / head_dim as f64);
+        }
+        // the converter writes 0 for none (Phi-4)
+        let window = m
+            .uint(&a("attention.sliding_window"))
+            .ok()
+            .filter(|w| *w > 0);
+        c["sliding_window"] = json!(window);
+        let (Some(long), Some(short)) = (
+            self.f32_tensor("rope_factors_long.weight")?,
+            self.f32_tensor("rope_factors_short.weight")?,
+        ) else {
+            return Ok(());
+        };
+        let original = m
+            .uint(&a("rope.scaling.original_context_length"))
+            .context("longrope factors without rope.scaling.original_context_length")?;
+        let mut scaling = json!({"rope_type": "longrope", "long_factor": long,
+            "short_factor": short, "original_max_position_embeddings": original});
+        if let Ok(f) = m.float(&a("rope.scaling.attn_factor")) {
+            scaling["attention_factor"] = json!(f);
+        }
+        c["rope_scaling"] = scaling;
+        Ok(())
+    }
+
+    /// A small float tensor's values (RoPE factors), if the file has it.
+    fn f32_tensor(&self, name: &str) -> anyhow::Result<Option<Vec<f32>>> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        let t = info.read(
+            &mut Cursor::new(&self.bytes[..]),
+            self.content.tensor_data_offset,
+            &Device::Cpu,
+        )?;
+        Ok(Some(
+            t.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ))
     }
 
     /// RoPE scaling from the metadata, or the per-frequency divisors of `rope_freqs.weight` that
@@ -323,6 +420,32 @@ impl GgufFile {
         self.meta().string("tokenizer.chat_template").ok()
     }
 
+    /// The GGUF tensor a Hugging Face tensor name stands for, and for an expert of a mixture stored
+    /// as one 3-D tensor (`ffn_{gate,up,down}_exps`), the expert's index in it.
+    fn gguf_tensor(&self, hf: &str) -> Option<(String, Option<usize>)> {
+        if let Some(rest) = hf.strip_prefix("model.layers.") {
+            let (idx, rest) = rest.split_once('.')?;
+            if let Some(expert) = rest.strip_prefix("mlp.experts.") {
+                let (e, rest) = expert.split_once('.')?;
+                let (proj, suffix) = rest.split_once('.')?;
+                let kind = match proj {
+                    "gate_proj" | "w1" => "gate",
+                    "up_proj" | "w3" => "up",
+                    "down_proj" | "w2" => "down",
+                    _ => return None,
+                };
+                // older Mixtral GGUFs: one tensor per expert
+                let single = format!("blk.{idx}.ffn_{kind}.{e}.{suffix}");
+                if self.content.tensor_infos.contains_key(&single) {
+                    return Some((single, None));
+                }
+                let e: usize = e.parse().ok()?;
+                return Some((format!("blk.{idx}.ffn_{kind}_exps.{suffix}"), Some(e)));
+            }
+        }
+        self.gguf_name(hf).map(|n| (n, None))
+    }
+
     /// The GGUF tensor a Hugging Face tensor name stands for.
     fn gguf_name(&self, hf: &str) -> Option<String> {
         let top = match hf {
@@ -340,7 +463,9 @@ impl GgufFile {
         let name = match module {
             "input_layernorm" => "attn_norm",
             // Gemma's four norms per layer
-            "post_attention_layernorm" if self.norms_plus_one => "post_attention_norm",
+            "post_attention_layernorm" if self.norms_plus_one || self.arch == "olmo2" => {
+                "post_attention_norm"
+            }
             "pre_feedforward_layernorm" => "ffn_norm",
             "post_feedforward_layernorm" => "post_ffw_norm",
             "post_attention_layernorm" => "ffn_norm",
@@ -353,14 +478,57 @@ impl GgufFile {
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
+            // Phi-3's fused layers
+            "self_attn.qkv_proj" => "attn_qkv",
+            "mlp.gate_up_proj" => "ffn_up",
+            // a mixture's router
+            "mlp.gate" => "ffn_gate_inp",
             _ => return None,
         };
         Some(format!("blk.{idx}.{name}.{suffix}"))
     }
 
     pub fn contains(&self, hf: &str) -> bool {
-        self.gguf_name(hf)
-            .is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+        match self.gguf_tensor(hf) {
+            Some((n, expert)) => self.content.tensor_infos.get(&n).is_some_and(|info| {
+                expert.is_none_or(|e| info.shape.rank() == 3 && e < info.shape.dims()[0])
+            }),
+            None => false,
+        }
+    }
+
+    /// Expert `e`'s `[out, in]` matrix of a 3-D `[experts, out, in]` tensor, read from its own bytes
+    /// only (not the whole stack).
+    fn expert_qtensor(
+        &self,
+        name: &str,
+        e: usize,
+        device: &Device,
+    ) -> candle_core::Result<Option<QTensor>> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        let &[n, rows, cols] = info.shape.dims() else {
+            candle_core::bail!("{name}: {:?} is not a stack of expert matrices", info.shape)
+        };
+        if e >= n {
+            return Ok(None);
+        }
+        let dtype = info.ggml_dtype;
+        if cols % dtype.block_size() != 0 {
+            candle_core::bail!("{name}: rows of {cols} do not fill {dtype:?} blocks")
+        }
+        let size = rows * cols / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset as usize + info.offset as usize + e * size;
+        let Some(bytes) = self.bytes.get(start..start + size) else {
+            candle_core::bail!("{name}: expert {e} lies past the end of the file")
+        };
+        let storage = candle_core::quantized::QStorage::from_data(
+            std::borrow::Cow::Borrowed(bytes),
+            device,
+            dtype,
+        )?;
+        QTensor::new(storage, (rows, cols)).map(Some)
     }
 
     /// The tensor stored for Hugging Face name `hf`, in the file's block type, rows in Hugging Face
@@ -370,9 +538,12 @@ impl GgufFile {
         hf: &str,
         device: &Device,
     ) -> candle_core::Result<Option<QTensor>> {
-        let Some(name) = self.gguf_name(hf) else {
+        let Some((name, expert)) = self.gguf_tensor(hf) else {
             return Ok(None);
         };
+        if let Some(e) = expert {
+            return self.expert_qtensor(&name, e, device);
+        }
         let Some(info) = self.content.tensor_infos.get(&name) else {
             return Ok(None);
         };

@@ -25,6 +25,13 @@ pub const CAUSAL: &[&str] = &[
     "llama31",
     "mistral_sw",
     "gemma3",
+    "qwen3_moe",
+    "mixtral",
+    "qwen2_moe",
+    "smollm3",
+    "olmo2",
+    "granite",
+    "phi4",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

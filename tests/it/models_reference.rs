@@ -209,6 +209,53 @@ fn gemma3_matches_reference() {
     check_reference("gemma3");
 }
 
+/// Made by `tests/fixtures/gen_extra.py`: a mixture of 4 experts, top 2 renormalised, q/k norms.
+#[test]
+fn qwen3_moe_matches_reference() {
+    check_reference("qwen3_moe");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: `block_sparse_moe` with experts `w1`/`w3`/`w2`, a softmax over
+/// the top 2 of 4 router logits.
+#[test]
+fn mixtral_matches_reference() {
+    check_reference("mixtral");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: top 2 of 4 experts not renormalised, plus a shared expert
+/// under a sigmoid gate, a dense MLP on layer 1 (`mlp_only_layers`); q/k/v biases.
+#[test]
+fn qwen2_moe_matches_reference() {
+    check_reference("qwen2_moe");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: no RoPE on layer 3 (`no_rope_layers`).
+#[test]
+fn smollm3_matches_reference() {
+    check_reference("smollm3");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: norms after attention and MLP only (random weights), q/k
+/// norms over the whole projections.
+#[test]
+fn olmo2_matches_reference() {
+    check_reference("olmo2");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: embedding, attention and residual multipliers and
+/// `logits_scaling`, all away from 1.
+#[test]
+fn granite_matches_reference() {
+    check_reference("granite");
+}
+
+/// Made by `tests/fixtures/gen_extra.py`: Phi-4-mini's Phi-3 (partial rotary 3/4, `longrope`) with an
+/// original context of 4, so every prompt runs on the long factors and the attention factor.
+#[test]
+fn phi4_longrope_matches_reference() {
+    check_reference("phi4");
+}
+
 /// The gemma3 fixture as the language model of a `Gemma3ForConditionalGeneration` checkpoint, in both
 /// weight layouts transformers has written (`language_model.model.*` before 4.52, `model.language_model.*`
 /// since) next to a vision tower that is not read, and with the older config keys (`rope_theta`,
@@ -377,6 +424,71 @@ fn packed_batch_equals_each_alone() {
         for (i, (a, b)) in alone.iter().zip(&packed).enumerate() {
             let d = max_diff(a, b);
             assert!(d < TOL, "{name}: prompt {i} packed differs by {d}");
+        }
+    }
+}
+
+/// A mixture of experts routes each token alone: a decode step shared with other sequences' prefill
+/// chunks (whose tokens send other rows to every expert, so each expert's gathered batch differs)
+/// gives each row what it gets alone.
+#[test]
+fn moe_rows_route_alone_whatever_shares_the_step() {
+    for name in ["qwen3_moe", "mixtral", "qwen2_moe"] {
+        let model = load(&fixture(name)).model;
+        let ps: Vec<Vec<u32>> = prompts(name).into_iter().take(4).collect();
+        let per = 40;
+        let blocks = |i: usize| {
+            (0..per as u32)
+                .map(|b| b * 4 + i as u32)
+                .collect::<Vec<_>>()
+        };
+        // alone: each prompt but its last token, then that token as a decode step
+        let alone: Vec<Vec<f32>> = ps
+            .iter()
+            .map(|p| {
+                let mut cache = new_cache(model.as_ref(), per * 4);
+                let mut s = Seq::new(p.clone(), blocks(0));
+                forward(
+                    model.as_ref(),
+                    &mut cache,
+                    vec![s.input(p.len() - 1, LogitsWanted::None)],
+                );
+                s.cached = p.len() - 1;
+                forward(
+                    model.as_ref(),
+                    &mut cache,
+                    vec![s.input(1, LogitsWanted::Last)],
+                )
+                .remove(0)
+            })
+            .collect();
+        // together: prompt 0 decodes its last token in the same step as prompts 1.. prefill whole
+        let mut cache = new_cache(model.as_ref(), per * 4);
+        let mut first = Seq::new(ps[0].clone(), blocks(0));
+        forward(
+            model.as_ref(),
+            &mut cache,
+            vec![first.input(ps[0].len() - 1, LogitsWanted::None)],
+        );
+        first.cached = ps[0].len() - 1;
+        let others: Vec<Seq> = ps[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Seq::new(p.clone(), blocks(i + 1)))
+            .collect();
+        let mut parts = vec![first.input(1, LogitsWanted::Last)];
+        parts.extend(
+            others
+                .iter()
+                .map(|s| s.input(s.tokens.len(), LogitsWanted::Last)),
+        );
+        let together = forward(model.as_ref(), &mut cache, parts);
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            let d = max_diff(a, b);
+            assert!(
+                d < TOL,
+                "{name}: prompt {i} differs by {d} in a shared step"
+            );
         }
     }
 }

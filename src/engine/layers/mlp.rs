@@ -66,6 +66,22 @@ impl GatedMlp {
         })
     }
 
+    /// From its three layers (an expert of a mixture, whatever its weights are called).
+    pub(crate) fn from_parts(
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        intermediate: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            gate_up: Linear::fuse(&[gate, up])?,
+            down,
+            intermediate,
+            act,
+        })
+    }
+
     /// One `gate_up_proj` weight, gate rows first (Phi-3).
     pub(crate) fn load_fused(
         w: &Weights,

@@ -21,6 +21,14 @@ pub enum RopeScaling {
     /// Each frequency divided by its own factor: the `rope_freqs` tensor llama.cpp's converter writes
     /// into GGUF files for Llama 3.1+ (`rope_type` `gguf_freq_factors` in our config).
     Factors(Vec<f64>),
+    /// Phi-3.5 / Phi-4 `longrope`: each frequency divided by its own factor, `short` for a context up
+    /// to `original_max` and `long` beyond, cos and sin scaled by `attention_factor`.
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original_max: usize,
+        attention_factor: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,19 +99,86 @@ impl RopeConfig {
                     .map(|a| a.iter().filter_map(Value::as_f64).collect())
                     .unwrap_or_default(),
             ),
+            "longrope" | "su" => {
+                let factors = |key: &str| -> Result<Vec<f64>> {
+                    match s.get(key).and_then(Value::as_array) {
+                        Some(a) => Ok(a.iter().filter_map(Value::as_f64).collect()),
+                        None => bail!("rope scaling `{kind}` lacks `{key}`"),
+                    }
+                };
+                let Some(original_max) = s
+                    .get("original_max_position_embeddings")
+                    .or_else(|| config.get("original_max_position_embeddings"))
+                    .and_then(Value::as_f64)
+                else {
+                    bail!("rope scaling `{kind}` lacks `original_max_position_embeddings`")
+                };
+                // transformers' defaults: the context's growth as the factor, the paper's scale
+                let factor = s.get("factor").and_then(Value::as_f64).unwrap_or_else(|| {
+                    config
+                        .get("max_position_embeddings")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(original_max)
+                        / original_max
+                });
+                let attention_factor = match s.get("attention_factor").and_then(Value::as_f64) {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / original_max.ln()).sqrt(),
+                };
+                RopeScaling::LongRope {
+                    short: factors("short_factor")?,
+                    long: factors("long_factor")?,
+                    original_max: original_max as usize,
+                    attention_factor,
+                }
+            }
             other => {
-                bail!("unsupported rope scaling `{other}` (supported: default, linear, llama3)")
+                bail!(
+                    "unsupported rope scaling `{other}` (supported: default, linear, llama3, longrope)"
+                )
             }
         })
     }
 
-    /// Inverse frequencies for a rotary dimension of `dim`.
+    /// Inverse frequencies for a rotary dimension of `dim` when sequences run up to `max_positions`
+    /// (`longrope` takes its long factors beyond the original context, for every position alike, as
+    /// vLLM does when the served context exceeds it), and the scale of cos and sin.
+    pub fn inv_freq_for(&self, dim: usize, max_positions: usize) -> (Vec<f64>, f64) {
+        match &self.scaling {
+            RopeScaling::LongRope {
+                short,
+                long,
+                original_max,
+                attention_factor,
+            } => {
+                let factors = if max_positions > *original_max {
+                    long
+                } else {
+                    short
+                };
+                let scaled = Self {
+                    scaling: RopeScaling::Factors(factors.clone()),
+                    ..self.clone()
+                };
+                (scaled.inv_freq(dim), *attention_factor)
+            }
+            _ => (self.inv_freq(dim), 1.0),
+        }
+    }
+
+    /// Inverse frequencies for a rotary dimension of `dim` (`longrope`: its short factors).
     pub fn inv_freq(&self, dim: usize) -> Vec<f64> {
         let base: Vec<f64> = (0..dim / 2)
             .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / dim as f64))
             .collect();
         match &self.scaling {
             RopeScaling::None => base,
+            RopeScaling::LongRope { short, .. } => base
+                .iter()
+                .zip(short.iter().chain(std::iter::repeat(&1.0)))
+                .map(|(f, d)| f / d)
+                .collect(),
             RopeScaling::Factors(factors) => base
                 .iter()
                 .zip(factors.iter().chain(std::iter::repeat(&1.0)))
@@ -157,7 +232,9 @@ impl Rope {
         if rotary_dim == 0 || rotary_dim > head_dim {
             bail!("invalid rotary dimension {rotary_dim} for head_dim {head_dim}")
         }
-        let inv_freq: Vec<f32> = cfg.inv_freq(rotary_dim).iter().map(|f| *f as f32).collect();
+        let (inv_freq, mscale) = cfg.inv_freq_for(rotary_dim, max_positions);
+        let inv_freq: Vec<f32> = inv_freq.iter().map(|f| *f as f32).collect();
+        let mscale = mscale as f32;
         let half = inv_freq.len();
         // float32 like the reference, so positions far out round the same way
         let mut cos = Vec::with_capacity(max_positions * half);
@@ -165,8 +242,8 @@ impl Rope {
         for p in 0..max_positions {
             for f in &inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * mscale);
+                sin.push(angle.sin() * mscale);
             }
         }
         let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
@@ -258,6 +335,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("yarn"));
+    }
+
+    #[test]
+    fn longrope_takes_its_long_factors_beyond_the_original_context() -> Result<()> {
+        let cfg = RopeConfig::from_config(
+            &json!({"max_position_embeddings": 4096, "original_max_position_embeddings": 256,
+                "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [3.0, 4.0]}}),
+            10000.0,
+        )?;
+        let (short, s_scale) = cfg.inv_freq_for(4, 256);
+        let (long, l_scale) = cfg.inv_freq_for(4, 257);
+        assert_eq!(short, vec![1.0, 0.01 / 2.0]);
+        assert_eq!(long, vec![1.0 / 3.0, 0.01 / 4.0]);
+        // sqrt(1 + ln(4096 / 256) / ln(256)) = sqrt(1.5)
+        assert!((s_scale - 1.5f64.sqrt()).abs() < 1e-12 && s_scale == l_scale);
+        let rope = Rope::new(&cfg, 4, 300, DType::F32, &Device::Cpu)?;
+        let (c, _) = rope.tables(&Tensor::new(&[0u32], &Device::Cpu)?)?;
+        assert!((c.to_vec2::<f32>()?[0][0] - 1.5f32.sqrt()).abs() < 1e-6);
+        Ok(())
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The pre-norm decoder shared by the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3): they
-//! differ only in the switches of [`DecoderConfig`], which each architecture's file fills from its
-//! config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
+//! The decoder shared by the Llama family (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3, SmolLM3, OLMo 2,
+//! Granite, and the mixtures of experts Mixtral and Qwen2/3-MoE): they differ only in the switches of
+//! [`DecoderConfig`], which each architecture's file fills from its config.json. Weight names follow the HF layout `model.layers.N.{self_attn,mlp}.*`.
 
 use crate::engine::layers::Weights;
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -11,8 +11,8 @@ use crate::engine::kv_cache::KvCache;
 use crate::engine::layers::attention::softcap;
 use crate::engine::layers::lora::{LoraRows, LoraSite};
 use crate::engine::layers::{
-    Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, GatedMlp, Linear, Norm, Rope,
-    RopeConfig,
+    Activation, AttentionImpl, AttentionParams, BatchPlan, Embedding, FeedForward, GatedMlp,
+    Linear, MoeConfig, Norm, Rope, RopeConfig, SparseMoe,
 };
 use crate::engine::lora::LoraWeights;
 
@@ -55,6 +55,19 @@ pub(crate) struct DecoderConfig {
     /// Where `embed_tokens`, `layers` and `norm` live (`model`), and the output head (`lm_head`).
     pub prefix: String,
     pub lm_head_prefix: String,
+    /// Mixtral, Qwen-MoE: the layers whose feed-forward is a mixture of experts.
+    pub moe: Option<MoeConfig>,
+    /// SmolLM3: per layer, true where it uses no RoPE (missing entries use it).
+    pub no_rope_layers: Vec<bool>,
+    /// OLMo 2: no norm before attention and MLP, one after each (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`).
+    pub post_norms_only: bool,
+    /// OLMo 2: the q and k norms span the whole projection, not each head.
+    pub qk_norm_whole: bool,
+    /// Granite: attention and MLP outputs scaled by this before the residual add.
+    pub residual_scale: Option<f64>,
+    /// Granite: logits divided by this (`logits_scaling`).
+    pub logits_divisor: Option<f64>,
 }
 
 impl DecoderConfig {
@@ -70,18 +83,21 @@ impl DecoderConfig {
 }
 
 struct Layer {
-    input_norm: Norm,
+    input_norm: Option<Norm>,
     qkv: Linear,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
     o_proj: Linear,
     post_attn_norm: Option<Norm>,
-    pre_mlp_norm: Norm,
-    mlp: GatedMlp,
+    pre_mlp_norm: Option<Norm>,
+    mlp: FeedForward,
     post_mlp_norm: Option<Norm>,
     attn: AttentionParams,
     /// LoRA adapters at qkv, o, gate/up and down.
     lora: [LoraSite; 4],
+    rope: bool,
+    qk_norm_whole: bool,
+    residual_scale: Option<f64>,
 }
 
 pub(crate) struct DecoderModel {
@@ -120,7 +136,12 @@ impl Layer {
                 att.pp("v_proj").linear(hs, kv_out, cfg.qkv_bias)?,
             ])?
         };
-        let (q_norm, k_norm) = if cfg.qk_norm {
+        let (q_norm, k_norm) = if cfg.qk_norm && cfg.qk_norm_whole {
+            (
+                Some(load_norm(&att.pp("q_norm"), cfg, q_out)?),
+                Some(load_norm(&att.pp("k_norm"), cfg, kv_out)?),
+            )
+        } else if cfg.qk_norm {
             (
                 Some(load_norm(&att.pp("q_norm"), cfg, hd)?),
                 Some(load_norm(&att.pp("k_norm"), cfg, hd)?),
@@ -129,29 +150,39 @@ impl Layer {
             (None, None)
         };
         let mlp_vb = vb.pp("mlp");
-        let mlp = if cfg.fused_weights {
-            GatedMlp::load_fused(&mlp_vb, hs, cfg.intermediate_size, cfg.activation)?
-        } else {
-            GatedMlp::load(
+        let mlp = match &cfg.moe {
+            Some(moe) if moe.sparse_layers.get(idx) == Some(&true) => FeedForward::Sparse(
+                SparseMoe::load(&vb.pp(&moe.module), hs, moe, cfg.activation)?,
+            ),
+            _ if cfg.fused_weights => FeedForward::Dense(GatedMlp::load_fused(
+                &mlp_vb,
+                hs,
+                cfg.intermediate_size,
+                cfg.activation,
+            )?),
+            _ => FeedForward::Dense(GatedMlp::load(
                 &mlp_vb,
                 hs,
                 cfg.intermediate_size,
                 cfg.mlp_bias,
                 cfg.activation,
-            )?
+            )?),
         };
+        let norm = |name: &str| load_norm(&vb.pp(name), cfg, hs);
         let (post_attn_norm, pre_mlp_norm, post_mlp_norm) = if cfg.sandwich_norms {
             (
-                Some(load_norm(&vb.pp("post_attention_layernorm"), cfg, hs)?),
-                load_norm(&vb.pp("pre_feedforward_layernorm"), cfg, hs)?,
-                Some(load_norm(&vb.pp("post_feedforward_layernorm"), cfg, hs)?),
+                Some(norm("post_attention_layernorm")?),
+                Some(norm("pre_feedforward_layernorm")?),
+                Some(norm("post_feedforward_layernorm")?),
+            )
+        } else if cfg.post_norms_only {
+            (
+                Some(norm("post_attention_layernorm")?),
+                None,
+                Some(norm("post_feedforward_layernorm")?),
             )
         } else {
-            (
-                None,
-                load_norm(&vb.pp("post_attention_layernorm"), cfg, hs)?,
-                None,
-            )
+            (None, Some(norm("post_attention_layernorm")?), None)
         };
         let i = cfg.intermediate_size;
         let lora = if cfg.fused_weights {
@@ -174,7 +205,11 @@ impl Layer {
         };
         Ok(Self {
             lora,
-            input_norm: load_norm(&vb.pp("input_layernorm"), cfg, hs)?,
+            input_norm: if cfg.post_norms_only {
+                None
+            } else {
+                Some(norm("input_layernorm")?)
+            },
             qkv,
             q_norm,
             k_norm,
@@ -191,6 +226,9 @@ impl Layer {
                 softcap: cfg.attn_softcap,
                 sliding_window: cfg.layer_windows.get(idx).copied().flatten(),
             },
+            rope: cfg.no_rope_layers.get(idx) != Some(&true),
+            qk_norm_whole: cfg.qk_norm_whole,
+            residual_scale: cfg.residual_scale,
         })
     }
 
@@ -212,19 +250,40 @@ impl Layer {
             self.attn.num_kv_heads,
             self.attn.head_dim,
         );
-        let xn = self.input_norm.forward(x)?;
+        let xn = match &self.input_norm {
+            Some(n) => n.forward(x)?,
+            None => x.clone(),
+        };
         let qkv = self.lora[0].apply(lora, &xn, self.qkv.forward(&xn)?)?;
         let v = qkv
             .narrow(1, (h + kvh) * d, kvh * d)?
             .reshape((t, kvh, d))?;
         let (q, k) = if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            let q = qn.forward(&qkv.narrow(1, 0, h * d)?.reshape((t, h, d))?)?;
-            let k = kn.forward(&qkv.narrow(1, h * d, kvh * d)?.reshape((t, kvh, d))?)?;
-            (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
+            let (q, k) = (qkv.narrow(1, 0, h * d)?, qkv.narrow(1, h * d, kvh * d)?);
+            let (q, k) = if self.qk_norm_whole {
+                (
+                    qn.forward(&q)?.reshape((t, h, d))?,
+                    kn.forward(&k)?.reshape((t, kvh, d))?,
+                )
+            } else {
+                (
+                    qn.forward(&q.reshape((t, h, d))?)?,
+                    kn.forward(&k.reshape((t, kvh, d))?)?,
+                )
+            };
+            if self.rope {
+                (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?)
+            } else {
+                (q, k)
+            }
         } else {
             // q and k heads rotated by one op
             let qk = qkv.narrow(1, 0, (h + kvh) * d)?.reshape((t, h + kvh, d))?;
-            let qk = rope.apply(&qk, cos, sin)?;
+            let qk = if self.rope {
+                rope.apply(&qk, cos, sin)?
+            } else {
+                qk
+            };
             (qk.narrow(1, 0, h)?, qk.narrow(1, h, kvh)?)
         };
         let a = plan.attend(idx, &q, &k, &v, cache, &self.attn)?;
@@ -232,16 +291,25 @@ impl Layer {
         if let Some(n) = &self.post_attn_norm {
             a = n.forward(&a)?;
         }
+        if let Some(s) = self.residual_scale {
+            a = (a * s)?;
+        }
         let x = (x + a)?;
-        let h = self.pre_mlp_norm.forward(&x)?;
-        let mut m = match lora {
-            None => self.mlp.forward(&h)?,
-            Some(_) => self
-                .mlp
-                .forward_with(&h, |p, i, y| self.lora[2 + p].apply(lora, i, y))?,
+        let h = match &self.pre_mlp_norm {
+            Some(n) => n.forward(&x)?,
+            None => x.clone(),
+        };
+        let mut m = match (lora, &self.mlp) {
+            (Some(_), FeedForward::Dense(mlp)) => {
+                mlp.forward_with(&h, |p, i, y| self.lora[2 + p].apply(lora, i, y))?
+            }
+            _ => self.mlp.forward(&h)?,
         };
         if let Some(n) = &self.post_mlp_norm {
             m = n.forward(&m)?;
+        }
+        if let Some(s) = self.residual_scale {
+            m = (m * s)?;
         }
         x + m
     }
@@ -351,6 +419,9 @@ impl CausalLM for DecoderModel {
         let mut logits = self.lm_head.forward(&h)?;
         if let Some(cap) = self.cfg.final_softcap {
             logits = softcap(&logits, cap)?;
+        }
+        if let Some(div) = self.cfg.logits_divisor {
+            logits = (logits / div)?;
         }
         logits.to_dtype(DType::F32)
     }
@@ -488,6 +559,12 @@ impl BaseConfig {
             rope_local: None,
             prefix: "model".into(),
             lm_head_prefix: "lm_head".into(),
+            moe: None,
+            no_rope_layers: Vec::new(),
+            post_norms_only: false,
+            qk_norm_whole: false,
+            residual_scale: None,
+            logits_divisor: None,
         })
     }
 

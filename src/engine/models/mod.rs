@@ -16,11 +16,17 @@ pub mod decoder;
 pub mod gemma2;
 pub mod gemma3;
 pub mod gpt2;
+pub mod granite;
 pub mod llama;
 pub mod mistral;
+pub mod mixtral;
+pub mod olmo2;
 pub mod phi3;
 pub mod qwen2;
+pub mod qwen2_moe;
 pub mod qwen3;
+pub mod qwen3_moe;
+pub mod smollm3;
 
 pub trait CausalLM: Send {
     /// Runs the batch, writing its keys and values into `cache`, and returns float32 logits
@@ -58,6 +64,12 @@ pub(crate) const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
     ("Gemma3ForCausalLM", "gemma3_text"),
     ("Gemma3ForConditionalGeneration", "gemma3"),
     ("GPT2LMHeadModel", "gpt2"),
+    ("MixtralForCausalLM", "mixtral"),
+    ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    ("SmolLM3ForCausalLM", "smollm3"),
+    ("Olmo2ForCausalLM", "olmo2"),
+    ("GraniteForCausalLM", "granite"),
 ];
 
 pub(crate) use gemma3::text_config;
@@ -106,6 +118,12 @@ pub(crate) fn load_causal_model(
             Box::new(gemma3::load(vb, config, max_positions)?)
         }
         "GPT2LMHeadModel" => Box::new(gpt2::load(vb, config, max_positions)?),
+        "MixtralForCausalLM" => Box::new(mixtral::load(vb, config, max_positions)?),
+        "Qwen2MoeForCausalLM" => Box::new(qwen2_moe::load(vb, config, max_positions)?),
+        "Qwen3MoeForCausalLM" => Box::new(qwen3_moe::load(vb, config, max_positions)?),
+        "SmolLM3ForCausalLM" => Box::new(smollm3::load(vb, config, max_positions)?),
+        "Olmo2ForCausalLM" => Box::new(olmo2::load(vb, config, max_positions)?),
+        "GraniteForCausalLM" => Box::new(granite::load(vb, config, max_positions)?),
         other => bail!("architecture {other} is listed as supported but has no loader"),
     })
 }
