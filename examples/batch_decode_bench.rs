@@ -41,6 +41,7 @@ fn step(
                 logits: LogitsWanted::Last,
             })
             .collect(),
+        adapters: Vec::new(),
     };
     let logits = model.forward(&batch, cache)?;
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)

@@ -63,6 +63,7 @@ fn step(
             logits: LogitsWanted::Last,
         }],
         tokens: tokens.to_vec(),
+        adapters: Vec::new(),
     };
     Ok(model.forward(&batch, cache)?.squeeze(0)?.to_vec1::<f32>()?)
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use super::batch::ForwardBatch;
 use super::error::EngineError;
+use super::lora::AdapterInfo;
 use super::sampling::device::RowPlan;
 use super::sampling::Sampled;
-use super::lora::AdapterInfo;
 use super::scheduler::SchedulerConfig;
 use super::speculative::NgramProposer;
 use super::template::ChatTemplate;

@@ -61,6 +61,7 @@ fn decode_path(
                 block_table: table.clone(),
                 logits: LogitsWanted::Last,
             }],
+            adapters: Vec::new(),
         };
         model
             .forward(&batch, cache)

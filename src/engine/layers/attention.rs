@@ -484,6 +484,7 @@ mod tests {
             let batch = ForwardBatch {
                 tokens: vec![0; t],
                 seqs,
+                adapters: Vec::new(),
             };
             let q = Tensor::from_vec(noise(t * h * d, 3 * step + 1, 1.0), (t, h, d), &dev)?;
             let k = Tensor::from_vec(noise(t * kvh * d, 3 * step + 2, 3.0), (t, kvh, d), &dev)?;
