@@ -1,23 +1,36 @@
 //! `x · Wᵀ` on CPU for weights in ggml's 32-wide blocks (q8_0, q5_0, q4_0), with the arithmetic of
-//! ggml's `vec_dot_q*_q8_0`: each row of `x` is quantized to 8 bits per block with an f16 scale, integer
-//! block sums are scaled by both block scales and summed in f32. candle takes integer dot-product (VNNI)
-//! instructions for q8_0 only when rows are a multiple of 256, so 576- or 960-wide models (SmolLM2,
-//! Qwen2.5-0.5B) fell to a 16-bit path, and its q5_0 product (what q4k falls back to on such rows) is
-//! scalar. This takes VNNI (else AVX2) at any multiple of 32.
+//! ggml's `vec_dot_q*_q8_0`: each row of `x` is quantized to 8 bits with one f16-rounded scale per 32
+//! values (as llama.cpp does; candle's repacked kernel takes one per 256), a block's integer dot
+//! product is scaled by both block scales and summed in f32.
+//!
+//! Register-tiled: each task packs a tile of 8 weight rows into the kernel's layout (per block: the 8
+//! rows' scales, then 8 vectors of which vector `c` holds bytes `4c..4c+4` of every row), so that one
+//! broadcast 4-byte group of a token feeds an integer dot product (`vpdpbusd`) for 8 rows at once,
+//! one 32-bit lane per row: no horizontal sums, the scales applied as one vector product per token
+//! and block, several tokens and (with AVX-512) two tiles per pass to reuse each load. Packing is per
+//! task, in a buffer that stays in cache, so the weights keep ggml's layout (one copy in memory) and
+//! a single decode row costs what the row-by-row kernel did. q8_0's signed weights are stored `+128`
+//! (unsigned), `128 · Σx` coming off each block through the integer accumulator's starting value; q4_0
+//! and q5_0 stay unsigned likewise (offset 8 / 16). Without VNNI (AVX2), 16-bit pair sums
+//! (`vpmaddubsw`, `vpmaddwd`) do the same (q8_0 keeps its sign there: `|w| · (x · sign w)`), with the
+//! same integer sums and the same float operations, so both give the same bits; elsewhere a scalar
+//! loop. A row's result does not depend on the rows or tokens beside it (batched and speculative
+//! decoding equal plain decoding). Tasks are tiles of weight rows (× chunks of tokens) on the engine's
+//! pool, so a thread held up by another process does not stall the product.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Result, Tensor};
 use half::f16;
 
 const QK: usize = 32;
-/// Bytes of one q8_0 block: an f16 scale and 32 signed bytes.
-const BLOCK_BYTES: usize = 34;
-/// q4_0: an f16 scale, 16 bytes of nibbles (value − 8).
-const Q4_0_BYTES: usize = 18;
-/// q5_0: an f16 scale, 32 fifth bits, 16 bytes of nibbles (value − 16).
-const Q5_0_BYTES: usize = 22;
-/// Weight rows per unit of work handed to a thread.
-const ROW_BLOCK: usize = 16;
+/// Weight rows of one packed tile: one 32-bit lane each in a 256-bit vector.
+const TILE: usize = 8;
+/// Bytes of one block of a packed tile: 8 f32 scales and 8 rows × 32 values.
+const PACKED: usize = 4 * TILE + TILE * QK;
+/// Tiles per task handed to a thread.
+const TASK_TILES: usize = 2;
+/// Tokens per task: a long prompt is split along tokens too, so that its activations stay in cache.
+const TOKEN_CHUNK: usize = 256;
 
 /// Whether [`matmul`] serves `x · qᵀ`.
 pub fn applies(x: &Tensor, q: &QTensor) -> bool {
@@ -28,15 +41,17 @@ pub fn applies(x: &Tensor, q: &QTensor) -> bool {
         // every height, rows a multiple of 256 included: candle's repacked kernel would quantize
         // the activations with one scale per 256 values (llama.cpp: one per 32), so a prompt's pass
         // would not compute what decoding computes
-        && matches!(
-            q.dtype(),
-            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q5_0
-        )
+        && Format::of(q.dtype()).is_some()
         && x.dim(0).is_ok_and(|m| m >= 1)
 }
 
 /// `x` `[m, k]` times `q` `[n, k]` (q8_0, q5_0 or q4_0) transposed: `[m, n]`.
 pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
+    matmul_with(Path::detect(), x, q)
+}
+
+/// [`matmul`] through a given instruction set (tests force each one).
+fn matmul_with(path: Path, x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, k2) = q.shape().dims2()?;
     if k != k2 || k % QK != 0 {
@@ -45,44 +60,12 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let Some(format) = Format::of(q.dtype()) else {
         bail!("no 32-block kernel for {:?}", q.dtype())
     };
-    let (block_bytes, offset) = (format.block_bytes(), format.offset());
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let data = q.data()?;
-    let kb = k / QK;
-    let (xq, xd) = quantize_rows(&xs, m, k);
-    // what the unsigned weight values' offset contributes per block: offset · Σx · dx
-    let xcorr: Vec<f32> = if offset == 0 {
-        vec![0.0; xd.len()]
-    } else {
-        xq.chunks_exact(QK)
-            .zip(&xd)
-            .map(|(b, d)| (offset * b.iter().map(|v| *v as i32).sum::<i32>()) as f32 * d)
-            .collect()
-    };
-    let row_bytes = kb * block_bytes;
-    let dot = Dot::detect();
-    let act = Activations {
-        q: &xq,
-        d: &xd,
-        corr: &xcorr,
-        k,
-    };
-    // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
-    // and never waits for one that has not started (a decode step runs ~100 of these)
-    let y = super::pool::by_weight_rows(m, n, ROW_BLOCK, |rows, buf| {
-        for (jj, j) in rows.enumerate() {
-            let wr = &data[j * row_bytes..(j + 1) * row_bytes];
-            let y = &mut buf[jj * m..(jj + 1) * m];
-            if format == Format::Q8_0 && m <= 2 {
-                // two accumulator chains per row: the fastest shape for a single decode row
-                for (i, v) in y.iter_mut().enumerate() {
-                    *v = dot.run(wr, &xq[i * k..(i + 1) * k], &xd[i * kb..(i + 1) * kb]);
-                }
-            } else {
-                dot.run_blocks(format, wr, &act, y);
-            }
-        }
-    });
+    if data.len() != n * (k / QK) * format.block_bytes() {
+        bail!("quantized weight storage is not {n}x{} blocks", k / QK)
+    }
+    let y = product(path, format, &data, n, &xs, m, k);
     Tensor::from_vec(y, (m, n), x.device())
 }
 
@@ -106,27 +89,77 @@ impl Format {
 
     fn block_bytes(self) -> usize {
         match self {
-            Self::Q8_0 => BLOCK_BYTES,
-            Self::Q4_0 => Q4_0_BYTES,
-            Self::Q5_0 => Q5_0_BYTES,
-        }
-    }
-
-    /// What ggml subtracts from the stored unsigned values (q8_0 stores signed ones).
-    fn offset(self) -> i32 {
-        match self {
-            Self::Q8_0 => 0,
-            Self::Q4_0 => 8,
-            Self::Q5_0 => 16,
+            Self::Q8_0 => 34,
+            Self::Q4_0 => 18,
+            Self::Q5_0 => 22,
         }
     }
 }
 
-/// The rows of `x` quantized: values, per-block scales, and the offset correction per block.
-struct Activations<'a> {
-    q: &'a [i8],
-    d: &'a [f32],
-    corr: &'a [f32],
+/// The instruction set the product runs on, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Path {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Self::Vnni.available() {
+                return Self::Vnni;
+            }
+            if Self::Avx2.available() {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Whether this CPU runs this path.
+    fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => {
+                is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
+                    && Self::Avx2.available()
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            Self::Portable => true,
+        }
+    }
+
+    /// What is subtracted from the packed (unsigned) values to give the weights: q8_0 is stored
+    /// `+128` for `vpdpbusd`, signed for the AVX2 sign trick and the scalar loop.
+    fn offset(self, format: Format) -> i32 {
+        match (self, format) {
+            (Self::Portable, _) => 0,
+            #[cfg(target_arch = "x86_64")]
+            (Self::Avx2, Format::Q8_0) => 0,
+            (_, Format::Q8_0) => 128,
+            (_, Format::Q4_0) => 8,
+            (_, Format::Q5_0) => 16,
+        }
+    }
+}
+
+/// The rows of `x` quantized: values, per-block scales, and per block the integer the offset of the
+/// weights' packed values contributes (`-offset · Σx`, the accumulator's starting value).
+struct Activations {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    c: Vec<i32>,
     k: usize,
 }
 
@@ -147,122 +180,258 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
     (q, d)
 }
 
-/// The block dot product the CPU supports best, chosen once per call.
+/// `y` `[m, n]` = `x` `[m, k]` · `w`ᵀ, `w` being `n` rows of `format` blocks.
+fn product(
+    path: Path,
+    format: Format,
+    w: &[u8],
+    n: usize,
+    xs: &[f32],
+    m: usize,
+    k: usize,
+) -> Vec<f32> {
+    let (q, d) = quantize_rows(xs, m, k);
+    let offset = path.offset(format);
+    let c = q
+        .chunks_exact(QK)
+        .map(|b| -offset * b.iter().map(|v| *v as i32).sum::<i32>())
+        .collect();
+    let act = Activations { q, d, c, k };
+    let mut y = vec![0f32; m * n];
+    let out = y.as_mut_ptr() as usize;
+    let task_rows = TILE * TASK_TILES;
+    let row_tasks = n.div_ceil(task_rows);
+    let token_tasks = m.div_ceil(TOKEN_CHUNK);
+    // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
+    // and never waits for one that has not started (a decode step runs ~100 of these)
+    super::pool::pool().run(row_tasks * token_tasks, |tasks| {
+        let mut buf = Vec::new();
+        let mut packed = usize::MAX;
+        for task in tasks {
+            let (rt, tt) = (task / token_tasks, task % token_tasks);
+            let rows = rt * task_rows..((rt + 1) * task_rows).min(n);
+            let tokens = tt * TOKEN_CHUNK..((tt + 1) * TOKEN_CHUNK).min(m);
+            let out = Out {
+                ptr: out as *mut f32,
+                n,
+            };
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                Path::Vnni | Path::Avx2 => {
+                    if packed != rt {
+                        buf.resize(rows.len().div_ceil(TILE) * (k / QK) * PACKED, 0);
+                        // SAFETY: the path's features were detected (`Path::available`); `w` holds
+                        // `n` rows of `k / 32` blocks (checked by the caller), `buf` the tiles.
+                        unsafe { x86::pack(path, format, w, n, k, rows.clone(), &mut buf) };
+                        packed = rt;
+                    }
+                    // SAFETY: as above; `out` is `[m, n]`, these rows' columns belong to this task.
+                    unsafe { x86::tiles(path, format, &buf, rows, tokens, &act, out) };
+                }
+                Path::Portable => portable(format, w, rows, tokens, &act, out),
+            }
+        }
+    });
+    y
+}
+
+/// Where results go: `y` `[m, n]`, row-major.
 #[derive(Clone, Copy)]
-enum Dot {
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
+struct Out {
+    ptr: *mut f32,
+    n: usize,
 }
 
-impl Dot {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("f16c")
-                && is_x86_feature_detected!("fma")
-            {
-                return Self::Vnni;
+/// One weight row's values as ggml means them (q4_0 / q5_0 minus 8 / 16) and its scales.
+fn unpack_row(format: Format, w: &[u8], values: &mut [i8], scales: &mut [f32]) {
+    for ((blk, v), s) in w
+        .chunks_exact(format.block_bytes())
+        .zip(values.chunks_exact_mut(QK))
+        .zip(scales.iter_mut())
+    {
+        *s = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+        if format == Format::Q8_0 {
+            for (o, b) in v.iter_mut().zip(&blk[2..]) {
+                *o = *b as i8;
             }
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Self::Avx2;
+            continue;
+        }
+        let (qh, qs, offset) = if format == Format::Q5_0 {
+            (
+                u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
+                &blk[6..22],
+                16,
+            )
+        } else {
+            (0, &blk[2..18], 8)
+        };
+        for j in 0..16 {
+            let lo = (qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4);
+            let hi = (qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
+            v[j] = (lo as i32 - offset) as i8;
+            v[j + 16] = (hi as i32 - offset) as i8;
+        }
+    }
+}
+
+/// The scalar product, for CPUs without AVX2.
+fn portable(
+    format: Format,
+    w: &[u8],
+    rows: std::ops::Range<usize>,
+    tokens: std::ops::Range<usize>,
+    act: &Activations,
+    out: Out,
+) {
+    let (k, kb) = (act.k, act.k / QK);
+    let row_bytes = kb * format.block_bytes();
+    let mut values = vec![0i8; k];
+    let mut scales = vec![0f32; kb];
+    for j in rows {
+        unpack_row(
+            format,
+            &w[j * row_bytes..(j + 1) * row_bytes],
+            &mut values,
+            &mut scales,
+        );
+        for i in tokens.clone() {
+            let xq = &act.q[i * k..(i + 1) * k];
+            let mut acc = 0f32;
+            for (b, dw) in scales.iter().enumerate() {
+                let isum: i32 = values[b * QK..(b + 1) * QK]
+                    .iter()
+                    .zip(&xq[b * QK..(b + 1) * QK])
+                    .map(|(a, c)| *a as i32 * *c as i32)
+                    .sum();
+                acc += isum as f32 * (dw * act.d[i * kb + b]);
             }
-        }
-        Self::Portable
-    }
-
-    /// One q8_0 weight row (`kb` blocks of bytes) dotted with a quantized `x` row.
-    fn run(self, w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        debug_assert_eq!(w.len(), xd.len() * BLOCK_BYTES);
-        debug_assert_eq!(xq.len(), xd.len() * QK);
-        match self {
-            // SAFETY: the features were detected at run time; the slices hold `xd.len()` blocks.
-            #[cfg(target_arch = "x86_64")]
-            Self::Vnni => unsafe { x86::dot_vnni(w, xq, xd) },
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::dot_avx2(w, xq, xd) },
-            Self::Portable => dot_portable(w, xq, xd),
+            // SAFETY: `i < m`, `j < n`; column `j` belongs to this task alone.
+            unsafe { *out.ptr.add(i * out.n + j) = acc };
         }
     }
-
-    /// One weight row against every row of `act`, into `y` (one value per row), each weight block
-    /// read once for several rows.
-    fn run_blocks(self, format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
-        match self {
-            // SAFETY: the features were detected at run time; `w` holds `k / 32` blocks and `act`
-            // `y.len()` rows of `k`.
-            #[cfg(target_arch = "x86_64")]
-            Self::Vnni => unsafe { x86::blocks_vnni(format, w, act, y) },
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { x86::blocks_avx2(format, w, act, y) },
-            Self::Portable => blocks_portable(format, w, act, y),
-        }
-    }
-}
-
-/// The values of one block as stored: q8_0's signed bytes, q4_0 / q5_0's unsigned 0..16 / 0..32
-/// (ggml subtracts 8 / 16: `Activations::corr`).
-fn unpack_portable(format: Format, blk: &[u8]) -> [i32; QK] {
-    if format == Format::Q8_0 {
-        return std::array::from_fn(|j| blk[2 + j] as i8 as i32);
-    }
-    let (qh, qs) = if format == Format::Q5_0 {
-        (
-            u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
-            &blk[6..22],
-        )
-    } else {
-        (0, &blk[2..18])
-    };
-    let mut v = [0i32; QK];
-    for j in 0..16 {
-        v[j] = ((qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as i32;
-        v[j + 16] = ((qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as i32;
-    }
-    v
-}
-
-fn blocks_portable(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
-    let block_bytes = format.block_bytes();
-    let kb = act.k / QK;
-    y.fill(0.0);
-    for (b, blk) in w.chunks_exact(block_bytes).enumerate() {
-        let dw = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-        let v = unpack_portable(format, blk);
-        for (i, out) in y.iter_mut().enumerate() {
-            let xb = &act.q[i * act.k + b * QK..i * act.k + (b + 1) * QK];
-            let isum: i32 = v.iter().zip(xb).map(|(a, c)| *a * *c as i32).sum();
-            *out += dw * (isum as f32 * act.d[i * kb + b] - act.corr[i * kb + b]);
-        }
-    }
-}
-
-fn dot_portable(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-    let mut sum = 0f32;
-    for ((blk, xb), dx) in w.chunks_exact(BLOCK_BYTES).zip(xq.chunks_exact(QK)).zip(xd) {
-        let dw = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-        let isum: i32 = blk[2..]
-            .iter()
-            .zip(xb)
-            .map(|(a, b)| (*a as i8) as i32 * *b as i32)
-            .sum();
-        sum += isum as f32 * dw * dx;
-    }
-    sum
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Activations, Format, BLOCK_BYTES, QK};
+    use super::{Activations, Format, Out, Path, PACKED, QK, TILE};
     use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Integer products: `vpdpbusd`, or AVX2 pair sums of signed q8_0 (`|w| · (x · sign w)`) or of
+    /// unsigned q4_0 / q5_0 values (≤ 31, so the 16-bit pair sums cannot saturate).
+    const VNNI: u8 = 0;
+    const SIGNED: u8 = 1;
+    const UNSIGNED: u8 = 2;
+
+    /// Packs weight rows `rows` (tiles of 8; rows past `n` repeat the last) into `buf`.
+    pub unsafe fn pack(
+        path: Path,
+        format: Format,
+        w: &[u8],
+        n: usize,
+        k: usize,
+        rows: Range<usize>,
+        buf: &mut [u8],
+    ) {
+        match path {
+            Path::Vnni => pack_vnni(format, w, n, k, rows, buf),
+            _ => pack_avx2(format, w, n, k, rows, buf),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    unsafe fn pack_vnni(
+        format: Format,
+        w: &[u8],
+        n: usize,
+        k: usize,
+        rows: Range<usize>,
+        buf: &mut [u8],
+    ) {
+        pack_with::<true>(format, w, n, k, rows, buf)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pack_avx2(
+        format: Format,
+        w: &[u8],
+        n: usize,
+        k: usize,
+        rows: Range<usize>,
+        buf: &mut [u8],
+    ) {
+        pack_with::<false>(format, w, n, k, rows, buf)
+    }
+
+    #[inline(always)]
+    unsafe fn pack_with<const UNSIGNED_Q8: bool>(
+        format: Format,
+        w: &[u8],
+        n: usize,
+        k: usize,
+        rows: Range<usize>,
+        buf: &mut [u8],
+    ) {
+        let kb = k / QK;
+        let bb = format.block_bytes();
+        let row_bytes = kb * bb;
+        let wp = w.as_ptr();
+        let bp = buf.as_mut_ptr();
+        let flip = _mm256_set1_epi8(-128);
+        for (t, r0) in rows.step_by(TILE).enumerate() {
+            let row: [*const u8; TILE] =
+                std::array::from_fn(|r| wp.add((r0 + r).min(n - 1) * row_bytes));
+            for b in 0..kb {
+                let dst = bp.add((t * kb + b) * PACKED);
+                let mut bits = [0u16; TILE];
+                let mut v = [_mm256_setzero_si256(); TILE];
+                for r in 0..TILE {
+                    let blk = row[r].add(b * bb);
+                    bits[r] = (blk as *const u16).read_unaligned();
+                    v[r] = match format {
+                        Format::Q8_0 => {
+                            let raw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                            if UNSIGNED_Q8 {
+                                _mm256_xor_si256(raw, flip)
+                            } else {
+                                raw
+                            }
+                        }
+                        Format::Q4_0 => unpack(false, blk),
+                        Format::Q5_0 => unpack(true, blk),
+                    };
+                }
+                let scales = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+                _mm256_storeu_ps(dst as *mut f32, scales);
+                // an 8×8 transpose of 32-bit groups: vector c = group c of every row
+                let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+                let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+                let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+                let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+                let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+                let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+                let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+                let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+                let u0 = _mm256_unpacklo_epi64(t0, t2);
+                let u1 = _mm256_unpackhi_epi64(t0, t2);
+                let u2 = _mm256_unpacklo_epi64(t1, t3);
+                let u3 = _mm256_unpackhi_epi64(t1, t3);
+                let u4 = _mm256_unpacklo_epi64(t4, t6);
+                let u5 = _mm256_unpackhi_epi64(t4, t6);
+                let u6 = _mm256_unpacklo_epi64(t5, t7);
+                let u7 = _mm256_unpackhi_epi64(t5, t7);
+                let q = dst.add(4 * TILE) as *mut __m256i;
+                _mm256_storeu_si256(q, _mm256_permute2x128_si256(u0, u4, 0x20));
+                _mm256_storeu_si256(q.add(1), _mm256_permute2x128_si256(u1, u5, 0x20));
+                _mm256_storeu_si256(q.add(2), _mm256_permute2x128_si256(u2, u6, 0x20));
+                _mm256_storeu_si256(q.add(3), _mm256_permute2x128_si256(u3, u7, 0x20));
+                _mm256_storeu_si256(q.add(4), _mm256_permute2x128_si256(u0, u4, 0x31));
+                _mm256_storeu_si256(q.add(5), _mm256_permute2x128_si256(u1, u5, 0x31));
+                _mm256_storeu_si256(q.add(6), _mm256_permute2x128_si256(u2, u6, 0x31));
+                _mm256_storeu_si256(q.add(7), _mm256_permute2x128_si256(u3, u7, 0x31));
+            }
+        }
+    }
 
     /// A q4_0 / q5_0 block's 32 unsigned values: low nibbles are elements 0..16, high nibbles 16..32,
     /// q5_0's fifth bits add 16 where set.
@@ -294,179 +463,175 @@ mod x86 {
         _mm256_or_si256(v, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)))
     }
 
-    /// Unsigned × signed byte sums in 32-bit lanes: `vpdpbusd`, or its two-step AVX2 equivalent (exact
-    /// here: unsigned values ≤ 128 times signed ≤ 127 fit the 16-bit pair sums).
-    #[inline(always)]
-    unsafe fn dpbusd<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
-        if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-        }
-    }
-
-    /// Several rows of `x` per weight block. q8_0's signed weights go through `|w| · (x · sign w)`;
-    /// q4_0 / q5_0's unsigned values multiply `x` directly and the offset comes off at the end.
-    #[inline(always)]
-    unsafe fn blocks<const VNNI: bool>(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
-        let m = y.len();
-        let mut i0 = 0;
-        // tiles of a fixed height, so the accumulators stay in registers
-        while i0 < m {
-            i0 += match m - i0 {
-                8.. => tile::<VNNI, 8>(format, w, act, y, i0),
-                4..=7 => tile::<VNNI, 4>(format, w, act, y, i0),
-                2..=3 => tile::<VNNI, 2>(format, w, act, y, i0),
-                _ => tile::<VNNI, 1>(format, w, act, y, i0),
-            };
-        }
-    }
-
-    /// Rows `i0..i0 + R` of `x` against one weight row; returns `R`.
-    #[inline(always)]
-    unsafe fn tile<const VNNI: bool, const R: usize>(
+    /// The packed tiles in `buf` (weight rows `rows`) times tokens `tokens`, into `out`.
+    pub unsafe fn tiles(
+        path: Path,
         format: Format,
-        w: &[u8],
+        buf: &[u8],
+        rows: Range<usize>,
+        tokens: Range<usize>,
         act: &Activations,
-        y: &mut [f32],
-        i0: usize,
-    ) -> usize {
-        let block_bytes = format.block_bytes();
-        let signed = format == Format::Q8_0;
-        let (k, kb) = (act.k, act.k / QK);
-        let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
-        // with VNNI, even and odd blocks in two chains, as `dot_vnni` sums a single row: a row's result
-        // is the same bits at every batch height (speculative and batched decoding equal plain decoding)
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut odd = [_mm256_setzero_ps(); R];
-        let mut corr = [0f32; R];
-        for b in 0..kb {
-            let blk = wp.add(b * block_bytes);
-            let dw = scale(blk);
-            let dwv = _mm256_set1_ps(dw);
-            let (raw, v) = if signed {
-                let raw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                (raw, _mm256_abs_epi8(raw))
+        out: Out,
+    ) {
+        match (path, format) {
+            (Path::Vnni, _) => tiles_vnni(buf, rows, tokens, act, out),
+            (_, Format::Q8_0) => tiles_avx2::<SIGNED>(buf, rows, tokens, act, out),
+            _ => tiles_avx2::<UNSIGNED>(buf, rows, tokens, act, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    unsafe fn tiles_vnni(
+        buf: &[u8],
+        rows: Range<usize>,
+        tokens: Range<usize>,
+        act: &Activations,
+        out: Out,
+    ) {
+        let kb = act.k / QK;
+        let (bp, tile_bytes) = (buf.as_ptr(), kb * PACKED);
+        let mut j = rows.start;
+        let mut t = 0;
+        while j < rows.end {
+            let left = rows.end - j;
+            if left > TILE {
+                by_tokens::<VNNI, 2>(bp.add(t * tile_bytes), j, left, tokens.clone(), act, out);
+                j += 2 * TILE;
+                t += 2;
             } else {
-                let v = unpack(format == Format::Q5_0, blk);
-                (v, v)
+                by_tokens::<VNNI, 1>(bp.add(t * tile_bytes), j, left, tokens.clone(), act, out);
+                j += TILE;
+                t += 1;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tiles_avx2<const P: u8>(
+        buf: &[u8],
+        rows: Range<usize>,
+        tokens: Range<usize>,
+        act: &Activations,
+        out: Out,
+    ) {
+        let kb = act.k / QK;
+        let (bp, tile_bytes) = (buf.as_ptr(), kb * PACKED);
+        for (t, j) in rows.clone().step_by(TILE).enumerate() {
+            by_tokens::<P, 1>(
+                bp.add(t * tile_bytes),
+                j,
+                rows.end - j,
+                tokens.clone(),
+                act,
+                out,
+            );
+        }
+    }
+
+    /// `G` tiles from weight row `j` (`valid` rows of them exist) against every token.
+    #[inline(always)]
+    unsafe fn by_tokens<const P: u8, const G: usize>(
+        tiles: *const u8,
+        j: usize,
+        valid: usize,
+        tokens: Range<usize>,
+        act: &Activations,
+        out: Out,
+    ) {
+        let mut i = tokens.start;
+        while i < tokens.end {
+            i += match tokens.end - i {
+                4.. => kernel::<P, G, 4>(tiles, j, valid, i, act, out),
+                3 => kernel::<P, G, 3>(tiles, j, valid, i, act, out),
+                2 => kernel::<P, G, 2>(tiles, j, valid, i, act, out),
+                _ => kernel::<P, G, 1>(tiles, j, valid, i, act, out),
             };
-            for r in 0..R {
-                let i = i0 + r;
-                let mut xv = _mm256_loadu_si256(xp.add(i * k + b * QK) as *const __m256i);
-                if signed {
-                    xv = _mm256_sign_epi8(xv, raw);
+        }
+    }
+
+    /// `G` tiles × tokens `i0..i0 + T`; returns `T`. Each token's arithmetic is the same whatever
+    /// `G`, `T` and the instruction set: exact integer block sums, then per block one f32 product of
+    /// the scales and one fused multiply-add.
+    #[inline(always)]
+    unsafe fn kernel<const P: u8, const G: usize, const T: usize>(
+        tiles: *const u8,
+        j: usize,
+        valid: usize,
+        i0: usize,
+        act: &Activations,
+        out: Out,
+    ) -> usize {
+        let (k, kb) = (act.k, act.k / QK);
+        let tile_bytes = kb * PACKED;
+        let ones = _mm256_set1_epi16(1);
+        let xq = act.q.as_ptr().add(i0 * k);
+        let mut acc = [[_mm256_setzero_ps(); T]; G];
+        for b in 0..kb {
+            let mut p = [[_mm256_setzero_si256(); T]; G];
+            for t in 0..T {
+                let c = _mm256_set1_epi32(*act.c.get_unchecked((i0 + t) * kb + b));
+                for g in 0..G {
+                    p[g][t] = c;
                 }
-                let p = dpbusd::<VNNI>(v, xv);
-                // the x scale broadcast straight from memory (a load-port op), times the weight's
-                let d = _mm256_mul_ps(dwv, _mm256_broadcast_ss(act.d.get_unchecked(i * kb + b)));
-                if VNNI && b % 2 == 1 {
-                    odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, odd[r]);
-                } else {
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+            }
+            for c in 0..TILE {
+                let mut wv = [_mm256_setzero_si256(); G];
+                let mut aw = [_mm256_setzero_si256(); G];
+                for g in 0..G {
+                    let src = tiles.add(g * tile_bytes + b * PACKED + 4 * TILE + 32 * c);
+                    wv[g] = _mm256_loadu_si256(src as *const __m256i);
+                    if P == SIGNED {
+                        aw[g] = _mm256_abs_epi8(wv[g]);
+                    }
                 }
-                if !signed {
-                    corr[r] += dw * *act.corr.get_unchecked(i * kb + b);
+                for t in 0..T {
+                    let x4 = (xq.add(t * k + b * QK + 4 * c) as *const i32).read_unaligned();
+                    let bx = _mm256_set1_epi32(x4);
+                    for g in 0..G {
+                        p[g][t] = match P {
+                            VNNI => _mm256_dpbusd_epi32(p[g][t], wv[g], bx),
+                            SIGNED => _mm256_add_epi32(
+                                p[g][t],
+                                _mm256_madd_epi16(
+                                    _mm256_maddubs_epi16(aw[g], _mm256_sign_epi8(bx, wv[g])),
+                                    ones,
+                                ),
+                            ),
+                            _ => _mm256_add_epi32(
+                                p[g][t],
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wv[g], bx), ones),
+                            ),
+                        };
+                    }
+                }
+            }
+            for g in 0..G {
+                let dw = _mm256_loadu_ps(tiles.add(g * tile_bytes + b * PACKED) as *const f32);
+                for t in 0..T {
+                    let dx = _mm256_set1_ps(*act.d.get_unchecked((i0 + t) * kb + b));
+                    acc[g][t] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(p[g][t]),
+                        _mm256_mul_ps(dw, dx),
+                        acc[g][t],
+                    );
                 }
             }
         }
-        for r in 0..R {
-            let sum = if VNNI {
-                _mm256_add_ps(acc[r], odd[r])
-            } else {
-                acc[r]
-            };
-            *y.get_unchecked_mut(i0 + r) = hsum(sum) - corr[r];
+        for g in 0..G {
+            let jg = j + g * TILE;
+            let rows = valid.saturating_sub(g * TILE).min(TILE);
+            for t in 0..T {
+                let dst = out.ptr.add((i0 + t) * out.n + jg);
+                if rows == TILE {
+                    _mm256_storeu_ps(dst, acc[g][t]);
+                } else {
+                    let mut lanes = [0f32; TILE];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[g][t]);
+                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, rows);
+                }
+            }
         }
-        R
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn blocks_vnni(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
-        blocks::<true>(format, w, act, y)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn blocks_avx2(format: Format, w: &[u8], act: &Activations, y: &mut [f32]) {
-        blocks::<false>(format, w, act, y)
-    }
-
-    #[inline(always)]
-    unsafe fn scale(blk: *const u8) -> f32 {
-        let bits = (blk as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// `|w| · (x · sign w)` with unsigned × signed byte dot products (`vpdpbusd`): exact, since the
-    /// quantized `x` stays within ±127.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn dot_vnni(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let (wp, xp) = (w.as_ptr(), xq.as_ptr());
-        let kb = xd.len();
-        let mut b = 0;
-        while b + 1 < kb {
-            let (blk0, blk1) = (wp.add(b * BLOCK_BYTES), wp.add((b + 1) * BLOCK_BYTES));
-            let w0 = _mm256_loadu_si256(blk0.add(2) as *const __m256i);
-            let w1 = _mm256_loadu_si256(blk1.add(2) as *const __m256i);
-            let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-            let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
-            let p0 = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_abs_epi8(w0),
-                _mm256_sign_epi8(x0, w0),
-            );
-            let p1 = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_abs_epi8(w1),
-                _mm256_sign_epi8(x1, w1),
-            );
-            let d0 = _mm256_set1_ps(scale(blk0) * *xd.get_unchecked(b));
-            let d1 = _mm256_set1_ps(scale(blk1) * *xd.get_unchecked(b + 1));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, acc1);
-            b += 2;
-        }
-        if b < kb {
-            let blk = wp.add(b * BLOCK_BYTES);
-            let w0 = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-            let p = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_abs_epi8(w0),
-                _mm256_sign_epi8(x0, w0),
-            );
-            let d = _mm256_set1_ps(scale(blk) * *xd.get_unchecked(b));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
-    }
-
-    /// The same with 16-bit pair sums (`vpmaddubsw` then `vpmaddwd`) where VNNI is missing.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let ones = _mm256_set1_epi16(1);
-        let (wp, xp) = (w.as_ptr(), xq.as_ptr());
-        for b in 0..xd.len() {
-            let blk = wp.add(b * BLOCK_BYTES);
-            let w0 = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
-            let p = _mm256_madd_epi16(pairs, ones);
-            let d = _mm256_set1_ps(scale(blk) * *xd.get_unchecked(b));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc);
-        }
-        hsum(acc)
+        T
     }
 }
 
@@ -476,22 +641,66 @@ mod tests {
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module};
 
-    /// A row's result does not depend on the rows beside it, bit for bit, for every block type and
-    /// height (one row takes the single-row dot product, more take the tiles).
+    const DTYPES: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0];
+
+    /// Every path this CPU can run (an AVX-512 machine runs the AVX2 and scalar ones too).
+    fn paths() -> Vec<Path> {
+        let mut all = vec![Path::Portable];
+        #[cfg(target_arch = "x86_64")]
+        all.extend(
+            [Path::Vnni, Path::Avx2]
+                .into_iter()
+                .filter(|p| p.available()),
+        );
+        all
+    }
+
+    /// The product in f64 from the dequantized weight and the activations as the kernel quantizes
+    /// them (one scale per 32): what every path must give up to f32 rounding.
+    fn reference(x: &Tensor, q: &QTensor) -> Result<(Vec<f64>, Vec<f64>)> {
+        let (m, k) = x.dims2()?;
+        let (n, _) = q.shape().dims2()?;
+        let w = q
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (xq, xd) = quantize_rows(&x.flatten_all()?.to_vec1::<f32>()?, m, k);
+        let xv: Vec<f64> = (0..m * k)
+            .map(|i| xq[i] as f64 * xd[i / QK] as f64)
+            .collect();
+        let mut y = vec![0f64; m * n];
+        let mut size = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for l in 0..k {
+                    y[i * n + j] += xv[i * k + l] * w[j * k + l] as f64;
+                    size[i * n + j] += (xv[i * k + l] * w[j * k + l] as f64).abs();
+                }
+            }
+        }
+        Ok((y, size))
+    }
+
     #[test]
-    fn rows_are_computed_alike_at_every_height() -> Result<()> {
+    fn every_path_equals_the_reference_on_odd_shapes() -> Result<()> {
         let dev = Device::Cpu;
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
-            for k in [576, 96, 160] {
-                let w = Tensor::randn(0f32, 1.0, (24, k), &dev)?;
+        for dtype in DTYPES {
+            // rows not a multiple of the tile (nor of two tiles), tokens 1..=17, k a multiple of 32
+            // but not of 256
+            for (n, k) in [(1, 32), (7, 96), (8, 160), (9, 64), (17, 96), (33, 320)] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
                 let q = QTensor::quantize(&w, dtype)?;
-                let x = Tensor::randn(0f32, 1.0, (11, k), &dev)?;
-                let all = matmul(&x, &q)?.to_vec2::<f32>()?;
-                for i in [0, 3, 10] {
-                    for h in [1, 2, 3, 9] {
-                        let from = i.min(11 - h);
-                        let part = matmul(&x.narrow(0, from, h)?, &q)?.to_vec2::<f32>()?;
-                        assert_eq!(part[i - from], all[i], "{dtype:?} k {k} row {i} height {h}");
+                for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17] {
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+                    let (want, size) = reference(&x, &q)?;
+                    for path in paths() {
+                        let got = matmul_with(path, &x, &q)?.flatten_all()?.to_vec1::<f32>()?;
+                        for (e, ((g, w), s)) in got.iter().zip(&want).zip(&size).enumerate() {
+                            assert!(
+                                (*g as f64 - w).abs() <= s * 1e-5 + 1e-6,
+                                "{dtype:?} {path:?} [{m}, {k}] x [{n}, {k}] at {e}: {g} vs {w}"
+                            );
+                        }
                     }
                 }
             }
@@ -499,10 +708,69 @@ mod tests {
         Ok(())
     }
 
+    /// VNNI and AVX2 compute the same integer sums and the same float operations: the same bits.
+    #[test]
+    fn simd_paths_give_the_same_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        let simd: Vec<Path> = paths()
+            .into_iter()
+            .filter(|p| *p != Path::Portable)
+            .collect();
+        for dtype in DTYPES {
+            let w = Tensor::randn(0f32, 1.0, (37, 576), &dev)?;
+            let q = QTensor::quantize(&w, dtype)?;
+            let x = Tensor::randn(0f32, 1.0, (11, 576), &dev)?;
+            let all: Vec<Vec<f32>> = simd
+                .iter()
+                .map(|p| matmul_with(*p, &x, &q)?.flatten_all()?.to_vec1::<f32>())
+                .collect::<Result<_>>()?;
+            for (p, y) in simd.iter().zip(&all) {
+                assert_eq!(y, &all[0], "{dtype:?} {p:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A row's result does not depend on the rows beside it, bit for bit, for every block type,
+    /// height and path (heights past the token chunk included).
+    #[test]
+    fn rows_are_computed_alike_at_every_height() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in DTYPES {
+            for k in [576, 96, 160] {
+                let w = Tensor::randn(0f32, 1.0, (24, k), &dev)?;
+                let q = QTensor::quantize(&w, dtype)?;
+                let x = Tensor::randn(0f32, 1.0, (11, k), &dev)?;
+                for path in paths() {
+                    let all = matmul_with(path, &x, &q)?.to_vec2::<f32>()?;
+                    for i in [0, 3, 10] {
+                        for h in [1, 2, 3, 5, 9] {
+                            let from = i.min(11 - h);
+                            let part = matmul_with(path, &x.narrow(0, from, h)?, &q)?;
+                            let part = part.to_vec2::<f32>()?;
+                            assert_eq!(
+                                part[i - from],
+                                all[i],
+                                "{dtype:?} {path:?} k {k} row {i} height {h}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let w = Tensor::randn(0f32, 1.0, (9, 64), &dev)?;
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let x = Tensor::randn(0f32, 1.0, (TOKEN_CHUNK + 3, 64), &dev)?;
+        let all = matmul(&x, &q)?.to_vec2::<f32>()?;
+        let last = matmul(&x.narrow(0, TOKEN_CHUNK + 2, 1)?, &q)?.to_vec2::<f32>()?;
+        assert_eq!(last[0], all[TOKEN_CHUNK + 2]);
+        Ok(())
+    }
+
     #[test]
     fn matches_candles_products_at_any_multiple_of_32() -> Result<()> {
         let dev = Device::Cpu;
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0] {
+        for dtype in DTYPES {
             for (m, k, n) in [(1, 576, 100), (3, 64, 67), (8, 1536, 40), (13, 96, 33)] {
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
@@ -510,13 +778,8 @@ mod tests {
                 assert!(applies(&x, &q), "{dtype:?} ({m},{k},{n})");
                 let ours = matmul(&x, &q)?;
                 if (k / QK) % 2 == 1 && dtype != GgmlDType::Q8_0 {
-                    // candle's q4_0/q5_0 products need an even block count (it panics); compare with
-                    // the dequantized weight, which differs by the activations' 8-bit rounding
-                    let want = x.matmul(&q.dequantize(&dev)?.t()?)?;
-                    let err = ((&ours - &want)?.sqr()?.sum_all()?.to_scalar::<f32>()?
-                        / want.sqr()?.sum_all()?.to_scalar::<f32>()?)
-                    .sqrt();
-                    assert!(err < 0.02, "{dtype:?} ({m},{k},{n}): {err}");
+                    // candle's q4_0/q5_0 products need an even block count (it panics); the
+                    // reference test covers these shapes
                     continue;
                 }
                 let candle = QMatMul::from_arc(q.clone())?.forward(&x)?;
@@ -527,72 +790,6 @@ mod tests {
                     "{dtype:?} ({m},{k},{n}): {diff} of {size}"
                 );
             }
-        }
-        Ok(())
-    }
-
-    /// Every flavour this CPU can run (VNNI machines run the AVX2 one too).
-    fn available() -> Vec<Dot> {
-        let mut all = vec![Dot::detect()];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            all.push(Dot::Avx2);
-        }
-        all
-    }
-
-    #[test]
-    fn every_instruction_set_gives_the_portable_result() -> Result<()> {
-        let dev = Device::Cpu;
-        let (m, k) = (5, 320);
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-        let (xq, xd) = quantize_rows(&x.flatten_all()?.to_vec1::<f32>()?, m, k);
-        let kb = k / QK;
-        for format in [Format::Q8_0, Format::Q5_0, Format::Q4_0] {
-            let dtype = match format {
-                Format::Q8_0 => GgmlDType::Q8_0,
-                Format::Q5_0 => GgmlDType::Q5_0,
-                Format::Q4_0 => GgmlDType::Q4_0,
-            };
-            let w = Tensor::randn(0f32, 1.0, (1, k), &dev)?;
-            let q = QTensor::quantize(&w, dtype)?;
-            let data = q.data()?;
-            let corr: Vec<f32> = xq
-                .chunks_exact(QK)
-                .zip(&xd)
-                .map(|(b, d)| {
-                    (format.offset() * b.iter().map(|v| *v as i32).sum::<i32>()) as f32 * d
-                })
-                .collect();
-            let act = Activations {
-                q: &xq,
-                d: &xd,
-                corr: &corr,
-                k,
-            };
-            let mut want = vec![0f32; m];
-            blocks_portable(format, &data, &act, &mut want);
-            for dot in available() {
-                let mut got = vec![0f32; m];
-                dot.run_blocks(format, &data, &act, &mut got);
-                for (a, b) in want.iter().zip(&got) {
-                    assert!(
-                        (a - b).abs() <= a.abs() * 1e-5 + 1e-4,
-                        "{format:?}: {a} vs {b}"
-                    );
-                }
-            }
-        }
-        let w = Tensor::randn(0f32, 1.0, (1, k), &dev)?;
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-        let data = q.data()?;
-        let want = dot_portable(&data, &xq[..k], &xd[..kb]);
-        for dot in available() {
-            let got = dot.run(&data, &xq[..k], &xd[..kb]);
-            assert!((want - got).abs() <= want.abs() * 1e-5 + 1e-4);
         }
         Ok(())
     }
