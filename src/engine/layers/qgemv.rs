@@ -25,8 +25,10 @@ use half::f16;
 const QK: usize = 32;
 /// Weight rows of one packed tile: one 32-bit lane each in a 256-bit vector.
 const TILE: usize = 8;
-/// Bytes of one block of a packed tile: 8 f32 scales and 8 rows × 32 values.
-const PACKED: usize = 4 * TILE + TILE * QK;
+/// Bytes of the values of one 32-value block of a packed tile: 8 rows × 32.
+const VALUES: usize = TILE * QK;
+/// Bytes of one vector of per-row f32 factors (scales, mins) of a packed block.
+const HEAD: usize = 4 * TILE;
 /// Tiles per task handed to a thread.
 const TASK_TILES: usize = 2;
 /// Tokens per task: a long prompt is split along tokens too, so that its activations stay in cache.
@@ -41,8 +43,13 @@ pub fn applies(x: &Tensor, q: &QTensor) -> bool {
         // every height, rows a multiple of 256 included: candle's repacked kernel would quantize
         // the activations with one scale per 256 values (llama.cpp: one per 32), so a prompt's pass
         // would not compute what decoding computes
-        && Format::of(q.dtype()).is_some()
+        && Format::of(q.dtype()).is_some_and(|f| {
+            // k-quants: decode-sized batches go to `kgemv` (candle's block dot products), faster
+            // than packing a tile for a row or a few
+            !f.k_quant() || x.dim(0).is_ok_and(|m| m > super::kgemv::MAX_ROWS)
+        })
         && x.dim(0).is_ok_and(|m| m >= 1)
+        && x.dim(1).is_ok_and(|k| k % q.dtype().block_size() == 0)
 }
 
 /// `x` `[m, k]` times `q` `[n, k]` (q8_0, q5_0 or q4_0) transposed: `[m, n]`.
@@ -54,7 +61,7 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
 fn matmul_with(path: Path, x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, k2) = q.shape().dims2()?;
-    if k != k2 || k % QK != 0 {
+    if k != k2 || k % q.dtype().block_size() != 0 {
         bail!("quantized matmul: x is [{m}, {k}] but the weight is [{n}, {k2}]")
     }
     let Some(format) = Format::of(q.dtype()) else {
@@ -62,19 +69,23 @@ fn matmul_with(path: Path, x: &Tensor, q: &QTensor) -> Result<Tensor> {
     };
     let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     let data = q.data()?;
-    if data.len() != n * (k / QK) * format.block_bytes() {
-        bail!("quantized weight storage is not {n}x{} blocks", k / QK)
+    let blocks = k / q.dtype().block_size();
+    if data.len() != n * blocks * format.block_bytes() {
+        bail!("quantized weight storage is not {n}x{blocks} blocks")
     }
     let y = product(path, format, &data, n, &xs, m, k);
     Tensor::from_vec(y, (m, n), x.device())
 }
 
-/// The 32-wide block formats the kernel reads.
+/// The block formats the kernel reads: ggml's 32-wide ones, and the k-quants llama.cpp's q4_k_m
+/// uses, read as 32-value units (q4_K: a scale and a min per 32; q6_K: a scale per 16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Q8_0,
     Q4_0,
     Q5_0,
+    Q4K,
+    Q6K,
 }
 
 impl Format {
@@ -83,16 +94,58 @@ impl Format {
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q6K => Some(Self::Q6K),
             _ => None,
         }
     }
 
+    /// Bytes of one stored block.
     fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 34,
             Self::Q4_0 => 18,
             Self::Q5_0 => 22,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
         }
+    }
+
+    fn k_quant(self) -> bool {
+        matches!(self, Self::Q4K | Self::Q6K)
+    }
+
+    /// 32-value units per stored block.
+    fn units(self) -> usize {
+        if self.k_quant() {
+            8
+        } else {
+            1
+        }
+    }
+
+    /// Per-row f32 vectors before a packed block's values: the scale; q4_K's min, q6_K's second
+    /// half's scale.
+    fn heads(self) -> usize {
+        if self.k_quant() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Integer sums per 32-value unit: q6_K's two halves have scales of their own.
+    fn halves(self) -> usize {
+        if self == Self::Q6K {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Bytes of one packed 32-value block of a tile.
+    fn packed(self) -> usize {
+        self.heads() * HEAD + VALUES
     }
 }
 
@@ -141,25 +194,29 @@ impl Path {
     }
 
     /// What is subtracted from the packed (unsigned) values to give the weights: q8_0 is stored
-    /// `+128` for `vpdpbusd`, signed for the AVX2 sign trick and the scalar loop.
+    /// `+128` for `vpdpbusd`, signed for the AVX2 sign trick and the scalar loop. (q4_K's values
+    /// are unsigned: its mins come off in f32.)
     fn offset(self, format: Format) -> i32 {
         match (self, format) {
-            (Self::Portable, _) => 0,
             #[cfg(target_arch = "x86_64")]
-            (Self::Avx2, Format::Q8_0) => 0,
-            (_, Format::Q8_0) => 128,
+            (Self::Vnni, Format::Q8_0) => 128,
+            (_, Format::Q8_0) => 0,
             (_, Format::Q4_0) => 8,
             (_, Format::Q5_0) => 16,
+            (_, Format::Q4K) => 0,
+            (_, Format::Q6K) => 32,
         }
     }
 }
 
-/// The rows of `x` quantized: values, per-block scales, and per block the integer the offset of the
-/// weights' packed values contributes (`-offset · Σx`, the accumulator's starting value).
+/// The rows of `x` quantized: values, per-block scales, per block (and half, for q6_K) the integer
+/// the offset of the weights' packed values contributes (`-offset · Σx`, the accumulator's starting
+/// value), and per block `d · Σx` (what q4_K's mins multiply).
 struct Activations {
     q: Vec<i8>,
     d: Vec<f32>,
     c: Vec<i32>,
+    s: Vec<f32>,
     k: usize,
 }
 
@@ -193,10 +250,18 @@ fn product(
     let (q, d) = quantize_rows(xs, m, k);
     let offset = path.offset(format);
     let c = q
-        .chunks_exact(QK)
+        .chunks_exact(QK / format.halves())
         .map(|b| -offset * b.iter().map(|v| *v as i32).sum::<i32>())
         .collect();
-    let act = Activations { q, d, c, k };
+    let s = if format == Format::Q4K {
+        q.chunks_exact(QK)
+            .zip(&d)
+            .map(|(b, d)| b.iter().map(|v| *v as i32).sum::<i32>() as f32 * d)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let act = Activations { q, d, c, s, k };
     let mut y = vec![0f32; m * n];
     let out = y.as_mut_ptr() as usize;
     let task_rows = TILE * TASK_TILES;
@@ -219,7 +284,7 @@ fn product(
                 #[cfg(target_arch = "x86_64")]
                 Path::Vnni | Path::Avx2 => {
                     if packed != rt {
-                        buf.resize(rows.len().div_ceil(TILE) * (k / QK) * PACKED, 0);
+                        buf.resize(rows.len().div_ceil(TILE) * (k / QK) * format.packed(), 0);
                         // SAFETY: the path's features were detected (`Path::available`); `w` holds
                         // `n` rows of `k / 32` blocks (checked by the caller), `buf` the tiles.
                         unsafe { x86::pack(path, format, w, n, k, rows.clone(), &mut buf) };
@@ -242,35 +307,63 @@ struct Out {
     n: usize,
 }
 
-/// One weight row's values as ggml means them (q4_0 / q5_0 minus 8 / 16) and its scales.
-fn unpack_row(format: Format, w: &[u8], values: &mut [i8], scales: &mut [f32]) {
-    for ((blk, v), s) in w
-        .chunks_exact(format.block_bytes())
-        .zip(values.chunks_exact_mut(QK))
-        .zip(scales.iter_mut())
-    {
-        *s = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-        if format == Format::Q8_0 {
-            for (o, b) in v.iter_mut().zip(&blk[2..]) {
-                *o = *b as i8;
+/// Unit `u` (32 values) of a stored block as the kernel reads it: the values (unsigned, minus
+/// `Path::offset`, except q8_0's signed ones, stored as bytes) and the per-row factors (the scale;
+/// q4_K's min or q6_K's second scale).
+fn unit(format: Format, blk: &[u8], u: usize, values: &mut [u8]) -> [f32; 2] {
+    let half = |i: usize| f16::from_bits(u16::from_le_bytes([blk[i], blk[i + 1]])).to_f32();
+    match format {
+        Format::Q8_0 => {
+            values.copy_from_slice(&blk[2..34]);
+            [half(0), 0.0]
+        }
+        Format::Q4_0 | Format::Q5_0 => {
+            let (qh, qs) = if format == Format::Q5_0 {
+                (
+                    u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
+                    &blk[6..22],
+                )
+            } else {
+                (0, &blk[2..18])
+            };
+            for j in 0..16 {
+                values[j] = ((qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as u8;
+                values[j + 16] = ((qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as u8;
             }
-            continue;
+            [half(0), 0.0]
         }
-        let (qh, qs, offset) = if format == Format::Q5_0 {
-            (
-                u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]),
-                &blk[6..22],
-                16,
-            )
-        } else {
-            (0, &blk[2..18], 8)
-        };
-        for j in 0..16 {
-            let lo = (qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4);
-            let hi = (qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4);
-            v[j] = (lo as i32 - offset) as i8;
-            v[j + 16] = (hi as i32 - offset) as i8;
+        Format::Q4K => {
+            let qs = &blk[16 + 32 * (u / 2)..16 + 32 * (u / 2) + 32];
+            for (v, q) in values.iter_mut().zip(qs) {
+                *v = if u % 2 == 0 { q & 0x0F } else { q >> 4 };
+            }
+            let (sc, m) = scale_min_k4(u, &blk[4..16]);
+            [half(0) * sc as f32, half(2) * m as f32]
         }
+        Format::Q6K => {
+            let (n, r) = (u / 4, u % 4);
+            let ql = &blk[64 * n + 32 * (r % 2)..];
+            let qh = &blk[128 + 32 * n..];
+            for l in 0..32 {
+                let lo = if r < 2 { ql[l] & 0x0F } else { ql[l] >> 4 };
+                values[l] = lo | (((qh[l] >> (2 * r)) & 3) << 4);
+            }
+            let d = half(208);
+            let sc = &blk[192 + 8 * n + 2 * r..];
+            [d * sc[0] as i8 as f32, d * sc[1] as i8 as f32]
+        }
+    }
+}
+
+/// q4_K's 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -284,26 +377,42 @@ fn portable(
     out: Out,
 ) {
     let (k, kb) = (act.k, act.k / QK);
-    let row_bytes = kb * format.block_bytes();
-    let mut values = vec![0i8; k];
-    let mut scales = vec![0f32; kb];
+    let (units, bb, halves) = (format.units(), format.block_bytes(), format.halves());
+    let row_bytes = kb / units * bb;
+    let mut values = vec![0u8; k];
+    let mut heads = vec![[0f32; 2]; kb];
+    let hw = QK / halves;
     for j in rows {
-        unpack_row(
-            format,
-            &w[j * row_bytes..(j + 1) * row_bytes],
-            &mut values,
-            &mut scales,
-        );
+        let row = &w[j * row_bytes..(j + 1) * row_bytes];
+        for (b, h) in heads.iter_mut().enumerate() {
+            let blk = &row[b / units * bb..];
+            *h = unit(format, blk, b % units, &mut values[b * QK..(b + 1) * QK]);
+        }
         for i in tokens.clone() {
             let xq = &act.q[i * k..(i + 1) * k];
             let mut acc = 0f32;
-            for (b, dw) in scales.iter().enumerate() {
-                let isum: i32 = values[b * QK..(b + 1) * QK]
-                    .iter()
-                    .zip(&xq[b * QK..(b + 1) * QK])
-                    .map(|(a, c)| *a as i32 * *c as i32)
-                    .sum();
-                acc += isum as f32 * (dw * act.d[i * kb + b]);
+            for (b, head) in heads.iter().enumerate() {
+                let dx = act.d[i * kb + b];
+                for h in 0..halves {
+                    let lanes = b * QK + h * hw..b * QK + (h + 1) * hw;
+                    let dot: i32 = values[lanes.clone()]
+                        .iter()
+                        .zip(&xq[lanes])
+                        .map(|(a, c)| {
+                            let a = if format == Format::Q8_0 {
+                                *a as i8 as i32
+                            } else {
+                                *a as i32
+                            };
+                            a * *c as i32
+                        })
+                        .sum();
+                    let isum = dot + act.c[(i * kb + b) * halves + h];
+                    acc += isum as f32 * (head[h] * dx);
+                }
+                if format == Format::Q4K {
+                    acc -= head[1] * act.s[i * kb + b];
+                }
             }
             // SAFETY: `i < m`, `j < n`; column `j` belongs to this task alone.
             unsafe { *out.ptr.add(i * out.n + j) = acc };
@@ -313,12 +422,12 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Activations, Format, Out, Path, PACKED, QK, TILE};
+    use super::{Activations, Format, Out, Path, HEAD, QK, TILE};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
     /// Integer products: `vpdpbusd`, or AVX2 pair sums of signed q8_0 (`|w| · (x · sign w)`) or of
-    /// unsigned q4_0 / q5_0 values (≤ 31, so the 16-bit pair sums cannot saturate).
+    /// unsigned values (≤ 63, so the 16-bit pair sums cannot saturate).
     const VNNI: u8 = 0;
     const SIGNED: u8 = 1;
     const UNSIGNED: u8 = 2;
@@ -373,20 +482,23 @@ mod x86 {
         buf: &mut [u8],
     ) {
         let kb = k / QK;
-        let bb = format.block_bytes();
-        let row_bytes = kb * bb;
+        let (bb, units, packed) = (format.block_bytes(), format.units(), format.packed());
+        let row_bytes = kb / units * bb;
         let wp = w.as_ptr();
         let bp = buf.as_mut_ptr();
         let flip = _mm256_set1_epi8(-128);
+        let mut heads = [[0f32; TILE]; 2];
+        let mut heads_of = [[[0f32; 2]; 8]; TILE];
         for (t, r0) in rows.step_by(TILE).enumerate() {
             let row: [*const u8; TILE] =
                 std::array::from_fn(|r| wp.add((r0 + r).min(n - 1) * row_bytes));
             for b in 0..kb {
-                let dst = bp.add((t * kb + b) * PACKED);
+                let dst = bp.add((t * kb + b) * packed);
+                let u = b % units;
                 let mut bits = [0u16; TILE];
                 let mut v = [_mm256_setzero_si256(); TILE];
                 for r in 0..TILE {
-                    let blk = row[r].add(b * bb);
+                    let blk = row[r].add(b / units * bb);
                     bits[r] = (blk as *const u16).read_unaligned();
                     v[r] = match format {
                         Format::Q8_0 => {
@@ -399,10 +511,59 @@ mod x86 {
                         }
                         Format::Q4_0 => unpack(false, blk),
                         Format::Q5_0 => unpack(true, blk),
+                        Format::Q4K => {
+                            let q =
+                                _mm256_loadu_si256(blk.add(16 + 32 * (u / 2)) as *const __m256i);
+                            let q = if u % 2 == 0 {
+                                q
+                            } else {
+                                _mm256_srli_epi16(q, 4)
+                            };
+                            _mm256_and_si256(q, _mm256_set1_epi8(0x0F))
+                        }
+                        Format::Q6K => {
+                            let (h, r) = (u / 4, u % 4);
+                            let ql = _mm256_loadu_si256(
+                                blk.add(64 * h + 32 * (r % 2)) as *const __m256i
+                            );
+                            let ql = if r < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                            let lo = _mm256_and_si256(ql, _mm256_set1_epi8(0x0F));
+                            let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+                            let hb = _mm256_and_si256(
+                                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * r as i32)),
+                                _mm256_set1_epi8(3),
+                            );
+                            _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4))
+                        }
                     };
+                    if format.k_quant() && u == 0 {
+                        // the factors of this block's 8 units, once per block
+                        let mut scratch = [0u8; QK];
+                        for uu in 0..units {
+                            let f = super::unit(
+                                format,
+                                std::slice::from_raw_parts(blk, bb),
+                                uu,
+                                &mut scratch,
+                            );
+                            heads_of[r][uu] = f;
+                        }
+                    }
                 }
-                let scales = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
-                _mm256_storeu_ps(dst as *mut f32, scales);
+                if format.k_quant() {
+                    for r in 0..TILE {
+                        heads[0][r] = heads_of[r][u][0];
+                        heads[1][r] = heads_of[r][u][1];
+                    }
+                    _mm256_storeu_ps(dst as *mut f32, _mm256_loadu_ps(heads[0].as_ptr()));
+                    _mm256_storeu_ps(
+                        dst.add(HEAD) as *mut f32,
+                        _mm256_loadu_ps(heads[1].as_ptr()),
+                    );
+                } else {
+                    let scales = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+                    _mm256_storeu_ps(dst as *mut f32, scales);
+                }
                 // an 8×8 transpose of 32-bit groups: vector c = group c of every row
                 let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
                 let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
@@ -420,7 +581,7 @@ mod x86 {
                 let u5 = _mm256_unpackhi_epi64(t4, t6);
                 let u6 = _mm256_unpacklo_epi64(t5, t7);
                 let u7 = _mm256_unpackhi_epi64(t5, t7);
-                let q = dst.add(4 * TILE) as *mut __m256i;
+                let q = dst.add(format.heads() * HEAD) as *mut __m256i;
                 _mm256_storeu_si256(q, _mm256_permute2x128_si256(u0, u4, 0x20));
                 _mm256_storeu_si256(q.add(1), _mm256_permute2x128_si256(u1, u5, 0x20));
                 _mm256_storeu_si256(q.add(2), _mm256_permute2x128_si256(u2, u6, 0x20));
@@ -463,7 +624,15 @@ mod x86 {
         _mm256_or_si256(v, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)))
     }
 
+    /// Per-row factors of the packed block: the scale, then q4_K's min.
+    const PLAIN: u8 = 0;
+    /// q4_K: a scale and a min per 32.
+    const MINS: u8 = 1;
+    /// q6_K: a scale per 16.
+    const HALVES: u8 = 2;
+
     /// The packed tiles in `buf` (weight rows `rows`) times tokens `tokens`, into `out`.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tiles(
         path: Path,
         format: Format,
@@ -473,33 +642,44 @@ mod x86 {
         act: &Activations,
         out: Out,
     ) {
+        let a = (buf, rows, tokens, act, out);
         match (path, format) {
-            (Path::Vnni, _) => tiles_vnni(buf, rows, tokens, act, out),
-            (_, Format::Q8_0) => tiles_avx2::<SIGNED>(buf, rows, tokens, act, out),
-            _ => tiles_avx2::<UNSIGNED>(buf, rows, tokens, act, out),
+            (Path::Vnni, Format::Q4K) => tiles_vnni::<MINS>(a),
+            (Path::Vnni, Format::Q6K) => tiles_vnni::<HALVES>(a),
+            (Path::Vnni, _) => tiles_vnni::<PLAIN>(a),
+            (_, Format::Q8_0) => tiles_avx2::<SIGNED, PLAIN>(a),
+            (_, Format::Q4K) => tiles_avx2::<UNSIGNED, MINS>(a),
+            (_, Format::Q6K) => tiles_avx2::<UNSIGNED, HALVES>(a),
+            _ => tiles_avx2::<UNSIGNED, PLAIN>(a),
+        }
+    }
+
+    type Args<'a> = (&'a [u8], Range<usize>, Range<usize>, &'a Activations, Out);
+
+    /// Bytes of one packed block for a kind.
+    const fn packed(kind: u8) -> usize {
+        if kind == PLAIN {
+            HEAD + super::VALUES
+        } else {
+            2 * HEAD + super::VALUES
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    unsafe fn tiles_vnni(
-        buf: &[u8],
-        rows: Range<usize>,
-        tokens: Range<usize>,
-        act: &Activations,
-        out: Out,
-    ) {
+    unsafe fn tiles_vnni<const KIND: u8>((buf, rows, tokens, act, out): Args) {
         let kb = act.k / QK;
-        let (bp, tile_bytes) = (buf.as_ptr(), kb * PACKED);
+        let (bp, tile_bytes) = (buf.as_ptr(), kb * packed(KIND));
         let mut j = rows.start;
         let mut t = 0;
         while j < rows.end {
             let left = rows.end - j;
+            let tiles = bp.add(t * tile_bytes);
             if left > TILE {
-                by_tokens::<VNNI, 2>(bp.add(t * tile_bytes), j, left, tokens.clone(), act, out);
+                by_tokens::<VNNI, KIND, 2>(tiles, j, left, tokens.clone(), act, out);
                 j += 2 * TILE;
                 t += 2;
             } else {
-                by_tokens::<VNNI, 1>(bp.add(t * tile_bytes), j, left, tokens.clone(), act, out);
+                by_tokens::<VNNI, KIND, 1>(tiles, j, left, tokens.clone(), act, out);
                 j += TILE;
                 t += 1;
             }
@@ -507,30 +687,18 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tiles_avx2<const P: u8>(
-        buf: &[u8],
-        rows: Range<usize>,
-        tokens: Range<usize>,
-        act: &Activations,
-        out: Out,
-    ) {
+    unsafe fn tiles_avx2<const P: u8, const KIND: u8>((buf, rows, tokens, act, out): Args) {
         let kb = act.k / QK;
-        let (bp, tile_bytes) = (buf.as_ptr(), kb * PACKED);
+        let (bp, tile_bytes) = (buf.as_ptr(), kb * packed(KIND));
         for (t, j) in rows.clone().step_by(TILE).enumerate() {
-            by_tokens::<P, 1>(
-                bp.add(t * tile_bytes),
-                j,
-                rows.end - j,
-                tokens.clone(),
-                act,
-                out,
-            );
+            let tiles = bp.add(t * tile_bytes);
+            by_tokens::<P, KIND, 1>(tiles, j, rows.end - j, tokens.clone(), act, out);
         }
     }
 
     /// `G` tiles from weight row `j` (`valid` rows of them exist) against every token.
     #[inline(always)]
-    unsafe fn by_tokens<const P: u8, const G: usize>(
+    unsafe fn by_tokens<const P: u8, const KIND: u8, const G: usize>(
         tiles: *const u8,
         j: usize,
         valid: usize,
@@ -541,19 +709,19 @@ mod x86 {
         let mut i = tokens.start;
         while i < tokens.end {
             i += match tokens.end - i {
-                4.. => kernel::<P, G, 4>(tiles, j, valid, i, act, out),
-                3 => kernel::<P, G, 3>(tiles, j, valid, i, act, out),
-                2 => kernel::<P, G, 2>(tiles, j, valid, i, act, out),
-                _ => kernel::<P, G, 1>(tiles, j, valid, i, act, out),
+                4.. => kernel::<P, KIND, G, 4>(tiles, j, valid, i, act, out),
+                3 => kernel::<P, KIND, G, 3>(tiles, j, valid, i, act, out),
+                2 => kernel::<P, KIND, G, 2>(tiles, j, valid, i, act, out),
+                _ => kernel::<P, KIND, G, 1>(tiles, j, valid, i, act, out),
             };
         }
     }
 
     /// `G` tiles × tokens `i0..i0 + T`; returns `T`. Each token's arithmetic is the same whatever
-    /// `G`, `T` and the instruction set: exact integer block sums, then per block one f32 product of
-    /// the scales and one fused multiply-add.
+    /// `G`, `T` and the instruction set: exact integer sums, then per sum one f32 product of the
+    /// scales and one fused multiply-add (and for q4_K one more for the min).
     #[inline(always)]
-    unsafe fn kernel<const P: u8, const G: usize, const T: usize>(
+    unsafe fn kernel<const P: u8, const KIND: u8, const G: usize, const T: usize>(
         tiles: *const u8,
         j: usize,
         valid: usize,
@@ -562,58 +730,75 @@ mod x86 {
         out: Out,
     ) -> usize {
         let (k, kb) = (act.k, act.k / QK);
-        let tile_bytes = kb * PACKED;
+        let pk = packed(KIND);
+        let halves = if KIND == HALVES { 2 } else { 1 };
+        let values = if KIND == PLAIN { HEAD } else { 2 * HEAD };
+        let tile_bytes = kb * pk;
         let ones = _mm256_set1_epi16(1);
         let xq = act.q.as_ptr().add(i0 * k);
         let mut acc = [[_mm256_setzero_ps(); T]; G];
         for b in 0..kb {
-            let mut p = [[_mm256_setzero_si256(); T]; G];
+            let mut dx = [_mm256_setzero_ps(); T];
             for t in 0..T {
-                let c = _mm256_set1_epi32(*act.c.get_unchecked((i0 + t) * kb + b));
-                for g in 0..G {
-                    p[g][t] = c;
-                }
+                dx[t] = _mm256_set1_ps(*act.d.get_unchecked((i0 + t) * kb + b));
             }
-            for c in 0..TILE {
-                let mut wv = [_mm256_setzero_si256(); G];
-                let mut aw = [_mm256_setzero_si256(); G];
-                for g in 0..G {
-                    let src = tiles.add(g * tile_bytes + b * PACKED + 4 * TILE + 32 * c);
-                    wv[g] = _mm256_loadu_si256(src as *const __m256i);
-                    if P == SIGNED {
-                        aw[g] = _mm256_abs_epi8(wv[g]);
-                    }
-                }
+            for h in 0..halves {
+                let mut p = [[_mm256_setzero_si256(); T]; G];
                 for t in 0..T {
-                    let x4 = (xq.add(t * k + b * QK + 4 * c) as *const i32).read_unaligned();
-                    let bx = _mm256_set1_epi32(x4);
+                    let c = *act.c.get_unchecked(((i0 + t) * kb + b) * halves + h);
+                    let c = _mm256_set1_epi32(c);
                     for g in 0..G {
-                        p[g][t] = match P {
-                            VNNI => _mm256_dpbusd_epi32(p[g][t], wv[g], bx),
-                            SIGNED => _mm256_add_epi32(
-                                p[g][t],
-                                _mm256_madd_epi16(
-                                    _mm256_maddubs_epi16(aw[g], _mm256_sign_epi8(bx, wv[g])),
-                                    ones,
+                        p[g][t] = c;
+                    }
+                }
+                for c in h * TILE / halves..(h + 1) * TILE / halves {
+                    let mut wv = [_mm256_setzero_si256(); G];
+                    let mut aw = [_mm256_setzero_si256(); G];
+                    for g in 0..G {
+                        let src = tiles.add(g * tile_bytes + b * pk + values + 32 * c);
+                        wv[g] = _mm256_loadu_si256(src as *const __m256i);
+                        if P == SIGNED {
+                            aw[g] = _mm256_abs_epi8(wv[g]);
+                        }
+                    }
+                    for t in 0..T {
+                        let x4 = (xq.add(t * k + b * QK + 4 * c) as *const i32).read_unaligned();
+                        let bx = _mm256_set1_epi32(x4);
+                        for g in 0..G {
+                            p[g][t] = match P {
+                                VNNI => _mm256_dpbusd_epi32(p[g][t], wv[g], bx),
+                                SIGNED => _mm256_add_epi32(
+                                    p[g][t],
+                                    _mm256_madd_epi16(
+                                        _mm256_maddubs_epi16(aw[g], _mm256_sign_epi8(bx, wv[g])),
+                                        ones,
+                                    ),
                                 ),
-                            ),
-                            _ => _mm256_add_epi32(
-                                p[g][t],
-                                _mm256_madd_epi16(_mm256_maddubs_epi16(wv[g], bx), ones),
-                            ),
-                        };
+                                _ => _mm256_add_epi32(
+                                    p[g][t],
+                                    _mm256_madd_epi16(_mm256_maddubs_epi16(wv[g], bx), ones),
+                                ),
+                            };
+                        }
+                    }
+                }
+                for g in 0..G {
+                    let head = tiles.add(g * tile_bytes + b * pk + h * HEAD) as *const f32;
+                    let dw = _mm256_loadu_ps(head);
+                    for t in 0..T {
+                        let f = _mm256_mul_ps(dw, dx[t]);
+                        acc[g][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[g][t]), f, acc[g][t]);
                     }
                 }
             }
-            for g in 0..G {
-                let dw = _mm256_loadu_ps(tiles.add(g * tile_bytes + b * PACKED) as *const f32);
-                for t in 0..T {
-                    let dx = _mm256_set1_ps(*act.d.get_unchecked((i0 + t) * kb + b));
-                    acc[g][t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(p[g][t]),
-                        _mm256_mul_ps(dw, dx),
-                        acc[g][t],
-                    );
+            if KIND == MINS {
+                for g in 0..G {
+                    let head = tiles.add(g * tile_bytes + b * pk + HEAD) as *const f32;
+                    let min = _mm256_loadu_ps(head);
+                    for t in 0..T {
+                        let s = _mm256_set1_ps(*act.s.get_unchecked((i0 + t) * kb + b));
+                        acc[g][t] = _mm256_fnmadd_ps(min, s, acc[g][t]);
+                    }
                 }
             }
         }
@@ -642,6 +827,22 @@ mod tests {
     use candle_core::{Device, Module};
 
     const DTYPES: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4_0];
+    const ALL: [GgmlDType; 5] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
+
+    /// Row lengths to test: multiples of the block, not of 256 where the block allows.
+    fn widths(dtype: GgmlDType) -> Vec<usize> {
+        if dtype.block_size() == 256 {
+            vec![256, 768]
+        } else {
+            vec![32, 96, 160, 64, 96, 320]
+        }
+    }
 
     /// Every path this CPU can run (an AVX-512 machine runs the AVX2 and scalar ones too).
     fn paths() -> Vec<Path> {
@@ -684,10 +885,12 @@ mod tests {
     #[test]
     fn every_path_equals_the_reference_on_odd_shapes() -> Result<()> {
         let dev = Device::Cpu;
-        for dtype in DTYPES {
+        for dtype in ALL {
             // rows not a multiple of the tile (nor of two tiles), tokens 1..=17, k a multiple of 32
-            // but not of 256
-            for (n, k) in [(1, 32), (7, 96), (8, 160), (9, 64), (17, 96), (33, 320)] {
+            // but not of 256 (k-quants: of 256, not of 512)
+            let ks = widths(dtype);
+            for (e, n) in [1, 7, 8, 9, 17, 33].into_iter().enumerate() {
+                let k = ks[e % ks.len()];
                 let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
                 let q = QTensor::quantize(&w, dtype)?;
                 for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17] {
@@ -716,10 +919,11 @@ mod tests {
             .into_iter()
             .filter(|p| *p != Path::Portable)
             .collect();
-        for dtype in DTYPES {
-            let w = Tensor::randn(0f32, 1.0, (37, 576), &dev)?;
+        for dtype in ALL {
+            let k = if dtype.block_size() == 256 { 768 } else { 576 };
+            let w = Tensor::randn(0f32, 1.0, (37, k), &dev)?;
             let q = QTensor::quantize(&w, dtype)?;
-            let x = Tensor::randn(0f32, 1.0, (11, 576), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (11, k), &dev)?;
             let all: Vec<Vec<f32>> = simd
                 .iter()
                 .map(|p| matmul_with(*p, &x, &q)?.flatten_all()?.to_vec1::<f32>())
@@ -736,8 +940,13 @@ mod tests {
     #[test]
     fn rows_are_computed_alike_at_every_height() -> Result<()> {
         let dev = Device::Cpu;
-        for dtype in DTYPES {
-            for k in [576, 96, 160] {
+        for dtype in ALL {
+            let ks = if dtype.block_size() == 256 {
+                vec![256, 768]
+            } else {
+                vec![576, 96, 160]
+            };
+            for k in ks {
                 let w = Tensor::randn(0f32, 1.0, (24, k), &dev)?;
                 let q = QTensor::quantize(&w, dtype)?;
                 let x = Tensor::randn(0f32, 1.0, (11, k), &dev)?;
