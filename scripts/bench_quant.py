@@ -6,7 +6,8 @@ machine noise hits both alike; prints medians over rounds and the per-round rati
 usage: python scripts/bench_quant.py MODEL_DIR GGUF_PREFIX [PROMPT=128] [NEW=128] [ROUNDS=3] [AWQ_DIR]
 
 With AWQ_DIR (the same weights as an AWQ 4-bit checkpoint: scripts/to_awq.py MODEL_DIR AWQ_DIR 64) it also
-runs that checkpoint beside llama.cpp's q4_0 file (PREFIX-q4_0.gguf); ONLY=awq runs just those two rows.
+runs that checkpoint beside llama.cpp's q4_0 file (PREFIX-q4_0.gguf); ONLY=awq runs just those two rows;
+ONLY=q8_0,q4 (any comma-separated parts of the labels) just the rows that name one of them.
 
 MODEL_DIR: a float32 Hugging Face folder (shared/bench/bench_model.py); GGUF_PREFIX: the same weights as
 GGUF (shared/bench/to_gguf.py writes PREFIX-f32.gguf, -q8_0.gguf, -q4_k_m.gguf). Needs
@@ -79,6 +80,10 @@ if awq_dir:
         ("worker-candle AWQ 4-bit checkpoint", lambda: ours(awq_dir, None), "llama.cpp q4_0"),
     ]
     CONFIGS = AWQ if os.environ.get("ONLY") == "awq" else CONFIGS + AWQ
+if os.environ.get("ONLY", "awq") != "awq":
+    # ONLY=q8_0,q4: just the rows whose label names one of these (each with its llama.cpp row)
+    want = os.environ["ONLY"].split(",")
+    CONFIGS = [c for c in CONFIGS if any(w in c[0] for w in want)]
 
 results = {label: [] for label, _, _ in CONFIGS}
 for r in range(ROUNDS):

@@ -282,6 +282,12 @@ fn product(
             };
             match path {
                 #[cfg(target_arch = "x86_64")]
+                Path::Vnni | Path::Avx2 if m == 1 && !format.k_quant() => {
+                    // one token: straight from ggml's layout, the same sums without the transposes
+                    // SAFETY: as below.
+                    unsafe { x86::single(path, format, w, n, rows, &act, out) };
+                }
+                #[cfg(target_arch = "x86_64")]
                 Path::Vnni | Path::Avx2 => {
                     if packed != rt {
                         buf.resize(rows.len().div_ceil(TILE) * (k / QK) * format.packed(), 0);
@@ -590,6 +596,124 @@ mod x86 {
                 _mm256_storeu_si256(q.add(5), _mm256_permute2x128_si256(u1, u5, 0x31));
                 _mm256_storeu_si256(q.add(6), _mm256_permute2x128_si256(u2, u6, 0x31));
                 _mm256_storeu_si256(q.add(7), _mm256_permute2x128_si256(u3, u7, 0x31));
+            }
+        }
+    }
+
+    /// One token (row 0 of `act`) against weight rows `rows` read in ggml's layout, 8 at a time:
+    /// per block, each row's integer sum reduced across lanes (exact), so every bit equals the
+    /// tiled kernel's.
+    pub unsafe fn single(
+        path: Path,
+        format: Format,
+        w: &[u8],
+        n: usize,
+        rows: Range<usize>,
+        act: &Activations,
+        out: Out,
+    ) {
+        match (path, format) {
+            (Path::Vnni, _) => single_vnni(format, w, n, rows, act, out),
+            (_, Format::Q8_0) => single_avx2::<SIGNED>(format, w, n, rows, act, out),
+            _ => single_avx2::<UNSIGNED>(format, w, n, rows, act, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    unsafe fn single_vnni(
+        format: Format,
+        w: &[u8],
+        n: usize,
+        rows: Range<usize>,
+        act: &Activations,
+        out: Out,
+    ) {
+        single_with::<VNNI>(format, w, n, rows, act, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn single_avx2<const P: u8>(
+        format: Format,
+        w: &[u8],
+        n: usize,
+        rows: Range<usize>,
+        act: &Activations,
+        out: Out,
+    ) {
+        single_with::<P>(format, w, n, rows, act, out)
+    }
+
+    #[inline(always)]
+    unsafe fn single_with<const P: u8>(
+        format: Format,
+        w: &[u8],
+        n: usize,
+        rows: Range<usize>,
+        act: &Activations,
+        out: Out,
+    ) {
+        let kb = act.k / QK;
+        let bb = format.block_bytes();
+        let row_bytes = kb * bb;
+        let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
+        let flip = _mm256_set1_epi8(-128);
+        let ones = _mm256_set1_epi16(1);
+        for r0 in rows.clone().step_by(TILE) {
+            let row: [*const u8; TILE] =
+                std::array::from_fn(|r| wp.add((r0 + r).min(n - 1) * row_bytes));
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..kb {
+                let xv = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                // the offset's share of each of the 8 lanes a row's sum is reduced from
+                let c = _mm256_set1_epi32(*act.c.get_unchecked(b) / 8);
+                let mut bits = [0u16; TILE];
+                let mut p = [_mm256_setzero_si256(); TILE];
+                for r in 0..TILE {
+                    let blk = row[r].add(b * bb);
+                    bits[r] = (blk as *const u16).read_unaligned();
+                    let v = match format {
+                        Format::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                        Format::Q5_0 => unpack(true, blk),
+                        _ => unpack(false, blk),
+                    };
+                    p[r] = match P {
+                        VNNI if format == Format::Q8_0 => {
+                            _mm256_dpbusd_epi32(c, _mm256_xor_si256(v, flip), xv)
+                        }
+                        VNNI => _mm256_dpbusd_epi32(c, v, xv),
+                        SIGNED => _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xv, v)),
+                            ones,
+                        ),
+                        _ => _mm256_add_epi32(
+                            c,
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones),
+                        ),
+                    };
+                }
+                // lane r = the sum of p[r]'s lanes
+                let h01 = _mm256_hadd_epi32(p[0], p[1]);
+                let h23 = _mm256_hadd_epi32(p[2], p[3]);
+                let h45 = _mm256_hadd_epi32(p[4], p[5]);
+                let h67 = _mm256_hadd_epi32(p[6], p[7]);
+                let h0123 = _mm256_hadd_epi32(h01, h23);
+                let h4567 = _mm256_hadd_epi32(h45, h67);
+                let sum = _mm256_add_epi32(
+                    _mm256_permute2x128_si256(h0123, h4567, 0x20),
+                    _mm256_permute2x128_si256(h0123, h4567, 0x31),
+                );
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+                let f = _mm256_mul_ps(dw, _mm256_set1_ps(*act.d.get_unchecked(b)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), f, acc);
+            }
+            let valid = (rows.end - r0).min(TILE);
+            let dst = out.ptr.add(r0);
+            if valid == TILE {
+                _mm256_storeu_ps(dst, acc);
+            } else {
+                let mut lanes = [0f32; TILE];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, valid);
             }
         }
     }
