@@ -341,7 +341,11 @@ fn unit(format: Format, blk: &[u8], u: usize, values: &mut [u8]) -> [f32; 2] {
         Format::Q4K => {
             let qs = &blk[16 + 32 * (u / 2)..16 + 32 * (u / 2) + 32];
             for (v, q) in values.iter_mut().zip(qs) {
-                *v = if u % 2 == 0 { q & 0x0F } else { q >> 4 };
+                *v = if u.is_multiple_of(2) {
+                    q & 0x0F
+                } else {
+                    q >> 4
+                };
             }
             let (sc, m) = scale_min_k4(u, &blk[4..16]);
             [half(0) * sc as f32, half(2) * m as f32]
@@ -374,6 +378,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// The scalar product, for CPUs without AVX2.
+#[allow(clippy::needless_range_loop)]
 fn portable(
     format: Format,
     w: &[u8],
@@ -427,6 +432,8 @@ fn portable(
 }
 
 #[cfg(target_arch = "x86_64")]
+// tiles of registers are indexed by row, token and tile
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use super::{Activations, Format, Out, Path, HEAD, QK, TILE};
     use std::arch::x86_64::*;
