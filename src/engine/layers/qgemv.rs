@@ -282,7 +282,18 @@ fn product(
             };
             match path {
                 #[cfg(target_arch = "x86_64")]
-                Path::Vnni | Path::Avx2 if m == 1 && !format.k_quant() => {
+                Path::Vnni if m == 1 && format == Format::Q8_0 && ab() == 1 => {
+                    for j in rows {
+                        let rb = (k / QK) * 34;
+                        // SAFETY: A/B only
+                        unsafe {
+                            *(out.ptr).add(j) =
+                                x86::dot_vnni(&w[j * rb..(j + 1) * rb], &act.q, &act.d)
+                        };
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Path::Vnni | Path::Avx2 if m == 1 && !format.k_quant() && ab() != 2 => {
                     // one token: straight from ggml's layout, the same sums without the transposes
                     // SAFETY: as below.
                     unsafe { x86::single(path, format, w, n, rows, &act, out) };
@@ -304,6 +315,15 @@ fn product(
         }
     });
     y
+}
+
+fn ab() -> u8 {
+    static AB: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *AB.get_or_init(|| match std::env::var("QGEMV_AB").as_deref() {
+        Ok("dot") => 1,
+        Ok("tiles") => 2,
+        _ => 0,
+    })
 }
 
 /// Where results go: `y` `[m, n]`, row-major.
@@ -665,64 +685,96 @@ mod x86 {
         let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
-        for r0 in rows.clone().step_by(TILE) {
-            let row: [*const u8; TILE] =
-                std::array::from_fn(|r| wp.add((r0 + r).min(n - 1) * row_bytes));
-            let mut acc = _mm256_setzero_ps();
+        let _ = n;
+        for j in rows {
+            let row = wp.add(j * row_bytes);
+            let mut acc = _mm_setzero_ps();
             for b in 0..kb {
+                let blk = row.add(b * bb);
                 let xv = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                // the offset's share of each of the 8 lanes a row's sum is reduced from
+                // the offset's share of each of the 8 lanes the row's sum is reduced from
                 let c = _mm256_set1_epi32(*act.c.get_unchecked(b) / 8);
-                let mut bits = [0u16; TILE];
-                let mut p = [_mm256_setzero_si256(); TILE];
-                for r in 0..TILE {
-                    let blk = row[r].add(b * bb);
-                    bits[r] = (blk as *const u16).read_unaligned();
-                    let v = match format {
-                        Format::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
-                        Format::Q5_0 => unpack(true, blk),
-                        _ => unpack(false, blk),
-                    };
-                    p[r] = match P {
-                        VNNI if format == Format::Q8_0 => {
-                            _mm256_dpbusd_epi32(c, _mm256_xor_si256(v, flip), xv)
-                        }
-                        VNNI => _mm256_dpbusd_epi32(c, v, xv),
-                        SIGNED => _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xv, v)),
-                            ones,
-                        ),
-                        _ => _mm256_add_epi32(
-                            c,
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones),
-                        ),
-                    };
-                }
-                // lane r = the sum of p[r]'s lanes
-                let h01 = _mm256_hadd_epi32(p[0], p[1]);
-                let h23 = _mm256_hadd_epi32(p[2], p[3]);
-                let h45 = _mm256_hadd_epi32(p[4], p[5]);
-                let h67 = _mm256_hadd_epi32(p[6], p[7]);
-                let h0123 = _mm256_hadd_epi32(h01, h23);
-                let h4567 = _mm256_hadd_epi32(h45, h67);
-                let sum = _mm256_add_epi32(
-                    _mm256_permute2x128_si256(h0123, h4567, 0x20),
-                    _mm256_permute2x128_si256(h0123, h4567, 0x31),
-                );
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
-                let f = _mm256_mul_ps(dw, _mm256_set1_ps(*act.d.get_unchecked(b)));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), f, acc);
+                let v = match format {
+                    Format::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                    Format::Q5_0 => unpack(true, blk),
+                    _ => unpack(false, blk),
+                };
+                let p = match P {
+                    VNNI if format == Format::Q8_0 => {
+                        _mm256_dpbusd_epi32(c, _mm256_xor_si256(v, flip), xv)
+                    }
+                    VNNI => _mm256_dpbusd_epi32(c, v, xv),
+                    SIGNED => _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xv, v)),
+                        ones,
+                    ),
+                    _ => _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones)),
+                };
+                // the exact integer sum, then the tiles' lane arithmetic in a scalar lane: the
+                // same bits
+                let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                let bits = (blk as *const u16).read_unaligned();
+                let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+                let f = _mm_mul_ss(dw, _mm_set_ss(*act.d.get_unchecked(b)));
+                acc = _mm_fmadd_ss(_mm_cvtepi32_ps(s), f, acc);
             }
-            let valid = (rows.end - r0).min(TILE);
-            let dst = out.ptr.add(r0);
-            if valid == TILE {
-                _mm256_storeu_ps(dst, acc);
-            } else {
-                let mut lanes = [0f32; TILE];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, valid);
-            }
+            *out.ptr.add(j) = _mm_cvtss_f32(acc);
         }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn dot_vnni(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+        const BLOCK_BYTES: usize = 34;
+        let scale = |blk: *const u8| {
+            let bits = (blk as *const u16).read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        };
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let (wp, xp) = (w.as_ptr(), xq.as_ptr());
+        let kb = xd.len();
+        let mut b = 0;
+        while b + 1 < kb {
+            let (blk0, blk1) = (wp.add(b * BLOCK_BYTES), wp.add((b + 1) * BLOCK_BYTES));
+            let w0 = _mm256_loadu_si256(blk0.add(2) as *const __m256i);
+            let w1 = _mm256_loadu_si256(blk1.add(2) as *const __m256i);
+            let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+            let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+            let p0 = _mm256_dpbusd_epi32(
+                _mm256_setzero_si256(),
+                _mm256_abs_epi8(w0),
+                _mm256_sign_epi8(x0, w0),
+            );
+            let p1 = _mm256_dpbusd_epi32(
+                _mm256_setzero_si256(),
+                _mm256_abs_epi8(w1),
+                _mm256_sign_epi8(x1, w1),
+            );
+            let d0 = _mm256_set1_ps(scale(blk0) * *xd.get_unchecked(b));
+            let d1 = _mm256_set1_ps(scale(blk1) * *xd.get_unchecked(b + 1));
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, acc1);
+            b += 2;
+        }
+        if b < kb {
+            let blk = wp.add(b * BLOCK_BYTES);
+            let w0 = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+            let p = _mm256_dpbusd_epi32(
+                _mm256_setzero_si256(),
+                _mm256_abs_epi8(w0),
+                _mm256_sign_epi8(x0, w0),
+            );
+            let d = _mm256_set1_ps(scale(blk) * *xd.get_unchecked(b));
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
+        }
+        let v = _mm256_add_ps(acc0, acc1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
     }
 
     /// A q4_0 / q5_0 block's 32 unsigned values: low nibbles are elements 0..16, high nibbles 16..32,
