@@ -282,18 +282,7 @@ fn product(
             };
             match path {
                 #[cfg(target_arch = "x86_64")]
-                Path::Vnni if m == 1 && format == Format::Q8_0 && ab() == 1 => {
-                    for j in rows {
-                        let rb = (k / QK) * 34;
-                        // SAFETY: A/B only
-                        unsafe {
-                            *(out.ptr).add(j) =
-                                x86::dot_vnni(&w[j * rb..(j + 1) * rb], &act.q, &act.d)
-                        };
-                    }
-                }
-                #[cfg(target_arch = "x86_64")]
-                Path::Vnni | Path::Avx2 if m == 1 && !format.k_quant() && ab() != 2 => {
+                Path::Vnni | Path::Avx2 if m == 1 && !format.k_quant() => {
                     // one token: straight from ggml's layout, the same sums without the transposes
                     // SAFETY: as below.
                     unsafe { x86::single(path, format, w, n, rows, &act, out) };
@@ -315,15 +304,6 @@ fn product(
         }
     });
     y
-}
-
-fn ab() -> u8 {
-    static AB: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *AB.get_or_init(|| match std::env::var("QGEMV_AB").as_deref() {
-        Ok("dot") => 1,
-        Ok("tiles") => 2,
-        _ => 0,
-    })
 }
 
 /// Where results go: `y` `[m, n]`, row-major.
@@ -679,13 +659,13 @@ mod x86 {
         act: &Activations,
         out: Out,
     ) {
+        debug_assert!(rows.end <= n);
         let kb = act.k / QK;
         let bb = format.block_bytes();
         let row_bytes = kb * bb;
         let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
         let flip = _mm256_set1_epi8(-128);
         let ones = _mm256_set1_epi16(1);
-        let _ = n;
         for j in rows {
             let row = wp.add(j * row_bytes);
             let mut acc = _mm_setzero_ps();
@@ -722,59 +702,6 @@ mod x86 {
             }
             *out.ptr.add(j) = _mm_cvtss_f32(acc);
         }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub unsafe fn dot_vnni(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
-        const BLOCK_BYTES: usize = 34;
-        let scale = |blk: *const u8| {
-            let bits = (blk as *const u16).read_unaligned();
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-        };
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let (wp, xp) = (w.as_ptr(), xq.as_ptr());
-        let kb = xd.len();
-        let mut b = 0;
-        while b + 1 < kb {
-            let (blk0, blk1) = (wp.add(b * BLOCK_BYTES), wp.add((b + 1) * BLOCK_BYTES));
-            let w0 = _mm256_loadu_si256(blk0.add(2) as *const __m256i);
-            let w1 = _mm256_loadu_si256(blk1.add(2) as *const __m256i);
-            let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-            let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
-            let p0 = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_abs_epi8(w0),
-                _mm256_sign_epi8(x0, w0),
-            );
-            let p1 = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_abs_epi8(w1),
-                _mm256_sign_epi8(x1, w1),
-            );
-            let d0 = _mm256_set1_ps(scale(blk0) * *xd.get_unchecked(b));
-            let d1 = _mm256_set1_ps(scale(blk1) * *xd.get_unchecked(b + 1));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, acc1);
-            b += 2;
-        }
-        if b < kb {
-            let blk = wp.add(b * BLOCK_BYTES);
-            let w0 = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-            let p = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_abs_epi8(w0),
-                _mm256_sign_epi8(x0, w0),
-            );
-            let d = _mm256_set1_ps(scale(blk) * *xd.get_unchecked(b));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc0);
-        }
-        let v = _mm256_add_ps(acc0, acc1);
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
     }
 
     /// A q4_0 / q5_0 block's 32 unsigned values: low nibbles are elements 0..16, high nibbles 16..32,
