@@ -6,7 +6,8 @@ machine noise hits both alike; prints medians over rounds and the per-round rati
 usage: python scripts/bench_quant.py MODEL_DIR GGUF_PREFIX [PROMPT=128] [NEW=128] [ROUNDS=3] [AWQ_DIR]
 
 With AWQ_DIR (the same weights as an AWQ 4-bit checkpoint: scripts/to_awq.py MODEL_DIR AWQ_DIR 64) it also
-runs that checkpoint beside llama.cpp's q4_0 file (PREFIX-q4_0.gguf); ONLY=awq runs just those two rows.
+runs that checkpoint beside llama.cpp's q4_0 file (PREFIX-q4_0.gguf); ONLY=awq runs just those two rows;
+ONLY=q8_0,q4 (any comma-separated parts of the labels) just the rows that name one of them.
 
 MODEL_DIR: a float32 Hugging Face folder (shared/bench/bench_model.py); GGUF_PREFIX: the same weights as
 GGUF (shared/bench/to_gguf.py writes PREFIX-f32.gguf, -q8_0.gguf, -q4_k_m.gguf). Needs
@@ -24,6 +25,8 @@ P = int(sys.argv[3]) if len(sys.argv) > 3 else 128
 N = int(sys.argv[4]) if len(sys.argv) > 4 else 128
 ROUNDS = int(sys.argv[5]) if len(sys.argv) > 5 else 3
 awq_dir = sys.argv[6] if len(sys.argv) > 6 else None
+# THREADS=1: both systems on one thread (on a machine too busy for two threads each to be fair)
+THREADS = os.environ.get("THREADS", "2")
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ours_bin = os.path.join(root, "target", "release", "examples", "forward_bench")
 
@@ -31,7 +34,8 @@ LLAMA = r"""
 import json, sys, time, numpy as np, llama_cpp
 path, P, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ids = [int(x) for x in np.random.default_rng(0).integers(100, 40000, P)]
-llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=P + N + 16, n_batch=512,
+T = int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_threads=T, n_threads_batch=T, n_ctx=P + N + 16, n_batch=512,
                       verbose=False, logits_all=False)
 pre, dec = [], []
 llm.eval(ids[:8]); llm.reset()
@@ -49,7 +53,7 @@ print(json.dumps({"prefill": sorted(pre)[1], "decode": sorted(dec)[1], "rss": in
 
 
 def ours(path, quant):
-    env = dict(os.environ, RAYON_NUM_THREADS="2", QUANTIZATION=quant or "none")
+    env = dict(os.environ, RAYON_NUM_THREADS=THREADS, QUANTIZATION=quant or "none")
     out = subprocess.run([ours_bin, path, str(P), str(N), "3"], env=env, capture_output=True,
                          text=True, check=True).stdout
     m = re.search(r"prefill ([\d.]+) tok/s, decode ([\d.]+) tok/s, rss (\d+) MiB", out)
@@ -57,7 +61,7 @@ def ours(path, quant):
 
 
 def llama(kind):
-    out = subprocess.run([sys.executable, "-c", LLAMA, f"{prefix}-{kind}.gguf", str(P), str(N)],
+    out = subprocess.run([sys.executable, "-c", LLAMA, f"{prefix}-{kind}.gguf", str(P), str(N), THREADS],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -79,6 +83,10 @@ if awq_dir:
         ("worker-candle AWQ 4-bit checkpoint", lambda: ours(awq_dir, None), "llama.cpp q4_0"),
     ]
     CONFIGS = AWQ if os.environ.get("ONLY") == "awq" else CONFIGS + AWQ
+if os.environ.get("ONLY", "awq") != "awq":
+    # ONLY=q8_0,q4: just the rows whose label names one of these (each with its llama.cpp row)
+    want = os.environ["ONLY"].split(",")
+    CONFIGS = [c for c in CONFIGS if any(w in c[0] for w in want)]
 
 results = {label: [] for label, _, _ in CONFIGS}
 for r in range(ROUNDS):
@@ -86,7 +94,7 @@ for r in range(ROUNDS):
         results[label].append(run())
         print(f"round {r + 1} {label}: {results[label][-1]}", file=sys.stderr, flush=True)
 
-print(f"prompt {P} tokens, {N} new tokens, 2 threads, {ROUNDS} rounds; medians; ratio = median of the "
+print(f"prompt {P} tokens, {N} new tokens, {THREADS} threads, {ROUNDS} rounds; medians; ratio = median of the "
       f"per-round ratios to llama.cpp")
 print(f"| system | decode tok/s | decode ratio | prefill tok/s | prefill ratio | RSS MiB |")
 print(f"| --- | ---: | ---: | ---: | ---: | ---: |")
