@@ -672,3 +672,57 @@ async fn an_adapter_from_the_hub_lands_in_the_model_cache() {
         "{e:#}"
     );
 }
+
+/// Writes a PEFT adapter of rank 4 on `targets` (module path under a layer, its in and out widths)
+/// into a fresh folder, with small random weights.
+fn write_adapter(targets: &[(&str, usize, usize)]) -> tempfile::TempDir {
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let modules: Vec<&str> = targets
+        .iter()
+        .map(|(m, _, _)| m.rsplit('.').next().unwrap())
+        .collect();
+    let config = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": modules});
+    std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for (module, i, o) in targets {
+        let name = format!("base_model.model.model.layers.0.{module}");
+        let a = Tensor::randn(0f32, 0.5, (4, *i), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 0.5, (*o, 4), &Device::Cpu).unwrap();
+        tensors.insert(format!("{name}.lora_A.weight"), a);
+        tensors.insert(format!("{name}.lora_B.weight"), b);
+    }
+    candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors")).unwrap();
+    dir
+}
+
+/// On a mixture-of-experts model, an adapter on the attention projections serves (and changes the
+/// output); one on the experts' projections is a clear start-up error, never silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixture_of_experts_models_take_attention_adapters_and_refuse_expert_ones() {
+    let base = fixture("qwen3_moe");
+    let settings = |dir: &Path| LoraSettings {
+        max_loras: 1,
+        max_lora_rank: 16,
+        modules: vec![AdapterSpec {
+            name: "a".into(),
+            path: dir.to_path_buf(),
+        }],
+    };
+    // hidden 64, 4 heads of 16, experts of width 32
+    let experts = write_adapter(&[("mlp.experts.0.gate_proj", 64, 32)]);
+    let e = start_err(&base, settings(experts.path()));
+    assert!(
+        e.contains("mixture-of-experts") && e.contains("gate_proj"),
+        "{e}"
+    );
+    let attention = write_adapter(&[("self_attn.q_proj", 64, 64), ("self_attn.v_proj", 64, 32)]);
+    let engine = start_at(&base, |s| {
+        s.lora = Some(settings(attention.path()));
+        s.block_size = 4;
+    });
+    let prompt: Vec<u32> = (10..30).collect();
+    let plain = run_greedy(&engine, prompt.clone(), 8).await;
+    let adapted = run_greedy(&engine.with_adapter("a").unwrap(), prompt, 8).await;
+    assert_ne!(plain.1, adapted.1, "the adapter changes the distribution");
+}

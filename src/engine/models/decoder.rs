@@ -457,6 +457,15 @@ impl CausalLM for DecoderModel {
                     self.cfg.architecture
                 )
             }
+            if matches!(layer.mlp, FeedForward::Sparse(_))
+                && layer.lora[2..].iter().any(|s| s.covers(&p.module))
+            {
+                bail!(
+                    "the adapter targets `{}` in layer {}, a mixture-of-experts layer: LoRA on                      experts is not supported (attention projections are)",
+                    p.module,
+                    p.layer
+                )
+            }
         }
         for (li, layer) in self.layers.iter().enumerate() {
             let pairs: Vec<_> = weights.pairs.iter().filter(|p| p.layer == li).collect();
