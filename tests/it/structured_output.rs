@@ -586,3 +586,56 @@ async fn responses_text_format_json_schema_is_enforced() {
         .unwrap_or_else(|| panic!("{r}"));
     assert_pet(text);
 }
+
+/// `/v1/responses` with a reasoning parser: the reasoning is a `reasoning` item before the message,
+/// whole or streamed (`response.reasoning_text.delta`), and holds what chat reports as
+/// `reasoning_content` for the same prompt. (The template opens the block and the random model
+/// never closes it: every token is reasoning.)
+#[tokio::test]
+async fn responses_carry_the_reasoning_as_an_item_before_the_message() {
+    let s = start(|settings| {
+        settings.custom_chat_template = Some(THINK_TEMPLATE.into());
+        settings.output_syntax = OutputSyntax {
+            reasoning_parser: Some("qwen3".into()),
+            ..OutputSyntax::default()
+        };
+    })
+    .await;
+    let (_, chat_reasoning, _) = reasoning_and_content(
+        &s,
+        json!({"model": "m", "messages": [{"role": "user", "content": "Think."}],
+            "temperature": 0.0, "max_tokens": 16}),
+    )
+    .await;
+    let chat_reasoning = chat_reasoning.expect("chat splits the reasoning");
+    let body = json!({"model": "m", "input": "Think.", "temperature": 0.0, "max_output_tokens": 16});
+    let (status, r) = s.post("/v1/responses", body.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    let output = r["output"].as_array().unwrap();
+    assert_eq!(output[0]["type"], json!("reasoning"), "{r}");
+    assert_eq!(output[0]["content"][0]["type"], json!("reasoning_text"));
+    assert_eq!(output[0]["content"][0]["text"], json!(chat_reasoning));
+    assert_eq!(output[1]["type"], json!("message"));
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, text) = s.post_text("/v1/responses", streamed).await;
+    assert_eq!(status, 200, "{text}");
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == json!("response.reasoning_text.delta"))
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, chat_reasoning);
+    let last = events.last().unwrap();
+    assert_eq!(last["response"]["output"][0]["type"], json!("reasoning"));
+    assert_eq!(
+        last["response"]["output"][0]["content"][0]["text"],
+        json!(chat_reasoning)
+    );
+}

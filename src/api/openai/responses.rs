@@ -1,7 +1,9 @@
 //! `POST /v1/responses`, OpenAI's Responses API, translated onto chat: `instructions` and the
 //! `input` items (messages, `function_call`, `function_call_output`) become chat messages, after
 //! those of a stored `previous_response_id`; the reply comes back as `message` and `function_call`
-//! output items, streamed as the Responses events (`response.created` … `response.completed`).
+//! output items, streamed as the Responses events (`response.created` … `response.completed`). With
+//! `REASONING_PARSER`, the model's `<think>` text comes first as a `reasoning` item (its
+//! `reasoning_text` content streamed as `response.reasoning_text.delta`).
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -11,6 +13,7 @@ use serde_json::{json, Map, Value};
 use super::chat::{self, ChatRequest};
 use super::outcome::collect;
 use super::params::Body;
+use super::reasoning::ReasoningSplitter;
 use super::response_store;
 use super::tools::{parse_tool_calls, ToolCall, ToolCallDetector};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
@@ -468,6 +471,11 @@ impl Reply {
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
     }
 
+    fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
+        json!({"type": "reasoning", "id": id, "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}]})
+    }
+
     fn call_item(id: &str, call: &ToolCall, status: &str) -> Value {
         json!({"type": "function_call", "id": id, "call_id": call.id, "name": call.name,
             "arguments": call.arguments, "status": status})
@@ -509,9 +517,19 @@ impl Reply {
         (text.to_string(), Vec::new())
     }
 
-    /// The output items: a message (unless the reply is only tool calls), then the calls.
-    fn output(&self, message_id: &str, text: &str, calls: &[ToolCall]) -> Vec<Value> {
+    /// The output items: the reasoning (with a reasoning parser, when the model reasoned), a message
+    /// (unless the reply is only tool calls), then the calls.
+    fn output(
+        &self,
+        reasoning: Option<&str>,
+        message_id: &str,
+        text: &str,
+        calls: &[ToolCall],
+    ) -> Vec<Value> {
         let mut output = Vec::new();
+        if let Some(r) = reasoning {
+            output.push(Self::reasoning_item(&new_id("rs"), r, "completed"));
+        }
         if !text.is_empty() || calls.is_empty() {
             output.push(Self::message_item(message_id, text, "completed"));
         }
@@ -566,8 +584,12 @@ pub(crate) async fn handle(
     }
     let outcome = collect(events, 1).await.map_err(own_param)?;
     let choice = outcome.choices.first().cloned().unwrap_or_default();
-    let (text, calls) = reply.split(&chat, &choice.text);
-    let output = reply.output(&new_id("msg"), &text, &calls);
+    let (reasoning, answer) = match chat.reasoning {
+        Some(in_reasoning) => ReasoningSplitter::split(in_reasoning, &choice.text),
+        None => (None, choice.text.clone()),
+    };
+    let (text, calls) = reply.split(&chat, &answer);
+    let output = reply.output(reasoning.as_deref(), &new_id("msg"), &text, &calls);
     let finish = choice.finish.as_ref();
     let object = reply.object(
         Reply::status(finish),
@@ -584,9 +606,16 @@ struct Events {
     reply: Reply,
     sequence: u64,
     message_id: String,
-    /// Whether the message item (output 0) is open, and its text so far.
+    /// Whether the message item is open, its place in the output, and its text so far.
     message_open: bool,
+    message_index: usize,
     text: String,
+    /// `REASONING_PARSER` on: splits the reasoning from the answer as it streams.
+    reasoning: Option<ReasoningSplitter>,
+    /// The reasoning item's id, whether it is open, and its text so far.
+    reasoning_id: String,
+    reasoning_open: bool,
+    reasoning_text: String,
     detector: Option<ToolCallDetector>,
     /// Output items finished so far.
     output: Vec<Value>,
@@ -618,14 +647,16 @@ impl Events {
             return Vec::new();
         }
         self.message_open = true;
+        self.message_index = self.output.len();
+        let index = self.message_index;
         let item = json!({"type": "message", "id": self.message_id, "status": "in_progress",
             "role": "assistant", "content": []});
         let id = self.message_id.clone();
         vec![
-            self.event("response.output_item.added", json!({"output_index": 0, "item": item})),
+            self.event("response.output_item.added", json!({"output_index": index, "item": item})),
             self.event(
                 "response.content_part.added",
-                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                json!({"item_id": id, "output_index": index, "content_index": 0,
                     "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
             ),
         ]
@@ -637,23 +668,97 @@ impl Events {
         }
         let mut events = self.open_message();
         self.text.push_str(text);
-        let id = self.message_id.clone();
+        let (id, index) = (self.message_id.clone(), self.message_index);
         events.push(self.event(
             "response.output_text.delta",
-            json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": text, "logprobs": []}),
+            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text, "logprobs": []}),
         ));
         events
     }
 
-    fn on_delta(&mut self, delta: ChoiceDelta) -> Vec<StreamEvent> {
+    /// Reasoning text: the reasoning item opens (first in the output) with its first piece.
+    fn on_reasoning(&mut self, text: &str) -> Vec<StreamEvent> {
+        let mut events = Vec::new();
+        if text.is_empty() {
+            return events;
+        }
+        let id = self.reasoning_id.clone();
+        if !self.reasoning_open {
+            self.reasoning_open = true;
+            let mut item = Reply::reasoning_item(&id, "", "in_progress");
+            item["content"] = json!([]);
+            events.push(self.event(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": item}),
+            ));
+            events.push(self.event(
+                "response.content_part.added",
+                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                    "part": {"type": "reasoning_text", "text": ""}}),
+            ));
+        }
+        self.reasoning_text.push_str(text);
+        events.push(self.event(
+            "response.reasoning_text.delta",
+            json!({"item_id": id, "output_index": 0, "content_index": 0, "delta": text}),
+        ));
+        events
+    }
+
+    /// The end of the reasoning (the answer begins, or the reply ends): its item is done.
+    fn close_reasoning(&mut self) -> Vec<StreamEvent> {
+        if !self.reasoning_open {
+            return Vec::new();
+        }
+        self.reasoning_open = false;
+        let (id, text) = (self.reasoning_id.clone(), self.reasoning_text.clone());
+        let item = Reply::reasoning_item(&id, &text, "completed");
+        self.output.push(item.clone());
+        vec![
+            self.event(
+                "response.reasoning_text.done",
+                json!({"item_id": id, "output_index": 0, "content_index": 0, "text": text}),
+            ),
+            self.event(
+                "response.content_part.done",
+                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                    "part": {"type": "reasoning_text", "text": text}}),
+            ),
+            self.event(
+                "response.output_item.done",
+                json!({"output_index": 0, "item": item}),
+            ),
+        ]
+    }
+
+    /// Answer text: past the tool-call detector, into the message.
+    fn on_answer(&mut self, answer: &str) -> Vec<StreamEvent> {
         let text = match &mut self.detector {
-            Some(d) => d.push(&delta.text),
-            None => delta.text,
+            Some(d) => d.push(answer),
+            None => answer.to_string(),
         };
-        let mut events = self.on_text(&text);
+        self.on_text(&text)
+    }
+
+    fn on_delta(&mut self, delta: ChoiceDelta) -> Vec<StreamEvent> {
+        let (thought, answer) = match &mut self.reasoning {
+            Some(s) => s.push(&delta.text),
+            None => (String::new(), delta.text),
+        };
+        let mut events = self.on_reasoning(&thought);
+        if !answer.is_empty() {
+            events.extend(self.close_reasoning());
+        }
+        events.extend(self.on_answer(&answer));
         let Some(finish) = delta.finish else {
             return events;
         };
+        if let Some(mut splitter) = self.reasoning.take() {
+            let (thought, answer) = splitter.finish();
+            events.extend(self.on_reasoning(&thought));
+            events.extend(self.close_reasoning());
+            events.extend(self.on_answer(&answer));
+        }
         self.finish = Some(finish);
         if let Some(detector) = self.detector.take() {
             let detected = detector.finish();
@@ -667,21 +772,25 @@ impl Events {
             events.extend(self.open_message());
         }
         if self.message_open {
-            let (id, text) = (self.message_id.clone(), self.text.clone());
+            let (id, text, index) = (
+                self.message_id.clone(),
+                self.text.clone(),
+                self.message_index,
+            );
             events.push(self.event(
                 "response.output_text.done",
-                json!({"item_id": id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+                json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}),
             ));
             events.push(self.event(
                 "response.content_part.done",
-                json!({"item_id": id, "output_index": 0, "content_index": 0,
+                json!({"item_id": id, "output_index": index, "content_index": 0,
                     "part": {"type": "output_text", "text": text, "annotations": [], "logprobs": []}}),
             ));
             let item = Reply::message_item(&id, &text, "completed");
             self.output.push(item.clone());
             events.push(self.event(
                 "response.output_item.done",
-                json!({"output_index": 0, "item": item}),
+                json!({"output_index": index, "item": item}),
             ));
         }
         for call in self.calls.clone() {
@@ -722,7 +831,12 @@ fn stream_events(
         sequence: 0,
         message_id: new_id("msg"),
         message_open: false,
+        message_index: 0,
         text: String::new(),
+        reasoning: request.reasoning.map(ReasoningSplitter::new),
+        reasoning_id: new_id("rs"),
+        reasoning_open: false,
+        reasoning_text: String::new(),
         detector: request.parses_tools().then(ToolCallDetector::default),
         output: Vec::new(),
         calls: Vec::new(),
@@ -920,19 +1034,86 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn streamed_text_follows_the_responses_event_order() {
-        let mut events = Events {
+    /// A streamed reply's state, its sequence numbers from `sequence`.
+    fn events(
+        sequence: u64,
+        detector: Option<ToolCallDetector>,
+        reasoning: Option<bool>,
+    ) -> Events {
+        Events {
             reply: reply(true),
-            sequence: 2,
+            sequence,
             message_id: "msg_1".into(),
             message_open: false,
+            message_index: 0,
             text: String::new(),
-            detector: None,
+            reasoning: reasoning.map(ReasoningSplitter::new),
+            reasoning_id: "rs_1".into(),
+            reasoning_open: false,
+            reasoning_text: String::new(),
+            detector,
             output: vec![],
             calls: vec![],
             finish: None,
-        };
+        }
+    }
+
+    /// With a reasoning parser, the `<think>` text is a `reasoning` item before the message, streamed
+    /// as `reasoning_text` events however the markers are cut, and the message moves to output 1.
+    #[test]
+    fn reasoning_comes_first_as_its_own_item() {
+        for cut in 1..12 {
+            let text = "<think>pick a number</think>\n42";
+            let mut ev = events(0, None, Some(false));
+            let mut all = ev.on_delta(delta(&text[..cut], None));
+            all.extend(ev.on_delta(delta(&text[cut..], Some(FinishReason::Stop))));
+            let kinds = types(&all);
+            let first_answer = kinds
+                .iter()
+                .position(|k| k == "response.output_text.delta")
+                .unwrap();
+            let reasoning_done = kinds
+                .iter()
+                .position(|k| k == "response.reasoning_text.done")
+                .unwrap();
+            assert!(reasoning_done < first_answer, "cut {cut}: {kinds:?}");
+            assert_eq!(
+                ev.output,
+                vec![
+                    Reply::reasoning_item("rs_1", "pick a number", "completed"),
+                    Reply::message_item("msg_1", "\n42", "completed"),
+                ],
+                "cut {cut}"
+            );
+            let StreamEvent::Data(last) = all.last().unwrap() else {
+                panic!()
+            };
+            assert_eq!(last["output_index"], json!(1), "cut {cut}");
+            assert_eq!(
+                ev.text, "\n42",
+                "only the answer is kept for the conversation"
+            );
+        }
+        // Still reasoning when the reply ends: one reasoning item and an empty message.
+        let mut ev = events(0, None, Some(true));
+        ev.on_delta(delta("thinking on", Some(FinishReason::Length)));
+        assert_eq!(
+            ev.output,
+            vec![
+                Reply::reasoning_item("rs_1", "thinking on", "completed"),
+                Reply::message_item("msg_1", "", "completed"),
+            ]
+        );
+        // Whole replies put the same items in the same order.
+        let out = reply(true).output(Some("pick a number"), "msg_1", "\n42", &[]);
+        assert_eq!(out[0]["type"], json!("reasoning"));
+        assert_eq!(out[0]["content"][0]["text"], json!("pick a number"));
+        assert_eq!(out[1], Reply::message_item("msg_1", "\n42", "completed"));
+    }
+
+    #[test]
+    fn streamed_text_follows_the_responses_event_order() {
+        let mut events = events(2, None, None);
         let mut all = events.on_delta(delta("Hel", None));
         all.extend(events.on_delta(delta("lo", Some(FinishReason::Stop))));
         assert_eq!(
@@ -963,17 +1144,7 @@ mod tests {
     #[test]
     fn tool_calls_become_function_call_items() {
         let text = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>";
-        let mut events = Events {
-            reply: reply(true),
-            sequence: 0,
-            message_id: "msg_1".into(),
-            message_open: false,
-            text: String::new(),
-            detector: Some(ToolCallDetector::default()),
-            output: vec![],
-            calls: vec![],
-            finish: None,
-        };
+        let mut events = events(0, Some(ToolCallDetector::default()), None);
         let all = events.on_delta(delta(text, Some(FinishReason::Stop)));
         assert_eq!(
             types(&all),
@@ -1003,7 +1174,7 @@ mod tests {
         ))
         .unwrap();
         let (content, calls) = reply(true).split(&request, &format!("Sure.{text}"));
-        let output = reply(true).output("msg_1", &content, &calls);
+        let output = reply(true).output(None, "msg_1", &content, &calls);
         assert_eq!(output.len(), 2);
         assert_eq!(output[0]["content"][0]["text"], json!("Sure."));
         assert_eq!(output[1]["type"], json!("function_call"));
