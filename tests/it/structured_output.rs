@@ -608,7 +608,8 @@ async fn responses_carry_the_reasoning_as_an_item_before_the_message() {
     )
     .await;
     let chat_reasoning = chat_reasoning.expect("chat splits the reasoning");
-    let body = json!({"model": "m", "input": "Think.", "temperature": 0.0, "max_output_tokens": 16});
+    let body =
+        json!({"model": "m", "input": "Think.", "temperature": 0.0, "max_output_tokens": 16});
     let (status, r) = s.post("/v1/responses", body.clone()).await;
     assert_eq!(status, 200, "{r}");
     let output = r["output"].as_array().unwrap();
@@ -638,4 +639,45 @@ async fn responses_carry_the_reasoning_as_an_item_before_the_message() {
         last["response"]["output"][0]["content"][0]["text"],
         json!(chat_reasoning)
     );
+}
+
+/// `/v1/messages` with a reasoning parser: the reasoning is a `thinking` block before the text, whole
+/// or streamed (`thinking_delta`), holding what chat reports as `reasoning_content`.
+#[tokio::test]
+async fn anthropic_messages_carry_the_reasoning_as_a_thinking_block() {
+    let s = start(|settings| {
+        settings.custom_chat_template = Some(THINK_TEMPLATE.into());
+        settings.output_syntax = OutputSyntax {
+            reasoning_parser: Some("deepseek_r1".into()),
+            ..OutputSyntax::default()
+        };
+    })
+    .await;
+    let (_, chat_reasoning, _) = reasoning_and_content(
+        &s,
+        json!({"model": "m", "messages": [{"role": "user", "content": "Think."}],
+            "temperature": 0.0, "max_tokens": 16}),
+    )
+    .await;
+    let chat_reasoning = chat_reasoning.expect("chat splits the reasoning");
+    let body = json!({"model": "m", "max_tokens": 16, "temperature": 0.0,
+        "messages": [{"role": "user", "content": "Think."}]});
+    let (status, r) = s.post("/v1/messages", body.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["content"][0]["type"], json!("thinking"), "{r}");
+    assert_eq!(r["content"][0]["thinking"], json!(chat_reasoning));
+    assert_eq!(r["content"][1]["type"], json!("text"));
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (status, text) = s.post_text("/v1/messages", streamed).await;
+    assert_eq!(status, 200, "{text}");
+    let thinking: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|e| e["delta"]["type"] == json!("thinking_delta"))
+        .map(|e| e["delta"]["thinking"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(thinking, chat_reasoning);
 }

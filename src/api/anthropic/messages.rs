@@ -12,6 +12,7 @@ use crate::api::error::ApiError;
 use crate::api::openai::chat::{self, ChatRequest};
 use crate::api::openai::outcome::collect;
 use crate::api::openai::params::Body;
+use crate::api::openai::reasoning::ReasoningSplitter;
 use crate::api::openai::tools::{new_call_id, parse_tool_calls, ToolCall, ToolCallDetector};
 use crate::api::openai::{OpenAiResponse, OpenAiSettings, StreamEvent};
 use crate::engine::{
@@ -352,9 +353,19 @@ fn tool_use_block(call: &ToolCall) -> Value {
     json!({"type": "tool_use", "id": tool_use_id(), "name": call.name, "input": input})
 }
 
-/// A whole reply as content blocks (text, then a `tool_use` block per parsed tool call), and
-/// whether it calls tools.
+/// A `thinking` block: the model's reasoning (`REASONING_PARSER`), unsigned.
+fn thinking_block(thinking: &str) -> Value {
+    json!({"type": "thinking", "thinking": thinking, "signature": ""})
+}
+
+/// A whole reply as content blocks (its reasoning as a `thinking` block with a reasoning parser,
+/// text, then a `tool_use` block per parsed tool call), and whether it calls tools.
 fn content_blocks(chat: &ChatRequest, reply: &str) -> (Vec<Value>, bool) {
+    let (reasoning, reply) = match chat.reasoning {
+        Some(in_reasoning) => ReasoningSplitter::split(in_reasoning, reply),
+        None => (None, reply.to_string()),
+    };
+    let reply = reply.as_str();
     let (text, calls) = match parse_tool_calls(reply).filter(|_| chat.parses_tools()) {
         Some((content, mut calls)) => {
             if !chat.parallel_tool_calls {
@@ -364,7 +375,11 @@ fn content_blocks(chat: &ChatRequest, reply: &str) -> (Vec<Value>, bool) {
         }
         None => (reply.to_string(), Vec::new()),
     };
-    let mut content = Vec::new();
+    let mut content: Vec<Value> = reasoning
+        .as_deref()
+        .map(thinking_block)
+        .into_iter()
+        .collect();
     if !text.is_empty() || calls.is_empty() {
         content.push(json!({"type": "text", "text": text}));
     }
@@ -410,6 +425,10 @@ struct Events {
     started: bool,
     /// The index of the open text block, if one is open; blocks are numbered from 0.
     text_block: Option<usize>,
+    /// `REASONING_PARSER` on: splits the reasoning from the answer as it streams.
+    reasoning: Option<ReasoningSplitter>,
+    /// The index of the open thinking block, if one is open.
+    thinking_block: Option<usize>,
     blocks: usize,
     detector: Option<ToolCallDetector>,
     parallel: bool,
@@ -459,15 +478,68 @@ impl Events {
         events
     }
 
-    fn on_delta(&mut self, delta: ChoiceDelta) -> Vec<StreamEvent> {
-        let text = match &mut self.detector {
-            Some(d) => d.push(&delta.text),
-            None => delta.text,
+    /// Reasoning text: a `thinking` block opens with its first piece.
+    fn on_thinking(&mut self, thinking: &str) -> Vec<StreamEvent> {
+        let mut events = self.start();
+        if thinking.is_empty() {
+            return events;
+        }
+        let index = match self.thinking_block {
+            Some(index) => index,
+            None => {
+                let index = self.blocks;
+                self.blocks += 1;
+                self.thinking_block = Some(index);
+                events.push(data(json!({"type": "content_block_start", "index": index,
+                    "content_block": thinking_block("")})));
+                index
+            }
         };
-        let mut events = self.on_text(&text, false);
+        events.push(data(json!({"type": "content_block_delta", "index": index,
+            "delta": {"type": "thinking_delta", "thinking": thinking}})));
+        events
+    }
+
+    /// The end of the reasoning: its (unsigned) signature, and the block stops.
+    fn close_thinking(&mut self) -> Vec<StreamEvent> {
+        let Some(index) = self.thinking_block.take() else {
+            return Vec::new();
+        };
+        vec![
+            data(json!({"type": "content_block_delta", "index": index,
+                "delta": {"type": "signature_delta", "signature": ""}})),
+            data(json!({"type": "content_block_stop", "index": index})),
+        ]
+    }
+
+    /// Answer text: past the tool-call detector, into the text block.
+    fn on_answer(&mut self, answer: &str) -> Vec<StreamEvent> {
+        let text = match &mut self.detector {
+            Some(d) => d.push(answer),
+            None => answer.to_string(),
+        };
+        self.on_text(&text, false)
+    }
+
+    fn on_delta(&mut self, delta: ChoiceDelta) -> Vec<StreamEvent> {
+        let (thought, answer) = match &mut self.reasoning {
+            Some(s) => s.push(&delta.text),
+            None => (String::new(), delta.text),
+        };
+        let mut events = self.on_thinking(&thought);
+        if !answer.is_empty() {
+            events.extend(self.close_thinking());
+        }
+        events.extend(self.on_answer(&answer));
         let Some(finish) = delta.finish else {
             return events;
         };
+        if let Some(mut splitter) = self.reasoning.take() {
+            let (thought, answer) = splitter.finish();
+            events.extend(self.on_thinking(&thought));
+            events.extend(self.close_thinking());
+            events.extend(self.on_answer(&answer));
+        }
         self.finish = Some(finish);
         let mut calls = Vec::new();
         if let Some(detector) = self.detector.take() {
@@ -524,6 +596,8 @@ fn stream_events(
         input_tokens: 0,
         started: false,
         text_block: None,
+        reasoning: request.reasoning.map(ReasoningSplitter::new),
+        thinking_block: None,
         blocks: 0,
         detector: request.parses_tools().then(ToolCallDetector::default),
         parallel: request.parallel_tool_calls,
@@ -678,6 +752,8 @@ mod tests {
             input_tokens: 3,
             started: false,
             text_block: None,
+            reasoning: None,
+            thinking_block: None,
             blocks: 0,
             detector: detector.then(ToolCallDetector::default),
             parallel: true,
@@ -742,6 +818,45 @@ mod tests {
             json!({"stop_reason": "stop_sequence", "stop_sequence": "END"})
         );
         assert_eq!(all[6]["usage"]["output_tokens"], json!(2));
+    }
+
+    /// With a reasoning parser the `<think>` text streams as a `thinking` block (thinking deltas, an
+    /// unsigned signature) before the text block, however the markers are cut.
+    #[test]
+    fn reasoning_streams_as_a_thinking_block_first() {
+        let text = "<think>why not</think>Yes.";
+        for cut in 1..text.len() {
+            let mut s = events(false);
+            s.reasoning = Some(ReasoningSplitter::new(false));
+            let mut all = s.on_delta(delta(&text[..cut], None));
+            all.extend(s.on_delta(delta(
+                &text[cut..],
+                Some(Finish {
+                    reason: FinishReason::Stop,
+                    stop_reason: None,
+                }),
+            )));
+            let all = payloads(&all);
+            let starts: Vec<&Value> = all
+                .iter()
+                .filter(|e| e["type"] == json!("content_block_start"))
+                .collect();
+            assert_eq!(starts.len(), 2, "cut {cut}");
+            assert_eq!(starts[0]["content_block"]["type"], json!("thinking"));
+            assert_eq!(
+                (starts[0]["index"].clone(), starts[1]["index"].clone()),
+                (json!(0), json!(1))
+            );
+            let joined = |kind: &str, field: &str| -> String {
+                all.iter()
+                    .filter(|e| e["delta"]["type"] == json!(kind))
+                    .map(|e| e["delta"][field].as_str().unwrap().to_string())
+                    .collect()
+            };
+            assert_eq!(joined("thinking_delta", "thinking"), "why not", "cut {cut}");
+            assert_eq!(joined("text_delta", "text"), "Yes.", "cut {cut}");
+            assert_eq!(joined("signature_delta", "signature"), "");
+        }
     }
 
     #[test]
