@@ -5,4 +5,5 @@
 pub mod emulator;
 pub mod fixtures;
 pub mod process;
+pub mod router;
 pub mod scripted;

@@ -3,14 +3,9 @@
 //! bodies) and the settings.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde_json::{json, Value};
-use worker_candle::api::stream_batch::BatchPolicy;
-use worker_candle::engine::settings::DeviceChoice;
-use worker_candle::engine::{Engine, EngineSettings};
-use worker_candle::serverless::handler::{EngineHandler, HandlerSettings};
-use worker_candle::serverless::local::LocalEndpoint;
+use worker_candle::engine::EngineSettings;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,30 +31,9 @@ async fn start_with(
     role: &str,
     configure: impl FnOnce(&mut EngineSettings),
 ) -> Server {
-    let mut settings = EngineSettings::for_model(fixture(model));
-    settings.device = DeviceChoice::Cpu;
-    settings.kv_cache_memory = Some(64 << 20);
-    settings.served_model_name = "m".into();
-    configure(&mut settings);
-    let engine = Engine::start(settings).expect("the llama fixture loads");
-    let handler = EngineHandler::new(
-        engine,
-        HandlerSettings {
-            batch_defaults: BatchPolicy::default(),
-            raw_openai_output: true,
-            response_role: role.into(),
-            log_requests: false,
-            max_output_tokens: 1 << 20,
-            responses_store: (10_000, 64 << 20, std::time::Duration::from_secs(86_400)),
-        },
-        Arc::default(),
-    );
-    let app = LocalEndpoint::new(Arc::new(handler), 4, Arc::default(), None).router();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let root = crate::common::router::serve(model, role, configure).await;
     Server {
-        base: format!("http://{addr}/v1"),
+        base: format!("{root}/v1"),
         http: reqwest::Client::new(),
     }
 }

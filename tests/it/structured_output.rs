@@ -2,16 +2,10 @@
 //! on the llama fixture): a random fixture model almost never writes valid JSON, a date or a
 //! grammar's sentence by itself, so every check here fails without constrained decoding.
 
-use std::path::Path;
-use std::sync::Arc;
-
 use serde_json::{json, Value};
-use worker_candle::api::stream_batch::BatchPolicy;
-use worker_candle::engine::settings::{DeviceChoice, OutputSyntax};
+use worker_candle::engine::settings::OutputSyntax;
 use worker_candle::engine::speculative::SpeculativeConfig;
-use worker_candle::engine::{Engine, EngineSettings};
-use worker_candle::serverless::handler::{EngineHandler, HandlerSettings};
-use worker_candle::serverless::local::LocalEndpoint;
+use worker_candle::engine::EngineSettings;
 
 struct Server {
     base: String,
@@ -19,31 +13,8 @@ struct Server {
 }
 
 async fn start(configure: impl FnOnce(&mut EngineSettings)) -> Server {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
-    let mut settings = EngineSettings::for_model(fixture);
-    settings.device = DeviceChoice::Cpu;
-    settings.kv_cache_memory = Some(64 << 20);
-    settings.served_model_name = "m".into();
-    configure(&mut settings);
-    let engine = Engine::start(settings).expect("the llama fixture loads");
-    let handler = EngineHandler::new(
-        engine,
-        HandlerSettings {
-            batch_defaults: BatchPolicy::default(),
-            raw_openai_output: true,
-            response_role: "assistant".into(),
-            log_requests: false,
-            max_output_tokens: 1 << 20,
-            responses_store: (10_000, 64 << 20, std::time::Duration::from_secs(86_400)),
-        },
-        Arc::default(),
-    );
-    let app = LocalEndpoint::new(Arc::new(handler), 4, Arc::default(), None).router();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
     Server {
-        base: format!("http://{addr}"),
+        base: crate::common::router::serve("llama", "assistant", configure).await,
         http: reqwest::Client::new(),
     }
 }
