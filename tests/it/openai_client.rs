@@ -31,35 +31,39 @@ pub(crate) fn python_ready(python: &str) -> Result<(), String> {
     }
 }
 
-#[test]
-fn the_official_openai_client_passes_the_e2e_suite() {
+/// Starts `serve` with `vars` and runs the pytest `suite` (under tests/e2e) against it, the server's
+/// base URL in `url_var` beside `env`; `passed` (e.g. "6 passed") must be in the report when given.
+/// Without Python or its packages it prints why and returns, unless `REQUIRE_PYTHON_E2E=1`.
+fn run_suite(
+    what: &str,
+    vars: &[(&str, String)],
+    suite: &str,
+    url_var: &str,
+    env: &[(&str, String)],
+    passed: Option<&str>,
+) {
     let python = python();
     if let Err(why) = python_ready(&python) {
         if std::env::var("REQUIRE_PYTHON_E2E").as_deref() == Ok("1") {
             panic!("REQUIRE_PYTHON_E2E=1 but {why} (pip install -r tests/e2e/requirements.txt)");
         }
-        eprintln!("SKIPPED the OpenAI e2e suite: {why}");
+        eprintln!("SKIPPED the {what} e2e suite: {why}");
         return;
     }
-    let model = fixture("llama");
-    let vars = vec![
-        ("MODEL_NAME".to_string(), model.display().to_string()),
-        (
-            "OPENAI_SERVED_MODEL_NAME_OVERRIDE".to_string(),
-            SERVED_NAME.to_string(),
-        ),
-        ("KV_CACHE_MEMORY".to_string(), "64MiB".to_string()),
-        ("MAX_CONCURRENCY".to_string(), "8".to_string()),
-    ];
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     let mut server = Running::start(&vars, &["serve", "--host", "127.0.0.1", "--port", "0"]);
     let base_url = server.wait_listening(Duration::from_secs(120));
-    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/e2e")
+        .join(suite);
     let out = Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(&suite)
-        .env("WORKER_BASE_URL", &base_url)
-        .env("WORKER_MODEL", SERVED_NAME)
-        .env("WORKER_FIXTURE", &model)
+        .env(url_var, &base_url)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("run pytest");
     let report = format!(
@@ -69,87 +73,61 @@ fn the_official_openai_client_passes_the_e2e_suite() {
     );
     println!("{report}");
     assert!(
-        out.status.success(),
-        "the e2e suite failed:\n{report}\n--- server stderr ---\n{}",
+        out.status.success() && passed.is_none_or(|p| report.contains(p)),
+        "the {what} e2e suite failed:\n{report}\n--- server stderr ---\n{}",
         server.stderr()
+    );
+}
+
+#[test]
+fn the_official_openai_client_passes_the_e2e_suite() {
+    let model = fixture("llama").display().to_string();
+    run_suite(
+        "OpenAI",
+        &[
+            ("MODEL_NAME", model.clone()),
+            ("OPENAI_SERVED_MODEL_NAME_OVERRIDE", SERVED_NAME.into()),
+            ("KV_CACHE_MEMORY", "64MiB".into()),
+            ("MAX_CONCURRENCY", "8".into()),
+        ],
+        "",
+        "WORKER_BASE_URL",
+        &[
+            ("WORKER_MODEL", SERVED_NAME.into()),
+            ("WORKER_FIXTURE", model),
+        ],
+        None,
     );
 }
 
 /// vLLM's embedding extensions through the official client, against `serve` on the bert-embed fixture.
 #[test]
 fn the_official_openai_client_uses_vllms_embedding_extensions() {
-    let python = python();
-    if let Err(why) = python_ready(&python) {
-        if std::env::var("REQUIRE_PYTHON_E2E").as_deref() == Ok("1") {
-            panic!("REQUIRE_PYTHON_E2E=1 but {why} (pip install -r tests/e2e/requirements.txt)");
-        }
-        eprintln!("SKIPPED the OpenAI embeddings e2e suite: {why}");
-        return;
-    }
-    let model = fixture("bert-embed");
-    let vars = vec![("MODEL_NAME".to_string(), model.display().to_string())];
-    let mut server = Running::start(&vars, &["serve", "--host", "127.0.0.1", "--port", "0"]);
-    let base_url = server.wait_listening(Duration::from_secs(120));
-    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/test_embeddings_vllm.py");
-    let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(&suite)
-        .env("WORKER_EMBED_BASE_URL", &base_url)
-        .env("WORKER_EMBED_FIXTURE", &model)
-        .output()
-        .expect("run pytest");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{report}");
-    assert!(
-        out.status.success() && report.contains("6 passed"),
-        "the embeddings e2e suite failed:\n{report}\n--- server stderr ---\n{}",
-        server.stderr()
+    let model = fixture("bert-embed").display().to_string();
+    run_suite(
+        "OpenAI embeddings",
+        &[("MODEL_NAME", model.clone())],
+        "test_embeddings_vllm.py",
+        "WORKER_EMBED_BASE_URL",
+        &[("WORKER_EMBED_FIXTURE", model)],
+        Some("6 passed"),
     );
 }
 
 /// `REASONING_PARSER` through the official client, against `serve` on the llama fixture.
 #[test]
 fn the_official_openai_client_reads_reasoning_content() {
-    let python = python();
-    if let Err(why) = python_ready(&python) {
-        if std::env::var("REQUIRE_PYTHON_E2E").as_deref() == Ok("1") {
-            panic!("REQUIRE_PYTHON_E2E=1 but {why} (pip install -r tests/e2e/requirements.txt)");
-        }
-        eprintln!("SKIPPED the reasoning e2e suite: {why}");
-        return;
-    }
-    let model = fixture("llama");
-    let vars = vec![
-        ("MODEL_NAME".to_string(), model.display().to_string()),
-        (
-            "OPENAI_SERVED_MODEL_NAME_OVERRIDE".to_string(),
-            "m".to_string(),
-        ),
-        ("KV_CACHE_MEMORY".to_string(), "64MiB".to_string()),
-        ("REASONING_PARSER".to_string(), "qwen3".to_string()),
-    ];
-    let mut server = Running::start(&vars, &["serve", "--host", "127.0.0.1", "--port", "0"]);
-    let base_url = server.wait_listening(Duration::from_secs(120));
-    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/test_reasoning.py");
-    let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-        .arg(&suite)
-        .env("WORKER_REASONING_BASE_URL", &base_url)
-        .output()
-        .expect("run pytest");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{report}");
-    assert!(
-        out.status.success() && report.contains("2 passed"),
-        "the reasoning e2e suite failed:\n{report}\n--- server stderr ---\n{}",
-        server.stderr()
+    run_suite(
+        "reasoning",
+        &[
+            ("MODEL_NAME", fixture("llama").display().to_string()),
+            ("OPENAI_SERVED_MODEL_NAME_OVERRIDE", "m".into()),
+            ("KV_CACHE_MEMORY", "64MiB".into()),
+            ("REASONING_PARSER", "qwen3".into()),
+        ],
+        "test_reasoning.py",
+        "WORKER_REASONING_BASE_URL",
+        &[],
+        Some("2 passed"),
     );
 }
