@@ -413,8 +413,8 @@ pub const SETTINGS: &[Setting] = &[
     ),
     setting(
         "ENABLE_AUTO_TOOL_CHOICE",
-        "false",
-        "accepted as vLLM's flag; tool calls are parsed whenever a request has tools",
+        "",
+        "unset: tool calls are parsed whenever a request has tools; false: tool_choice auto is a 400, as vLLM without --enable-auto-tool-choice",
     ),
     setting(
         "REASONING_PARSER",
@@ -873,7 +873,7 @@ impl Config {
                     .map_err(|_| "a non-negative integer".to_string())
             })?,
             output_syntax: OutputSyntax {
-                enable_auto_tool_choice: v.get("ENABLE_AUTO_TOOL_CHOICE", boolean)?,
+                enable_auto_tool_choice: v.parse("ENABLE_AUTO_TOOL_CHOICE", boolean)?,
                 tool_call_parser: v
                     .get("TOOL_CALL_PARSER", tool_call_parser)?
                     .filter(|p| p != "auto"),

@@ -102,6 +102,8 @@ pub(crate) struct Generator {
     pub speculation: Option<Speculation>,
     /// The LoRA adapters loaded into the executor's model (`LORA_MODULES`).
     pub adapters: Vec<AdapterInfo>,
+    /// Structured output's fast-forward (`EngineSettings::fast_forward`).
+    pub fast_forward: bool,
 }
 
 /// How the engine guesses tokens ahead (speculative decoding).

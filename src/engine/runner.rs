@@ -33,7 +33,7 @@ use super::sampling::device::RowPlan;
 use super::sampling::Sampled;
 use super::scheduler::{Scheduled, Scheduler, SeqId, StepPlan};
 use super::settings::{EngineSettings, OutputSyntax};
-use super::speculative::NgramProposer;
+use super::speculative::{NgramProposer, MAX_SPECULATIVE_TOKENS};
 use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest, GenerateRequest, GenerationEvent, Prompt};
@@ -52,6 +52,18 @@ pub struct EngineStats {
     pub spec_draft_tokens: AtomicUsize,
     pub spec_accepted_tokens: AtomicUsize,
     pub spec_verify_steps: AtomicUsize,
+    /// Structured output's fast-forward: forced tokens verified, and those the pass accepted (each
+    /// one a decode step saved).
+    pub forced_draft_tokens: AtomicUsize,
+    pub forced_tokens: AtomicUsize,
+}
+
+impl EngineStats {
+    fn count_forced(&self, drafted: usize, accepted: usize) {
+        self.forced_draft_tokens
+            .fetch_add(drafted, Ordering::Relaxed);
+        self.forced_tokens.fetch_add(accepted, Ordering::Relaxed);
+    }
 }
 
 /// A cheap, cloneable handle to the engine.
@@ -327,6 +339,10 @@ struct Core {
     vocab_size: usize,
     /// The LoRA adapters the executor holds.
     adapters: Vec<u32>,
+    /// Structured output's fast-forward is on, and the sequences whose draft this step is the
+    /// tokens their grammar forces.
+    fast_forward: bool,
+    forced: std::collections::HashSet<SeqId>,
 }
 
 /// `Speculation` as the engine thread runs it: a draft model's executor wrapped with its
@@ -375,6 +391,7 @@ impl Core {
             scheduler,
             speculation,
             adapters,
+            fast_forward,
         } = generator;
         stats
             .total_blocks
@@ -394,6 +411,8 @@ impl Core {
             speculation,
             vocab_size: info.vocab_size,
             adapters: adapters.iter().map(|a| a.id).collect(),
+            fast_forward,
+            forced: Default::default(),
         };
         std::thread::Builder::new()
             .name("engine".into())
@@ -521,16 +540,33 @@ impl Core {
         }
     }
 
+    /// Structured output's fast-forward: the tokens each constrained sequence's grammar forces next
+    /// become its draft for this step, verified in the one forward pass as a speculative draft is
+    /// (each row masked by the grammar, so the output is what one step per token gives).
+    fn propose_forced(&mut self) {
+        self.forced.clear();
+        if !self.fast_forward {
+            return;
+        }
+        for req in self.requests.values_mut() {
+            for (seq, draft) in req.forced_drafts(&self.sched, MAX_SPECULATIVE_TOKENS) {
+                self.sched.set_draft(seq, draft);
+                self.forced.insert(seq);
+            }
+        }
+    }
+
     fn step(&mut self) {
         self.drop_cancelled();
         self.propose_drafts();
+        self.propose_forced();
         let mut plan = self.sched.schedule();
         if let Some(Speculating {
             guesser: Guesser::Draft(draft),
             ..
         }) = &mut self.speculation
         {
-            draft.fill(&mut plan.seqs, &self.sched, self.vocab_size);
+            draft.fill(&mut plan.seqs, &self.sched, self.vocab_size, &self.forced);
         }
         self.stats
             .preemptions
@@ -643,7 +679,7 @@ impl Core {
         for sc in plan
             .seqs
             .iter()
-            .filter(|sc| sc.completes && sc.draft.is_empty())
+            .filter(|sc| sc.completes && (sc.draft.is_empty() || self.forced.contains(&sc.id)))
         {
             let Some(&key) = self.owner.get(&sc.id) else {
                 continue;
@@ -679,13 +715,17 @@ impl Core {
             };
             let accepted = req.on_draft_logits(sc.id, chunk, vocab, &sc.draft, &mut ctx);
             let stats = &self.stats;
-            stats.spec_verify_steps.fetch_add(1, Ordering::Relaxed);
-            stats
-                .spec_draft_tokens
-                .fetch_add(sc.draft.len(), Ordering::Relaxed);
-            stats
-                .spec_accepted_tokens
-                .fetch_add(accepted, Ordering::Relaxed);
+            if self.forced.contains(&sc.id) {
+                stats.count_forced(sc.draft.len(), accepted);
+            } else {
+                stats.spec_verify_steps.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .spec_draft_tokens
+                    .fetch_add(sc.draft.len(), Ordering::Relaxed);
+                stats
+                    .spec_accepted_tokens
+                    .fetch_add(accepted, Ordering::Relaxed);
+            }
         } else if want == LogitsWanted::All {
             req.collect_prompt_logprobs(sc, chunk, &self.tokenizer);
         }
@@ -909,6 +949,7 @@ impl Core {
             {
                 Some(req) => {
                     req.on_scheduled(sc, &self.sched);
+                    req.count_step(self.stats.steps.load(Ordering::Relaxed));
                     req.logits_wanted(sc)
                 }
                 None => LogitsWanted::None,

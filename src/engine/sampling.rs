@@ -128,6 +128,12 @@ impl Sampler {
         self.choose(masked)
     }
 
+    /// The token `sample_draft` would pick against `draft` from a row already masked by a
+    /// constraint, not yet recorded (`take` records it).
+    pub(crate) fn choose_masked_against(&mut self, masked: &[f32], draft: u32) -> u32 {
+        self.pick(masked, Some(draft))
+    }
+
     /// Records `token_id` as chosen, with its raw-distribution (`logits`) logprobs.
     pub(crate) fn take(&mut self, logits: &[f32], token_id: u32) -> Sampled {
         let (logprob, top) = self.raw_logprobs(logits, token_id);

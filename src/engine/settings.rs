@@ -118,6 +118,9 @@ pub struct EngineSettings {
     pub sample_on_device: Option<bool>,
     /// How the model writes tool calls and reasoning (`TOOL_CALL_PARSER`, `REASONING_PARSER`).
     pub output_syntax: OutputSyntax,
+    /// Structured output's fast-forward: the tokens a grammar forces are verified in one forward
+    /// pass instead of a step each (on; off only to compare against plain masked decoding).
+    pub fast_forward: bool,
 }
 
 /// How the model writes tool calls and reasoning, as vLLM's parsers name it: the front doors
@@ -128,8 +131,9 @@ pub struct OutputSyntax {
     pub tool_call_parser: Option<String>,
     /// `REASONING_PARSER` (`deepseek_r1`, `qwen3`, ...); `None` = no reasoning split.
     pub reasoning_parser: Option<String>,
-    /// `ENABLE_AUTO_TOOL_CHOICE`.
-    pub enable_auto_tool_choice: bool,
+    /// `ENABLE_AUTO_TOOL_CHOICE`: `Some(false)` refuses `tool_choice: "auto"` (vLLM without
+    /// `--enable-auto-tool-choice`); unset (`None`) or true, the model may call tools when it likes.
+    pub enable_auto_tool_choice: Option<bool>,
 }
 
 impl EngineSettings {
@@ -164,6 +168,7 @@ impl EngineSettings {
             max_logprobs: super::validate::MAX_LOGPROBS,
             sample_on_device: None,
             output_syntax: OutputSyntax::default(),
+            fast_forward: true,
         }
     }
 }

@@ -34,6 +34,8 @@ const PREEMPTIONS: &str = "worker_candle_preemptions_total";
 const SPEC_DRAFT: &str = "worker_candle_spec_decode_draft_tokens_total";
 const SPEC_ACCEPTED: &str = "worker_candle_spec_decode_accepted_tokens_total";
 const SPEC_STEPS: &str = "worker_candle_spec_decode_verify_steps_total";
+const FORCED_DRAFT: &str = "worker_candle_structured_forced_draft_tokens_total";
+const FORCED: &str = "worker_candle_structured_forced_tokens_total";
 
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
@@ -87,6 +89,16 @@ impl Default for Metrics {
                 SPEC_STEPS,
                 None,
                 "Speculative decoding: decode steps that verified a guess.",
+            ),
+            (
+                FORCED_DRAFT,
+                None,
+                "Structured output: tokens a grammar forced, verified ahead (fast-forward).",
+            ),
+            (
+                FORCED,
+                None,
+                "Structured output: forced tokens accepted beside a step's own (steps saved).",
             ),
         ] {
             // The kind of each is fixed by its first registration; describing is kind-neutral.
@@ -195,6 +207,8 @@ impl Metrics {
         counter(SPEC_DRAFT, &stats.spec_draft_tokens);
         counter(SPEC_ACCEPTED, &stats.spec_accepted_tokens);
         counter(SPEC_STEPS, &stats.spec_verify_steps);
+        counter(FORCED_DRAFT, &stats.forced_draft_tokens);
+        counter(FORCED, &stats.forced_tokens);
         Some((running, waiting, usage))
     }
 

@@ -652,3 +652,168 @@ async fn anthropic_messages_carry_the_reasoning_as_a_thinking_block() {
         .collect();
     assert_eq!(thinking, chat_reasoning);
 }
+
+/// `serve` on the llama fixture with `vars`; the running worker and its base URL.
+fn serve_with(vars: &[(&str, &str)]) -> (crate::common::process::Running, String) {
+    use crate::common::process::{fixture, Running};
+    let mut env = vec![
+        (
+            "MODEL_NAME".to_string(),
+            fixture("llama").display().to_string(),
+        ),
+        ("KV_CACHE_MEMORY".to_string(), "64MiB".to_string()),
+        (
+            "OPENAI_SERVED_MODEL_NAME_OVERRIDE".to_string(),
+            "m".to_string(),
+        ),
+    ];
+    env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut server = Running::start(&env, &["serve", "--host", "127.0.0.1", "--port", "0"]);
+    let base =
+        tokio::task::block_in_place(|| server.wait_listening(std::time::Duration::from_secs(120)));
+    (server, base)
+}
+
+/// `ENABLE_AUTO_TOOL_CHOICE=false` is vLLM without `--enable-auto-tool-choice`: tools with
+/// `tool_choice` auto (given or implied) are a 400 with vLLM's message, while `none`, `required`
+/// and a named function still work; unset, auto tool choice works as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_tool_choice_is_refused_only_when_the_flag_is_false() {
+    let tools = json!([{"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+        "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]);
+    let body = |choice: Option<Value>| {
+        let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "Add"}],
+            "tools": tools, "max_tokens": 40, "temperature": 0});
+        if let Some(c) = choice {
+            b["tool_choice"] = c;
+        }
+        b
+    };
+    let named = json!({"type": "function", "function": {"name": "add"}});
+    let http = reqwest::Client::new();
+    for flag in [Some("false"), None, Some("true")] {
+        let vars: Vec<(&str, &str)> = flag
+            .map(|f| ("ENABLE_AUTO_TOOL_CHOICE", f))
+            .into_iter()
+            .collect();
+        let (server, base) = serve_with(&vars);
+        for (choice, auto) in [
+            (None, true),
+            (Some(json!("auto")), true),
+            (Some(json!("none")), false),
+            (Some(json!("required")), false),
+            (Some(named.clone()), false),
+        ] {
+            let r = http
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&body(choice.clone()))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            if auto && flag == Some("false") {
+                assert_eq!(status, 400, "{choice:?}: {v}");
+                assert_eq!(v["error"]["param"], json!("tool_choice"), "{v}");
+                let m = v["error"]["message"].as_str().unwrap();
+                assert!(
+                    m.contains("\"auto\" tool choice requires --enable-auto-tool-choice"),
+                    "{m}"
+                );
+            } else {
+                assert_eq!(status, 200, "flag {flag:?}, {choice:?}: {v}");
+            }
+        }
+        server.terminate();
+    }
+}
+
+/// Fast-forward through the real binary: a schema with long fixed keys takes fewer forward passes
+/// than it has tokens (the request's log line says how many), `/metrics` counts the forced tokens,
+/// and the greedy reply is the one plain masked decoding gives (the in-process engine with
+/// fast-forward off).
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_keys_are_fast_forwarded_with_the_reply_of_plain_masked_decoding() {
+    let schema = json!({"type": "object", "properties": {
+            "identifier_of_the_record": {"type": "integer", "minimum": 0, "maximum": 999},
+            "the_record_is_still_active": {"type": "boolean"},
+            "category_of_the_record": {"enum": ["first_category", "second_category"]}},
+        "required": ["identifier_of_the_record", "the_record_is_still_active", "category_of_the_record"],
+        "additionalProperties": false});
+    let body = json!({"model": "m", "prompt": "A record:", "max_tokens": 120, "temperature": 0,
+        "logprobs": 1, "structured_outputs": {"json": schema}});
+    let reply = |v: &Value| {
+        let c = &v["choices"][0];
+        (c["text"].clone(), c["logprobs"]["token_logprobs"].clone())
+    };
+    let plain = start(|s| s.fast_forward = false).await;
+    let (status, want) = plain.post("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{want}");
+    let (mut server, base) = serve_with(&[]);
+    let http = reqwest::Client::new();
+    let got: Value = http
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (text, logprobs) = reply(&got);
+    assert_eq!(text, reply(&want).0, "{got}");
+    let tokens = got["usage"]["completion_tokens"].as_u64().unwrap();
+    serde_json::from_str::<Value>(text.as_str().unwrap()).expect("valid JSON");
+    for (a, b) in logprobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reply(&want).1.as_array().unwrap())
+    {
+        assert!(
+            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4,
+            "{a} {b}"
+        );
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let forced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("worker_candle_structured_forced_tokens_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(forced > 0, "{metrics}");
+    server.terminate();
+    tokio::task::block_in_place(|| server.wait(std::time::Duration::from_secs(30)));
+    let log = server.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("request finished"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // the log's colour codes out: ESC [ ... m
+    let mut plain_line = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain_line.push(c);
+        }
+    }
+    let steps: u64 = plain_line
+        .split("forward_steps=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{plain_line}"));
+    assert!(
+        steps > 0 && steps < tokens,
+        "{steps} passes for {tokens} tokens: {plain_line}"
+    );
+}

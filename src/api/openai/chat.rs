@@ -185,6 +185,15 @@ fn enforce_tool_choice(engine: &Engine, request: &mut ChatRequest) -> Result<(),
     let one = match &request.tool_choice {
         ToolChoice::Required => !request.parallel_tool_calls,
         ToolChoice::Named(_) => true,
+        ToolChoice::Auto
+            if engine.output_syntax().enable_auto_tool_choice == Some(false)
+                && request.tools.as_ref().is_some_and(|t| !t.is_empty()) =>
+        {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set (ENABLE_AUTO_TOOL_CHOICE is false on this worker)",
+            ));
+        }
         ToolChoice::None | ToolChoice::Auto => return Ok(()),
     };
     let Some(tools) = request.tools.as_deref() else {

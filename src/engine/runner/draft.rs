@@ -5,7 +5,7 @@
 //! models. Its output is only ever a guess the target verifies: a stale draft cache costs acceptance,
 //! never correctness.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::Executor;
 use crate::engine::batch::{ForwardBatch, LogitsWanted, SeqInput};
@@ -31,11 +31,18 @@ impl DraftModel {
 
     /// Replaces the placeholder drafts the scheduler reserved room for (`sc.draft`, its length the
     /// most tokens wanted) with the draft model's greedy guesses; `num_new` follows the length kept.
-    /// Guesses stop at an id outside the target's vocabulary.
-    pub fn fill(&mut self, seqs: &mut [Scheduled], sched: &Scheduler, target_vocab: usize) {
+    /// Guesses stop at an id outside the target's vocabulary. The drafts of `forced` (tokens a
+    /// grammar forces) are kept.
+    pub fn fill(
+        &mut self,
+        seqs: &mut [Scheduled],
+        sched: &Scheduler,
+        target_vocab: usize,
+        forced: &HashSet<SeqId>,
+    ) {
         self.computed.retain(|id, _| sched.contains(*id));
         let idx: Vec<usize> = (0..seqs.len())
-            .filter(|&i| !seqs[i].draft.is_empty())
+            .filter(|&i| !seqs[i].draft.is_empty() && !forced.contains(&seqs[i].id))
             .collect();
         if idx.is_empty() {
             return;

@@ -417,6 +417,7 @@ pub fn load(settings: &EngineSettings) -> anyhow::Result<EngineParts> {
             },
             speculation: speculation(settings, num_blocks, block_size, spec.vocab_size)?,
             adapters,
+            fast_forward: settings.fast_forward,
         }),
     })
 }

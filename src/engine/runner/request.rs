@@ -49,6 +49,34 @@ struct Choice {
     masked: Vec<f32>,
 }
 
+impl Choice {
+    /// The next token of a constrained choice, chosen from `row` under its grammar's mask (against
+    /// `draft`, a forced token to verify, when given) and fed to the grammar; `None` when the
+    /// grammar can go no further.
+    fn pick_constrained(&mut self, row: &[f32], draft: Option<u32>) -> Option<Sampled> {
+        let constraint = self.constraint.as_mut()?;
+        let mut masked = std::mem::take(&mut self.masked);
+        masked.clear();
+        masked.extend_from_slice(row);
+        let open = constraint.apply(&mut masked);
+        let mut token = match draft {
+            Some(d) => self.sampler.choose_masked_against(&masked, d),
+            None => self.sampler.choose_masked(&masked),
+        };
+        if open && !constraint.allows(token) {
+            // The processors (min_tokens, a bias) masked every token the grammar allows: the
+            // grammar wins, with its most likely token.
+            token = crate::engine::sampling::argmax(&masked);
+        }
+        self.masked = masked;
+        let s = self.sampler.take(row, token);
+        if !open || !constraint.allows(s.token_id) || constraint.advance(s.token_id).is_err() {
+            return None;
+        }
+        Some(s)
+    }
+}
+
 struct Beam {
     seq: SeqId,
     live: Live,
@@ -80,6 +108,11 @@ pub(crate) struct RequestState {
     max_model_len: usize,
     drafted_tokens: usize,
     accepted_tokens: usize,
+    /// Tokens a grammar forced that a step accepted beside its own (fast-forward).
+    forced_tokens: usize,
+    /// Forward passes the request took part in, and the last one.
+    steps: usize,
+    last_step: Option<usize>,
 }
 
 /// Borrowed engine state a request works with.
@@ -141,6 +174,9 @@ impl RequestState {
             max_model_len,
             drafted_tokens: 0,
             accepted_tokens: 0,
+            forced_tokens: 0,
+            steps: 0,
+            last_step: None,
             prompt: sub.prompt,
             params: sub.params,
         }
@@ -326,30 +362,65 @@ impl RequestState {
         if c.seq.is_none() {
             return;
         }
-        let Some(constraint) = c.constraint.as_mut() else {
+        if c.constraint.is_none() {
             let s = c.sampler.sample(row);
             self.emit(i, s, ctx);
             return;
-        };
-        let mut masked = std::mem::take(&mut c.masked);
-        masked.clear();
-        masked.extend_from_slice(row);
-        let open = constraint.apply(&mut masked);
-        let mut token = c.sampler.choose_masked(&masked);
-        if open && !constraint.allows(token) {
-            // The processors (min_tokens, a bias) masked every token the grammar allows: the
-            // grammar wins, with its most likely token.
-            token = crate::engine::sampling::argmax(&masked);
         }
-        c.masked = masked;
-        let s = c.sampler.take(row, token);
-        // The grammar allows nothing more: the output cannot be completed, which is reported as
-        // running out of room, never as a stop.
-        if !open || !constraint.allows(s.token_id) || constraint.advance(s.token_id).is_err() {
-            self.end_choice(i, length(), ctx);
-            return;
+        match c.pick_constrained(row, None) {
+            Some(s) => {
+                self.emit(i, s, ctx);
+            }
+            // The grammar allows nothing more: the output cannot be completed, which is reported
+            // as running out of room, never as a stop.
+            None => self.end_choice(i, length(), ctx),
         }
-        self.emit(i, s, ctx);
+    }
+
+    /// Counts the forward pass `step` (once, however many of its sequences it ran).
+    pub(crate) fn count_step(&mut self, step: usize) {
+        if self.last_step != Some(step) {
+            self.last_step = Some(step);
+            self.steps += 1;
+        }
+    }
+
+    /// Fast-forward: the tokens the grammar of each constrained choice the next step decodes forces
+    /// next, as its draft (at most `k`, never past `max_tokens` or the context length).
+    pub(crate) fn forced_drafts(&mut self, sched: &Scheduler, k: usize) -> Vec<(SeqId, Vec<u32>)> {
+        if !self.started || self.beam.is_some() || self.finished {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for ci in 0..self.choices.len() {
+            let c = &self.choices[ci];
+            let Some(seq) = c.seq.filter(|s| sched.is_decoding(*s)) else {
+                continue;
+            };
+            if c.constraint.is_none() {
+                continue;
+            }
+            let k = k.min(self.room(c, sched.tokens(seq).map_or(0, |t| t.len())));
+            let Some(constraint) = self.choices[ci].constraint.as_mut() else {
+                continue;
+            };
+            if k > 0 {
+                let mut forced = constraint.forced_tokens();
+                forced.truncate(k);
+                if !forced.is_empty() {
+                    out.push((seq, forced));
+                }
+            }
+        }
+        out
+    }
+
+    /// How many tokens may follow a choice's next one: never past `max_tokens` or the context.
+    fn room(&self, c: &Choice, seq_len: usize) -> usize {
+        self.stop
+            .max_tokens
+            .saturating_sub(c.output.len() + 1)
+            .min(self.max_model_len.saturating_sub(seq_len + 1))
     }
 
     /// Ends choice `i` without a new token.
@@ -412,12 +483,7 @@ impl RequestState {
                 continue;
             };
             // one token comes from the model itself after the accepted ones
-            let room = self
-                .stop
-                .max_tokens
-                .saturating_sub(c.output.len() + 1)
-                .min(self.max_model_len.saturating_sub(tokens.len() + 1));
-            let k = k.min(room);
+            let k = k.min(self.room(c, tokens.len()));
             if k > 0 {
                 let draft = propose(tokens, k);
                 if !draft.is_empty() {
@@ -447,11 +513,21 @@ impl RequestState {
             return 0;
         }
         let mut accepted = 0;
+        // A constrained choice's draft is what its grammar forces (fast-forward): every row is
+        // masked by the grammar as a step of its own would be.
+        let forced = self.choices[i].constraint.is_some();
         for (j, row) in rows.chunks_exact(vocab).enumerate() {
             let c = &mut self.choices[i];
-            let s = match draft.get(j) {
-                Some(&d) => c.sampler.sample_draft(row, d),
-                None => c.sampler.sample(row),
+            let s = match (draft.get(j), forced) {
+                (d, true) => match c.pick_constrained(row, d.copied()) {
+                    Some(s) => s,
+                    None => {
+                        self.end_choice(i, length(), ctx);
+                        break;
+                    }
+                },
+                (Some(&d), false) => c.sampler.sample_draft(row, d),
+                (None, false) => c.sampler.sample(row),
             };
             let matched = draft.get(j) == Some(&s.token_id);
             if !self.emit(i, s, ctx) || !matched {
@@ -459,8 +535,12 @@ impl RequestState {
             }
             accepted += 1;
         }
-        self.drafted_tokens += draft.len();
-        self.accepted_tokens += accepted;
+        if forced {
+            self.forced_tokens += accepted;
+        } else {
+            self.drafted_tokens += draft.len();
+            self.accepted_tokens += accepted;
+        }
         if self.choices[i].seq.is_some() {
             ctx.sched.accept_draft(seq, accepted);
         }
@@ -673,6 +753,8 @@ impl RequestState {
             decode_tok_s = metrics.decode_tokens_per_s,
             spec_drafted = self.drafted_tokens,
             spec_accepted = self.accepted_tokens,
+            forward_steps = self.steps,
+            forced_tokens = self.forced_tokens,
             "request finished"
         );
         let _ = self.tx.send(GenerationEvent::Done {

@@ -108,9 +108,29 @@ fn toy_engine(
     bigram: bool,
     speculation: Option<Speculation>,
 ) -> Engine {
+    Engine::launch(toy_parts(
+        num_blocks,
+        budget,
+        max_seqs,
+        prefix,
+        eos,
+        bigram,
+        speculation,
+    ))
+}
+
+fn toy_parts(
+    num_blocks: usize,
+    budget: usize,
+    max_seqs: usize,
+    prefix: bool,
+    eos: Vec<u32>,
+    bigram: bool,
+    speculation: Option<Speculation>,
+) -> EngineParts {
     let tokenizer = tokenizer();
     let vocab = tokenizer.vocab_size();
-    Engine::launch(EngineParts {
+    EngineParts {
         info: toy_info("toy", vocab),
         tokenizer,
         template: None,
@@ -131,8 +151,9 @@ fn toy_engine(
             },
             speculation,
             adapters: Vec::new(),
+            fast_forward: true,
         }),
-    })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -948,6 +969,7 @@ async fn a_poisoned_sequence_fails_alone_and_its_batch_goes_on() {
                 },
                 speculation: None,
                 adapters: Vec::new(),
+                fast_forward: true,
             }),
         });
         let long = |p: &mut SamplingParams| p.max_tokens = Some(40);
@@ -1084,5 +1106,106 @@ async fn sampling_on_the_device_matches_the_host_path() {
                 }
             }
         }
+    }
+}
+
+/// Structured output's fast-forward: the tokens a schema's fixed keys force are verified in the pass
+/// that computes the sequence's next token, so a reply takes fewer forward passes than it has
+/// tokens, and the tokens, text, logprobs and finish are those of one masked step per token (fast-
+/// forward off) — alone, and batched under preemption, with siblings, a stop string and a
+/// `max_tokens` cut inside the forced run.
+#[tokio::test]
+async fn fast_forward_verifies_forced_tokens_in_one_pass_and_changes_no_output() {
+    use crate::engine::constraint::{Structure, StructuredOutput};
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "identifier_of_the_record": {"type": "integer", "minimum": 0, "maximum": 9},
+            "is_the_record_still_active": {"type": "boolean"},
+            "category_of_the_record": {"enum": ["first_category", "second_category"]}
+        },
+        "required": ["identifier_of_the_record", "is_the_record_still_active", "category_of_the_record"],
+        "additionalProperties": false
+    });
+    let eos = tokenizer().eos_token_id().expect("eos");
+    let launch = |blocks: usize, fast_forward: bool| {
+        let mut parts = toy_parts(blocks, 64, 64, true, vec![eos], false, None);
+        parts.info.max_model_len = 256;
+        if let EngineKind::Generator(g) = &mut parts.kind {
+            g.fast_forward = fast_forward;
+        }
+        Engine::launch(parts)
+    };
+    let requests: Vec<GenerateRequest> = (0..6)
+        .map(|i| {
+            request(prompt(3 + i * 2, i as u32), |p| {
+                p.max_tokens = Some(if i == 4 { 9 } else { 120 });
+                p.logprobs = Some(2);
+                p.structured = Some(StructuredOutput::new(Structure::Json(schema.clone())));
+                if i == 2 {
+                    p.n = 2;
+                    p.temperature = 1.0;
+                    p.seed = Some(3);
+                }
+                if i == 3 {
+                    p.stop = vec!["still".into()];
+                }
+            })
+        })
+        .collect();
+    let plain = launch(256, false);
+    let want = run_all(&plain, &requests, false).await;
+    assert_eq!(plain.stats().forced_tokens.load(Ordering::Relaxed), 0);
+    let plain_steps = plain.stats().steps.load(Ordering::Relaxed);
+    for (blocks, together) in [(256, false), (40, true)] {
+        let ff = launch(blocks, true);
+        let got = run_all(&ff, &requests, together).await;
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            let ctx = format!("request {i}, together {together}");
+            assert_eq!(a.choices.len(), b.choices.len(), "{ctx}");
+            for (ca, cb) in a.choices.iter().zip(&b.choices) {
+                if i == 2 {
+                    // sampled: a valid reply of its own, not the same draws
+                    serde_json::from_str::<serde_json::Value>(&cb.text).expect(&ctx);
+                    continue;
+                }
+                assert_eq!(ca.token_ids, cb.token_ids, "{ctx}");
+                assert_eq!(ca.text, cb.text, "{ctx}");
+                assert_eq!(ca.finish, cb.finish, "{ctx}");
+                assert_eq!(ca.logprobs.len(), cb.logprobs.len(), "{ctx}");
+                for (la, lb) in ca.logprobs.iter().zip(&cb.logprobs) {
+                    assert_eq!(la.token_id, lb.token_id, "{ctx}");
+                    assert!((la.logprob - lb.logprob).abs() < 1e-5, "{ctx}");
+                }
+            }
+        }
+        let reply = &want[0].choices[0];
+        let value: serde_json::Value = serde_json::from_str(&reply.text).expect("valid JSON");
+        assert!(value["category_of_the_record"].is_string(), "{value}");
+        assert_eq!(
+            want[4].choices[0].finish.as_ref().unwrap().reason,
+            FinishReason::Length
+        );
+        assert_eq!(want[4].choices[0].token_ids.len(), 9);
+        let st = ff.stats();
+        let forced = st.forced_tokens.load(Ordering::Relaxed);
+        assert!(forced > 0, "forced tokens were accepted");
+        assert!(st.forced_draft_tokens.load(Ordering::Relaxed) >= forced);
+        assert_eq!(st.spec_draft_tokens.load(Ordering::Relaxed), 0);
+        if !together {
+            let steps = st.steps.load(Ordering::Relaxed);
+            let tokens: usize = want.iter().map(|o| o.usage.completion_tokens).sum();
+            assert!(steps < plain_steps, "{steps} vs {plain_steps} steps");
+            // the first request alone: fewer passes (prompt included) than tokens it produced
+            let one = launch(256, true);
+            let o = collect(one.generate(requests[0].clone()).unwrap()).await;
+            let passes = one.stats().steps.load(Ordering::Relaxed);
+            assert!(
+                passes < o.usage.completion_tokens,
+                "{passes} passes for {} tokens ({tokens} in all)",
+                o.usage.completion_tokens
+            );
+        }
+        wait_idle(&ff).await;
     }
 }
