@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use llguidance::api::TopLevelGrammar;
+use llguidance::api::{GrammarWithLexer, TopLevelGrammar};
 use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
@@ -38,6 +38,9 @@ pub struct StructuredOutput {
     /// The constraint starts after this text appears in the output (the end of a reasoning block,
     /// `</think>`); `None` = from the first token.
     pub starts_after: Option<String>,
+    /// The output may open with a reasoning block the model opens itself (`<think>`, free text,
+    /// `</think>`, as text or as the vocabulary's own tokens) before the constrained answer.
+    pub reasoning_prefix: bool,
     /// The request field the constraint came from (named by errors).
     pub param: String,
 }
@@ -48,12 +51,40 @@ impl StructuredOutput {
             structure,
             whitespace_pattern: None,
             starts_after: None,
+            reasoning_prefix: false,
             param: "structured_outputs".into(),
         }
     }
 
-    /// The llguidance grammar.
-    fn grammar(&self) -> TopLevelGrammar {
+    /// The llguidance grammar; with `prefix`, the answer's grammar after an optional reasoning
+    /// block (`think_tokens`: `<think>` and `</think>` are tokens of the vocabulary).
+    fn grammar(&self, prefix: bool, think_tokens: bool) -> TopLevelGrammar {
+        let mut answer = self.answer_grammar();
+        if !prefix || answer.grammars.len() != 1 {
+            return answer;
+        }
+        answer.grammars[0].name = Some("answer".into());
+        // The block as text (lazy: it ends at the first `</think>`), or between the tokens.
+        let mut lines = vec![
+            "start: think WS? @answer | @answer",
+            r"think_text[lazy]: /<think>(.|\n)*<\/think>/",
+            r"WS: /[ \t\r\n]+/",
+        ];
+        if think_tokens {
+            lines.push("think: think_text | <think> THINK_BODY? </think>");
+            lines.push(r"THINK_BODY: /(.|\n)+/");
+        } else {
+            lines.push("think: think_text");
+        }
+        let wrapper = lines.join("\n");
+        answer
+            .grammars
+            .insert(0, GrammarWithLexer::from_lark(wrapper));
+        answer
+    }
+
+    /// The grammar of the answer itself.
+    fn answer_grammar(&self) -> TopLevelGrammar {
         let json = |mut schema: Value| {
             if let Value::Object(map) = &mut schema {
                 let opts = match &self.whitespace_pattern {
@@ -121,6 +152,17 @@ impl Grammars {
             .map_err(|e| format!("structured output is not available for this tokenizer: {e}"))
     }
 
+    /// Whether `<think>` and `</think>` are tokens of the vocabulary (added tokens, which the
+    /// grammar names as tokens, not text).
+    fn think_tokens(&self) -> bool {
+        let added = self.tokenizer.hf().get_added_vocabulary();
+        ["<think>", "</think>"].iter().all(|t| {
+            added
+                .token_to_id(t, self.tokenizer.hf().get_model())
+                .is_some()
+        })
+    }
+
     /// Compiles a request's constraint; the error is llguidance's message (a 400 for the client).
     pub fn compile(&self, spec: &StructuredOutput) -> Result<Compiled, String> {
         if let Structure::Choice(c) = &spec.structure
@@ -129,8 +171,20 @@ impl Grammars {
             return Err("the choice list is empty".into());
         }
         let factory = self.factory()?;
+        let mut prefix = spec.reasoning_prefix;
+        if prefix {
+            // A constraint that itself spells the reasoning block (it may start with `<think>`)
+            // places it where it says.
+            let answer = factory
+                .create_parser(spec.answer_grammar())
+                .map_err(|e| e.to_string())?;
+            let think = factory.tok_env().tokenize_bytes(b"<think>");
+            prefix = Matcher::new(Ok(answer))
+                .validate_tokens(&think)
+                .map_or(true, |n| n < think.len());
+        }
         let parser = factory
-            .create_parser(spec.grammar())
+            .create_parser(spec.grammar(prefix, self.think_tokens()))
             .map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {

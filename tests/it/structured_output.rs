@@ -817,3 +817,41 @@ async fn forced_keys_are_fast_forwarded_with_the_reply_of_plain_masked_decoding(
         "{steps} passes for {tokens} tokens: {plain_line}"
     );
 }
+
+/// `REASONING_PARSER` with a template that opens no think block: the model may open one itself
+/// (here made likely by a bias on `<`), its free text goes to `reasoning_content`, and the
+/// constraint holds for the answer after it; replies without a block are the constrained answer.
+#[tokio::test]
+async fn a_model_opened_reasoning_block_comes_before_the_constrained_answer() {
+    let s = start(|settings| {
+        settings.output_syntax = OutputSyntax {
+            reasoning_parser: Some("qwen3".into()),
+            ..OutputSyntax::default()
+        };
+    })
+    .await;
+    let (mut thought, mut answered) = (0, 0);
+    for seed in 0..12 {
+        for stream in [false, true] {
+            let body = json!({"model": "m", "messages": [{"role": "user", "content": "Think."}],
+                "temperature": 1.0, "seed": seed, "max_tokens": 24, "stream": stream,
+                "logit_bias": {"34": 6, "727": 6}, "guided_regex": "[0-9]{3}"});
+            let (finish, reasoning, content) = reasoning_and_content(&s, body).await;
+            if reasoning.is_some() {
+                thought += 1;
+            }
+            match content {
+                Some(c) => {
+                    assert!(
+                        c.trim_start().len() == 3 && c.trim().bytes().all(|b| b.is_ascii_digit()),
+                        "{c:?}"
+                    );
+                    assert_eq!(finish, json!("stop"));
+                    answered += 1;
+                }
+                None => assert_eq!(finish, json!("length"), "{reasoning:?}"),
+            }
+        }
+    }
+    assert!(thought > 0 && answered > 0, "{thought} {answered}");
+}

@@ -170,10 +170,13 @@ pub(crate) fn prepare(engine: &Engine, body: &Body<'_>) -> Result<(ChatRequest, 
     if let Some(parser) = engine.output_syntax().reasoning_parser.as_deref() {
         let in_reasoning = starts_in_reasoning(parser, &prompt);
         request.reasoning = Some(in_reasoning);
-        if let Some(s) = request.params.structured.as_mut()
-            && in_reasoning
-        {
-            s.starts_after = Some(THINK_END.to_string());
+        if let Some(s) = request.params.structured.as_mut() {
+            if in_reasoning {
+                s.starts_after = Some(THINK_END.to_string());
+            } else {
+                // The model may open the block itself: the answer after it is constrained.
+                s.reasoning_prefix = true;
+            }
         }
     }
     Ok((request, prompt))

@@ -175,3 +175,86 @@ fn forced_tokens_spell_what_the_grammar_forces() {
         "{text:?}"
     );
 }
+
+/// Whether the tokens of `pieces` (text, or an id) are each allowed in turn and end in a complete
+/// match (EOS allowed after them).
+fn accepts(g: &Grammars, spec: &StructuredOutput, pieces: &[Result<&str, u32>]) -> bool {
+    let mut c = g.compile(spec).expect("compiles").start();
+    for piece in pieces {
+        let ids = match piece {
+            Ok(text) => g.tokenizer.encode(text, false).unwrap(),
+            Err(id) => vec![*id],
+        };
+        for t in ids {
+            if !c.allows(t) || c.advance(t).is_err() {
+                return false;
+            }
+        }
+    }
+    c.allows(g.eos[0])
+}
+
+/// With `reasoning_prefix`, the answer may follow a `<think>` block the model opens itself (as
+/// text, or with the vocabulary's own `<think>` / `</think>` tokens), and the constraint holds
+/// for the answer after it; without the block the answer alone still matches.
+#[test]
+fn an_optional_reasoning_block_may_come_before_the_constrained_answer() {
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}},
+        "required": ["a"], "additionalProperties": false});
+    let mut spec = StructuredOutput::new(Structure::Json(schema));
+    spec.reasoning_prefix = true;
+    let g = grammars();
+    let answer = r#"{"a":12}"#;
+    assert!(accepts(&g, &spec, &[Ok(answer)]));
+    assert!(accepts(
+        &g,
+        &spec,
+        &[Ok("<think>Let me think: {\"a\"</think>\n\n"), Ok(answer)]
+    ));
+    assert!(accepts(&g, &spec, &[Ok("<think></think>"), Ok(answer)]));
+    assert!(!accepts(&g, &spec, &[Ok("<think>no end"), Ok(answer)]));
+    assert!(!accepts(&g, &spec, &[Ok("<think>x</think>not json")]));
+    assert!(!accepts(&g, &spec, &[Ok("prose first"), Ok(answer)]));
+    // a constraint that spells the block itself keeps it where it says
+    let mut own = StructuredOutput::new(Structure::Regex("<think>[a-z]+</think>[0-9]".into()));
+    own.reasoning_prefix = true;
+    assert!(accepts(&g, &own, &[Ok("<think>abc</think>7")]));
+    assert!(!accepts(
+        &g,
+        &own,
+        &[Ok("<think>a b</think><think>abc</think>7")]
+    ));
+    // off: the block is refused
+    spec.reasoning_prefix = false;
+    assert!(!accepts(&g, &spec, &[Ok("<think>x</think>"), Ok(answer)]));
+    spec.reasoning_prefix = true;
+
+    // `<think>` and `</think>` as added tokens (Qwen3's vocabulary)
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen2");
+    let base = Tokenizer::from_dir(dir).unwrap();
+    let mut hf = base.hf().clone();
+    hf.add_tokens([
+        tokenizers::AddedToken::from("<think>", false),
+        tokenizers::AddedToken::from("</think>", false),
+    ]);
+    let open = hf.token_to_id("<think>").unwrap();
+    let close = hf.token_to_id("</think>").unwrap();
+    let tok = Tokenizer::new(hf, base.config().clone());
+    let eos = vec![tok.eos_token_id().unwrap()];
+    let g = Grammars::new(tok.clone(), tok.vocab_size() + 8, eos);
+    assert!(g.think_tokens());
+    assert!(accepts(
+        &g,
+        &spec,
+        &[
+            Err(open),
+            Ok("thinking hard"),
+            Err(close),
+            Ok("\n"),
+            Ok(answer)
+        ]
+    ));
+    assert!(accepts(&g, &spec, &[Ok(answer)]));
+    assert!(!accepts(&g, &spec, &[Err(open), Ok(answer)]));
+    assert!(!accepts(&g, &spec, &[Err(close), Ok(answer)]));
+}
