@@ -409,7 +409,7 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "TOOL_CALL_PARSER",
         "auto",
-        "how tool calls are written: hermes, llama3_json, mistral, or auto (detect any)",
+        "how tool calls are written: hermes, llama3_json, mistral, qwen3_coder, or auto (detect any)",
     ),
     setting(
         "ENABLE_AUTO_TOOL_CHOICE",
@@ -1176,6 +1176,8 @@ fn tool_call_parser(v: &str) -> Result<Option<String>, String> {
         "llama3_json",
         "llama4_json",
         "mistral",
+        "qwen3_coder",
+        "qwen3_xml",
     ];
     let name = v.trim().to_ascii_lowercase();
     if NAMES.contains(&name.as_str()) {

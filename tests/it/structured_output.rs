@@ -390,7 +390,43 @@ async fn tool_calls(s: &Server, body: Value) -> Vec<(String, Value)> {
 
 #[tokio::test]
 async fn required_and_named_tool_choices_give_calls_that_match_the_tools() {
-    let s = start(|_| {}).await;
+    forced_tool_calls_match_the_tools(&start(|_| {}).await).await;
+}
+
+/// `TOOL_CALL_PARSER=qwen3_coder`: forced calls are written in Qwen3-Coder's XML syntax, parsed back
+/// (whole and streamed) into calls whose arguments, typed by the tools' schemas, validate.
+#[tokio::test]
+async fn qwen3_coder_tool_choices_are_forced_in_its_xml_syntax() {
+    let s = start(|settings| settings.output_syntax.tool_call_parser = Some("qwen3_coder".into()))
+        .await;
+    forced_tool_calls_match_the_tools(&s).await;
+    // the tokens written (their logprobs' texts) are XML, not Hermes JSON
+    let tools = json!([{"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}}]);
+    let (status, r) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "Add"}], "tools": tools,
+                "tool_choice": "required", "max_tokens": 60, "temperature": 0, "logprobs": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let written: String = r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert!(
+        written.starts_with("<tool_call>\n<function=add>\n<parameter=a>\n"),
+        "{written:?}"
+    );
+    let args = &r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"];
+    let args: Value = serde_json::from_str(args.as_str().unwrap()).unwrap();
+    assert!(args["a"].is_i64(), "{args}");
+}
+
+async fn forced_tool_calls_match_the_tools(s: &Server) {
     let tools = json!([
         {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
             "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
@@ -420,13 +456,13 @@ async fn required_and_named_tool_choices_give_calls_that_match_the_tools() {
             let body = json!({"model": "m", "messages": [{"role": "user", "content": "Weather?"}],
                 "tools": tools, "tool_choice": "required", "parallel_tool_calls": false,
                 "temperature": 1.0, "seed": seed, "max_tokens": 150, "stream": stream});
-            let calls = tool_calls(&s, body).await;
+            let calls = tool_calls(s, body).await;
             assert_eq!(calls.len(), 1, "{calls:?}");
             assert!(calls.iter().all(|(n, a)| valid(n, a)), "{calls:?}");
             let body = json!({"model": "m", "messages": [{"role": "user", "content": "Add"}],
                 "tools": tools, "tool_choice": {"type": "function", "function": {"name": "add"}},
                 "temperature": 1.0, "seed": seed, "max_tokens": 150, "stream": stream});
-            let calls = tool_calls(&s, body).await;
+            let calls = tool_calls(s, body).await;
             assert_eq!(calls.len(), 1, "{calls:?}");
             assert_eq!(calls[0].0, "add");
             assert!(valid("add", &calls[0].1), "{calls:?}");

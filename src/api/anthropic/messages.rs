@@ -13,7 +13,7 @@ use crate::api::openai::chat::{self, ChatRequest};
 use crate::api::openai::outcome::collect;
 use crate::api::openai::params::Body;
 use crate::api::openai::reasoning::ReasoningSplitter;
-use crate::api::openai::tools::{new_call_id, parse_tool_calls, ToolCall, ToolCallDetector};
+use crate::api::openai::tools::{new_call_id, ToolCall, ToolCallDetector};
 use crate::api::openai::{OpenAiResponse, OpenAiSettings, StreamEvent};
 use crate::engine::{
     ChoiceDelta, Engine, Finish, FinishReason, GenerationEvent, GenerationStream, StopReason,
@@ -366,7 +366,7 @@ fn content_blocks(chat: &ChatRequest, reply: &str) -> (Vec<Value>, bool) {
         None => (None, reply.to_string()),
     };
     let reply = reply.as_str();
-    let (text, calls) = match parse_tool_calls(reply).filter(|_| chat.parses_tools()) {
+    let (text, calls) = match chat.tool_calls_in(reply) {
         Some((content, mut calls)) => {
             if !chat.parallel_tool_calls {
                 calls.truncate(1);
@@ -599,7 +599,7 @@ fn stream_events(
         reasoning: request.reasoning.map(ReasoningSplitter::new),
         thinking_block: None,
         blocks: 0,
-        detector: request.parses_tools().then(ToolCallDetector::default),
+        detector: request.tool_detector(),
         parallel: request.parallel_tool_calls,
         tool_use: false,
         finish: None,

@@ -15,7 +15,7 @@ use super::params::{
 use super::reasoning::{starts_in_reasoning, ReasoningSplitter, THINK_END};
 use super::shapes;
 use super::tools::{
-    forced_calls_grammar, parse_tool_calls, ToolCall, ToolCallDetector, ToolSyntax,
+    forced_calls_grammar, parse_tool_calls_for, ToolCall, ToolCallDetector, ToolSyntax,
 };
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
 use crate::api::error::ApiError;
@@ -65,6 +65,20 @@ impl ChatRequest {
     /// Whether output is parsed for tool calls.
     pub(crate) fn parses_tools(&self) -> bool {
         self.tools.is_some() && self.tool_choice != ToolChoice::None
+    }
+
+    /// The tool calls of a whole reply (its schemas type XML calls' values), when this request
+    /// parses them: the text before them and the calls.
+    pub(crate) fn tool_calls_in(&self, text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+        self.parses_tools()
+            .then(|| parse_tool_calls_for(text, self.tools.as_deref().unwrap_or_default()))
+            .flatten()
+    }
+
+    /// A streaming tool-call detector, when this request parses tool calls.
+    pub(crate) fn tool_detector(&self) -> Option<ToolCallDetector> {
+        self.parses_tools()
+            .then(|| ToolCallDetector::for_tools(self.tools.as_deref().unwrap_or_default()))
     }
 }
 
@@ -554,9 +568,7 @@ impl Reply {
                 message["content"] = Value::Null;
             }
         }
-        if request.parses_tools()
-            && let Some((content, mut calls)) = parse_tool_calls(&text)
-        {
+        if let Some((content, mut calls)) = request.tool_calls_in(&text) {
             if !request.parallel_tool_calls {
                 calls.truncate(1);
             }
@@ -707,7 +719,7 @@ fn stream_chunks(
     let mut choices: Vec<ChoiceStream> = (0..n)
         .map(|index| ChoiceStream {
             index,
-            detector: request.parses_tools().then(ToolCallDetector::default),
+            detector: request.tool_detector(),
             reasoning: request.reasoning.map(ReasoningSplitter::new),
         })
         .collect();

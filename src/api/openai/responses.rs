@@ -15,7 +15,7 @@ use super::outcome::collect;
 use super::params::Body;
 use super::reasoning::ReasoningSplitter;
 use super::response_store;
-use super::tools::{parse_tool_calls, ToolCall, ToolCallDetector};
+use super::tools::{ToolCall, ToolCallDetector};
 use super::{OpenAiResponse, OpenAiSettings, StreamEvent};
 use crate::api::error::ApiError;
 use crate::engine::{ChoiceDelta, Finish, FinishReason, GenerationEvent, GenerationStream, Usage};
@@ -506,9 +506,7 @@ impl Reply {
 
     /// Text and tool calls of a whole reply.
     fn split(&self, request: &ChatRequest, text: &str) -> (String, Vec<ToolCall>) {
-        if request.parses_tools()
-            && let Some((content, mut calls)) = parse_tool_calls(text)
-        {
+        if let Some((content, mut calls)) = request.tool_calls_in(text) {
             if !self.parallel_tool_calls {
                 calls.truncate(1);
             }
@@ -837,7 +835,7 @@ fn stream_events(
         reasoning_id: new_id("rs"),
         reasoning_open: false,
         reasoning_text: String::new(),
-        detector: request.parses_tools().then(ToolCallDetector::default),
+        detector: request.tool_detector(),
         output: Vec::new(),
         calls: Vec::new(),
         finish: None,

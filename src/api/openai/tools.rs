@@ -1,7 +1,10 @@
-//! Tool calls in model output: Hermes/Qwen `<tool_call>{json}</tool_call>` blocks, Llama-3 JSON
+//! Tool calls in model output: Hermes/Qwen `<tool_call>{json}</tool_call>` blocks, Qwen3-Coder's
+//! XML calls (`<tool_call>\n<function=NAME>\n<parameter=ARG>...`, see `qwen3_xml`), Llama-3 JSON
 //! (`{"name": ..., "parameters"|"arguments": ...}`, optionally after `<|python_tag|>`, several joined
 //! by `;` or in a list) and Mistral `[TOOL_CALLS] [...]`. Pure: text in, calls out; plus a streaming
 //! detector that lets ordinary text through and holds back everything from a tool-call start on.
+
+mod qwen3_xml;
 
 use rand::distr::Alphanumeric;
 use rand::Rng;
@@ -11,7 +14,12 @@ const HERMES_START: &str = "<tool_call>";
 const HERMES_END: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";
 const MISTRAL_START: &str = "[TOOL_CALLS]";
-const MARKERS: [&str; 3] = [HERMES_START, PYTHON_TAG, MISTRAL_START];
+const MARKERS: [&str; 4] = [
+    HERMES_START,
+    PYTHON_TAG,
+    MISTRAL_START,
+    qwen3_xml::FUNCTION_START,
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ToolCall {
@@ -21,11 +29,22 @@ pub(crate) struct ToolCall {
     pub arguments: String,
 }
 
+/// `parse_tool_calls_for` without tools (XML calls' values stay text).
+#[cfg(test)]
+fn parse_tool_calls(text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+    parse_tool_calls_for(text, &[])
+}
+
 /// Text before the tool calls (`None` when blank) and the calls; `None` when the text holds no
-/// parseable tool call.
-pub(crate) fn parse_tool_calls(text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
+/// parseable tool call. `tools`: the request's, whose schemas type the values of XML calls.
+pub(crate) fn parse_tool_calls_for(
+    text: &str,
+    tools: &[Value],
+) -> Option<(Option<String>, Vec<ToolCall>)> {
     let (content, calls) = if let Some(at) = text.find(HERMES_START) {
-        (&text[..at], parse_hermes(&text[at..])?)
+        (&text[..at], parse_hermes(&text[at..], tools)?)
+    } else if let Some(at) = text.find(qwen3_xml::FUNCTION_START) {
+        (&text[..at], parse_xml_calls(&text[at..], tools)?)
     } else if let Some(at) = text.find(MISTRAL_START) {
         (
             &text[..at],
@@ -46,8 +65,9 @@ pub(crate) fn parse_tool_calls(text: &str) -> Option<(Option<String>, Vec<ToolCa
     Some((content, calls))
 }
 
-/// `<tool_call>{...}</tool_call>` blocks; the last may be unterminated (the model stopped on EOS).
-fn parse_hermes(mut text: &str) -> Option<Vec<ToolCall>> {
+/// `<tool_call>{...}</tool_call>` blocks (or Qwen3-Coder's `<function=...>` inside them); the last
+/// may be unterminated (the model stopped on EOS).
+fn parse_hermes(mut text: &str, tools: &[Value]) -> Option<Vec<ToolCall>> {
     let mut calls = Vec::new();
     while let Some(start) = text.find(HERMES_START) {
         let body = &text[start + HERMES_START.len()..];
@@ -55,10 +75,38 @@ fn parse_hermes(mut text: &str) -> Option<Vec<ToolCall>> {
             Some(end) => (&body[..end], &body[end + HERMES_END.len()..]),
             None => (body, ""),
         };
-        calls.push(call_from_value(&serde_json::from_str(json.trim()).ok()?)?);
+        calls.push(match qwen3_xml::parse_call(json, tools) {
+            Some((name, args)) => xml_call(name, &args),
+            None => call_from_value(&serde_json::from_str(json.trim()).ok()?)?,
+        });
         text = rest;
     }
     Some(calls)
+}
+
+/// Qwen3-Coder's `<function=...>` calls without their `<tool_call>` blocks.
+fn parse_xml_calls(text: &str, tools: &[Value]) -> Option<Vec<ToolCall>> {
+    let starts: Vec<usize> = text
+        .match_indices(qwen3_xml::FUNCTION_START)
+        .map(|(i, _)| i)
+        .collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &at)| {
+            let end = starts.get(k + 1).copied().unwrap_or(text.len());
+            let (name, args) = qwen3_xml::parse_call(&text[at..end], tools)?;
+            Some(xml_call(name, &args))
+        })
+        .collect()
+}
+
+fn xml_call(name: String, arguments: &Value) -> ToolCall {
+    ToolCall {
+        id: new_call_id(),
+        name,
+        arguments: arguments.to_string(),
+    }
 }
 
 /// A JSON object, a list of objects, or objects joined by `;` (Llama 3.x).
@@ -111,6 +159,8 @@ pub(crate) struct ToolCallDetector {
     held: String,
     capturing: bool,
     emitted_text: bool,
+    /// The request's tools (they type XML calls' values).
+    tools: Vec<Value>,
 }
 
 /// What the end of a choice leaves: text still to send, and the tool calls if there were any.
@@ -121,6 +171,14 @@ pub(crate) struct Detected {
 }
 
 impl ToolCallDetector {
+    /// A detector for a request with these `tools`.
+    pub(crate) fn for_tools(tools: &[Value]) -> Self {
+        Self {
+            tools: tools.to_vec(),
+            ..Self::default()
+        }
+    }
+
     /// Adds a delta; returns the text that can be sent now.
     pub(crate) fn push(&mut self, delta: &str) -> String {
         self.held.push_str(delta);
@@ -159,7 +217,7 @@ impl ToolCallDetector {
     /// Ends the choice: the held text parsed as tool calls, or given back as text when it is none.
     pub(crate) fn finish(self) -> Detected {
         if self.capturing
-            && let Some((content, calls)) = parse_tool_calls(&self.held)
+            && let Some((content, calls)) = parse_tool_calls_for(&self.held, &self.tools)
         {
             return Detected {
                 text: content.unwrap_or_default(),
@@ -304,6 +362,50 @@ mod tests {
     }
 
     #[test]
+    fn qwen3_coder_xml_calls_parse_whole_or_streamed() {
+        let tools = [
+            serde_json::json!({"type": "function", "function": {"name": "add",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "s": {"type": "string"}}}}}),
+        ];
+        let text = "I will add.\n<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n<parameter=s>\n2\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=add>\n<parameter=a>\n3\n</parameter>\n</function>\n</tool_call>";
+        let (content, calls) = parse_tool_calls_for(text, &tools).unwrap();
+        assert_eq!(content.as_deref(), Some("I will add."));
+        assert_eq!(
+            names_and_args(&calls),
+            vec![
+                ("add".into(), r#"{"a":1,"s":"2"}"#.into()),
+                ("add".into(), r#"{"a":3}"#.into())
+            ]
+        );
+        // without the <tool_call> block
+        let (_, calls) = parse_tool_calls_for(
+            "<function=add>\n<parameter=a>\n5\n</parameter>\n</function>",
+            &tools,
+        )
+        .unwrap();
+        assert_eq!(
+            names_and_args(&calls),
+            vec![("add".into(), r#"{"a":5}"#.into())]
+        );
+        // streamed in small pieces
+        let mut d = ToolCallDetector::for_tools(&tools);
+        let sent: String = text
+            .as_bytes()
+            .chunks(5)
+            .map(|c| d.push(std::str::from_utf8(c).unwrap()))
+            .collect();
+        let done = d.finish();
+        assert_eq!(format!("{sent}{}", done.text).trim_end(), "I will add.");
+        assert_eq!(
+            names_and_args(&done.calls),
+            vec![
+                ("add".into(), r#"{"a":1,"s":"2"}"#.into()),
+                ("add".into(), r#"{"a":3}"#.into())
+            ]
+        );
+    }
+
+    #[test]
     fn the_detector_keeps_multibyte_text_whole() {
         let (sent, done) = stream(&["héllo wörld ", "é"]);
         assert_eq!(format!("{sent}{}", done.text), "héllo wörld é");
@@ -319,6 +421,9 @@ pub(crate) enum ToolSyntax {
     Llama3Json,
     /// `[TOOL_CALLS][{"name": ..., "arguments": ...}, ...]`.
     Mistral,
+    /// `<tool_call>\n<function=NAME>\n<parameter=ARG>\nVALUE\n</parameter>\n</function>\n</tool_call>`
+    /// (Qwen3-Coder).
+    Qwen3Xml,
 }
 
 impl ToolSyntax {
@@ -328,6 +433,7 @@ impl ToolSyntax {
         match parser {
             Some("llama3_json" | "llama4_json") => Self::Llama3Json,
             Some("mistral") => Self::Mistral,
+            Some("qwen3_coder" | "qwen3_xml") => Self::Qwen3Xml,
             Some(_) => Self::Hermes,
             None if is_token(HERMES_START) => Self::Hermes,
             None if is_token(MISTRAL_START) => Self::Mistral,
@@ -394,6 +500,13 @@ pub(crate) fn forced_calls_grammar(
         ToolSyntax::Llama3Json => {
             format!("start: {}\n{call}\n", many("call", "\"; \""))
         }
+        ToolSyntax::Qwen3Xml => format!(
+            "start: {}\nblock: {} \"\\n\" call {}\n{}",
+            many("block", "\"\\n\""),
+            marker(HERMES_START),
+            marker(HERMES_END),
+            qwen3_xml::call_rules(tools),
+        ),
         ToolSyntax::Mistral => format!(
             "start: {} \"[\" {} \"]\"\n{call}\n",
             marker(MISTRAL_START),

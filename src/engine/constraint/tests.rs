@@ -236,7 +236,8 @@ fn an_optional_reasoning_block_may_come_before_the_constrained_answer() {
     hf.add_tokens([
         tokenizers::AddedToken::from("<think>", false),
         tokenizers::AddedToken::from("</think>", false),
-    ]);
+    ])
+    .unwrap();
     let open = hf.token_to_id("<think>").unwrap();
     let close = hf.token_to_id("</think>").unwrap();
     let tok = Tokenizer::new(hf, base.config().clone());
