@@ -1192,7 +1192,12 @@ async fn fast_forward_verifies_forced_tokens_in_one_pass_and_changes_no_output()
         assert!(forced > 0, "forced tokens were accepted");
         assert!(st.forced_draft_tokens.load(Ordering::Relaxed) >= forced);
         assert_eq!(st.spec_draft_tokens.load(Ordering::Relaxed), 0);
-        if !together {
+        if together {
+            assert!(
+                st.preemptions.load(Ordering::Relaxed) > 0,
+                "a cache too small"
+            );
+        } else {
             let steps = st.steps.load(Ordering::Relaxed);
             let tokens: usize = want.iter().map(|o| o.usage.completion_tokens).sum();
             assert!(steps < plain_steps, "{steps} vs {plain_steps} steps");
