@@ -1531,6 +1531,28 @@ mod tests {
         assert!(c.no_effect.is_empty());
     }
 
+    #[test]
+    fn tool_settings_parse_with_auto_tool_choice_unset_by_default() {
+        let syntax = |vars: &[(&str, &str)]| parse(vars).unwrap().engine.output_syntax;
+        assert_eq!(syntax(&[]).enable_auto_tool_choice, None);
+        assert_eq!(syntax(&[]).tool_call_parser, None);
+        let s = syntax(&[
+            ("ENABLE_AUTO_TOOL_CHOICE", "false"),
+            ("TOOL_CALL_PARSER", "qwen3_coder"),
+        ]);
+        assert_eq!(s.enable_auto_tool_choice, Some(false));
+        assert_eq!(s.tool_call_parser.as_deref(), Some("qwen3_coder"));
+        assert_eq!(
+            syntax(&[("ENABLE_AUTO_TOOL_CHOICE", "1")]).enable_auto_tool_choice,
+            Some(true)
+        );
+        assert!(parse(&[("ENABLE_AUTO_TOOL_CHOICE", "maybe")]).is_err());
+        assert!(parse(&[("TOOL_CALL_PARSER", "pythonic")]).is_err());
+        // vLLM's YAML flag
+        let c = with_file("enable-auto-tool-choice: true\n", &[]).unwrap();
+        assert_eq!(c.engine.output_syntax.enable_auto_tool_choice, Some(true));
+    }
+
     fn with_file(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
