@@ -131,3 +131,22 @@ fn the_official_openai_client_reads_reasoning_content() {
         Some("2 passed"),
     );
 }
+
+/// `TOOL_CALL_PARSER=qwen3_coder` and `ENABLE_AUTO_TOOL_CHOICE=false` through the official client.
+#[test]
+fn the_official_openai_client_gets_qwen3_coder_calls_and_vllms_auto_refusal() {
+    run_suite(
+        "tool parsers",
+        &[
+            ("MODEL_NAME", fixture("llama").display().to_string()),
+            ("OPENAI_SERVED_MODEL_NAME_OVERRIDE", "m".into()),
+            ("KV_CACHE_MEMORY", "64MiB".into()),
+            ("TOOL_CALL_PARSER", "qwen3_coder".into()),
+            ("ENABLE_AUTO_TOOL_CHOICE", "false".into()),
+        ],
+        "test_tool_parsers.py",
+        "WORKER_TOOLS_BASE_URL",
+        &[],
+        Some("3 passed"),
+    );
+}
