@@ -108,7 +108,8 @@ pub(crate) struct RequestState {
     max_model_len: usize,
     drafted_tokens: usize,
     accepted_tokens: usize,
-    /// Tokens a grammar forced that a step accepted beside its own (fast-forward).
+    /// Tokens a grammar forced that a step verified, and accepted beside its own (fast-forward).
+    forced_drafted: usize,
     forced_tokens: usize,
     /// Forward passes the request took part in, and the last one.
     steps: usize,
@@ -174,6 +175,7 @@ impl RequestState {
             max_model_len,
             drafted_tokens: 0,
             accepted_tokens: 0,
+            forced_drafted: 0,
             forced_tokens: 0,
             steps: 0,
             last_step: None,
@@ -386,9 +388,14 @@ impl RequestState {
     }
 
     /// Fast-forward: the tokens the grammar of each constrained choice the next step decodes forces
-    /// next, as its draft (at most `k`, never past `max_tokens` or the context length).
+    /// next, as its draft (at most `k`, never past `max_tokens` or the context length). A request
+    /// whose model mostly picks other spellings of the forced text (under half of its first
+    /// `FORCED_PROBE` forced tokens accepted) stops: its rejected rows would only cost.
     pub(crate) fn forced_drafts(&mut self, sched: &Scheduler, k: usize) -> Vec<(SeqId, Vec<u32>)> {
-        if !self.started || self.beam.is_some() || self.finished {
+        const FORCED_PROBE: usize = 16;
+        let rejected =
+            self.forced_drafted >= FORCED_PROBE && self.forced_tokens * 2 < self.forced_drafted;
+        if !self.started || self.beam.is_some() || self.finished || rejected {
             return Vec::new();
         }
         let mut out = Vec::new();
@@ -536,6 +543,7 @@ impl RequestState {
             accepted += 1;
         }
         if forced {
+            self.forced_drafted += draft.len();
             self.forced_tokens += accepted;
         } else {
             self.drafted_tokens += draft.len();
