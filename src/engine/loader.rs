@@ -318,7 +318,7 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
         ),
         LoadAs::Checkpoint(cq) => {
             let note = format!(
-                "{} checkpoint: 4-bit layers repacked into q5_0 (asymmetric) or q4_0 (symmetric) blocks, FP8 layers into q8_0",
+                "{} checkpoint: 4-bit layers repacked into q4_1 (asymmetric; q5_0 for rows of an odd number of blocks) or q4_0 (symmetric) blocks, FP8 layers into q8_0",
                 cq.name()
             );
             (Weights::checkpoint(vb, cq), Some(note))
