@@ -646,54 +646,124 @@ mod x86 {
         act: &Activations,
         out: Out,
     ) {
+        let a = (w, n, rows, act, out);
         match (path, format) {
-            (Path::Vnni, _) => single_vnni(format, w, n, rows, act, out),
-            (_, Format::Q8_0) => single_avx2::<SIGNED>(format, w, n, rows, act, out),
-            _ => single_avx2::<UNSIGNED>(format, w, n, rows, act, out),
+            (Path::Vnni, Format::Q8_0) => single_vnni::<{ F_Q8_0 }>(a),
+            (Path::Vnni, Format::Q4_1) => single_vnni::<{ F_Q4_1 }>(a),
+            (Path::Vnni, Format::Q5_0) => single_vnni::<{ F_Q5_0 }>(a),
+            (Path::Vnni, _) => single_vnni::<{ F_Q4_0 }>(a),
+            (_, Format::Q8_0) => single_avx2::<SIGNED, { F_Q8_0 }>(a),
+            (_, Format::Q4_1) => single_avx2::<UNSIGNED, { F_Q4_1 }>(a),
+            (_, Format::Q5_0) => single_avx2::<UNSIGNED, { F_Q5_0 }>(a),
+            _ => single_avx2::<UNSIGNED, { F_Q4_0 }>(a),
         }
     }
 
+    /// The 32-block formats of the one-token path, as constants (one compiled loop each).
+    const F_Q8_0: u8 = 0;
+    const F_Q4_0: u8 = 1;
+    const F_Q4_1: u8 = 2;
+    const F_Q5_0: u8 = 3;
+
+    const fn format_of(f: u8) -> Format {
+        match f {
+            F_Q8_0 => Format::Q8_0,
+            F_Q4_0 => Format::Q4_0,
+            F_Q4_1 => Format::Q4_1,
+            _ => Format::Q5_0,
+        }
+    }
+
+    type SingleArgs<'a> = (&'a [u8], usize, Range<usize>, &'a Activations, Out);
+
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    unsafe fn single_vnni(
-        format: Format,
-        w: &[u8],
-        n: usize,
-        rows: Range<usize>,
-        act: &Activations,
-        out: Out,
-    ) {
-        single_with::<VNNI>(format, w, n, rows, act, out)
+    unsafe fn single_vnni<const F: u8>(a: SingleArgs) {
+        single_with::<VNNI, F>(a)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn single_avx2<const P: u8>(
-        format: Format,
-        w: &[u8],
-        n: usize,
-        rows: Range<usize>,
-        act: &Activations,
-        out: Out,
-    ) {
-        single_with::<P>(format, w, n, rows, act, out)
+    unsafe fn single_avx2<const P: u8, const F: u8>(a: SingleArgs) {
+        single_with::<P, F>(a)
+    }
+
+    /// One block's 8 lanes of a row's integer sum (each lane starting at `c`, the offset's share).
+    #[inline(always)]
+    unsafe fn block_dot<const P: u8, const F: u8>(
+        blk: *const u8,
+        xv: __m256i,
+        c: __m256i,
+    ) -> __m256i {
+        let format = format_of(F);
+        let v = match format {
+            Format::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+            _ => unpack(format, blk),
+        };
+        match P {
+            VNNI if format == Format::Q8_0 => {
+                _mm256_dpbusd_epi32(c, _mm256_xor_si256(v, _mm256_set1_epi8(-128)), xv)
+            }
+            VNNI => _mm256_dpbusd_epi32(c, v, xv),
+            SIGNED => _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xv, v)),
+                _mm256_set1_epi16(1),
+            ),
+            _ => _mm256_add_epi32(
+                c,
+                _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), _mm256_set1_epi16(1)),
+            ),
+        }
     }
 
     #[inline(always)]
-    unsafe fn single_with<const P: u8>(
-        format: Format,
-        w: &[u8],
-        n: usize,
-        rows: Range<usize>,
-        act: &Activations,
-        out: Out,
-    ) {
+    unsafe fn single_with<const P: u8, const F: u8>((w, n, rows, act, out): SingleArgs) {
         debug_assert!(rows.end <= n);
+        let format = format_of(F);
         let kb = act.k / QK;
         let bb = format.block_bytes();
         let row_bytes = kb * bb;
         let (wp, xp) = (w.as_ptr(), act.q.as_ptr());
-        let flip = _mm256_set1_epi8(-128);
-        let ones = _mm256_set1_epi16(1);
-        for j in rows {
+        // 8 rows at a time: their 8 integer sums reduced together into one vector, then the tiles'
+        // lane arithmetic on it (the same bits as the tiles, a fraction of the reductions)
+        let mut j = rows.start;
+        while j + TILE <= rows.end {
+            let row: [*const u8; TILE] = std::array::from_fn(|r| wp.add((j + r) * row_bytes));
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..kb {
+                let xv = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let c = _mm256_set1_epi32(*act.c.get_unchecked(b) / 8);
+                let mut p = [_mm256_setzero_si256(); TILE];
+                let mut bits = [0u16; TILE];
+                for r in 0..TILE {
+                    let blk = row[r].add(b * bb);
+                    p[r] = block_dot::<P, F>(blk, xv, c);
+                    bits[r] = (blk as *const u16).read_unaligned();
+                }
+                let h01 = _mm256_hadd_epi32(p[0], p[1]);
+                let h23 = _mm256_hadd_epi32(p[2], p[3]);
+                let h45 = _mm256_hadd_epi32(p[4], p[5]);
+                let h67 = _mm256_hadd_epi32(p[6], p[7]);
+                let q0 = _mm256_hadd_epi32(h01, h23);
+                let q1 = _mm256_hadd_epi32(h45, h67);
+                let sums = _mm256_add_epi32(
+                    _mm256_permute2x128_si256(q0, q1, 0x20),
+                    _mm256_permute2x128_si256(q0, q1, 0x31),
+                );
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+                let f = _mm256_mul_ps(dw, _mm256_set1_ps(*act.d.get_unchecked(b)));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), f, acc);
+                if format == Format::Q4_1 {
+                    let mins: [u16; TILE] = std::array::from_fn(|r| {
+                        (row[r].add(b * bb + 2) as *const u16).read_unaligned()
+                    });
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(mins.as_ptr() as *const __m128i));
+                    let s = _mm256_set1_ps(*act.s.get_unchecked(b));
+                    acc = _mm256_fmadd_ps(m, s, acc);
+                }
+            }
+            _mm256_storeu_ps(out.ptr.add(j), acc);
+            j += TILE;
+        }
+        for j in j..rows.end {
             let row = wp.add(j * row_bytes);
             let mut acc = _mm_setzero_ps();
             for b in 0..kb {
@@ -701,21 +771,7 @@ mod x86 {
                 let xv = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
                 // the offset's share of each of the 8 lanes the row's sum is reduced from
                 let c = _mm256_set1_epi32(*act.c.get_unchecked(b) / 8);
-                let v = match format {
-                    Format::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
-                    _ => unpack(format, blk),
-                };
-                let p = match P {
-                    VNNI if format == Format::Q8_0 => {
-                        _mm256_dpbusd_epi32(c, _mm256_xor_si256(v, flip), xv)
-                    }
-                    VNNI => _mm256_dpbusd_epi32(c, v, xv),
-                    SIGNED => _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xv, v)),
-                        ones,
-                    ),
-                    _ => _mm256_add_epi32(c, _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones)),
-                };
+                let p = block_dot::<P, F>(blk, xv, c);
                 // the exact integer sum, then the tiles' lane arithmetic in a scalar lane: the
                 // same bits
                 let s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
