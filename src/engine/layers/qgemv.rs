@@ -526,6 +526,13 @@ mod x86 {
             for b in 0..kb {
                 let dst = bp.add((t * kb + b) * packed);
                 let u = b % units;
+                if u == 0 {
+                    // the next tile's rows, in step (see `single_with`)
+                    let next = wp.wrapping_add((r0 + TILE) * row_bytes + b / units * TILE * bb);
+                    for l in (0..TILE * bb).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l) as *const i8);
+                    }
+                }
                 let mut bits = [0u16; TILE];
                 let mut v = [_mm256_setzero_si256(); TILE];
                 for r in 0..TILE {
