@@ -105,10 +105,14 @@ pub(crate) fn quantize_in_chunks(
                 part.shape()
             )
         }
-        let q = QTensor::quantize(
-            &part.to_dtype(candle_core::DType::F32)?.contiguous()?,
-            dtype,
-        )?;
+        // a buffer of its own: candle's quantizer reads a tensor's whole storage, ignoring a
+        // view's offset
+        let values = part
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let part = Tensor::from_vec(values, (r.len(), cols), &candle_core::Device::Cpu)?;
+        let q = QTensor::quantize(&part, dtype)?;
         bytes.extend_from_slice(&q.data()?);
     }
     let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
