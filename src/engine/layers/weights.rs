@@ -545,3 +545,52 @@ impl SimpleBackend for FilesBackend {
         self.0.tensors.contains_key(name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensors read from the file (whole, or a few rows) are the ones written, in their dtypes;
+    /// the `VarBuilder` backend converts and checks shapes; a damaged file is refused at open.
+    #[test]
+    fn safetensors_files_read_tensors_and_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("model.safetensors");
+        let a = Tensor::randn(0f32, 1.0, (7, 5), &dev)?;
+        let b = a.to_dtype(DType::F16)?;
+        let c = Tensor::new(&[3i32, -1, 7], &dev)?;
+        let tensors = HashMap::from([
+            ("a".to_string(), a.clone()),
+            ("b".to_string(), b.clone()),
+            ("c".to_string(), c.clone()),
+        ]);
+        candle_core::safetensors::save(&tensors, &path)?;
+        let files = Arc::new(SafetensorsFiles::open(std::slice::from_ref(&path))?);
+        assert_eq!(files.dims("a"), Some(&[7, 5][..]));
+        assert_eq!(
+            files.read("a", &dev)?.to_vec2::<f32>()?,
+            a.to_vec2::<f32>()?
+        );
+        let rows = files.read_rows("b", 2..5)?;
+        assert_eq!(rows.dtype(), DType::F16);
+        assert_eq!(
+            rows.to_vec2::<half::f16>()?,
+            b.narrow(0, 2, 3)?.to_vec2::<half::f16>()?
+        );
+        assert_eq!(files.read("c", &dev)?.to_vec1::<i32>()?, vec![3, -1, 7]);
+        assert!(files.read_rows("a", 5..8).is_err());
+        assert!(files.read("d", &dev).is_err());
+        let vb = VarBuilder::from_backend(Box::new(FilesBackend(files)), DType::F32, dev.clone());
+        assert_eq!(vb.get((7, 5), "b")?.dtype(), DType::F32);
+        assert!(vb.get((5, 7), "a").is_err());
+        assert!(vb.contains_tensor("c") && !vb.contains_tensor("d"));
+        // cut short: a tensor's bytes past the end
+        let bytes = std::fs::read(&path)?;
+        let short = dir.path().join("short.safetensors");
+        std::fs::write(&short, &bytes[..bytes.len() - 4])?;
+        let err = SafetensorsFiles::open(&[short]).err().unwrap().to_string();
+        assert!(err.contains("outside the file"), "{err}");
+        Ok(())
+    }
+}
