@@ -81,6 +81,7 @@ if awq_dir:
     AWQ = [
         ("llama.cpp q4_0", lambda: llama("q4_0"), None),
         ("worker-candle AWQ 4-bit checkpoint", lambda: ours(awq_dir, None), "llama.cpp q4_0"),
+        ("worker-candle q4_0 (llama.cpp's GGUF)", lambda: ours(f"{prefix}-q4_0.gguf", None), "llama.cpp q4_0"),
     ]
     CONFIGS = AWQ if os.environ.get("ONLY") == "awq" else CONFIGS + AWQ
 if os.environ.get("ONLY", "awq") != "awq":

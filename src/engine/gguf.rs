@@ -4,7 +4,6 @@
 //! the metadata carries.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -93,11 +92,13 @@ fn gguf_files(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-/// An open GGUF file: its metadata, where its tensors are, and the bytes (memory-mapped).
+/// An open GGUF file: its metadata, where its tensors are, and the file, read a tensor at a time
+/// with positional reads (not memory-mapped: mapped pages read once would stay in the process's
+/// resident memory beside the tensors made of them, two copies of the weights while loading).
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    bytes: memmap2::Mmap,
+    file: std::fs::File,
     arch: String,
     /// Hugging Face config.json equivalent of the metadata.
     config: Value,
@@ -105,6 +106,39 @@ pub struct GgufFile {
     permuted_qk: Option<(usize, usize, usize)>,
     /// Gemma: llama.cpp's converter stores RMSNorm weights as `1 + w`; they are served as `w`.
     norms_plus_one: bool,
+}
+
+/// A reader of a file at its own position (positional reads: a shared file, no shared cursor).
+struct At<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl<'a> At<'a> {
+    fn new(file: &'a std::fs::File) -> Self {
+        Self { file, pos: 0 }
+    }
+}
+
+impl std::io::Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for At<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let len = || self.file.metadata().map(|m| m.len());
+        let pos = match to {
+            std::io::SeekFrom::Start(p) => Some(p),
+            std::io::SeekFrom::End(d) => len()?.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = pos.ok_or_else(|| std::io::Error::other("seek before the start of the file"))?;
+        Ok(self.pos)
+    }
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -120,10 +154,7 @@ impl GgufFile {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: read-only map; like every mmap loader we rely on nobody truncating the file.
-        let bytes = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
-        let content = Content::read(&mut Cursor::new(&bytes[..]))
+        let content = Content::read(&mut std::io::BufReader::new(At::new(&file)))
             .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
         let meta = Meta(&content.metadata);
         let arch = meta.string("general.architecture")?;
@@ -137,7 +168,7 @@ impl GgufFile {
         let mut gguf = Self {
             path: path.to_path_buf(),
             content,
-            bytes,
+            file,
             arch,
             config: Value::Null,
             permuted_qk: None,
@@ -344,7 +375,7 @@ impl GgufFile {
             return Ok(None);
         };
         let t = info.read(
-            &mut Cursor::new(&self.bytes[..]),
+            &mut At::new(&self.file),
             self.content.tensor_data_offset,
             &Device::Cpu,
         )?;
@@ -373,7 +404,7 @@ impl GgufFile {
         };
         let factors = info
             .read(
-                &mut Cursor::new(&self.bytes[..]),
+                &mut At::new(&self.file),
                 self.content.tensor_data_offset,
                 &Device::Cpu,
             )?
@@ -520,11 +551,12 @@ impl GgufFile {
         }
         let size = rows * cols / dtype.block_size() * dtype.type_size();
         let start = self.content.tensor_data_offset as usize + info.offset as usize + e * size;
-        let Some(bytes) = self.bytes.get(start..start + size) else {
-            candle_core::bail!("{name}: expert {e} lies past the end of the file")
-        };
+        let mut bytes = vec![0u8; size];
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut bytes, start as u64).map_err(
+            |err| candle_core::Error::Msg(format!("{name}: expert {e} cannot be read: {err}")),
+        )?;
         let storage = candle_core::quantized::QStorage::from_data(
-            std::borrow::Cow::Borrowed(bytes),
+            std::borrow::Cow::Owned(bytes),
             device,
             dtype,
         )?;
@@ -548,7 +580,7 @@ impl GgufFile {
             return Ok(None);
         };
         let q = info.read(
-            &mut Cursor::new(&self.bytes[..]),
+            &mut At::new(&self.file),
             self.content.tensor_data_offset,
             device,
         )?;

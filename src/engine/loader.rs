@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::gguf;
+use super::layers::weights::{FilesBackend, SafetensorsFiles};
 use super::layers::Weights;
 use super::models::{causal_architecture, load_causal_model, text_config, CausalLM};
 use super::quant::checkpoint::{self, CheckpointQuant};
@@ -307,10 +308,10 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
         model_max,
         max_model_len,
     } = placement(settings, &config)?;
-    let files = safetensors_files(dir)?;
-    // SAFETY: the files are memory-mapped read-only; like every mmap loader we rely on nobody
-    // truncating them while the worker runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device)? };
+    // read a tensor at a time (not memory-mapped: see `SafetensorsFiles`), so that loading never
+    // holds two copies of the weights
+    let files = Arc::new(SafetensorsFiles::open(&safetensors_files(dir)?)?);
+    let vb = VarBuilder::from_backend(Box::new(FilesBackend(files.clone())), dtype, device.clone());
     let (weights, note) = match load_as {
         LoadAs::InSitu(q) => (
             Weights::in_situ(vb, q),
@@ -318,13 +319,14 @@ pub fn load_causal(settings: &EngineSettings) -> Result<LoadedModel> {
         ),
         LoadAs::Checkpoint(cq) => {
             let note = format!(
-                "{} checkpoint: 4-bit layers repacked into q5_0 (asymmetric) or q4_0 (symmetric) blocks, FP8 layers into q8_0",
+                "{} checkpoint: 4-bit layers repacked into q4_1 (asymmetric; q5_0 for rows of an odd number of blocks) or q4_0 (symmetric) blocks, FP8 layers into q8_0",
                 cq.name()
             );
             (Weights::checkpoint(vb, cq), Some(note))
         }
         LoadAs::Float => (Weights::float(vb), None),
     };
+    let weights = weights.with_files(files);
     let model = load_causal_model(&config, weights, max_model_len)
         .with_context(|| format!("cannot load the {architecture} model in {}", dir.display()))?;
     if let Some(note) = note {

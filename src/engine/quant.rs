@@ -77,6 +77,48 @@ pub(crate) fn quantize_matrix(weight: &Tensor, wanted: GgmlDType) -> Result<Opti
     Ok(Some(QTensor::quantize(&w, dtype)?))
 }
 
+/// Rows of f32 read at a time by [`quantize_in_chunks`]: 4 MiB of them.
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// A `[rows, cols]` float matrix quantized to `dtype` (whose blocks `cols` must fit) a chunk of rows
+/// at a time: `read(r)` gives rows `r` (f32, `[r.len(), cols]`), never more than 4 MiB of them, so
+/// the whole matrix is never held in float. Blocks run along rows, so the result equals quantizing
+/// the whole matrix at once.
+pub(crate) fn quantize_in_chunks(
+    (rows, cols): (usize, usize),
+    dtype: GgmlDType,
+    device: &candle_core::Device,
+    mut read: impl FnMut(std::ops::Range<usize>) -> Result<Tensor>,
+) -> Result<QTensor> {
+    if !fits(dtype, cols) {
+        bail!("rows of {cols} do not fill {dtype:?} blocks")
+    }
+    let chunk = (CHUNK_BYTES / (4 * cols.max(1))).max(1);
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let mut bytes = Vec::with_capacity(rows * row_bytes);
+    for start in (0..rows).step_by(chunk) {
+        let r = start..(start + chunk).min(rows);
+        let part = read(r.clone())?;
+        if part.dims2()? != (r.len(), cols) {
+            bail!(
+                "rows {r:?} of a [{rows}, {cols}] matrix read as {:?}",
+                part.shape()
+            )
+        }
+        // a buffer of its own: candle's quantizer reads a tensor's whole storage, ignoring a
+        // view's offset
+        let values = part
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let part = Tensor::from_vec(values, (r.len(), cols), &candle_core::Device::Cpu)?;
+        let q = QTensor::quantize(&part, dtype)?;
+        bytes.extend_from_slice(&q.data()?);
+    }
+    let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
+    QTensor::new(storage, (rows, cols))
+}
+
 /// Stacks `[out_i, in]` matrices of one block type into `[sum out_i, in]`. Blocks run along rows, so
 /// a row's bytes are self-contained and stacking is concatenating bytes: quantizing q, k and v apart
 /// and stacking them equals quantizing the stacked float matrix.
@@ -152,6 +194,37 @@ mod tests {
         assert_eq!(storage_dtype(GgmlDType::Q5K, 608), Some(GgmlDType::Q8_0));
         assert_eq!(in_situ_dtype("Q4K"), Some(GgmlDType::Q4K));
         assert_eq!(in_situ_dtype("awq"), None);
+    }
+
+    /// A large table is quantized a few rows at a time, never read whole (the loader keeps no
+    /// float copy of it), and gives the bytes quantizing it whole gives.
+    #[test]
+    fn chunked_quantization_never_reads_the_whole_matrix() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, cols) = (3000, 576);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev)?;
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let mut widest = 0;
+            let mut covered = 0;
+            let q = quantize_in_chunks((rows, cols), dtype, &dev, |r| {
+                assert_eq!(r.start, covered, "rows in order, each once");
+                covered = r.end;
+                widest = widest.max(r.len());
+                w.narrow(0, r.start, r.len())
+            })?;
+            assert_eq!(covered, rows);
+            assert!(
+                widest * cols * 4 <= CHUNK_BYTES && widest < rows,
+                "{widest} rows at once"
+            );
+            assert_eq!(
+                q.data()?,
+                QTensor::quantize(&w, dtype)?.data()?,
+                "{dtype:?}"
+            );
+            assert_eq!(q.shape().dims2()?, (rows, cols));
+        }
+        Ok(())
     }
 
     #[test]

@@ -29,14 +29,14 @@ fn teacher_forced(model: &str) -> (usize, usize, f32) {
 }
 
 /// AWQ (asymmetric, group 128), GPTQ (symmetric, group 32) and GPTQ act-order (asymmetric, group 64,
-/// a shuffled `g_idx`). The repacked q5_0 (asymmetric) and q4_0 (symmetric) blocks hold exactly the
-/// checkpoint's dequantized weights (unit test `repacked_fixture_layers_equal_the_dequantized_
-/// checkpoint`); what remains is the kernels' 8-bit quantization of activations (as llama.cpp's),
-/// which on these random weights (greedy margins down to 0.005) flips some near-ties, and the f16
-/// embedding table / LM head kept at q8_0 (as in situ). Measured with transformers' path fed in: the
-/// same next token at 161/168 (awq), 159/168 (gptq), 162/168 (gptq_act) positions, last-prompt logits
-/// within 5% of the largest |logit| (the same 4-bit weights multiplied dense with a float head:
-/// 168/168 and 0.0000).
+/// a shuffled `g_idx`). The repacked q4_0 (symmetric) blocks hold exactly the checkpoint's
+/// dequantized weights, the q4_1 (asymmetric) ones up to the f16 rounding of their mins (unit test
+/// `repacked_fixture_layers_equal_the_dequantized_checkpoint`); what remains is the kernels' 8-bit
+/// quantization of activations (as llama.cpp's), which on these random weights (greedy margins down
+/// to 0.005) flips some near-ties, and the f16 embedding table / LM head kept at q8_0 (as in situ).
+/// Measured with transformers' path fed in: the same next token at 163/168 (awq), 158/168 (gptq),
+/// 163/168 (gptq_act) positions, last-prompt logits within 5% of the largest |logit| (the same 4-bit
+/// weights multiplied dense with a float head: 168/168 and 0.0000).
 #[test]
 fn four_bit_checkpoints_compute_what_transformers_computes() {
     for model in ["awq", "gptq", "gptq_act"] {

@@ -1,5 +1,5 @@
 //! `x · Wᵀ` on CPU for the block types the 32-block kernel (`qgemv`) does not read: the k-quants
-//! (q2_K … q6_K, q8_K, 256-wide blocks) and q4_1 / q5_1. The arithmetic is ggml's, through candle's
+//! (q2_K … q6_K, q8_K, 256-wide blocks) and q5_1 (q4_1 is `qgemv`'s). The arithmetic is ggml's, through candle's
 //! block dot products (`GgmlType::vec_dot`, SIMD where candle has it): each row of `x` is quantized to
 //! the weight type's activation blocks (q8_K, or q8_1), one dot product per (row, weight row). The work
 //! is split by weight rows over the engine's kernel pool (decode-sized batches), so a thread another process holds up does not
@@ -7,7 +7,7 @@
 //! row's result is the same at every batch height.
 
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_1, BlockQ5K, BlockQ5_1, BlockQ6K, BlockQ8K, GgmlType,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ5_1, BlockQ6K, BlockQ8K, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Result, Tensor};
@@ -37,7 +37,6 @@ pub fn applies(x: &Tensor, q: &QTensor) -> bool {
                 | GgmlDType::Q5K
                 | GgmlDType::Q6K
                 | GgmlDType::Q8K
-                | GgmlDType::Q4_1
                 | GgmlDType::Q5_1
         )
 }
@@ -51,7 +50,6 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
         GgmlDType::Q5K => run::<BlockQ5K>(x, q),
         GgmlDType::Q6K => run::<BlockQ6K>(x, q),
         GgmlDType::Q8K => run::<BlockQ8K>(x, q),
-        GgmlDType::Q4_1 => run::<BlockQ4_1>(x, q),
         GgmlDType::Q5_1 => run::<BlockQ5_1>(x, q),
         other => bail!("no k-quant kernel for {other:?}"),
     }
@@ -108,7 +106,6 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q8K,
-            GgmlDType::Q4_1,
             GgmlDType::Q5_1,
         ] {
             for (m, n) in [(1, 37), (3, 16), (13, 70)] {

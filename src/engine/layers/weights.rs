@@ -2,9 +2,15 @@
 //! float safetensors quantized as they load (`QUANTIZATION=q8_0`, `q4k`, ...), or a GGUF file's blocks
 //! as stored. Model files ask for tensors by their Hugging Face names and never see the difference.
 
+use std::collections::HashMap;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Result, Shape, Tensor, WithDType};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use super::{Embedding, Linear};
@@ -31,6 +37,9 @@ enum Source {
 pub(crate) struct Weights<'a> {
     vb: VarBuilder<'a>,
     source: Source,
+    /// The safetensors files behind `vb`, when it reads them: large float tables quantized at load
+    /// are read from them a chunk of rows at a time.
+    files: Option<Arc<SafetensorsFiles>>,
 }
 
 impl<'a> Weights<'a> {
@@ -39,6 +48,7 @@ impl<'a> Weights<'a> {
         Self {
             vb,
             source: Source::Float,
+            files: None,
         }
     }
 
@@ -47,6 +57,7 @@ impl<'a> Weights<'a> {
         Self {
             vb,
             source: Source::InSitu(dtype),
+            files: None,
         }
     }
 
@@ -55,6 +66,7 @@ impl<'a> Weights<'a> {
         Self {
             vb,
             source: Source::Checkpoint(Arc::new(quant)),
+            files: None,
         }
     }
 
@@ -65,6 +77,15 @@ impl<'a> Weights<'a> {
         Self {
             vb,
             source: Source::Gguf(file),
+            files: None,
+        }
+    }
+
+    /// These weights with `files` being what their `VarBuilder` reads (see [`SafetensorsFiles`]).
+    pub fn with_files(self, files: Arc<SafetensorsFiles>) -> Self {
+        Self {
+            files: Some(files),
+            ..self
         }
     }
 
@@ -72,6 +93,7 @@ impl<'a> Weights<'a> {
         Self {
             vb: self.vb.pp(s),
             source: self.source.clone(),
+            files: self.files.clone(),
         }
     }
 
@@ -99,6 +121,23 @@ impl<'a> Weights<'a> {
 
     /// The output projection to the vocabulary: like `linear`, but quantized in situ to at least 8 bits.
     pub fn lm_head(&self, in_dim: usize, out_dim: usize) -> Result<Linear> {
+        let wanted = match &self.source {
+            Source::InSitu(wanted) => Some(quant::lm_head_dtype(*wanted)),
+            // a float head (not one of the checkpoint's quantized layers)
+            Source::Checkpoint(_)
+                if !["qweight", "weight_scale", "weight_scale_inv"]
+                    .iter()
+                    .any(|t| self.contains_tensor(t)) =>
+            {
+                Some(GgmlDType::Q8_0)
+            }
+            _ => None,
+        };
+        if let Some(wanted) = wanted {
+            if let Some(q) = self.quantize_streamed((out_dim, in_dim), wanted)? {
+                return Linear::quantized(Arc::new(q), None, self.dtype());
+            }
+        }
         let head = self.linear_as(in_dim, out_dim, false, quant::lm_head_dtype)?;
         match self.source {
             // a quantized checkpoint's float head (AWQ/GPTQ keep it in f16) at 8 bits, as in situ
@@ -130,6 +169,9 @@ impl<'a> Weights<'a> {
                     Source::InSitu(wanted) => quant::lm_head_dtype(*wanted),
                     _ => GgmlDType::Q8_0,
                 };
+                if let Some(q) = self.quantize_streamed((vocab, hidden), wanted)? {
+                    return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
+                }
                 let table = self.get((vocab, hidden), "weight")?;
                 if let Some(q) = quant::quantize_matrix(&table, wanted)? {
                     return Embedding::quantized(Arc::new(q), (vocab, hidden), self.dtype());
@@ -248,6 +290,32 @@ impl<'a> Weights<'a> {
         Ok(Some(linear))
     }
 
+    /// The float matrix `{prefix}.weight` `[rows, cols]` quantized to `wanted` (or the type its rows
+    /// fall back to) straight from the safetensors file, a chunk of rows at a time: no float copy
+    /// of the whole matrix (an embedding table is often the largest) is ever held. `None` when the
+    /// weights are not read from files, the file has no such tensor, or no block type fits.
+    fn quantize_streamed(
+        &self,
+        (rows, cols): (usize, usize),
+        wanted: GgmlDType,
+    ) -> Result<Option<QTensor>> {
+        let Some(files) = &self.files else {
+            return Ok(None);
+        };
+        let name = self.full_name("weight");
+        let Some(dims) = files.dims(&name) else {
+            return Ok(None);
+        };
+        if dims != [rows, cols] {
+            candle_core::bail!("{name}: the checkpoint holds {dims:?}, expected [{rows}, {cols}]")
+        }
+        let Some(dtype) = quant::storage_dtype(wanted, cols) else {
+            return Ok(None);
+        };
+        let read = |r: Range<usize>| files.read_rows(&name, r)?.to_dtype(DType::F32);
+        quant::quantize_in_chunks((rows, cols), dtype, self.device(), read).map(Some)
+    }
+
     /// Quantizes a freshly loaded float layer when loading in situ.
     fn finish(&self, linear: Linear, head: fn(GgmlDType) -> GgmlDType) -> Result<Linear> {
         match self.source {
@@ -263,5 +331,266 @@ impl<'a> Weights<'a> {
         } else {
             format!("{prefix}.{name}")
         }
+    }
+}
+
+/// A checkpoint's safetensors files, read a tensor (or a few rows of one) at a time with positional
+/// reads straight into the tensor's own buffer. Not memory-mapped: pages of a mapping, once read,
+/// stay in the process's resident memory beside the tensors made of them until it is unmapped, so
+/// loading through a map held two copies of the weights.
+pub(crate) struct SafetensorsFiles {
+    files: Vec<std::fs::File>,
+    tensors: HashMap<String, Stored>,
+}
+
+/// Where one tensor lies: file, dtype, shape, and its first byte.
+struct Stored {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+}
+
+impl SafetensorsFiles {
+    /// Reads the headers of `paths` (each: an 8-byte length, then the JSON table of tensors).
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for path in paths {
+            let err = |what: String| candle_core::Error::Msg(format!("{}: {what}", path.display()));
+            let file = std::fs::File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+            let size = file.metadata()?.len();
+            let mut len = [0u8; 8];
+            file.read_exact_at(&mut len, 0)
+                .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+            let len = u64::from_le_bytes(len);
+            if len > size.saturating_sub(8) || len > 100 << 20 {
+                return Err(err(format!("a safetensors header of {len} bytes")));
+            }
+            let mut header = vec![0u8; len as usize];
+            file.read_exact_at(&mut header, 8)?;
+            let header: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&header)
+                    .map_err(|e| err(format!("unreadable safetensors header: {e}")))?;
+            let data = 8 + len;
+            for (name, info) in header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let bad = || err(format!("tensor {name}: unreadable entry {info}"));
+                let dtype = match info["dtype"].as_str().ok_or_else(bad)? {
+                    "U8" | "BOOL" => DType::U8,
+                    "U32" => DType::U32,
+                    "I16" => DType::I16,
+                    "I32" => DType::I32,
+                    "I64" => DType::I64,
+                    "F16" => DType::F16,
+                    "BF16" => DType::BF16,
+                    "F32" => DType::F32,
+                    "F64" => DType::F64,
+                    "F8_E4M3" => DType::F8E4M3,
+                    other => {
+                        return Err(err(format!(
+                            "tensor {name}: dtype {other} is not supported"
+                        )))
+                    }
+                };
+                let shape: Vec<usize> = info["shape"]
+                    .as_array()
+                    .ok_or_else(bad)?
+                    .iter()
+                    .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(bad))
+                    .collect::<Result<_>>()?;
+                let offsets = info["data_offsets"].as_array().ok_or_else(bad)?;
+                let (Some(begin), Some(end)) = (
+                    offsets.first().and_then(|v| v.as_u64()),
+                    offsets.get(1).and_then(|v| v.as_u64()),
+                ) else {
+                    return Err(bad());
+                };
+                let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
+                if end < begin || end - begin != bytes as u64 || data + end > size {
+                    return Err(err(format!(
+                        "tensor {name}: its bytes lie outside the file"
+                    )));
+                }
+                let stored = Stored {
+                    file: files.len(),
+                    dtype,
+                    shape,
+                    start: data + begin,
+                };
+                tensors.insert(name, stored);
+            }
+            files.push(file);
+        }
+        Ok(Self { files, tensors })
+    }
+
+    /// The shape of tensor `name`, if a file holds it.
+    pub fn dims(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    fn stored(&self, name: &str) -> Result<&Stored> {
+        self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
+        })
+    }
+
+    /// Tensor `name` as stored, on `device`.
+    pub fn read(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let t = self.stored(name)?;
+        let rows = t.shape.first().copied().unwrap_or(1);
+        self.read_part(name, t, 0..rows, t.shape.clone(), device)
+    }
+
+    /// Rows `rows` (along the first dimension) of tensor `name` as stored, on the CPU.
+    pub fn read_rows(&self, name: &str, rows: Range<usize>) -> Result<Tensor> {
+        let t = self.stored(name)?;
+        let mut shape = t.shape.clone();
+        match shape.first_mut() {
+            Some(n) if rows.start <= rows.end && rows.end <= *n => *n = rows.len(),
+            _ => candle_core::bail!("{name}: rows {rows:?} of {:?}", t.shape),
+        }
+        self.read_part(name, t, rows, shape, &Device::Cpu)
+    }
+
+    fn read_part(
+        &self,
+        name: &str,
+        t: &Stored,
+        rows: Range<usize>,
+        shape: Vec<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let row: usize = t.shape.iter().skip(1).product();
+        let at = t.start + (rows.start * row * t.dtype.size_in_bytes()) as u64;
+        let n = shape.iter().product::<usize>();
+        let file = &self.files[t.file];
+        match t.dtype {
+            DType::U8 => read_vec::<u8>(file, at, n, shape, device),
+            DType::U32 => read_vec::<u32>(file, at, n, shape, device),
+            DType::I16 => read_vec::<i16>(file, at, n, shape, device),
+            DType::I32 => read_vec::<i32>(file, at, n, shape, device),
+            DType::I64 => read_vec::<i64>(file, at, n, shape, device),
+            DType::F16 => read_vec::<half::f16>(file, at, n, shape, device),
+            DType::BF16 => read_vec::<half::bf16>(file, at, n, shape, device),
+            DType::F32 => read_vec::<f32>(file, at, n, shape, device),
+            DType::F64 => read_vec::<f64>(file, at, n, shape, device),
+            DType::F8E4M3 => {
+                // (candle does not export its f8 type: one layer's bytes, copied once)
+                let mut bytes = vec![0u8; n];
+                file.read_exact_at(&mut bytes, at)?;
+                Tensor::from_raw_buffer(&bytes, DType::F8E4M3, &shape, device)
+            }
+            other => candle_core::bail!("{name}: dtype {other:?} is not supported"),
+        }
+    }
+}
+
+/// `n` values of `T` at byte `at` of `file`, read into the buffer the tensor keeps (on the CPU).
+fn read_vec<T: WithDType>(
+    file: &std::fs::File,
+    at: u64,
+    n: usize,
+    shape: Vec<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut v = vec![T::from_f64(0.0); n];
+    // SAFETY: every `WithDType` is plain data of `size_of::<T>()` bytes, any bit pattern valid
+    // (the file is little-endian, as every platform this runs on); the slice covers `v` exactly.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            v.as_mut_ptr() as *mut u8,
+            std::mem::size_of_val(v.as_slice()),
+        )
+    };
+    file.read_exact_at(bytes, at)?;
+    Tensor::from_vec(v, shape, device)
+}
+
+/// [`SafetensorsFiles`] as a `VarBuilder` backend: tensors by name, converted to the dtype asked.
+pub(crate) struct FilesBackend(pub Arc<SafetensorsFiles>);
+
+impl SimpleBackend for FilesBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0.read(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.tensors.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensors read from the file (whole, or a few rows) are the ones written, in their dtypes;
+    /// the `VarBuilder` backend converts and checks shapes; a damaged file is refused at open.
+    #[test]
+    fn safetensors_files_read_tensors_and_rows() -> Result<()> {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("model.safetensors");
+        let a = Tensor::randn(0f32, 1.0, (7, 5), &dev)?;
+        let b = a.to_dtype(DType::F16)?;
+        let c = Tensor::new(&[3i32, -1, 7], &dev)?;
+        let tensors = HashMap::from([
+            ("a".to_string(), a.clone()),
+            ("b".to_string(), b.clone()),
+            ("c".to_string(), c.clone()),
+        ]);
+        candle_core::safetensors::save(&tensors, &path)?;
+        let files = Arc::new(SafetensorsFiles::open(std::slice::from_ref(&path))?);
+        assert_eq!(files.dims("a"), Some(&[7, 5][..]));
+        assert_eq!(
+            files.read("a", &dev)?.to_vec2::<f32>()?,
+            a.to_vec2::<f32>()?
+        );
+        let rows = files.read_rows("b", 2..5)?;
+        assert_eq!(rows.dtype(), DType::F16);
+        assert_eq!(
+            rows.to_vec2::<half::f16>()?,
+            b.narrow(0, 2, 3)?.to_vec2::<half::f16>()?
+        );
+        assert_eq!(files.read("c", &dev)?.to_vec1::<i32>()?, vec![3, -1, 7]);
+        assert!(files.read_rows("a", 5..8).is_err());
+        assert!(files.read("d", &dev).is_err());
+        let vb = VarBuilder::from_backend(Box::new(FilesBackend(files)), DType::F32, dev.clone());
+        assert_eq!(vb.get((7, 5), "b")?.dtype(), DType::F32);
+        assert!(vb.get((5, 7), "a").is_err());
+        assert!(vb.contains_tensor("c") && !vb.contains_tensor("d"));
+        // cut short: a tensor's bytes past the end
+        let bytes = std::fs::read(&path)?;
+        let short = dir.path().join("short.safetensors");
+        std::fs::write(&short, &bytes[..bytes.len() - 4])?;
+        let err = SafetensorsFiles::open(&[short]).err().unwrap().to_string();
+        assert!(err.contains("outside the file"), "{err}");
+        Ok(())
     }
 }

@@ -1,13 +1,15 @@
 //! Checkpoints published already quantized (`quantization_config` in config.json): AWQ and GPTQ 4-bit
-//! weights repacked at load into ggml q4_0 / q5_0 blocks, FP8 weights converted to q8_0.
+//! weights repacked at load into ggml q4_1 / q4_0 (q5_0) blocks, FP8 weights converted to q8_0.
 //!
-//! An int4 group with scale `s` and zero `z` holds `w = s·(q − z)`. A ggml q5_0 block computes
-//! `d·(x − 16)` with a 5-bit `x`: with `d = s` (the checkpoint's f16 scale) and `x = q − z + 16`
-//! (1..=31 for any 4-bit zero, 0..=15 for GPTQ v1's zero of 16) every 32 columns of a group are one
-//! q5_0 block holding exactly the checkpoint's weights, computed as the checkpoint computes them
-//! (`s·(q − z)` in f32, bit for bit). Symmetric layers (every zero 8) fit q4_0, `d·(q − 8)`, exactly
-//! too, at llama.cpp q4_0's size. (q4_1, `d·q + m`, would cost the f16 rounding of `m = −s·z` and
-//! has no fast kernel here.) Both types run on this engine's own 32-block kernels. GPTQ's act-order
+//! An int4 group with scale `s` and zero `z` holds `w = s·(q − z)`. Every 32 columns of a group
+//! become one ggml block: a q4_1 block (`d·q + m`, 4.5 bits per weight) with `d = s` (the
+//! checkpoint's f16 scale), the checkpoint's `q` as stored and `m = f16(−s·z)`, which holds the
+//! checkpoint's weights up to the f16 rounding of `m` (at most `2⁻¹¹·s·z`, under 0.75% of the
+//! group's step `s`: `q4_1_bound` (tests)). Symmetric layers (every zero 8) fit q4_0, `d·(q − 8)`,
+//! exactly, at llama.cpp q4_0's size. Where q4_1 does not fit (rows of an odd number of blocks,
+//! which candle's q4_1 kernels refuse, or an `s·z` past f16's range) a q5_0 block (`d·(x − 16)`,
+//! `x = q − z + 16` in 0..=31) holds them exactly, at 5.5 bits. All three run on this engine's own
+//! 32-block kernels. GPTQ's act-order
 //! (`desc_act`) puts a layer's columns into groups out of order: those layers keep their weight with
 //! the columns sorted by group and gather the input's columns in the same order on each forward.
 
@@ -239,8 +241,9 @@ impl Int4 {
     }
 
     /// ggml blocks of the columns in `order`, 32 at a time: q4_0 (`d·(x − 8)`) when every zero is 8
-    /// (symmetric), else q5_0 (`d·(x − 16)`, `x = q − z + 16` in 1..=31); `d` is the group's scale.
-    /// Both hold `s·(q − z)` exactly. `None` when 32 consecutive columns of `order` span two groups.
+    /// (symmetric), q4_1 (`d·q + m`, `m = f16(−s·z)`), or q5_0 (`d·(x − 16)`, `x = q − z + 16` in
+    /// 0..=31); `d` is the group's scale. q4_0 and q5_0 hold `s·(q − z)` exactly, q4_1 up to
+    /// `q4_1_bound` (tests). `None` when 32 consecutive columns of `order` span two groups.
     fn blocks(&self, order: &[usize], dtype: GgmlDType) -> Option<Vec<u8>> {
         let (in_dim, out) = (self.in_dim, self.out_dim);
         let blocks = in_dim / 32;
@@ -273,6 +276,14 @@ impl Int4 {
                         }
                         continue;
                     }
+                    if dtype == GgmlDType::Q4_1 {
+                        let m = f16::from_f32(-s * z as f32);
+                        blk[2..4].copy_from_slice(&m.to_le_bytes());
+                        for j in 0..16 {
+                            blk[4 + j] = q[cols[j]] | (q[cols[j + 16]] << 4);
+                        }
+                        continue;
+                    }
                     let x = |k: usize| (q[k] as i32 - z + 16) as u32;
                     let mut qh = 0u32;
                     for j in 0..16 {
@@ -286,12 +297,22 @@ impl Int4 {
         Some(bytes)
     }
 
+    /// Whether every group's `−s·z` is a finite f16 (q4_1's min).
+    fn mins_fit_f16(&self) -> bool {
+        self.scales
+            .iter()
+            .zip(&self.zeros)
+            .all(|(s, z)| f16::from_f32(-s * *z as f32).is_finite())
+    }
+
     /// The layer in ggml blocks: in the checkpoint's column order when its groups run along it, else
     /// with the columns sorted by group (and the order to gather the input in), else dense.
     pub fn repack(&self, device: &Device) -> Result<Loaded> {
         let (in_dim, out) = (self.in_dim, self.out_dim);
         let dtype = if self.zeros.iter().all(|&z| z == 8) {
             GgmlDType::Q4_0
+        } else if super::fits(GgmlDType::Q4_1, in_dim) && self.mins_fit_f16() {
+            GgmlDType::Q4_1
         } else {
             GgmlDType::Q5_0
         };
@@ -549,36 +570,109 @@ mod tests {
         }
     }
 
-    /// A layer with groups of 32 over shuffled columns: sorted into group order it is exact q5_0
-    /// blocks, gathered from the input.
+    /// How far a q4_1 weight repacked from a group with scale `s` and zero `z` may be from the
+    /// checkpoint's `s·(q − z)`: the f16 rounding of `m = −s·z` (half a unit in the last place: `2⁻¹¹`
+    /// of it, or `2⁻²⁵` among f16's subnormals), plus the f32 rounding of `d·q + m` (`2⁻²⁴` of a value
+    /// at most `15·s + s·z`).
+    fn q4_1_bound(s: f32, z: i32) -> f32 {
+        let sz = (s * z as f32).abs();
+        (sz * 2f32.powi(-11)).max(2f32.powi(-25)) + (15.0 * s.abs() + sz) * 2f32.powi(-24)
+    }
+
+    /// The repacked blocks `q` (columns in `order`) against the checkpoint's dequantized weights:
+    /// equal bit for bit in q4_0 and q5_0, within `q4_1_bound` (tests) in q4_1. Returns the largest
+    /// error as a fraction of its group's scale.
+    fn check_repacked(int4: &Int4, q: &QTensor, order: &[u32], what: &str) -> Result<f32> {
+        let exact = int4.dequantize();
+        let got = q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
+        let (in_dim, out) = (int4.in_dim, int4.out_dim);
+        let mut worst = 0f32;
+        for n in 0..out {
+            for (j, &k) in order.iter().enumerate() {
+                let k = k as usize;
+                let want = exact[n * in_dim + k];
+                let g = int4.g_idx[k] as usize;
+                let (s, z) = (int4.scales[g * out + n], int4.zeros[g * out + n]);
+                let err = (got[n][j] - want).abs();
+                if q.dtype() == GgmlDType::Q4_1 {
+                    assert!(
+                        err <= q4_1_bound(s, z),
+                        "{what} [{n}, {k}]: {err}, s {s} z {z}"
+                    );
+                    worst = worst.max(err / s);
+                } else {
+                    assert_eq!(got[n][j], want, "{what} [{n}, {k}]");
+                }
+            }
+        }
+        Ok(worst)
+    }
+
+    /// Layers with groups of 32 over shuffled columns: sorted into group order they are q4_1
+    /// blocks (rows of an even number of blocks) or exact q5_0 ones (odd), gathered from the input.
     #[test]
     fn act_order_layers_gather_their_input() -> Result<()> {
-        let (in_dim, out_dim) = (64, 8);
-        let mut g_idx: Vec<u32> = (0..in_dim).map(|k| (k % 2) as u32).collect();
-        g_idx.swap(0, 1);
+        for (in_dim, dtype) in [(64, GgmlDType::Q4_1), (96, GgmlDType::Q5_0)] {
+            let (groups, out_dim) = (in_dim / 32, 8);
+            let mut g_idx: Vec<u32> = (0..in_dim).map(|k| (k % groups) as u32).collect();
+            g_idx.swap(0, 1);
+            let int4 = Int4 {
+                in_dim,
+                out_dim,
+                q: (0..in_dim * out_dim).map(|i| (i * 7 % 16) as u8).collect(),
+                zeros: (0..groups * out_dim).map(|i| (i % 16) as i32).collect(),
+                // checkpoints store f16 scales
+                scales: (0..groups * out_dim)
+                    .map(|i| f16::from_f32(0.01 * (i + 1) as f32).to_f32())
+                    .collect(),
+                g_idx,
+            };
+            let Loaded::Gathered(q, order) = int4.repack(&Device::Cpu)? else {
+                panic!("expected a gathered layer")
+            };
+            assert_eq!(q.dtype(), dtype);
+            check_repacked(&int4, &q, &order, &format!("{in_dim} columns"))?;
+        }
+        Ok(())
+    }
+
+    /// q4_1's only inexactness is the f16 rounding of `m = −s·z`: over every zero (GPTQ v1's 16
+    /// included) and scales from f16's subnormals to large ones, each weight stays within
+    /// `q4_1_bound` (tests), and the largest error is under 2⁻¹¹·15 = 0.73% of the group's step.
+    #[test]
+    fn q4_1_repacking_is_exact_up_to_the_mins_f16_rounding() -> Result<()> {
+        let (in_dim, out_dim) = (64, 17 * 24);
+        // per output row: zero `n % 17`; scales across the f16 range, subnormals included
+        let scale = |n: usize| {
+            let e = (n / 17) as i32 - 20;
+            f16::from_f32(1.37f32 * 2f32.powi(e)).to_f32()
+        };
         let int4 = Int4 {
             in_dim,
             out_dim,
-            q: (0..in_dim * out_dim).map(|i| (i * 7 % 16) as u8).collect(),
-            zeros: (0..2 * out_dim).map(|i| (i % 16) as i32).collect(),
-            // checkpoints store f16 scales
-            scales: (0..2 * out_dim)
-                .map(|i| f16::from_f32(0.01 * (i + 1) as f32).to_f32())
-                .collect(),
-            g_idx,
+            q: (0..in_dim * out_dim).map(|i| (i * 5 % 16) as u8).collect(),
+            zeros: (0..out_dim).map(|n| (n % 17) as i32).collect(),
+            scales: (0..out_dim).map(scale).collect(),
+            g_idx: vec![0; in_dim],
         };
-        let dense = int4.dequantize();
-        let Loaded::Gathered(q, order) = int4.repack(&Device::Cpu)? else {
-            panic!("expected a gathered layer")
+        assert!(int4.scales.iter().any(|s| !f16::from_f32(*s).is_normal()));
+        let Loaded::Blocks(q) = int4.repack(&Device::Cpu)? else {
+            panic!("expected blocks")
         };
-        assert_eq!(q.dtype(), GgmlDType::Q5_0);
-        let got = q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
-        for n in 0..out_dim {
-            for (j, &k) in order.iter().enumerate() {
-                let want = dense[n * in_dim + k as usize];
-                assert_eq!(got[n][j], want, "{n} {k}");
-            }
-        }
+        assert_eq!(q.dtype(), GgmlDType::Q4_1);
+        let order: Vec<u32> = (0..in_dim as u32).collect();
+        let worst = check_repacked(&int4, &q, &order, "q4_1")?;
+        assert!(worst > 0.0 && worst <= 15.0 / 2048.0, "{worst}");
+        // every zero 8: q4_0, exact
+        let sym = Int4 {
+            zeros: vec![8; out_dim],
+            ..int4
+        };
+        let Loaded::Blocks(q) = sym.repack(&Device::Cpu)? else {
+            panic!("expected blocks")
+        };
+        assert_eq!(q.dtype(), GgmlDType::Q4_0);
+        check_repacked(&sym, &q, &order, "q4_0")?;
         Ok(())
     }
 
@@ -598,14 +692,15 @@ mod tests {
 
     /// The fixtures' layers (written by tests/fixtures/gen_quant.py in AutoAWQ's and AutoGPTQ's
     /// formats): unpacked, they equal the dequantized weights transformers ran, bit for bit, and so do
-    /// the repacked q5_0 (asymmetric) and q4_0 (symmetric) blocks.
+    /// the repacked q4_0 (symmetric) blocks; the q4_1 (asymmetric) ones are within the f16 rounding
+    /// of their mins.
     #[test]
     fn repacked_fixture_layers_equal_the_dequantized_checkpoint() -> Result<()> {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         for (name, want_gathered, dtype) in [
-            ("awq", false, GgmlDType::Q5_0),
+            ("awq", false, GgmlDType::Q4_1),
             ("gptq", false, GgmlDType::Q4_0),
-            ("gptq_act", true, GgmlDType::Q5_0),
+            ("gptq_act", true, GgmlDType::Q4_1),
         ] {
             let dir = root.join(name);
             let config: Value =
@@ -633,6 +728,7 @@ mod tests {
                     (out, inp),
                 )?;
                 let exact = int4.dequantize();
+                let what = format!("{name} {weight}");
                 let (blocks, order) = match int4.repack(&Device::Cpu)? {
                     Loaded::Blocks(q) => (q, (0..inp as u32).collect::<Vec<_>>()),
                     Loaded::Gathered(q, order) => {
@@ -641,8 +737,7 @@ mod tests {
                     }
                     Loaded::Dense(_) => panic!("{name} {weight}: dense"),
                 };
-                assert_eq!(blocks.dtype(), dtype, "{name} {weight}");
-                let repacked = blocks.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
+                assert_eq!(blocks.dtype(), dtype, "{what}");
                 for (row, values) in sample["rows"].as_object().unwrap() {
                     let n: usize = row.parse().unwrap();
                     for (k, v) in values.as_array().unwrap().iter().enumerate() {
@@ -650,12 +745,8 @@ mod tests {
                         assert_eq!(exact[n * inp + k], want, "{name} {weight} [{n}, {k}]");
                     }
                 }
-                for n in 0..out {
-                    for (j, &k) in order.iter().enumerate() {
-                        let want = exact[n * inp + k as usize];
-                        assert_eq!(repacked[n][j], want, "{name} {weight} [{n}, {k}]");
-                    }
-                }
+                let worst = check_repacked(&int4, &blocks, &order, &what)?;
+                assert!(worst <= 15.0 / 2048.0, "{what}: {worst}");
             }
         }
         Ok(())
