@@ -6,7 +6,8 @@ machine noise hits both alike; prints medians over rounds and the per-round rati
 usage: python scripts/bench_quant.py MODEL_DIR GGUF_PREFIX [PROMPT=128] [NEW=128] [ROUNDS=3] [AWQ_DIR]
 
 With AWQ_DIR (the same weights as an AWQ 4-bit checkpoint: scripts/to_awq.py MODEL_DIR AWQ_DIR 64) it also
-runs that checkpoint beside llama.cpp's q4_0 file (PREFIX-q4_0.gguf); ONLY=awq runs just those two rows;
+runs that checkpoint beside llama.cpp's q4_0 file (PREFIX-q4_0.gguf), and this engine on that file; ONLY=awq
+runs just those three rows;
 ONLY=q8_0,q4 (any comma-separated parts of the labels) just the rows that name one of them.
 
 MODEL_DIR: a float32 Hugging Face folder (shared/bench/bench_model.py); GGUF_PREFIX: the same weights as
