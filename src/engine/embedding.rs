@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::batch::{ForwardBatch, LogitsWanted, SeqInput};
 use super::error::EngineError;
 use super::kv_cache::KvCache;
+use super::layers::weights::{FilesBackend, SafetensorsFiles};
 use super::loader::load_causal;
 use super::loader::{read_config, resolve_device, resolve_dtype, safetensors_files};
 use super::models::bert::{BertConfig, BertModel, ENCODER_ARCHITECTURES};
@@ -280,9 +281,9 @@ impl EncoderEmbedder {
             .with_context(|| format!("{}/config.json is not a BERT config", dir.display()))?;
         let device = resolve_device(settings.device)?;
         let dtype = resolve_dtype(settings.dtype, &device, &raw)?;
-        let files = safetensors_files(dir)?;
-        // SAFETY: the files are mapped read-only and not modified while the model is loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device)? };
+        // read a tensor at a time (no memory map whose pages stay resident beside the weights)
+        let files = Arc::new(SafetensorsFiles::open(&safetensors_files(dir)?)?);
+        let vb = VarBuilder::from_backend(Box::new(FilesBackend(files)), dtype, device.clone());
         let model = BertModel::load(vb, &cfg).context("loading the encoder")?;
         Ok(Self::new(model, PoolingSpec::from_dir(dir, Pooling::Cls)?))
     }
