@@ -312,6 +312,11 @@ mod x86 {
                 }
                 for r in 0..R {
                     let wv = _mm512_loadu_ps(w.add(r * k + c));
+                    if T == 1 {
+                        // decode streams the weights from memory: ask for the next tile's rows
+                        // (the rows after these) a tile ahead
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((R + r) * k + c) as *const i8);
+                    }
                     for t in 0..T {
                         acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
                     }
