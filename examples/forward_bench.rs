@@ -3,7 +3,8 @@
 //!
 //! `cargo run --release --example forward_bench -- MODEL_DIR [PROMPT_TOKENS=128] [NEW_TOKENS=128] [RUNS=3]`
 //!
-//! Prints the median prefill and decode tokens/s over the runs and the process's resident memory.
+//! Prints the median prefill and decode tokens/s over the runs and the process's resident memory, and
+//! the best run of each (on a shared machine, the least disturbed).
 //! `MODEL_DIR` may be a `.gguf` file. `DTYPE=f32|bf16|f16` overrides the dtype (default: the loader's
 //! auto choice); `QUANTIZATION=q8_0|q4k|...` quantizes at load; `RAYON_NUM_THREADS` the thread count;
 //! `ATTENTION=loop|varlen|fused` the attention path (default: automatic).
@@ -118,24 +119,47 @@ fn main() -> Result<()> {
     // warm-up: first touches of the weights and allocator
     step(model, &mut cache, prompt[..8.min(p)].to_vec(), 0, &blocks)?;
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    let (mut pre_cpu, mut dec_cpu) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let t = Instant::now();
+        let (t, c) = (Instant::now(), cpu_seconds());
         let mut tok = step(model, &mut cache, prompt.clone(), 0, &blocks)?;
         pre.push(p as f64 / t.elapsed().as_secs_f64());
-        let t = Instant::now();
+        pre_cpu.push((cpu_seconds() - c) * 1e3 / p as f64);
+        let (t, c) = (Instant::now(), cpu_seconds());
         for i in 0..n {
             tok = step(model, &mut cache, vec![tok], p + i, &blocks)?;
         }
         dec.push(n as f64 / t.elapsed().as_secs_f64());
+        dec_cpu.push((cpu_seconds() - c) * 1e3 / n.max(1) as f64);
     }
+    let best = |v: &[f64]| v.iter().copied().fold(0f64, f64::max);
+    let (best_pre, best_dec) = (best(&pre), best(&dec));
     println!(
-        "{}: prompt {p} tokens, {n} new tokens, median of {runs}: prefill {:.1} tok/s, decode {:.1} tok/s, rss {:.0} MiB",
+        "{}: prompt {p} tokens, {n} new tokens, median of {runs}: prefill {:.1} tok/s, decode {:.1} tok/s, rss {:.0} MiB (best: prefill {best_pre:.1}, decode {best_dec:.1})",
         loaded.meta.architecture,
         median(pre),
         median(dec),
         rss_mib()
     );
+    // CPU time of all threads (spinning included): with one thread, the work itself, which a
+    // machine busy with other processes disturbs far less than the wall clock
+    println!(
+        "cpu ms per token (median): prefill {:.3}, decode {:.3}",
+        median(pre_cpu),
+        median(dec_cpu)
+    );
     Ok(())
+}
+
+/// User + system CPU seconds of the whole process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 /// The process's resident set (VmRSS), MiB; 0 where /proc is absent.

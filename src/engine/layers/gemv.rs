@@ -1,16 +1,15 @@
-//! `x · Wᵀ` for a few rows of `x` on CPU in float32: the decode-time matmul. General gemm kernels pack
-//! their operands for large products; with one to a few rows that packing costs more than the product,
-//! and decode is bound by streaming the weights from memory once. This kernel streams each weight row
+//! `x · Wᵀ` for a few rows of `x` on CPU in float32, where the CPU has neither AVX2 nor AVX-512 (there
+//! [`super::sgemm`] serves every height): the decode-time matmul. General gemm kernels pack their
+//! operands for large products; with one to a few rows that packing costs more than the product, and
+//! decode is bound by streaming the weights from memory once. This kernel streams each weight row
 //! once, dots it with every row of `x` (held in L1), and splits the weight rows across threads.
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::simd;
-
 /// Up to this many rows of `x` use the kernel; more go to gemm, which wins once there is reuse.
 pub const MAX_ROWS: usize = 16;
 
-/// Weight rows per unit of work handed to a thread (a multiple of the kernel's 4-row register block).
+/// Weight rows per unit of work handed to a thread.
 const TASK_ROWS: usize = 16;
 
 struct SmallMatmul;
@@ -65,14 +64,6 @@ impl CustomOp2 for SmallMatmul {
 
 /// `yt[j*m + i] = dot(w[j], x[i])` for the weight rows in `w`.
 fn kernel(x: &[f32], w: &[f32], yt: &mut [f32], m: usize, k: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if simd::avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            unsafe { x86::kernel(x, w, yt, m, k) };
-            return;
-        }
-    }
     portable(x, w, yt, m, k);
 }
 
@@ -96,98 +87,6 @@ fn portable(x: &[f32], w: &[f32], yt: &mut [f32], m: usize, k: usize) {
                 .map(|(a, b)| a * b)
                 .sum();
             *yi = acc.iter().sum::<f32>() + tail;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::simd::x86::hsum;
-    use std::arch::x86_64::*;
-
-    /// Four weight rows at a time against each row of `x`: each weight vector loaded from memory once
-    /// per `x` row while the block (4 rows) stays in L1.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel(x: &[f32], w: &[f32], yt: &mut [f32], m: usize, k: usize) {
-        let rows = w.len() / k;
-        let kv = k / 8 * 8;
-        let mut j = 0;
-        while j + 4 <= rows {
-            let wp = w.as_ptr().add(j * k);
-            // two rows of `x` per pass over the four weight rows: 6 loads feed 8 FMAs (1 row: 5 for 4)
-            let mut i = 0;
-            while i + 2 <= m {
-                let (xp, xq) = (x.as_ptr().add(i * k), x.as_ptr().add((i + 1) * k));
-                let mut a = [_mm256_setzero_ps(); 8];
-                let mut c = 0;
-                while c < kv {
-                    let (xv, xw) = (_mm256_loadu_ps(xp.add(c)), _mm256_loadu_ps(xq.add(c)));
-                    for r in 0..4 {
-                        let wv = _mm256_loadu_ps(wp.add(r * k + c));
-                        a[r] = _mm256_fmadd_ps(xv, wv, a[r]);
-                        a[4 + r] = _mm256_fmadd_ps(xw, wv, a[4 + r]);
-                    }
-                    c += 8;
-                }
-                for r in 0..4 {
-                    let (mut s0, mut s1) = (hsum(a[r]), hsum(a[4 + r]));
-                    for c in kv..k {
-                        let wv = *wp.add(r * k + c);
-                        s0 += *xp.add(c) * wv;
-                        s1 += *xq.add(c) * wv;
-                    }
-                    yt[(j + r) * m + i] = s0;
-                    yt[(j + r) * m + i + 1] = s1;
-                }
-                i += 2;
-            }
-            for i in i..m {
-                let xp = x.as_ptr().add(i * k);
-                let (mut a0, mut a1, mut a2, mut a3) = (
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                    _mm256_setzero_ps(),
-                );
-                let mut c = 0;
-                while c < kv {
-                    let xv = _mm256_loadu_ps(xp.add(c));
-                    a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(c)), a0);
-                    a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(k + c)), a1);
-                    a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(2 * k + c)), a2);
-                    a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(3 * k + c)), a3);
-                    c += 8;
-                }
-                let mut s = [hsum(a0), hsum(a1), hsum(a2), hsum(a3)];
-                for c in kv..k {
-                    let xv = *xp.add(c);
-                    for (r, sr) in s.iter_mut().enumerate() {
-                        *sr += xv * *wp.add(r * k + c);
-                    }
-                }
-                for (r, sr) in s.iter().enumerate() {
-                    yt[(j + r) * m + i] = *sr;
-                }
-            }
-            j += 4;
-        }
-        while j < rows {
-            let wp = w.as_ptr().add(j * k);
-            for i in 0..m {
-                let xp = x.as_ptr().add(i * k);
-                let mut a = _mm256_setzero_ps();
-                let mut c = 0;
-                while c < kv {
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(c)), _mm256_loadu_ps(wp.add(c)), a);
-                    c += 8;
-                }
-                let mut s = hsum(a);
-                for c in kv..k {
-                    s += *xp.add(c) * *wp.add(c);
-                }
-                yt[j * m + i] = s;
-            }
-            j += 1;
         }
     }
 }

@@ -196,6 +196,7 @@ impl Linear {
     /// `x`: `[rows, in]` → `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
+            LinearWeight::Dense(w) if super::sgemm::applies(x, w) => super::sgemm::matmul(x, w)?,
             LinearWeight::Dense(w) if super::gemv::applies(x, w) => {
                 super::gemv::small_matmul(x, w)?
             }

@@ -15,6 +15,7 @@ pub mod norm;
 pub mod pool;
 pub mod qgemv;
 pub mod rope;
+pub mod sgemm;
 pub mod simd;
 pub mod weights;
 
