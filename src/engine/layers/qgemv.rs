@@ -230,11 +230,21 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
         let scale = amax / 127.0;
         let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         for (o, v) in qb.iter_mut().zip(block) {
-            *o = (v * inv).round() as i8;
+            *o = round_away(v * inv) as i8;
         }
         *db = f16::from_f32(scale).to_f32();
     }
     (q, d)
+}
+
+/// `x.round() as i32` (halves away from zero) for `|x| < 2³¹`, without the libm call that kept the
+/// loop above scalar (it took 5% of a batched decode): truncate, then step away from zero where
+/// the dropped part (exact) is at least a half.
+#[inline(always)]
+fn round_away(x: f32) -> i32 {
+    let t = x as i32;
+    let up = ((x - t as f32).abs() >= 0.5) as i32;
+    t + if x < 0.0 { -up } else { up }
 }
 
 /// `y` `[m, n]` = `x` `[m, k]` · `w`ᵀ, `w` being `n` rows of `format` blocks.
@@ -1084,6 +1094,23 @@ mod tests {
         let last = matmul(&x.narrow(0, TOKEN_CHUNK + 2, 1)?, &q)?.to_vec2::<f32>()?;
         assert_eq!(last[0], all[TOKEN_CHUNK + 2]);
         Ok(())
+    }
+
+    #[test]
+    fn activations_round_halves_away_from_zero_as_round_does() {
+        let mut x = 0x2545_f491u32;
+        let edges = [0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.0, 0.0, -0.0];
+        let noise = std::iter::repeat_with(|| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32 - 0.5) * 255.0
+        });
+        for v in edges.into_iter().chain(noise.take(100_000)) {
+            for v in [v, v.trunc() + 0.5, f32::from_bits(v.to_bits() + 1)] {
+                assert_eq!(round_away(v), v.round() as i32, "{v}");
+            }
+        }
     }
 
     #[test]
