@@ -22,6 +22,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Result, Tensor};
 use half::f16;
 
+mod few;
+
 const QK: usize = 32;
 /// Weight rows of one packed tile: one 32-bit lane each in a 256-bit vector.
 const TILE: usize = 8;
@@ -272,6 +274,7 @@ fn product(
         Vec::new()
     };
     let act = Activations { q, d, c, s, k };
+    let few = few::prepare(path, format, &act, m);
     let mut y = vec![0f32; m * n];
     let out = y.as_mut_ptr() as usize;
     let task_rows = TILE * TASK_TILES;
@@ -296,6 +299,11 @@ fn product(
                     // one token: straight from ggml's layout, the same sums without the transposes
                     // SAFETY: as below.
                     unsafe { x86::single(path, format, w, n, rows, &act, out) };
+                }
+                #[cfg(target_arch = "x86_64")]
+                Path::Vnni | Path::Avx2 if let Some(few) = &few => {
+                    // 9 to 16 tokens: straight from ggml's layout too; SAFETY: as below.
+                    unsafe { few::product(few, format, w, n, rows, out) };
                 }
                 #[cfg(target_arch = "x86_64")]
                 Path::Vnni | Path::Avx2 => {
@@ -717,7 +725,7 @@ mod x86 {
     /// A q4_0 / q5_0 block's 32 unsigned values: low nibbles are elements 0..16, high nibbles 16..32,
     /// q5_0's fifth bits add 16 where set.
     #[inline(always)]
-    unsafe fn unpack(q5: bool, blk: *const u8) -> __m256i {
+    pub unsafe fn unpack(q5: bool, blk: *const u8) -> __m256i {
         let qs = _mm_loadu_si128(blk.add(if q5 { 6 } else { 2 }) as *const __m128i);
         let m4 = _mm_set1_epi8(0x0F);
         let lo = _mm_and_si128(qs, m4);
@@ -1099,7 +1107,18 @@ mod tests {
     #[test]
     fn activations_round_halves_away_from_zero_as_round_does() {
         let mut x = 0x2545_f491u32;
-        let edges = [0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.0, 0.0, -0.0];
+        let edges = [
+            0.5f32,
+            -0.5,
+            1.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            126.5,
+            -127.0,
+            0.0,
+            -0.0,
+        ];
         let noise = std::iter::repeat_with(|| {
             x ^= x << 13;
             x ^= x >> 17;
