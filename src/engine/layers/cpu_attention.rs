@@ -180,7 +180,7 @@ mod x86 {
     use super::F32Rows;
     use std::arch::x86_64::*;
 
-    /// The row of `data` a slot of kv head `base` is, checked inside it.
+    /// Row `index` of `data` (`d` values each), bounds-checked.
     fn row(data: &[f32], d: usize, index: usize) -> &[f32] {
         &data[index * d..][..d]
     }

@@ -13,8 +13,9 @@
 //! tokens with AVX-512 VNNI only, and everything else goes to the tiled, one-token or scalar
 //! kernels.
 
-use super::{Activations, Format, Out, Path, QK};
-use std::ops::Range;
+use super::{Activations, Format, Path, QK};
+#[cfg(target_arch = "x86_64")]
+use {super::Out, std::ops::Range};
 
 /// The fewest tokens this kernel takes.
 pub(super) const MIN_TOKENS: usize = 9;
@@ -41,7 +42,7 @@ pub(super) fn prepare(path: Path, format: Format, act: &Activations, m: usize) -
     #[cfg(target_arch = "x86_64")]
     let vnni = path == Path::Vnni;
     #[cfg(not(target_arch = "x86_64"))]
-    let vnni = false;
+    let vnni = path != Path::Portable;
     if !vnni
         || !(MIN_TOKENS..=MAX_TOKENS).contains(&m)
         || !matches!(format, Format::Q8_0 | Format::Q4_0 | Format::Q5_0)
