@@ -86,21 +86,20 @@ impl PagedAttention<'_> {
                 let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 let qv = &q[(tok * h + head) * d..][..d];
                 let base = kv_head * num_slots;
+                let slots = &s.slots[lo..=pos];
                 scores.clear();
+                kv.dots(base, slots, qv, scores);
                 let mut max = f32::NEG_INFINITY;
-                for j in lo..=pos {
-                    let mut x = kv.dot(base + s.slots[j] as usize, qv) * p.scale as f32;
+                for x in scores.iter_mut() {
+                    *x *= p.scale as f32;
                     if let Some(cap) = p.softcap {
-                        x = (x / cap as f32).tanh() * cap as f32;
+                        *x = (*x / cap as f32).tanh() * cap as f32;
                     }
-                    max = max.max(x);
-                    scores.push(x);
+                    max = max.max(*x);
                 }
                 let sum = simd::exp_shifted(scores, max);
                 o.fill(0.0);
-                for (j, w) in (lo..=pos).zip(scores.iter()) {
-                    kv.axpy(base + s.slots[j] as usize, *w / sum, o);
-                }
+                kv.weighted(base, slots, scores, sum, o);
             });
         Ok(out)
     }
@@ -114,6 +113,16 @@ pub(crate) trait KvRows: Sync {
     fn dot(&self, row: usize, q: &[f32]) -> f32;
     /// `out += w · value[row]`.
     fn axpy(&self, row: usize, w: f32, out: &mut [f32]);
+    /// Appends `q · key[base + slot]` for each of `slots` to `scores`.
+    fn dots(&self, base: usize, slots: &[u32], q: &[f32], scores: &mut Vec<f32>) {
+        scores.extend(slots.iter().map(|s| self.dot(base + *s as usize, q)));
+    }
+    /// `out += (w[i] / sum) · value[base + slots[i]]` over `i`, in order.
+    fn weighted(&self, base: usize, slots: &[u32], w: &[f32], sum: f32, out: &mut [f32]) {
+        for (s, w) in slots.iter().zip(w) {
+            self.axpy(base + *s as usize, *w / sum, out);
+        }
+    }
 }
 
 /// A float32 cache layer, `[kv_heads, slots, head_dim]` each.
@@ -136,6 +145,101 @@ impl KvRows for F32Rows<'_> {
     #[inline]
     fn axpy(&self, row: usize, w: f32, out: &mut [f32]) {
         simd::axpy(w, &self.v[row * self.d..][..self.d], out)
+    }
+
+    fn dots(&self, base: usize, slots: &[u32], q: &[f32], scores: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::avx2_fma() && q.len() == self.d {
+            // SAFETY: AVX2 and FMA are available; `q` holds `d` values and every row is checked
+            // inside the cache.
+            unsafe { x86::dots(self, base, slots, q, scores) };
+            return;
+        }
+        scores.extend(slots.iter().map(|s| self.dot(base + *s as usize, q)));
+    }
+
+    fn weighted(&self, base: usize, slots: &[u32], w: &[f32], sum: f32, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::avx2_fma() && out.len() == self.d {
+            // SAFETY: as in `dots`; `out` holds `d` values.
+            unsafe { x86::weighted(self, base, slots, w, sum, out) };
+            return;
+        }
+        for (s, w) in slots.iter().zip(w) {
+            self.axpy(base + *s as usize, *w / sum, out);
+        }
+    }
+}
+
+/// The float32 cache's loops over a sequence's positions with the vector kernels inlined: the same
+/// arithmetic as `simd::dot` and repeated `simd::axpy` (the same bits), without a call per
+/// position, the output row held in registers across positions.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::simd::x86 as simd;
+    use super::F32Rows;
+    use std::arch::x86_64::*;
+
+    /// Row `index` of `data` (`d` values each), bounds-checked.
+    fn row(data: &[f32], d: usize, index: usize) -> &[f32] {
+        &data[index * d..][..d]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots(
+        kv: &F32Rows,
+        base: usize,
+        slots: &[u32],
+        q: &[f32],
+        scores: &mut Vec<f32>,
+    ) {
+        for s in slots {
+            let k = row(kv.k, kv.d, base + *s as usize);
+            // SAFETY: AVX2 and FMA are enabled here; `q` and `k` hold `d` values.
+            scores.push(unsafe { simd::dot(q, k) });
+        }
+    }
+
+    /// Floats of the output held in registers per pass.
+    const CHUNK: usize = 64;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted(
+        kv: &F32Rows,
+        base: usize,
+        slots: &[u32],
+        w: &[f32],
+        sum: f32,
+        out: &mut [f32],
+    ) {
+        let d = kv.d;
+        let mut c = 0;
+        while c + CHUNK <= d {
+            let po = out.as_mut_ptr();
+            // SAFETY: `c + 64 <= d = out.len()`, and each value row holds `d` values.
+            unsafe {
+                let mut acc: [__m256; 8] =
+                    std::array::from_fn(|j| _mm256_loadu_ps(po.add(c + 8 * j)));
+                for (s, w) in slots.iter().zip(w) {
+                    let v = row(kv.v, d, base + *s as usize).as_ptr().add(c);
+                    let a = _mm256_set1_ps(*w / sum);
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(v.add(8 * j)), *acc);
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(po.add(c + 8 * j), *acc);
+                }
+            }
+            c += CHUNK;
+        }
+        if c < d {
+            for (s, w) in slots.iter().zip(w) {
+                let v = &row(kv.v, d, base + *s as usize)[c..];
+                // SAFETY: AVX2 and FMA are enabled here; both hold `d - c` values.
+                unsafe { simd::axpy(*w / sum, v, &mut out[c..]) };
+            }
+        }
     }
 }
 
@@ -182,5 +286,47 @@ impl CustomOp3 for PagedAttention<'_> {
         );
         let out = self.attend(q, t, h, d, &F32Rows { k: kc, v: vc, d })?;
         Ok((CpuStorage::F32(out), Shape::from((t, h * d))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32)
+            .map(|v| v / (1u32 << 24) as f32 - 0.5)
+            .collect()
+    }
+
+    /// The float32 cache's loops over positions give, bit for bit, what one `dot` / `axpy` per
+    /// position gives, for head sizes with and without a whole number of 64-float chunks.
+    #[test]
+    fn position_loops_equal_the_per_row_kernels_bit_for_bit() {
+        for d in [64, 128, 80, 96, 36, 7] {
+            let rows = 40;
+            let (k, v) = (noise(rows * d, 1), noise(rows * d, 2));
+            let kv = F32Rows { k: &k, v: &v, d };
+            let q = noise(d, 3);
+            let slots: Vec<u32> = [3, 17, 0, 19, 5, 11, 2].to_vec();
+            let base = 20;
+            let mut got = Vec::new();
+            kv.dots(base, &slots, &q, &mut got);
+            let want: Vec<f32> = slots
+                .iter()
+                .map(|s| kv.dot(base + *s as usize, &q))
+                .collect();
+            assert_eq!(got, want, "dots, d {d}");
+            let w = noise(slots.len(), 4);
+            let sum = 1.7;
+            let mut got = noise(d, 5);
+            let mut want = got.clone();
+            kv.weighted(base, &slots, &w, sum, &mut got);
+            for (s, w) in slots.iter().zip(&w) {
+                kv.axpy(base + *s as usize, *w / sum, &mut want);
+            }
+            assert_eq!(got, want, "weighted, d {d}");
+        }
     }
 }
