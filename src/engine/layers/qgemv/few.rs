@@ -102,7 +102,7 @@ pub(super) unsafe fn product(
 #[allow(clippy::needless_range_loop)]
 mod x86 {
     use super::super::x86::unpack;
-    use super::{Few, Out, GROUPS};
+    use super::{Few, Format, Out, GROUPS};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
