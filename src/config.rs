@@ -407,6 +407,11 @@ pub const SETTINGS: &[Setting] = &[
         "structured output backend; every name (auto, guidance, xgrammar, outlines, lm-format-enforcer) means llguidance",
     ),
     setting(
+        "STRUCTURED_OUTPUT_FAST_FORWARD",
+        "true",
+        "verify the tokens a structured-output grammar forces in one forward pass (false: one step per token)",
+    ),
+    setting(
         "TOOL_CALL_PARSER",
         "auto",
         "how tool calls are written: hermes, llama3_json, mistral, qwen3_coder, or auto (detect any)",
@@ -872,6 +877,7 @@ impl Config {
                 s.parse::<usize>()
                     .map_err(|_| "a non-negative integer".to_string())
             })?,
+            fast_forward: v.get("STRUCTURED_OUTPUT_FAST_FORWARD", boolean)?,
             output_syntax: OutputSyntax {
                 enable_auto_tool_choice: v.parse("ENABLE_AUTO_TOOL_CHOICE", boolean)?,
                 tool_call_parser: v
@@ -1548,6 +1554,9 @@ mod tests {
         );
         assert!(parse(&[("ENABLE_AUTO_TOOL_CHOICE", "maybe")]).is_err());
         assert!(parse(&[("TOOL_CALL_PARSER", "pythonic")]).is_err());
+        assert!(parse(&[]).unwrap().engine.fast_forward);
+        let off = parse(&[("STRUCTURED_OUTPUT_FAST_FORWARD", "false")]).unwrap();
+        assert!(!off.engine.fast_forward);
         // vLLM's YAML flag
         let c = with_file("enable-auto-tool-choice: true\n", &[]).unwrap();
         assert_eq!(c.engine.output_syntax.enable_auto_tool_choice, Some(true));

@@ -33,7 +33,7 @@ use super::sampling::device::RowPlan;
 use super::sampling::Sampled;
 use super::scheduler::{Scheduled, Scheduler, SeqId, StepPlan};
 use super::settings::{EngineSettings, OutputSyntax};
-use super::speculative::{NgramProposer, MAX_SPECULATIVE_TOKENS};
+use super::speculative::{NgramProposer, DEFAULT_DISABLE_BY_BATCH_SIZE, MAX_SPECULATIVE_TOKENS};
 use super::template::ChatTemplate;
 use super::tokenizer::Tokenizer;
 use super::types::{EmbedOutput, EmbedRequest, GenerateRequest, GenerationEvent, Prompt};
@@ -542,10 +542,12 @@ impl Core {
 
     /// Structured output's fast-forward: the tokens each constrained sequence's grammar forces next
     /// become its draft for this step, verified in the one forward pass as a speculative draft is
-    /// (each row masked by the grammar, so the output is what one step per token gives).
+    /// (each row masked by the grammar, so the output is what one step per token gives). As with
+    /// speculation, not for a step with more decoding sequences than `DEFAULT_DISABLE_BY_BATCH_SIZE`:
+    /// a large batch already fills the arithmetic units, and multi-token rows only slow it.
     fn propose_forced(&mut self) {
         self.forced.clear();
-        if !self.fast_forward {
+        if !self.fast_forward || self.sched.num_running() > DEFAULT_DISABLE_BY_BATCH_SIZE {
             return;
         }
         for req in self.requests.values_mut() {

@@ -118,8 +118,8 @@ pub struct EngineSettings {
     pub sample_on_device: Option<bool>,
     /// How the model writes tool calls and reasoning (`TOOL_CALL_PARSER`, `REASONING_PARSER`).
     pub output_syntax: OutputSyntax,
-    /// Structured output's fast-forward: the tokens a grammar forces are verified in one forward
-    /// pass instead of a step each (on; off only to compare against plain masked decoding).
+    /// `STRUCTURED_OUTPUT_FAST_FORWARD`: the tokens a grammar forces are verified in one forward
+    /// pass instead of a step each.
     pub fast_forward: bool,
 }
 

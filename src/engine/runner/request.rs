@@ -108,8 +108,7 @@ pub(crate) struct RequestState {
     max_model_len: usize,
     drafted_tokens: usize,
     accepted_tokens: usize,
-    /// Tokens a grammar forced that a step verified, and accepted beside its own (fast-forward).
-    forced_drafted: usize,
+    /// Tokens a grammar forced that a step accepted beside its own (fast-forward).
     forced_tokens: usize,
     /// Forward passes the request took part in, and the last one.
     steps: usize,
@@ -175,7 +174,6 @@ impl RequestState {
             max_model_len,
             drafted_tokens: 0,
             accepted_tokens: 0,
-            forced_drafted: 0,
             forced_tokens: 0,
             steps: 0,
             last_step: None,
@@ -388,14 +386,9 @@ impl RequestState {
     }
 
     /// Fast-forward: the tokens the grammar of each constrained choice the next step decodes forces
-    /// next, as its draft (at most `k`, never past `max_tokens` or the context length). A request
-    /// whose model mostly picks other spellings of the forced text (under half of its first
-    /// `FORCED_PROBE` forced tokens accepted) stops: its rejected rows would only cost.
+    /// next, as its draft (at most `k`, never past `max_tokens` or the context length).
     pub(crate) fn forced_drafts(&mut self, sched: &Scheduler, k: usize) -> Vec<(SeqId, Vec<u32>)> {
-        const FORCED_PROBE: usize = 16;
-        let rejected =
-            self.forced_drafted >= FORCED_PROBE && self.forced_tokens * 2 < self.forced_drafted;
-        if !self.started || self.beam.is_some() || self.finished || rejected {
+        if !self.started || self.beam.is_some() || self.finished {
             return Vec::new();
         }
         let mut out = Vec::new();
@@ -543,7 +536,6 @@ impl RequestState {
             accepted += 1;
         }
         if forced {
-            self.forced_drafted += draft.len();
             self.forced_tokens += accepted;
         } else {
             self.drafted_tokens += draft.len();
