@@ -4,7 +4,7 @@
 //! decode is bound by streaming the weights from memory once. This kernel streams each weight row
 //! once, dots it with every row of `x` (held in L1), and splits the weight rows across threads.
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Up to this many rows of `x` use the kernel; more go to gemm, which wins once there is reuse.
 pub const MAX_ROWS: usize = 16;
@@ -42,17 +42,8 @@ impl CustomOp2 for SmallMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            bail!("small-matmul: x is [{m}, {k}] but w is [{n}, {k2}]")
-        }
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("small-matmul needs contiguous operands")
-        };
-        let x = &s1.as_slice::<f32>()?[x0..x1];
-        let w = &s2.as_slice::<f32>()?[w0..w1];
+        let super::sgemm::Operands { x, w, m, n, k } =
+            super::sgemm::operands(self.name(), s1, l1, s2, l2)?;
         // the engine's kernel pool, not rayon: the caller works alongside briefly spinning workers
         // and never waits for one that has not started (a decode step runs ~100 of these)
         let y = super::pool::by_weight_rows(m, n, TASK_ROWS, |rows, buf| {

@@ -107,20 +107,45 @@ impl CustomOp2 for Sgemm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            bail!("sgemm: x is [{m}, {k}] but w is [{n}, {k2}]")
-        }
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("sgemm needs contiguous operands")
-        };
-        let x = &s1.as_slice::<f32>()?[x0..x1];
-        let w = &s2.as_slice::<f32>()?[w0..w1];
+        let Operands { x, w, m, n, k } = operands(self.name(), s1, l1, s2, l2)?;
         let y = product(self.0, x, w, m, n, k);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
+}
+
+/// The two operands of an f32 `x · wᵀ` custom op (this one and `gemv`'s portable one): `x` `[m, k]`
+/// and `w` `[n, k]`, contiguous, as slices.
+pub(super) struct Operands<'a> {
+    pub x: &'a [f32],
+    pub w: &'a [f32],
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+pub(super) fn operands<'a>(
+    op: &str,
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> Result<Operands<'a>> {
+    let (m, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k != k2 {
+        bail!("{op}: x is [{m}, {k}] but w is [{n}, {k2}]")
+    }
+    let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+    else {
+        bail!("{op} needs contiguous operands")
+    };
+    Ok(Operands {
+        x: &s1.as_slice::<f32>()?[x0..x1],
+        w: &s2.as_slice::<f32>()?[w0..w1],
+        m,
+        n,
+        k,
+    })
 }
 
 /// `y` `[m, n]` = `x` `[m, k]` · `w`ᵀ (`w` `[n, k]`).
