@@ -38,6 +38,35 @@ def client(request, base_url):
 
 
 @pytest.fixture(scope="session")
+def client_at():
+    """The official client for a second server the Rust side started with other settings, whose URL is
+    in the environment variable named (the test skips when it is not set)."""
+    return lambda var: OpenAI(base_url=_env(var).rstrip("/") + "/v1", api_key="not-used", max_retries=0,
+                              timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tool_calls():
+    """`tool_calls(client, stream, **kwargs)`: a chat reply's tool calls as `{"name", "arguments"}`, the
+    streamed deltas joined per index; a whole reply must end with `finish_reason: "tool_calls"`."""
+
+    def collect(client, stream, **kwargs):
+        if stream:
+            calls = {}
+            for chunk in client.chat.completions.create(stream=True, **kwargs):
+                for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                    entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                    entry["name"] += d.function.name or ""
+                    entry["arguments"] += d.function.arguments or ""
+            return list(calls.values())
+        r = client.chat.completions.create(**kwargs)
+        assert r.choices[0].finish_reason == "tool_calls", r
+        return [{"name": c.function.name, "arguments": c.function.arguments} for c in r.choices[0].message.tool_calls]
+
+    return collect
+
+
+@pytest.fixture(scope="session")
 def reference():
     return json.loads((Path(_env("WORKER_FIXTURE")) / "reference.json").read_text())
 

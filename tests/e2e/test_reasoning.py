@@ -3,11 +3,9 @@ with `REASONING_PARSER=qwen3` and runs this file with WORKER_REASONING_BASE_URL 
 model is made to open and close a think block by a regex constraint (a Qwen3-style reply), or starts in
 one through a chat template that opens it (DeepSeek-R1's): the text inside goes to `reasoning_content`."""
 
-import os
 import re
 
 import pytest
-from openai import OpenAI
 
 # A template whose generation prompt opens the think block, as DeepSeek-R1's does.
 THINK_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -16,11 +14,8 @@ MESSAGES = [{"role": "user", "content": "Think, then answer."}]
 
 
 @pytest.fixture(scope="module")
-def rclient():
-    base = os.environ.get("WORKER_REASONING_BASE_URL")
-    if not base:
-        pytest.skip("WORKER_REASONING_BASE_URL is not set: run through `cargo test --test it openai_client`")
-    return OpenAI(base_url=base.rstrip("/") + "/v1", api_key="not-used", max_retries=0, timeout=120)
+def rclient(client_at):
+    return client_at("WORKER_REASONING_BASE_URL")
 
 
 def _reasoning(message):

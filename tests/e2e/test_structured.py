@@ -116,26 +116,13 @@ def _valid_call(name, arguments):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_required_and_named_tool_choices_give_valid_calls(client, model, stream):
+def test_required_and_named_tool_choices_give_valid_calls(client, model, tool_calls, stream):
     for seed in range(3):
         for choice in ["required", {"type": "function", "function": {"name": "add"}}]:
-            kwargs = dict(model=model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
-                          tool_choice=choice, temperature=1.0, seed=seed, max_tokens=150,
-                          # one call: a random model would go on adding calls until it runs out of room
-                          parallel_tool_calls=False)
-            if stream:
-                calls = {}
-                for chunk in client.chat.completions.create(stream=True, **kwargs):
-                    for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-                        entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                        entry["name"] += d.function.name or ""
-                        entry["arguments"] += d.function.arguments or ""
-                calls = list(calls.values())
-            else:
-                r = client.chat.completions.create(**kwargs)
-                assert r.choices[0].finish_reason == "tool_calls"
-                calls = [{"name": c.function.name, "arguments": c.function.arguments}
-                         for c in r.choices[0].message.tool_calls]
+            calls = tool_calls(client, stream, model=model, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                               tools=TOOLS, tool_choice=choice, temperature=1.0, seed=seed, max_tokens=150,
+                               # one call: a random model would go on adding calls until it runs out of room
+                               parallel_tool_calls=False)
             assert calls, choice
             for c in calls:
                 assert _valid_call(c["name"], c["arguments"]), c

@@ -5,11 +5,9 @@ by the tools' schemas, validate (streamed and not); `tool_choice` auto is refuse
 without `--enable-auto-tool-choice`."""
 
 import json
-import os
 
 import openai
 import pytest
-from openai import OpenAI
 
 TOOLS = [
     {"type": "function", "function": {"name": "write_file", "parameters": {"type": "object", "properties": {
@@ -21,11 +19,8 @@ MESSAGES = [{"role": "user", "content": "Write the file."}]
 
 
 @pytest.fixture(scope="module")
-def tclient():
-    base = os.environ.get("WORKER_TOOLS_BASE_URL")
-    if not base:
-        pytest.skip("WORKER_TOOLS_BASE_URL is not set: run through `cargo test --test it openai_client`")
-    return OpenAI(base_url=base.rstrip("/") + "/v1", api_key="not-used", max_retries=0, timeout=120)
+def tclient(client_at):
+    return client_at("WORKER_TOOLS_BASE_URL")
 
 
 def _valid(arguments):
@@ -36,24 +31,11 @@ def _valid(arguments):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_forced_calls_in_qwen3_coder_xml_validate(tclient, stream):
+def test_forced_calls_in_qwen3_coder_xml_validate(tclient, tool_calls, stream):
     for seed in range(3):
         for choice in ["required", {"type": "function", "function": {"name": "write_file"}}]:
-            kwargs = dict(model="m", messages=MESSAGES, tools=TOOLS, tool_choice=choice, temperature=1.0,
-                          seed=seed, max_tokens=200, parallel_tool_calls=False)
-            if stream:
-                calls = {}
-                for chunk in tclient.chat.completions.create(stream=True, **kwargs):
-                    for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-                        entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                        entry["name"] += d.function.name or ""
-                        entry["arguments"] += d.function.arguments or ""
-                calls = list(calls.values())
-            else:
-                r = tclient.chat.completions.create(**kwargs)
-                assert r.choices[0].finish_reason == "tool_calls", r
-                calls = [{"name": c.function.name, "arguments": c.function.arguments}
-                         for c in r.choices[0].message.tool_calls]
+            calls = tool_calls(tclient, stream, model="m", messages=MESSAGES, tools=TOOLS, tool_choice=choice,
+                               temperature=1.0, seed=seed, max_tokens=200, parallel_tool_calls=False)
             assert [c["name"] for c in calls] == ["write_file"], calls
             assert _valid(calls[0]["arguments"]), calls
 
