@@ -5,7 +5,6 @@
 //! dot products.
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::attention::AttentionParams;
 use super::simd;
@@ -76,9 +75,13 @@ impl PagedAttention<'_> {
                 items.len()
             )
         }
-        out.par_chunks_mut(d)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (row, o)| {
+        // the engine's kernel pool, as the products: rayon's threads would share the cores with
+        // its workers, which spin briefly between products
+        let rows = t * h;
+        let out_at = out.as_mut_ptr() as usize;
+        super::pool::pool().run(rows, |range| {
+            let mut scores = Vec::new();
+            for row in range {
                 let (tok, head) = (row / h, row % h);
                 let (token, pos, s) = items[tok];
                 debug_assert_eq!(token, tok);
@@ -87,8 +90,12 @@ impl PagedAttention<'_> {
                 let qv = &q[(tok * h + head) * d..][..d];
                 let base = kv_head * num_slots;
                 let slots = &s.slots[lo..=pos];
+                // SAFETY: `row < t * h`, so these `d` values lie inside `out`, which outlives
+                // `run`; each row belongs to one item of one chunk.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut((out_at as *mut f32).add(row * d), d) };
                 scores.clear();
-                kv.dots(base, slots, qv, scores);
+                kv.dots(base, slots, qv, &mut scores);
                 let mut max = f32::NEG_INFINITY;
                 for x in scores.iter_mut() {
                     *x *= p.scale as f32;
@@ -97,10 +104,11 @@ impl PagedAttention<'_> {
                     }
                     max = max.max(*x);
                 }
-                let sum = simd::exp_shifted(scores, max);
+                let sum = simd::exp_shifted(&mut scores, max);
                 o.fill(0.0);
-                kv.weighted(base, slots, scores, sum, o);
-            });
+                kv.weighted(base, slots, &scores, sum, o);
+            }
+        });
         Ok(out)
     }
 }

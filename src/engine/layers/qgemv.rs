@@ -23,6 +23,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Result, Tensor};
 use half::f16;
 
+use super::simd;
+
 mod few;
 
 const QK: usize = 32;
@@ -238,15 +240,31 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
     let mut q = vec![0i8; m * k];
     let mut d = vec![0f32; m * kb];
     for ((block, qb), db) in xs.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(&mut d) {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        for (o, v) in qb.iter_mut().zip(block) {
-            *o = round_away(v * inv) as i8;
-        }
+        let block: &[f32; QK] = block.try_into().expect("QK values");
+        let qb: &mut [i8; QK] = qb.try_into().expect("QK values");
+        #[cfg(target_arch = "x86_64")]
+        let scale = if simd::avx2_fma() {
+            // SAFETY: AVX2 is available (checked above).
+            unsafe { x86::quantize_block(block, qb) }
+        } else {
+            quantize_block(block, qb)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let scale = quantize_block(block, qb);
         *db = f16::from_f32(scale).to_f32();
     }
     (q, d)
+}
+
+/// One block of 32 activations to 8 bits: returns the scale (`max |x| / 127`) before f16 rounding.
+fn quantize_block(block: &[f32; QK], q: &mut [i8; QK]) -> f32 {
+    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    for (o, v) in q.iter_mut().zip(block) {
+        *o = round_away(v * inv) as i8;
+    }
+    scale
 }
 
 /// `x.round() as i32` (halves away from zero) for `|x| < 2³¹`, without the libm call that kept the
@@ -480,6 +498,43 @@ mod x86 {
     const VNNI: u8 = 0;
     const SIGNED: u8 = 1;
     const UNSIGNED: u8 = 2;
+
+    /// `quantize_block` with vectors, the same bits: the maximum is exact in any order, each
+    /// product is the same single rounding, and rounding halves away from zero is `round_away`'s
+    /// truncate-and-step.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_block(block: &[f32; QK], q: &mut [i8; QK]) -> f32 {
+        let p = block.as_ptr();
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+        let sign = _mm256_set1_ps(-0.0);
+        let m = v.iter().fold(_mm256_setzero_ps(), |a, x| {
+            _mm256_max_ps(a, _mm256_andnot_ps(sign, *x))
+        });
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        let half = _mm256_set1_ps(0.5);
+        let ints: [__m256i; 4] = std::array::from_fn(|i| {
+            let x = _mm256_mul_ps(v[i], inv);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+            // ±1 with x's sign where the dropped part is at least a half
+            let step = _mm256_and_ps(
+                up,
+                _mm256_or_ps(_mm256_set1_ps(1.0), _mm256_and_ps(sign, x)),
+            );
+            _mm256_cvttps_epi32(_mm256_add_ps(t, step))
+        });
+        let w01 = _mm256_packs_epi32(ints[0], ints[1]);
+        let w23 = _mm256_packs_epi32(ints[2], ints[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+        scale
+    }
 
     /// Packs weight rows `rows` (tiles of 8; rows past `n` repeat the last) into `buf`.
     pub unsafe fn pack(
@@ -1244,6 +1299,51 @@ mod tests {
             for v in [v, v.trunc() + 0.5, f32::from_bits(v.to_bits() + 1)] {
                 assert_eq!(round_away(v), v.round() as i32, "{v}");
             }
+        }
+    }
+
+    /// The vector quantization of a block gives the scalar one's bits: scale and every value, on
+    /// blocks whose products land on halves, on zeros, and on noise.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_activation_blocks_equal_the_scalar_ones() {
+        if !simd::avx2_fma() {
+            return;
+        }
+        let mut x = 0x9e37_79b9u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as f32 / u32::MAX as f32 - 0.5
+        };
+        let mut blocks: Vec<[f32; QK]> = vec![[0.0; QK]];
+        // amax 127: every product is the value itself, halves included
+        blocks.push(std::array::from_fn(|i| {
+            if i == 0 {
+                127.0
+            } else {
+                i as f32 - 15.5
+            }
+        }));
+        blocks.push(std::array::from_fn(|i| {
+            if i == 3 {
+                -254.0
+            } else {
+                2.0 * i as f32 + 1.0
+            }
+        }));
+        for _ in 0..2000 {
+            let spread = next().abs() * 100.0 + 1e-3;
+            blocks.push(std::array::from_fn(|_| next() * spread));
+        }
+        for block in blocks {
+            let (mut want, mut got) = ([0i8; QK], [0i8; QK]);
+            let scale = quantize_block(&block, &mut want);
+            // SAFETY: AVX2 is available (checked above).
+            let vscale = unsafe { x86::quantize_block(&block, &mut got) };
+            assert_eq!(scale.to_bits(), vscale.to_bits(), "{block:?}");
+            assert_eq!(want, got, "{block:?}");
         }
     }
 
