@@ -40,7 +40,7 @@ impl PagedAttention<'_> {
         Tensor::from_vec(out, (t, h * d), q.device())?.to_dtype(q.dtype())
     }
 
-    /// The work: one item per (token, head), its output row of `head_dim`.
+    /// The work: one item per (token, kv head), the output rows of its query heads.
     fn attend<R: KvRows>(
         &self,
         q: &[f32],
@@ -77,36 +77,39 @@ impl PagedAttention<'_> {
         }
         // the engine's kernel pool, as the products: rayon's threads would share the cores with
         // its workers, which spin briefly between products
-        let rows = t * h;
+        // one item per (token, kv head): its `group` query heads read each key and value row once
         let out_at = out.as_mut_ptr() as usize;
-        super::pool::pool().run(rows, |range| {
-            let mut scores = Vec::new();
-            for row in range {
-                let (tok, head) = (row / h, row % h);
+        super::pool::pool().run(t * kvh, |range| {
+            let (mut scores, mut sums) = (Vec::new(), vec![0f32; group]);
+            for item in range {
+                let (tok, kv_head) = (item / kvh, item % kvh);
                 let (token, pos, s) = items[tok];
                 debug_assert_eq!(token, tok);
-                let kv_head = head / group;
                 let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let qv = &q[(tok * h + head) * d..][..d];
+                let first = (tok * h + kv_head * group) * d;
+                let qs = &q[first..][..group * d];
                 let base = kv_head * num_slots;
                 let slots = &s.slots[lo..=pos];
-                // SAFETY: `row < t * h`, so these `d` values lie inside `out`, which outlives
-                // `run`; each row belongs to one item of one chunk.
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut((out_at as *mut f32).add(row * d), d) };
+                // SAFETY: `item < t * kvh`, so these `group * d` values (the item's heads, adjacent)
+                // lie inside `out`, which outlives `run`; each item belongs to one chunk.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut((out_at as *mut f32).add(first), group * d)
+                };
                 scores.clear();
-                kv.dots(base, slots, qv, &mut scores);
-                let mut max = f32::NEG_INFINITY;
-                for x in scores.iter_mut() {
-                    *x *= p.scale as f32;
-                    if let Some(cap) = p.softcap {
-                        *x = (*x / cap as f32).tanh() * cap as f32;
+                kv.dots_heads(base, slots, qs, d, &mut scores);
+                for (row, sum) in scores.chunks_exact_mut(slots.len()).zip(&mut sums) {
+                    let mut max = f32::NEG_INFINITY;
+                    for x in row.iter_mut() {
+                        *x *= p.scale as f32;
+                        if let Some(cap) = p.softcap {
+                            *x = (*x / cap as f32).tanh() * cap as f32;
+                        }
+                        max = max.max(*x);
                     }
-                    max = max.max(*x);
+                    *sum = simd::exp_shifted(row, max);
                 }
-                let sum = simd::exp_shifted(&mut scores, max);
                 o.fill(0.0);
-                kv.weighted(base, slots, &scores, sum, o);
+                kv.weighted_heads(base, slots, &scores, &sums, o);
             }
         });
         Ok(out)
@@ -129,6 +132,22 @@ pub(crate) trait KvRows: Sync {
     fn weighted(&self, base: usize, slots: &[u32], w: &[f32], sum: f32, out: &mut [f32]) {
         for (s, w) in slots.iter().zip(w) {
             self.axpy(base + *s as usize, *w / sum, out);
+        }
+    }
+    /// `dots` for each query head of `qs` (`d` values each) in turn: appends one row of scores per
+    /// head. Kernels may read each key once for all the heads; the bits are `dots`'.
+    fn dots_heads(&self, base: usize, slots: &[u32], qs: &[f32], d: usize, scores: &mut Vec<f32>) {
+        for q in qs.chunks_exact(d) {
+            self.dots(base, slots, q, scores);
+        }
+    }
+    /// `weighted` for each head: row `j` of `w` (`slots.len()` values each) with `sums[j]` into
+    /// row `j` of `out`. Kernels may read each value once for all the heads; the bits are
+    /// `weighted`'s.
+    fn weighted_heads(&self, base: usize, slots: &[u32], w: &[f32], sums: &[f32], out: &mut [f32]) {
+        let (n, d) = (slots.len(), out.len() / sums.len().max(1));
+        for (j, o) in out.chunks_exact_mut(d).enumerate() {
+            self.weighted(base, slots, &w[j * n..][..n], sums[j], o);
         }
     }
 }
@@ -164,6 +183,39 @@ impl KvRows for F32Rows<'_> {
             return;
         }
         scores.extend(slots.iter().map(|s| self.dot(base + *s as usize, q)));
+    }
+
+    fn dots_heads(&self, base: usize, slots: &[u32], qs: &[f32], d: usize, scores: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if d == self.d && qs.len().is_multiple_of(d) && x86::heads_fit(d) {
+            let n = slots.len();
+            let at = scores.len();
+            scores.resize(at + qs.len() / d * n, 0.0);
+            // SAFETY: `heads_fit` checked AVX-512 and the head size; `qs` holds whole heads of `d`
+            // and `scores` one row of `n` per head after `at`.
+            unsafe { x86::dots_heads(self, base, slots, qs, &mut scores[at..]) };
+            return;
+        }
+        for q in qs.chunks_exact(d) {
+            self.dots(base, slots, q, scores);
+        }
+    }
+
+    fn weighted_heads(&self, base: usize, slots: &[u32], w: &[f32], sums: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if out.len() == sums.len() * self.d
+            && w.len() == sums.len() * slots.len()
+            && x86::heads_fit(self.d)
+        {
+            // SAFETY: as in `dots_heads`; `w` holds one row of weights per head, `out` one row of
+            // `d` per head.
+            unsafe { x86::weighted_heads(self, base, slots, w, sums, out) };
+            return;
+        }
+        let (n, d) = (slots.len(), self.d);
+        for (j, o) in out.chunks_exact_mut(d).enumerate() {
+            self.weighted(base, slots, &w[j * n..][..n], sums[j], o);
+        }
     }
 
     fn weighted(&self, base: usize, slots: &[u32], w: &[f32], sum: f32, out: &mut [f32]) {
@@ -270,6 +322,157 @@ mod x86 {
             }
         }
     }
+
+    /// Whether the head-group kernels serve heads of `d`: AVX-512, and `d` 64 or 128 (a head's
+    /// query or output in 4 or 8 registers, up to 4 or 2 heads at once).
+    pub(super) fn heads_fit(d: usize) -> bool {
+        (d == 64 || d == 128) && super::simd::avx512()
+    }
+
+    /// Heads at once for head size `d`: their queries (or outputs) take 16 registers.
+    fn heads_at_once(d: usize) -> usize {
+        256 / d
+    }
+
+    /// `F32Rows::dots` for every head of `qs`, each key row read once per pass of up to
+    /// `heads_at_once` heads. The same bits as `simd::dot` (AVX2): lanes 0–7 of one 512-bit sum
+    /// are its first accumulator (floats `16c..16c+8`), lanes 8–15 its second, summed as it sums
+    /// them.
+    ///
+    /// # Safety
+    /// `heads_fit(kv.d)`; `qs` holds whole heads of `kv.d`, `scores` `slots.len()` per head.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) unsafe fn dots_heads(
+        kv: &F32Rows,
+        base: usize,
+        slots: &[u32],
+        qs: &[f32],
+        scores: &mut [f32],
+    ) {
+        let (d, n) = (kv.d, slots.len());
+        let at_once = heads_at_once(d);
+        for (pass, q) in qs.chunks(at_once * d).enumerate() {
+            let out = &mut scores[pass * at_once * n..][..q.len() / d * n];
+            // SAFETY: as the caller promises, per pass.
+            unsafe {
+                match (d, q.len() / d) {
+                    (64, 1) => dots_pass::<4, 1>(kv, base, slots, q, out),
+                    (64, 2) => dots_pass::<4, 2>(kv, base, slots, q, out),
+                    (64, 3) => dots_pass::<4, 3>(kv, base, slots, q, out),
+                    (64, 4) => dots_pass::<4, 4>(kv, base, slots, q, out),
+                    (128, 1) => dots_pass::<8, 1>(kv, base, slots, q, out),
+                    (128, 2) => dots_pass::<8, 2>(kv, base, slots, q, out),
+                    _ => unreachable!("heads_fit admits 64 and 128"),
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn dots_pass<const V: usize, const G: usize>(
+        kv: &F32Rows,
+        base: usize,
+        slots: &[u32],
+        q: &[f32],
+        scores: &mut [f32],
+    ) {
+        let (d, n) = (kv.d, slots.len());
+        debug_assert!(d == 16 * V && q.len() == G * d && scores.len() == G * n);
+        // SAFETY: `q` holds `G` heads of `16 V` floats.
+        let qv: [[__m512; V]; G] = std::array::from_fn(|j| {
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(j * d + 16 * c)) })
+        });
+        for (i, s) in slots.iter().enumerate() {
+            prefetch(kv.k, d, base, slots, i);
+            let k = row(kv.k, d, base + *s as usize).as_ptr();
+            // SAFETY: the row holds `16 V` floats.
+            let kr: [__m512; V] =
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(k.add(16 * c)) });
+            for j in 0..G {
+                let mut acc = _mm512_setzero_ps();
+                for c in 0..V {
+                    acc = _mm512_fmadd_ps(qv[j][c], kr[c], acc);
+                }
+                let lo = _mm512_castps512_ps256(acc);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+                // SAFETY: AVX2 is enabled here.
+                scores[j * n + i] = unsafe { simd::hsum(_mm256_add_ps(lo, hi)) };
+            }
+        }
+    }
+
+    /// `F32Rows::weighted` for every head, each value row read once per pass of up to
+    /// `heads_at_once` heads: per lane the same fused multiply-adds in the same order (the bits of
+    /// the AVX2 loop).
+    ///
+    /// # Safety
+    /// `heads_fit(kv.d)`; `w` holds `slots.len()` weights per head of `sums`, `out` `kv.d` floats
+    /// per head.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) unsafe fn weighted_heads(
+        kv: &F32Rows,
+        base: usize,
+        slots: &[u32],
+        w: &[f32],
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        let (d, n) = (kv.d, slots.len());
+        let at_once = heads_at_once(d);
+        for (pass, o) in out.chunks_mut(at_once * d).enumerate() {
+            let heads = pass * at_once..pass * at_once + o.len() / d;
+            let (w, sums) = (&w[heads.start * n..heads.end * n], &sums[heads]);
+            // SAFETY: as the caller promises, per pass.
+            unsafe {
+                match (d, sums.len()) {
+                    (64, 1) => weighted_pass::<4, 1>(kv, base, slots, w, sums, o),
+                    (64, 2) => weighted_pass::<4, 2>(kv, base, slots, w, sums, o),
+                    (64, 3) => weighted_pass::<4, 3>(kv, base, slots, w, sums, o),
+                    (64, 4) => weighted_pass::<4, 4>(kv, base, slots, w, sums, o),
+                    (128, 1) => weighted_pass::<8, 1>(kv, base, slots, w, sums, o),
+                    (128, 2) => weighted_pass::<8, 2>(kv, base, slots, w, sums, o),
+                    _ => unreachable!("heads_fit admits 64 and 128"),
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn weighted_pass<const V: usize, const G: usize>(
+        kv: &F32Rows,
+        base: usize,
+        slots: &[u32],
+        w: &[f32],
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        let (d, n) = (kv.d, slots.len());
+        debug_assert!(d == 16 * V && w.len() == G * n && sums.len() == G && out.len() == G * d);
+        let po = out.as_mut_ptr();
+        // SAFETY: `out` holds `G` rows of `16 V` floats.
+        let mut acc: [[__m512; V]; G] = std::array::from_fn(|j| {
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(po.add(j * d + 16 * c)) })
+        });
+        for (i, s) in slots.iter().enumerate() {
+            prefetch(kv.v, d, base, slots, i);
+            let v = row(kv.v, d, base + *s as usize).as_ptr();
+            // SAFETY: the row holds `16 V` floats.
+            let vr: [__m512; V] =
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(v.add(16 * c)) });
+            for j in 0..G {
+                let a = _mm512_set1_ps(w[j * n + i] / sums[j]);
+                for c in 0..V {
+                    acc[j][c] = _mm512_fmadd_ps(a, vr[c], acc[j][c]);
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(po.add(j * d + 16 * c), *a) };
+            }
+        }
+    }
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -356,6 +559,38 @@ mod tests {
                 kv.axpy(base + *s as usize, *w / sum, &mut want);
             }
             assert_eq!(got, want, "weighted, d {d}");
+        }
+    }
+
+    /// The head-group kernels give, bit for bit, `dots` and `weighted` per head, for groups
+    /// larger and smaller than one pass and head sizes they do and do not serve.
+    #[test]
+    fn head_groups_equal_one_head_at_a_time_bit_for_bit() {
+        for d in [64, 128, 80, 7] {
+            let rows = 40;
+            let (k, v) = (noise(rows * d, 6), noise(rows * d, 7));
+            let kv = F32Rows { k: &k, v: &v, d };
+            let slots: Vec<u32> = [3, 17, 0, 19, 5, 11, 2, 8, 13, 1, 4].to_vec();
+            let (base, n) = (20, slots.len());
+            for g in 1..=7 {
+                let qs = noise(g * d, 8 + g as u32);
+                let mut got = vec![9.0];
+                kv.dots_heads(base, &slots, &qs, d, &mut got);
+                let mut want = vec![9.0];
+                for q in qs.chunks_exact(d) {
+                    kv.dots(base, &slots, q, &mut want);
+                }
+                assert_eq!(got, want, "dots, d {d}, {g} heads");
+                let w = noise(g * n, 20 + g as u32);
+                let sums: Vec<f32> = (0..g).map(|j| 1.3 + j as f32).collect();
+                let mut got = noise(g * d, 30);
+                let mut want = got.clone();
+                kv.weighted_heads(base, &slots, &w, &sums, &mut got);
+                for (j, o) in want.chunks_exact_mut(d).enumerate() {
+                    kv.weighted(base, &slots, &w[j * n..][..n], sums[j], o);
+                }
+                assert_eq!(got, want, "weighted, d {d}, {g} heads");
+            }
         }
     }
 }
