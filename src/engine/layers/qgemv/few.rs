@@ -109,7 +109,7 @@ mod x86 {
     pub(super) type Args<'a> = (&'a Few, &'a [u8], usize, Range<usize>, Out);
 
     /// Weight rows per pass: independent accumulator chains.
-    const ROWS: usize = 4;
+    const ROWS: usize = 8;
 
     /// Block `b`'s 8 groups of 4 bytes of a weight row, as unsigned values for `vpdpbusd` (q8_0
     /// `+128`), and its scale's f16 bits.
@@ -134,6 +134,28 @@ mod x86 {
     /// of the weights held 60% of this kernel's samples). Prefetches past the weights do not
     /// fault.
     const AHEAD_PASSES: usize = 2;
+
+    /// The 4 bytes at `p` in every lane, each `^ flip` (q8_0's `+128`): one instruction, the load
+    /// broadcasting as it feeds the logic unit. Written out because the compiler, given a
+    /// broadcast load and a xor, loads the whole block and extracts each group with shuffles
+    /// instead, and the shuffle port then bounds the kernel.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn flipped(p: *const u8, flip: __m512i) -> __m512i {
+        let out: __m512i;
+        // SAFETY: the caller's `p` points at 4 readable bytes; AVX-512F is enabled where this
+        // is inlined.
+        unsafe {
+            std::arch::asm!(
+                "vpxord {out}, {flip}, dword ptr [{p}]{{1to16}}",
+                out = lateout(zmm_reg) out,
+                flip = in(zmm_reg) flip,
+                p = in(reg) p,
+                options(pure, readonly, nostack, preserves_flags),
+            );
+        }
+        out
+    }
 
     /// A block scale's f16 bits as f32, exactly as the other paths convert them.
     #[inline(always)]
@@ -169,16 +191,34 @@ mod x86 {
                 let c = _mm512_loadu_si512(cp.add(b * 16) as *const __m512i);
                 let mut p = [c; ROWS];
                 let mut dw = [0f32; ROWS];
-                let mut g = [[0i32; GROUPS]; ROWS];
-                for r in 0..ROWS {
-                    let (gr, bits) = groups::<BITS>(row[r].add(b * bb));
-                    g[r] = gr;
-                    dw[r] = scale(bits);
-                }
-                for gi in 0..GROUPS {
-                    let xv = _mm512_loadu_si512(xp.add((b * GROUPS + gi) * 16) as *const __m512i);
+                if BITS == 0 {
+                    // q8_0: each group broadcast straight from the block and made unsigned as it
+                    // loads (extracting it from a loaded block took two shuffles per group)
                     for r in 0..ROWS {
-                        p[r] = _mm512_dpbusd_epi32(p[r], _mm512_set1_epi32(g[r][gi]), xv);
+                        dw[r] = scale((row[r].add(b * bb) as *const u16).read_unaligned());
+                    }
+                    let flip = _mm512_set1_epi8(-128);
+                    for gi in 0..GROUPS {
+                        let xv =
+                            _mm512_loadu_si512(xp.add((b * GROUPS + gi) * 16) as *const __m512i);
+                        for r in 0..ROWS {
+                            let at = row[r].add(b * bb + 2 + 4 * gi);
+                            p[r] = _mm512_dpbusd_epi32(p[r], flipped(at, flip), xv);
+                        }
+                    }
+                } else {
+                    let mut g = [[0i32; GROUPS]; ROWS];
+                    for r in 0..ROWS {
+                        let (gr, bits) = groups::<BITS>(row[r].add(b * bb));
+                        g[r] = gr;
+                        dw[r] = scale(bits);
+                    }
+                    for gi in 0..GROUPS {
+                        let xv =
+                            _mm512_loadu_si512(xp.add((b * GROUPS + gi) * 16) as *const __m512i);
+                        for r in 0..ROWS {
+                            p[r] = _mm512_dpbusd_epi32(p[r], _mm512_set1_epi32(g[r][gi]), xv);
+                        }
                     }
                 }
                 let dx = _mm512_loadu_ps(dp.add(b * 16));
