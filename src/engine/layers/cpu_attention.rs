@@ -98,14 +98,18 @@ impl PagedAttention<'_> {
                 scores.clear();
                 kv.dots_heads(base, slots, qs, d, &mut scores);
                 for (row, sum) in scores.chunks_exact_mut(slots.len()).zip(&mut sums) {
-                    let mut max = f32::NEG_INFINITY;
-                    for x in row.iter_mut() {
-                        *x *= p.scale as f32;
-                        if let Some(cap) = p.softcap {
-                            *x = (*x / cap as f32).tanh() * cap as f32;
+                    let max = match p.softcap {
+                        None => simd::scale_max(row, p.scale as f32),
+                        Some(cap) => {
+                            let mut max = f32::NEG_INFINITY;
+                            for x in row.iter_mut() {
+                                *x *= p.scale as f32;
+                                *x = (*x / cap as f32).tanh() * cap as f32;
+                                max = max.max(*x);
+                            }
+                            max
                         }
-                        max = max.max(*x);
-                    }
+                    };
                     *sum = simd::exp_shifted(row, max);
                 }
                 o.fill(0.0);

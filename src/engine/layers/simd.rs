@@ -77,6 +77,23 @@ pub(crate) fn softmax(x: &mut [f32]) {
     }
 }
 
+/// `x[i] *= scale` in place; returns the largest `x[i]` after (`-inf` for none).
+pub(crate) fn scale_max(x: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2_fma() {
+            // SAFETY: AVX2 is available (checked above).
+            return unsafe { x86::scale_max(x, scale) };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for v in x.iter_mut() {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    max
+}
+
 /// `x[i] = exp(x[i] - shift)` in place; returns `Σ x[i]` after.
 pub(crate) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -316,6 +333,31 @@ pub(crate) mod x86 {
         s
     }
 
+    /// `super::scale_max` 8 lanes at a time: the same products, and a maximum is exact in any
+    /// order.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn scale_max(x: &mut [f32], scale: f32) -> f32 {
+        let (n, p) = (x.len(), x.as_mut_ptr());
+        let s = _mm256_set1_ps(scale);
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), s);
+            _mm256_storeu_ps(p.add(i), v);
+            m = _mm256_max_ps(m, v);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        while i < n {
+            *p.add(i) *= scale;
+            max = max.max(*p.add(i));
+            i += 1;
+        }
+        max
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len();
@@ -354,6 +396,27 @@ mod tests {
             }
         }
     }
+    /// Scaling in place and taking the maximum gives the scalar loop's values and maximum, on
+    /// lengths with and without a vector tail, negative rows included.
+    #[test]
+    fn scale_max_equals_the_scalar_loop() {
+        for n in [0, 1, 7, 8, 13, 64, 100] {
+            for shift in [0.0f32, -50.0] {
+                let x: Vec<f32> = (0..n)
+                    .map(|i| (i as f32 * 0.37).sin() * 9.0 + shift)
+                    .collect();
+                let (mut got, mut want) = (x.clone(), x.clone());
+                let mut max = f32::NEG_INFINITY;
+                for v in want.iter_mut() {
+                    *v *= 0.125;
+                    max = max.max(*v);
+                }
+                assert_eq!(scale_max(&mut got, 0.125), max, "n {n}");
+                assert_eq!(got, want, "n {n}");
+            }
+        }
+    }
+
     fn softmax_ref(x: &[f32]) -> Vec<f32> {
         let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let e: Vec<f64> = x.iter().map(|v| ((*v - max) as f64).exp()).collect();
