@@ -333,6 +333,22 @@ mod x86 {
         (d == 64 || d == 128) && super::simd::avx512()
     }
 
+    /// Calls the pass kernel `f` monomorphised for head size `d` (in 16-float vectors) and `g`
+    /// heads, the shapes `heads_fit` and `heads_at_once` admit.
+    macro_rules! by_shape {
+        ($f:ident, $d:expr, $g:expr, $args:tt) => {
+            match ($d, $g) {
+                (64, 1) => $f::<4, 1> $args,
+                (64, 2) => $f::<4, 2> $args,
+                (64, 3) => $f::<4, 3> $args,
+                (64, 4) => $f::<4, 4> $args,
+                (128, 1) => $f::<8, 1> $args,
+                (128, 2) => $f::<8, 2> $args,
+                _ => unreachable!("heads_fit admits 64 and 128"),
+            }
+        };
+    }
+
     /// Heads at once for head size `d`: their queries (or outputs) take 16 registers.
     fn heads_at_once(d: usize) -> usize {
         256 / d
@@ -358,17 +374,7 @@ mod x86 {
         for (pass, q) in qs.chunks(at_once * d).enumerate() {
             let out = &mut scores[pass * at_once * n..][..q.len() / d * n];
             // SAFETY: as the caller promises, per pass.
-            unsafe {
-                match (d, q.len() / d) {
-                    (64, 1) => dots_pass::<4, 1>(kv, base, slots, q, out),
-                    (64, 2) => dots_pass::<4, 2>(kv, base, slots, q, out),
-                    (64, 3) => dots_pass::<4, 3>(kv, base, slots, q, out),
-                    (64, 4) => dots_pass::<4, 4>(kv, base, slots, q, out),
-                    (128, 1) => dots_pass::<8, 1>(kv, base, slots, q, out),
-                    (128, 2) => dots_pass::<8, 2>(kv, base, slots, q, out),
-                    _ => unreachable!("heads_fit admits 64 and 128"),
-                }
-            }
+            unsafe { by_shape!(dots_pass, d, q.len() / d, (kv, base, slots, q, out)) }
         }
     }
 
@@ -427,17 +433,7 @@ mod x86 {
             let heads = pass * at_once..pass * at_once + o.len() / d;
             let (w, sums) = (&w[heads.start * n..heads.end * n], &sums[heads]);
             // SAFETY: as the caller promises, per pass.
-            unsafe {
-                match (d, sums.len()) {
-                    (64, 1) => weighted_pass::<4, 1>(kv, base, slots, w, sums, o),
-                    (64, 2) => weighted_pass::<4, 2>(kv, base, slots, w, sums, o),
-                    (64, 3) => weighted_pass::<4, 3>(kv, base, slots, w, sums, o),
-                    (64, 4) => weighted_pass::<4, 4>(kv, base, slots, w, sums, o),
-                    (128, 1) => weighted_pass::<8, 1>(kv, base, slots, w, sums, o),
-                    (128, 2) => weighted_pass::<8, 2>(kv, base, slots, w, sums, o),
-                    _ => unreachable!("heads_fit admits 64 and 128"),
-                }
-            }
+            unsafe { by_shape!(weighted_pass, d, sums.len(), (kv, base, slots, w, sums, o)) }
         }
     }
 

@@ -23,6 +23,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, DType, Result, Tensor};
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
 use super::simd;
 
 mod few;

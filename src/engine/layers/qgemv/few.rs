@@ -111,15 +111,12 @@ mod x86 {
     /// Weight rows per pass: independent accumulator chains.
     const ROWS: usize = 8;
 
-    /// Block `b`'s 8 groups of 4 bytes of a weight row, as unsigned values for `vpdpbusd` (q8_0
-    /// `+128`), and its scale's f16 bits.
+    /// A q4_0 (`BITS` 4) or q5_0 (5) block's 8 groups of 4 bytes, unpacked to unsigned values for
+    /// `vpdpbusd`, and its scale's f16 bits. (q8_0's groups are broadcast straight from the
+    /// block: `flipped`.)
     #[inline(always)]
     unsafe fn groups<const BITS: u8>(blk: *const u8) -> ([i32; GROUPS], u16) {
         let v = match BITS {
-            0 => {
-                let raw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                _mm256_xor_si256(raw, _mm256_set1_epi8(-128))
-            }
             5 => unpack(Format::Q5_0, blk),
             _ => unpack(Format::Q4_0, blk),
         };
@@ -129,8 +126,8 @@ mod x86 {
     }
 
     /// Passes ahead whose rows (contiguous) are fetched in step with the current one, a block's
-    /// share of their bytes per block: four interleaved streams of a few cache lines each train
-    /// no hardware prefetcher, and fetching within the rows being read came too late (the loads
+    /// share of their bytes per block: a pass's interleaved row streams of a few cache lines each
+    /// train no hardware prefetcher, and fetching within the rows being read came too late (the loads
     /// of the weights held 60% of this kernel's samples). Prefetches past the weights do not
     /// fault.
     const AHEAD_PASSES: usize = 2;
