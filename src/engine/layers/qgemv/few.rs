@@ -1,4 +1,4 @@
-//! Batched decode of 9 to 16 tokens against q8_0 / q4_0 / q5_0 weights read straight from ggml's
+//! Batched decode of 5 to 16 tokens against q8_0 / q4_0 / q5_0 weights read straight from ggml's
 //! layout, row after row as stored: no per-task packing of the weights. Here the lanes of a 512-bit
 //! vector are the tokens, not the weight rows: the activations (small) are transposed once per
 //! product, so that lane `t` of vector `(b, c)` holds bytes `4c..4c+4` of token `t`'s block `b`;
@@ -7,18 +7,20 @@
 //! value, one f32 product of the two scales and one fused multiply-add per block), so every bit
 //! equals the other paths' and a row's result does not depend on the tokens beside it.
 //!
-//! Measured (CPU samples of the products over the same decode, q8_0 SmolLM2-135M shape, Zen 4):
-//! 11% less than packing and tiling at 16 tokens, even at 8, 7% more at 4 (the tiled kernel packs
-//! once for several tokens per lane; a 256-bit variant did no better there); so it takes 9 to 16
-//! tokens with AVX-512 VNNI only, and everything else goes to the tiled, one-token or scalar
-//! kernels.
+//! Its cost hardly depends on the height (one `vpdpbusd` per weight group for up to 16 tokens).
+//! Measured first on Zen 4 (CPU samples of the products over the same decode, q8_0 SmolLM2-135M
+//! shape): 11% less than packing and tiling at 16 tokens, even at 8, 7% more at 4. Since its weight
+//! prefetching and broadcasts (Zen 5, 1536 × 576 q8_0 from memory): 25–30% less than packing at 2
+//! to 8 tokens, but from 1 to 4 tokens the direct kernel (`x86::direct`: each block's values once
+//! for every token) costs less still. So it takes 5 to 16 tokens with AVX-512 VNNI only, and
+//! everything else goes to the tiled, direct or scalar kernels.
 
 use super::{Activations, Format, Path, QK};
 #[cfg(target_arch = "x86_64")]
 use {super::Out, std::ops::Range};
 
 /// The fewest tokens this kernel takes.
-pub(super) const MIN_TOKENS: usize = 9;
+pub(super) const MIN_TOKENS: usize = super::DIRECT_TOKENS + 1;
 /// The most tokens this kernel takes: one per lane.
 pub(super) const MAX_TOKENS: usize = 16;
 /// Groups of 4 bytes per 32-value block.
@@ -251,7 +253,7 @@ mod tests {
     }
 
     /// Every height this kernel serves gives, row for row, the bits of one token alone (the
-    /// one-token path) and of a tall batch (the tiled kernel), on odd shapes: weight rows not a
+    /// direct path) and of a tall batch (the tiled kernel), on odd shapes: weight rows not a
     /// multiple of the kernel's 4 nor of the tiles' 8, blocks per row odd and even.
     #[test]
     fn few_tokens_give_the_bits_of_one_token_and_of_the_tiled_kernel() -> Result<()> {
@@ -286,7 +288,7 @@ mod tests {
         Ok(())
     }
 
-    /// It takes 9 to 16 tokens on VNNI, the 32-blocks only; the rest goes to the other kernels.
+    /// It takes 5 to 16 tokens on VNNI, the 32-blocks only; the rest goes to the other kernels.
     #[test]
     fn serves_a_few_tokens_of_the_32_blocks_only() {
         let k = 64;
