@@ -3,7 +3,9 @@
 //! unpacked, nibbles and high bits split) is done once, then each token's integer sums, its
 //! float multiply-adds and its final sums run exactly as candle runs them for that token alone.
 //! So every token's result has the bits candle's one-token dot product gives, at any batch height,
-//! while a batch of 16 unpacks each block once instead of 16 times.
+//! while a batch unpacks each block once per pass of up to 4 tokens (AVX2) or 4 pairs of tokens
+//! (AVX-512BW: the two 256-bit halves of each vector are two tokens, lane for lane what the AVX2
+//! kernel computes, since the byte and word products never cross a 256-bit half).
 //!
 //! The blocks are read through candle's `#[repr(C)]` layouts (their sizes are asserted below):
 //! q4_K `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`; q6_K `ql: [u8; 128], qh: [u8; 64],
@@ -13,9 +15,6 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K};
 use half::f16;
-
-/// Tokens per pass over a row: their accumulators stay in registers.
-const CHUNK: usize = 4;
 
 /// The most tokens one call takes.
 pub(super) const MAX_TOKENS: usize = super::MAX_ROWS;
@@ -95,18 +94,76 @@ unsafe fn shuffle_q6(i: usize) -> __m128i {
 /// `m == out.len() <= MAX_TOKENS`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn q4k(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
-    for (c, out) in out.chunks_mut(CHUNK).enumerate() {
-        let xq = xq.add(c * CHUNK * kb * Q8K_BYTES);
-        match out.len() {
-            1 => q4k_tokens::<1>(w, xq, kb, out),
-            2 => q4k_tokens::<2>(w, xq, kb, out),
-            3 => q4k_tokens::<3>(w, xq, kb, out),
-            _ => q4k_tokens::<4>(w, xq, kb, out),
+    q4k_on(wide(), w, xq, kb, out)
+}
+
+/// [`q4k`], with (`wide`) or without the AVX-512 kernels.
+///
+/// # Safety
+/// As [`q4k`]; `wide` only where [`wide`] holds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4k_on(wide: bool, w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
+    by_chunks(
+        wide,
+        w,
+        xq,
+        kb,
+        out,
+        &Kernels {
+            narrow: [
+                q4k_tokens::<1>,
+                q4k_tokens::<2>,
+                q4k_tokens::<3>,
+                q4k_tokens::<4>,
+            ],
+            wide: [
+                q4k_pairs::<1>,
+                q4k_pairs::<2>,
+                q4k_pairs::<3>,
+                q4k_pairs::<4>,
+            ],
+        },
+    )
+}
+
+type Kernel = unsafe fn(*const u8, *const u8, usize, &mut [f32]);
+
+/// One format's kernels: `narrow[i]` takes `i + 1` tokens (AVX2), `wide[i]` `2 (i + 1)`.
+struct Kernels {
+    narrow: [Kernel; NARROW],
+    wide: [Kernel; WIDE_PAIRS],
+}
+
+/// Tokens per pass over a row (their accumulators in registers): 4 with AVX2, 4 pairs with
+/// AVX-512 (and an odd token left to the AVX2 kernel).
+const NARROW: usize = 4;
+const WIDE_PAIRS: usize = 4;
+
+/// Runs `out`'s tokens through `k` in passes over the row.
+#[inline(always)]
+unsafe fn by_chunks(
+    wide: bool,
+    w: *const u8,
+    xq: *const u8,
+    kb: usize,
+    out: &mut [f32],
+    k: &Kernels,
+) {
+    let chunk = if wide { 2 * WIDE_PAIRS } else { NARROW };
+    for (c, out) in out.chunks_mut(chunk).enumerate() {
+        let xq = xq.add(c * chunk * kb * Q8K_BYTES);
+        let pairs = if wide { out.len() / 2 } else { 0 };
+        let (two, rest) = out.split_at_mut(2 * pairs);
+        if pairs > 0 {
+            (k.wide[pairs - 1])(w, xq, kb, two);
+        }
+        if !rest.is_empty() {
+            (k.narrow[rest.len() - 1])(w, xq.add(2 * pairs * kb * Q8K_BYTES), kb, rest);
         }
     }
 }
 
-#[inline(always)]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn q4k_tokens<const T: usize>(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
     const KMASK1: u32 = 0x3f3f3f3f;
     const KMASK2: u32 = 0x0f0f0f0f;
@@ -177,18 +234,150 @@ unsafe fn q4k_tokens<const T: usize>(w: *const u8, xq: *const u8, kb: usize, out
     }
 }
 
+/// Whether the paired kernels run: AVX-512BW, two tokens per 512-bit vector, each half computing
+/// exactly what the AVX2 kernel computes for its token.
+fn wide() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// [`q4k_tokens`] for `2 * P` tokens, two per 512-bit vector.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn q4k_pairs<const P: usize>(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    debug_assert_eq!(out.len(), 2 * P);
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = [[_mm256_setzero_ps(); 2]; P];
+    let mut acc_m = [[_mm_setzero_ps(); 2]; P];
+    for b in 0..kb {
+        let x = w.add(b * Q4K_BYTES);
+        let (xd, xdmin) = (half_at(x), half_at(x.add(2)));
+        let read = |i: usize| (x.add(4 + 4 * i) as *const u32).read_unaligned();
+        let mut utmp = [read(0), read(1), read(2), 0];
+        utmp[3] = ((utmp[2] >> 4) & KMASK2) | (((utmp[1] >> 6) & KMASK3) << 4);
+        let uaux = utmp[1] & KMASK1;
+        utmp[1] = (utmp[2] & KMASK2) | (((utmp[0] >> 6) & KMASK3) << 4);
+        utmp[2] = uaux;
+        utmp[0] &= KMASK1;
+        let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
+            utmp[3] as i32,
+            utmp[2] as i32,
+            utmp[1] as i32,
+            utmp[0] as i32,
+        ));
+        let mins = _mm256_extracti128_si256(mins_and_scales, 1);
+        let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
+        let scales = _mm256_insertf128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        let mut wv = [[_mm512_setzero_si512(); 4]; 4];
+        for (j, v) in wv.iter_mut().enumerate() {
+            let q4bits = _mm256_loadu_si256(x.add(16 + 32 * j) as *const __m256i);
+            *v = [
+                _mm512_broadcast_i64x4(_mm256_shuffle_epi8(scales, shuffle_k4(2 * j))),
+                _mm512_broadcast_i64x4(_mm256_and_si256(q4bits, m4)),
+                _mm512_broadcast_i64x4(_mm256_shuffle_epi8(scales, shuffle_k4(2 * j + 1))),
+                _mm512_broadcast_i64x4(_mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4)),
+            ];
+        }
+        for p in 0..P {
+            let y: [*const u8; 2] =
+                std::array::from_fn(|h| xq.add(((2 * p + h) * kb + b) * Q8K_BYTES));
+            for h in 0..2 {
+                let yd = (y[h] as *const f32).read_unaligned();
+                let dmin = -yd * xdmin;
+                let q8sums = _mm256_loadu_si256(y[h].add(4 + 256) as *const __m256i);
+                let q8s = _mm_hadd_epi16(
+                    _mm256_extracti128_si256(q8sums, 0),
+                    _mm256_extracti128_si256(q8sums, 1),
+                );
+                let prod = _mm_madd_epi16(mins, q8s);
+                acc_m[p][h] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[p][h]);
+            }
+            let pair = |off: usize| {
+                _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(y[0].add(off) as *const __m256i)),
+                    _mm256_loadu_si256(y[1].add(off) as *const __m256i),
+                )
+            };
+            let mut sumi = _mm512_setzero_si512();
+            for (j, [scale_l, q4l, scale_h, q4h]) in wv.iter().enumerate() {
+                let q8l = pair(4 + 64 * j);
+                let p16l = _mm512_madd_epi16(*scale_l, _mm512_maddubs_epi16(*q4l, q8l));
+                sumi = _mm512_add_epi32(sumi, p16l);
+                let q8h = pair(4 + 64 * j + 32);
+                let p16h = _mm512_madd_epi16(*scale_h, _mm512_maddubs_epi16(*q4h, q8h));
+                sumi = _mm512_add_epi32(sumi, p16h);
+            }
+            let halves = [
+                _mm512_castsi512_si256(sumi),
+                _mm512_extracti64x4_epi64::<1>(sumi),
+            ];
+            for h in 0..2 {
+                let d = (y[h] as *const f32).read_unaligned() * xd;
+                acc[p][h] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(halves[h]), acc[p][h]);
+            }
+        }
+    }
+    for (t, o) in out.iter_mut().enumerate() {
+        let a = acc_m[t / 2][t % 2];
+        let a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+        let a = _mm_add_ss(a, _mm_movehdup_ps(a));
+        *o = hsum_float_8(acc[t / 2][t % 2]) + _mm_cvtss_f32(a);
+    }
+}
+
 /// `out[t]` = row `w` (`kb` q6_K blocks) · token `t` (`xq`: `m` tokens × `kb` q8_K blocks).
 ///
 /// # Safety
 /// As [`q4k`], for q6_K blocks.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn q6k(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
-    let m = out.len();
-    debug_assert!(m <= MAX_TOKENS);
+    q6k_on(wide(), w, xq, kb, out)
+}
+
+/// [`q6k`], with (`wide`) or without the AVX-512 kernels.
+///
+/// # Safety
+/// As [`q6k`]; `wide` only where [`wide`] holds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k_on(wide: bool, w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
+    by_chunks(
+        wide,
+        w,
+        xq,
+        kb,
+        out,
+        &Kernels {
+            narrow: [
+                q6k_tokens::<1>,
+                q6k_tokens::<2>,
+                q6k_tokens::<3>,
+                q6k_tokens::<4>,
+            ],
+            wide: [
+                q6k_pairs::<1>,
+                q6k_pairs::<2>,
+                q6k_pairs::<3>,
+                q6k_pairs::<4>,
+            ],
+        },
+    )
+}
+
+/// [`q6k`] for `T` tokens.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k_tokens<const T: usize>(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
+    debug_assert_eq!(out.len(), T);
     let m4 = _mm256_set1_epi8(0xF);
     let m2 = _mm256_set1_epi8(3);
     let m32s = _mm256_set1_epi8(32);
-    let mut acc = [_mm256_setzero_ps(); MAX_TOKENS];
+    let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..kb {
         let x = w.add(b * Q6K_BYTES);
         let xd = half_at(x.add(208));
@@ -215,7 +404,7 @@ pub(super) unsafe fn q6k(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]
                 *v = [q4[g], _mm256_cvtepi8_epi16(scale)];
             }
         }
-        for (t, acc) in acc.iter_mut().enumerate().take(m) {
+        for (t, acc) in acc.iter_mut().enumerate() {
             let y = xq.add((t * kb + b) * Q8K_BYTES);
             let d = (y as *const f32).read_unaligned() * xd;
             let mut sumi = _mm256_setzero_si256();
@@ -235,5 +424,137 @@ pub(super) unsafe fn q6k(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]
     }
     for (o, a) in out.iter_mut().zip(acc) {
         *o = hsum_float_8(a);
+    }
+}
+
+/// [`q6k_tokens`] for `2 * P` tokens, two per 512-bit vector.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn q6k_pairs<const P: usize>(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
+    debug_assert_eq!(out.len(), 2 * P);
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let m32s = _mm512_set1_epi8(32);
+    let mut acc = [[_mm256_setzero_ps(); 2]; P];
+    for b in 0..kb {
+        let x = w.add(b * Q6K_BYTES);
+        let xd = half_at(x.add(208));
+        let scales = _mm_loadu_si128(x.add(192) as *const __m128i);
+        let mut wv = [[[_mm512_setzero_si512(); 2]; 4]; 2];
+        for (j, v) in wv.iter_mut().enumerate() {
+            let q4 = x.add(64 * j);
+            let q4bits1 = _mm256_loadu_si256(q4 as *const __m256i);
+            let q4bits2 = _mm256_loadu_si256(q4.add(32) as *const __m256i);
+            let q4bits_h = _mm256_loadu_si256(x.add(128 + 32 * j) as *const __m256i);
+            let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
+            let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
+            let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
+            let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
+            let q4 = [
+                _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0),
+                _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3),
+            ];
+            for (g, v) in v.iter_mut().enumerate() {
+                let scale = _mm_shuffle_epi8(scales, shuffle_q6(4 * j + g));
+                *v = [
+                    _mm512_broadcast_i64x4(q4[g]),
+                    _mm512_broadcast_i64x4(_mm256_cvtepi8_epi16(scale)),
+                ];
+            }
+        }
+        for (p, acc) in acc.iter_mut().enumerate() {
+            let y: [*const u8; 2] =
+                std::array::from_fn(|h| xq.add(((2 * p + h) * kb + b) * Q8K_BYTES));
+            let mut sumi = _mm512_setzero_si512();
+            for (j, groups) in wv.iter().enumerate() {
+                let p: [__m512i; 4] = std::array::from_fn(|g| {
+                    let off = 4 + 128 * j + 32 * g;
+                    let q8g = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(y[0].add(off) as *const __m256i)),
+                        _mm256_loadu_si256(y[1].add(off) as *const __m256i),
+                    );
+                    let q8s = _mm512_maddubs_epi16(m32s, q8g);
+                    let p16 = _mm512_sub_epi16(_mm512_maddubs_epi16(groups[g][0], q8g), q8s);
+                    _mm512_madd_epi16(groups[g][1], p16)
+                });
+                sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p[0], p[1]));
+                sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p[2], p[3]));
+            }
+            let halves = [
+                _mm512_castsi512_si256(sumi),
+                _mm512_extracti64x4_epi64::<1>(sumi),
+            ];
+            for h in 0..2 {
+                let d = (y[h] as *const f32).read_unaligned() * xd;
+                acc[h] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(halves[h]), acc[h]);
+            }
+        }
+    }
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = hsum_float_8(acc[t / 2][t % 2]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::GgmlType;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Result, Tensor};
+
+    type On = unsafe fn(bool, *const u8, *const u8, usize, &mut [f32]);
+
+    /// Both instruction sets (AVX2 always, AVX-512 where this CPU has it) give every token of every
+    /// height candle's one-token dot product, bit for bit.
+    fn check<T: GgmlType>(dtype: GgmlDType, on: On) -> Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (n, k) = (5, 768);
+        let kb = k / T::BLCK_SIZE;
+        let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev)?, dtype)?;
+        let data = q.data()?;
+        let x = Tensor::randn(0f32, 1.0, (MAX_TOKENS, k), &dev)?.to_vec2::<f32>()?;
+        let mut xq = vec![T::VecDotType::zeros(); MAX_TOKENS * kb];
+        for (row, blocks) in x.iter().zip(xq.chunks_exact_mut(kb)) {
+            T::VecDotType::from_float(row, blocks);
+        }
+        // SAFETY: `data` is `n * kb` blocks of `T`, as candle stores them.
+        let blocks: &[T] = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const T, n * kb) };
+        for j in 0..n {
+            let row = &blocks[j * kb..(j + 1) * kb];
+            let want: Vec<f32> = (0..MAX_TOKENS)
+                .map(|t| T::vec_dot(k, row, &xq[t * kb..(t + 1) * kb]))
+                .collect();
+            for wide in [false, wide()]
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+            {
+                for m in 1..=MAX_TOKENS {
+                    let mut got = vec![0f32; m];
+                    // SAFETY: the features are checked above; `row` holds `kb` blocks, `xq`
+                    // `MAX_TOKENS * kb` q8_K blocks.
+                    unsafe {
+                        on(
+                            wide,
+                            row.as_ptr() as *const u8,
+                            xq.as_ptr() as *const u8,
+                            kb,
+                            &mut got,
+                        )
+                    };
+                    assert_eq!(got, want[..m], "{dtype:?} wide {wide} height {m} row {j}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn both_widths_give_candles_bits_at_every_height() -> Result<()> {
+        check::<BlockQ4K>(GgmlDType::Q4K, q4k_on)?;
+        check::<BlockQ6K>(GgmlDType::Q6K, q6k_on)
     }
 }
