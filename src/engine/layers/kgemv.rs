@@ -61,6 +61,24 @@ pub fn matmul(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     }
 }
 
+/// `out[t]` = a row of `kb` weight blocks · token `t` of `m` tokens' q8_K blocks.
+type Batched = unsafe fn(*const u8, *const u8, usize, &mut [f32]);
+
+/// The kernel for `m` tokens of `dtype` that unpacks each block once for all of them, where this
+/// CPU has one.
+fn batched_kernel(dtype: GgmlDType, m: usize) -> Option<Batched> {
+    #[cfg(target_arch = "x86_64")]
+    if (2..=x86::MAX_TOKENS).contains(&m) && x86::available() {
+        return match dtype {
+            GgmlDType::Q4K => Some(x86::q4k),
+            GgmlDType::Q6K => Some(x86::q6k),
+            _ => None,
+        };
+    }
+    let _ = (dtype, m);
+    None
+}
+
 fn run<T: GgmlType>(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, k2) = q.shape().dims2()?;
@@ -85,42 +103,26 @@ fn run<T: GgmlType>(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     for (row, blocks) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
         T::VecDotType::from_float(row, blocks);
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        type Kernel = unsafe fn(*const u8, *const u8, usize, &mut [f32]);
-        let kernel: Option<Kernel> = match T::DTYPE {
-            GgmlDType::Q4K if x86::available() => Some(x86::q4k),
-            GgmlDType::Q6K if x86::available() => Some(x86::q6k),
-            _ => None,
-        };
-        // one token: candle's own dot product, as fast and the same bits
-        if let Some(kernel) = kernel
-            && (2..=x86::MAX_TOKENS).contains(&m)
-        {
-            let (wp, xp) = (w.as_ptr() as usize, xq.as_ptr() as usize);
-            let y = super::pool::by_weight_rows(m, n, ROW_BLOCK, |rows, buf| {
-                for (jj, j) in rows.enumerate() {
-                    // SAFETY: the kernels' features were detected; row `j < n` holds `kb` blocks
-                    // of `T` (q4_K / q6_K, as `kernel` was chosen), `xq` `m * kb` q8_K blocks
-                    // (`T::VecDotType`), and `m <= MAX_TOKENS`.
-                    unsafe {
-                        kernel(
-                            (wp as *const u8).add(j * kb * size),
-                            xp as *const u8,
-                            kb,
-                            &mut buf[jj * m..(jj + 1) * m],
-                        )
-                    };
-                }
-            });
-            return Tensor::from_vec(y, (m, n), x.device());
-        }
-    }
+    // 2 to 16 q4_K / q6_K tokens: each block unpacked once for all of them (candle's bits); one
+    // token, and the other types: candle's own dot product per token
+    let batched = batched_kernel(T::DTYPE, m);
     let y = super::pool::by_weight_rows(m, n, ROW_BLOCK, |rows, buf| {
         for (jj, j) in rows.enumerate() {
-            let wr = &w[j * kb..(j + 1) * kb];
-            for i in 0..m {
-                buf[jj * m + i] = T::vec_dot(k, wr, &xq[i * kb..(i + 1) * kb]);
+            let out = &mut buf[jj * m..(jj + 1) * m];
+            match batched {
+                // SAFETY: `batched_kernel` checked the CPU's features and `m`; row `j < n` holds
+                // `kb` blocks of `T`, the kernel's type, and `xq` `m * kb` q8_K blocks
+                // (`T::VecDotType`).
+                Some(kernel) => unsafe {
+                    let row = w[j * kb..].as_ptr() as *const u8;
+                    kernel(row, xq.as_ptr() as *const u8, kb, out)
+                },
+                None => {
+                    let wr = &w[j * kb..(j + 1) * kb];
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = T::vec_dot(k, wr, &xq[i * kb..(i + 1) * kb]);
+                    }
+                }
             }
         }
     });
