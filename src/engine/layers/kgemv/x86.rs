@@ -163,33 +163,69 @@ unsafe fn by_chunks(
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q4k_tokens<const T: usize>(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
+/// A q4_K block's 8 mins (16-bit, for the mins term) and 8 scales (16-bit, in both halves), as
+/// candle's `vec_dot_q4k_q8k` unpacks its 12 packed bytes.
+#[inline(always)]
+unsafe fn q4k_mins_scales(x: *const u8) -> (__m128i, __m256i) {
     const KMASK1: u32 = 0x3f3f3f3f;
     const KMASK2: u32 = 0x0f0f0f0f;
     const KMASK3: u32 = 0x03030303;
+    let p = x.add(4) as *const u32;
+    let mut utmp = [
+        p.read_unaligned(),
+        p.add(1).read_unaligned(),
+        p.add(2).read_unaligned(),
+        0,
+    ];
+    utmp[3] = ((utmp[2] >> 4) & KMASK2) | (((utmp[1] >> 6) & KMASK3) << 4);
+    let uaux = utmp[1] & KMASK1;
+    utmp[1] = (utmp[2] & KMASK2) | (((utmp[0] >> 6) & KMASK3) << 4);
+    utmp[2] = uaux;
+    utmp[0] &= KMASK1;
+    let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
+        utmp[3] as i32,
+        utmp[2] as i32,
+        utmp[1] as i32,
+        utmp[0] as i32,
+    ));
+    let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
+    (
+        _mm256_extracti128_si256(mins_and_scales, 1),
+        _mm256_insertf128_si256(_mm256_castsi128_si256(sc128), sc128, 1),
+    )
+}
+
+/// A token's (`y`, its q8_K block) mins term for one q4_K block, added into `acc_m` as candle
+/// adds it.
+#[inline(always)]
+unsafe fn q4k_mins_term(mins: __m128i, y: *const u8, xdmin: f32, acc_m: __m128) -> __m128 {
+    let dmin = -(y as *const f32).read_unaligned() * xdmin;
+    let q8sums = _mm256_loadu_si256(y.add(4 + 256) as *const __m256i);
+    let q8s = _mm_hadd_epi16(
+        _mm256_extracti128_si256(q8sums, 0),
+        _mm256_extracti128_si256(q8sums, 1),
+    );
+    let prod = _mm_madd_epi16(mins, q8s);
+    _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m)
+}
+
+/// candle's final sum of a q4_K dot product: the 8 lanes, then the mins term's 4.
+#[inline(always)]
+unsafe fn q4k_total(acc: __m256, acc_m: __m128) -> f32 {
+    let a = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+    let a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    hsum_float_8(acc) + _mm_cvtss_f32(a)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4k_tokens<const T: usize>(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [_mm256_setzero_ps(); T];
     let mut acc_m = [_mm_setzero_ps(); T];
     for b in 0..kb {
         let x = w.add(b * Q4K_BYTES);
         let (xd, xdmin) = (half_at(x), half_at(x.add(2)));
-        let read = |i: usize| (x.add(4 + 4 * i) as *const u32).read_unaligned();
-        let mut utmp = [read(0), read(1), read(2), 0];
-        utmp[3] = ((utmp[2] >> 4) & KMASK2) | (((utmp[1] >> 6) & KMASK3) << 4);
-        let uaux = utmp[1] & KMASK1;
-        utmp[1] = (utmp[2] & KMASK2) | (((utmp[0] >> 6) & KMASK3) << 4);
-        utmp[2] = uaux;
-        utmp[0] &= KMASK1;
-        let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-            utmp[3] as i32,
-            utmp[2] as i32,
-            utmp[1] as i32,
-            utmp[0] as i32,
-        ));
-        let mins = _mm256_extracti128_si256(mins_and_scales, 1);
-        let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
-        let scales = _mm256_insertf128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        let (mins, scales) = q4k_mins_scales(x);
         // per 64 values: the low nibbles' scale and values, the high nibbles' scale and values
         let mut wv = [[_mm256_setzero_si256(); 4]; 4];
         for (j, v) in wv.iter_mut().enumerate() {
@@ -203,16 +239,8 @@ unsafe fn q4k_tokens<const T: usize>(w: *const u8, xq: *const u8, kb: usize, out
         }
         for t in 0..T {
             let y = xq.add((t * kb + b) * Q8K_BYTES);
-            let yd = (y as *const f32).read_unaligned();
-            let d = yd * xd;
-            let dmin = -yd * xdmin;
-            let q8sums = _mm256_loadu_si256(y.add(4 + 256) as *const __m256i);
-            let q8s = _mm_hadd_epi16(
-                _mm256_extracti128_si256(q8sums, 0),
-                _mm256_extracti128_si256(q8sums, 1),
-            );
-            let prod = _mm_madd_epi16(mins, q8s);
-            acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[t]);
+            let d = (y as *const f32).read_unaligned() * xd;
+            acc_m[t] = q4k_mins_term(mins, y, xdmin, acc_m[t]);
             let mut sumi = _mm256_setzero_si256();
             for (j, [scale_l, q4l, scale_h, q4h]) in wv.iter().enumerate() {
                 let q8 = y.add(4 + 64 * j);
@@ -227,10 +255,7 @@ unsafe fn q4k_tokens<const T: usize>(w: *const u8, xq: *const u8, kb: usize, out
         }
     }
     for (t, o) in out.iter_mut().enumerate() {
-        let a = acc_m[t];
-        let a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-        let a = _mm_add_ss(a, _mm_movehdup_ps(a));
-        *o = hsum_float_8(acc[t]) + _mm_cvtss_f32(a);
+        *o = q4k_total(acc[t], acc_m[t]);
     }
 }
 
@@ -245,12 +270,18 @@ fn wide() -> bool {
     })
 }
 
+/// 32 bytes at `off` of each of two tokens' blocks in one vector, token 0 in the low half.
+#[inline(always)]
+unsafe fn pair(y: [*const u8; 2], off: usize) -> __m512i {
+    _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_loadu_si256(y[0].add(off) as *const __m256i)),
+        _mm256_loadu_si256(y[1].add(off) as *const __m256i),
+    )
+}
+
 /// [`q4k_tokens`] for `2 * P` tokens, two per 512-bit vector.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 unsafe fn q4k_pairs<const P: usize>(w: *const u8, xq: *const u8, kb: usize, out: &mut [f32]) {
-    const KMASK1: u32 = 0x3f3f3f3f;
-    const KMASK2: u32 = 0x0f0f0f0f;
-    const KMASK3: u32 = 0x03030303;
     debug_assert_eq!(out.len(), 2 * P);
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [[_mm256_setzero_ps(); 2]; P];
@@ -258,22 +289,7 @@ unsafe fn q4k_pairs<const P: usize>(w: *const u8, xq: *const u8, kb: usize, out:
     for b in 0..kb {
         let x = w.add(b * Q4K_BYTES);
         let (xd, xdmin) = (half_at(x), half_at(x.add(2)));
-        let read = |i: usize| (x.add(4 + 4 * i) as *const u32).read_unaligned();
-        let mut utmp = [read(0), read(1), read(2), 0];
-        utmp[3] = ((utmp[2] >> 4) & KMASK2) | (((utmp[1] >> 6) & KMASK3) << 4);
-        let uaux = utmp[1] & KMASK1;
-        utmp[1] = (utmp[2] & KMASK2) | (((utmp[0] >> 6) & KMASK3) << 4);
-        utmp[2] = uaux;
-        utmp[0] &= KMASK1;
-        let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-            utmp[3] as i32,
-            utmp[2] as i32,
-            utmp[1] as i32,
-            utmp[0] as i32,
-        ));
-        let mins = _mm256_extracti128_si256(mins_and_scales, 1);
-        let sc128 = _mm256_extracti128_si256(mins_and_scales, 0);
-        let scales = _mm256_insertf128_si256(_mm256_castsi128_si256(sc128), sc128, 1);
+        let (mins, scales) = q4k_mins_scales(x);
         let mut wv = [[_mm512_setzero_si512(); 4]; 4];
         for (j, v) in wv.iter_mut().enumerate() {
             let q4bits = _mm256_loadu_si256(x.add(16 + 32 * j) as *const __m256i);
@@ -288,28 +304,14 @@ unsafe fn q4k_pairs<const P: usize>(w: *const u8, xq: *const u8, kb: usize, out:
             let y: [*const u8; 2] =
                 std::array::from_fn(|h| xq.add(((2 * p + h) * kb + b) * Q8K_BYTES));
             for h in 0..2 {
-                let yd = (y[h] as *const f32).read_unaligned();
-                let dmin = -yd * xdmin;
-                let q8sums = _mm256_loadu_si256(y[h].add(4 + 256) as *const __m256i);
-                let q8s = _mm_hadd_epi16(
-                    _mm256_extracti128_si256(q8sums, 0),
-                    _mm256_extracti128_si256(q8sums, 1),
-                );
-                let prod = _mm_madd_epi16(mins, q8s);
-                acc_m[p][h] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[p][h]);
+                acc_m[p][h] = q4k_mins_term(mins, y[h], xdmin, acc_m[p][h]);
             }
-            let pair = |off: usize| {
-                _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_loadu_si256(y[0].add(off) as *const __m256i)),
-                    _mm256_loadu_si256(y[1].add(off) as *const __m256i),
-                )
-            };
             let mut sumi = _mm512_setzero_si512();
             for (j, [scale_l, q4l, scale_h, q4h]) in wv.iter().enumerate() {
-                let q8l = pair(4 + 64 * j);
+                let q8l = pair(y, 4 + 64 * j);
                 let p16l = _mm512_madd_epi16(*scale_l, _mm512_maddubs_epi16(*q4l, q8l));
                 sumi = _mm512_add_epi32(sumi, p16l);
-                let q8h = pair(4 + 64 * j + 32);
+                let q8h = pair(y, 4 + 64 * j + 32);
                 let p16h = _mm512_madd_epi16(*scale_h, _mm512_maddubs_epi16(*q4h, q8h));
                 sumi = _mm512_add_epi32(sumi, p16h);
             }
@@ -325,10 +327,7 @@ unsafe fn q4k_pairs<const P: usize>(w: *const u8, xq: *const u8, kb: usize, out:
         }
     }
     for (t, o) in out.iter_mut().enumerate() {
-        let a = acc_m[t / 2][t % 2];
-        let a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-        let a = _mm_add_ss(a, _mm_movehdup_ps(a));
-        *o = hsum_float_8(acc[t / 2][t % 2]) + _mm_cvtss_f32(a);
+        *o = q4k_total(acc[t / 2][t % 2], acc_m[t / 2][t % 2]);
     }
 }
 
@@ -470,10 +469,7 @@ unsafe fn q6k_pairs<const P: usize>(w: *const u8, xq: *const u8, kb: usize, out:
             for (j, groups) in wv.iter().enumerate() {
                 let p: [__m512i; 4] = std::array::from_fn(|g| {
                     let off = 4 + 128 * j + 32 * g;
-                    let q8g = _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(_mm256_loadu_si256(y[0].add(off) as *const __m256i)),
-                        _mm256_loadu_si256(y[1].add(off) as *const __m256i),
-                    );
+                    let q8g = pair(y, off);
                     let q8s = _mm512_maddubs_epi16(m32s, q8g);
                     let p16 = _mm512_sub_epi16(_mm512_maddubs_epi16(groups[g][0], q8g), q8s);
                     _mm512_madd_epi16(groups[g][1], p16)
